@@ -1,0 +1,15 @@
+#!/usr/bin/env python3
+"""Django's command-line utility for the RQ Ops Portal."""
+import os
+import sys
+
+
+def main():
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""System checks for dangerous combinations of settings (run by ``manage.py check`` and at start-up)."""
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+
+@register()
+def check_deployment_settings(app_configs, **kwargs):
+    problems = []
+    if settings.DEBUG and not settings.LOCAL_MODE:
+        problems.append(Warning(
+            "DEBUG is on in a deployment with its own SECRET_KEY.",
+            hint="Set DEBUG=false in production; tracebacks leak settings and task data.",
+            id="portal.W001",
+        ))
+    if settings.IMAGE_FETCH_ALLOW_PRIVATE and not (settings.DEBUG or settings.LOCAL_MODE):
+        problems.append(Warning(
+            "IMAGE_FETCH_ALLOW_PRIVATE lets task submitters make the workers fetch internal addresses.",
+            hint="Leave it off in production unless images really live on a private network.",
+            id="portal.W002",
+        ))
+    if settings.CAPTION_BACKEND == "ollama" and not settings.OLLAMA_MODEL:
+        problems.append(Error("CAPTION_BACKEND=ollama needs OLLAMA_MODEL.", id="portal.E001"))
+    if settings.RQ_RETRY_BACKOFF_MAX < settings.RQ_RETRY_BACKOFF:
+        problems.append(Error(
+            "RQ_RETRY_BACKOFF_MAX is smaller than RQ_RETRY_BACKOFF.",
+            hint="The first retry would already wait longer than the cap.",
+            id="portal.E002",
+        ))
+    return problems

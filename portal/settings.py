@@ -1,0 +1,192 @@
+"""Settings of the RQ Ops Portal. Everything comes from environment variables (see the README's table).
+
+With nothing set the portal runs locally: a SQLite file and an embedded real Redis server under ``var/``, and a
+generated secret key kept in ``var/secret_key``. With ``DEBUG=false`` (production) a ``SECRET_KEY`` is required.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from portal.env import (
+    check_redis_url,
+    env_bool,
+    env_choice,
+    env_float,
+    env_http_url,
+    env_int,
+    env_list,
+    env_str,
+    parse_database_url,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var")))
+if not VAR_DIR.is_absolute():
+    VAR_DIR = BASE_DIR / VAR_DIR
+
+DEBUG = env_bool("DEBUG", False)
+# Local use (the README's run command) is the default; production sets DEBUG=false and a SECRET_KEY explicitly.
+LOCAL_MODE = env_bool("PORTAL_LOCAL", "SECRET_KEY" not in os.environ)
+
+
+def _secret_key() -> str:
+    explicit = env_str("SECRET_KEY")
+    if explicit:
+        if len(explicit) < 32:
+            raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long")
+        return explicit
+    if not (DEBUG or LOCAL_MODE):
+        raise ImproperlyConfigured("SECRET_KEY must be set in production (DEBUG=false and PORTAL_LOCAL=false)")
+    key_file = VAR_DIR / "secret_key"
+    if not key_file.exists():
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    # Our apps come first so that queues' rqworker command (allow-listed jobs only) replaces django-rq's.
+    "portal",
+    "queues",
+    "monitoring",
+    "migration",
+    "portal.apps.PortalAdminConfig",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_rq",
+    "django_prometheus",
+    "channels",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "portal.urls"
+WSGI_APPLICATION = "portal.wsgi.application"
+ASGI_APPLICATION = "portal.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'portal.sqlite3'}")
+DATABASES = {"default": parse_database_url("DATABASE_URL", DATABASE_URL, base_dir=BASE_DIR)}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Redis. REDIS_URL wins; RQ_REDIS_URL is the old system's name for the same thing. Unset: the embedded server.
+_redis_variable = "REDIS_URL" if env_str("REDIS_URL") else "RQ_REDIS_URL"
+_configured_redis = env_str(_redis_variable)
+EMBEDDED_REDIS = _configured_redis is None
+EMBEDDED_REDIS_PORT = env_int("EMBEDDED_REDIS_PORT", 6390, minimum=1, maximum=65535)
+if EMBEDDED_REDIS:
+    from portal.embedded_redis import embedded_server
+
+    REDIS_URL = embedded_server(VAR_DIR, EMBEDDED_REDIS_PORT).url
+else:
+    REDIS_URL = check_redis_url(_redis_variable, _configured_redis)
+
+# Task settings, with the old system's names and defaults.
+RQ_DEFAULT_TIMEOUT = env_int("RQ_DEFAULT_TIMEOUT", 90, minimum=1)
+RQ_RESULT_TTL = env_int("RQ_RESULT_TTL", 3600, minimum=0)
+RQ_FAILURE_TTL = env_int("RQ_FAILURE_TTL", 30 * 24 * 3600, minimum=60)
+RQ_MAX_RETRIES = env_int("RQ_MAX_RETRIES", 3, minimum=0, maximum=50)
+RQ_RETRY_BACKOFF = env_float("RQ_RETRY_BACKOFF", 2.0, minimum=0.0)  # seconds before the 1st retry; doubles each time
+RQ_RETRY_BACKOFF_MAX = env_float("RQ_RETRY_BACKOFF_MAX", 300.0, minimum=0.0)
+CAPTION_BACKEND = env_choice("CAPTION_BACKEND", "local", ("local", "ollama"))
+OLLAMA_URL = env_http_url("OLLAMA_URL", "http://127.0.0.1:11434")
+OLLAMA_MODEL = env_str("OLLAMA_MODEL", "llava")
+IMAGE_MAX_BYTES = env_int("IMAGE_MAX_BYTES", 20 * 1024 * 1024, minimum=1)
+IMAGE_MAX_PIXELS = env_int("IMAGE_MAX_PIXELS", 50_000_000, minimum=1)
+IMAGE_FETCH_TIMEOUT = env_float("IMAGE_FETCH_TIMEOUT", 15.0, minimum=0.1)
+IMAGE_FETCH_ALLOW_PRIVATE = env_bool("IMAGE_FETCH_ALLOW_PRIVATE", False)
+# Seconds a freshly submitted task is left to its submitter to publish before the relay publishes it instead.
+RELAY_GRACE_SECONDS = env_float("RELAY_GRACE_SECONDS", 5.0, minimum=0.0)
+RELAY_INTERVAL = env_float("RELAY_INTERVAL", 1.0, minimum=0.05)
+
+CAPTION_QUEUES = ("urgent", "high", "normal", "low")
+RQ_QUEUES = {
+    name: {
+        "URL": REDIS_URL,
+        "DEFAULT_TIMEOUT": RQ_DEFAULT_TIMEOUT,
+        "DEFAULT_RESULT_TTL": RQ_RESULT_TTL,
+        "SERIALIZER": "rq.serializers.JSONSerializer",
+    }
+    for name in CAPTION_QUEUES
+}
+RQ = {
+    "JOB_CLASS": "queues.broker.CaptionJob",
+    "WORKER_CLASS": "queues.worker.CaptionWorker",
+    "DEFAULT_RESULT_TTL": RQ_RESULT_TTL,
+}
+# The only callables a worker will run. A job in Redis naming anything else fails without running.
+RQ_ALLOWED_CALLABLES = frozenset({"queues.jobs.caption_task"})
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": "portal:channels"},
+    }
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env_str("STATIC_ROOT", str(VAR_DIR / "static")))
+MEDIA_URL = "media/"
+MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
+
+if not DEBUG and not LOCAL_MODE:
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
+    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}

@@ -1,0 +1,187 @@
+"""The one module that talks to rq and Redis for queue work.
+
+Jobs carry only a task id, are JSON-serialised, and have the id ``caption-<task id>``. ``CaptionJob`` refuses to run
+anything but the allow-listed callables, so a job forged in Redis (another function, pickled data, callbacks or
+webhooks) fails without running; ``queues.worker.CaptionWorker`` makes every worker use it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+
+import redis
+from django.conf import settings
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.utils import import_attribute
+
+from queues.errors import BrokerUnavailable
+from queues.models import job_id_for
+
+CAPTION_CALLABLE = "queues.jobs.caption_task"
+QUEUE_NAMES: tuple[str, ...] = ("urgent", "high", "normal", "low")
+# Redis errors that mean "not reachable right now", as opposed to a bug in how we call it.
+UNAVAILABLE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class ForbiddenJobError(Exception):
+    """A job in Redis names a callable, callback or serializer that this portal does not run."""
+
+
+class CaptionJob(Job):
+    """An rq job that can only run allow-listed callables, always with the JSON serializer."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["serializer"] = JSONSerializer
+        super().__init__(*args, **kwargs)
+
+    @property
+    def func(self):
+        name = self.func_name  # raises DeserializationError for data that is not our JSON
+        if name not in settings.RQ_ALLOWED_CALLABLES:
+            raise ForbiddenJobError(f"job {self.id} names {name!r}, which is not an allow-listed callable")
+        if self.instance is not None:
+            raise ForbiddenJobError(f"job {self.id} carries an instance; only plain functions are allowed")
+        return import_attribute(name)
+
+    # Callbacks and webhooks are named in the job hash, so a forged job could use them to run or reach anything.
+    # Caption jobs use neither; whatever a job hash says, there are none.
+    @property
+    def success_callback(self):
+        return None
+
+    @property
+    def failure_callback(self):
+        return None
+
+    @property
+    def stopped_callback(self):
+        return None
+
+    def send_webhooks(self, *args, **kwargs):
+        return None
+
+
+_local = threading.local()
+
+
+def get_connection() -> redis.Redis:
+    """This process's Redis connection (one pool per process, created again after a fork)."""
+    connection = getattr(_local, "connection", None)
+    if connection is None or getattr(_local, "pid", None) != os.getpid():
+        if settings.EMBEDDED_REDIS:
+            from portal.embedded_redis import ensure_embedded_running
+
+            try:
+                ensure_embedded_running(settings.VAR_DIR, settings.EMBEDDED_REDIS_PORT)
+            except Exception as error:
+                raise BrokerUnavailable(f"the embedded Redis server could not start: {error}") from error
+        connection = redis.Redis.from_url(
+            settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30,
+        )
+        _local.connection, _local.pid = connection, os.getpid()
+    return connection
+
+
+def reset_connection() -> None:
+    """Forget this process's connection (tests point REDIS_URL at another server)."""
+    connection = getattr(_local, "connection", None)
+    if connection is not None:
+        connection.close()
+    _local.connection = None
+
+
+def get_queue(name: str, connection: redis.Redis | None = None) -> Queue:
+    if name not in QUEUE_NAMES:
+        raise ValueError(f"unknown queue {name!r}; queues are {', '.join(QUEUE_NAMES)}")
+    return Queue(
+        name, connection=connection or get_connection(), serializer=JSONSerializer, job_class=CaptionJob,
+        default_timeout=job_timeout(),
+    )
+
+
+def get_queues(connection: redis.Redis | None = None) -> list[Queue]:
+    """The caption queues in the order workers drain them."""
+    connection = connection or get_connection()
+    return [get_queue(name, connection) for name in QUEUE_NAMES]
+
+
+def job_timeout() -> int:
+    """rq's hard limit on one job. The captioner enforces RQ_DEFAULT_TIMEOUT itself; this is the backstop that
+    leaves the job time to record the timeout in the database after it."""
+    return settings.RQ_DEFAULT_TIMEOUT + 30
+
+
+def publish(tasks: Iterable[tuple[int, str]]) -> int:
+    """Enqueues ``caption-<id>`` jobs for (task id, priority) pairs in one pipeline round trip.
+
+    Raises BrokerUnavailable when Redis cannot be reached; then nothing is known to be published.
+    """
+    by_queue: dict[str, list[int]] = defaultdict(list)
+    for task_id, priority in tasks:
+        by_queue[priority].append(task_id)
+    if not by_queue:
+        return 0
+    try:
+        connection = get_connection()
+        pipe = connection.pipeline(transaction=False)
+        count = 0
+        for queue_name, task_ids in by_queue.items():
+            queue = get_queue(queue_name, connection)
+            jobs = queue.enqueue_many(
+                [
+                    Queue.prepare_data(
+                        CAPTION_CALLABLE, args=(task_id,), job_id=job_id_for(task_id),
+                        timeout=job_timeout(), result_ttl=settings.RQ_RESULT_TTL,
+                        failure_ttl=settings.RQ_FAILURE_TTL, description=f"caption task {task_id}",
+                    )
+                    for task_id in task_ids
+                ],
+                pipeline=pipe,
+            )
+            # A task published again (a retry, a requeue) reuses its job id; the key may still carry the expiry
+            # rq gave the previous run's result. Clear it so the queued job cannot expire before it runs.
+            for job in jobs:
+                pipe.persist(job.key)
+            count += len(jobs)
+        pipe.execute()
+        return count
+    except UNAVAILABLE_ERRORS as error:
+        raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
+
+
+def ping() -> bool:
+    try:
+        return bool(get_connection().ping())
+    except (BrokerUnavailable, *UNAVAILABLE_ERRORS):
+        return False
+
+
+def fetch_job(task_id: int) -> CaptionJob | None:
+    try:
+        return CaptionJob.fetch(job_id_for(task_id), connection=get_connection())
+    except NoSuchJobError:
+        return None
+
+
+def queue_lengths() -> dict[str, int]:
+    """Jobs waiting in each queue, in one pipeline round trip (LLEN only: O(queues), mutates nothing)."""
+    connection = get_connection()
+    pipe = connection.pipeline(transaction=False)
+    for name in QUEUE_NAMES:
+        pipe.llen(Queue.redis_queue_namespace_prefix + name)
+    return dict(zip(QUEUE_NAMES, pipe.execute()))
+
+
+def dead_letter_job_ids(queue_name: str, *, limit: int = 100) -> list[str]:
+    """Newest job ids in a queue's failed-job registry (rq's dead-letter place), without a cleanup pass."""
+    registry = FailedJobRegistry(queue_name, connection=get_connection(), serializer=JSONSerializer,
+                                 job_class=CaptionJob)
+    return [job_id.decode() if isinstance(job_id, bytes) else job_id
+            for job_id in registry.connection.zrevrange(registry.key, 0, limit - 1)]

@@ -1,0 +1,120 @@
+"""Loading a task's image: from the media root, or over http(s) with size, time and address limits.
+
+Remote fetches refuse schemes other than http(s), and hosts that resolve to loopback, private, link-local or
+otherwise internal addresses (a task submitter must not be able to make workers probe the internal network),
+unless IMAGE_FETCH_ALLOW_PRIVATE is set. Redirects are followed only to addresses that pass the same checks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from django.conf import settings
+
+from queues.errors import PermanentCaptionError, TransientCaptionError
+
+ALLOWED_SCHEMES = ("http", "https")
+CHUNK = 64 * 1024
+
+
+def is_remote(reference: str) -> bool:
+    return "://" in reference
+
+
+def media_path(reference: str) -> Path:
+    """The file a media-root reference names; refuses paths that escape the media root."""
+    root = Path(settings.MEDIA_ROOT).resolve()
+    path = (root / reference).resolve()
+    if root != path and root not in path.parents:
+        raise PermanentCaptionError(f"image reference {reference!r} points outside the media root")
+    return path
+
+
+def check_url(url: str) -> None:
+    """Refuses URLs a worker must not fetch. Raises PermanentCaptionError naming the reason."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ALLOWED_SCHEMES:
+        raise PermanentCaptionError(f"unsupported URL scheme {parsed.scheme!r}: only http and https are fetched")
+    if not parsed.hostname:
+        raise PermanentCaptionError(f"URL {url!r} has no host")
+    if settings.IMAGE_FETCH_ALLOW_PRIVATE:
+        return
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as error:
+        raise TransientCaptionError(f"cannot resolve {parsed.hostname}: {error}") from error
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global:
+            raise PermanentCaptionError(
+                f"refusing to fetch {parsed.hostname}: it resolves to the non-public address {address} "
+                "(set IMAGE_FETCH_ALLOW_PRIVATE=true to allow internal hosts)"
+            )
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_opener = urllib.request.build_opener(_CheckedRedirects)
+
+
+def classify_http_status(status: int, what: str) -> Exception:
+    message = f"{what} answered HTTP {status}"
+    if status >= 500 or status in (408, 425, 429):
+        return TransientCaptionError(message)
+    return PermanentCaptionError(message)
+
+
+def fetch_image(reference: str, *, timeout: float, max_bytes: int | None = None) -> bytes:
+    """Returns the image's bytes. Raises PermanentCaptionError or TransientCaptionError."""
+    max_bytes = max_bytes or settings.IMAGE_MAX_BYTES
+    if not is_remote(reference):
+        path = media_path(reference)
+        if not path.is_file():
+            raise PermanentCaptionError(f"image file {reference!r} does not exist under the media root")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PermanentCaptionError(f"image is {size} bytes, larger than the limit of {max_bytes} bytes")
+        return path.read_bytes()
+
+    check_url(reference)
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(reference, headers={"User-Agent": "rq-ops-portal/1.0", "Accept": "image/*"})
+    try:
+        with _opener.open(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise PermanentCaptionError(
+                    f"image is {declared} bytes, larger than the limit of {max_bytes} bytes")
+            chunks, total = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise TransientCaptionError(f"downloading the image took longer than {timeout:g} s")
+                chunk = response.read(CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > max_bytes:
+                    raise PermanentCaptionError(f"image is larger than the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except urllib.error.HTTPError as error:
+        raise classify_http_status(error.code, "the image server") from error
+    except urllib.error.URLError as error:
+        reason = error.reason
+        if isinstance(reason, (PermanentCaptionError, TransientCaptionError)):
+            raise reason from error
+        raise TransientCaptionError(f"cannot reach the image server: {reason}") from error
+    except (TimeoutError, socket.timeout) as error:
+        raise TransientCaptionError(f"the image server did not answer within {timeout:g} s") from error
+    except OSError as error:
+        raise TransientCaptionError(f"connection to the image server failed: {error}") from error

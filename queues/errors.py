@@ -1,0 +1,28 @@
+"""Errors of the caption path. Whether an error is worth retrying is part of its type, decided where it happens."""
+
+
+class CaptionError(Exception):
+    """A captioning attempt failed. ``permanent`` errors fail the task at once; others are retried with backoff."""
+
+    permanent = False
+
+    def __init__(self, message: str, *, permanent: bool | None = None):
+        super().__init__(message)
+        if permanent is not None:
+            self.permanent = permanent
+
+
+class TransientCaptionError(CaptionError):
+    """Worth retrying: timeouts, refused connections, HTTP 5xx, 429."""
+
+    permanent = False
+
+
+class PermanentCaptionError(CaptionError):
+    """Retrying cannot help: not an image, 404, too large, a scheme or address we refuse."""
+
+    permanent = True
+
+
+class BrokerUnavailable(Exception):
+    """Redis could not be reached. Callers keep the database row and let the relay publish it later."""

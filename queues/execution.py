@@ -1,0 +1,138 @@
+"""Running one caption task inside a worker: claim, caption, then complete, retry or fail.
+
+Every transition is a conditional update on the row's status (and attempt number), so a task completes at most
+once however many copies of its job run, and a late worker cannot overwrite what a newer attempt recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+from rq.timeouts import JobTimeoutException
+
+from queues.captioners import Captioner, get_captioner
+from queues.errors import CaptionError
+from queues.models import CaptionTask, TaskEvent, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+
+class TaskFailed(Exception):
+    """Raised out of the job when a task has failed for good, so rq files the job in its failed-job registry
+    (the dead-letter place) with this message."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # completed | retry | failed | skipped
+    detail: str = ""
+
+    def as_result(self) -> dict:
+        return {"status": self.status, "detail": self.detail}
+
+
+def retry_delay(attempt: int) -> float:
+    """Exponential backoff: RQ_RETRY_BACKOFF seconds after the first attempt, doubling, capped."""
+    return min(settings.RQ_RETRY_BACKOFF * (2 ** (attempt - 1)), settings.RQ_RETRY_BACKOFF_MAX)
+
+
+def task_claim(*, task_id: int, worker_name: str) -> CaptionTask | None:
+    """QUEUED -> PROCESSING for exactly one claimant. Returns the claimed task, or None if someone else has it."""
+    claimed = CaptionTask.objects.filter(pk=task_id, status=TaskStatus.QUEUED).update(
+        status=TaskStatus.PROCESSING, started_at=timezone.now(), finished_at=None,
+        attempts=F("attempts") + 1, worker_name=worker_name[:200],
+    )
+    if claimed != 1:
+        return None
+    task = CaptionTask.objects.get(pk=task_id)
+    TaskEvent.objects.create(task=task, kind=TaskEvent.Kind.STARTED, attempt=task.attempts, worker_name=worker_name,
+                             at=task.started_at)
+    return task
+
+
+def task_execute(*, task_id: int, worker_name: str, captioner: Captioner | None = None) -> Outcome:
+    task = task_claim(task_id=task_id, worker_name=worker_name)
+    if task is None:
+        status = CaptionTask.objects.filter(pk=task_id).values_list("status", flat=True).first()
+        logger.info("caption-%s: nothing to do, task is %s", task_id, status or "gone")
+        return Outcome("skipped", f"task is {status or 'gone'}")
+
+    started = time.monotonic()
+    try:
+        caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
+    except CaptionError as error:
+        return _record_failure(task, error, permanent=error.permanent, started=started)
+    except JobTimeoutException as error:
+        # rq's hard limit fired (the captioner overran its own timeout): worth another try.
+        return _record_failure(task, error, permanent=False, started=started)
+    except Exception as error:  # a bug or an unforeseen library error: retry, keeping the traceback
+        logger.exception("caption-%s: unexpected error", task_id)
+        return _record_failure(task, error, permanent=False, started=started)
+    return _record_success(task, caption, started=started)
+
+
+def _duration_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _current_attempt(task: CaptionTask):
+    """Rows still in the state this attempt put them in (a reconciler may have re-driven the task meanwhile)."""
+    return CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING, attempts=task.attempts)
+
+
+def _record_success(task: CaptionTask, caption: str, *, started: float) -> Outcome:
+    now = timezone.now()
+    with transaction.atomic():
+        updated = _current_attempt(task).update(
+            status=TaskStatus.COMPLETED, caption=caption, finished_at=now,
+            last_error_class="", last_error_message="",
+        )
+        if updated:
+            TaskEvent.objects.create(task=task, kind=TaskEvent.Kind.COMPLETED, attempt=task.attempts, at=now,
+                                     worker_name=task.worker_name, duration_ms=_duration_ms(started))
+    if not updated:
+        return Outcome("skipped", "a newer attempt owns the task")
+    return Outcome("completed")
+
+
+def _record_failure(task: CaptionTask, error: BaseException, *, permanent: bool, started: float) -> Outcome:
+    now = timezone.now()
+    error_class = type(error).__name__
+    message = str(error) or error_class
+    trace = "".join(traceback.format_exception(error))
+    retry = not permanent and task.attempts <= settings.RQ_MAX_RETRIES
+    with transaction.atomic():
+        if retry:
+            delay = retry_delay(task.attempts)
+            updated = _current_attempt(task).update(
+                status=TaskStatus.QUEUED, published_at=None, publish_after=now + timedelta(seconds=delay),
+                last_error_class=error_class, last_error_message=message,
+            )
+            detail = f"retry {task.attempts} of {settings.RQ_MAX_RETRIES} in {delay:g} s"
+            kind = TaskEvent.Kind.RETRY_SCHEDULED
+        else:
+            updated = _current_attempt(task).update(
+                status=TaskStatus.FAILED, finished_at=now, last_error_class=error_class, last_error_message=message,
+            )
+            detail = "permanent error" if permanent else f"gave up after {task.attempts} attempts"
+            kind = TaskEvent.Kind.FAILED
+        if updated:
+            TaskEvent.objects.create(
+                task=task, kind=kind, attempt=task.attempts, at=now, worker_name=task.worker_name,
+                duration_ms=_duration_ms(started), error_class=error_class, error_message=message,
+                traceback=trace, detail=detail,
+            )
+    if not updated:
+        return Outcome("skipped", "a newer attempt owns the task")
+    logger.warning("caption-%s: %s: %s (%s)", task.pk, error_class, message, detail)
+    if retry:
+        return Outcome("retry", detail)
+    raise TaskFailed(f"task {task.pk} failed ({detail}): {error_class}: {message}")

@@ -1,0 +1,125 @@
+"""Caption tasks: the source of truth for what must happen. Redis only carries ``caption-<id>`` jobs that point here."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Priority(models.TextChoices):
+    URGENT = "urgent", "Urgent"
+    HIGH = "high", "High"
+    NORMAL = "normal", "Normal"
+    LOW = "low", "Low"
+
+
+class TaskStatus(models.TextChoices):
+    QUEUED = "QUEUED", "Queued"
+    PROCESSING = "PROCESSING", "Processing"
+    COMPLETED = "COMPLETED", "Completed"
+    FAILED = "FAILED", "Failed"
+    CANCELLED = "CANCELLED", "Cancelled"
+
+
+class CaptionTaskQuerySet(models.QuerySet):
+    def due_for_publishing(self, now=None):
+        """Queued tasks with no job in Redis whose publish time has come (the relay's work list)."""
+        now = now or timezone.now()
+        return self.filter(status=TaskStatus.QUEUED, published_at__isnull=True, publish_after__lte=now)
+
+    def dead_letters(self):
+        return self.filter(status=TaskStatus.FAILED)
+
+
+class CaptionTask(models.Model):
+    image_ref = models.CharField(
+        "image reference", max_length=2048,
+        help_text="An http(s) URL, or a path relative to the media root (e.g. samples/red.png).",
+    )
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    status = models.CharField(max_length=10, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
+    attempts = models.PositiveIntegerField(default=0, help_text="Times a worker has started this task.")
+    caption = models.TextField(blank=True)
+    last_error_class = models.CharField("error class", max_length=200, blank=True)
+    last_error_message = models.TextField("error message", blank=True)
+    idempotency_key = models.CharField(max_length=200, unique=True, null=True, blank=True)
+    worker_name = models.CharField(max_length=200, blank=True, help_text="Worker of the latest attempt.")
+
+    created_at = models.DateTimeField(default=timezone.now)
+    # Publication: NULL means no job is known to be in Redis for this task; the relay publishes such tasks once
+    # publish_after has passed (a grace period for fresh tasks, the backoff for retries).
+    published_at = models.DateTimeField(null=True, blank=True)
+    publish_after = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = CaptionTaskQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            # The relay's query: queued, unpublished, due.
+            models.Index(fields=["status", "published_at", "publish_after"], name="task_relay_idx"),
+            # The admin's filters, newest first.
+            models.Index(fields=["status", "-created_at"], name="task_status_created_idx"),
+            models.Index(fields=["priority", "status"], name="task_priority_status_idx"),
+            models.Index(fields=["last_error_class", "status"], name="task_error_class_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Task {self.pk} ({self.status.lower()})"
+
+    @property
+    def job_id(self) -> str:
+        return job_id_for(self.pk)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+    @property
+    def waiting_to_retry(self) -> bool:
+        return (self.status == TaskStatus.QUEUED and self.attempts > 0 and self.published_at is None
+                and self.publish_after > timezone.now())
+
+    def image_path(self):
+        """The local file of a media-root reference, or None for URLs."""
+        if "://" in self.image_ref:
+            return None
+        return settings.MEDIA_ROOT / self.image_ref
+
+
+def job_id_for(task_id: int) -> str:
+    return f"caption-{task_id}"
+
+
+class TaskEvent(models.Model):
+    """One state change of a task: the task's timeline is the list of these rows."""
+
+    class Kind(models.TextChoices):
+        STARTED = "started", "Attempt started"
+        COMPLETED = "completed", "Completed"
+        RETRY_SCHEDULED = "retry_scheduled", "Retry scheduled"
+        FAILED = "failed", "Failed"
+        SKIPPED = "skipped", "Duplicate job skipped"
+        PUBLISH_FAILED = "publish_failed", "Publishing failed"
+
+    task = models.ForeignKey(CaptionTask, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    at = models.DateTimeField(default=timezone.now)
+    attempt = models.PositiveIntegerField(default=0)
+    worker_name = models.CharField(max_length=200, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    error_class = models.CharField(max_length=200, blank=True)
+    error_message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    detail = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["task", "at"], name="taskevent_task_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} (task {self.task_id}, attempt {self.attempt})"

@@ -1,0 +1,221 @@
+"""Submitting and publishing caption tasks.
+
+The row is committed first; its job is published after commit. Publication is claimed with a conditional update
+(``published_at`` from NULL to a timestamp) before the job goes to Redis, so the submitter and the relay never both
+publish the same task. If Redis is unreachable the claim is undone and the relay publishes the task later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from queues import broker
+from queues.captioners.fetch import ALLOWED_SCHEMES, is_remote, media_path
+from queues.errors import BrokerUnavailable, PermanentCaptionError
+from queues.models import CaptionTask, Priority, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+SUBMIT_BATCH_SIZE = 1000
+RELAY_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    image_ref: str
+    priority: str = Priority.NORMAL
+    idempotency_key: str | None = None
+
+
+@dataclass
+class SubmitResult:
+    created: list[int] = field(default_factory=list)
+    existing: list[int] = field(default_factory=list)
+
+    @property
+    def created_count(self) -> int:
+        return len(self.created)
+
+
+def validate_image_ref(image_ref: str | None) -> str:
+    """Returns the cleaned reference or raises ValidationError naming ``image_ref``."""
+    from urllib.parse import urlparse
+
+    image_ref = (image_ref or "").strip()
+    if not image_ref:
+        raise ValidationError({"image_ref": "An image reference is required: an http(s) URL or a media file path."})
+    if len(image_ref) > CaptionTask._meta.get_field("image_ref").max_length:
+        raise ValidationError({"image_ref": "The image reference is longer than 2048 characters."})
+    if is_remote(image_ref):
+        parsed = urlparse(image_ref)
+        if parsed.scheme not in ALLOWED_SCHEMES:
+            raise ValidationError({"image_ref": f"Unsupported URL scheme {parsed.scheme!r}: use http or https."})
+        if not parsed.hostname:
+            raise ValidationError({"image_ref": f"The URL {image_ref!r} has no host."})
+        return image_ref
+    try:
+        path = media_path(image_ref)
+    except PermanentCaptionError as error:
+        raise ValidationError({"image_ref": str(error)}) from None
+    if not path.is_file():
+        raise ValidationError({"image_ref": f"No file {image_ref!r} under the media root ({settings.MEDIA_ROOT})."})
+    size = path.stat().st_size
+    if size > settings.IMAGE_MAX_BYTES:
+        raise ValidationError({"image_ref": f"The image is {size} bytes, larger than the limit of "
+                                            f"{settings.IMAGE_MAX_BYTES} bytes (IMAGE_MAX_BYTES)."})
+    return image_ref
+
+
+def validate_spec(spec: TaskSpec) -> TaskSpec:
+    errors: dict[str, str] = {}
+    if spec.priority not in Priority.values:
+        errors["priority"] = f"Unknown priority {spec.priority!r}: choose one of {', '.join(Priority.values)}."
+    key = spec.idempotency_key
+    if key is not None and (not key.strip() or len(key) > 200):
+        errors["idempotency_key"] = "The idempotency key must be 1 to 200 characters."
+    try:
+        image_ref = validate_image_ref(spec.image_ref)
+    except ValidationError as error:
+        errors.update({name: messages[0] for name, messages in error.message_dict.items()})
+        image_ref = spec.image_ref
+    if errors:
+        raise ValidationError(errors)
+    return TaskSpec(image_ref=image_ref, priority=spec.priority, idempotency_key=key.strip() if key else None)
+
+
+def task_submit(*, image_ref: str, priority: str = Priority.NORMAL, idempotency_key: str | None = None) -> CaptionTask:
+    """Creates one task and publishes it after commit. A known idempotency key returns the existing task."""
+    spec = validate_spec(TaskSpec(image_ref=image_ref, priority=priority, idempotency_key=idempotency_key))
+    task, _created = _submit_one(spec)
+    return task
+
+
+def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
+    if spec.idempotency_key:
+        existing = CaptionTask.objects.filter(idempotency_key=spec.idempotency_key).first()
+        if existing:
+            return existing, False
+    try:
+        with transaction.atomic():
+            task = CaptionTask.objects.create(
+                image_ref=spec.image_ref, priority=spec.priority, idempotency_key=spec.idempotency_key,
+                publish_after=timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS),
+            )
+            transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)]))
+    except IntegrityError:
+        # Another submission with the same key committed between our lookup and our insert.
+        existing = CaptionTask.objects.filter(idempotency_key=spec.idempotency_key).first()
+        if existing is None:
+            raise
+        return existing, False
+    return task, True
+
+
+def tasks_submit_many(*, specs: Sequence[TaskSpec], batch_size: int = SUBMIT_BATCH_SIZE,
+                      on_batch: Callable[[int], None] | None = None) -> SubmitResult:
+    """Creates many tasks in batches: one INSERT and, after its commit, one Redis pipeline per batch.
+
+    Every spec is validated before anything is written; a ValidationError names the item and the field.
+    ``on_batch(n)`` is called after each batch with the number of specs it handled (for progress bars).
+    """
+    cleaned = []
+    for index, spec in enumerate(specs):
+        try:
+            cleaned.append(validate_spec(spec))
+        except ValidationError as error:
+            raise ValidationError({f"item {index}: {name}": messages
+                                   for name, messages in error.message_dict.items()}) from None
+    result = SubmitResult()
+    for start in range(0, len(cleaned), batch_size):
+        batch = cleaned[start:start + batch_size]
+        _submit_batch(batch, result)
+        if on_batch:
+            on_batch(len(batch))
+    return result
+
+
+def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
+    keys = [spec.idempotency_key for spec in batch if spec.idempotency_key]
+    try:
+        with transaction.atomic():
+            known = dict(CaptionTask.objects.filter(idempotency_key__in=keys).values_list("idempotency_key", "pk")) \
+                if keys else {}
+            publish_after = timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS)
+            new_rows, seen_keys = [], set()
+            for spec in batch:
+                if spec.idempotency_key and (spec.idempotency_key in known or spec.idempotency_key in seen_keys):
+                    continue
+                seen_keys.add(spec.idempotency_key)
+                new_rows.append(CaptionTask(image_ref=spec.image_ref, priority=spec.priority,
+                                            idempotency_key=spec.idempotency_key, publish_after=publish_after))
+            if connection.features.can_return_rows_from_bulk_insert:
+                CaptionTask.objects.bulk_create(new_rows)
+            else:  # MySQL (not MariaDB) cannot return ids from a bulk insert
+                for row in new_rows:
+                    row.save(force_insert=True)
+            to_publish = [(row.pk, row.priority) for row in new_rows]
+            transaction.on_commit(lambda: tasks_publish(tasks=to_publish))
+    except IntegrityError:
+        # A concurrent submission used one of our idempotency keys: fall back to one task at a time.
+        for spec in batch:
+            task, created = _submit_one(spec)
+            (result.created if created else result.existing).append(task.pk)
+        return
+    result.created.extend(pk for pk, _ in to_publish)
+    result.existing.extend(known[spec.idempotency_key] for spec in batch if spec.idempotency_key in known)
+
+
+def tasks_publish(*, tasks: Iterable[tuple[int, str]]) -> int:
+    """Publishes the jobs of (task id, priority) pairs that are still queued and unpublished.
+
+    Returns how many were published. Never raises for an unreachable Redis: the tasks stay unpublished and the
+    relay publishes them later (the submission has already succeeded).
+    """
+    tasks = list(tasks)
+    if not tasks:
+        return 0
+    ids = [task_id for task_id, _ in tasks]
+    stamp = timezone.now()
+    claimed = CaptionTask.objects.filter(
+        pk__in=ids, status=TaskStatus.QUEUED, published_at__isnull=True).update(published_at=stamp)
+    if claimed == 0:
+        return 0
+    if claimed < len(ids):
+        # Someone else (the relay, or a concurrent submitter) published part of these; ours carry our stamp.
+        tasks = list(CaptionTask.objects.filter(pk__in=ids, published_at=stamp).values_list("pk", "priority"))
+    try:
+        return broker.publish(tasks)
+    except BrokerUnavailable as error:
+        CaptionTask.objects.filter(pk__in=[task_id for task_id, _ in tasks], published_at=stamp).update(
+            published_at=None)
+        logger.warning("Redis unreachable, %d task(s) left for the relay: %s", len(tasks), error)
+        return 0
+
+
+def tasks_relay_once(*, batch_size: int = RELAY_BATCH_SIZE, now=None) -> int:
+    """Publishes every queued task that has no job in Redis and is due. Returns how many were published.
+
+    Raises BrokerUnavailable if Redis is unreachable, so the relay can report it.
+    """
+    if not broker.ping():
+        raise BrokerUnavailable("Redis does not answer PING")
+    published = 0
+    while True:
+        batch = list(CaptionTask.objects.due_for_publishing(now).order_by("publish_after", "pk")
+                     .values_list("pk", "priority")[:batch_size])
+        if not batch:
+            return published
+        count = tasks_publish(tasks=batch)
+        if count == 0 and not broker.ping():
+            raise BrokerUnavailable("Redis stopped answering while publishing")
+        published += count
+        if len(batch) < batch_size:
+            return published
