@@ -1,9 +1,13 @@
 """ASGI entry point: WebSockets for the live dashboards (and, for the local runner, plain HTTP too)."""
 import os
+import warnings
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+# WhiteNoise serves static files as synchronous file iterators; under ASGI Django warns on every one of them.
+# Production serves pages (and static files) with gunicorn; only the local runner takes this path.
+warnings.filterwarnings("ignore", message="StreamingHttpResponse must consume synchronous iterators")
 django_application = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app registry ready)
