@@ -69,6 +69,8 @@ _opener = urllib.request.build_opener(_CheckedRedirects)
 
 def classify_http_status(status: int, what: str) -> Exception:
     message = f"{what} answered HTTP {status}"
+    if 300 <= status < 400:
+        message += " with a redirect that is not followed (only http(s) redirects are)"
     if status >= 500 or status in (408, 425, 429):
         return TransientCaptionError(message)
     return PermanentCaptionError(message)

@@ -29,8 +29,8 @@ def colour_name(rgb: tuple[int, int, int]) -> str:
     red, green, blue = (channel / 255 for channel in rgb)
     hue, lightness, saturation = colorsys.rgb_to_hls(red, green, blue)
     chroma = max(rgb) - min(rgb)  # HLS saturation overstates the colour of very dark and very light pixels
-    if chroma < 32 or saturation < 0.15 or lightness < 0.12 or lightness > 0.93:
-        if lightness < 0.12:
+    if chroma < 32 or saturation < 0.15 or lightness < 0.16 or lightness > 0.93:
+        if lightness < 0.16:
             return "black"
         if lightness > 0.9:
             return "white"
@@ -38,7 +38,7 @@ def colour_name(rgb: tuple[int, int, int]) -> str:
     degrees = hue * 360
     name = next(label for bound, label in HUE_NAMES if degrees < bound)
     if name == "orange" and lightness < 0.35:
-        name = "brown"
+        return "brown"
     if lightness < 0.3:
         return f"dark {name}"
     if lightness > 0.72:

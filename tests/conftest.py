@@ -1,0 +1,231 @@
+"""Shared fixtures: a real Redis (the test command's server), real databases, standard users, local HTTP servers."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Callable
+
+import pytest
+from django.contrib.auth.models import Permission
+
+from portal.embedded_redis import RedisServer, free_port
+from queues import broker
+from queues.worker import CaptionWorker
+
+
+@pytest.fixture
+def redis(settings):
+    """The test run's Redis server, emptied before the test. Tests that use it talk to a real server."""
+    broker.reset_connection()
+    connection = broker.get_connection()
+    connection.flushdb()
+    yield connection
+    broker.reset_connection()
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path, settings):
+    """Starts extra real Redis servers the test may stop and restart; all are stopped at teardown."""
+    servers: list[RedisServer] = []
+
+    def start(name: str = "extra", *, use: bool = True) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{name}", port=free_port(), appendonly=True).start()
+        servers.append(server)
+        if use:
+            point_at(server)
+        return server
+
+    def point_at(server: RedisServer) -> None:
+        settings.REDIS_URL = server.url
+        settings.RQ_QUEUES = {name: {**config, "URL": server.url} for name, config in settings.RQ_QUEUES.items()}
+        broker.reset_connection()
+
+    start.point_at = point_at
+    yield start
+    for server in servers:
+        server.stop()
+    broker.reset_connection()
+
+
+def run_worker(*, burst: bool = True, max_jobs: int | None = None) -> CaptionWorker:
+    """A real caption worker on all queues in this process, until the queues are empty (burst)."""
+    worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection())
+    worker.work(burst=burst, max_jobs=max_jobs, logging_level="WARNING", with_scheduler=False)
+    return worker
+
+
+@pytest.fixture
+def worker_run():
+    return run_worker
+
+
+# --- users --------------------------------------------------------------------------------------------------
+
+def _user(django_user_model, username: str, *, staff: bool, superuser: bool = False, permissions=()):
+    user = django_user_model.objects.create_user(username=username, password="pw-" + username, is_staff=staff,
+                                                 is_superuser=superuser)
+    if permissions:
+        user.user_permissions.set(Permission.objects.filter(codename__in=permissions))
+    return user
+
+
+@pytest.fixture
+def admin_user(django_user_model):
+    return _user(django_user_model, "ada-admin", staff=True, superuser=True)
+
+
+@pytest.fixture
+def operator_user(django_user_model):
+    return _user(django_user_model, "otto-operator", staff=True,
+                 permissions=["view_captiontask", "add_captiontask", "view_taskevent"])
+
+
+@pytest.fixture
+def support_user(django_user_model):
+    return _user(django_user_model, "sam-support", staff=True, permissions=["view_captiontask", "view_taskevent"])
+
+
+@pytest.fixture
+def outsider_user(django_user_model):
+    return _user(django_user_model, "olga-outsider", staff=False)
+
+
+# --- local HTTP servers (stand-ins for what lives outside: image hosts, Ollama) --------------------------------
+
+class LocalHTTPServer:
+    """A real HTTP server on 127.0.0.1 whose answers the test sets per path: ``server.route(path, handler)``.
+
+    A handler receives the request handler object and writes the response itself; ``requests`` keeps what came in.
+    """
+
+    def __init__(self):
+        self.routes: dict[str, Callable] = {}
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = self.path.split("?")[0]
+                outer.requests.append({"method": self.command, "path": path, "body": body,
+                                       "headers": dict(self.headers)})
+                route = outer.routes.get(path)
+                if route is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "9")
+                    self.end_headers()
+                    self.wfile.write(b"not found")
+                    return
+                route(self, body)
+
+            do_GET = do_POST = _handle
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def route(self, path: str, handler: Callable) -> str:
+        self.routes[path] = handler
+        return self.url + path
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def respond(status: int, body: bytes = b"", content_type: str = "application/octet-stream", *, delay: float = 0,
+            headers: dict | None = None):
+    """A route handler answering ``status`` with ``body`` after ``delay`` seconds."""
+    import time
+
+    def handler(request, _body):
+        if delay:
+            time.sleep(delay)
+        try:
+            request.send_response(status)
+            request.send_header("Content-Type", content_type)
+            request.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                request.send_header(name, value)
+            request.end_headers()
+            request.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    return handler
+
+
+@pytest.fixture
+def http_server():
+    server = LocalHTTPServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def png_bytes() -> Callable[..., bytes]:
+    def make(colour=(200, 30, 30), size=(120, 80), format="PNG") -> bytes:
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", size, colour).save(buffer, format=format)
+        return buffer.getvalue()
+
+    return make
+
+
+@pytest.fixture
+def media_image(settings, tmp_path, png_bytes):
+    """Writes an image under a fresh media root and returns its reference."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.MEDIA_ROOT.mkdir()
+
+    def write(name="red.png", **kwargs) -> str:
+        path = settings.MEDIA_ROOT / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(**kwargs))
+        return name
+
+    return write
+
+
+@pytest.fixture
+def unreachable_redis(settings):
+    """Points the portal at a port where no Redis listens."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    settings.REDIS_URL = url
+    broker.reset_connection()
+    yield url
+    broker.reset_connection()
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a child process (manage.py command, worker) that must use this test's Redis and database."""
+    import os
+    from urllib.parse import quote
+
+    from django.conf import settings
+    from django.db import connection
+
+    database = connection.settings_dict
+    if database["ENGINE"].endswith("sqlite3"):
+        database_url = f"sqlite:///{database['NAME']}"
+    else:
+        database_url = (f"mysql://{quote(database['USER'])}:{quote(database['PASSWORD'])}@{database['HOST']}:"
+                        f"{database['PORT'] or 3306}/{database['NAME']}")
+    return {**os.environ, "REDIS_URL": settings.REDIS_URL, "DATABASE_URL": database_url,
+            "MEDIA_ROOT": str(settings.MEDIA_ROOT), **extra}

@@ -1,0 +1,71 @@
+"""The outbox: submission works with Redis down; the relay publishes everything, once, when it is back."""
+
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+
+from queues import broker
+from queues.models import CaptionTask, TaskStatus
+from queues.services import TaskSpec, task_submit, tasks_relay_once, tasks_submit_many
+from tests.conftest import run_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_submission_survives_redis_outage_and_relay_publishes_once_back(redis_server_factory, media_image,
+                                                                       settings, capsys):
+    settings.RELAY_GRACE_SECONDS = 0
+    server = redis_server_factory("outbox")
+    reference = media_image()
+    server.stop()
+
+    single = task_submit(image_ref=reference, priority="urgent")
+    bulk = tasks_submit_many(specs=[TaskSpec(reference, priority="low") for _ in range(30)])
+    assert bulk.created_count == 30
+    assert CaptionTask.objects.filter(status=TaskStatus.QUEUED, published_at__isnull=True).count() == 31
+
+    with pytest.raises(CommandError, match="Redis is unreachable"):
+        call_command("relay_tasks", "--once")
+    assert CaptionTask.objects.filter(published_at__isnull=True).count() == 31
+
+    server.start()
+    call_command("relay_tasks", "--once")
+    assert "Published 31 task(s)." in capsys.readouterr().out
+    assert broker.queue_lengths() == {"urgent": 1, "high": 0, "normal": 0, "low": 30}
+    connection = broker.get_connection()
+    low_ids = [job_id.decode() for job_id in connection.lrange("rq:queue:low", 0, -1)]
+    assert len(set(low_ids)) == 30
+    assert tasks_relay_once() == 0  # nothing published twice
+
+    run_worker()
+    assert CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() == 31
+    assert single.pk in CaptionTask.objects.filter(status=TaskStatus.COMPLETED).values_list("pk", flat=True)
+
+
+def test_queued_jobs_survive_a_redis_restart(redis_server_factory, media_image):
+    server = redis_server_factory("durable")
+    tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(5)])
+    assert broker.queue_lengths()["normal"] == 5
+    server.stop()  # a clean stop flushes the append-only file
+    server.start()
+    broker.reset_connection()
+    assert broker.queue_lengths()["normal"] == 5
+    run_worker()
+    assert CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() == 5
+
+
+def test_relay_leaves_fresh_tasks_to_their_submitter_during_grace(redis, media_image, settings):
+    settings.RELAY_GRACE_SECONDS = 60
+    task = task_submit(image_ref=media_image())
+    CaptionTask.objects.filter(pk=task.pk).update(published_at=None)  # as if the submitter's publish were pending
+    assert tasks_relay_once() == 0
+    assert tasks_relay_once(now=timezone.now() + timedelta(seconds=61)) == 1
+    assert broker.queue_lengths()["normal"] == 2  # the submitter's job and the relay's: the claim makes one run
+
+
+def test_relay_command_rejects_bad_interval(redis):
+    with pytest.raises(CommandError, match="--interval must be a positive"):
+        call_command("relay_tasks", "--interval", "0")
