@@ -1,0 +1,85 @@
+"""The README's run command: everything in one process tree, working, and gone after Ctrl-C."""
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from portal.embedded_redis import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Live processes whose environment mentions ``marker`` (all descendants of the runner inherit it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                state = (entry / "stat").read_text().split(")")[-1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return found
+
+
+def test_run_command_serves_processes_tasks_and_stops_everything(tmp_path):
+    port = free_port()
+    var = tmp_path / "var"
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("REDIS_URL", "RQ_REDIS_URL", "DATABASE_URL", "MEDIA_ROOT", "PORTAL_ADMIN_USER")}
+    environment.update({"PORTAL_VAR_DIR": str(var), "PYTHONUNBUFFERED": "1"})
+    runner = subprocess.Popen([sys.executable, "manage.py", "runportal", "--port", str(port), "--workers", "1"],
+                              cwd=settings.BASE_DIR, env=environment, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = runner.stdout.readline()
+            output.append(line)
+            if "Press Ctrl-C" in line or runner.poll() is not None:
+                break
+        text = "".join(output)
+        assert f"running at http://127.0.0.1:{port}/admin/" in text, text
+        assert re.search(r"Log in as 'admin' with password \S+", text)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/login/", timeout=5).status == 200
+
+        submitted = subprocess.run([sys.executable, "manage.py", "submit_tasks", "--count", "6", "--no-progress"],
+                                   cwd=settings.BASE_DIR, env=environment, capture_output=True, text=True,
+                                   timeout=60)
+        assert "Submitted 6 task(s)" in submitted.stdout, submitted.stderr
+        database = sqlite3.connect(var / "portal.sqlite3")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = database.execute("select count(*) from queues_captiontask where status='COMPLETED'").fetchone()[0]
+            if done == 6:
+                break
+            time.sleep(0.2)
+        database.close()
+        assert done == 6
+        assert len(processes_mentioning(str(var))) >= 4  # web, worker, relay, redis-server
+    finally:
+        runner.send_signal(signal.SIGINT)
+        try:
+            runner.wait(60)
+        except subprocess.TimeoutExpired:
+            runner.kill()
+            raise
+    rest = runner.stdout.read()
+    assert runner.returncode == 0, rest
+    assert "Stopped." in rest
+    time.sleep(0.2)
+    assert processes_mentioning(str(var)) == []

@@ -1,0 +1,98 @@
+"""Settings come from the environment and a bad value stops start-up with a message naming the variable."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+
+from portal.env import check_redis_url, env_bool, env_choice, env_int, env_list, parse_database_url
+
+
+def load_settings(tmp_path, **variables):
+    """Imports portal.settings in a fresh interpreter with exactly these variables; returns (ok, output)."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in {"DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "SECRET_KEY", "DEBUG", "PORTAL_LOCAL"}}
+    environment.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), **variables})
+    code = ("import portal.settings as s; "
+            "print(s.DATABASES['default']['ENGINE'], s.REDIS_URL, s.RQ_DEFAULT_TIMEOUT, s.RQ_MAX_RETRIES, "
+            "s.CAPTION_BACKEND, s.RQ_QUEUES['low']['URL'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=django_settings.BASE_DIR, env=environment,
+                            capture_output=True, text=True, timeout=60)
+    return result.returncode == 0, (result.stdout + result.stderr).strip()
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("DATABASE_URL", "postgres://db/portal", "DATABASE_URL must start with sqlite:// or mysql://"),
+    ("DATABASE_URL", "mysql://user@/", "DATABASE_URL must look like mysql://"),
+    ("REDIS_URL", "http://localhost:6379", "REDIS_URL must start with redis://"),
+    ("RQ_REDIS_URL", "localhost:6379", "RQ_REDIS_URL must start with redis://"),
+    ("RQ_DEFAULT_TIMEOUT", "ninety", "RQ_DEFAULT_TIMEOUT must be a whole number; got 'ninety'"),
+    ("RQ_DEFAULT_TIMEOUT", "0", "RQ_DEFAULT_TIMEOUT must be at least 1"),
+    ("RQ_MAX_RETRIES", "-1", "RQ_MAX_RETRIES must be at least 0"),
+    ("RQ_RESULT_TTL", "1h", "RQ_RESULT_TTL must be a whole number"),
+    ("DEBUG", "maybe", "DEBUG must be one of true/false"),
+    ("CAPTION_BACKEND", "gpt", "CAPTION_BACKEND must be one of local, ollama; got 'gpt'"),
+    ("OLLAMA_URL", "ollama:11434", "OLLAMA_URL must be an http:// or https:// URL"),
+    ("IMAGE_FETCH_ALLOW_PRIVATE", "sometimes", "IMAGE_FETCH_ALLOW_PRIVATE must be one of true/false"),
+    ("SECRET_KEY", "short", "SECRET_KEY must be at least 32 characters"),
+])
+def test_bad_value_raises_improperly_configured_naming_the_variable(tmp_path, name, value, message):
+    ok, output = load_settings(tmp_path, **{name: value})
+    assert not ok
+    assert "ImproperlyConfigured" in output and message in output
+
+
+def test_defaults_are_embedded_sqlite_and_redis_with_old_task_settings(tmp_path):
+    ok, output = load_settings(tmp_path)
+    assert ok, output
+    engine, redis_url, timeout, retries, backend, queue_url = output.splitlines()[-1].split()
+    assert engine == "django.db.backends.sqlite3"
+    assert redis_url == f"unix://{tmp_path / 'var' / 'redis' / 'redis.sock'}?db=0" == queue_url
+    assert (timeout, retries, backend) == ("90", "3", "local")
+    assert (tmp_path / "var" / "secret_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_legacy_redis_variable_and_database_url_are_accepted(tmp_path):
+    ok, output = load_settings(tmp_path, RQ_REDIS_URL="redis://cache.internal:6380/2",
+                               DATABASE_URL="mysql://portal:s3cret@db.internal:3306/portal",
+                               RQ_DEFAULT_TIMEOUT="120", CAPTION_BACKEND="ollama")
+    assert ok, output
+    assert output.splitlines()[-1].split() == [
+        "django.db.backends.mysql", "redis://cache.internal:6380/2", "120", "3", "ollama",
+        "redis://cache.internal:6380/2"]
+
+
+def test_production_refuses_to_start_without_secret_key(tmp_path):
+    ok, output = load_settings(tmp_path, DEBUG="false", PORTAL_LOCAL="false")
+    assert not ok and "SECRET_KEY must be set in production" in output
+    ok, output = load_settings(tmp_path, DEBUG="false", SECRET_KEY="x" * 40, REDIS_URL="redis://r:6379/0")
+    assert ok, output
+
+
+def test_env_helpers_parse_strictly():
+    assert env_bool("FLAG", False, environ={"FLAG": "Yes"}) is True
+    assert env_bool("FLAG", True, environ={"FLAG": "off"}) is False
+    assert env_bool("FLAG", True, environ={}) is True
+    assert env_int("N", 3, environ={"N": " 7 "}) == 7
+    with pytest.raises(ImproperlyConfigured, match="N must be at most 5"):
+        env_int("N", 3, maximum=5, environ={"N": "6"})
+    assert env_list("HOSTS", [], environ={"HOSTS": "a.example, b.example,"}) == ["a.example", "b.example"]
+    with pytest.raises(ImproperlyConfigured, match="HOSTS must be a comma-separated list"):
+        env_list("HOSTS", [], environ={"HOSTS": " , "})
+    assert env_choice("B", "local", ("local", "ollama"), environ={}) == "local"
+    assert check_redis_url("REDIS_URL", "unix:///run/redis.sock") == "unix:///run/redis.sock"
+    with pytest.raises(ImproperlyConfigured, match="REDIS_URL has an invalid port"):
+        check_redis_url("REDIS_URL", "redis://localhost:99999999/0")
+
+
+def test_database_url_parsing(tmp_path):
+    sqlite = parse_database_url("DATABASE_URL", "sqlite:///data/portal.db", base_dir=tmp_path)
+    assert sqlite["NAME"] == str(tmp_path / "data" / "portal.db")
+    mysql = parse_database_url("DATABASE_URL", "mysql://u%40x:p%2Fw@db:3307/jobs?unix_socket=/run/m.sock",
+                               base_dir=tmp_path)
+    assert (mysql["USER"], mysql["PASSWORD"], mysql["HOST"], mysql["PORT"], mysql["NAME"]) == (
+        "u@x", "p/w", "db", "3307", "jobs")
+    assert mysql["OPTIONS"]["unix_socket"] == "/run/m.sock"
