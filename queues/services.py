@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from queues import broker
@@ -74,7 +74,8 @@ def validate_image_ref(image_ref: str | None) -> str:
     return image_ref
 
 
-def validate_spec(spec: TaskSpec) -> TaskSpec:
+def validate_spec(spec: TaskSpec, *, image_ref: str | None = None) -> TaskSpec:
+    """Cleans a spec or raises ValidationError naming each bad field. ``image_ref``: already validated."""
     errors: dict[str, str] = {}
     if spec.priority not in Priority.values:
         errors["priority"] = f"Unknown priority {spec.priority!r}: choose one of {', '.join(Priority.values)}."
@@ -82,7 +83,7 @@ def validate_spec(spec: TaskSpec) -> TaskSpec:
     if key is not None and (not key.strip() or len(key) > 200):
         errors["idempotency_key"] = "The idempotency key must be 1 to 200 characters."
     try:
-        image_ref = validate_image_ref(spec.image_ref)
+        image_ref = image_ref or validate_image_ref(spec.image_ref)
     except ValidationError as error:
         errors.update({name: messages[0] for name, messages in error.message_dict.items()})
         image_ref = spec.image_ref
@@ -109,7 +110,7 @@ def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
                 image_ref=spec.image_ref, priority=spec.priority, idempotency_key=spec.idempotency_key,
                 publish_after=timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS),
             )
-            transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)]))
+            transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)], fresh=True))
     except IntegrityError:
         # Another submission with the same key committed between our lookup and our insert.
         existing = CaptionTask.objects.filter(idempotency_key=spec.idempotency_key).first()
@@ -126,10 +127,16 @@ def tasks_submit_many(*, specs: Sequence[TaskSpec], batch_size: int = SUBMIT_BAT
     Every spec is validated before anything is written; a ValidationError names the item and the field.
     ``on_batch(n)`` is called after each batch with the number of specs it handled (for progress bars).
     """
-    cleaned = []
+    cleaned, valid_refs = [], {}
     for index, spec in enumerate(specs):
+        # Bulk submissions usually share a few references: check each distinct one once (a stat per file).
+        if spec.image_ref not in valid_refs:
+            try:
+                valid_refs[spec.image_ref] = validate_image_ref(spec.image_ref)
+            except ValidationError:
+                valid_refs[spec.image_ref] = None  # validate_spec below reports it with the other fields
         try:
-            cleaned.append(validate_spec(spec))
+            cleaned.append(validate_spec(spec, image_ref=valid_refs[spec.image_ref]))
         except ValidationError as error:
             raise ValidationError({f"item {index}: {name}": messages
                                    for name, messages in error.message_dict.items()}) from None
@@ -148,33 +155,31 @@ def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
         with transaction.atomic():
             known = dict(CaptionTask.objects.filter(idempotency_key__in=keys).values_list("idempotency_key", "pk")) \
                 if keys else {}
-            publish_after = timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS)
             new_rows, seen_keys = [], set()
             for spec in batch:
-                if spec.idempotency_key and (spec.idempotency_key in known or spec.idempotency_key in seen_keys):
-                    continue
-                seen_keys.add(spec.idempotency_key)
-                new_rows.append(CaptionTask(image_ref=spec.image_ref, priority=spec.priority,
-                                            idempotency_key=spec.idempotency_key, publish_after=publish_after))
-            if connection.features.can_return_rows_from_bulk_insert:
-                CaptionTask.objects.bulk_create(new_rows)
-            else:  # MySQL (not MariaDB) cannot return ids from a bulk insert
-                for row in new_rows:
-                    row.save(force_insert=True)
-            to_publish = [(row.pk, row.priority) for row in new_rows]
-            transaction.on_commit(lambda: tasks_publish(tasks=to_publish))
+                if spec.idempotency_key:
+                    if spec.idempotency_key in known or spec.idempotency_key in seen_keys:
+                        continue
+                    seen_keys.add(spec.idempotency_key)
+                new_rows.append((spec.image_ref, spec.priority, spec.idempotency_key))
+            publish_after = timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS)
+            ids = CaptionTask.objects.insert_new(new_rows, publish_after=publish_after)
+            to_publish = [(task_id, priority) for task_id, (_, priority, _) in zip(ids, new_rows)]
+            transaction.on_commit(lambda: tasks_publish(tasks=to_publish, fresh=True))
     except IntegrityError:
         # A concurrent submission used one of our idempotency keys: fall back to one task at a time.
         for spec in batch:
             task, created = _submit_one(spec)
             (result.created if created else result.existing).append(task.pk)
         return
-    result.created.extend(pk for pk, _ in to_publish)
+    result.created.extend(task_id for task_id, _ in to_publish)
     result.existing.extend(known[spec.idempotency_key] for spec in batch if spec.idempotency_key in known)
 
 
-def tasks_publish(*, tasks: Iterable[tuple[int, str]]) -> int:
+def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False) -> int:
     """Publishes the jobs of (task id, priority) pairs that are still queued and unpublished.
+
+    ``fresh``: the tasks were just created, so no earlier job of theirs can linger in Redis.
 
     Returns how many were published. Never raises for an unreachable Redis: the tasks stay unpublished and the
     relay publishes them later (the submission has already succeeded).
@@ -192,7 +197,7 @@ def tasks_publish(*, tasks: Iterable[tuple[int, str]]) -> int:
         # Someone else (the relay, or a concurrent submitter) published part of these; ours carry our stamp.
         tasks = list(CaptionTask.objects.filter(pk__in=ids, published_at=stamp).values_list("pk", "priority"))
     try:
-        return broker.publish(tasks)
+        return broker.publish(tasks, fresh=fresh)
     except BrokerUnavailable as error:
         CaptionTask.objects.filter(pk__in=[task_id for task_id, _ in tasks], published_at=stamp).update(
             published_at=None)

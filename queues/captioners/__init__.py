@@ -12,6 +12,7 @@ from django.utils.module_loading import import_string
 BACKENDS = {
     "local": "queues.captioners.local.LocalCaptioner",
     "ollama": "queues.captioners.ollama.OllamaCaptioner",
+    "noop": "queues.captioners.noop.NoopCaptioner",  # benchmarks only; see noop.py
 }
 
 

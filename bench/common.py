@@ -1,0 +1,69 @@
+"""Shared set-up for benchmarks: a private real Redis server, a fresh SQLite database, Django configured.
+
+Each benchmark imports this first. It must run before Django is imported by anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from portal.embedded_redis import RedisServer, free_port  # noqa: E402
+
+WORKDIR = Path(tempfile.mkdtemp(prefix="portal-bench-"))
+REDIS = None
+if not os.environ.get("BENCH_REDIS_URL"):
+    REDIS = RedisServer(WORKDIR / "redis", port=free_port(), appendonly=False).start()
+os.environ["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL") or REDIS.url
+os.environ.setdefault("DATABASE_URL", f"sqlite:///{WORKDIR / 'bench.sqlite3'}")
+os.environ["PORTAL_VAR_DIR"] = str(WORKDIR / "var")
+os.environ["MEDIA_ROOT"] = str(WORKDIR / "media")
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+
+import django  # noqa: E402
+
+django.setup()
+from django.core.management import call_command  # noqa: E402
+
+call_command("migrate", verbosity=0)
+
+
+def machine() -> dict:
+    import redis
+
+    info = redis.Redis.from_url(os.environ["REDIS_URL"]).info("server")
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "redis": info.get("redis_version"),
+        "database": os.environ["DATABASE_URL"].split(":")[0],
+    }
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def finish(figures: dict) -> None:
+    """Prints the figures as one JSON object on the last line and stops the private Redis server."""
+    if REDIS is not None:
+        REDIS.stop()
+    print(json.dumps({**figures, "machine": machine_info}))
+
+
+machine_info = machine()

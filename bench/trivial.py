@@ -1,0 +1,5 @@
+"""Trivial job bodies for the raw rq side of the benchmarks."""
+
+
+def noop(value):
+    return value
