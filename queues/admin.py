@@ -11,7 +11,8 @@ class TaskEventInline(admin.TabularInline):
     model = TaskEvent
     extra = 0
     can_delete = False
-    fields = ["at", "kind", "attempt", "worker_name", "duration_ms", "error_class", "error_message", "detail"]
+    fields = ["at", "kind", "attempt", "started_at", "worker_name", "duration_ms", "error_class", "error_message",
+              "detail"]
     readonly_fields = fields
     ordering = ["at", "id"]
 

@@ -14,7 +14,6 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
@@ -45,17 +44,21 @@ def retry_delay(attempt: int) -> float:
 
 
 def task_claim(*, task_id: int, worker_name: str) -> CaptionTask | None:
-    """QUEUED -> PROCESSING for exactly one claimant. Returns the claimed task, or None if someone else has it."""
-    claimed = CaptionTask.objects.filter(pk=task_id, status=TaskStatus.QUEUED).update(
-        status=TaskStatus.PROCESSING, started_at=timezone.now(), finished_at=None,
-        attempts=F("attempts") + 1, worker_name=worker_name[:200],
+    """QUEUED -> PROCESSING for exactly one claimant. Returns the claimed task, or None if someone else has it.
+
+    The claim itself is recorded on the row (status, attempts, started_at, worker_name); the attempt's event row
+    is written when it ends, with its duration, in the same transaction as its outcome. An attempt that never
+    ends (its worker died) is recorded by whoever re-drives the task.
+    """
+    now = timezone.now()
+    claimed = CaptionTask.objects.transition(
+        task_id, expect={"status": TaskStatus.QUEUED}, increment_attempts=True,
+        changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,
+                 "worker_name": worker_name[:200], "updated_at": now},
     )
-    if claimed != 1:
+    if not claimed:
         return None
-    task = CaptionTask.objects.get(pk=task_id)
-    TaskEvent.objects.create(task=task, kind=TaskEvent.Kind.STARTED, attempt=task.attempts, worker_name=worker_name,
-                             at=task.started_at)
-    return task
+    return CaptionTask.objects.only("image_ref", "priority", "attempts", "worker_name", "started_at").get(pk=task_id)
 
 
 def task_execute(*, task_id: int, worker_name: str, captioner: Captioner | None = None) -> Outcome:
@@ -83,21 +86,24 @@ def _duration_ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _current_attempt(task: CaptionTask):
-    """Rows still in the state this attempt put them in (a reconciler may have re-driven the task meanwhile)."""
-    return CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING, attempts=task.attempts)
+def _end_attempt(task: CaptionTask, **changes) -> bool:
+    """Records the attempt's outcome if the row is still in the state this attempt put it in (a reconciler may
+    have re-driven the task meanwhile)."""
+    return CaptionTask.objects.transition(
+        task.pk, expect={"status": TaskStatus.PROCESSING, "attempts": task.attempts},
+        changes={**changes, "updated_at": timezone.now()},
+    )
 
 
 def _record_success(task: CaptionTask, caption: str, *, started: float) -> Outcome:
     now = timezone.now()
     with transaction.atomic():
-        updated = _current_attempt(task).update(
-            status=TaskStatus.COMPLETED, caption=caption, finished_at=now,
-            last_error_class="", last_error_message="",
-        )
+        updated = _end_attempt(task, status=TaskStatus.COMPLETED, caption=caption, finished_at=now,
+                               last_error_class="", last_error_message="")
         if updated:
             TaskEvent.objects.create(task=task, kind=TaskEvent.Kind.COMPLETED, attempt=task.attempts, at=now,
-                                     worker_name=task.worker_name, duration_ms=_duration_ms(started))
+                                     started_at=task.started_at, worker_name=task.worker_name,
+                                     duration_ms=_duration_ms(started))
     if not updated:
         return Outcome("skipped", "a newer attempt owns the task")
     return Outcome("completed")
@@ -112,21 +118,20 @@ def _record_failure(task: CaptionTask, error: BaseException, *, permanent: bool,
     with transaction.atomic():
         if retry:
             delay = retry_delay(task.attempts)
-            updated = _current_attempt(task).update(
-                status=TaskStatus.QUEUED, published_at=None, publish_after=now + timedelta(seconds=delay),
-                last_error_class=error_class, last_error_message=message,
-            )
+            updated = _end_attempt(task, status=TaskStatus.QUEUED, published_at=None,
+                                   publish_after=now + timedelta(seconds=delay),
+                                   last_error_class=error_class, last_error_message=message)
             detail = f"retry {task.attempts} of {settings.RQ_MAX_RETRIES} in {delay:g} s"
             kind = TaskEvent.Kind.RETRY_SCHEDULED
         else:
-            updated = _current_attempt(task).update(
-                status=TaskStatus.FAILED, finished_at=now, last_error_class=error_class, last_error_message=message,
-            )
+            updated = _end_attempt(task, status=TaskStatus.FAILED, finished_at=now, last_error_class=error_class,
+                                   last_error_message=message)
             detail = "permanent error" if permanent else f"gave up after {task.attempts} attempts"
             kind = TaskEvent.Kind.FAILED
         if updated:
             TaskEvent.objects.create(
-                task=task, kind=kind, attempt=task.attempts, at=now, worker_name=task.worker_name,
+                task=task, kind=kind, attempt=task.attempts, at=now, started_at=task.started_at,
+                worker_name=task.worker_name,
                 duration_ms=_duration_ms(started), error_class=error_class, error_message=message,
                 traceback=trace, detail=detail,
             )

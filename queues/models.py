@@ -59,6 +59,34 @@ class CaptionTaskQuerySet(models.QuerySet):
             cursor.execute(sql, params)
             return [row[0] for row in cursor.fetchall()]
 
+    def transition(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False) -> bool:
+        """Sets ``changes`` on one row if it still has the values in ``expect``; returns whether it changed.
+
+        The conditional update every state change of a task goes through (claim, complete, retry, fail). Written
+        as one parameterised UPDATE instead of ``filter().update()`` because it runs several times per job in
+        every worker, and compiling the ORM query costs about three times the statement itself.
+        """
+        connection = connections[self.db]
+        meta, quote = CaptionTask._meta, connection.ops.quote_name
+        assignments, params = [], []
+        for name, value in changes.items():
+            field = meta.get_field(name)
+            assignments.append(f"{quote(field.column)} = %s")
+            params.append(field.get_db_prep_save(value, connection))
+        if increment_attempts:
+            assignments.append(f"{quote('attempts')} = {quote('attempts')} + 1")
+        conditions = [f"{quote(meta.pk.column)} = %s"]
+        params.append(pk)
+        for name, value in expect.items():
+            field = meta.get_field(name)
+            conditions.append(f"{quote(field.column)} = %s")
+            params.append(field.get_db_prep_value(value, connection))
+        sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
+               f"WHERE {' AND '.join(conditions)}")
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount == 1
+
     def due_for_publishing(self, now=None):
         """Queued tasks with no job in Redis whose publish time has come (the relay's work list)."""
         now = now or timezone.now()
@@ -132,10 +160,13 @@ def job_id_for(task_id: int) -> str:
 
 
 class TaskEvent(models.Model):
-    """One state change of a task: the task's timeline is the list of these rows."""
+    """One state change of a task: the task's timeline is the list of these rows.
+
+    Attempts are recorded when they end (completed, retry scheduled, failed), each with when it started, its
+    worker and its duration; a task's submission and publication are on the task row itself.
+    """
 
     class Kind(models.TextChoices):
-        STARTED = "started", "Attempt started"
         COMPLETED = "completed", "Completed"
         RETRY_SCHEDULED = "retry_scheduled", "Retry scheduled"
         FAILED = "failed", "Failed"
@@ -146,8 +177,9 @@ class TaskEvent(models.Model):
     kind = models.CharField(max_length=20, choices=Kind.choices)
     at = models.DateTimeField(default=timezone.now)
     attempt = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField(null=True, blank=True, help_text="When the attempt began.")
     worker_name = models.CharField(max_length=200, blank=True)
-    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField("duration ms", null=True, blank=True)
     error_class = models.CharField(max_length=200, blank=True)
     error_message = models.TextField(blank=True)
     traceback = models.TextField(blank=True)

@@ -28,8 +28,9 @@ def test_worker_claims_captions_and_completes_task(redis, media_image):
     assert task.status == TaskStatus.COMPLETED
     assert task.caption.startswith("Landscape small image (300×200 px), almost entirely red.")
     assert task.attempts == 1 and task.started_at and task.finished_at and task.worker_name
-    assert events(task) == [("started", 1), ("completed", 1)]
-    assert task.events.get(kind="completed").duration_ms is not None
+    assert events(task) == [("completed", 1)]
+    completed = task.events.get(kind="completed")
+    assert completed.duration_ms is not None and completed.started_at == task.started_at
 
 
 def test_second_runner_of_the_same_task_does_nothing(redis, media_image):
@@ -40,7 +41,7 @@ def test_second_runner_of_the_same_task_does_nothing(redis, media_image):
     run_worker()
     task.refresh_from_db()
     assert task.status == TaskStatus.COMPLETED and task.attempts == 1
-    assert events(task) == [("started", 1), ("completed", 1)]
+    assert events(task) == [("completed", 1)]
 
 
 def test_claim_is_conditional_on_queued_status(redis, media_image):
@@ -74,7 +75,7 @@ def test_transient_error_schedules_retry_with_backoff_then_relay_republishes(red
     run_worker()
     task.refresh_from_db()
     assert task.status == TaskStatus.COMPLETED and task.attempts == 2 and task.last_error_class == ""
-    assert events(task) == [("started", 1), ("retry_scheduled", 1), ("started", 2), ("completed", 2)]
+    assert events(task) == [("retry_scheduled", 1), ("completed", 2)]
 
 
 def test_backoff_doubles_and_is_capped(settings):
@@ -93,8 +94,7 @@ def test_exhausted_retries_end_failed_in_dead_letters(redis, http_server, settin
     task.refresh_from_db()
     assert task.status == TaskStatus.FAILED and task.attempts == 3
     assert task.last_error_class == "TransientCaptionError"
-    assert [kind for kind, _ in events(task)] == ["started", "retry_scheduled", "started", "retry_scheduled",
-                                                  "started", "failed"]
+    assert events(task) == [("retry_scheduled", 1), ("retry_scheduled", 2), ("failed", 3)]
     failed = task.events.get(kind="failed")
     assert "gave up after 3 attempts" in failed.detail and "HTTP 502" in failed.traceback
     assert broker.dead_letter_job_ids("normal") == [task.job_id]
