@@ -27,6 +27,7 @@ os.environ.setdefault("DATABASE_URL", f"sqlite:///{WORKDIR / 'bench.sqlite3'}")
 os.environ["PORTAL_VAR_DIR"] = str(WORKDIR / "var")
 os.environ["MEDIA_ROOT"] = str(WORKDIR / "media")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
+os.environ.setdefault("PORTAL_LOCAL", "true")  # a private database and Redis, like the local runner
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 import django  # noqa: E402

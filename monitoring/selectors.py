@@ -4,7 +4,7 @@ from django.db.models import Count
 
 from queues import broker
 from queues.errors import BrokerUnavailable
-from queues.models import CaptionTask
+from queues.models import CaptionTask, TaskStatus
 
 
 def queue_snapshot() -> dict:
@@ -15,4 +15,9 @@ def queue_snapshot() -> dict:
         redis_ok = True
     except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
         lengths, redis_ok = {}, False
-    return {"queues": lengths, "tasks": by_status, "redis": redis_ok}
+    return {
+        "queues": [{"name": name, "waiting": lengths.get(name)} for name in broker.QUEUE_NAMES],
+        "tasks": [{"status": status, "label": label, "count": by_status.get(status, 0)}
+                  for status, label in TaskStatus.choices],
+        "redis": redis_ok,
+    }

@@ -28,8 +28,9 @@ if not VAR_DIR.is_absolute():
     VAR_DIR = BASE_DIR / VAR_DIR
 
 DEBUG = env_bool("DEBUG", False)
-# Local use (the README's run command) is the default; production sets DEBUG=false and a SECRET_KEY explicitly.
-LOCAL_MODE = env_bool("PORTAL_LOCAL", "SECRET_KEY" not in os.environ)
+# Local mode: the embedded database and Redis (nothing else configured), as the README's run command uses them.
+# A deployment that names its own database or Redis is production: it must bring its own SECRET_KEY.
+LOCAL_MODE = env_bool("PORTAL_LOCAL", not any(env_str(name) for name in ("DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL")))
 
 
 def _secret_key() -> str:
@@ -39,7 +40,9 @@ def _secret_key() -> str:
             raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long")
         return explicit
     if not (DEBUG or LOCAL_MODE):
-        raise ImproperlyConfigured("SECRET_KEY must be set in production (DEBUG=false and PORTAL_LOCAL=false)")
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DATABASE_URL or REDIS_URL is (a deployment); for local use with embedded "
+            "defaults leave them unset, or set PORTAL_LOCAL=true")
     key_file = VAR_DIR / "secret_key"
     if not key_file.exists():
         VAR_DIR.mkdir(parents=True, exist_ok=True)

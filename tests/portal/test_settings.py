@@ -15,7 +15,7 @@ def load_settings(tmp_path, **variables):
     """Imports portal.settings in a fresh interpreter with exactly these variables; returns (ok, output)."""
     environment = {key: value for key, value in os.environ.items()
                    if key not in {"DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "SECRET_KEY", "DEBUG", "PORTAL_LOCAL"}}
-    environment.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), **variables})
+    environment.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), "SECRET_KEY": "s" * 40, **variables})
     code = ("import portal.settings as s; "
             "print(s.DATABASES['default']['ENGINE'], s.REDIS_URL, s.RQ_DEFAULT_TIMEOUT, s.RQ_MAX_RETRIES, "
             "s.CAPTION_BACKEND, s.RQ_QUEUES['low']['URL'])")
@@ -46,7 +46,7 @@ def test_bad_value_raises_improperly_configured_naming_the_variable(tmp_path, na
 
 
 def test_defaults_are_embedded_sqlite_and_redis_with_old_task_settings(tmp_path):
-    ok, output = load_settings(tmp_path)
+    ok, output = load_settings(tmp_path, SECRET_KEY="")
     assert ok, output
     engine, redis_url, timeout, retries, backend, queue_url = output.splitlines()[-1].split()
     assert engine == "django.db.backends.sqlite3"
@@ -66,10 +66,13 @@ def test_legacy_redis_variable_and_database_url_are_accepted(tmp_path):
 
 
 def test_production_refuses_to_start_without_secret_key(tmp_path):
-    ok, output = load_settings(tmp_path, DEBUG="false", PORTAL_LOCAL="false")
-    assert not ok and "SECRET_KEY must be set in production" in output
+    ok, output = load_settings(tmp_path, SECRET_KEY="", DATABASE_URL="mysql://portal:pw@db:3306/portal")
+    assert not ok and "SECRET_KEY must be set when DATABASE_URL or REDIS_URL is" in output
+    ok, output = load_settings(tmp_path, SECRET_KEY="", REDIS_URL="redis://r:6379/0")
+    assert not ok and "SECRET_KEY must be set" in output
     ok, output = load_settings(tmp_path, DEBUG="false", SECRET_KEY="x" * 40, REDIS_URL="redis://r:6379/0")
     assert ok, output
+    assert not (tmp_path / "var" / "secret_key").exists()
 
 
 def test_env_helpers_parse_strictly():

@@ -36,11 +36,12 @@ def test_changelist_filters_search_and_shows_caption_and_error(client, admin_use
                                                                django_assert_max_num_queries):
     reference = media_image()
     tasks_submit_many(specs=[TaskSpec(reference) for _ in range(60)])
-    CaptionTask.objects.filter(pk__in=CaptionTask.objects.order_by("pk").values("pk")[:5]).update(
-        status=TaskStatus.COMPLETED, caption="Square image, almost entirely red.")
-    CaptionTask.objects.filter(status=TaskStatus.QUEUED).order_by("pk").filter(
-        pk__in=CaptionTask.objects.filter(status=TaskStatus.QUEUED).order_by("pk").values("pk")[:3]).update(
-        status=TaskStatus.FAILED, last_error_class="PermanentCaptionError", last_error_message="HTTP 404")
+    ids = list(CaptionTask.objects.order_by("pk").values_list("pk", flat=True))
+    CaptionTask.objects.filter(pk__in=ids[:5]).update(status=TaskStatus.COMPLETED,
+                                                      caption="Square image, almost entirely red.")
+    CaptionTask.objects.filter(pk__in=ids[5:8]).update(status=TaskStatus.FAILED,
+                                                       last_error_class="PermanentCaptionError",
+                                                       last_error_message="HTTP 404")
     client.force_login(admin_user)
     url = reverse("admin:queues_captiontask_changelist")
     with django_assert_max_num_queries(8):

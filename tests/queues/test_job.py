@@ -133,3 +133,14 @@ def test_stale_database_connection_is_replaced_between_jobs(redis, media_image, 
     assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.COMPLETED
     assert connection.connection is not before
 
+
+
+def test_workers_drain_queues_in_priority_order(redis, media_image):
+    reference = media_image()
+    low = task_submit(image_ref=reference, priority="low")
+    normal = task_submit(image_ref=reference, priority="normal")
+    urgent = task_submit(image_ref=reference, priority="urgent")
+    high = task_submit(image_ref=reference, priority="high")
+    run_worker()
+    order = list(CaptionTask.objects.order_by("started_at").values_list("pk", flat=True))
+    assert order == [urgent.pk, high.pk, normal.pk, low.pk]
