@@ -188,3 +188,107 @@ def dead_letter_job_ids(queue_name: str, *, limit: int = 100) -> list[str]:
                                  job_class=CaptionJob)
     return [job_id.decode() if isinstance(job_id, bytes) else job_id
             for job_id in registry.connection.zrevrange(registry.key, 0, limit - 1)]
+
+
+# --- the fleet's view of rq (used by queues.fleet, queues.reconcile, queues.supervisor) --------------------------
+
+def job_forget_execution(task_id: int, queue_name: str) -> None:
+    """Removes a crashed run of ``caption-<id>`` from its queue's started-job registry, so rq's maintenance does not
+    later file the job as abandoned (we have re-driven the task ourselves)."""
+    from rq.registry import StartedJobRegistry
+
+    job = fetch_job(task_id)
+    if job is not None:
+        registry = StartedJobRegistry(queue_name, connection=get_connection(), job_class=CaptionJob,
+                                      serializer=JSONSerializer)
+        registry.remove_executions(job)
+
+
+def job_dead_letter(task_id: int, queue_name: str, reason: str) -> None:
+    """Files ``caption-<id>`` in its queue's failed-job registry (the dead-letter place) with ``reason``."""
+    from rq.job import JobStatus
+
+    job = fetch_job(task_id)
+    if job is None:
+        return
+    pipe = get_connection().pipeline()
+    job.set_status(JobStatus.FAILED, pipeline=pipe)
+    FailedJobRegistry(queue_name, connection=get_connection(), job_class=CaptionJob,
+                      serializer=JSONSerializer).add(job, ttl=settings.RQ_FAILURE_TTL, exc_string=reason, pipeline=pipe)
+    pipe.execute()
+
+
+def workers() -> list:
+    """rq's registered workers (O(workers): the rq:workers set, then one pipelined read)."""
+    from rq.worker import Worker
+
+    return Worker.all(connection=get_connection(), job_class=CaptionJob, serializer=JSONSerializer)
+
+
+def worker_unregister(worker_name: str) -> None:
+    """Removes a dead worker's registration (its key and its entries in rq's worker sets)."""
+    from rq.worker import Worker
+    from rq.worker_registration import unregister
+
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + worker_name, connection=get_connection(),
+                                job_class=CaptionJob, serializer=JSONSerializer)
+    if worker is not None:
+        pipe = get_connection().pipeline()
+        unregister(worker, pipeline=pipe)
+        pipe.delete(worker.key)
+        pipe.execute()
+
+
+def alive_states(worker_names: list[str]) -> dict[str, dict | None]:
+    """Each worker's liveness payload (pid, host, pool, rss, job), or None if its liveness key has expired."""
+    import json
+
+    from queues.worker import alive_key
+
+    if not worker_names:
+        return {}
+    pipe = get_connection().pipeline(transaction=False)
+    for name in worker_names:
+        pipe.get(alive_key(name))
+    return {name: (json.loads(raw) if raw else None) for name, raw in zip(worker_names, pipe.execute())}
+
+
+def send_worker_shutdown(worker_name: str) -> None:
+    from rq.command import send_shutdown_command
+
+    send_shutdown_command(get_connection(), worker_name)
+
+
+def send_stop_job(job_id: str) -> None:
+    from rq.command import send_stop_job_command
+
+    send_stop_job_command(get_connection(), job_id, serializer=JSONSerializer)
+
+
+def processing_suspended() -> bool:
+    from rq.suspension import is_suspended
+
+    return bool(is_suspended(get_connection()))
+
+
+def set_processing_suspended(suspended: bool) -> None:
+    from rq.suspension import resume, suspend
+
+    (suspend if suspended else resume)(get_connection())
+
+
+def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:
+    """Task ids of the caption jobs waiting in a queue, read in pages of ``page`` (a repair, not a page view:
+    the reconciler calls it only when the database expects more jobs than the queue holds)."""
+    connection = get_connection()
+    key = Queue.redis_queue_namespace_prefix + queue_name
+    ids, start = set(), 0
+    while True:
+        chunk = connection.lrange(key, start, start + page - 1)
+        for raw in chunk:
+            job_id = raw.decode() if isinstance(raw, bytes) else raw
+            if job_id.startswith("caption-") and job_id[8:].isdigit():
+                ids.add(int(job_id[8:]))
+        if len(chunk) < page:
+            return ids
+        start += page

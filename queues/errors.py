@@ -26,3 +26,7 @@ class PermanentCaptionError(CaptionError):
 
 class BrokerUnavailable(Exception):
     """Redis could not be reached. Callers keep the database row and let the relay publish it later."""
+
+
+class JobStopped(Exception):
+    """Raised inside a running caption job when an operator stops it (rq's stop-job command)."""

@@ -7,6 +7,7 @@ once however many copies of its job run, and a late worker cannot overwrite what
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -18,10 +19,18 @@ from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
 from queues.captioners import Captioner, get_captioner
-from queues.errors import CaptionError
+from queues.errors import CaptionError, JobStopped
 from queues.models import CaptionTask, TaskEvent, TaskStatus
 
 logger = logging.getLogger(__name__)
+
+
+_captioning = threading.Event()
+
+
+def captioning_now() -> bool:
+    """Whether this process is inside a captioner call (the only place an operator's stop may interrupt)."""
+    return _captioning.is_set()
 
 
 class TaskFailed(Exception):
@@ -70,7 +79,13 @@ def task_execute(*, task_id: int, worker_name: str, captioner: Captioner | None 
 
     started = time.monotonic()
     try:
-        caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
+        try:
+            _captioning.set()
+            caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
+        finally:
+            _captioning.clear()
+    except JobStopped as error:
+        return _record_failure(task, error, permanent=True, started=started)
     except CaptionError as error:
         return _record_failure(task, error, permanent=error.permanent, started=started)
     except JobTimeoutException as error:
@@ -126,7 +141,10 @@ def _record_failure(task: CaptionTask, error: BaseException, *, permanent: bool,
         else:
             updated = _end_attempt(task, status=TaskStatus.FAILED, finished_at=now, last_error_class=error_class,
                                    last_error_message=message)
-            detail = "permanent error" if permanent else f"gave up after {task.attempts} attempts"
+            if isinstance(error, JobStopped):
+                detail = "stopped by an operator"
+            else:
+                detail = "permanent error" if permanent else f"gave up after {task.attempts} attempts"
             kind = TaskEvent.Kind.FAILED
         if updated:
             TaskEvent.objects.create(

@@ -170,8 +170,8 @@ class TaskEvent(models.Model):
         COMPLETED = "completed", "Completed"
         RETRY_SCHEDULED = "retry_scheduled", "Retry scheduled"
         FAILED = "failed", "Failed"
-        SKIPPED = "skipped", "Duplicate job skipped"
-        PUBLISH_FAILED = "publish_failed", "Publishing failed"
+        WORKER_LOST = "worker_lost", "Worker lost during the attempt"
+        REPUBLISHED = "republished", "Job missing from Redis, published again"
 
     task = models.ForeignKey(CaptionTask, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=20, choices=Kind.choices)
@@ -191,3 +191,122 @@ class TaskEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} (task {self.task_id}, attempt {self.attempt})"
+
+
+QUEUE_ORDER = ("urgent", "high", "normal", "low")
+
+
+def validate_queue_list(value: str) -> None:
+    from django.core.exceptions import ValidationError
+
+    names = value.split()
+    if not names:
+        raise ValidationError("Name at least one queue.")
+    unknown = [name for name in names if name not in QUEUE_ORDER]
+    if unknown:
+        raise ValidationError(f"Unknown queue(s): {', '.join(unknown)}. Queues are {', '.join(QUEUE_ORDER)}.")
+    if len(set(names)) != len(names):
+        raise ValidationError("A queue is listed twice.")
+
+
+class WorkerPool(models.Model):
+    """A named set of identical workers: which queues they drain, in order, and how many should run."""
+
+    name = models.SlugField(max_length=50, unique=True)
+    queues = models.CharField(max_length=100, default="urgent high normal low", validators=[validate_queue_list],
+                              help_text="Space-separated, drained in this order.")
+    desired = models.PositiveIntegerField("desired workers", default=2)
+    minimum = models.PositiveIntegerField("minimum", default=2)
+    maximum = models.PositiveIntegerField("maximum", default=10)
+    autoscale = models.BooleanField(default=False)
+    scale_up_threshold = models.PositiveIntegerField(default=100, help_text="Scale up when more jobs than this wait.")
+    scale_down_threshold = models.PositiveIntegerField(default=20, help_text="Scale down when fewer jobs wait.")
+    scale_up_cooldown = models.PositiveIntegerField(default=300, help_text="Seconds between scale-ups.")
+    scale_down_cooldown = models.PositiveIntegerField(default=600, help_text="Seconds between scale-downs.")
+    last_scaled_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        permissions = [("manage_fleet", "Can scale pools, restart and stop workers, suspend processing")]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(minimum__lte=models.F("maximum")), name="pool_min_le_max"),
+            models.CheckConstraint(
+                condition=models.Q(desired__gte=models.F("minimum"), desired__lte=models.F("maximum")),
+                name="pool_desired_within_bounds"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue_names(self) -> list[str]:
+        return self.queues.split()
+
+    def clean(self):
+        from django.core.exceptions import ValidationError
+
+        errors = {}
+        if self.minimum > self.maximum:
+            errors["minimum"] = f"The minimum ({self.minimum}) is above the maximum ({self.maximum})."
+        elif not self.minimum <= self.desired <= self.maximum:
+            errors["desired"] = f"Desired workers must be between {self.minimum} and {self.maximum}."
+        if self.scale_down_threshold >= self.scale_up_threshold:
+            errors["scale_down_threshold"] = "Must be below the scale-up threshold, or the pool would flap."
+        if errors:
+            raise ValidationError(errors)
+
+
+class FleetEvent(models.Model):
+    """One change in the worker fleet: the fleet history page is a list of these rows."""
+
+    class Kind(models.TextChoices):
+        SUPERVISOR_STARTED = "supervisor_started", "Supervisor started"
+        SUPERVISOR_STOPPED = "supervisor_stopped", "Supervisor stopped"
+        WORKER_STARTED = "worker_started", "Worker started"
+        WORKER_STOPPED = "worker_stopped", "Worker stopped"
+        WORKER_CRASHED = "worker_crashed", "Worker crashed"
+        WORKER_RESTARTED = "worker_restarted", "Worker restarted"
+        POOL_SCALED = "pool_scaled", "Pool scaled"
+        AUTOSCALE = "autoscale", "Autoscale decision"
+        RESTART_REQUESTED = "restart_requested", "Restart requested"
+        JOB_STOP_REQUESTED = "job_stop_requested", "Job stop requested"
+        SUSPENDED = "suspended", "Processing suspended"
+        RESUMED = "resumed", "Processing resumed"
+        TASKS_RECOVERED = "tasks_recovered", "Tasks recovered"
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=24, choices=Kind.choices)
+    pool = models.ForeignKey(WorkerPool, null=True, blank=True, on_delete=models.SET_NULL, related_name="events")
+    host = models.CharField(max_length=200, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    worker_name = models.CharField(max_length=200, blank=True)
+    reason = models.CharField(max_length=500, blank=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    figures = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["kind", "-at"], name="fleetevent_kind_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.worker_name or self.pool or ''}".strip()
+
+
+class AuditEntry(models.Model):
+    """Who did what, when, from where: one row per operator action."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    action = models.CharField(max_length=50, db_index=True)
+    target = models.CharField(max_length=300, blank=True)
+    count = models.PositiveIntegerField(default=0)
+    detail = models.JSONField(default=dict, blank=True)
+    address = models.GenericIPAddressField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name_plural = "audit entries"
+
+    def __str__(self) -> str:
+        return f"{self.user or 'system'}: {self.action} {self.target}"

@@ -23,8 +23,19 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from portal.embedded_redis import RedisServerError, embedded_server
+from queues.fleet import pool_scale
+from queues.models import WorkerPool
 
 PR_SET_PDEATHSIG = 1
+
+
+def _env_workers() -> int | None:
+    value = os.environ.get("PORTAL_WORKERS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise CommandError(f"PORTAL_WORKERS must be a whole number; got {value!r}")
+    return int(value)
 RESTART_LIMIT = 5
 
 
@@ -70,11 +81,12 @@ class Command(BaseCommand):
                             help="Address to serve on (default 127.0.0.1).")
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORTAL_PORT", "8000")),
                             help="Port to serve on (default 8000, or PORTAL_PORT).")
-        parser.add_argument("--workers", type=int, default=int(os.environ.get("PORTAL_WORKERS", "2")),
-                            help="Caption worker processes (default 2, or PORTAL_WORKERS).")
+        parser.add_argument("--workers", type=int, default=_env_workers(),
+                            help="Workers of the default pool (default: the pool's desired count, 2 after "
+                                 "migrate; or PORTAL_WORKERS). Widens the pool's minimum/maximum if needed.")
 
     def handle(self, *args, host, port, workers, **options):
-        if not 0 <= workers <= 32:
+        if workers is not None and not 0 <= workers <= 32:
             raise CommandError(f"--workers must be between 0 and 32; got {workers}")
         if not 1 <= port <= 65535:
             raise CommandError(f"--port must be between 1 and 65535; got {port}")
@@ -86,6 +98,10 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
         login = self._ensure_admin()
+        pool = WorkerPool.objects.get(name="default")
+        if workers is not None and workers != pool.desired:
+            pool = pool_scale(pool=pool, desired=workers, adjust_bounds=True, reason="runportal --workers")
+        workers = pool.desired
 
         redis_server = None
         if settings.EMBEDDED_REDIS:
@@ -104,9 +120,8 @@ class Command(BaseCommand):
                             "--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "5"],
                     critical=True)
         children = [web]
-        children += [Child(f"worker-{index}", [python, manage, "rqworker", "urgent", "high", "normal", "low",
-                                               "--verbosity", "0"])
-                     for index in range(1, workers + 1)]
+        children.append(Child("supervisor", [python, manage, "runworkers", "--worker-verbosity", "0"],
+                              critical=True))
         children.append(Child("relay", [python, manage, "relay_tasks", "--verbosity", "0"]))
         for child in children:
             child.start()
@@ -115,8 +130,8 @@ class Command(BaseCommand):
             shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
             self.stdout.write(self.style.SUCCESS(f"\nRQ Ops Portal is running at http://{shown_host}:{port}/admin/"))
             self.stdout.write(login)
-            self.stdout.write(f"{workers} worker(s) and the relay are running. "
-                              "Submit work with: python manage.py submit_tasks --count 20")
+            self.stdout.write(f"{workers} worker(s) (pool 'default', under the supervisor) and the relay are "
+                              "running. Submit work with: python manage.py submit_tasks --count 20")
             self.stdout.write("Press Ctrl-C to stop everything.\n")
             exit_code = self._supervise(children)
         else:
@@ -125,11 +140,11 @@ class Command(BaseCommand):
 
         self.stdout.write("Stopping ...")
         web.stop(timeout=10)
-        for child in children[1:]:  # workers finish their current job (warm shutdown) within the task timeout
+        for child in children[1:]:  # the supervisor's workers finish their current job within the task timeout
             if child.alive():
                 child.process.send_signal(signal.SIGTERM)
         for child in children[1:]:
-            child.stop(timeout=settings.RQ_DEFAULT_TIMEOUT + 35)
+            child.stop(timeout=settings.RQ_DEFAULT_TIMEOUT + 60)
         if redis_server is not None:
             redis_server.stop()
         self.stdout.write("Stopped.")

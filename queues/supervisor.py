@@ -1,0 +1,323 @@
+"""The per-host supervisor behind ``manage.py runworkers``: keeps each pool's desired workers running.
+
+Several supervisors (one per host) share a pool through leases in Redis. A pool with ``desired = N`` has N slots,
+``portal:fleet:pool:<name>:slot:<i>`` for i < N; a supervisor runs one worker process per slot it holds. A slot is
+taken with ``SET NX PX`` and renewed every step by its holder only (compare-and-expire), so no slot is ever run
+twice and together the supervisors run exactly N workers. Each supervisor takes at most its fair share
+(ceil(N / live supervisors of the pool)); when a host dies, its leases and its registration expire after
+``lease_ttl`` seconds and the others take over its slots.
+
+The supervisor also restarts workers that die (with a growing backoff if they keep dying), re-drives the tasks a
+dead worker was running at once, and runs the fleet-wide reconciler and the autoscaler (each under a Redis lock so
+one supervisor does it per interval).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import close_old_connections
+
+from queues import broker
+from queues.fleet import pool_autoscale, pool_backlog
+from queues.models import FleetEvent, WorkerPool
+from queues.reconcile import tasks_reconcile, tasks_recover_from_worker
+
+logger = logging.getLogger("queues.supervisor")
+
+PREFIX = "portal:fleet:"
+SUPERVISORS_KEY = PREFIX + "supervisors"
+RENEW_SCRIPT = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
+RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+STABLE_AFTER = 60.0  # seconds a worker must run before its crash counter resets
+MAX_RESTART_DELAY = 60.0
+
+
+def slot_key(pool: str, index: int) -> str:
+    return f"{PREFIX}pool:{pool}:slot:{index}"
+
+
+def supervisor_key(supervisor_id: str) -> str:
+    return f"{PREFIX}supervisor:{supervisor_id}"
+
+
+def _die_with_parent():  # in the child between fork and exec: if the supervisor dies, so do its workers
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Slot:
+    pool: str
+    index: int
+    queues: list[str]
+    process: subprocess.Popen | None = None
+    worker_name: str = ""
+    started_at: float = 0.0
+    crashes: int = 0
+    restart_at: float = 0.0
+    kill_at: float = math.inf
+    restarting_after_crash: bool = False
+    retiring: bool = False
+    retire_reason: str = ""
+
+
+class Supervisor:
+    def __init__(self, *, pool_names: list[str] | None = None, interval: float = 0.5, lease_ttl: float = 10.0,
+                 reconcile_interval: float = 5.0, autoscale_interval: float = 2.0, worker_verbosity: int = 1,
+                 stop_timeout: float | None = None):
+        self.host = socket.gethostname()
+        self.id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.pool_names = pool_names
+        self.interval = interval
+        self.lease_ttl = lease_ttl
+        self.reconcile_interval = reconcile_interval
+        self.autoscale_interval = autoscale_interval
+        self.worker_verbosity = worker_verbosity
+        self.stop_timeout = settings.RQ_DEFAULT_TIMEOUT + 40 if stop_timeout is None else stop_timeout
+        self.slots: dict[tuple[str, int], Slot] = {}
+        self.retiring: list[Slot] = []
+        self.stopping = False
+        self.forced = False
+        self._next_reconcile = 0.0
+        self._next_autoscale = 0.0
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._request_stop)
+        FleetEvent.objects.create(kind=FleetEvent.Kind.SUPERVISOR_STARTED, host=self.host, pid=os.getpid(),
+                                  reason=f"supervisor {self.id}",
+                                  figures={"pools": self.pool_names or "all"})
+        logger.info("supervisor %s started", self.id)
+        try:
+            while not self.stopping:
+                started = time.monotonic()
+                self.step()
+                time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            self.shutdown()
+
+    def _request_stop(self, signum, frame):
+        if self.stopping:
+            self.forced = True  # a second Ctrl-C: stop workers now
+        self.stopping = True
+
+    def step(self) -> None:
+        close_old_connections()
+        try:
+            connection = broker.get_connection()
+            now = time.time()
+            self._heartbeat(connection, now)
+            pools = {pool.name: pool for pool in WorkerPool.objects.all()
+                     if self.pool_names is None or pool.name in self.pool_names}
+            self._renew_or_release(connection, pools)
+            self._acquire(connection, pools, self._live_supervisors(connection, now))
+        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
+            # Keep the workers we have: they cannot work without Redis either, and when it is back the lease
+            # renewal decides who keeps which slot.
+            logger.warning("Redis unreachable, fleet unchanged: %s", error)
+        self._manage_processes()
+        self._periodic()
+
+    # --- leases --------------------------------------------------------------------------------------------------
+    def _heartbeat(self, connection, now: float) -> None:
+        pipe = connection.pipeline(transaction=False)
+        pipe.zadd(SUPERVISORS_KEY, {self.id: now + self.lease_ttl})
+        pipe.zremrangebyscore(SUPERVISORS_KEY, "-inf", now - 60)
+        pipe.hset(supervisor_key(self.id), mapping={"host": self.host, "pid": os.getpid(),
+                                                    "pools": json.dumps(self.pool_names)})
+        pipe.pexpire(supervisor_key(self.id), int(self.lease_ttl * 1000))
+        pipe.execute()
+
+    def _live_supervisors(self, connection, now: float) -> dict[str, int]:
+        """How many live supervisors serve each pool (``None`` pools: all of them)."""
+        ids = [raw.decode() for raw in connection.zrangebyscore(SUPERVISORS_KEY, now, "+inf")]
+        pipe = connection.pipeline(transaction=False)
+        for supervisor_id in ids:
+            pipe.hget(supervisor_key(supervisor_id), "pools")
+        counts: dict[str, int] = {}
+        served_by_all = 0
+        for raw in pipe.execute():
+            pools = json.loads(raw) if raw else None
+            if pools is None:
+                served_by_all += 1
+            else:
+                for name in pools:
+                    counts[name] = counts.get(name, 0) + 1
+        return {"*": served_by_all, **counts}
+
+    def _renew_or_release(self, connection, pools: dict[str, WorkerPool]) -> None:
+        for key, slot in list(self.slots.items()):
+            pool = pools.get(slot.pool)
+            if pool is None or slot.index >= pool.desired or slot.queues != pool.queue_names:
+                reason = ("pool removed" if pool is None else
+                          "pool scaled down" if slot.index >= pool.desired else "pool queues changed")
+                connection.eval(RELEASE_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id)
+                self._retire(slot, reason)
+                del self.slots[key]
+            elif not connection.eval(RENEW_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id,
+                                     int(self.lease_ttl * 1000)):
+                self._retire(slot, "lease lost (another supervisor holds the slot)")
+                del self.slots[key]
+
+    def _acquire(self, connection, pools: dict[str, WorkerPool], live: dict[str, int]) -> None:
+        if self.stopping:
+            return
+        for pool in pools.values():
+            supervisors = max(1, live.get("*", 0) + live.get(pool.name, 0))
+            fair_share = math.ceil(pool.desired / supervisors)
+            held = sum(1 for slot in self.slots.values() if slot.pool == pool.name)
+            for index in range(pool.desired):
+                if held >= fair_share:
+                    break
+                if (pool.name, index) in self.slots:
+                    continue
+                if connection.set(slot_key(pool.name, index), self.id, nx=True, px=int(self.lease_ttl * 1000)):
+                    self.slots[(pool.name, index)] = Slot(pool=pool.name, index=index, queues=pool.queue_names)
+                    held += 1
+
+    # --- processes ---------------------------------------------------------------------------------------------
+    def _start(self, slot: Slot, *, reason: str) -> None:
+        kind = FleetEvent.Kind.WORKER_RESTARTED if slot.worker_name else FleetEvent.Kind.WORKER_STARTED
+        slot.worker_name = f"{slot.pool}.{self.host}.{slot.index}.{uuid.uuid4().hex[:6]}"
+        command = [sys.executable, str(settings.BASE_DIR / "manage.py"), "rqworker", *slot.queues,
+                   "--name", slot.worker_name, "--verbosity", str(self.worker_verbosity)]
+        slot.process = subprocess.Popen(command, env={**os.environ, "PORTAL_WORKER_POOL": slot.pool},
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+        slot.started_at = time.monotonic()
+        self._event(kind, slot, reason=reason)
+        slot.restarting_after_crash = False
+
+    def _retire(self, slot: Slot, reason: str) -> None:
+        """Stops a slot's worker gracefully: it finishes its current job, then exits."""
+        slot.retiring = True
+        if slot.process is not None and slot.process.poll() is None:
+            slot.process.send_signal(signal.SIGTERM)
+            slot.kill_at = time.monotonic() + self.stop_timeout
+            slot.retire_reason = reason
+            self.retiring.append(slot)
+        elif slot.worker_name:
+            self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=reason)
+
+    def _manage_processes(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots.values():
+            if slot.retiring:
+                continue
+            if slot.process is not None and slot.process.poll() is not None:
+                self._on_exit(slot, slot.process.returncode, now)
+                slot.process = None
+            if slot.process is None and now >= slot.restart_at and not self.stopping:
+                self._start(slot, reason="restarted after a crash" if slot.restarting_after_crash else
+                            ("slot acquired" if not slot.worker_name else "restarted on request"))
+        for slot in list(self.retiring):
+            if slot.process.poll() is not None:
+                self.retiring.remove(slot)
+                self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=slot.retire_reason,
+                            figures={"exit_code": slot.process.returncode})
+                if slot.process.returncode != 0:
+                    self._recover(slot, "stopped with a job in hand")
+            elif self.forced or now >= slot.kill_at:
+                slot.process.kill()
+                slot.process.wait(10)
+                self.retiring.remove(slot)
+                self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=f"{slot.retire_reason}; killed after "
+                                                                         "not stopping in time")
+                self._recover(slot, "killed by its supervisor")
+
+    def _on_exit(self, slot: Slot, code: int, now: float) -> None:
+        if code == 0:
+            # A clean exit we did not ask for: a restart requested through rq (the admin, manage.py workers).
+            slot.crashes, slot.restart_at = 0, now
+            self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason="exited on request; starting a fresh one")
+            return
+        if now - slot.started_at > STABLE_AFTER:
+            slot.crashes = 0
+        slot.crashes += 1
+        delay = min(0.5 * 2 ** (slot.crashes - 1), MAX_RESTART_DELAY)
+        slot.restart_at = now + delay
+        slot.restarting_after_crash = True
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        self._event(FleetEvent.Kind.WORKER_CRASHED, slot, reason=f"died ({how}); restart in {delay:g} s",
+                    figures={"exit_code": code, "crashes_in_a_row": slot.crashes, "restart_delay": delay})
+        self._recover(slot, f"worker died ({how})")
+
+    def _recover(self, slot: Slot, reason: str) -> None:
+        """A worker of ours is dead: re-drive what it was running now, and remove its rq registration."""
+        try:
+            tasks_recover_from_worker(worker_name=slot.worker_name, reason=reason)
+            broker.worker_unregister(slot.worker_name)
+        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
+            logger.warning("could not tidy after %s now (the reconciler will): %s", slot.worker_name, error)
+
+    def _event(self, kind, slot: Slot, *, reason: str, figures: dict | None = None) -> None:
+        pid = slot.process.pid if slot.process is not None else None
+        FleetEvent.objects.create(kind=kind, pool=WorkerPool.objects.filter(name=slot.pool).first(), host=self.host,
+                                  pid=pid, worker_name=slot.worker_name, reason=reason[:500],
+                                  figures={"slot": slot.index, "supervisor": self.id, **(figures or {})})
+        logger.info("%s %s (%s)", kind, slot.worker_name, reason)
+
+    # --- fleet-wide duties ---------------------------------------------------------------------------------------
+    def _periodic(self) -> None:
+        now = time.monotonic()
+        try:
+            connection = broker.get_connection()
+            if now >= self._next_reconcile:
+                self._next_reconcile = now + self.reconcile_interval
+                if connection.set(PREFIX + "lock:reconcile", self.id, nx=True,
+                                  px=int(self.reconcile_interval * 900)):
+                    tasks_reconcile()
+            if now >= self._next_autoscale and not self.stopping:
+                self._next_autoscale = now + self.autoscale_interval
+                if connection.set(PREFIX + "lock:autoscale", self.id, nx=True,
+                                  px=int(self.autoscale_interval * 900)):
+                    for pool in WorkerPool.objects.filter(autoscale=True):
+                        pool_autoscale(pool=pool, queued=pool_backlog(pool))
+        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
+            logger.warning("reconcile/autoscale skipped, Redis unreachable: %s", error)
+        except Exception:
+            logger.exception("reconcile/autoscale pass failed")
+
+    # --- stopping ----------------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.stopping = True
+        for slot in list(self.slots.values()):
+            self._retire(slot, "supervisor stopping")
+        while self.retiring:
+            try:  # keep our slots while our workers finish, so nobody starts a second worker in them
+                connection = broker.get_connection()
+                for slot in self.slots.values():
+                    connection.eval(RENEW_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id,
+                                    int(self.lease_ttl * 1000))
+            except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+                pass
+            self._manage_processes()
+            time.sleep(0.1)
+        try:
+            connection = broker.get_connection()
+            for slot in self.slots.values():
+                connection.eval(RELEASE_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id)
+            connection.zrem(SUPERVISORS_KEY, self.id)
+            connection.delete(supervisor_key(self.id))
+        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+            pass
+        self.slots.clear()
+        FleetEvent.objects.create(kind=FleetEvent.Kind.SUPERVISOR_STOPPED, host=self.host, pid=os.getpid(),
+                                  reason=f"supervisor {self.id}")
+        logger.info("supervisor %s stopped", self.id)
