@@ -93,3 +93,5 @@ class CaptionTaskAdmin(admin.ModelAdmin):
             return format_html('<span style="color:#c62828">{}</span>',
                                Truncator(f"{task.last_error_class}: {task.last_error_message}").chars(90))
         return Truncator(task.caption).chars(90)
+
+from queues import fleet_admin  # noqa: E402,F401  (registers the fleet pages)

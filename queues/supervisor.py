@@ -8,8 +8,9 @@ twice and together the supervisors run exactly N workers. Each supervisor takes 
 ``lease_ttl`` seconds and the others take over its slots.
 
 The supervisor also restarts workers that die (with a growing backoff if they keep dying), re-drives the tasks a
-dead worker was running at once, and runs the fleet-wide reconciler and the autoscaler (each under a Redis lock so
-one supervisor does it per interval).
+dead worker was running at once, and runs the fleet-wide duties: the relay (publishing tasks whose retry backoff is
+over, or that were submitted while Redis was down), the reconciler and the autoscaler, each under a Redis lock so
+one supervisor does each per interval.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from queues import broker
 from queues.fleet import pool_autoscale, pool_backlog
 from queues.models import FleetEvent, WorkerPool
 from queues.reconcile import tasks_reconcile, tasks_recover_from_worker
+from queues.services import tasks_relay_once
 
 logger = logging.getLogger("queues.supervisor")
 
@@ -94,6 +96,8 @@ class Supervisor:
         self.retiring: list[Slot] = []
         self.stopping = False
         self.forced = False
+        self.relay_interval = settings.RELAY_INTERVAL
+        self._next_relay = 0.0
         self._next_reconcile = 0.0
         self._next_autoscale = 0.0
 
@@ -278,6 +282,10 @@ class Supervisor:
         now = time.monotonic()
         try:
             connection = broker.get_connection()
+            if now >= self._next_relay:
+                self._next_relay = now + self.relay_interval
+                if connection.set(PREFIX + "lock:relay", self.id, nx=True, px=int(self.relay_interval * 900)):
+                    tasks_relay_once()
             if now >= self._next_reconcile:
                 self._next_reconcile = now + self.reconcile_interval
                 if connection.set(PREFIX + "lock:reconcile", self.id, nx=True,
@@ -290,9 +298,9 @@ class Supervisor:
                     for pool in WorkerPool.objects.filter(autoscale=True):
                         pool_autoscale(pool=pool, queued=pool_backlog(pool))
         except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
-            logger.warning("reconcile/autoscale skipped, Redis unreachable: %s", error)
+            logger.warning("relay/reconcile/autoscale skipped, Redis unreachable: %s", error)
         except Exception:
-            logger.exception("reconcile/autoscale pass failed")
+            logger.exception("relay/reconcile/autoscale pass failed")
 
     # --- stopping ----------------------------------------------------------------------------------------------
     def shutdown(self) -> None:

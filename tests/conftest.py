@@ -78,12 +78,15 @@ def admin_user(django_user_model):
 @pytest.fixture
 def operator_user(django_user_model):
     return _user(django_user_model, "otto-operator", staff=True,
-                 permissions=["view_captiontask", "add_captiontask", "view_taskevent"])
+                 permissions=["view_captiontask", "add_captiontask", "view_taskevent", "view_liveworker",
+                              "view_workerpool", "view_fleetevent", "manage_fleet"])
 
 
 @pytest.fixture
 def support_user(django_user_model):
-    return _user(django_user_model, "sam-support", staff=True, permissions=["view_captiontask", "view_taskevent"])
+    return _user(django_user_model, "sam-support", staff=True,
+                 permissions=["view_captiontask", "view_taskevent", "view_liveworker", "view_workerpool",
+                              "view_fleetevent"])
 
 
 @pytest.fixture

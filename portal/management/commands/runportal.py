@@ -1,9 +1,10 @@
 """The all-in-one local runner behind ``python3 dev.py run``.
 
 Migrates the schema, starts the embedded Redis (when REDIS_URL is unset), the web server (uvicorn serving the
-ASGI app: pages and WebSockets), caption workers and the relay, each as a child process, then prints where to log
-in. Ctrl-C or SIGTERM stops the children in order (web, workers after their current job, relay, Redis) and waits
-for them, so nothing is left running.
+ASGI app: pages and WebSockets) and the worker supervisor (``runworkers``: the default pool's workers, plus the
+relay and the reconciler), each as a child process, then prints where to log in. Ctrl-C or SIGTERM stops the
+children in order (web, then the supervisor, whose workers finish their current job, then Redis) and waits for
+them, so nothing is left running.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Child:
 
 
 class Command(BaseCommand):
-    help = "Runs the whole portal locally in one process tree: web, workers, relay and (embedded) Redis."
+    help = "Runs the whole portal locally in one process tree: web, supervised workers and (embedded) Redis."
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default=os.environ.get("PORTAL_HOST", "127.0.0.1"),
@@ -122,7 +123,6 @@ class Command(BaseCommand):
         children = [web]
         children.append(Child("supervisor", [python, manage, "runworkers", "--worker-verbosity", "0"],
                               critical=True))
-        children.append(Child("relay", [python, manage, "relay_tasks", "--verbosity", "0"]))
         for child in children:
             child.start()
 
@@ -130,8 +130,9 @@ class Command(BaseCommand):
             shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
             self.stdout.write(self.style.SUCCESS(f"\nRQ Ops Portal is running at http://{shown_host}:{port}/admin/"))
             self.stdout.write(login)
-            self.stdout.write(f"{workers} worker(s) (pool 'default', under the supervisor) and the relay are "
-                              "running. Submit work with: python manage.py submit_tasks --count 20")
+            self.stdout.write(f"{workers} worker(s) of pool 'default' are running under the supervisor, which "
+                              "also relays retries and tasks submitted while Redis was down.")
+            self.stdout.write("Submit work with: .venv/bin/python manage.py submit_tasks --count 20")
             self.stdout.write("Press Ctrl-C to stop everything.\n")
             exit_code = self._supervise(children)
         else:

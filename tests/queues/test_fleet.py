@@ -1,0 +1,253 @@
+"""The worker fleet with real processes: supervisors and workers against a real Redis and the test database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+from django.conf import settings
+from django.db import close_old_connections
+from rq.registry import FailedJobRegistry
+
+from queues import broker
+from queues.fleet import fleet_workers, pool_scale
+from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus, WorkerPool
+from queues.services import task_submit
+from tests.conftest import respond, subprocess_env
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        close_old_connections()
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s: {message}")
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def live_workers(pool: str = "default") -> list:
+    return [row for row in fleet_workers() if row.alive and row.pool == pool]
+
+
+class Supervisors:
+    """Starts ``manage.py runworkers`` processes with short intervals; stops whatever is left at the end."""
+
+    def __init__(self, **environment):
+        self.environment = subprocess_env(**{"RQ_RETRY_BACKOFF": "0.2", **environment})
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, *extra) -> subprocess.Popen:
+        # Output goes to a file: a pipe nobody reads would block the supervisor once full.
+        log = tempfile.TemporaryFile()
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "runworkers", "--interval", "0.2", "--lease-ttl", "3",
+             "--reconcile-interval", "1", "--worker-verbosity", "0", *extra],
+            cwd=settings.BASE_DIR, env=self.environment, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def stop_all(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+@pytest.fixture
+def supervisors(redis, settings):
+    group = Supervisors()
+    yield group
+    group.stop_all()
+
+
+@pytest.fixture
+def pool(db):
+    pool, _ = WorkerPool.objects.update_or_create(
+        name="default", defaults={"queues": "urgent high normal low", "desired": 1, "minimum": 1, "maximum": 6})
+    return pool
+
+
+def test_supervisor_follows_desired_count_1_3_1(supervisors, pool):
+    supervisor = supervisors.start()
+    wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+    pool_scale(pool=pool, desired=3)
+    scaled_at = time.monotonic()
+    wait_for(lambda: len(live_workers()) == 3, 10, "three workers")
+    assert time.monotonic() - scaled_at < 5
+    assert all(parent_pid(row.pid) == supervisor.pid for row in live_workers())
+    pool_scale(pool=pool, desired=1)
+    wait_for(lambda: len(live_workers()) == 1, 15, "back to one worker")
+
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(60) == 0
+    assert live_workers() == []
+    kinds = list(FleetEvent.objects.values_list("kind", flat=True))
+    assert kinds.count(FleetEvent.Kind.WORKER_STARTED) == 3
+    assert kinds.count(FleetEvent.Kind.WORKER_STOPPED) == 3  # two scaled down, one at shutdown
+    assert kinds.count(FleetEvent.Kind.POOL_SCALED) == 2
+    assert FleetEvent.Kind.SUPERVISOR_STOPPED in kinds
+
+
+def slow_ollama(http_server, png_bytes, delay: float) -> str:
+    http_server.route("/api/generate", respond(200, b'{"response": "A slow caption."}', "application/json",
+                                               delay=delay))
+    return http_server.route("/photo.png", respond(200, png_bytes(), "image/png"))
+
+
+def test_sigkilled_worker_task_runs_again_and_completes_once(redis, pool, http_server, png_bytes):
+    image = slow_ollama(http_server, png_bytes, delay=2)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        group.start()
+        wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+        task = task_submit(image_ref=image)
+        processing = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first(),
+                              20, "the task to start")
+        victim = broker.alive_states([processing.worker_name])[processing.worker_name]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        done = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.COMPLETED).first(), 60,
+                        "the task to complete after the kill")
+        assert time.monotonic() - killed_at < 60
+        assert done.attempts == 2 and done.caption == "A slow caption."
+        assert list(done.events.order_by("id").values_list("kind", "attempt")) == [
+            (TaskEvent.Kind.WORKER_LOST, 1), (TaskEvent.Kind.COMPLETED, 2)]
+        assert done.events.get(kind=TaskEvent.Kind.COMPLETED).worker_name != processing.worker_name
+        crash = FleetEvent.objects.get(kind=FleetEvent.Kind.WORKER_CRASHED)
+        assert crash.worker_name == processing.worker_name and "signal 9" in crash.reason
+        assert FleetEvent.objects.filter(kind=FleetEvent.Kind.WORKER_RESTARTED).exists()
+        assert processing.worker_name not in [worker.name for worker in broker.workers()]  # registration tidied
+    finally:
+        group.stop_all()
+
+
+def test_two_supervisors_share_a_pool_and_survive_one_dying(supervisors, pool):
+    pool_scale(pool=pool, desired=4)
+    first, second = supervisors.start(), supervisors.start()
+    wait_for(lambda: len(live_workers()) == 4, 30, "four workers across two supervisors")
+    wait_for(lambda: {parent_pid(row.pid) for row in live_workers()} == {first.pid, second.pid}, 20,
+             "both supervisors running workers")
+
+    highest = []
+    watching = threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            close_old_connections()
+            highest.append(len(live_workers()))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    second.kill()  # the host dies: its workers get SIGTERM from the kernel (parent-death signal) and leave
+    died_at = time.monotonic()
+    wait_for(lambda: len(live_workers()) == 4 and all(parent_pid(row.pid) == first.pid for row in live_workers()),
+             30, "the surviving supervisor running all four")
+    assert time.monotonic() - died_at < 30
+    watching.set()
+    watcher.join()
+    assert max(highest) <= 4  # never more than desired
+
+
+def test_sigterm_waits_for_the_task_in_flight(redis, pool, http_server, png_bytes):
+    image = slow_ollama(http_server, png_bytes, delay=2)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        supervisor = group.start()
+        wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+        task = task_submit(image_ref=image)
+        wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).exists(), 20,
+                 "the task to start")
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(60) == 0
+        task.refresh_from_db()
+        assert task.status == TaskStatus.COMPLETED and task.attempts == 1
+        assert not CaptionTask.objects.filter(status=TaskStatus.PROCESSING).exists()
+        assert live_workers() == []
+    finally:
+        group.stop_all()
+
+
+def test_poison_pill_ends_in_dead_letters_not_a_crash_loop(redis, pool, http_server, settings):
+    killed = []
+
+    def kill_the_worker(request, _body):
+        # Whatever worker fetches this image dies, as if the image crashed the decoder.
+        close_old_connections()
+        for _ in range(50):
+            task = CaptionTask.objects.filter(status=TaskStatus.PROCESSING).first()
+            state = broker.alive_states([task.worker_name]).get(task.worker_name) if task else None
+            if state:
+                killed.append(state["pid"])
+                os.kill(state["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    image = http_server.route("/poison.png", kill_the_worker)
+    group = Supervisors(RQ_MAX_RETRIES="2", RQ_RETRY_BACKOFF="0.1")
+    try:
+        group.start()
+        wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+        settings.RQ_MAX_RETRIES = 2
+        task = task_submit(image_ref=image)
+        failed = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.FAILED).first(), 60,
+                          "the poison pill to be dead-lettered")
+        assert failed.attempts == 3 and failed.last_error_class == "WorkerLost"
+        assert len(killed) == 3
+        assert list(failed.events.order_by("id").values_list("kind", flat=True)) == [
+            TaskEvent.Kind.WORKER_LOST, TaskEvent.Kind.WORKER_LOST, TaskEvent.Kind.FAILED]
+        assert task.job_id in FailedJobRegistry("normal", connection=redis).get_job_ids(cleanup=False)
+        wait_for(lambda: len(live_workers()) == 1, 30, "the pool back at its desired size")
+        time.sleep(1)
+        assert len(killed) == 3  # nothing ran it again
+    finally:
+        group.stop_all()
+
+
+def test_operator_stops_a_running_job(redis, pool, http_server, png_bytes, admin_user):
+    from queues.fleet import worker_stop_job
+
+    image = slow_ollama(http_server, png_bytes, delay=8)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        group.start()
+        wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+        task = task_submit(image_ref=image)
+        running = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first(), 20,
+                           "the task to start")
+        time.sleep(0.5)  # let the worker reach the captioner's HTTP call
+        asked_at = time.monotonic()
+        assert worker_stop_job(worker_name=running.worker_name, user=admin_user) == task.job_id
+        stopped = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.FAILED).first(), 20,
+                           "the task to stop")
+        assert time.monotonic() - asked_at < 5  # interrupted, not waited out
+        assert stopped.last_error_class == "JobStopped" and stopped.attempts == 1
+        assert stopped.events.get().detail == "stopped by an operator"
+        assert len(live_workers()) == 1  # the worker itself carries on
+    finally:
+        group.stop_all()

@@ -1,0 +1,120 @@
+"""Fleet pages in the admin: what each role sees, confirmations, refusals, audit rows."""
+
+import pytest
+from django.urls import reverse
+
+from queues import broker
+from queues.models import AuditEntry, FleetEvent, WorkerPool
+from queues.worker import CaptionWorker
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def registered_worker(redis):
+    """A real caption worker registered in Redis (as a running one would be), without taking jobs."""
+    worker = CaptionWorker(broker.get_queues(), connection=redis, name="default.testhost.0.abc123", pool="default")
+    worker.register_birth()
+    yield worker
+    worker.register_death()
+
+
+@pytest.fixture
+def pool():
+    pool, _ = WorkerPool.objects.get_or_create(name="default")
+    return pool
+
+
+def test_pool_scale_needs_confirmation_and_validates(client, operator_user, pool, redis):
+    client.force_login(operator_user)
+    url = reverse("admin:queues_workerpool_scale", args=[pool.pk])
+    page = client.get(url)
+    assert page.status_code == 200 and "How many should run?" in page.content.decode()
+    assert WorkerPool.objects.get(pk=pool.pk).desired == 2  # GET changes nothing
+
+    refused = client.post(url, {"desired": "50"})
+    assert refused.status_code == 400 and "between 2 and 10" in refused.content.decode()
+    assert client.post(url, {"desired": "lots"}).status_code == 400
+
+    done = client.post(url, {"desired": "4"}, follow=True)
+    assert "scaled to 4 worker(s)" in done.content.decode()
+    assert WorkerPool.objects.get(pk=pool.pk).desired == 4
+    entry = AuditEntry.objects.get(action="pool_scale")
+    assert (entry.user, entry.count, entry.address) == (operator_user, 4, "127.0.0.1")
+
+
+def test_support_sees_pages_but_cannot_act(client, support_user, pool, redis, registered_worker):
+    client.force_login(support_user)
+    assert client.get(reverse("admin:queues_workerpool_changelist")).status_code == 200
+    page = client.get(reverse("admin:queues_liveworker_changelist"))
+    assert page.status_code == 200 and registered_worker.name in page.content.decode()
+    assert "Suspend processing" not in page.content.decode()
+    for name, args in [("queues_workerpool_scale", [pool.pk]), ("queues_workerpool_restart", [pool.pk]),
+                       ("queues_liveworker_restart", [registered_worker.name]),
+                       ("queues_liveworker_stop_job", [registered_worker.name]),
+                       ("queues_liveworker_suspend", []), ("queues_liveworker_resume", [])]:
+        url = reverse(f"admin:{name}", args=args)
+        assert client.get(url).status_code == 403
+        assert client.post(url, {"desired": "5"}).status_code == 403
+    assert WorkerPool.objects.get(pk=pool.pk).desired == 2
+    assert not broker.processing_suspended()
+    assert not AuditEntry.objects.exists() and not FleetEvent.objects.exists()
+
+
+def test_outsider_is_sent_to_login(client, outsider_user, pool):
+    client.force_login(outsider_user)
+    response = client.get(reverse("admin:queues_liveworker_changelist"))
+    assert response.status_code == 302 and "/login/" in response["Location"]
+
+
+def test_live_worker_page_lists_worker_details(client, admin_user, registered_worker):
+    client.force_login(admin_user)
+    page = client.get(reverse("admin:queues_liveworker_changelist")).content.decode()
+    assert f'data-worker="{registered_worker.name}"' in page
+    assert "urgent high normal low" in page and "MB" in page  # queues and memory from the liveness key
+
+
+def test_worker_restart_and_stop_job(client, operator_user, registered_worker):
+    client.force_login(operator_user)
+    restart = reverse("admin:queues_liveworker_restart", args=[registered_worker.name])
+    assert "finishes its current task" in client.get(restart).content.decode()
+    page = client.post(restart, follow=True).content.decode()
+    assert "will restart after its current task" in page
+    assert FleetEvent.objects.get(kind=FleetEvent.Kind.RESTART_REQUESTED).worker_name == registered_worker.name
+    stop = reverse("admin:queues_liveworker_stop_job", args=[registered_worker.name])
+    page = client.post(stop, follow=True).content.decode()
+    assert "is not running a job" in page
+    assert AuditEntry.objects.filter(action="worker_restart", user=operator_user).count() == 1
+    unknown = reverse("admin:queues_liveworker_restart", args=["no-such-worker"])
+    assert "No worker named" in client.post(unknown, follow=True).content.decode()
+
+
+def test_suspend_and_resume(client, operator_user, redis):
+    client.force_login(operator_user)
+    client.post(reverse("admin:queues_liveworker_suspend"))
+    assert broker.processing_suspended()
+    page = client.get(reverse("admin:queues_liveworker_changelist")).content.decode()
+    assert "SUSPENDED" in page and "Resume processing" in page
+    client.post(reverse("admin:queues_liveworker_resume"))
+    assert not broker.processing_suspended()
+    assert list(AuditEntry.objects.order_by("at").values_list("action", flat=True)) == ["suspend", "resume"]
+
+
+def test_fleet_history_and_audit_are_read_only(client, admin_user, pool, redis):
+    from queues.fleet import pool_scale
+
+    pool_scale(pool=pool, desired=3, user=admin_user)
+    client.force_login(admin_user)
+    history = client.get(reverse("admin:queues_fleetevent_changelist"))
+    assert history.status_code == 200 and "Pool scaled" in history.content.decode()
+    assert client.get(reverse("admin:queues_auditentry_changelist")).status_code == 200
+    event = FleetEvent.objects.get()
+    assert client.get(reverse("admin:queues_fleetevent_add")).status_code == 403
+    assert client.post(reverse("admin:queues_fleetevent_delete", args=[event.pk]), {"post": "yes"}).status_code == 403
+    assert FleetEvent.objects.filter(pk=event.pk).exists()
+
+
+def test_pool_page_without_redis_says_so(client, admin_user, pool, unreachable_redis):
+    client.force_login(admin_user)
+    page = client.get(reverse("admin:queues_workerpool_changelist"), follow=True).content.decode()
+    assert "Redis is unreachable" in page
