@@ -77,6 +77,7 @@ class Slot:
     restarting_after_crash: bool = False
     retiring: bool = False
     retire_reason: str = ""
+    handoff: bool = False  # retiring so another supervisor can take the slot: keep the lease until it exits
 
 
 class Supervisor:
@@ -131,7 +132,9 @@ class Supervisor:
             pools = {pool.name: pool for pool in WorkerPool.objects.all()
                      if self.pool_names is None or pool.name in self.pool_names}
             self._renew_or_release(connection, pools)
-            self._acquire(connection, pools, self._live_supervisors(connection, now))
+            live = self._live_supervisors(connection, now)
+            self._acquire(connection, pools, live)
+            self._rebalance(connection, pools, live)
         except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
             # Keep the workers we have: they cannot work without Redis either, and when it is back the lease
             # renewal decides who keeps which slot.
@@ -149,22 +152,21 @@ class Supervisor:
         pipe.pexpire(supervisor_key(self.id), int(self.lease_ttl * 1000))
         pipe.execute()
 
-    def _live_supervisors(self, connection, now: float) -> dict[str, int]:
-        """How many live supervisors serve each pool (``None`` pools: all of them)."""
+    def _live_supervisors(self, connection, now: float) -> dict[str, list[str]]:
+        """The live supervisors serving each pool, by id."""
         ids = [raw.decode() for raw in connection.zrangebyscore(SUPERVISORS_KEY, now, "+inf")]
         pipe = connection.pipeline(transaction=False)
         for supervisor_id in ids:
             pipe.hget(supervisor_key(supervisor_id), "pools")
-        counts: dict[str, int] = {}
-        served_by_all = 0
-        for raw in pipe.execute():
+        served: dict[str, list[str]] = {"*": []}
+        for supervisor_id, raw in zip(ids, pipe.execute()):
             pools = json.loads(raw) if raw else None
-            if pools is None:
-                served_by_all += 1
-            else:
-                for name in pools:
-                    counts[name] = counts.get(name, 0) + 1
-        return {"*": served_by_all, **counts}
+            for name in (["*"] if pools is None else pools):
+                served.setdefault(name, []).append(supervisor_id)
+        return served
+
+    def _serving(self, live: dict[str, list[str]], pool: str) -> list[str]:
+        return sorted(set(live.get("*", []) + live.get(pool, [])) | {self.id})
 
     def _renew_or_release(self, connection, pools: dict[str, WorkerPool]) -> None:
         for key, slot in list(self.slots.items()):
@@ -184,8 +186,7 @@ class Supervisor:
         if self.stopping:
             return
         for pool in pools.values():
-            supervisors = max(1, live.get("*", 0) + live.get(pool.name, 0))
-            fair_share = math.ceil(pool.desired / supervisors)
+            fair_share = math.ceil(pool.desired / len(self._serving(live, pool.name)))
             held = sum(1 for slot in self.slots.values() if slot.pool == pool.name)
             for index in range(pool.desired):
                 if held >= fair_share:
@@ -195,6 +196,30 @@ class Supervisor:
                 if connection.set(slot_key(pool.name, index), self.id, nx=True, px=int(self.lease_ttl * 1000)):
                     self.slots[(pool.name, index)] = Slot(pool=pool.name, index=index, queues=pool.queue_names)
                     held += 1
+
+    def _rebalance(self, connection, pools: dict[str, WorkerPool], live: dict[str, list[str]]) -> None:
+        """Hands one slot at a time to a supervisor that holds fewer, while we hold more than our fair share
+        (a supervisor that started later, or a host that came back). The slot's lease is kept until its worker
+        has finished its task and exited, so the pool never runs more than its desired count."""
+        if self.stopping:
+            return
+        for pool in pools.values():
+            mine = [slot for slot in self.slots.values() if slot.pool == pool.name]
+            if not mine or any(slot.handoff for slot in mine):
+                continue
+            serving = self._serving(live, pool.name)
+            fair_share = math.ceil(pool.desired / len(serving))
+            if len(mine) <= fair_share:
+                continue
+            owners = connection.mget([slot_key(pool.name, index) for index in range(pool.desired)])
+            held = {supervisor_id: 0 for supervisor_id in serving}
+            for owner in owners:
+                if owner is not None and owner.decode() in held:
+                    held[owner.decode()] += 1
+            if min(held.values()) < len(mine) - 1:
+                slot = max(mine, key=lambda item: item.index)
+                slot.handoff = True
+                self._retire(slot, "rebalancing: handing the slot to a supervisor with fewer workers")
 
     # --- processes ---------------------------------------------------------------------------------------------
     def _start(self, slot: Slot, *, reason: str) -> None:
@@ -207,6 +232,13 @@ class Supervisor:
         slot.started_at = time.monotonic()
         self._event(kind, slot, reason=reason)
         slot.restarting_after_crash = False
+
+    def _release_slot(self, slot: Slot) -> None:
+        try:
+            broker.get_connection().eval(RELEASE_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id)
+        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+            pass  # the lease expires by itself
+        self.slots.pop((slot.pool, slot.index), None)
 
     def _retire(self, slot: Slot, reason: str) -> None:
         """Stops a slot's worker gracefully: it finishes its current job, then exits."""
@@ -237,6 +269,8 @@ class Supervisor:
                             figures={"exit_code": slot.process.returncode})
                 if slot.process.returncode != 0:
                     self._recover(slot, "stopped with a job in hand")
+                if slot.handoff and not self.stopping:
+                    self._release_slot(slot)
             elif self.forced or now >= slot.kill_at:
                 slot.process.kill()
                 slot.process.wait(10)
@@ -244,6 +278,8 @@ class Supervisor:
                 self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=f"{slot.retire_reason}; killed after "
                                                                          "not stopping in time")
                 self._recover(slot, "killed by its supervisor")
+                if slot.handoff and not self.stopping:
+                    self._release_slot(slot)
 
     def _on_exit(self, slot: Slot, code: int, now: float) -> None:
         if code == 0:
