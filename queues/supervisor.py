@@ -113,7 +113,10 @@ class Supervisor:
         try:
             while not self.stopping:
                 started = time.monotonic()
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # the database briefly unreachable, say: keep the workers, try again
+                    logger.exception("supervisor step failed; trying again")
                 time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
             self.shutdown()
@@ -308,10 +311,13 @@ class Supervisor:
 
     def _event(self, kind, slot: Slot, *, reason: str, figures: dict | None = None) -> None:
         pid = slot.process.pid if slot.process is not None else None
-        FleetEvent.objects.create(kind=kind, pool=WorkerPool.objects.filter(name=slot.pool).first(), host=self.host,
-                                  pid=pid, worker_name=slot.worker_name, reason=reason[:500],
-                                  figures={"slot": slot.index, "supervisor": self.id, **(figures or {})})
         logger.info("%s %s (%s)", kind, slot.worker_name, reason)
+        try:
+            FleetEvent.objects.create(kind=kind, pool=WorkerPool.objects.filter(name=slot.pool).first(),
+                                      host=self.host, pid=pid, worker_name=slot.worker_name, reason=reason[:500],
+                                      figures={"slot": slot.index, "supervisor": self.id, **(figures or {})})
+        except Exception:  # managing the processes matters more than recording it
+            logger.exception("could not record %s for %s", kind, slot.worker_name)
 
     # --- fleet-wide duties ---------------------------------------------------------------------------------------
     def _periodic(self) -> None:
@@ -362,6 +368,9 @@ class Supervisor:
         except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
             pass
         self.slots.clear()
-        FleetEvent.objects.create(kind=FleetEvent.Kind.SUPERVISOR_STOPPED, host=self.host, pid=os.getpid(),
-                                  reason=f"supervisor {self.id}")
+        try:
+            FleetEvent.objects.create(kind=FleetEvent.Kind.SUPERVISOR_STOPPED, host=self.host, pid=os.getpid(),
+                                      reason=f"supervisor {self.id}")
+        except Exception:
+            logger.exception("could not record the supervisor's stop")
         logger.info("supervisor %s stopped", self.id)
