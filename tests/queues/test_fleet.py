@@ -251,3 +251,38 @@ def test_operator_stops_a_running_job(redis, pool, http_server, png_bytes, admin
         assert len(live_workers()) == 1  # the worker itself carries on
     finally:
         group.stop_all()
+
+
+def test_pool_restart_replaces_every_worker(supervisors, pool, admin_user):
+    from queues.fleet import pool_restart
+
+    pool_scale(pool=pool, desired=2)
+    supervisors.start()
+    before = {row.name for row in wait_for(lambda: len(live_workers()) == 2 and live_workers(), 20, "two workers")}
+    assert pool_restart(pool=pool, user=admin_user) == 2
+    after = wait_for(lambda: (names := {row.name for row in live_workers()}) and len(names) == 2
+                     and not names & before and names, 20, "two fresh workers")
+    assert len(after) == 2
+    assert FleetEvent.objects.filter(kind=FleetEvent.Kind.WORKER_RESTARTED).count() == 2
+    assert not FleetEvent.objects.filter(kind=FleetEvent.Kind.WORKER_CRASHED).exists()
+
+
+def test_supervisor_autoscales_up_with_a_backlog_and_back_down(supervisors, pool, media_image, settings):
+    from queues.fleet import processing_set_suspended
+    from queues.services import TaskSpec, tasks_submit_many
+
+    WorkerPool.objects.filter(pk=pool.pk).update(
+        autoscale=True, minimum=1, maximum=3, desired=1, scale_up_threshold=5, scale_down_threshold=1,
+        scale_up_cooldown=1, scale_down_cooldown=1)
+    processing_set_suspended(suspended=True)  # let a backlog build
+    tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(30)])
+    supervisors.environment["MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
+    supervisors.start()
+    wait_for(lambda: WorkerPool.objects.get(pk=pool.pk).desired == 3, 30, "scaled up to the maximum")
+    wait_for(lambda: len(live_workers()) == 3, 20, "three workers")
+    processing_set_suspended(suspended=False)
+    wait_for(lambda: CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() == 30, 60, "backlog done")
+    wait_for(lambda: WorkerPool.objects.get(pk=pool.pk).desired == 1, 30, "scaled back down to the minimum")
+    steps = [(event.figures["from"], event.figures["to"])
+             for event in FleetEvent.objects.filter(kind=FleetEvent.Kind.AUTOSCALE).order_by("at", "id")]
+    assert steps == [(1, 2), (2, 3), (3, 2), (2, 1)]
