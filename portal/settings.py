@@ -152,10 +152,11 @@ RQ_QUEUES = {
 RQ = {
     "JOB_CLASS": "queues.broker.CaptionJob",
     "WORKER_CLASS": "queues.worker.CaptionWorker",
+    "QUEUE_CLASS": "queues.broker.CaptionQueue",
     "DEFAULT_RESULT_TTL": RQ_RESULT_TTL,
 }
 # The only callables a worker will run. A job in Redis naming anything else fails without running.
-RQ_ALLOWED_CALLABLES = frozenset({"queues.jobs.caption_task"})
+RQ_ALLOWED_CALLABLES = frozenset({"queues.jobs.caption_task", "queues.jobs.bulk_operation"})
 
 CHANNEL_LAYERS = {
     "default": {

@@ -1,8 +1,12 @@
 from django.contrib import admin, messages
+from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
+from queues import broker
+from queues.errors import BrokerUnavailable
 from queues.forms import TaskSubmitForm
+from queues.operations_admin import CappedCountPaginator, TaskActionsMixin
 from queues.models import CaptionTask, TaskEvent
 from queues.services import task_submit
 
@@ -20,27 +24,57 @@ class TaskEventInline(admin.TabularInline):
         return False
 
 
+class WorkerFilter(admin.SimpleListFilter):
+    """Tasks by worker: the live workers are offered; any worker name works in the URL."""
+
+    title = "worker"
+    parameter_name = "worker"
+
+    def lookups(self, request, model_admin):
+        try:
+            names = sorted(worker.name for worker in broker.workers())
+        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+            names = []
+        current = self.value()
+        if current and current not in names:
+            names.append(current)
+        return [(name, name) for name in names]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(worker_name=self.value()) if self.value() else queryset
+
+
 @admin.register(CaptionTask)
-class CaptionTaskAdmin(admin.ModelAdmin):
+class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     list_display = ["id", "status_badge", "priority", "image_short", "caption_short", "attempts",
                     "last_error_class", "created_at", "finished_at"]
     list_display_links = ["id"]
-    list_filter = ["status", "priority", "last_error_class"]
-    search_fields = ["=id", "image_ref", "last_error_message", "idempotency_key"]
+    list_filter = ["status", "priority", "last_error_class", ("created_at", admin.DateFieldListFilter),
+                   ("finished_at", admin.DateFieldListFilter), WorkerFilter]
+    paginator = CappedCountPaginator
+    search_fields = ["image_ref", "last_error_message", "idempotency_key"]
     date_hierarchy = None
     list_per_page = 50
     show_full_result_count = False
     ordering = ["-id"]
     readonly_fields = ["status", "attempts", "caption", "last_error_class", "last_error_message", "worker_name",
-                       "created_at", "published_at", "publish_after", "started_at", "finished_at", "updated_at"]
+                       "created_at", "published_at", "publish_after", "started_at", "finished_at", "updated_at",
+                       "job_in_redis", "task_actions"]
     inlines = [TaskEventInline]
 
     fieldsets = [
-        (None, {"fields": ["image_ref", "priority", "idempotency_key", "status", "attempts"]}),
+        (None, {"fields": ["image_ref", "priority", "idempotency_key", "status", "attempts", "task_actions"]}),
         ("Result", {"fields": ["caption", "last_error_class", "last_error_message", "worker_name"]}),
         ("Timestamps", {"fields": ["created_at", "published_at", "publish_after", "started_at", "finished_at",
                                    "updated_at"]}),
+        ("In Redis", {"fields": ["job_in_redis"]}),
     ]
+
+    def get_search_results(self, request, queryset, search_term):
+        # A number is a task id: look it up by primary key instead of scanning text columns for it.
+        if search_term.strip().isdigit():
+            return queryset.filter(pk=int(search_term.strip())), False
+        return super().get_search_results(request, queryset, search_term)
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         if obj is None:
@@ -75,6 +109,32 @@ class CaptionTaskAdmin(admin.ModelAdmin):
 
     def save_related(self, request, form, formsets, change):
         pass
+
+    @admin.display(description="job in Redis")
+    def job_in_redis(self, task):
+        try:
+            job = broker.fetch_job(task.pk)
+        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
+            return f"Redis unreachable: {error}"
+        if job is None:
+            return "No job in Redis (finished jobs expire; unpublished tasks have none yet)."
+        status = job.get_status(refresh=False)
+        parts = [f"{job.id}: {status} on queue {job.origin}", f"enqueued {job.enqueued_at:%Y-%m-%d %H:%M:%S}"
+                 if job.enqueued_at else "", f"started {job.started_at:%H:%M:%S}" if job.started_at else "",
+                 f"ended {job.ended_at:%H:%M:%S}" if job.ended_at else "",
+                 f"worker {job.worker_name}" if job.worker_name else ""]
+        return "; ".join(part for part in parts if part)
+
+    @admin.display(description="actions")
+    def task_actions(self, task):
+        links = []
+        for action, label, allowed in (("requeue", "Requeue", task.status in ("FAILED", "CANCELLED")),
+                                       ("retry_now", "Retry now", task.waiting_to_retry),
+                                       ("cancel", "Cancel", task.status == "QUEUED")):
+            if allowed:
+                links.append(format_html('<a class="button" href="{}">{}</a>',
+                                         reverse("admin:queues_captiontask_do", args=[task.pk, action]), label))
+        return format_html(" ".join(["{}"] * len(links)), *links) if links else "–"
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, task):

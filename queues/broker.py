@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 
 import redis
 from django.conf import settings
+from django_rq.queues import DjangoRQ
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
@@ -68,6 +70,37 @@ class CaptionJob(Job):
         return None
 
 
+PAUSED_QUEUES_KEY = "portal:queues:paused"
+
+
+class CaptionQueue(DjangoRQ):
+    """rq's queue (as django-rq builds it) with pausing: workers do not take jobs from queues in the paused set;
+    their jobs wait. Jobs are published through ``publish`` below, never through django-rq's deferred enqueue."""
+
+    @classmethod
+    def dequeue_any(cls, queues, timeout, connection=None, **kwargs):
+        from rq.exceptions import DequeueTimeout
+
+        connection = connection or queues[0].connection
+        paused = {name.decode() for name in connection.smembers(PAUSED_QUEUES_KEY)}
+        active = [queue for queue in queues if queue.name not in paused]
+        if paused and timeout is not None:
+            timeout = min(timeout, 1)  # look at the paused set again soon, so a resume takes effect within ~1 s
+        if not active:
+            if timeout is None:
+                return None
+            time.sleep(timeout)
+            raise DequeueTimeout(timeout, [queue.key for queue in queues])
+        result = super().dequeue_any(active, timeout, connection=connection, **kwargs)
+        if result is not None and connection.sismember(PAUSED_QUEUES_KEY, result[1].name):
+            # Paused between our check and the pop: put the job back at the front, untouched.
+            connection.lpush(result[1].key, result[0].id)
+            if timeout is None:
+                return None
+            raise DequeueTimeout(timeout, [queue.key for queue in queues])
+        return result
+
+
 _local = threading.local()
 
 
@@ -100,7 +133,7 @@ def reset_connection() -> None:
 def get_queue(name: str, connection: redis.Redis | None = None) -> Queue:
     if name not in QUEUE_NAMES:
         raise ValueError(f"unknown queue {name!r}; queues are {', '.join(QUEUE_NAMES)}")
-    return Queue(
+    return CaptionQueue(
         name, connection=connection or get_connection(), serializer=JSONSerializer, job_class=CaptionJob,
         default_timeout=job_timeout(),
     )
@@ -292,3 +325,100 @@ def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:
         if len(chunk) < page:
             return ids
         start += page
+
+
+def paused_queues() -> set[str]:
+    return {name.decode() for name in get_connection().smembers(PAUSED_QUEUES_KEY)}
+
+
+def set_queue_paused(queue_name: str, paused: bool) -> None:
+    get_queue(queue_name)  # validates the name
+    (get_connection().sadd if paused else get_connection().srem)(PAUSED_QUEUES_KEY, queue_name)
+
+
+# --- operator actions and the queues overview --------------------------------------------------------------------
+
+BULK_CALLABLE = "queues.jobs.bulk_operation"
+
+
+def _failed_key(queue_name: str) -> str:
+    return FailedJobRegistry(queue_name, connection=get_connection()).key
+
+
+def dead_letters_forget(tasks: Iterable[tuple[int, str]]) -> None:
+    """Takes requeued tasks' jobs out of their queues' failed-job registries (one pipeline)."""
+    by_queue: dict[str, list[str]] = defaultdict(list)
+    for task_id, queue_name in tasks:
+        by_queue[queue_name].append(job_id_for(task_id))
+    try:
+        pipe = get_connection().pipeline(transaction=False)
+        for queue_name, job_ids in by_queue.items():
+            pipe.zrem(_failed_key(queue_name), *job_ids)
+        pipe.execute()
+    except UNAVAILABLE_ERRORS:
+        pass  # the registry entries expire with RQ_FAILURE_TTL; the database already says QUEUED
+
+
+def jobs_delete(task_ids: Iterable[int]) -> None:
+    """Deletes the job hashes of cancelled tasks (UNLINK, one pipeline); queue entries pointing at them are
+    skipped by workers."""
+    ids = list(task_ids)
+    if not ids:
+        return
+    try:
+        pipe = get_connection().pipeline(transaction=False)
+        for task_id in ids:
+            pipe.unlink(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id))
+        pipe.execute()
+    except UNAVAILABLE_ERRORS:
+        pass
+
+
+def queue_drop(queue_name: str) -> None:
+    """Removes a queue's list of waiting job ids at once (UNLINK frees it in the background)."""
+    get_queue(queue_name)
+    get_connection().unlink(Queue.redis_queue_namespace_prefix + queue_name)
+
+
+def enqueue_bulk_operation(operation_id: int) -> None:
+    try:
+        queue = get_queue("urgent")
+        queue.enqueue_many([Queue.prepare_data(BULK_CALLABLE, args=(operation_id,),
+                                               job_id=f"bulk-{operation_id}", timeout=3600,
+                                               result_ttl=settings.RQ_RESULT_TTL, description="bulk operation")])
+    except UNAVAILABLE_ERRORS as error:
+        raise BrokerUnavailable(str(error)) from error
+
+
+def registries_clean() -> dict[str, int]:
+    """rq's own cleanup of expired registry entries, per queue (an explicit maintenance action)."""
+    from rq.registry import clean_registries
+
+    cleaned = {}
+    for name in QUEUE_NAMES:
+        queue = get_queue(name)
+        before = queue_figures()[name]
+        clean_registries(queue)
+        after = queue_figures()[name]
+        cleaned[name] = sum(before[key] - after[key] for key in ("running", "finished", "dead", "scheduled"))
+    return cleaned
+
+
+def queue_figures() -> dict[str, dict[str, int]]:
+    """Per queue: waiting, running, scheduled, dead-lettered and finished job counts, in one pipeline of
+    O(queues) commands (LLEN and ZCARD only: nothing is cleaned up or changed by reading)."""
+    from rq.registry import FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+
+    connection = get_connection()
+    pipe = connection.pipeline(transaction=False)
+    for name in QUEUE_NAMES:
+        pipe.llen(Queue.redis_queue_namespace_prefix + name)
+        for registry in (StartedJobRegistry, ScheduledJobRegistry, FailedJobRegistry, FinishedJobRegistry):
+            pipe.zcard(registry(name, connection=connection).key)
+    values = pipe.execute()
+    figures = {}
+    for index, name in enumerate(QUEUE_NAMES):
+        waiting, running, scheduled, dead, finished = values[index * 5:index * 5 + 5]
+        figures[name] = {"waiting": waiting, "running": running, "scheduled": scheduled, "dead": dead,
+                         "finished": finished}
+    return figures

@@ -52,16 +52,20 @@ def retry_delay(attempt: int) -> float:
     return min(settings.RQ_RETRY_BACKOFF * (2 ** (attempt - 1)), settings.RQ_RETRY_BACKOFF_MAX)
 
 
-def task_claim(*, task_id: int, worker_name: str) -> CaptionTask | None:
+def task_claim(*, task_id: int, worker_name: str, queue: str | None = None) -> CaptionTask | None:
     """QUEUED -> PROCESSING for exactly one claimant. Returns the claimed task, or None if someone else has it.
+
+    ``queue``: the queue the job came from. A task whose priority was changed has its job published on the new
+    queue; the entry left in the old one no longer matches the row's priority and claims nothing.
 
     The claim itself is recorded on the row (status, attempts, started_at, worker_name); the attempt's event row
     is written when it ends, with its duration, in the same transaction as its outcome. An attempt that never
     ends (its worker died) is recorded by whoever re-drives the task.
     """
     now = timezone.now()
+    expect = {"status": TaskStatus.QUEUED, **({"priority": queue} if queue else {})}
     claimed = CaptionTask.objects.transition(
-        task_id, expect={"status": TaskStatus.QUEUED}, increment_attempts=True,
+        task_id, expect=expect, increment_attempts=True,
         changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,
                  "worker_name": worker_name[:200], "updated_at": now},
     )
@@ -70,8 +74,9 @@ def task_claim(*, task_id: int, worker_name: str) -> CaptionTask | None:
     return CaptionTask.objects.only("image_ref", "priority", "attempts", "worker_name", "started_at").get(pk=task_id)
 
 
-def task_execute(*, task_id: int, worker_name: str, captioner: Captioner | None = None) -> Outcome:
-    task = task_claim(task_id=task_id, worker_name=worker_name)
+def task_execute(*, task_id: int, worker_name: str, queue: str | None = None,
+                 captioner: Captioner | None = None) -> Outcome:
+    task = task_claim(task_id=task_id, worker_name=worker_name, queue=queue)
     if task is None:
         status = CaptionTask.objects.filter(pk=task_id).values_list("status", flat=True).first()
         logger.info("caption-%s: nothing to do, task is %s", task_id, status or "gone")

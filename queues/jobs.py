@@ -2,10 +2,19 @@
 
 from rq import get_current_job
 
+from queues.broker import QUEUE_NAMES
 from queues.execution import task_execute
 
 
 def caption_task(task_id: int) -> dict:
     job = get_current_job()
     worker_name = (job.worker_name if job else None) or "inline"
-    return task_execute(task_id=int(task_id), worker_name=worker_name).as_result()
+    queue = job.origin if job and job.origin in QUEUE_NAMES else None
+    return task_execute(task_id=int(task_id), worker_name=worker_name, queue=queue).as_result()
+
+
+def bulk_operation(operation_id: int) -> dict:
+    from queues.operations import bulk_operation_run
+
+    operation = bulk_operation_run(operation_id=int(operation_id))
+    return {"state": operation.state, "changed": operation.changed, "refused": operation.refused}

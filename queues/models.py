@@ -23,6 +23,8 @@ class TaskStatus(models.TextChoices):
 
 
 class CaptionTaskQuerySet(models.QuerySet):
+    INSERT_BATCH = 1000
+
     def insert_new(self, rows: list[tuple[str, str, str | None]], *, publish_after) -> list[int]:
         """Inserts queued tasks from (image_ref, priority, idempotency_key) tuples in one statement and returns
         their ids in order.
@@ -51,13 +53,16 @@ class CaptionTaskQuerySet(models.QuerySet):
         columns = ["image_ref", "priority", "idempotency_key", *fixed]
         quote = connection.ops.quote_name
         row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
-        sql = (f"INSERT INTO {quote(CaptionTask._meta.db_table)} ({', '.join(quote(c) for c in columns)}) "
-               f"VALUES {', '.join([row_sql] * len(rows))} RETURNING {quote('id')}")
+        head = f"INSERT INTO {quote(CaptionTask._meta.db_table)} ({', '.join(quote(c) for c in columns)}) VALUES "
         constants = tuple(fixed.values())
-        params = [value for row in rows for value in (*row, *constants)]
+        ids = []
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return [row[0] for row in cursor.fetchall()]
+            for start in range(0, len(rows), self.INSERT_BATCH):  # 12 parameters a row, well under the limits
+                chunk = rows[start:start + self.INSERT_BATCH]
+                cursor.execute(head + ", ".join([row_sql] * len(chunk)) + f" RETURNING {quote('id')}",
+                               [value for row in chunk for value in (*row, *constants)])
+                ids.extend(row[0] for row in cursor.fetchall())
+        return ids
 
     def transition(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False) -> bool:
         """Sets ``changes`` on one row if it still has the values in ``expect``; returns whether it changed.
@@ -123,6 +128,13 @@ class CaptionTask(models.Model):
 
     class Meta:
         ordering = ["-id"]
+        permissions = [
+            ("requeue_task", "Can requeue tasks and retry them now"),
+            ("cancel_task", "Can cancel queued tasks"),
+            ("change_task_priority", "Can change the priority of queued tasks"),
+            ("pause_queue", "Can pause and resume queues, and run queue maintenance"),
+            ("empty_queue", "Can empty a queue"),
+        ]
         indexes = [
             # The relay's query: queued, unpublished, due.
             models.Index(fields=["status", "published_at", "publish_after"], name="task_relay_idx"),
@@ -130,6 +142,10 @@ class CaptionTask(models.Model):
             models.Index(fields=["status", "-created_at"], name="task_status_created_idx"),
             models.Index(fields=["priority", "status"], name="task_priority_status_idx"),
             models.Index(fields=["last_error_class", "status"], name="task_error_class_idx"),
+            # The queues overview: oldest queued task per queue, and what finished in the last minutes.
+            models.Index(fields=["status", "priority", "created_at"], name="task_status_priority_idx"),
+            models.Index(fields=["status", "finished_at"], name="task_status_finished_idx"),
+            models.Index(fields=["worker_name", "status"], name="task_worker_idx"),
         ]
 
     def __str__(self) -> str:
@@ -172,6 +188,10 @@ class TaskEvent(models.Model):
         FAILED = "failed", "Failed"
         WORKER_LOST = "worker_lost", "Worker lost during the attempt"
         REPUBLISHED = "republished", "Job missing from Redis, published again"
+        REQUEUED = "requeued", "Requeued"
+        CANCELLED = "cancelled", "Cancelled"
+        PRIORITY_CHANGED = "priority_changed", "Priority changed"
+        RETRY_NOW = "retry_now", "Retry brought forward"
 
     task = models.ForeignKey(CaptionTask, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=20, choices=Kind.choices)
@@ -184,6 +204,8 @@ class TaskEvent(models.Model):
     error_message = models.TextField(blank=True)
     traceback = models.TextField(blank=True)
     detail = models.CharField(max_length=500, blank=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              help_text="The operator, for changes made by a person.")
 
     class Meta:
         ordering = ["at", "id"]
@@ -318,4 +340,57 @@ class LiveWorker(models.Model):
     class Meta:
         managed = False
         verbose_name = "live worker"
+        default_permissions = ("view",)
+
+
+class BulkOperation(models.Model):
+    """An operator's action on many tasks, run in the background by a worker, with its progress."""
+
+    class Kind(models.TextChoices):
+        REQUEUE = "requeue", "Requeue"
+        CANCEL = "cancel", "Cancel"
+        PRIORITY = "priority", "Change priority"
+        RETRY_NOW = "retry_now", "Retry now"
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    kind = models.CharField(max_length=12, choices=Kind.choices)
+    state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
+    task_ids = models.TextField(help_text="Comma-separated ids, fixed when the operation was confirmed.")
+    params = models.JSONField(default=dict, blank=True)
+    total = models.PositiveIntegerField(default=0)
+    processed = models.PositiveIntegerField(default=0)
+    changed = models.PositiveIntegerField(default=0)
+    refused = models.PositiveIntegerField(default=0)
+    message = models.TextField(blank=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    address = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} of {self.total} task(s)"
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.processed / self.total) if self.total else 100
+
+    def ids(self) -> list[int]:
+        return [int(value) for value in self.task_ids.split(",") if value]
+
+
+class QueueOverview(models.Model):
+    """No table: the admin's queues overview and dead-letter pages hang off this model."""
+
+    class Meta:
+        managed = False
+        verbose_name = "queue overview"
+        verbose_name_plural = "queues overview"
         default_permissions = ("view",)

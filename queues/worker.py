@@ -26,7 +26,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
 from queues import execution
-from queues.broker import CaptionJob
+from queues.broker import CaptionJob, CaptionQueue
 from queues.errors import JobStopped
 
 ALIVE_PREFIX = "portal:fleet:alive:"
@@ -50,10 +50,12 @@ def resident_memory_bytes(pid: int | None = None) -> int | None:
 
 class CaptionWorker(SimpleWorker):
     job_class = CaptionJob
+    queue_class = CaptionQueue
 
     def __init__(self, queues, *args, pool: str = "", **kwargs):
         kwargs["serializer"] = JSONSerializer
         kwargs["job_class"] = CaptionJob
+        kwargs["queue_class"] = CaptionQueue  # pausing queues works through its dequeue
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         super().__init__(queues, *args, **kwargs)
         self.pool_name = pool or os.environ.get("PORTAL_WORKER_POOL", "")

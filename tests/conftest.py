@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import Group
 
 from portal.embedded_redis import RedisServer, free_port
 from queues import broker
@@ -62,31 +62,30 @@ def worker_run():
 
 # --- users --------------------------------------------------------------------------------------------------
 
-def _user(django_user_model, username: str, *, staff: bool, superuser: bool = False, permissions=()):
+def _user(django_user_model, username: str, *, staff: bool, superuser: bool = False, group: str | None = None):
     user = django_user_model.objects.create_user(username=username, password="pw-" + username, is_staff=staff,
                                                  is_superuser=superuser)
-    if permissions:
-        user.user_permissions.set(Permission.objects.filter(codename__in=permissions))
+    if group:
+        from queues.roles import sync_roles
+
+        sync_roles()  # transactional tests empty the tables, groups included
+        user.groups.add(Group.objects.get(name=group))
     return user
 
 
 @pytest.fixture
 def admin_user(django_user_model):
-    return _user(django_user_model, "ada-admin", staff=True, superuser=True)
+    return _user(django_user_model, "ada-admin", staff=True, group="Admins")
 
 
 @pytest.fixture
 def operator_user(django_user_model):
-    return _user(django_user_model, "otto-operator", staff=True,
-                 permissions=["view_captiontask", "add_captiontask", "view_taskevent", "view_liveworker",
-                              "view_workerpool", "view_fleetevent", "manage_fleet"])
+    return _user(django_user_model, "otto-operator", staff=True, group="Operators")
 
 
 @pytest.fixture
 def support_user(django_user_model):
-    return _user(django_user_model, "sam-support", staff=True,
-                 permissions=["view_captiontask", "view_taskevent", "view_liveworker", "view_workerpool",
-                              "view_fleetevent"])
+    return _user(django_user_model, "sam-support", staff=True, group="Support")
 
 
 @pytest.fixture

@@ -1,0 +1,38 @@
+"""The three roles, as groups with permissions (created by migration, re-applied by ``manage.py sync_roles``).
+
+Every page and action checks these permissions on the server; hiding buttons is only a courtesy.
+"""
+
+VIEW_QUEUES = ["view_captiontask", "view_taskevent", "view_workerpool", "view_fleetevent", "view_liveworker",
+               "view_queueoverview", "view_bulkoperation"]
+ROLES = {
+    # Admins: every permission of every app.
+    "Admins": None,
+    "Operators": VIEW_QUEUES + ["view_auditentry", "add_captiontask", "requeue_task", "cancel_task",
+                                "change_task_priority", "pause_queue", "manage_fleet"],
+    "Support": VIEW_QUEUES,
+}
+
+
+def sync_roles(apps=None) -> dict[str, int]:
+    """Creates or updates the groups. Returns how many permissions each has."""
+    if apps is None:
+        from django.apps import apps as global_apps
+
+        apps = global_apps
+    from django.contrib.auth.management import create_permissions
+
+    for app_config in apps.get_app_configs():
+        app_config.models_module = True
+        create_permissions(app_config, verbosity=0, apps=apps)
+        app_config.models_module = None
+    group_model = apps.get_model("auth", "Group")
+    permission_model = apps.get_model("auth", "Permission")
+    counts = {}
+    for name, codenames in ROLES.items():
+        group, _ = group_model.objects.get_or_create(name=name)
+        permissions = permission_model.objects.all() if codenames is None else \
+            permission_model.objects.filter(codename__in=codenames)
+        group.permissions.set(permissions)
+        counts[name] = permissions.count()
+    return counts

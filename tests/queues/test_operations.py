@@ -1,0 +1,172 @@
+"""Operator actions through the services, against real Redis and the database (and real workers where it matters)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+from rq.registry import FailedJobRegistry
+
+from queues import broker
+from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskEvent, TaskStatus
+from queues.operations import (
+    bulk_operation_run,
+    bulk_operation_start,
+    queue_empty,
+    queue_set_paused,
+    tasks_cancel,
+    tasks_change_priority,
+    tasks_requeue,
+    tasks_retry_now,
+)
+from queues.services import TaskSpec, task_submit, tasks_submit_many
+from tests.conftest import respond, run_worker, subprocess_env
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def failed_task(http_server):
+    task = task_submit(image_ref=http_server.route("/gone.png", respond(404, b"gone")))
+    run_worker()
+    task.refresh_from_db()
+    assert task.status == TaskStatus.FAILED
+    return task
+
+
+def test_requeue_resets_retries_records_history_and_refuses_others(redis, http_server, png_bytes, media_image,
+                                                                   admin_user):
+    failed = failed_task(http_server)
+    assert failed.job_id in FailedJobRegistry("normal", connection=redis).get_job_ids(cleanup=False)
+    completed = task_submit(image_ref=media_image())
+    run_worker()
+    processing = task_submit(image_ref=media_image())
+    CaptionTask.objects.filter(pk=processing.pk).update(status=TaskStatus.PROCESSING)
+
+    http_server.route("/gone.png", respond(200, png_bytes(), "image/png"))  # the image is back
+    result = tasks_requeue(task_ids=[failed.pk, completed.pk, processing.pk], user=admin_user, address="10.1.1.1")
+
+    assert result.changed == 1 and dict(result.refused) == {"COMPLETED": 1, "PROCESSING": 1}
+    assert "Refused 2 (1 completed, 1 processing): only failed or cancelled tasks can be requeued" in \
+        result.describe()
+    failed.refresh_from_db()
+    assert (failed.status, failed.attempts, failed.published_at is not None) == (TaskStatus.QUEUED, 0, True)
+    event = failed.events.get(kind=TaskEvent.Kind.REQUEUED)
+    assert event.actor == admin_user
+    assert failed.job_id not in FailedJobRegistry("normal", connection=redis).get_job_ids(cleanup=False)
+    assert CaptionTask.objects.get(pk=completed.pk).status == TaskStatus.COMPLETED
+    entry = AuditEntry.objects.get(action="tasks_requeue")
+    assert (entry.user, entry.count, entry.address, entry.detail["refused"]) == (
+        admin_user, 1, "10.1.1.1", {"COMPLETED": 1, "PROCESSING": 1})
+    run_worker()
+    failed.refresh_from_db()
+    assert failed.status == TaskStatus.COMPLETED and failed.attempts == 1
+
+
+def test_cancel_stops_queued_tasks_from_running(redis, media_image):
+    tasks = [task_submit(image_ref=media_image()) for _ in range(3)]
+    result = tasks_cancel(task_ids=[tasks[0].pk, tasks[1].pk])
+    assert result.changed == 2
+    run_worker()
+    statuses = dict(CaptionTask.objects.values_list("pk", "status"))
+    assert [statuses[task.pk] for task in tasks] == [TaskStatus.CANCELLED, TaskStatus.CANCELLED,
+                                                     TaskStatus.COMPLETED]
+    assert tasks_cancel(task_ids=[tasks[2].pk]).refused == {"COMPLETED": 1}
+
+
+def test_retry_now_skips_the_backoff(redis, http_server, png_bytes, settings):
+    settings.RQ_RETRY_BACKOFF = 3600
+    answers = [respond(503, b"busy"), respond(200, png_bytes(), "image/png")]
+    task = task_submit(image_ref=http_server.route("/x.png", lambda r, b: answers.pop(0)(r, b)))
+    run_worker()
+    task.refresh_from_db()
+    assert task.waiting_to_retry
+    assert tasks_retry_now(task_ids=[task.pk]).changed == 1
+    run_worker()
+    assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.COMPLETED
+    assert tasks_retry_now(task_ids=[task.pk]).refused == {"COMPLETED": 1}
+
+
+def test_priority_change_moves_jobs_without_losing_or_duplicating(redis, media_image):
+    reference = media_image()
+    created = tasks_submit_many(specs=[TaskSpec(reference, priority="low") for _ in range(300)]).created
+    environment = subprocess_env()
+    workers = [subprocess.Popen([sys.executable, "manage.py", "rqworker", "--verbosity", "0"],
+                                cwd=settings.BASE_DIR, env=environment) for _ in range(2)]
+    try:
+        # Move them in slices while the two workers are already draining the queues.
+        for start in range(0, 300, 50):
+            result = tasks_change_priority(task_ids=created[start:start + 50], priority="urgent")
+            assert result.changed + result.refused_count == 50
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() < 300:
+            time.sleep(0.2)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.wait(60)
+    assert CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() == 300
+    completions = TaskEvent.objects.filter(kind=TaskEvent.Kind.COMPLETED)
+    assert completions.count() == 300 and completions.values("task").distinct().count() == 300
+    assert set(CaptionTask.objects.values_list("attempts", flat=True)) == {1}  # nothing ran twice
+
+
+def test_priority_change_publishes_on_the_new_queue(redis, media_image):
+    task = task_submit(image_ref=media_image(), priority="low")
+    assert tasks_change_priority(task_ids=[task.pk], priority="urgent").changed == 1
+    assert broker.queue_lengths()["urgent"] == 1
+    assert task.events.get().detail == "low -> urgent"
+    run_worker()
+    task.refresh_from_db()
+    assert task.status == TaskStatus.COMPLETED and task.attempts == 1
+    with pytest.raises(ValueError, match="Unknown priority 'asap'"):
+        tasks_change_priority(task_ids=[task.pk], priority="asap")
+
+
+def test_empty_queue_needs_its_name_and_cancels_everything_in_it(redis, media_image, admin_user):
+    reference = media_image()
+    tasks_submit_many(specs=[TaskSpec(reference, priority="high") for _ in range(20)])
+    keep = task_submit(image_ref=reference, priority="low")
+    with pytest.raises(ValueError, match=r"Type the queue's name \(high\)"):
+        queue_empty(queue_name="high", confirm="hgh", user=admin_user)
+    assert broker.queue_lengths()["high"] == 20
+    result = queue_empty(queue_name="high", confirm="high", user=admin_user)
+    assert result.changed == 20 and broker.queue_lengths()["high"] == 0
+    assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == 20
+    assert CaptionTask.objects.get(pk=keep.pk).status == TaskStatus.QUEUED
+    assert AuditEntry.objects.filter(action="queue_empty", target="high", count=20).exists()
+
+
+def test_paused_queue_keeps_its_tasks_until_resumed(redis, media_image):
+    reference = media_image()
+    paused_task = task_submit(image_ref=reference, priority="high")
+    other = task_submit(image_ref=reference, priority="low")
+    queue_set_paused(queue_name="high", paused=True)
+    run_worker()
+    assert CaptionTask.objects.get(pk=paused_task.pk).status == TaskStatus.QUEUED
+    assert CaptionTask.objects.get(pk=other.pk).status == TaskStatus.COMPLETED
+    assert broker.queue_lengths()["high"] == 1
+    queue_set_paused(queue_name="high", paused=False)
+    run_worker()
+    assert CaptionTask.objects.get(pk=paused_task.pk).status == TaskStatus.COMPLETED
+
+
+def test_bulk_requeue_of_100000_tasks_in_the_background(redis, media_image, admin_user):
+    reference = media_image()
+    ids = CaptionTask.objects.insert_new([(reference, "normal", None)] * 100_000, publish_after=timezone.now())
+    CaptionTask.objects.update(status=TaskStatus.FAILED, last_error_class="TransientCaptionError")
+    operation = bulk_operation_start(kind=BulkOperation.Kind.REQUEUE, task_ids=ids, user=admin_user)
+    assert broker.queue_lengths()["urgent"] == 1  # the operation's own job
+    started = time.monotonic()
+    operation = bulk_operation_run(operation_id=operation.pk)
+    elapsed = time.monotonic() - started
+    assert operation.state == BulkOperation.State.DONE and operation.changed == 100_000
+    assert operation.processed == 100_000 and operation.percent == 100
+    assert CaptionTask.objects.filter(status=TaskStatus.QUEUED, published_at__isnull=False).count() == 100_000
+    assert broker.queue_lengths()["normal"] == 100_000
+    assert TaskEvent.objects.filter(kind=TaskEvent.Kind.REQUEUED).count() == 100_000
+    print(f"requeued 100,000 tasks in {elapsed:.1f} s")
