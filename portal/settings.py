@@ -138,6 +138,8 @@ IMAGE_FETCH_ALLOW_PRIVATE = env_bool("IMAGE_FETCH_ALLOW_PRIVATE", False)
 # Seconds a freshly submitted task is left to its submitter to publish before the relay publishes it instead.
 RELAY_GRACE_SECONDS = env_float("RELAY_GRACE_SECONDS", 5.0, minimum=0.0)
 RELAY_INTERVAL = env_float("RELAY_INTERVAL", 1.0, minimum=0.05)
+# Completed and cancelled tasks older than this are removed by ``manage.py tasks cleanup`` (failed ones stay).
+TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 30, minimum=1)
 
 CAPTION_QUEUES = ("urgent", "high", "normal", "low")
 RQ_QUEUES = {

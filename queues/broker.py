@@ -422,3 +422,40 @@ def queue_figures() -> dict[str, dict[str, int]]:
         figures[name] = {"waiting": waiting, "running": running, "scheduled": scheduled, "dead": dead,
                          "finished": finished}
     return figures
+
+
+def finished_jobs_cleanup(*, cutoff, dry_run: bool = False, page: int = 1000, on_batch=None) -> int:
+    """Deletes finished jobs that ended before ``cutoff`` (their hash, their results, their registry entry), read
+    and deleted in pages of ``page`` per queue. Returns how many (or would be, with ``dry_run``)."""
+    from rq.registry import FinishedJobRegistry
+    from rq.utils import utcparse
+
+    connection = get_connection()
+    total = 0
+    for name in QUEUE_NAMES:
+        registry = FinishedJobRegistry(name, connection=connection)
+        offset = 0
+        while True:
+            job_ids = [raw.decode() for raw in connection.zrange(registry.key, offset, offset + page - 1)]
+            if not job_ids:
+                break
+            pipe = connection.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hget(CaptionJob.redis_job_namespace_prefix + job_id, "ended_at")
+            old = []
+            for job_id, ended in zip(job_ids, pipe.execute()):
+                if ended is None or utcparse(ended.decode()).replace(tzinfo=cutoff.tzinfo) < cutoff:
+                    old.append(job_id)
+            if old and not dry_run:
+                pipe = connection.pipeline(transaction=False)
+                pipe.zrem(registry.key, *old)
+                for job_id in old:
+                    pipe.unlink(CaptionJob.redis_job_namespace_prefix + job_id, f"rq:results:{job_id}")
+                pipe.execute()
+            total += len(old)
+            offset += len(job_ids) - (0 if dry_run else len(old))
+            if on_batch:
+                on_batch(len(old))
+            if len(job_ids) < page:
+                break
+    return total

@@ -249,3 +249,25 @@ def queues_maintenance(*, user=None, address=None) -> dict:
     cleaned = broker.registries_clean()
     audit(user=user, action="queue_maintenance", target="all queues", detail=cleaned, address=address)
     return cleaned
+
+
+def tasks_cleanup(*, cutoff, dry_run: bool = False, on_batch=None) -> dict:
+    """Deletes completed and cancelled tasks that finished before ``cutoff`` (with their events), 1,000 rows per
+    statement, and the finished jobs in Redis that ended before it. Failed tasks stay: they are dead letters."""
+    old = CaptionTask.objects.filter(status__in=[TaskStatus.COMPLETED, TaskStatus.CANCELLED],
+                                     finished_at__lt=cutoff)
+    if dry_run:
+        return {"rows": old.count(), "jobs": broker.finished_jobs_cleanup(cutoff=cutoff, dry_run=True)}
+    rows = 0
+    while True:
+        batch = list(old.order_by("pk").values_list("pk", flat=True)[:BATCH])
+        if not batch:
+            break
+        with transaction.atomic():
+            TaskEvent.objects.filter(task_id__in=batch).delete()
+            CaptionTask.objects.filter(pk__in=batch).delete()
+        rows += len(batch)
+        if on_batch:
+            on_batch(len(batch))
+    jobs = broker.finished_jobs_cleanup(cutoff=cutoff, on_batch=on_batch)
+    return {"rows": rows, "jobs": jobs}

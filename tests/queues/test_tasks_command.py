@@ -1,0 +1,77 @@
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+
+from queues import broker
+from queues.models import CaptionTask, TaskEvent, TaskStatus
+from queues.services import TaskSpec, tasks_submit_many
+from tests.conftest import run_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def mixed(redis, media_image):
+    ids = tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(10)]).created
+    CaptionTask.objects.filter(pk__in=ids[:4]).update(status=TaskStatus.FAILED, last_error_class="HTTPNotFound")
+    CaptionTask.objects.filter(pk__in=ids[4:6]).update(status=TaskStatus.FAILED, last_error_class="WorkerLost")
+    return ids
+
+
+def test_stats(mixed, capsys):
+    call_command("tasks", "stats")
+    out = capsys.readouterr().out
+    assert "queued 4" in out and "failed 6" in out and "Queue normal: waiting 10" in out
+
+
+def test_requeue_failed_by_error_class_with_progress(mixed, capsys):
+    call_command("tasks", "requeue", "--failed", "--error-class", "HTTPNotFound", "--yes")
+    captured = capsys.readouterr()
+    assert "Requeued 4 task(s)." in captured.out and "Requeue: 100%" in captured.err
+    assert CaptionTask.objects.filter(status=TaskStatus.FAILED).count() == 2
+
+
+def test_requeue_ids_reports_refusals_and_dry_run_changes_nothing(mixed, capsys):
+    call_command("tasks", "requeue", "--ids", f"{mixed[0]},{mixed[8]}", "--dry-run")
+    assert "Would requeue up to 2 task(s)" in capsys.readouterr().out
+    assert CaptionTask.objects.filter(status=TaskStatus.FAILED).count() == 6
+    call_command("tasks", "requeue", "--ids", f"{mixed[0]},{mixed[8]}", "--yes")
+    assert "Requeued 1 task(s). Refused 1 (1 queued)" in capsys.readouterr().out
+
+
+def test_cancel_by_queue_needs_confirmation_when_not_interactive(mixed):
+    with pytest.raises(CommandError, match="Add --yes to confirm"):
+        call_command("tasks", "cancel", "--queue", "normal")
+    assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == 0
+    call_command("tasks", "cancel", "--queue", "normal", "--yes")
+    assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == 4
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["requeue"], "--failed"), (["cancel"], "--ids 1,2,3 or --queue"), (["requeue", "--ids", "a,b"], "--ids must be"),
+    (["cleanup", "--older-than", "week"], "--older-than must look like"),
+])
+def test_errors(redis, arguments, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("tasks", *arguments)
+
+
+def test_cleanup_deletes_old_finished_rows_and_jobs_in_batches(redis, media_image, capsys):
+    ids = tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(5)]).created
+    run_worker()
+    old, recent = ids[:3], ids[3:]
+    CaptionTask.objects.filter(pk__in=old).update(finished_at=timezone.now() - timedelta(days=10))
+    long_ago = (timezone.now() - timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    for task_id in old:
+        redis.hset(f"rq:job:caption-{task_id}", "ended_at", long_ago)
+    call_command("tasks", "cleanup", "--older-than", "7d", "--dry-run")
+    assert "Would delete 3 task row(s)" in capsys.readouterr().out and CaptionTask.objects.count() == 5
+    call_command("tasks", "cleanup", "--older-than", "7d", "--yes")
+    assert "Deleted 3 task row(s) and 3 finished job(s)" in capsys.readouterr().out
+    assert sorted(CaptionTask.objects.values_list("pk", flat=True)) == sorted(recent)
+    assert not TaskEvent.objects.filter(task_id__in=old).exists()
+    assert all(broker.fetch_job(task_id) is None for task_id in old)
+    assert all(broker.fetch_job(task_id) is not None for task_id in recent)
