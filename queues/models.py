@@ -141,11 +141,14 @@ class CaptionTask(models.Model):
             # The admin's filters, newest first.
             models.Index(fields=["status", "-created_at"], name="task_status_created_idx"),
             models.Index(fields=["priority", "status"], name="task_priority_status_idx"),
-            models.Index(fields=["last_error_class", "status"], name="task_error_class_idx"),
+            # Dead letters by error class (the dead-letter page, the error-class filter).
+            models.Index(fields=["status", "last_error_class"], name="task_status_error_idx"),
             # The queues overview: oldest queued task per queue, and what finished in the last minutes.
             models.Index(fields=["status", "priority", "created_at"], name="task_status_priority_idx"),
             models.Index(fields=["status", "finished_at"], name="task_status_finished_idx"),
             models.Index(fields=["worker_name", "status"], name="task_worker_idx"),
+            # Waiting to retry, per queue (the overview), without walking every queued row.
+            models.Index(fields=["status", "published_at", "priority", "attempts"], name="task_unpublished_idx"),
         ]
 
     def __str__(self) -> str:

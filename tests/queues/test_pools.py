@@ -121,3 +121,16 @@ def test_workers_command_exits_non_zero_on_error(pool, redis):
     result = subprocess.run([sys.executable, "manage.py", "workers", "scale", "nope", "2"], cwd=settings.BASE_DIR,
                             env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Unknown pool 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_roles_exist_with_their_permissions():
+    from django.contrib.auth.models import Group, Permission
+
+    operators = set(Group.objects.get(name="Operators").permissions.values_list("codename", flat=True))
+    support = set(Group.objects.get(name="Support").permissions.values_list("codename", flat=True))
+    admins = Group.objects.get(name="Admins").permissions.count()
+    assert {"requeue_task", "cancel_task", "change_task_priority", "pause_queue", "manage_fleet"} <= operators
+    assert "empty_queue" not in operators and "view_captiontask" in operators
+    assert support and all(codename.startswith("view_") for codename in support)
+    assert "view_liveworker" in support and "view_auditentry" not in support
+    assert admins == Permission.objects.count()
