@@ -12,16 +12,28 @@ from queues.services import task_submit
 
 
 class TaskEventInline(admin.TabularInline):
+    """The task's timeline: each attempt (worker, start, duration, error and traceback) and each operator change."""
+
     model = TaskEvent
     extra = 0
     can_delete = False
     fields = ["at", "kind", "attempt", "started_at", "worker_name", "duration_ms", "error_class", "error_message",
-              "detail"]
+              "detail", "actor", "traceback_details"]
     readonly_fields = fields
     ordering = ["at", "id"]
+    verbose_name_plural = "timeline"
 
     def has_add_permission(self, request, obj=None):
         return False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("actor")
+
+    @admin.display(description="traceback")
+    def traceback_details(self, event):
+        if not event.traceback:
+            return ""
+        return format_html("<details><summary>show</summary><pre>{}</pre></details>", event.traceback)
 
 
 class WorkerFilter(admin.SimpleListFilter):

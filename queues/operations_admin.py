@@ -23,7 +23,7 @@ from django.utils.html import format_html
 
 from queues import broker
 from queues.errors import BrokerUnavailable
-from queues.fleet_admin import client_address
+from queues.fleet_admin import client_address, confirmation
 from queues.models import BulkOperation, CaptionTask, Priority, QueueOverview, TaskStatus
 from queues.operations import (
     INLINE_LIMIT,
@@ -245,8 +245,6 @@ class QueueOverviewAdmin(admin.ModelAdmin):
             "empty": f"Empty queue {queue_name}? Its {waiting} queued task(s) are cancelled and their jobs "
                      "removed. Type the queue's name to confirm.",
         }[action]
-        from queues.fleet_admin import confirmation
-
         field = {"name": "confirm_name", "label": "Queue name", "value": "", "type": "text"} \
             if action == "empty" else None
         return confirmation(request, self, title=f"{action.capitalize()} queue {queue_name}", question=question,
@@ -262,8 +260,6 @@ class QueueOverviewAdmin(admin.ModelAdmin):
             messages.success(request, f"Registry maintenance done: removed {sum(cleaned.values())} expired "
                                       "entries.")
             return HttpResponseRedirect(back)
-        from queues.fleet_admin import confirmation
-
         return confirmation(request, self, title="Queue maintenance", action_label="Run maintenance",
                             question="Run rq's registry cleanup on every queue? Expired entries of the running, "
                                      "finished, failed and scheduled registries are removed (reading pages never "

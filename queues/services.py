@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from urllib.parse import urlparse
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -47,8 +48,6 @@ class SubmitResult:
 
 def validate_image_ref(image_ref: str | None) -> str:
     """Returns the cleaned reference or raises ValidationError naming ``image_ref``."""
-    from urllib.parse import urlparse
-
     image_ref = (image_ref or "").strip()
     if not image_ref:
         raise ValidationError({"image_ref": "An image reference is required: an http(s) URL or a media file path."})
