@@ -170,3 +170,18 @@ def test_bulk_requeue_of_100000_tasks_in_the_background(redis, media_image, admi
     assert broker.queue_lengths()["normal"] == 100_000
     assert TaskEvent.objects.filter(kind=TaskEvent.Kind.REQUEUED).count() == 100_000
     print(f"requeued 100,000 tasks in {elapsed:.1f} s")
+
+
+def test_background_operation_runs_on_a_worker_with_progress(redis, media_image, admin_user):
+    ids = tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(30)]).created
+    CaptionTask.objects.update(status=TaskStatus.FAILED)
+    redis.delete("rq:queue:normal")
+    operation = bulk_operation_start(kind=BulkOperation.Kind.REQUEUE, task_ids=ids, user=admin_user)
+    assert operation.state == BulkOperation.State.PENDING and operation.percent == 0
+    run_worker()  # takes the operation's job from the urgent queue, then the 30 requeued tasks
+    operation.refresh_from_db()
+    assert (operation.state, operation.processed, operation.changed, operation.percent) == (
+        BulkOperation.State.DONE, 30, 30, 100)
+    assert operation.message == "Requeued 30 task(s)."
+    assert CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() == 30
+    assert AuditEntry.objects.get(action="tasks_requeue").user == admin_user
