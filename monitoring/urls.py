@@ -4,4 +4,8 @@ from monitoring import views
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("metrics", views.metrics, name="metrics"),
+    path("api/rq/health", views.api_health, name="api-health"),
+    path("api/rq/metrics", views.api_metrics, name="api-metrics"),
 ]

@@ -1,8 +1,57 @@
-from django.http import JsonResponse
+from django.db import DatabaseError, connection
+from django.http import HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from monitoring.access import metrics_access
+from monitoring.collectors import QueueSystemCollector, take_snapshot
+from monitoring.health import health_report, metrics_report
+from queues import broker
+
+# Our collector lives in its own registry: django-prometheus's default registry holds per-process HTTP and database
+# metrics; ours are read from Redis at scrape time and are the same from every portal process.
+QUEUE_REGISTRY = CollectorRegistry(auto_describe=False)
+QUEUE_REGISTRY.register(QueueSystemCollector())
 
 
 @require_GET
 def healthz(request):
     """Liveness: the process answers. No database or Redis calls, so a Redis outage does not restart the portal."""
     return JsonResponse({"status": "ok"})
+
+
+@require_GET
+def readyz(request):
+    """Readiness: the database and Redis both answer."""
+    problems = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except DatabaseError as error:
+        problems["database"] = str(error) or type(error).__name__
+    if not broker.ping():
+        problems["redis"] = "Redis does not answer PING"
+    if problems:
+        return JsonResponse({"status": "not ready", "problems": problems}, status=503)
+    return JsonResponse({"status": "ready"})
+
+
+@require_GET
+@metrics_access
+def metrics(request):
+    body = generate_latest(REGISTRY) + generate_latest(QUEUE_REGISTRY)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
+
+
+@require_GET
+@metrics_access
+def api_health(request):
+    report = health_report(take_snapshot())
+    return JsonResponse(report, status=503 if report["status"] == "unhealthy" else 200)
+
+
+@require_GET
+@metrics_access
+def api_metrics(request):
+    return JsonResponse(metrics_report(take_snapshot()))

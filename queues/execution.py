@@ -21,6 +21,7 @@ from rq.timeouts import JobTimeoutException
 from queues.captioners import Captioner, get_captioner
 from queues.errors import CaptionError, JobStopped
 from queues.models import CaptionTask, TaskEvent, TaskStatus
+from queues.signals import attempt_ended
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def task_claim(*, task_id: int, worker_name: str, queue: str | None = None) -> C
     )
     if not claimed:
         return None
-    return CaptionTask.objects.only("image_ref", "priority", "attempts", "worker_name", "started_at").get(pk=task_id)
+    return CaptionTask.objects.only("image_ref", "priority", "attempts", "worker_name", "started_at",
+                                    "published_at").get(pk=task_id)
 
 
 def task_execute(*, task_id: int, worker_name: str, queue: str | None = None,
@@ -106,6 +108,12 @@ def _duration_ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
+def _announce(task: CaptionTask, outcome: str, started: float) -> None:
+    wait = (task.started_at - task.published_at).total_seconds() if task.published_at and task.started_at else None
+    attempt_ended.send(sender=CaptionTask, queue=task.priority, outcome=outcome,
+                       processing_seconds=time.monotonic() - started, wait_seconds=max(wait, 0.0) if wait else wait)
+
+
 def _end_attempt(task: CaptionTask, **changes) -> bool:
     """Records the attempt's outcome if the row is still in the state this attempt put it in (a reconciler may
     have re-driven the task meanwhile)."""
@@ -126,6 +134,7 @@ def _record_success(task: CaptionTask, caption: str, *, started: float) -> Outco
                                      duration_ms=_duration_ms(started))
     if not updated:
         return Outcome("skipped", "a newer attempt owns the task")
+    _announce(task, "completed", started)
     return Outcome("completed")
 
 
@@ -160,6 +169,7 @@ def _record_failure(task: CaptionTask, error: BaseException, *, permanent: bool,
             )
     if not updated:
         return Outcome("skipped", "a newer attempt owns the task")
+    _announce(task, "retry" if retry else "failed", started)
     logger.warning("caption-%s: %s: %s (%s)", task.pk, error_class, message, detail)
     if retry:
         return Outcome("retry", detail)

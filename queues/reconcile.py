@@ -26,6 +26,7 @@ from queues import broker
 from queues.execution import retry_delay
 from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus
 from queues.services import tasks_publish
+from queues.signals import attempt_ended
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | No
             broker.job_dead_letter(task.pk, task.priority, f"WorkerLost: {message}")
     except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
         logger.warning("task %s re-driven, but Redis could not be tidied now", task.pk)
+    attempt_ended.send(sender=CaptionTask, queue=task.priority, outcome="failed" if exhausted else "worker_lost",
+                       processing_seconds=None, wait_seconds=None)
     if result is not None:
         (result.dead_lettered if exhausted else result.redriven).append(task.pk)
     logger.warning("task %s: %s", task.pk, detail)

@@ -22,6 +22,7 @@ from queues import broker
 from queues.captioners.fetch import ALLOWED_SCHEMES, is_remote, media_path
 from queues.errors import BrokerUnavailable, PermanentCaptionError
 from queues.models import CaptionTask, Priority, TaskStatus
+from queues.signals import service_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False) -> i
         CaptionTask.objects.filter(pk__in=[task_id for task_id, _ in tasks], published_at=stamp).update(
             published_at=None)
         logger.warning("Redis unreachable, %d task(s) left for the relay: %s", len(tasks), error)
+        service_unavailable.send(sender=CaptionTask, service="redis", where="publish")
         return 0
 
 

@@ -1,0 +1,28 @@
+"""Who may read metrics and the JSON APIs: a staff session, or Prometheus with ``Authorization: Bearer <token>``."""
+
+import hmac
+from functools import wraps
+
+from django.conf import settings
+from django.http import JsonResponse
+
+
+def metrics_access(view):
+    @wraps(view)
+    def wrapped(request, *args, **kwargs):
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            token = settings.METRICS_TOKEN
+            if token and hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+                return view(request, *args, **kwargs)
+            return JsonResponse({"error": "the bearer token is not valid"}, status=403)
+        if request.user.is_authenticated:
+            if request.user.is_staff:
+                return view(request, *args, **kwargs)
+            return JsonResponse({"error": "only staff users may read metrics"}, status=403)
+        response = JsonResponse({"error": "authentication required: a staff session, or "
+                                          "'Authorization: Bearer <METRICS_TOKEN>'"}, status=401)
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+
+    return wrapped

@@ -1,0 +1,223 @@
+"""The queue system's Prometheus metrics, computed at scrape time.
+
+Each scrape makes two pipelined Redis round trips (queue lengths, registries, shared counters and histograms, server
+INFO; then one read per registered worker) and three database queries, whatever the number of jobs: no KEYS, no
+listing of job ids, no registry cleanup. Metric names of the old system are kept so existing dashboards work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.db import DatabaseError
+from django.db.models import Count
+from django.utils import timezone
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from rq.registry import FailedJobRegistry
+from rq.worker import Worker
+
+from monitoring.recorder import (
+    COUNTERS_KEY,
+    PROCESSING_BUCKETS,
+    WAIT_BUCKETS,
+    flush_pending,
+    histogram_key,
+    note_unavailable,
+)
+from queues import broker
+from queues.errors import BrokerUnavailable
+from queues.models import CaptionTask, TaskStatus
+from queues.worker import alive_key
+
+# The relay publishes within about a second; unpublished tasks overdue by more than this mean Redis is not taking
+# them (the old system's "fallback mode").
+FALLBACK_AFTER_SECONDS = 30
+
+
+@dataclass
+class Snapshot:
+    """Everything one scrape reads, shared by /metrics and the JSON APIs."""
+
+    redis_ok: bool = False
+    redis_error: str = ""
+    database_ok: bool = False
+    database_error: str = ""
+    queue_lengths: dict[str, int] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    histograms: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    redis_info: dict = field(default_factory=dict)
+    maxclients: int | None = None
+    workers: list[dict] = field(default_factory=list)
+    tasks_by_status: dict[str, int] = field(default_factory=dict)
+    fallback_active: bool = False
+
+    @property
+    def alive_workers(self) -> list[dict]:
+        return [worker for worker in self.workers if worker["alive"]]
+
+    @property
+    def busy_ratio(self) -> float:
+        alive = self.alive_workers
+        return sum(1 for worker in alive if worker["state"] == "busy") / len(alive) if alive else 0.0
+
+
+def _decode(mapping: dict) -> dict:
+    return {(key.decode() if isinstance(key, bytes) else key): (value.decode() if isinstance(value, bytes) else value)
+            for key, value in mapping.items()}
+
+
+def take_snapshot() -> Snapshot:
+    snapshot = Snapshot()
+    try:
+        _read_redis(snapshot)
+        snapshot.redis_ok = True
+    except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
+        snapshot.redis_error = str(error) or type(error).__name__
+        note_unavailable(service="redis", where="metrics")
+    try:
+        snapshot.tasks_by_status = dict(CaptionTask.objects.order_by().values_list("status")
+                                        .annotate(count=Count("id")))
+        overdue = timezone.now() - timedelta(seconds=FALLBACK_AFTER_SECONDS)
+        snapshot.fallback_active = CaptionTask.objects.filter(
+            status=TaskStatus.QUEUED, published_at__isnull=True, publish_after__lt=overdue).exists()
+        snapshot.database_ok = True
+    except DatabaseError as error:
+        snapshot.database_error = str(error) or type(error).__name__
+        note_unavailable(service="database", where="metrics")
+    return snapshot
+
+
+def _read_redis(snapshot: Snapshot) -> None:
+    connection = broker.get_connection()
+    pipe = connection.pipeline(transaction=False)
+    for name in broker.QUEUE_NAMES:
+        pipe.llen(f"rq:queue:{name}")
+        pipe.zcard(FailedJobRegistry(name, connection=connection).key)
+        pipe.hgetall(histogram_key("processing", name))
+        pipe.hgetall(histogram_key("wait", name))
+    flush_pending(pipe)  # errors this process saw while Redis was down
+    pipe.hgetall(COUNTERS_KEY)
+    pipe.info("memory")
+    pipe.info("clients")
+    pipe.smembers(Worker.redis_workers_keys)
+    values = pipe.execute()
+    for index, name in enumerate(broker.QUEUE_NAMES):
+        length, dead, processing, wait = values[index * 4:index * 4 + 4]
+        snapshot.queue_lengths[name] = length
+        snapshot.dead_letters[name] = dead
+        snapshot.histograms[("processing", name)] = {k: float(v) for k, v in _decode(processing).items()}
+        snapshot.histograms[("wait", name)] = {k: float(v) for k, v in _decode(wait).items()}
+    counters, memory, clients, worker_keys = values[-4:]
+    snapshot.counters = {k: float(v) for k, v in _decode(counters).items()}
+    snapshot.redis_info = {**memory, **clients}
+    try:
+        snapshot.maxclients = int(connection.config_get("maxclients").get("maxclients"))
+    except Exception:  # CONFIG is often disabled on managed Redis
+        snapshot.maxclients = None
+
+    keys = sorted(key.decode() for key in worker_keys)
+    if not keys:
+        return
+    pipe = connection.pipeline(transaction=False)
+    for key in keys:
+        pipe.hmget(key, "state", "successful_job_count", "failed_job_count", "hostname")
+        pipe.get(alive_key(key.removeprefix(Worker.redis_worker_namespace_prefix)))
+    values = pipe.execute()
+    for index, key in enumerate(keys):
+        (state, done, failed, host), alive = values[index * 2], values[index * 2 + 1]
+        payload = json.loads(alive) if alive else {}
+        snapshot.workers.append({
+            "name": key.removeprefix(Worker.redis_worker_namespace_prefix),
+            "state": state.decode() if state else "unknown", "alive": bool(alive),
+            "successful": int(done or 0), "failed": int(failed or 0),
+            "host": host.decode() if host else payload.get("host", ""), "pool": payload.get("pool", ""),
+            "rss": payload.get("rss"),
+        })
+
+
+def _histogram(name: str, documentation: str, buckets: tuple[float, ...], snapshot: Snapshot, kind: str):
+    family = HistogramMetricFamily(name, documentation, labels=["queue"])
+    for queue in broker.QUEUE_NAMES:
+        raw = snapshot.histograms.get((kind, queue), {})
+        cumulative, points = 0.0, []
+        for index, bound in enumerate(buckets):
+            cumulative += raw.get(f"b{index}", 0.0)
+            points.append((repr(float(bound)), cumulative))
+        cumulative += raw.get("inf", 0.0)
+        points.append(("+Inf", cumulative))
+        family.add_metric([queue], points, sum_value=raw.get("sum", 0.0))
+    return family
+
+
+class QueueSystemCollector:
+    def describe(self):
+        return []  # registration must not touch Redis; families are produced at scrape time
+
+    def collect(self):
+        snapshot = take_snapshot()
+        yield from families(snapshot)
+
+
+def families(snapshot: Snapshot):
+    length = GaugeMetricFamily("rq_queue_length", "Jobs waiting in the queue", labels=["queue"])
+    dead = GaugeMetricFamily("rq_dead_letter_size", "Jobs in the queue's failed-job registry", labels=["queue"])
+    for queue in broker.QUEUE_NAMES:
+        if snapshot.redis_ok:
+            length.add_metric([queue], snapshot.queue_lengths.get(queue, 0))
+            dead.add_metric([queue], snapshot.dead_letters.get(queue, 0))
+    yield length
+    yield dead
+
+    alive = snapshot.alive_workers
+    yield GaugeMetricFamily("rq_workers_active", "Workers alive (liveness key present)", value=len(alive))
+    yield GaugeMetricFamily("rq_worker_busy_ratio", "Share of alive workers running a task",
+                            value=snapshot.busy_ratio)
+    per_worker = GaugeMetricFamily("rq_worker_tasks_total", "Jobs a worker has finished, by outcome",
+                                   labels=["worker", "outcome"])
+    memory = GaugeMetricFamily("rq_worker_memory_bytes", "Resident memory of each worker", labels=["worker", "pool"])
+    for worker in alive:
+        per_worker.add_metric([worker["name"], "successful"], worker["successful"])
+        per_worker.add_metric([worker["name"], "failed"], worker["failed"])
+        if worker["rss"]:
+            memory.add_metric([worker["name"], worker["pool"]], worker["rss"])
+    yield per_worker
+    yield memory
+
+    yield _histogram("rq_task_processing_seconds", "Time a caption attempt took", PROCESSING_BUCKETS, snapshot,
+                     "processing")
+    yield _histogram("rq_task_wait_seconds", "Time from publication to a worker starting the task", WAIT_BUCKETS,
+                     snapshot, "wait")
+
+    tasks = CounterMetricFamily("rq_tasks", "Ended task attempts by outcome", labels=["status"])
+    for status in ("completed", "failed", "retried", "worker_lost"):
+        tasks.add_metric([status], snapshot.counters.get(f"tasks:{status}", 0.0))
+    yield tasks
+    yield CounterMetricFamily("rq_task_retries", "Attempts that will be retried", value=snapshot.counters.get(
+        "retries", 0.0))
+    yield CounterMetricFamily("rq_redis_connection_errors", "Times a component could not reach Redis",
+                              value=snapshot.counters.get("redis_errors", 0.0))
+    yield CounterMetricFamily("rq_database_connection_errors", "Times a component could not reach the database",
+                              value=snapshot.counters.get("database_errors", 0.0))
+
+    by_status = GaugeMetricFamily("rq_tasks_by_status", "Tasks in the database by status", labels=["status"])
+    for status in TaskStatus.values:
+        by_status.add_metric([status.lower()], snapshot.tasks_by_status.get(status, 0))
+    yield by_status
+
+    info = snapshot.redis_info
+    if snapshot.redis_ok:
+        yield GaugeMetricFamily("rq_redis_used_memory_bytes", "Redis used_memory", value=info.get("used_memory", 0))
+        yield GaugeMetricFamily("rq_redis_max_memory_bytes", "Redis maxmemory (0: no limit)",
+                                value=info.get("maxmemory", 0))
+        yield GaugeMetricFamily("rq_redis_connected_clients", "Redis connected_clients",
+                                value=info.get("connected_clients", 0))
+        if snapshot.maxclients is not None:
+            yield GaugeMetricFamily("rq_redis_maxclients", "Redis maxclients", value=snapshot.maxclients)
+    healthy = snapshot.redis_ok and snapshot.database_ok and bool(alive)
+    yield GaugeMetricFamily("rq_system_health", "1 when Redis and the database answer and workers are alive",
+                            value=1 if healthy else 0)
+    yield GaugeMetricFamily("rq_fallback_active", "1 while tasks cannot be published to Redis",
+                            value=1 if (snapshot.fallback_active or not snapshot.redis_ok) else 0)

@@ -1,0 +1,57 @@
+"""Health and metric reports for the JSON APIs, from one scrape snapshot."""
+
+from __future__ import annotations
+
+from monitoring.collectors import Snapshot
+from queues import broker
+
+ORDER = {"healthy": 0, "warning": 1, "unhealthy": 2}
+
+
+def _component(status: str, reason: str) -> dict:
+    return {"status": status, "reason": reason}
+
+
+def health_report(snapshot: Snapshot) -> dict:
+    info = snapshot.redis_info
+    if not snapshot.redis_ok:
+        redis = _component("unhealthy", f"Redis is unreachable: {snapshot.redis_error}")
+    elif info.get("maxmemory") and info.get("used_memory", 0) > 0.8 * info["maxmemory"]:
+        redis = _component("warning", f"Redis uses {info['used_memory'] / info['maxmemory']:.0%} of maxmemory")
+    elif snapshot.maxclients and info.get("connected_clients", 0) > 0.9 * snapshot.maxclients:
+        redis = _component("warning", f"{info['connected_clients']} of {snapshot.maxclients} Redis clients in use")
+    else:
+        redis = _component("healthy", "answers")
+    database = _component("healthy", "answers") if snapshot.database_ok else \
+        _component("unhealthy", f"the database is unreachable: {snapshot.database_error}")
+    alive = len(snapshot.alive_workers)
+    if not snapshot.redis_ok:
+        workers = _component("unhealthy", "unknown: Redis is unreachable")
+    elif alive == 0:
+        workers = _component("unhealthy", "no worker is alive")
+    elif alive < 2:
+        workers = _component("warning", f"only {alive} worker alive")
+    else:
+        workers = _component("healthy", f"{alive} workers alive")
+    components = {"redis": redis, "database": database, "workers": workers}
+    overall = max((component["status"] for component in components.values()), key=ORDER.__getitem__)
+    return {"status": overall, "components": components, "worker_count": alive,
+            "fallback_active": snapshot.fallback_active or not snapshot.redis_ok}
+
+
+def metrics_report(snapshot: Snapshot) -> dict:
+    info = snapshot.redis_info
+    return {
+        "redis_reachable": snapshot.redis_ok,
+        "queues": {name: {"length": snapshot.queue_lengths.get(name), "dead_letters": snapshot.dead_letters.get(name)}
+                   for name in broker.QUEUE_NAMES},
+        "totals": {"queued_jobs": sum(snapshot.queue_lengths.values()),
+                   "dead_letters": sum(snapshot.dead_letters.values())},
+        "workers": {"active": len(snapshot.alive_workers), "busy_ratio": round(snapshot.busy_ratio, 3),
+                    "registered": len(snapshot.workers)},
+        "tasks": {status.lower(): count for status, count in snapshot.tasks_by_status.items()},
+        "counters": {key.replace(":", "_"): value for key, value in snapshot.counters.items()},
+        "redis": {"used_memory": info.get("used_memory"), "maxmemory": info.get("maxmemory"),
+                  "connected_clients": info.get("connected_clients"), "maxclients": snapshot.maxclients},
+        "fallback_active": snapshot.fallback_active or not snapshot.redis_ok,
+    }

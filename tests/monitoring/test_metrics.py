@@ -1,0 +1,187 @@
+"""/metrics, /readyz and the JSON APIs against real Redis and database state."""
+
+import pytest
+from django.urls import reverse
+from prometheus_client.parser import text_string_to_metric_families
+
+from queues import broker
+from queues.services import TaskSpec, task_submit, tasks_submit_many
+from queues.worker import CaptionWorker
+from tests.conftest import respond, run_worker
+
+TOKEN = "s3cret-token-for-prometheus"
+
+
+def samples(client, **headers) -> dict:
+    response = client.get(reverse("metrics"), **headers)
+    assert response.status_code == 200, response.content
+    values = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def value(values, name, **labels):
+    return values[(name, tuple(sorted(labels.items())))]
+
+
+@pytest.fixture
+def staff_client(client, admin_user):
+    client.force_login(admin_user)
+    return client
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url_name", ["metrics", "api-health", "api-metrics"])
+def test_access_rule(client, settings, redis, outsider_user, admin_user, url_name):
+    settings.METRICS_TOKEN = TOKEN
+    url = reverse(url_name)
+    anonymous = client.get(url)
+    assert anonymous.status_code == 401 and "Bearer" in anonymous["WWW-Authenticate"]
+    assert "authentication required" in anonymous.json()["error"]
+    assert client.get(url, HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
+    assert client.get(url, HTTP_AUTHORIZATION=f"Bearer {TOKEN}").status_code in (200, 503)
+    client.force_login(outsider_user)
+    assert client.get(url).status_code == 403
+    client.force_login(admin_user)
+    assert client.get(url).status_code in (200, 503)
+
+
+@pytest.mark.django_db
+def test_token_does_nothing_when_none_is_configured(client, settings, redis):
+    settings.METRICS_TOKEN = None
+    assert client.get(reverse("metrics"), HTTP_AUTHORIZATION="Bearer anything").status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_queue_task_and_histogram_families_follow_real_state(staff_client, redis, media_image, http_server,
+                                                             settings):
+    settings.RQ_MAX_RETRIES = 0
+    reference = media_image()
+    tasks_submit_many(specs=[TaskSpec(reference, priority="low") for _ in range(3)])
+    task_submit(image_ref=http_server.route("/gone.png", respond(404, b"gone")), priority="high")
+    values = samples(staff_client)
+    assert value(values, "rq_queue_length", queue="low") == 3
+    assert value(values, "rq_queue_length", queue="high") == 1
+    assert value(values, "rq_tasks_by_status", status="queued") == 4
+
+    run_worker()
+    values = samples(staff_client)
+    assert value(values, "rq_queue_length", queue="low") == 0
+    assert value(values, "rq_dead_letter_size", queue="high") == 1
+    assert value(values, "rq_tasks_total", status="completed") == 3
+    assert value(values, "rq_tasks_total", status="failed") == 1
+    assert value(values, "rq_task_processing_seconds_count", queue="low") == 3
+    assert value(values, "rq_task_processing_seconds_bucket", queue="low", le="+Inf") == 3
+    assert value(values, "rq_task_processing_seconds_sum", queue="low") > 0
+    assert value(values, "rq_task_wait_seconds_count", queue="low") == 3
+    assert value(values, "rq_tasks_by_status", status="completed") == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retries_are_counted(staff_client, redis, http_server, settings):
+    settings.RQ_RETRY_BACKOFF = 600
+    task_submit(image_ref=http_server.route("/busy.png", respond(503, b"busy")))
+    run_worker()
+    values = samples(staff_client)
+    assert value(values, "rq_task_retries_total") == 1
+    assert value(values, "rq_tasks_total", status="retried") == 1
+
+
+@pytest.mark.django_db
+def test_workers_health_and_redis_figures(staff_client, redis):
+    values = samples(staff_client)
+    assert value(values, "rq_workers_active") == 0 and value(values, "rq_system_health") == 0
+    worker = CaptionWorker(broker.get_queues(), connection=redis, name="metrics-test-worker", pool="default")
+    worker.register_birth()
+    try:
+        values = samples(staff_client)
+        assert value(values, "rq_workers_active") == 1 and value(values, "rq_system_health") == 1
+        assert value(values, "rq_worker_busy_ratio") == 0
+        assert value(values, "rq_worker_memory_bytes", worker="metrics-test-worker", pool="default") > 10_000_000
+        assert value(values, "rq_redis_used_memory_bytes") > 0
+        assert value(values, "rq_redis_connected_clients") >= 1
+        assert value(values, "rq_redis_maxclients") > 0
+        assert value(values, "rq_fallback_active") == 0
+    finally:
+        worker.register_death()
+
+
+@pytest.mark.django_db
+def test_scrape_cost_does_not_grow_with_jobs(staff_client, redis, media_image, django_assert_max_num_queries,
+                                             django_capture_on_commit_callbacks):
+    def commands_for_one_scrape():
+        before = {k: v["calls"] for k, v in redis.info("commandstats").items()}
+        with django_assert_max_num_queries(4 + 2):  # 2 for the session and user
+            samples(staff_client)
+        after = {k: v["calls"] for k, v in redis.info("commandstats").items()}
+        return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+    reference = media_image()
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks_submit_many(specs=[TaskSpec(reference) for _ in range(10)])
+    small = commands_for_one_scrape()
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks_submit_many(specs=[TaskSpec(reference) for _ in range(2000)])
+    large = commands_for_one_scrape()
+    small.pop("cmdstat_info", None), large.pop("cmdstat_info", None)  # commandstats itself
+    assert small == large
+    assert not {"cmdstat_keys", "cmdstat_lrange", "cmdstat_zremrangebyscore", "cmdstat_scan"} & set(large)
+
+
+@pytest.mark.django_db
+def test_health_api_reports_each_component(staff_client, redis):
+    response = staff_client.get(reverse("api-health"))
+    report = response.json()
+    assert response.status_code == 503 and report["status"] == "unhealthy"
+    assert report["components"]["redis"] == {"status": "healthy", "reason": "answers"}
+    assert report["components"]["database"]["status"] == "healthy"
+    assert report["components"]["workers"] == {"status": "unhealthy", "reason": "no worker is alive"}
+    workers = [CaptionWorker(broker.get_queues(), connection=redis, name=f"health-{index}") for index in range(2)]
+    for worker in workers:
+        worker.register_birth()
+    try:
+        response = staff_client.get(reverse("api-health"))
+        assert response.status_code == 200 and response.json()["status"] == "healthy"
+        assert response.json()["worker_count"] == 2
+    finally:
+        for worker in workers:
+            worker.register_death()
+
+
+@pytest.mark.django_db
+def test_apis_with_redis_stopped(staff_client, redis_server_factory):
+    server = redis_server_factory("health")
+    server.stop()
+    health = staff_client.get(reverse("api-health"))
+    assert health.status_code == 503
+    assert health.json()["components"]["redis"]["status"] == "unhealthy"
+    assert "Redis is unreachable" in health.json()["components"]["redis"]["reason"]
+    assert health.json()["fallback_active"] is True
+    ready = staff_client.get(reverse("readyz"))
+    assert ready.status_code == 503 and "redis" in ready.json()["problems"]
+    metrics = staff_client.get(reverse("api-metrics"))
+    assert metrics.status_code == 200 and metrics.json()["redis_reachable"] is False
+    values = samples(staff_client)
+    assert value(values, "rq_system_health") == 0 and value(values, "rq_fallback_active") == 1
+    server.start()
+    broker.reset_connection()
+    assert staff_client.get(reverse("readyz")).status_code == 200
+    # The errors seen while Redis was down were kept and counted once it was back.
+    values = samples(staff_client)
+    assert value(values, "rq_redis_connection_errors_total") >= 1
+
+
+@pytest.mark.django_db
+def test_metrics_api_shape(staff_client, redis, media_image, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks_submit_many(specs=[TaskSpec(media_image(), priority="urgent") for _ in range(4)])
+    body = staff_client.get(reverse("api-metrics")).json()
+    assert body["queues"]["urgent"] == {"length": 4, "dead_letters": 0}
+    assert body["totals"]["queued_jobs"] == 4 and body["tasks"] == {"queued": 4}
+    assert body["workers"]["active"] == 0 and body["redis"]["used_memory"] > 0
+
+
+def test_healthz_needs_nothing(client):
+    assert client.get(reverse("healthz")).json() == {"status": "ok"}
