@@ -19,6 +19,7 @@ from rq.registry import FailedJobRegistry
 from rq.worker import Worker
 
 from monitoring.recorder import (
+    BUFFER,
     COUNTERS_KEY,
     PROCESSING_BUCKETS,
     WAIT_BUCKETS,
@@ -93,17 +94,22 @@ def take_snapshot() -> Snapshot:
 def _read_redis(snapshot: Snapshot) -> None:
     connection = broker.get_connection()
     pipe = connection.pipeline(transaction=False)
+    pending = flush_pending(pipe)  # first: this process's buffered increments are part of what it reports
     for name in broker.QUEUE_NAMES:
         pipe.llen(f"rq:queue:{name}")
         pipe.zcard(FailedJobRegistry(name, connection=connection).key)
         pipe.hgetall(histogram_key("processing", name))
         pipe.hgetall(histogram_key("wait", name))
-    flush_pending(pipe)  # errors this process saw while Redis was down
     pipe.hgetall(COUNTERS_KEY)
     pipe.info("memory")
     pipe.info("clients")
     pipe.smembers(Worker.redis_workers_keys)
-    values = pipe.execute()
+    try:
+        values = pipe.execute()
+    except Exception:
+        BUFFER.give_back(pending)
+        raise
+    values = values[len(pending):]
     for index, name in enumerate(broker.QUEUE_NAMES):
         length, dead, processing, wait = values[index * 4:index * 4 + 4]
         snapshot.queue_lengths[name] = length

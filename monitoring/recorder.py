@@ -1,17 +1,22 @@
 """Counters and histograms shared by every process on every host, kept in Redis.
 
-Workers record each ended attempt (one pipelined round trip); any portal process reads them at scrape time, so
+Workers record each ended attempt into an in-process buffer that a daemon thread adds to Redis every second (and
+at exit), so recording costs no round trip on the job's path; any portal process reads the sums at scrape time, so
 every scrape of any portal process reports the same fleet-wide figures. prometheus_client's multiprocess mode was
 the alternative, but it only adds up processes of one host sharing a directory, and our workers run on many hosts.
+Errors reaching Redis are buffered the same way and arrive once Redis is back.
 
 Histograms are stored as non-cumulative bucket counts plus sum and count; the collector makes them cumulative.
 """
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import logging
+import os
 import threading
+from collections import defaultdict
 
 from queues import broker
 from queues.errors import BrokerUnavailable
@@ -23,6 +28,7 @@ COUNTERS_KEY = PREFIX + "counters"
 PROCESSING_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OUTCOME_STATUS = {"completed": "completed", "failed": "failed", "retry": "retried", "worker_lost": "worker_lost"}
+FLUSH_INTERVAL = 1.0
 
 
 def histogram_key(name: str, queue: str) -> str:
@@ -35,51 +41,92 @@ def bucket_field(buckets: tuple[float, ...], value: float) -> str:
     return f"b{index}" if index < len(buckets) else "inf"
 
 
+class Buffer:
+    """Increments waiting to be added to Redis: {(key, field): amount}."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._amounts: dict[tuple[str, str], float] = defaultdict(float)
+        self._flusher_pid: int | None = None
+
+    def add(self, key: str, field: str, amount: float = 1) -> None:
+        with self._lock:
+            self._amounts[(key, field)] += amount
+        self._ensure_flusher()
+
+    def take(self) -> dict[tuple[str, str], float]:
+        with self._lock:
+            taken, self._amounts = dict(self._amounts), defaultdict(float)
+        return taken
+
+    def give_back(self, amounts: dict[tuple[str, str], float]) -> None:
+        with self._lock:
+            for item, amount in amounts.items():
+                self._amounts[item] += amount
+
+    def write(self, pipe, amounts: dict[tuple[str, str], float]) -> None:
+        for (key, field), amount in amounts.items():
+            if float(amount).is_integer():
+                pipe.hincrby(key, field, int(amount))
+            else:
+                pipe.hincrbyfloat(key, field, amount)
+
+    def flush(self) -> bool:
+        amounts = self.take()
+        if not amounts:
+            return True
+        try:
+            pipe = broker.get_connection().pipeline(transaction=False)
+            self.write(pipe, amounts)
+            pipe.execute()
+            return True
+        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+            amounts[(COUNTERS_KEY, "redis_errors")] = amounts.get((COUNTERS_KEY, "redis_errors"), 0) + 1
+            self.give_back(amounts)
+            return False
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher_pid == os.getpid():
+            return
+        self._flusher_pid = os.getpid()  # one flusher per process, started again in a forked child
+        threading.Thread(target=self._flush_forever, name="metrics-flusher", daemon=True).start()
+        atexit.register(self.flush)
+
+    def _flush_forever(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(FLUSH_INTERVAL):
+            try:
+                self.flush()
+            except Exception:  # never let the flusher die
+                logger.debug("metrics flush failed", exc_info=True)
+
+
+BUFFER = Buffer()
+
+
 def record_attempt(*, queue: str, outcome: str, processing_seconds: float | None, wait_seconds: float | None,
                    **kwargs) -> None:
     """Receiver of queues.signals.attempt_ended."""
-    try:
-        pipe = broker.get_connection().pipeline(transaction=False)
-        pipe.hincrby(COUNTERS_KEY, f"tasks:{OUTCOME_STATUS.get(outcome, outcome)}", 1)
-        if outcome in ("retry", "worker_lost"):
-            pipe.hincrby(COUNTERS_KEY, "retries", 1)
-        for name, buckets, value in (("processing", PROCESSING_BUCKETS, processing_seconds),
-                                     ("wait", WAIT_BUCKETS, wait_seconds)):
-            if value is None:
-                continue
-            key = histogram_key(name, queue)
-            pipe.hincrby(key, bucket_field(buckets, value), 1)
-            pipe.hincrbyfloat(key, "sum", value)
-            pipe.hincrby(key, "count", 1)
-        flush_pending(pipe)
-        pipe.execute()
-    except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
-        note_unavailable(service="redis", where="metrics")
-
-
-# Errors reaching Redis cannot be counted in Redis at that moment: they wait in this process and are added with its
-# next successful write.
-_pending: dict[str, int] = {}
-_pending_lock = threading.Lock()
+    BUFFER.add(COUNTERS_KEY, f"tasks:{OUTCOME_STATUS.get(outcome, outcome)}")
+    if outcome in ("retry", "worker_lost"):
+        BUFFER.add(COUNTERS_KEY, "retries")
+    for name, buckets, value in (("processing", PROCESSING_BUCKETS, processing_seconds),
+                                 ("wait", WAIT_BUCKETS, wait_seconds)):
+        if value is None:
+            continue
+        key = histogram_key(name, queue)
+        BUFFER.add(key, bucket_field(buckets, value))
+        BUFFER.add(key, "sum", value)
+        BUFFER.add(key, "count")
 
 
 def note_unavailable(*, service: str, where: str = "", **kwargs) -> None:
-    """Receiver of queues.signals.service_unavailable (and used directly by monitoring's own checks)."""
-    field = "redis_errors" if service == "redis" else "database_errors"
-    with _pending_lock:
-        _pending[field] = _pending.get(field, 0) + 1
-    if service != "redis":
-        try:
-            pipe = broker.get_connection().pipeline(transaction=False)
-            flush_pending(pipe)
-            pipe.execute()
-        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
-            pass
+    """Receiver of queues.signals.service_unavailable (and used by monitoring's own checks)."""
+    BUFFER.add(COUNTERS_KEY, "redis_errors" if service == "redis" else "database_errors")
 
 
-def flush_pending(pipe) -> None:
-    with _pending_lock:
-        pending = dict(_pending)
-        _pending.clear()
-    for field, count in pending.items():
-        pipe.hincrby(COUNTERS_KEY, field, count)
+def flush_pending(pipe) -> dict:
+    """Adds this process's buffered increments to ``pipe`` (a scrape reads them in the same round trip)."""
+    amounts = BUFFER.take()
+    BUFFER.write(pipe, amounts)
+    return amounts

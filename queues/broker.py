@@ -82,7 +82,7 @@ class CaptionQueue(DjangoRQ):
         from rq.exceptions import DequeueTimeout
 
         connection = connection or queues[0].connection
-        paused = {name.decode() for name in connection.smembers(PAUSED_QUEUES_KEY)}
+        paused = _paused_cached(connection)
         active = [queue for queue in queues if queue.name not in paused]
         if paused and timeout is not None:
             timeout = min(timeout, 1)  # look at the paused set again soon, so a resume takes effect within ~1 s
@@ -92,13 +92,29 @@ class CaptionQueue(DjangoRQ):
             time.sleep(timeout)
             raise DequeueTimeout(timeout, [queue.key for queue in queues])
         result = super().dequeue_any(active, timeout, connection=connection, **kwargs)
-        if result is not None and connection.sismember(PAUSED_QUEUES_KEY, result[1].name):
+        if result is not None and paused and connection.sismember(PAUSED_QUEUES_KEY, result[1].name):
             # Paused between our check and the pop: put the job back at the front, untouched.
             connection.lpush(result[1].key, result[0].id)
             if timeout is None:
                 return None
             raise DequeueTimeout(timeout, [queue.key for queue in queues])
         return result
+
+
+# The paused set is read at most once a second per process: a pause or resume takes effect within about a second,
+# and dequeuing costs no extra round trip per job.
+PAUSED_CACHE_SECONDS = 1.0
+_paused_cache: dict[int, tuple[float, frozenset]] = {}
+
+
+def _paused_cached(connection) -> frozenset:
+    now = time.monotonic()
+    cached = _paused_cache.get(id(connection))
+    if cached is None or cached[0] <= now:
+        cached = (now + PAUSED_CACHE_SECONDS,
+                  frozenset(name.decode() for name in connection.smembers(PAUSED_QUEUES_KEY)))
+        _paused_cache[id(connection)] = cached
+    return cached[1]
 
 
 _local = threading.local()
@@ -334,6 +350,7 @@ def paused_queues() -> set[str]:
 def set_queue_paused(queue_name: str, paused: bool) -> None:
     get_queue(queue_name)  # validates the name
     (get_connection().sadd if paused else get_connection().srem)(PAUSED_QUEUES_KEY, queue_name)
+    _paused_cache.clear()  # this process sees it at once; other processes within PAUSED_CACHE_SECONDS
 
 
 # --- operator actions and the queues overview --------------------------------------------------------------------
