@@ -8,4 +8,5 @@ urlpatterns = [
     path("metrics", views.metrics, name="metrics"),
     path("api/rq/health", views.api_health, name="api-health"),
     path("api/rq/metrics", views.api_metrics, name="api-metrics"),
+    path("api/rq/performance", views.api_performance, name="api-performance"),
 ]

@@ -7,6 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from monitoring.access import metrics_access
 from monitoring.collectors import QueueSystemCollector, take_snapshot
 from monitoring.health import health_report, metrics_report
+from monitoring.sampler import performance
 from queues import broker
 
 # Our collector lives in its own registry: django-prometheus's default registry holds per-process HTTP and database
@@ -55,3 +56,12 @@ def api_health(request):
 @metrics_access
 def api_metrics(request):
     return JsonResponse(metrics_report(take_snapshot()))
+
+
+@require_GET
+@metrics_access
+def api_performance(request):
+    try:
+        return JsonResponse(performance(window=request.GET.get("window", "1h")))
+    except ValueError as error:
+        return JsonResponse({"error": str(error), "field": "window"}, status=400)

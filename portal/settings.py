@@ -148,6 +148,9 @@ METRICS_TOKEN = env_str("METRICS_TOKEN")
 if METRICS_TOKEN is not None and len(METRICS_TOKEN) < 16:
     raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters long")
 
+# Per-minute metric samples are folded into hourly ones after a day and deleted after this many days.
+METRICS_RETENTION_DAYS = env_int("METRICS_RETENTION_DAYS", 30, minimum=1)
+
 CAPTION_QUEUES = ("urgent", "high", "normal", "low")
 RQ_QUEUES = {
     name: {

@@ -1,0 +1,32 @@
+from django.db import models
+
+
+class MetricSample(models.Model):
+    """Figures of one queue (or of the fleet, queue "") over one minute, or one hour once downsampled."""
+
+    class Resolution(models.TextChoices):
+        MINUTE = "1m", "minute"
+        HOUR = "1h", "hour"
+
+    at = models.DateTimeField(help_text="Start of the period.")
+    resolution = models.CharField(max_length=2, choices=Resolution.choices, default=Resolution.MINUTE)
+    queue = models.CharField(max_length=10, blank=True, help_text="Empty for fleet-wide figures.")
+    depth = models.PositiveIntegerField(default=0)
+    completed = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    retried = models.PositiveIntegerField(default=0)
+    processing_p50 = models.FloatField(null=True, blank=True)
+    processing_p95 = models.FloatField(null=True, blank=True)
+    processing_sum = models.FloatField(default=0)
+    wait_p50 = models.FloatField(null=True, blank=True)
+    wait_p95 = models.FloatField(null=True, blank=True)
+    workers = models.PositiveIntegerField(default=0)
+    busy_ratio = models.FloatField(default=0)
+
+    class Meta:
+        ordering = ["at"]
+        constraints = [models.UniqueConstraint(fields=["resolution", "queue", "at"], name="sample_unique_period")]
+        indexes = [models.Index(fields=["queue", "at"], name="sample_queue_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.queue or 'fleet'} {self.at:%Y-%m-%d %H:%M} ({self.resolution})"

@@ -1,0 +1,240 @@
+"""Per-minute metric history, performance figures and the capacity report, all computed from recorded samples.
+
+The sampler reads the shared counters and histograms (monitoring.recorder), subtracts what it saw a minute before
+(kept in Redis with the sample's time) and writes one ``MetricSample`` per queue plus one for the fleet. Exactly one
+sampler writes each minute however many run: a ``SET NX`` on a key naming the minute. Old minutes are folded into
+hourly rows and then deleted, in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from monitoring.collectors import Snapshot, take_snapshot
+from monitoring.models import MetricSample
+from monitoring.recorder import PROCESSING_BUCKETS, WAIT_BUCKETS
+from queues import broker
+
+LAST_KEY = "portal:metrics:sampler:last"
+BATCH = 1000
+
+
+def quantile(buckets: tuple[float, ...], counts: dict[str, float], q: float) -> float | None:
+    """Prometheus' histogram_quantile on non-cumulative bucket counts (linear within the bucket)."""
+    total = sum(counts.get(f"b{i}", 0.0) for i in range(len(buckets))) + counts.get("inf", 0.0)
+    if total <= 0:
+        return None
+    rank, seen, lower = q * total, 0.0, 0.0
+    for index, upper in enumerate(buckets):
+        count = counts.get(f"b{index}", 0.0)
+        if seen + count >= rank and count > 0:
+            return lower + (upper - lower) * (rank - seen) / count
+        seen += count
+        lower = upper
+    return buckets[-1]  # in the +Inf bucket: the best bound we know
+
+
+def _delta(now: dict, before: dict) -> dict:
+    return {key: max(0.0, value - before.get(key, 0.0)) for key, value in now.items()}
+
+
+def sample_take(*, now: datetime | None = None, snapshot: Snapshot | None = None) -> list[MetricSample] | None:
+    """Writes the samples of the minute that just ended. Returns None if another sampler already wrote it."""
+    now = now or timezone.now()
+    minute = now.replace(second=0, microsecond=0)
+    connection = broker.get_connection()
+    if not connection.set(f"portal:metrics:sampler:minute:{minute.isoformat()}", "1", nx=True, ex=180):
+        return None
+    snapshot = snapshot or take_snapshot()
+    raw_last = connection.get(LAST_KEY)
+    last = json.loads(raw_last) if raw_last else {}
+    state = {"counters": snapshot.counters,
+             "histograms": {f"{kind}:{queue}": values for (kind, queue), values in snapshot.histograms.items()}}
+    connection.set(LAST_KEY, json.dumps(state))
+    if not last:
+        return []  # the first minute only sets the baseline
+    counters = _delta(snapshot.counters, last.get("counters", {}))
+    rows = []
+    period = minute - timedelta(minutes=1)
+    alive = len(snapshot.alive_workers)
+    fleet = MetricSample(at=period, queue="", depth=sum(snapshot.queue_lengths.values()), workers=alive,
+                         busy_ratio=snapshot.busy_ratio, completed=int(counters.get("tasks:completed", 0)),
+                         failed=int(counters.get("tasks:failed", 0)), retried=int(counters.get("retries", 0)))
+    fleet_processing, fleet_wait = {}, {}
+    for queue in broker.QUEUE_NAMES:
+        processing = _delta(snapshot.histograms.get(("processing", queue), {}),
+                            last.get("histograms", {}).get(f"processing:{queue}", {}))
+        wait = _delta(snapshot.histograms.get(("wait", queue), {}), last.get("histograms", {}).get(f"wait:{queue}", {}))
+        for target, source in ((fleet_processing, processing), (fleet_wait, wait)):
+            for key, value in source.items():
+                target[key] = target.get(key, 0.0) + value
+        rows.append(MetricSample(
+            at=period, queue=queue, depth=snapshot.queue_lengths.get(queue, 0), workers=alive,
+            busy_ratio=snapshot.busy_ratio, completed=int(processing.get("count", 0)),
+            processing_p50=quantile(PROCESSING_BUCKETS, processing, 0.5),
+            processing_p95=quantile(PROCESSING_BUCKETS, processing, 0.95), processing_sum=processing.get("sum", 0),
+            wait_p50=quantile(WAIT_BUCKETS, wait, 0.5), wait_p95=quantile(WAIT_BUCKETS, wait, 0.95)))
+    fleet.processing_p50 = quantile(PROCESSING_BUCKETS, fleet_processing, 0.5)
+    fleet.processing_p95 = quantile(PROCESSING_BUCKETS, fleet_processing, 0.95)
+    fleet.processing_sum = fleet_processing.get("sum", 0)
+    fleet.wait_p50 = quantile(WAIT_BUCKETS, fleet_wait, 0.5)
+    fleet.wait_p95 = quantile(WAIT_BUCKETS, fleet_wait, 0.95)
+    rows.append(fleet)
+    MetricSample.objects.bulk_create(rows, ignore_conflicts=True)
+    return rows
+
+
+def samples_compact(*, now: datetime | None = None) -> dict:
+    """Folds minute rows older than a day into hourly rows; deletes rows older than METRICS_RETENTION_DAYS."""
+    now = now or timezone.now()
+    folded = deleted = 0
+    cutoff = now - timedelta(days=1)
+    minutes = MetricSample.objects.filter(resolution=MetricSample.Resolution.MINUTE, at__lt=cutoff)
+    while True:
+        first = minutes.order_by("at").values_list("at", flat=True).first()
+        if first is None:
+            break
+        hour = first.replace(minute=0, second=0, microsecond=0)
+        group = minutes.filter(at__gte=hour, at__lt=hour + timedelta(hours=1))
+        with transaction.atomic():
+            for queue in group.values_list("queue", flat=True).distinct():
+                rows = list(group.filter(queue=queue))
+                completed = sum(row.completed for row in rows)
+                MetricSample.objects.update_or_create(
+                    resolution=MetricSample.Resolution.HOUR, queue=queue, at=hour, defaults={
+                        "depth": max(row.depth for row in rows), "completed": completed,
+                        "failed": sum(row.failed for row in rows), "retried": sum(row.retried for row in rows),
+                        "processing_sum": sum(row.processing_sum for row in rows),
+                        "processing_p50": _weighted([(row.processing_p50, row.completed) for row in rows]),
+                        "processing_p95": max((row.processing_p95 for row in rows if row.processing_p95 is not None),
+                                              default=None),
+                        "wait_p50": _weighted([(row.wait_p50, row.completed) for row in rows]),
+                        "wait_p95": max((row.wait_p95 for row in rows if row.wait_p95 is not None), default=None),
+                        "workers": max(row.workers for row in rows),
+                        "busy_ratio": sum(row.busy_ratio for row in rows) / len(rows)})
+            folded += group.count()
+            group.delete()
+    old = MetricSample.objects.filter(at__lt=now - timedelta(days=settings.METRICS_RETENTION_DAYS))
+    while True:
+        batch = list(old.values_list("pk", flat=True)[:BATCH])
+        if not batch:
+            break
+        deleted += MetricSample.objects.filter(pk__in=batch).delete()[0]
+    return {"folded": folded, "deleted": deleted}
+
+
+def _weighted(pairs):
+    pairs = [(value, weight) for value, weight in pairs if value is not None and weight]
+    total = sum(weight for _, weight in pairs)
+    return sum(value * weight for value, weight in pairs) / total if total else None
+
+
+WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "6h": timedelta(hours=6),
+           "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+
+
+def _trend(first: float | None, second: float | None) -> str:
+    if first is None or second is None:
+        return "stable"
+    if first == 0:
+        return "increasing" if second > 0 else "stable"
+    change = (second - first) / first
+    return "increasing" if change > 0.1 else "decreasing" if change < -0.1 else "stable"
+
+
+def performance(*, window: str, now: datetime | None = None) -> dict:
+    """Average and p95 processing time, throughput per minute, error rate, queue wait and trends over the window,
+    from recorded fleet samples (never constants). Raises ValueError for an unknown window."""
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {', '.join(WINDOWS)}; got {window!r}")
+    now = now or timezone.now()
+    start = now - WINDOWS[window]
+    rows = list(MetricSample.objects.filter(queue="", at__gte=start, at__lt=now).order_by("at"))
+    minutes = sum(60 if row.resolution == MetricSample.Resolution.HOUR else 1 for row in rows)
+    completed = sum(row.completed for row in rows)
+    failed = sum(row.failed for row in rows)
+    half = start + WINDOWS[window] / 2
+
+    def per_minute(selected):
+        span = sum(60 if row.resolution == MetricSample.Resolution.HOUR else 1 for row in selected)
+        return sum(row.completed for row in selected) / span if span else None
+
+    first, second = [row for row in rows if row.at < half], [row for row in rows if row.at >= half]
+    p95s = [row.processing_p95 for row in rows if row.processing_p95 is not None]
+    return {
+        "window": window, "samples": len(rows), "from": start.isoformat(), "to": now.isoformat(),
+        "processing_seconds": {"average": sum(row.processing_sum for row in rows) / completed if completed else None,
+                               "p95": max(p95s) if p95s else None},
+        "throughput_per_minute": completed / minutes if minutes else None,
+        "error_rate": failed / (completed + failed) if completed + failed else None,
+        "queue_wait_seconds": {"p50": _weighted([(row.wait_p50, row.completed) for row in rows]),
+                               "p95": max((row.wait_p95 for row in rows if row.wait_p95 is not None), default=None)},
+        "trends": {
+            "throughput": _trend(per_minute(first), per_minute(second)),
+            "processing_p95": _trend(_mean([row.processing_p95 for row in first]),
+                                     _mean([row.processing_p95 for row in second])),
+            "queue_depth": _trend(_mean([row.depth for row in first]), _mean([row.depth for row in second])),
+        },
+    }
+
+
+def _mean(values):
+    values = [value for value in values if value is not None]
+    return sum(values) / len(values) if values else None
+
+
+TARGETS = {"throughput_per_minute": 50, "backlog": 50, "utilisation": (0.70, 0.85), "pickup_seconds": 120}
+
+
+def capacity_report(*, days: int, now: datetime | None = None) -> dict:
+    """The old system's capacity targets against measured figures over ``days``, with what to scale."""
+    now = now or timezone.now()
+    rows = MetricSample.objects.filter(queue="", at__gte=now - timedelta(days=days), at__lt=now)
+    figures = rows.aggregate(peak_depth=Max("depth"))
+    minute_rows = list(rows.values_list("resolution", "completed", "depth", "busy_ratio", "wait_p95", "workers"))
+    per_minute = [completed / (60 if resolution == "1h" else 1) for resolution, completed, *_ in minute_rows]
+    peak = max(per_minute, default=None)
+    depths = [depth for _, _, depth, *_ in minute_rows]
+    busy = [ratio for *_, ratio, _, _ in minute_rows if ratio is not None]
+    waits = [wait for *_, wait, _ in minute_rows if wait is not None]
+    workers = [count for *_, count in minute_rows]
+    measured = {
+        "peak_throughput_per_minute": peak,
+        "average_backlog": _mean(depths), "peak_backlog": figures["peak_depth"],
+        "average_utilisation": _mean(busy), "pickup_p95_seconds": max(waits) if waits else None,
+        "average_workers": _mean(workers), "samples": len(minute_rows),
+    }
+    checks, advice = [], []
+    if measured["samples"] == 0:
+        advice.append("No samples yet: run the sampler (manage.py run_sampler) for a while first.")
+    else:
+        checks.append(_check("throughput >= 50 tasks/min at peak", peak, peak is not None and peak >= 50))
+        checks.append(_check("backlog < 50", measured["average_backlog"], (measured["average_backlog"] or 0) < 50))
+        utilisation = measured["average_utilisation"] or 0
+        checks.append(_check("utilisation 70-85 %", utilisation, 0.70 <= utilisation <= 0.85))
+        pickup = measured["pickup_p95_seconds"]
+        checks.append(_check("pickup < 2 min", pickup, pickup is None or pickup < 120))
+        average_workers = measured["average_workers"] or 0
+        if utilisation > 0.85 or (measured["average_backlog"] or 0) >= 50 or (pickup or 0) >= 120:
+            target = max(math.ceil(average_workers) + 1, math.ceil(average_workers * utilisation / 0.775)) \
+                if average_workers else 2
+            advice.append(f"Scale up: about {target} workers would bring utilisation near 77 %.")
+        elif utilisation < 0.70 and average_workers > 2:
+            target = max(2, math.ceil(average_workers * utilisation / 0.775))
+            advice.append(f"Scale down: about {target} workers would still meet the targets.")
+        else:
+            advice.append("The fleet is sized within the targets.")
+    return {"days": days, "targets": {"throughput_per_minute": ">= 50", "backlog": "< 50", "utilisation": "70-85 %",
+                                      "pickup": "< 2 min"},
+            "measured": measured, "checks": checks, "advice": advice}
+
+
+def _check(name: str, value, ok: bool) -> dict:
+    return {"target": name, "measured": value, "ok": bool(ok)}

@@ -1,0 +1,130 @@
+"""Metric history: the sampler, its single-writer guarantee, performance figures and the capacity report."""
+
+import json
+import threading
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.urls import reverse
+from django.utils import timezone
+
+from monitoring.models import MetricSample
+from monitoring.recorder import BUFFER, PROCESSING_BUCKETS, record_attempt
+from monitoring.sampler import capacity_report, performance, quantile, sample_take, samples_compact
+
+
+def test_quantile_interpolates_within_buckets():
+    # 10 observations in (0.5, 1.0], 10 in (1.0, 2.5]
+    counts = {"b3": 10.0, "b4": 10.0}
+    assert quantile(PROCESSING_BUCKETS, counts, 0.5) == pytest.approx(1.0)
+    assert quantile(PROCESSING_BUCKETS, counts, 0.95) == pytest.approx(1.0 + 1.5 * 0.9)
+    assert quantile(PROCESSING_BUCKETS, {}, 0.5) is None
+    assert quantile(PROCESSING_BUCKETS, {"inf": 3.0}, 0.5) == PROCESSING_BUCKETS[-1]
+
+
+@pytest.mark.django_db
+def test_sampler_records_a_minute_of_real_counters(redis):
+    start = timezone.now().replace(second=5, microsecond=0)
+    BUFFER.take()
+    assert sample_take(now=start) == []  # the baseline
+    for seconds in (0.3, 0.3, 0.7, 4.0):
+        record_attempt(queue="normal", outcome="completed", processing_seconds=seconds, wait_seconds=0.02)
+    record_attempt(queue="low", outcome="failed", processing_seconds=1.5, wait_seconds=3.0)
+    record_attempt(queue="low", outcome="retry", processing_seconds=0.2, wait_seconds=0.5)
+    rows = sample_take(now=start + timedelta(minutes=1))
+    by_queue = {row.queue: row for row in rows}
+    normal, fleet = by_queue["normal"], by_queue[""]
+    assert normal.completed == 4 and normal.at == start.replace(second=0)
+    assert 0.25 < normal.processing_p50 <= 0.5 and 2.5 < normal.processing_p95 <= 5.0
+    assert normal.processing_sum == pytest.approx(5.3)
+    assert fleet.completed == 4 and fleet.failed == 1 and fleet.retried == 1
+    assert MetricSample.objects.count() == 5  # four queues and the fleet
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_one_sampler_writes_each_minute(redis):
+    now = timezone.now()
+    sample_take(now=now - timedelta(minutes=1))  # baseline
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(sample_take(now=now))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(1 for result in results if result is not None) == 1
+    assert MetricSample.objects.filter(queue="").count() == 1
+
+
+def fleet_rows(start, values):
+    """One fleet sample per minute: (completed, failed, processing_p95, depth)."""
+    for index, (completed, failed, p95, depth) in enumerate(values):
+        MetricSample.objects.create(at=start + timedelta(minutes=index), queue="", completed=completed,
+                                    failed=failed, processing_p95=p95, processing_sum=completed * 0.5,
+                                    depth=depth, wait_p50=0.1, wait_p95=0.4, workers=4, busy_ratio=0.8)
+
+
+@pytest.mark.django_db
+def test_performance_comes_from_recorded_samples(client, admin_user):
+    now = timezone.now().replace(second=0, microsecond=0)
+    fleet_rows(now - timedelta(minutes=60), [(10, 0, 1.0, 5)] * 30 + [(30, 2, 2.0, 40)] * 30)
+    report = performance(window="1h", now=now)
+    assert report["samples"] == 60
+    assert report["throughput_per_minute"] == pytest.approx(20.0)
+    assert report["error_rate"] == pytest.approx(60 / 1260)
+    assert report["processing_seconds"] == {"average": pytest.approx(0.5), "p95": 2.0}
+    assert report["trends"] == {"throughput": "increasing", "processing_p95": "increasing",
+                                "queue_depth": "increasing"}
+    client.force_login(admin_user)
+    body = client.get(reverse("api-performance"), {"window": "1h"}).json()
+    assert body["samples"] in (59, 60)  # the live window starts at a second within the first minute
+    assert body["trends"]["throughput"] == "increasing"
+    bad = client.get(reverse("api-performance"), {"window": "1 fortnight"})
+    assert bad.status_code == 400 and bad.json()["field"] == "window" and "15m, 1h" in bad.json()["error"]
+
+
+@pytest.mark.django_db
+def test_performance_without_samples_says_so(client, admin_user):
+    report = performance(window="15m")
+    assert report["samples"] == 0 and report["throughput_per_minute"] is None
+    assert report["trends"]["throughput"] == "stable"
+
+
+@pytest.mark.django_db
+def test_old_minutes_fold_into_hours_and_expire(settings):
+    settings.METRICS_RETENTION_DAYS = 3
+    now = timezone.now()
+    two_days_ago = (now - timedelta(days=2)).replace(minute=0, second=0, microsecond=0)
+    fleet_rows(two_days_ago, [(5, 1, 1.0, 3)] * 60)
+    fleet_rows((now - timedelta(days=5)).replace(minute=0, second=0, microsecond=0), [(1, 0, 1.0, 1)] * 3)
+    fleet_rows(now - timedelta(minutes=10), [(7, 0, 1.0, 2)] * 5)
+    result = samples_compact(now=now)
+    hourly = MetricSample.objects.get(resolution="1h", at=two_days_ago)
+    assert (hourly.completed, hourly.failed, hourly.depth) == (300, 60, 3)
+    assert result["folded"] == 63 and result["deleted"] == 1  # the five-day-old hour is folded, then expired
+    assert MetricSample.objects.filter(resolution="1m").count() == 5
+
+
+@pytest.mark.django_db
+def test_capacity_report_against_targets(capsys):
+    now = timezone.now().replace(second=0, microsecond=0)
+    fleet_rows(now - timedelta(minutes=30), [(60, 0, 1.0, 80)] * 30)
+    MetricSample.objects.update(busy_ratio=0.95)
+    report = capacity_report(days=7, now=now)
+    checks = {check["target"]: check["ok"] for check in report["checks"]}
+    assert checks == {"throughput >= 50 tasks/min at peak": True, "backlog < 50": False,
+                      "utilisation 70-85 %": False, "pickup < 2 min": True}
+    assert report["advice"][0].startswith("Scale up: about 5 workers")
+    call_command("capacity_report", "--days", "7")
+    out = capsys.readouterr().out
+    assert "MISS backlog < 50" in out and "Scale up" in out
+    call_command("capacity_report", "--json")
+    assert json.loads(capsys.readouterr().out)["measured"]["peak_backlog"] == 80
+
+
+@pytest.mark.django_db
+def test_capacity_report_rejects_bad_days():
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="--days must be between 1 and 365"):
+        call_command("capacity_report", "--days", "0")
