@@ -123,6 +123,7 @@ class Command(BaseCommand):
         children = [web]
         children.append(Child("supervisor", [python, manage, "runworkers", "--worker-verbosity", "0"],
                               critical=True))
+        children.append(Child("sampler", [python, manage, "run_sampler", "--verbosity", "0"]))
         for child in children:
             child.start()
 

@@ -1,0 +1,90 @@
+"""The exported Prometheus rules and Grafana dashboard: valid, and naming only metrics the portal serves."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from django.core.management import call_command
+from django.urls import reverse
+from prometheus_client.parser import text_string_to_metric_families
+
+REQUIRED_ALERTS = {"RQQueueDepthHigh": "5m", "RQQueueGrowing": "10m", "RQNoWorkers": "1m", "RQFewWorkers": "5m",
+                   "RQWorkersSaturated": "10m", "RQSuccessRateLow": "10m", "RQProcessingSlow": "10m",
+                   "RQWaitLong": "10m", "RQRedisMemoryHigh": "5m", "RQRedisClientsHigh": "5m",
+                   "RQFallbackActive": "2m"}
+PROMQL_WORDS = {"sum", "rate", "max", "by", "le", "histogram_quantile", "clamp_min", "deriv", "and", "queue",
+                "status", "e", "completed", "failed"}
+
+
+@pytest.fixture
+def served_metric_names(client, admin_user, redis):
+    client.force_login(admin_user)
+    names = set()
+    for family in text_string_to_metric_families(client.get(reverse("metrics")).content.decode()):
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def metric_names_in(expression: str) -> set[str]:
+    return {word for word in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expression)
+            if word.startswith("rq") and word not in PROMQL_WORDS}
+
+
+@pytest.mark.django_db
+def test_rules_cover_the_alerting_guide_and_name_served_metrics(tmp_path, capsys, served_metric_names):
+    call_command("export_prometheus_rules")
+    rules = yaml.safe_load(capsys.readouterr().out)
+    recorded = {rule["record"] for rule in rules["groups"][0]["rules"]}
+    alerts = {rule["alert"]: rule for rule in rules["groups"][1]["rules"]}
+    assert {name: alerts[name]["for"] for name in REQUIRED_ALERTS} == REQUIRED_ALERTS
+    assert "> 100" in alerts["RQQueueDepthHigh"]["expr"] and "< 0.95" in alerts["RQSuccessRateLow"]["expr"]
+    for rule in rules["groups"][0]["rules"] + rules["groups"][1]["rules"]:
+        unknown = metric_names_in(rule["expr"]) - served_metric_names - recorded
+        assert not unknown, (rule, unknown)
+    output = tmp_path / "rules.yml"
+    call_command("export_prometheus_rules", "--output", str(output))
+    assert yaml.safe_load(output.read_text()) == rules
+
+
+def test_promtool_accepts_the_rules(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must check the rules: promtool (Debian package prometheus) is missing")
+        pytest.skip("promtool is not installed here (apt-get install prometheus)")
+    output = tmp_path / "rules.yml"
+    call_command("export_prometheus_rules", "--output", str(output))
+    result = subprocess.run([promtool, "check", "rules", str(output)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 19 rules found" in result.stdout
+
+
+@pytest.mark.django_db
+def test_dashboard_structure_and_metrics(capsys, served_metric_names):
+    call_command("export_grafana_dashboard")
+    dashboard = json.loads(capsys.readouterr().out)
+    assert dashboard["uid"] and dashboard["title"] == "RQ Ops Portal" and dashboard["schemaVersion"] >= 36
+    panels = dashboard["panels"]
+    assert {panel["type"] for panel in panels} == {"timeseries", "stat", "gauge"}  # no deprecated graph/singlestat
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    call_command("export_prometheus_rules")
+    recorded = {rule["record"] for rule in yaml.safe_load(capsys.readouterr().out)["groups"][0]["rules"]}
+    titles = " ".join(panel["title"] for panel in panels).lower()
+    for topic in ("queue length", "processing", "wait", "throughput", "success", "workers", "busy", "dead letters",
+                  "redis memory"):
+        assert topic in titles, topic
+    for panel in panels:
+        assert set(panel["gridPos"]) == {"x", "y", "w", "h"} and panel["targets"]
+        for target in panel["targets"]:
+            assert not metric_names_in(target["expr"]) - served_metric_names - recorded, target
+
+
+def test_export_to_an_unwritable_place_is_a_clear_error(tmp_path):
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="Cannot write"):
+        call_command("export_grafana_dashboard", "--output", str(tmp_path / "missing" / "dir" / "x.json"))
