@@ -1,13 +1,14 @@
 """The queue system's Prometheus metrics, computed at scrape time.
 
 Each scrape makes two pipelined Redis round trips (queue lengths, registries, shared counters and histograms, server
-INFO; then one read per registered worker) and three database queries, whatever the number of jobs: no KEYS, no
+INFO; then one read per registered worker) and one indexed database query, whatever the number of jobs: no KEYS, no
 listing of job ids, no registry cleanup. Metric names of the old system are kept so existing dashboards work.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -70,7 +71,9 @@ def _decode(mapping: dict) -> dict:
             for key, value in mapping.items()}
 
 
-def take_snapshot() -> Snapshot:
+def take_snapshot(*, task_counts: bool = False) -> Snapshot:
+    """``task_counts``: also count tasks by status (a GROUP BY over the whole table: the JSON API wants it, but a
+    Prometheus scrape must not cost more as the table grows, so /metrics leaves it out)."""
     snapshot = Snapshot()
     try:
         _read_redis(snapshot)
@@ -79,8 +82,9 @@ def take_snapshot() -> Snapshot:
         snapshot.redis_error = str(error) or type(error).__name__
         note_unavailable(service="redis", where="metrics")
     try:
-        snapshot.tasks_by_status = dict(CaptionTask.objects.order_by().values_list("status")
-                                        .annotate(count=Count("id")))
+        if task_counts:
+            snapshot.tasks_by_status = dict(CaptionTask.objects.order_by().values_list("status")
+                                            .annotate(count=Count("id")))
         overdue = timezone.now() - timedelta(seconds=FALLBACK_AFTER_SECONDS)
         snapshot.fallback_active = CaptionTask.objects.filter(
             status=TaskStatus.QUEUED, published_at__isnull=True, publish_after__lt=overdue).exists()
@@ -119,10 +123,7 @@ def _read_redis(snapshot: Snapshot) -> None:
     counters, memory, clients, worker_keys = values[-4:]
     snapshot.counters = {k: float(v) for k, v in _decode(counters).items()}
     snapshot.redis_info = {**memory, **clients}
-    try:
-        snapshot.maxclients = int(connection.config_get("maxclients").get("maxclients"))
-    except Exception:  # CONFIG is often disabled on managed Redis
-        snapshot.maxclients = None
+    snapshot.maxclients = _maxclients(connection)
 
     keys = sorted(key.decode() for key in worker_keys)
     if not keys:
@@ -142,6 +143,21 @@ def _read_redis(snapshot: Snapshot) -> None:
             "host": host.decode() if host else payload.get("host", ""), "pool": payload.get("pool", ""),
             "rss": payload.get("rss"),
         })
+
+
+_maxclients_cache: dict = {"expires": 0.0, "value": None}
+
+
+def _maxclients(connection) -> int | None:
+    """CONFIG GET maxclients, read once a minute (it rarely changes; CONFIG is often disabled on managed Redis)."""
+    now = time.monotonic()
+    if now >= _maxclients_cache["expires"]:
+        try:
+            value = int(connection.config_get("maxclients").get("maxclients"))
+        except Exception:
+            value = None
+        _maxclients_cache.update(value=value, expires=now + 60)
+    return _maxclients_cache["value"]
 
 
 def _histogram(name: str, documentation: str, buckets: tuple[float, ...], snapshot: Snapshot, kind: str):
@@ -207,11 +223,6 @@ def families(snapshot: Snapshot):
                               value=snapshot.counters.get("redis_errors", 0.0))
     yield CounterMetricFamily("rq_database_connection_errors", "Times a component could not reach the database",
                               value=snapshot.counters.get("database_errors", 0.0))
-
-    by_status = GaugeMetricFamily("rq_tasks_by_status", "Tasks in the database by status", labels=["status"])
-    for status in TaskStatus.values:
-        by_status.add_metric([status.lower()], snapshot.tasks_by_status.get(status, 0))
-    yield by_status
 
     info = snapshot.redis_info
     if snapshot.redis_ok:

@@ -1,4 +1,8 @@
+import threading
+import time
+
 from django.db import DatabaseError, connection
+from django.utils import timezone
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -45,17 +49,33 @@ def metrics(request):
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 
 
+# Load balancers and monitors poll the health API often and all at once: each process computes it at most once a
+# second and answers from that in between (the report says when it was taken).
+HEALTH_CACHE_SECONDS = 1.0
+_health_cache: dict = {"expires": 0.0, "report": None}
+_health_lock = threading.Lock()
+
+
+def cached_health_report() -> dict:
+    with _health_lock:
+        if _health_cache["report"] is None or time.monotonic() >= _health_cache["expires"]:
+            report = health_report(take_snapshot())
+            report["checked_at"] = timezone.now().isoformat()
+            _health_cache.update(report=report, expires=time.monotonic() + HEALTH_CACHE_SECONDS)
+        return _health_cache["report"]
+
+
 @require_GET
 @metrics_access
 def api_health(request):
-    report = health_report(take_snapshot())
+    report = cached_health_report()
     return JsonResponse(report, status=503 if report["status"] == "unhealthy" else 200)
 
 
 @require_GET
 @metrics_access
 def api_metrics(request):
-    return JsonResponse(metrics_report(take_snapshot()))
+    return JsonResponse(metrics_report(take_snapshot(task_counts=True)))
 
 
 @require_GET
