@@ -75,7 +75,14 @@ def api_health(request):
 @require_GET
 @metrics_access
 def api_metrics(request):
-    return JsonResponse(metrics_report(take_snapshot(task_counts=True)))
+    snapshot = take_snapshot(task_counts=True)
+    report = metrics_report(snapshot)
+    if not (snapshot.redis_ok and snapshot.database_ok):
+        reasons = [text for ok, text in ((snapshot.redis_ok, f"Redis is unreachable: {snapshot.redis_error}"),
+                                         (snapshot.database_ok, f"the database is unreachable: "
+                                                                f"{snapshot.database_error}")) if not ok]
+        return JsonResponse({"error": "; ".join(reasons), **report}, status=503)
+    return JsonResponse(report)
 
 
 @require_GET

@@ -29,13 +29,14 @@ import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections
 
 from queues import broker
 from queues.fleet import pool_autoscale, pool_backlog
 from queues.models import FleetEvent, WorkerPool
 from queues.reconcile import tasks_reconcile, tasks_recover_from_worker
 from queues.services import tasks_relay_once
+from queues.signals import service_unavailable
 
 logger = logging.getLogger("queues.supervisor")
 
@@ -115,7 +116,10 @@ class Supervisor:
                 started = time.monotonic()
                 try:
                     self.step()
-                except Exception:  # the database briefly unreachable, say: keep the workers, try again
+                except DatabaseError as error:  # keep the workers, try again
+                    service_unavailable.send(sender=Supervisor, service="database", where="supervisor")
+                    logger.warning("database unreachable, fleet unchanged: %s", error)
+                except Exception:
                     logger.exception("supervisor step failed; trying again")
                 time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:

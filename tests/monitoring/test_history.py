@@ -128,3 +128,11 @@ def test_capacity_report_rejects_bad_days():
 
     with pytest.raises(CommandError, match="--days must be between 1 and 365"):
         call_command("capacity_report", "--days", "0")
+
+
+@pytest.mark.django_db
+def test_run_sampler_once(redis, capsys):
+    call_command("run_sampler", "--once")
+    assert "Wrote 0 sample(s)." in capsys.readouterr().out  # the first minute sets the baseline
+    call_command("run_sampler", "--once")
+    assert "already sampled" in capsys.readouterr().out

@@ -176,9 +176,12 @@ def test_health_api_reports_each_component(staff_client, redis):
 
 
 @pytest.mark.django_db
-def test_apis_with_redis_stopped(staff_client, redis_server_factory):
+def test_apis_with_redis_stopped(staff_client, redis_server_factory, media_image,
+                                 django_capture_on_commit_callbacks):
     server = redis_server_factory("health")
     server.stop()
+    with django_capture_on_commit_callbacks(execute=True):  # kept in the database while Redis is down
+        tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(3)])
     health = staff_client.get(reverse("api-health"))
     assert health.status_code == 503
     assert health.json()["components"]["redis"]["status"] == "unhealthy"
@@ -187,7 +190,9 @@ def test_apis_with_redis_stopped(staff_client, redis_server_factory):
     ready = staff_client.get(reverse("readyz"))
     assert ready.status_code == 503 and "redis" in ready.json()["problems"]
     metrics = staff_client.get(reverse("api-metrics"))
-    assert metrics.status_code == 200 and metrics.json()["redis_reachable"] is False
+    assert metrics.status_code == 503 and metrics.json()["redis_reachable"] is False
+    assert metrics.json()["error"].startswith("Redis is unreachable")
+    assert metrics.json()["tasks"] == {"queued": 3}  # what the database knows is still reported
     values = samples(staff_client)
     assert value(values, "rq_system_health") == 0 and value(values, "rq_fallback_active") == 1
     server.start()

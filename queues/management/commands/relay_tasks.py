@@ -4,10 +4,11 @@ import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections
 
 from queues.errors import BrokerUnavailable
 from queues.services import tasks_relay_once
+from queues.signals import service_unavailable
 
 logger = logging.getLogger("queues.relay")
 
@@ -51,6 +52,9 @@ class Command(BaseCommand):
                 if not redis_down:
                     logger.warning("Redis is unreachable; tasks stay in the database until it is back: %s", error)
                     redis_down = True
+            except DatabaseError as error:
+                service_unavailable.send(sender=self.__class__, service="database", where="relay")
+                logger.warning("database unreachable, relay pass skipped: %s", error)
             except Exception:
                 logger.exception("relay pass failed; trying again")
             deadline = time.monotonic() + interval
