@@ -65,15 +65,12 @@ def task_claim(*, task_id: int, worker_name: str, queue: str | None = None) -> C
     """
     now = timezone.now()
     expect = {"status": TaskStatus.QUEUED, **({"priority": queue} if queue else {})}
-    claimed = CaptionTask.objects.transition(
+    return CaptionTask.objects.transition(
         task_id, expect=expect, increment_attempts=True,
         changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,
                  "worker_name": worker_name[:200], "updated_at": now},
+        returning=("image_ref", "priority", "attempts", "worker_name", "started_at", "published_at"),
     )
-    if not claimed:
-        return None
-    return CaptionTask.objects.only("image_ref", "priority", "attempts", "worker_name", "started_at",
-                                    "published_at").get(pk=task_id)
 
 
 def task_execute(*, task_id: int, worker_name: str, queue: str | None = None,

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import connections, models
+import sqlite3
+
+from django.db import connections, models, transaction
 from django.utils import timezone
+
+
+def _update_returning(connection) -> bool:
+    if connection.vendor == "postgresql":
+        return True
+    return connection.vendor == "sqlite" and sqlite3.sqlite_version_info >= (3, 35)
+
+
+class _ColumnOf:
+    """The minimal expression Django's database converters expect (they read ``output_field``)."""
+
+    def __init__(self, field):
+        self.output_field = field
+        self.target = field
 
 
 class Priority(models.TextChoices):
@@ -64,12 +80,17 @@ class CaptionTaskQuerySet(models.QuerySet):
                 ids.extend(row[0] for row in cursor.fetchall())
         return ids
 
-    def transition(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False) -> bool:
+    def transition(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False,
+                   returning: tuple[str, ...] = ()):
         """Sets ``changes`` on one row if it still has the values in ``expect``; returns whether it changed.
 
         The conditional update every state change of a task goes through (claim, complete, retry, fail). Written
         as one parameterised UPDATE instead of ``filter().update()`` because it runs several times per job in
         every worker, and compiling the ORM query costs about three times the statement itself.
+
+        With ``returning`` (field names) it returns the changed row as a task with only those fields loaded, or
+        None: one ``UPDATE ... RETURNING`` where the database has it (SQLite >= 3.35, PostgreSQL), otherwise the
+        UPDATE and a SELECT of the row in the same transaction.
         """
         connection = connections[self.db]
         meta, quote = CaptionTask._meta, connection.ops.quote_name
@@ -88,9 +109,35 @@ class CaptionTaskQuerySet(models.QuerySet):
             params.append(field.get_db_prep_value(value, connection))
         sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
                f"WHERE {' AND '.join(conditions)}")
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.rowcount == 1
+        if not returning:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                return cursor.rowcount == 1
+        wanted = {"id", *returning}  # from_db takes the values in the model's field order
+        names = tuple(field.attname for field in meta.concrete_fields if field.name in wanted)
+        columns = ", ".join(quote(meta.get_field(name).column) for name in names)
+        if _update_returning(connection):
+            with connection.cursor() as cursor:
+                cursor.execute(f"{sql} RETURNING {columns}", params)
+                row = cursor.fetchone()
+        else:
+            with transaction.atomic(using=self.db), connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                row = None
+                if cursor.rowcount == 1:
+                    cursor.execute(f"SELECT {columns} FROM {quote(meta.db_table)} "
+                                   f"WHERE {quote(meta.pk.column)} = %s", [pk])
+                    row = cursor.fetchone()
+        if row is None:
+            return None
+        values = []
+        for name, value in zip(names, row):
+            field = meta.get_field(name)
+            for converter in connection.ops.get_db_converters(_ColumnOf(field)) + \
+                    field.get_db_converters(connection):
+                value = converter(value, _ColumnOf(field), connection)
+            values.append(value)
+        return CaptionTask.from_db(self.db, names, values)
 
     def due_for_publishing(self, now=None):
         """Queued tasks with no job in Redis whose publish time has come (the relay's work list)."""

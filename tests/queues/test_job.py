@@ -144,3 +144,23 @@ def test_workers_drain_queues_in_priority_order(redis, media_image):
     run_worker()
     order = list(CaptionTask.objects.order_by("started_at").values_list("pk", flat=True))
     assert order == [urgent.pk, high.pk, normal.pk, low.pk]
+
+
+@pytest.mark.parametrize("one_statement", [True, False], ids=["update-returning", "update-then-select"])
+def test_claim_returns_the_claimed_row(redis, media_image, monkeypatch, one_statement):
+    from queues import models
+
+    if one_statement and not models._update_returning(connection):
+        pytest.skip(f"{connection.vendor} has no UPDATE ... RETURNING")
+    monkeypatch.setattr(models, "_update_returning", lambda connection: one_statement)
+    task = task_submit(image_ref=media_image(), priority="high")
+    claimed = task_claim(task_id=task.pk, worker_name="w-1", queue="high")
+    task.refresh_from_db()
+    assert task.status == TaskStatus.PROCESSING and task.attempts == 1
+    assert (claimed.pk, claimed.image_ref, claimed.priority, claimed.attempts, claimed.worker_name) == \
+           (task.pk, task.image_ref, "high", 1, "w-1")
+    assert claimed.started_at == task.started_at and claimed.published_at == task.published_at
+    assert claimed.started_at.tzinfo is not None
+    assert task_claim(task_id=task.pk, worker_name="w-2", queue="high") is None  # already claimed
+    task.refresh_from_db()
+    assert task.worker_name == "w-1" and task.attempts == 1
