@@ -1,6 +1,4 @@
-import threading
-import time
-
+from django.core.cache import cache
 from django.db import DatabaseError, connection
 from django.utils import timezone
 from django.http import HttpResponse, JsonResponse
@@ -50,19 +48,19 @@ def metrics(request):
 
 
 # Load balancers and monitors poll the health API often and all at once: each process computes it at most once a
-# second and answers from that in between (the report says when it was taken).
+# second and answers from that in between (the report says when it was taken). The cache is the process-local one.
 HEALTH_CACHE_SECONDS = 1.0
-_health_cache: dict = {"expires": 0.0, "report": None}
-_health_lock = threading.Lock()
+HEALTH_CACHE_KEY = "monitoring:health-report"
 
 
 def cached_health_report() -> dict:
-    with _health_lock:
-        if _health_cache["report"] is None or time.monotonic() >= _health_cache["expires"]:
-            report = health_report(take_snapshot())
-            report["checked_at"] = timezone.now().isoformat()
-            _health_cache.update(report=report, expires=time.monotonic() + HEALTH_CACHE_SECONDS)
-        return _health_cache["report"]
+    report = cache.get(HEALTH_CACHE_KEY)
+    if report is None:
+        report = health_report(take_snapshot())
+        report["checked_at"] = timezone.now().isoformat()
+        if HEALTH_CACHE_SECONDS > 0:
+            cache.set(HEALTH_CACHE_KEY, report, timeout=HEALTH_CACHE_SECONDS)
+    return report
 
 
 @require_GET

@@ -100,7 +100,7 @@ def parse_database_url(name: str, value: str, *, base_dir: Path) -> dict:
             raise ImproperlyConfigured(f"{name} must name a database file, e.g. sqlite:///var/portal.sqlite3")
         path = Path(path) if Path(path).is_absolute() else base_dir / path
         return {
-            "ENGINE": "django.db.backends.sqlite3",
+            "ENGINE": "django_prometheus.db.backends.sqlite3",  # Django's, plus query counts and timings
             "NAME": str(path),
             # WAL lets the portal read while workers write; IMMEDIATE makes writers queue instead of failing
             # with "database is locked" when a transaction upgrades from read to write.
@@ -127,7 +127,7 @@ def parse_database_url(name: str, value: str, *, base_dir: Path) -> dict:
         if "unix_socket" in query:
             options["unix_socket"] = query["unix_socket"][0]
         return {
-            "ENGINE": "django.db.backends.mysql",
+            "ENGINE": "django_prometheus.db.backends.mysql",  # Django's, plus query counts and timings
             "NAME": unquote(database),
             "USER": unquote(parsed.username or ""),
             "PASSWORD": unquote(parsed.password or ""),

@@ -152,6 +152,9 @@ if METRICS_TOKEN is not None and len(METRICS_TOKEN) < 16:
 METRICS_RETENTION_DAYS = env_int("METRICS_RETENTION_DAYS", 30, minimum=1)
 
 CAPTION_QUEUES = ("urgent", "high", "normal", "low")
+# Per-process cache (the health report's one-second cache); django-prometheus' backend counts hits and misses.
+CACHES = {"default": {"BACKEND": "django_prometheus.cache.backends.locmem.LocMemCache", "LOCATION": "portal"}}
+
 RQ_QUEUES = {
     name: {
         "URL": REDIS_URL,

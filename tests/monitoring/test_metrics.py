@@ -1,6 +1,7 @@
 """/metrics, /readyz and the JSON APIs against real Redis and database state."""
 
 import pytest
+from django.core.cache import cache
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -135,7 +136,7 @@ def fresh_health(monkeypatch):
     from monitoring import views
 
     monkeypatch.setattr(views, "HEALTH_CACHE_SECONDS", 0.0)
-    views._health_cache.update(report=None, expires=0.0)
+    cache.delete(views.HEALTH_CACHE_KEY)
 
 
 @pytest.mark.django_db
@@ -143,13 +144,12 @@ def test_health_report_is_cached_for_a_second(staff_client, redis, monkeypatch):
     from monitoring import views
 
     monkeypatch.setattr(views, "HEALTH_CACHE_SECONDS", 1.0)
-    views._health_cache.update(report=None, expires=0.0)
     first = staff_client.get(reverse("api-health")).json()
     worker = CaptionWorker(broker.get_queues(), connection=redis, name="cache-test")
     worker.register_birth()
     try:
         assert staff_client.get(reverse("api-health")).json()["checked_at"] == first["checked_at"]
-        views._health_cache.update(expires=0.0)
+        cache.delete(views.HEALTH_CACHE_KEY)  # as when the second is over
         assert staff_client.get(reverse("api-health")).json()["worker_count"] == 1
     finally:
         worker.register_death()
@@ -215,3 +215,34 @@ def test_metrics_api_shape(staff_client, redis, media_image, django_capture_on_c
 
 def test_healthz_needs_nothing(client):
     assert client.get(reverse("healthz")).json() == {"status": "ok"}
+
+
+@pytest.mark.django_db
+def test_http_database_and_cache_families_of_the_serving_process(staff_client, redis, monkeypatch):
+    from monitoring import views
+
+    def total(values, name, **labels):  # summed over the label values not given
+        return sum(number for (sample, pairs), number in values.items()
+                   if sample == name and all(dict(pairs).get(k) == v for k, v in labels.items()))
+
+    monkeypatch.setattr(views, "HEALTH_CACHE_SECONDS", 60.0)
+    before = samples(staff_client)
+    staff_client.get(reverse("api-health"))  # computed: a cache miss and database queries
+    staff_client.get(reverse("api-health"))  # answered from the cache: a hit
+    after = samples(staff_client)
+    assert total(after, "django_cache_get_total") - total(before, "django_cache_get_total") == 2
+    assert total(after, "django_cache_get_hits_total") - total(before, "django_cache_get_hits_total") == 1
+    vendor = connection_vendor()
+    assert total(after, "django_db_execute_total", vendor=vendor) > total(before, "django_db_execute_total",
+                                                                           vendor=vendor)
+    # The first scrape and the two health requests (503: no worker is alive) were counted after they answered.
+    assert total(after, "django_http_responses_total_by_status_total", status="503") == \
+        total(before, "django_http_responses_total_by_status_total", status="503") + 2
+    assert total(after, "django_http_responses_total_by_status_total", status="200") == \
+        total(before, "django_http_responses_total_by_status_total", status="200") + 1
+
+
+def connection_vendor() -> str:
+    from django.db import connection
+
+    return connection.vendor

@@ -49,7 +49,7 @@ def test_defaults_are_embedded_sqlite_and_redis_with_old_task_settings(tmp_path)
     ok, output = load_settings(tmp_path, SECRET_KEY="")
     assert ok, output
     engine, redis_url, timeout, retries, backend, queue_url = output.splitlines()[-1].split()
-    assert engine == "django.db.backends.sqlite3"
+    assert engine == "django_prometheus.db.backends.sqlite3"
     assert redis_url == f"unix://{tmp_path / 'var' / 'redis' / 'redis.sock'}?db=0" == queue_url
     assert (timeout, retries, backend) == ("90", "3", "local")
     assert (tmp_path / "var" / "secret_key").stat().st_mode & 0o777 == 0o600
@@ -61,7 +61,7 @@ def test_legacy_redis_variable_and_database_url_are_accepted(tmp_path):
                                RQ_DEFAULT_TIMEOUT="120", CAPTION_BACKEND="ollama")
     assert ok, output
     assert output.splitlines()[-1].split() == [
-        "django.db.backends.mysql", "redis://cache.internal:6380/2", "120", "3", "ollama",
+        "django_prometheus.db.backends.mysql", "redis://cache.internal:6380/2", "120", "3", "ollama",
         "redis://cache.internal:6380/2"]
 
 
