@@ -26,3 +26,18 @@ def metrics_access(view):
         return response
 
     return wrapped
+
+
+def get_only(view):
+    """Like Django's require_GET, but the 405 answer is JSON naming the allowed methods, as every API error is."""
+
+    @wraps(view)
+    def wrapped(request, *args, **kwargs):
+        if request.method not in ("GET", "HEAD"):
+            response = JsonResponse({"error": f"{request.method} is not allowed on {request.path}; use GET"},
+                                    status=405)
+            response["Allow"] = "GET, HEAD"
+            return response
+        return view(request, *args, **kwargs)
+
+    return wrapped

@@ -2,11 +2,10 @@ from django.core.cache import cache
 from django.db import DatabaseError, connection
 from django.utils import timezone
 from django.http import HttpResponse, JsonResponse
-from django.views.decorators.http import require_GET
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from monitoring.access import metrics_access
+from monitoring.access import get_only, metrics_access
 from monitoring.collectors import QueueSystemCollector, take_snapshot
 from monitoring.health import health_report, metrics_report
 from monitoring.sampler import performance
@@ -18,13 +17,13 @@ QUEUE_REGISTRY = CollectorRegistry(auto_describe=False)
 QUEUE_REGISTRY.register(QueueSystemCollector())
 
 
-@require_GET
+@get_only
 def healthz(request):
     """Liveness: the process answers. No database or Redis calls, so a Redis outage does not restart the portal."""
     return JsonResponse({"status": "ok"})
 
 
-@require_GET
+@get_only
 def readyz(request):
     """Readiness: the database and Redis both answer."""
     problems = {}
@@ -40,7 +39,7 @@ def readyz(request):
     return JsonResponse({"status": "ready"})
 
 
-@require_GET
+@get_only
 @metrics_access
 def metrics(request):
     body = generate_latest(REGISTRY) + generate_latest(QUEUE_REGISTRY)
@@ -63,14 +62,14 @@ def cached_health_report() -> dict:
     return report
 
 
-@require_GET
+@get_only
 @metrics_access
 def api_health(request):
     report = cached_health_report()
     return JsonResponse(report, status=503 if report["status"] == "unhealthy" else 200)
 
 
-@require_GET
+@get_only
 @metrics_access
 def api_metrics(request):
     snapshot = take_snapshot(task_counts=True)
@@ -83,7 +82,7 @@ def api_metrics(request):
     return JsonResponse(report)
 
 
-@require_GET
+@get_only
 @metrics_access
 def api_performance(request):
     try:

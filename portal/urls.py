@@ -9,3 +9,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("monitoring.urls")),
 ]
+
+handler404 = "portal.views.not_found"
+handler500 = "portal.views.server_error"

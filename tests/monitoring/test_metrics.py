@@ -1,5 +1,7 @@
 """/metrics, /readyz and the JSON APIs against real Redis and database state."""
 
+import json
+
 import pytest
 from django.core.cache import cache
 from django.urls import reverse
@@ -246,3 +248,28 @@ def connection_vendor() -> str:
     from django.db import connection
 
     return connection.vendor
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", ["/metrics", "/api/rq/health", "/api/rq/metrics", "/api/rq/performance", "/healthz"])
+def test_other_methods_get_a_json_405(staff_client, url):
+    response = staff_client.post(url)
+    assert response.status_code == 405 and response["Allow"] == "GET, HEAD"
+    assert response.json() == {"error": f"POST is not allowed on {url}; use GET"}
+
+
+@pytest.mark.django_db
+def test_unknown_api_path_is_a_json_404_and_pages_keep_html(staff_client):
+    response = staff_client.get("/api/rq/queues")
+    assert response.status_code == 404 and response.json() == {"error": "no such endpoint: /api/rq/queues"}
+    page = staff_client.get("/no-such-page/")
+    assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
+
+
+def test_server_error_answer_is_json_on_machine_paths(rf):
+    from portal.views import server_error
+
+    response = server_error(rf.get("/api/rq/metrics"))
+    assert response.status_code == 500 and response["Content-Type"] == "application/json"
+    assert json.loads(response.content) == {"error": "internal error; the portal's log has the details"}
+    assert server_error(rf.get("/admin/")).status_code == 500
