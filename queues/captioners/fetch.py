@@ -2,13 +2,16 @@
 
 Remote fetches refuse schemes other than http(s), and hosts that resolve to loopback, private, link-local or
 otherwise internal addresses (a task submitter must not be able to make workers probe the internal network),
-unless IMAGE_FETCH_ALLOW_PRIVATE is set. Redirects are followed only to addresses that pass the same checks.
+unless IMAGE_FETCH_ALLOW_PRIVATE is set. Redirects are followed only to addresses that pass the same checks. The
+connection goes to the very addresses that were checked (one lookup per connection), and never through a proxy.
 """
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -37,25 +40,82 @@ def media_path(reference: str) -> Path:
 
 
 def check_url(url: str) -> None:
-    """Refuses URLs a worker must not fetch. Raises PermanentCaptionError naming the reason."""
+    """Refuses URLs a worker must not fetch. Raises PermanentCaptionError naming the reason.
+
+    The host's addresses are checked here (an early, clear refusal) and again by the connection itself, which
+    connects only to addresses it has just checked (see ``connect_checked``)."""
     parsed = urlparse(url)
     if parsed.scheme not in ALLOWED_SCHEMES:
         raise PermanentCaptionError(f"unsupported URL scheme {parsed.scheme!r}: only http and https are fetched")
     if not parsed.hostname:
         raise PermanentCaptionError(f"URL {url!r} has no host")
-    if settings.IMAGE_FETCH_ALLOW_PRIVATE:
-        return
     try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        raise PermanentCaptionError(f"URL {url!r} has an invalid port") from None
+    checked_addresses(parsed.hostname, port)
+
+
+def resolve(host: str, port: int) -> list[tuple]:
+    """The host's TCP addresses as getaddrinfo gives them."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        raise TransientCaptionError(f"cannot resolve {parsed.hostname}: {error}") from error
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
-            raise PermanentCaptionError(
-                f"refusing to fetch {parsed.hostname}: it resolves to the non-public address {address} "
-                "(set IMAGE_FETCH_ALLOW_PRIVATE=true to allow internal hosts)"
-            )
+        raise TransientCaptionError(f"cannot resolve {host}: {error}") from error
+
+
+def checked_addresses(host: str, port: int) -> list[tuple]:
+    """Resolves the host once and returns its addresses, refusing the host if any of them is not public."""
+    infos = resolve(host, port)
+    if not settings.IMAGE_FETCH_ALLOW_PRIVATE:
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0].split("%")[0])
+            if not address.is_global:
+                raise PermanentCaptionError(
+                    f"refusing to fetch {host}: it resolves to the non-public address {address} "
+                    "(set IMAGE_FETCH_ALLOW_PRIVATE=true to allow internal hosts)"
+                )
+    return infos
+
+
+def connect_checked(host: str, port: int, timeout) -> socket.socket:
+    """A TCP connection to one of the addresses the check just passed, never a second lookup: a DNS answer that
+    changes between check and connect (rebinding) cannot send the worker to an internal address."""
+    last_error: OSError | None = None
+    for family, kind, proto, _name, address in checked_addresses(host, port):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not None and timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as error:
+            last_error = error
+            sock.close()
+    raise last_error or OSError(f"{host} has no address")
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = connect_checked(self.host, self.port, self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        sock = connect_checked(self.host, self.port, self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the name
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_CheckedHTTPConnection, req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_CheckedHTTPSConnection, req, context=self._context)
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
@@ -64,7 +124,12 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_opener = urllib.request.build_opener(_CheckedRedirects)
+# No proxy handler: through a proxy the proxy would resolve the host, and the address check would mean nothing.
+_opener = urllib.request.OpenerDirector()
+for _handler in (urllib.request.UnknownHandler(), _CheckedHTTPHandler(),
+                 _CheckedHTTPSHandler(context=ssl.create_default_context()), urllib.request.HTTPDefaultErrorHandler(),
+                 _CheckedRedirects(), urllib.request.HTTPErrorProcessor()):
+    _opener.add_handler(_handler)
 
 
 def classify_http_status(status: int, what: str) -> Exception:

@@ -98,3 +98,85 @@ def test_http_status_classification(http_server, status, error):
     url = http_server.route("/s.png", respond(status, b"nope", "text/plain"))
     with pytest.raises(error, match=f"HTTP {status}"):
         fetch_image(url, timeout=5)
+
+
+class ScriptedDNS:
+    """DNS for one made-up name, answering from a script (DNS lives outside; everything else resolves as usual)."""
+
+    def __init__(self, monkeypatch, name, answers):
+        import socket
+
+        self.name, self.answers, self.lookups = name, list(answers), 0
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, port, *args, **kwargs):
+            if host != name:
+                return real(host, port, *args, **kwargs)
+            self.lookups += 1
+            address = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_connection_goes_to_the_checked_address(http_server, png_bytes, settings, monkeypatch):
+    image = png_bytes()
+    url = http_server.route("/x.png", respond(200, image, "image/png"))
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    dns = ScriptedDNS(monkeypatch, "images.portal-test", ["127.0.0.1"])
+    settings.IMAGE_FETCH_ALLOW_PRIVATE = True
+    assert fetch_image(f"http://images.portal-test:{port}/x.png", timeout=5) == image
+    assert http_server.requests[0]["headers"]["Host"] == f"images.portal-test:{port}"
+    assert dns.lookups == 2  # the early check, then the connection's own lookup (no third one by urllib)
+
+
+def test_dns_rebinding_between_check_and_connect_is_refused(http_server, png_bytes, settings, monkeypatch):
+    url = http_server.route("/x.png", respond(200, png_bytes(), "image/png"))
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    # A public answer for the check, then the loopback address for whoever asks next.
+    dns = ScriptedDNS(monkeypatch, "rebind.portal-test", ["93.184.216.34", "127.0.0.1"])
+    settings.IMAGE_FETCH_ALLOW_PRIVATE = False
+    with pytest.raises(PermanentCaptionError, match="non-public address 127.0.0.1"):
+        fetch_image(f"http://rebind.portal-test:{port}/x.png", timeout=5)
+    assert dns.lookups == 2 and http_server.requests == []
+
+
+
+def test_https_through_the_checked_connection_verifies_the_certificate(tmp_path, settings, monkeypatch):
+    """A TLS server with a self-signed certificate: the handshake runs on our connection and is refused."""
+    import datetime
+    import http.server
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "images.portal-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName("images.portal-test")]), critical=False)
+                   .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        dns = ScriptedDNS(monkeypatch, "images.portal-test", ["127.0.0.1"])
+        settings.IMAGE_FETCH_ALLOW_PRIVATE = True
+        with pytest.raises(TransientCaptionError, match="CERTIFICATE_VERIFY_FAILED"):
+            fetch_image(f"https://images.portal-test:{server.server_port}/x.png", timeout=5)
+        assert dns.lookups == 2
+    finally:
+        server.shutdown()
+        server.server_close()
