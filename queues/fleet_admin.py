@@ -140,9 +140,8 @@ class WorkerPoolAdmin(admin.ModelAdmin):
                                      "its current task first; its supervisor starts a fresh one.", cancel_url=cancel)
 
 
-@admin.register(LiveWorker)
-class LiveWorkerAdmin(admin.ModelAdmin):
-    """The live worker list (rq registrations and liveness keys), with per-worker and fleet-wide actions."""
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Pages that show what the system holds; changes go through their own actions, never the add/change forms."""
 
     def has_add_permission(self, request):
         return False
@@ -152,6 +151,11 @@ class LiveWorkerAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(LiveWorker)
+class LiveWorkerAdmin(ReadOnlyAdmin):
+    """The live worker list (rq registrations and liveness keys), with per-worker and fleet-wide actions."""
 
     def get_urls(self):
         wrap = self.admin_site.admin_view
@@ -226,17 +230,6 @@ class LiveWorkerAdmin(admin.ModelAdmin):
 
     def resume_view(self, request):
         return self._suspension(request, False)
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(FleetEvent)

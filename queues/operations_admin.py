@@ -23,7 +23,7 @@ from django.utils.html import format_html
 
 from queues import broker
 from queues.errors import BrokerUnavailable
-from queues.fleet_admin import client_address, confirmation
+from queues.fleet_admin import ReadOnlyAdmin, client_address, confirmation
 from queues.models import BulkOperation, CaptionTask, Priority, QueueOverview, TaskStatus
 from queues.operations import (
     INLINE_LIMIT,
@@ -144,18 +144,9 @@ class TaskActionsMixin:
 
 
 @admin.register(QueueOverview)
-class QueueOverviewAdmin(admin.ModelAdmin):
+class QueueOverviewAdmin(ReadOnlyAdmin):
     """Per queue: waiting, running, waiting to retry, scheduled, dead-lettered, finished; oldest queued task;
     completed and failed in the last 5 minutes. O(queues) Redis commands and a fixed number of indexed queries."""
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     def get_urls(self):
         wrap = self.admin_site.admin_view
@@ -267,22 +258,13 @@ class QueueOverviewAdmin(admin.ModelAdmin):
 
 
 @admin.register(BulkOperation)
-class BulkOperationAdmin(admin.ModelAdmin):
+class BulkOperationAdmin(ReadOnlyAdmin):
     list_display = ["id", "kind", "state", "progress", "total", "changed", "refused", "user", "created_at",
                     "finished_at"]
     list_filter = ["kind", "state"]
     readonly_fields = ["kind", "state", "progress", "total", "processed", "changed", "refused", "message", "params",
                        "user", "address", "created_at", "finished_at"]
     fields = readonly_fields
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="progress")
     def progress(self, operation):

@@ -1,24 +1,11 @@
 import json
-from pathlib import Path
-
-from django.core.management.base import BaseCommand, CommandError
 
 from monitoring.artefacts import grafana_dashboard
+from monitoring.management.export import ExportCommand
 
 
-class Command(BaseCommand):
+class Command(ExportCommand):
     help = "Writes a Grafana dashboard (timeseries, stat and gauge panels) as JSON (stdout, or --output FILE)."
 
-    def add_arguments(self, parser):
-        parser.add_argument("--output", help="File to write instead of standard output.")
-
-    def handle(self, *args, output=None, **options):
-        text = json.dumps(grafana_dashboard(), indent=2) + "\n"
-        if not output:
-            self.stdout.write(text, ending="")
-            return
-        try:
-            Path(output).write_text(text)
-        except OSError as error:
-            raise CommandError(f"Cannot write {output}: {error}") from None
-        self.stdout.write(f"Wrote {output}")
+    def render(self) -> str:
+        return json.dumps(grafana_dashboard(), indent=2) + "\n"
