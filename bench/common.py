@@ -11,6 +11,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,21 @@ def machine() -> dict:
         "redis": info.get("redis_version"),
         "database": os.environ["DATABASE_URL"].split(":")[0],
     }
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.01):
+    """Polls until ``predicate`` returns something true and returns it; stale database connections are dropped
+    between polls (another process is writing)."""
+    from django.db import close_old_connections
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        close_old_connections()
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"condition not reached within {timeout:g} s")
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -27,24 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench.common as common  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.db import close_old_connections  # noqa: E402
 
 from queues import broker  # noqa: E402
 from queues.fleet import fleet_workers, pool_scale  # noqa: E402
 from queues.models import CaptionTask, TaskStatus, WorkerPool  # noqa: E402
 from queues.samples import ensure_samples  # noqa: E402
 from queues.services import task_submit  # noqa: E402
-
-
-def wait_for(predicate, timeout=120.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        close_old_connections()
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError("condition not reached")
 
 
 def alive_count() -> int:
@@ -84,7 +72,7 @@ def raw_worker_start(index: int) -> float:
     assert not connection.exists(f"rq:worker:{name}")
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: connection.exists(f"rq:worker:{name}"))
+    common.wait_for(lambda: connection.exists(f"rq:worker:{name}"))
     elapsed = time.monotonic() - started
     process.send_signal(signal.SIGTERM)
     process.wait(30)
@@ -106,33 +94,35 @@ def main():
                                   cwd=settings.BASE_DIR, env=environment, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: alive_count() == 1)
+        common.wait_for(lambda: alive_count() == 1)
         scale_ups = []
         for step in range(args.scales):
             target = 2 + step
             pool = pool_scale(pool=pool, desired=target, adjust_bounds=True)
             started = time.monotonic()
-            wait_for(lambda: alive_count() == target)
+            common.wait_for(lambda: alive_count() == target)
             scale_ups.append(time.monotonic() - started)
         pool = pool_scale(pool=pool, desired=1, adjust_bounds=True)
-        wait_for(lambda: alive_count() == 1)
+        common.wait_for(lambda: alive_count() == 1)
         pool = pool_scale(pool=pool, desired=2, adjust_bounds=True)
-        wait_for(lambda: alive_count() == 2)
+        common.wait_for(lambda: alive_count() == 2)
 
         reference = ensure_samples()[0]
         recoveries = []
         for _ in range(args.kills):
             task = task_submit(image_ref=reference)
-            running = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first())
+            running = common.wait_for(
+                lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first())
             time.sleep(0.3)
             pid = broker.alive_states([running.worker_name])[running.worker_name]["pid"]
             os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
-            wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING,
+            common.wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING,
                                                         attempts=2).exists())
             recoveries.append(time.monotonic() - killed)
-            wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.COMPLETED).exists())
-            wait_for(lambda: alive_count() == 2)
+            common.wait_for(
+                lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.COMPLETED).exists())
+            common.wait_for(lambda: alive_count() == 2)
         raw_starts = [raw_worker_start(index) for index in range(3)]
     finally:
         supervisor.send_signal(signal.SIGTERM)

@@ -151,8 +151,8 @@ def gunicorn_rates(seconds: float) -> dict:
         trivial = request_rate(port, "/healthz", seconds, {"Host": "127.0.0.1"})
         whole_scrape = http_latency_ms(port, "/metrics", auth, 20)
         health = request_rate(port, "/api/rq/health", seconds, auth)
-        return {"metrics_http_ms": round(whole_scrape, 2), "healthz_rps": round(trivial), "api_health_rps": round(health),
-                "health_ratio": round(health / trivial, 3)}
+        return {"metrics_http_ms": round(whole_scrape, 2), "healthz_rps": round(trivial),
+                "api_health_rps": round(health), "health_ratio": round(health / trivial, 3)}
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)

@@ -64,16 +64,6 @@ def child_environment() -> dict:
     return {**os.environ, "CAPTION_BACKEND": "local", "PYTHONPATH": str(settings.BASE_DIR)}
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.0005)
-    raise TimeoutError("the worker did not pick the job up within 10 s")
-
-
 def pickups_ours(count: int, reference: str) -> list[float]:
     worker = subprocess.Popen([sys.executable, "manage.py", "rqworker", "--verbosity", "0"], cwd=settings.BASE_DIR,
                               env=child_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,8 +73,8 @@ def pickups_ours(count: int, reference: str) -> list[float]:
             time.sleep(0.05)  # let the worker go idle (blocked in BLPOP) again
             begun = timezone.now()
             task = task_submit(image_ref=reference)
-            started_at = wait_until(lambda: CaptionTask.objects.filter(pk=task.pk)
-                                    .values_list("started_at", flat=True).first())
+            started_at = common.wait_for(lambda: CaptionTask.objects.filter(pk=task.pk)
+                                         .values_list("started_at", flat=True).first(), timeout=10, interval=0.0005)
             if index >= 3:  # the first pickups include the worker's start-up
                 latencies.append((started_at - begun).total_seconds() * 1000)
         return latencies
@@ -114,7 +104,7 @@ def pickups_raw(count: int) -> list[float]:
                 value = connection.hget(job.key, "started_at")
                 return value.decode() if value else None
 
-            started_at = wait_until(started)
+            started_at = common.wait_for(started, timeout=10, interval=0.0005)
             if index >= 3:
                 from rq.utils import utcparse
 

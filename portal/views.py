@@ -1,4 +1,4 @@
-"""Error pages: machine endpoints (the JSON APIs, /metrics and the probes) answer errors in JSON; pages keep Django's."""
+"""Error answers: machine endpoints (the JSON APIs, /metrics and the probes) answer in JSON; pages keep Django's."""
 
 from django.http import JsonResponse
 from django.views import defaults
