@@ -47,7 +47,8 @@ class CaptionTaskQuerySet(models.QuerySet):
 
         Bulk submission's hot path. Django's bulk_create costs about 100 µs a row here (a model instance per row,
         per-field value preparation, and SQLite batches capped at 999 parameters); this writes the same columns
-        with one multi-row ``INSERT ... RETURNING id``. Databases without RETURNING (MySQL) use bulk_create.
+        with one multi-row ``INSERT ... RETURNING id``. Databases whose bulk insert cannot return ids (MySQL) insert
+        row by row.
         """
         if not rows:
             return []
@@ -132,10 +133,10 @@ class CaptionTaskQuerySet(models.QuerySet):
             return None
         values = []
         for name, value in zip(names, row):
-            field = meta.get_field(name)
-            for converter in connection.ops.get_db_converters(_ColumnOf(field)) + \
-                    field.get_db_converters(connection):
-                value = converter(value, _ColumnOf(field), connection)
+            column = _ColumnOf(meta.get_field(name))
+            converters = connection.ops.get_db_converters(column) + column.output_field.get_db_converters(connection)
+            for converter in converters:
+                value = converter(value, column, connection)
             values.append(value)
         return CaptionTask.from_db(self.db, names, values)
 
