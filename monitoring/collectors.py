@@ -54,7 +54,22 @@ class Snapshot:
     maxclients: int | None = None
     workers: list[dict] = field(default_factory=list)
     tasks_by_status: dict[str, int] = field(default_factory=dict)
-    fallback_active: bool = False
+    overdue_unpublished: bool = False  # queued tasks unpublished for longer than FALLBACK_AFTER_SECONDS
+
+    @property
+    def publishing_fallback(self) -> bool:
+        """Tasks are waiting in the database because Redis is not taking them (the old system's fallback mode)."""
+        return self.overdue_unpublished or not self.redis_ok
+
+    @property
+    def outages(self) -> dict[str, str]:
+        """What does not answer, with the reason: {"redis": ..., "database": ...}; empty when both answer."""
+        found = {}
+        if not self.redis_ok:
+            found["redis"] = f"Redis is unreachable: {self.redis_error}"
+        if not self.database_ok:
+            found["database"] = f"the database is unreachable: {self.database_error}"
+        return found
 
     @property
     def alive_workers(self) -> list[dict]:
@@ -86,7 +101,7 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
             snapshot.tasks_by_status = dict(CaptionTask.objects.order_by().values_list("status")
                                             .annotate(count=Count("id")))
         overdue = timezone.now() - timedelta(seconds=FALLBACK_AFTER_SECONDS)
-        snapshot.fallback_active = CaptionTask.objects.filter(
+        snapshot.overdue_unpublished = CaptionTask.objects.filter(
             status=TaskStatus.QUEUED, published_at__isnull=True, publish_after__lt=overdue).exists()
         snapshot.database_ok = True
     except DatabaseError as error:
@@ -237,4 +252,4 @@ def families(snapshot: Snapshot):
     yield GaugeMetricFamily("rq_system_health", "1 when Redis and the database answer and workers are alive",
                             value=1 if healthy else 0)
     yield GaugeMetricFamily("rq_fallback_active", "1 while tasks cannot be published to Redis",
-                            value=1 if (snapshot.fallback_active or not snapshot.redis_ok) else 0)
+                            value=1 if snapshot.publishing_fallback else 0)

@@ -14,16 +14,17 @@ def _component(status: str, reason: str) -> dict:
 
 def health_report(snapshot: Snapshot) -> dict:
     info = snapshot.redis_info
-    if not snapshot.redis_ok:
-        redis = _component("unhealthy", f"Redis is unreachable: {snapshot.redis_error}")
+    outages = snapshot.outages
+    if "redis" in outages:
+        redis = _component("unhealthy", outages["redis"])
     elif info.get("maxmemory") and info.get("used_memory", 0) > 0.8 * info["maxmemory"]:
         redis = _component("warning", f"Redis uses {info['used_memory'] / info['maxmemory']:.0%} of maxmemory")
     elif snapshot.maxclients and info.get("connected_clients", 0) > 0.9 * snapshot.maxclients:
         redis = _component("warning", f"{info['connected_clients']} of {snapshot.maxclients} Redis clients in use")
     else:
         redis = _component("healthy", "answers")
-    database = _component("healthy", "answers") if snapshot.database_ok else \
-        _component("unhealthy", f"the database is unreachable: {snapshot.database_error}")
+    database = _component("unhealthy", outages["database"]) if "database" in outages else \
+        _component("healthy", "answers")
     alive = len(snapshot.alive_workers)
     if not snapshot.redis_ok:
         workers = _component("unhealthy", "unknown: Redis is unreachable")
@@ -36,7 +37,7 @@ def health_report(snapshot: Snapshot) -> dict:
     components = {"redis": redis, "database": database, "workers": workers}
     overall = max((component["status"] for component in components.values()), key=ORDER.__getitem__)
     return {"status": overall, "components": components, "worker_count": alive,
-            "fallback_active": snapshot.fallback_active or not snapshot.redis_ok}
+            "fallback_active": snapshot.publishing_fallback}
 
 
 def metrics_report(snapshot: Snapshot) -> dict:
@@ -53,5 +54,5 @@ def metrics_report(snapshot: Snapshot) -> dict:
         "counters": {key.replace(":", "_"): value for key, value in snapshot.counters.items()},
         "redis": {"used_memory": info.get("used_memory"), "maxmemory": info.get("maxmemory"),
                   "connected_clients": info.get("connected_clients"), "maxclients": snapshot.maxclients},
-        "fallback_active": snapshot.fallback_active or not snapshot.redis_ok,
+        "fallback_active": snapshot.publishing_fallback,
     }

@@ -74,11 +74,8 @@ def api_health(request):
 def api_metrics(request):
     snapshot = take_snapshot(task_counts=True)
     report = metrics_report(snapshot)
-    if not (snapshot.redis_ok and snapshot.database_ok):
-        reasons = [text for ok, text in ((snapshot.redis_ok, f"Redis is unreachable: {snapshot.redis_error}"),
-                                         (snapshot.database_ok, f"the database is unreachable: "
-                                                                f"{snapshot.database_error}")) if not ok]
-        return JsonResponse({"error": "; ".join(reasons), **report}, status=503)
+    if snapshot.outages:
+        return JsonResponse({"error": "; ".join(snapshot.outages.values()), **report}, status=503)
     return JsonResponse(report)
 
 
