@@ -22,6 +22,7 @@ from rq.worker import Worker
 from monitoring.recorder import (
     BUFFER,
     COUNTERS_KEY,
+    OUTCOME_STATUS,
     PROCESSING_BUCKETS,
     WAIT_BUCKETS,
     flush_pending,
@@ -229,7 +230,7 @@ def families(snapshot: Snapshot):
                      snapshot, "wait")
 
     tasks = CounterMetricFamily("rq_tasks", "Ended task attempts by outcome", labels=["status"])
-    for status in ("completed", "failed", "retried", "worker_lost"):
+    for status in OUTCOME_STATUS.values():
         tasks.add_metric([status], snapshot.counters.get(f"tasks:{status}", 0.0))
     yield tasks
     yield CounterMetricFamily("rq_task_retries", "Attempts that will be retried", value=snapshot.counters.get(

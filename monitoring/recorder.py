@@ -35,6 +35,11 @@ def histogram_key(name: str, queue: str) -> str:
     return f"{PREFIX}hist:{name}:{queue}"
 
 
+def queue_counter(queue: str, status: str) -> str:
+    """The counter field of one queue's ended attempts of one status (the fleet-wide one is ``tasks:<status>``)."""
+    return f"queue:{queue}:{status}"
+
+
 def bucket_field(buckets: tuple[float, ...], value: float) -> str:
     """The field of the smallest bucket the value fits in ("inf" above the last bound)."""
     index = bisect.bisect_left(buckets, value)
@@ -107,7 +112,9 @@ BUFFER = Buffer()
 def record_attempt(*, queue: str, outcome: str, processing_seconds: float | None, wait_seconds: float | None,
                    **kwargs) -> None:
     """Receiver of queues.signals.attempt_ended."""
-    BUFFER.add(COUNTERS_KEY, f"tasks:{OUTCOME_STATUS.get(outcome, outcome)}")
+    status = OUTCOME_STATUS.get(outcome, outcome)
+    BUFFER.add(COUNTERS_KEY, f"tasks:{status}")
+    BUFFER.add(COUNTERS_KEY, queue_counter(queue, status))
     if outcome in ("retry", "worker_lost"):
         BUFFER.add(COUNTERS_KEY, "retries")
     for name, buckets, value in (("processing", PROCESSING_BUCKETS, processing_seconds),

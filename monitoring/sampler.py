@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from monitoring.collectors import Snapshot, take_snapshot
 from monitoring.models import MetricSample
-from monitoring.recorder import PROCESSING_BUCKETS, WAIT_BUCKETS
+from monitoring.recorder import OUTCOME_STATUS, PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
 from queues import broker
 
 LAST_KEY = "portal:metrics:sampler:last"
@@ -45,6 +45,14 @@ def _delta(now: dict, before: dict) -> dict:
     return {key: max(0.0, value - before.get(key, 0.0)) for key, value in now.items()}
 
 
+def _timings(processing: dict, wait: dict) -> dict:
+    """A sample's processing and wait percentiles from one period's bucket counts."""
+    return {"processing_p50": quantile(PROCESSING_BUCKETS, processing, 0.5),
+            "processing_p95": quantile(PROCESSING_BUCKETS, processing, 0.95),
+            "processing_sum": processing.get("sum", 0),
+            "wait_p50": quantile(WAIT_BUCKETS, wait, 0.5), "wait_p95": quantile(WAIT_BUCKETS, wait, 0.95)}
+
+
 def sample_take(*, now: datetime | None = None, snapshot: Snapshot | None = None) -> list[MetricSample] | None:
     """Writes the samples of the minute that just ended. Returns None if another sampler already wrote it."""
     now = now or timezone.now()
@@ -64,9 +72,6 @@ def sample_take(*, now: datetime | None = None, snapshot: Snapshot | None = None
     rows = []
     period = minute - timedelta(minutes=1)
     alive = len(snapshot.alive_workers)
-    fleet = MetricSample(at=period, queue="", depth=sum(snapshot.queue_lengths.values()), workers=alive,
-                         busy_ratio=snapshot.busy_ratio, completed=int(counters.get("tasks:completed", 0)),
-                         failed=int(counters.get("tasks:failed", 0)), retried=int(counters.get("retries", 0)))
     fleet_processing, fleet_wait = {}, {}
     for queue in broker.QUEUE_NAMES:
         processing = _delta(snapshot.histograms.get(("processing", queue), {}),
@@ -75,17 +80,16 @@ def sample_take(*, now: datetime | None = None, snapshot: Snapshot | None = None
         for target, source in ((fleet_processing, processing), (fleet_wait, wait)):
             for key, value in source.items():
                 target[key] = target.get(key, 0.0) + value
+        ended = {status: int(counters.get(queue_counter(queue, status), 0))
+                 for status in OUTCOME_STATUS.values()}
         rows.append(MetricSample(
             at=period, queue=queue, depth=snapshot.queue_lengths.get(queue, 0), workers=alive,
-            busy_ratio=snapshot.busy_ratio, completed=int(processing.get("count", 0)),
-            processing_p50=quantile(PROCESSING_BUCKETS, processing, 0.5),
-            processing_p95=quantile(PROCESSING_BUCKETS, processing, 0.95), processing_sum=processing.get("sum", 0),
-            wait_p50=quantile(WAIT_BUCKETS, wait, 0.5), wait_p95=quantile(WAIT_BUCKETS, wait, 0.95)))
-    fleet.processing_p50 = quantile(PROCESSING_BUCKETS, fleet_processing, 0.5)
-    fleet.processing_p95 = quantile(PROCESSING_BUCKETS, fleet_processing, 0.95)
-    fleet.processing_sum = fleet_processing.get("sum", 0)
-    fleet.wait_p50 = quantile(WAIT_BUCKETS, fleet_wait, 0.5)
-    fleet.wait_p95 = quantile(WAIT_BUCKETS, fleet_wait, 0.95)
+            busy_ratio=snapshot.busy_ratio, completed=ended["completed"], failed=ended["failed"],
+            retried=ended["retried"] + ended["worker_lost"], **_timings(processing, wait)))
+    fleet = MetricSample(at=period, queue="", depth=sum(snapshot.queue_lengths.values()), workers=alive,
+                         busy_ratio=snapshot.busy_ratio, completed=int(counters.get("tasks:completed", 0)),
+                         failed=int(counters.get("tasks:failed", 0)), retried=int(counters.get("retries", 0)),
+                         **_timings(fleet_processing, fleet_wait))
     rows.append(fleet)
     MetricSample.objects.bulk_create(rows, ignore_conflicts=True)
     return rows

@@ -32,13 +32,17 @@ def test_sampler_records_a_minute_of_real_counters(redis):
         record_attempt(queue="normal", outcome="completed", processing_seconds=seconds, wait_seconds=0.02)
     record_attempt(queue="low", outcome="failed", processing_seconds=1.5, wait_seconds=3.0)
     record_attempt(queue="low", outcome="retry", processing_seconds=0.2, wait_seconds=0.5)
+    record_attempt(queue="low", outcome="worker_lost", processing_seconds=None, wait_seconds=None)
     rows = sample_take(now=start + timedelta(minutes=1))
     by_queue = {row.queue: row for row in rows}
     normal, fleet = by_queue["normal"], by_queue[""]
     assert normal.completed == 4 and normal.at == start.replace(second=0)
+    assert (normal.failed, normal.retried) == (0, 0)
+    low = by_queue["low"]  # failures and retries are counted per queue too
+    assert (low.completed, low.failed, low.retried) == (0, 1, 2)
     assert 0.25 < normal.processing_p50 <= 0.5 and 2.5 < normal.processing_p95 <= 5.0
     assert normal.processing_sum == pytest.approx(5.3)
-    assert fleet.completed == 4 and fleet.failed == 1 and fleet.retried == 1
+    assert fleet.completed == 4 and fleet.failed == 1 and fleet.retried == 2
     assert MetricSample.objects.count() == 5  # four queues and the fleet
 
 
