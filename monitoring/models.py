@@ -18,6 +18,8 @@ class MetricSample(models.Model):
     processing_p50 = models.FloatField(null=True, blank=True)
     processing_p95 = models.FloatField(null=True, blank=True)
     processing_sum = models.FloatField(default=0)
+    processing_count = models.PositiveIntegerField(
+        default=0, help_text="Attempts timed in the period, whatever their outcome (the average's denominator).")
     wait_p50 = models.FloatField(null=True, blank=True)
     wait_p95 = models.FloatField(null=True, blank=True)
     workers = models.PositiveIntegerField(default=0)

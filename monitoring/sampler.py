@@ -49,7 +49,7 @@ def _timings(processing: dict, wait: dict) -> dict:
     """A sample's processing and wait percentiles from one period's bucket counts."""
     return {"processing_p50": quantile(PROCESSING_BUCKETS, processing, 0.5),
             "processing_p95": quantile(PROCESSING_BUCKETS, processing, 0.95),
-            "processing_sum": processing.get("sum", 0),
+            "processing_sum": processing.get("sum", 0), "processing_count": int(processing.get("count", 0)),
             "wait_p50": quantile(WAIT_BUCKETS, wait, 0.5), "wait_p95": quantile(WAIT_BUCKETS, wait, 0.95)}
 
 
@@ -116,15 +116,15 @@ def samples_compact(*, now: datetime | None = None) -> dict:
                         "depth": max(row.depth for row in rows), "completed": completed,
                         "failed": sum(row.failed for row in rows), "retried": sum(row.retried for row in rows),
                         "processing_sum": sum(row.processing_sum for row in rows),
-                        "processing_p50": _weighted([(row.processing_p50, row.completed) for row in rows]),
+                        "processing_count": sum(row.processing_count for row in rows),
+                        "processing_p50": _weighted([(row.processing_p50, row.processing_count) for row in rows]),
                         "processing_p95": max((row.processing_p95 for row in rows if row.processing_p95 is not None),
                                               default=None),
                         "wait_p50": _weighted([(row.wait_p50, row.completed) for row in rows]),
                         "wait_p95": max((row.wait_p95 for row in rows if row.wait_p95 is not None), default=None),
                         "workers": max(row.workers for row in rows),
                         "busy_ratio": sum(row.busy_ratio for row in rows) / len(rows)})
-            folded += group.count()
-            group.delete()
+            folded += group.delete()[0]
     old = MetricSample.objects.filter(at__lt=now - timedelta(days=settings.METRICS_RETENTION_DAYS))
     while True:
         batch = list(old.values_list("pk", flat=True)[:BATCH])
@@ -164,6 +164,7 @@ def performance(*, window: str, now: datetime | None = None) -> dict:
     minutes = sum(60 if row.resolution == MetricSample.Resolution.HOUR else 1 for row in rows)
     completed = sum(row.completed for row in rows)
     failed = sum(row.failed for row in rows)
+    timed = sum(row.processing_count for row in rows)
     half = start + WINDOWS[window] / 2
 
     def per_minute(selected):
@@ -174,7 +175,7 @@ def performance(*, window: str, now: datetime | None = None) -> dict:
     p95s = [row.processing_p95 for row in rows if row.processing_p95 is not None]
     return {
         "window": window, "samples": len(rows), "from": start.isoformat(), "to": now.isoformat(),
-        "processing_seconds": {"average": sum(row.processing_sum for row in rows) / completed if completed else None,
+        "processing_seconds": {"average": sum(row.processing_sum for row in rows) / timed if timed else None,
                                "p95": max(p95s) if p95s else None},
         "throughput_per_minute": completed / minutes if minutes else None,
         "error_rate": failed / (completed + failed) if completed + failed else None,

@@ -43,6 +43,8 @@ def test_sampler_records_a_minute_of_real_counters(redis):
     assert 0.25 < normal.processing_p50 <= 0.5 and 2.5 < normal.processing_p95 <= 5.0
     assert normal.processing_sum == pytest.approx(5.3)
     assert fleet.completed == 4 and fleet.failed == 1 and fleet.retried == 2
+    # Every timed attempt, failed ones included, is in the processing figures and their count.
+    assert fleet.processing_count == 6 and fleet.processing_sum == pytest.approx(7.0)
     assert MetricSample.objects.count() == 5  # four queues and the fleet
 
 
@@ -64,7 +66,8 @@ def fleet_rows(start, values):
     """One fleet sample per minute: (completed, failed, processing_p95, depth)."""
     for index, (completed, failed, p95, depth) in enumerate(values):
         MetricSample.objects.create(at=start + timedelta(minutes=index), queue="", completed=completed,
-                                    failed=failed, processing_p95=p95, processing_sum=completed * 0.5,
+                                    failed=failed, processing_p95=p95, processing_sum=(completed + failed) * 0.5,
+                                    processing_count=completed + failed,
                                     depth=depth, wait_p50=0.1, wait_p95=0.4, workers=4, busy_ratio=0.8)
 
 
@@ -105,6 +108,7 @@ def test_old_minutes_fold_into_hours_and_expire(settings):
     result = samples_compact(now=now)
     hourly = MetricSample.objects.get(resolution="1h", at=two_days_ago)
     assert (hourly.completed, hourly.failed, hourly.depth) == (300, 60, 3)
+    assert hourly.processing_count == 360 and hourly.processing_sum == pytest.approx(180.0)
     assert result["folded"] == 63 and result["deleted"] == 1  # the five-day-old hour is folded, then expired
     assert MetricSample.objects.filter(resolution="1m").count() == 5
 
