@@ -162,6 +162,13 @@ class CaptionTask(models.Model):
     last_error_message = models.TextField("error message", blank=True)
     idempotency_key = models.CharField(max_length=200, unique=True, null=True, blank=True)
     worker_name = models.CharField(max_length=200, blank=True, help_text="Worker of the latest attempt.")
+    # The running attempt's identity and lease. A claim writes a fresh token; every later change of that attempt
+    # (its outcome, a re-drive) expects the token, so a late worker can never end a newer attempt. The worker
+    # renews heartbeat_at every couple of seconds on the database's clock while the attempt runs; the reconciler
+    # re-drives a PROCESSING task only when its heartbeat is older than the lease (queues.reconcile), never
+    # because something in Redis is missing.
+    claim_token = models.CharField(max_length=32, blank=True, default="")
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last heartbeat of the running attempt.")
 
     created_at = models.DateTimeField(default=timezone.now)
     # Publication: NULL means no job is known to be in Redis for this task; the relay publishes such tasks once
@@ -383,6 +390,25 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user or 'system'}: {self.action} {self.target}"
+
+
+class QueueState(models.Model):
+    """Whether a queue is paused, or (``queue = "*"``) all processing is suspended: the database holds it, Redis
+    only caches it for the workers (queues.control), so a Redis flush or failover never silently resumes work."""
+
+    ALL = "*"
+
+    queue = models.CharField(max_length=8, unique=True)
+    paused = models.BooleanField(default=False)
+    changed_at = models.DateTimeField(default=timezone.now)
+    changed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    class Meta:
+        default_permissions = ()
+
+    def __str__(self) -> str:
+        what = "all processing" if self.queue == self.ALL else f"queue {self.queue}"
+        return f"{what}: {'paused' if self.paused else 'running'}"
 
 
 class LiveWorker(models.Model):
