@@ -2,7 +2,12 @@ from django.db import models
 
 
 class MetricSample(models.Model):
-    """Figures of one queue (or of the fleet, queue "") over one minute, or one hour once downsampled."""
+    """Figures of one queue (or of the fleet, queue "") over one minute, or one hour once downsampled.
+
+    ``minutes`` is how much time the counts cover, the denominator of every rate read from samples: 1 for a minute
+    sample, more for the sample a sampler writes after a gap (the deltas since its last sample), and for an hourly
+    sample the sum over the minute samples folded into it (less than 60 when the sampler was down for part of it).
+    """
 
     class Resolution(models.TextChoices):
         MINUTE = "1m", "minute"
@@ -10,6 +15,7 @@ class MetricSample(models.Model):
 
     at = models.DateTimeField(help_text="Start of the period.")
     resolution = models.CharField(max_length=2, choices=Resolution.choices, default=Resolution.MINUTE)
+    minutes = models.PositiveIntegerField(default=1, help_text="Minutes the counts cover (rates divide by this).")
     queue = models.CharField(max_length=10, blank=True, help_text="Empty for fleet-wide figures.")
     depth = models.PositiveIntegerField(default=0)
     completed = models.PositiveIntegerField(default=0)

@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max
 from django.utils import timezone
 
 from monitoring.collectors import Snapshot, take_snapshot
@@ -95,36 +94,32 @@ def sample_take(*, now: datetime | None = None, snapshot: Snapshot | None = None
     return rows
 
 
+class _FoldedElsewhere(Exception):
+    """Another sampler folded (deleted) some of the rows this fold read: this fold is rolled back."""
+
+
 def samples_compact(*, now: datetime | None = None) -> dict:
-    """Folds minute rows older than a day into hourly rows; deletes rows older than METRICS_RETENTION_DAYS."""
+    """Folds the minute rows of every whole hour that ended more than a day ago into one hourly row per queue;
+    deletes rows older than METRICS_RETENTION_DAYS.
+
+    The cutoff is on an hour boundary, so an hour is folded once, whole, and /api/rq/performance and the capacity
+    report read the same totals before and after. A minute row can still land in an hour already folded (the
+    sample a sampler writes after a long gap starts where the gap started), so a fold adds to an existing hourly row
+    rather than replacing it. Each minute row is folded exactly once: the fold deletes the rows it read in its own
+    transaction and is rolled back if it deleted fewer (another sampler folded them in the meantime).
+    """
     now = now or timezone.now()
     folded = deleted = 0
-    cutoff = now - timedelta(days=1)
+    cutoff = (now - timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
     minutes = MetricSample.objects.filter(resolution=MetricSample.Resolution.MINUTE, at__lt=cutoff)
     while True:
         first = minutes.order_by("at").values_list("at", flat=True).first()
         if first is None:
             break
-        hour = first.replace(minute=0, second=0, microsecond=0)
-        group = minutes.filter(at__gte=hour, at__lt=hour + timedelta(hours=1))
-        with transaction.atomic():
-            for queue in group.values_list("queue", flat=True).distinct():
-                rows = list(group.filter(queue=queue))
-                completed = sum(row.completed for row in rows)
-                MetricSample.objects.update_or_create(
-                    resolution=MetricSample.Resolution.HOUR, queue=queue, at=hour, defaults={
-                        "depth": max(row.depth for row in rows), "completed": completed,
-                        "failed": sum(row.failed for row in rows), "retried": sum(row.retried for row in rows),
-                        "processing_sum": sum(row.processing_sum for row in rows),
-                        "processing_count": sum(row.processing_count for row in rows),
-                        "processing_p50": _weighted([(row.processing_p50, row.processing_count) for row in rows]),
-                        "processing_p95": max((row.processing_p95 for row in rows if row.processing_p95 is not None),
-                                              default=None),
-                        "wait_p50": _weighted([(row.wait_p50, row.completed) for row in rows]),
-                        "wait_p95": max((row.wait_p95 for row in rows if row.wait_p95 is not None), default=None),
-                        "workers": max(row.workers for row in rows),
-                        "busy_ratio": sum(row.busy_ratio for row in rows) / len(rows)})
-            folded += group.delete()[0]
+        try:
+            folded += _fold_hour(first.replace(minute=0, second=0, microsecond=0))
+        except _FoldedElsewhere:
+            continue  # those rows are gone; the next pass starts at whatever is left
     old = MetricSample.objects.filter(at__lt=now - timedelta(days=settings.METRICS_RETENTION_DAYS))
     while True:
         batch = list(old.values_list("pk", flat=True)[:BATCH])
@@ -132,6 +127,48 @@ def samples_compact(*, now: datetime | None = None) -> dict:
             break
         deleted += MetricSample.objects.filter(pk__in=batch).delete()[0]
     return {"folded": folded, "deleted": deleted}
+
+
+def _fold_hour(hour: datetime) -> int:
+    """Adds the hour's minute rows to its hourly rows (one per queue) and deletes them. Returns how many it folded."""
+    with transaction.atomic():
+        rows = list(MetricSample.objects.select_for_update().filter(
+            resolution=MetricSample.Resolution.MINUTE, at__gte=hour, at__lt=hour + timedelta(hours=1)))
+        if MetricSample.objects.filter(pk__in=[row.pk for row in rows]).delete()[0] != len(rows):
+            raise _FoldedElsewhere
+        by_queue: dict[str, list[MetricSample]] = {}
+        for row in rows:
+            by_queue.setdefault(row.queue, []).append(row)
+        for queue, parts in by_queue.items():
+            hourly = MetricSample.objects.select_for_update().filter(
+                resolution=MetricSample.Resolution.HOUR, queue=queue, at=hour).first()
+            if hourly is None:
+                hourly = MetricSample(resolution=MetricSample.Resolution.HOUR, queue=queue, at=hour)
+            else:
+                parts.append(hourly)
+            for name, value in _combined(parts).items():
+                setattr(hourly, name, value)
+            hourly.save()
+    return len(rows)
+
+
+def _combined(rows: list[MetricSample]) -> dict:
+    """The figures of several samples as one: counts and minutes summed; p50s weighted by the attempts behind them
+    (we keep no bucket counts per sample, so this is the best estimate); p95s, depth and workers the highest
+    seen; busy ratio weighted by the minutes each sample covers."""
+    minutes = sum(row.minutes for row in rows)
+    return {
+        "minutes": minutes, "depth": max(row.depth for row in rows),
+        "completed": sum(row.completed for row in rows), "failed": sum(row.failed for row in rows),
+        "retried": sum(row.retried for row in rows), "processing_sum": sum(row.processing_sum for row in rows),
+        "processing_count": sum(row.processing_count for row in rows),
+        "processing_p50": _weighted([(row.processing_p50, row.processing_count) for row in rows]),
+        "processing_p95": max((row.processing_p95 for row in rows if row.processing_p95 is not None), default=None),
+        "wait_p50": _weighted([(row.wait_p50, row.completed) for row in rows]),
+        "wait_p95": max((row.wait_p95 for row in rows if row.wait_p95 is not None), default=None),
+        "workers": max(row.workers for row in rows),
+        "busy_ratio": _weighted([(row.busy_ratio, row.minutes) for row in rows]) or 0.0,
+    }
 
 
 def _weighted(pairs):
@@ -161,20 +198,22 @@ def performance(*, window: str, now: datetime | None = None) -> dict:
     now = now or timezone.now()
     start = now - WINDOWS[window]
     rows = list(MetricSample.objects.filter(queue="", at__gte=start, at__lt=now).order_by("at"))
-    minutes = sum(60 if row.resolution == MetricSample.Resolution.HOUR else 1 for row in rows)
+    minutes = sum(row.minutes for row in rows)
     completed = sum(row.completed for row in rows)
     failed = sum(row.failed for row in rows)
     timed = sum(row.processing_count for row in rows)
     half = start + WINDOWS[window] / 2
 
     def per_minute(selected):
-        span = sum(60 if row.resolution == MetricSample.Resolution.HOUR else 1 for row in selected)
+        span = sum(row.minutes for row in selected)
         return sum(row.completed for row in selected) / span if span else None
 
     first, second = [row for row in rows if row.at < half], [row for row in rows if row.at >= half]
     p95s = [row.processing_p95 for row in rows if row.processing_p95 is not None]
     return {
         "window": window, "samples": len(rows), "from": start.isoformat(), "to": now.isoformat(),
+        "totals": {"completed": completed, "failed": failed, "retried": sum(row.retried for row in rows),
+                   "minutes": minutes},
         "processing_seconds": {"average": sum(row.processing_sum for row in rows) / timed if timed else None,
                                "p95": max(p95s) if p95s else None},
         "throughput_per_minute": completed / minutes if minutes else None,
@@ -201,20 +240,18 @@ TARGETS = {"throughput_per_minute": 50, "backlog": 50, "utilisation": (0.70, 0.8
 def capacity_report(*, days: int, now: datetime | None = None) -> dict:
     """The old system's capacity targets against measured figures over ``days``, with what to scale."""
     now = now or timezone.now()
-    rows = MetricSample.objects.filter(queue="", at__gte=now - timedelta(days=days), at__lt=now)
-    figures = rows.aggregate(peak_depth=Max("depth"))
-    minute_rows = list(rows.values_list("resolution", "completed", "depth", "busy_ratio", "wait_p95", "workers"))
-    per_minute = [completed / (60 if resolution == "1h" else 1) for resolution, completed, *_ in minute_rows]
-    peak = max(per_minute, default=None)
-    depths = [depth for _, _, depth, *_ in minute_rows]
-    busy = [ratio for *_, ratio, _, _ in minute_rows if ratio is not None]
-    waits = [wait for *_, wait, _ in minute_rows if wait is not None]
-    workers = [count for *_, count in minute_rows]
+    rows = list(MetricSample.objects.filter(queue="", at__gte=now - timedelta(days=days), at__lt=now)
+                .only("minutes", "completed", "depth", "busy_ratio", "wait_p95", "workers"))
+    peak = max((row.completed / row.minutes for row in rows if row.minutes), default=None)
+    waits = [row.wait_p95 for row in rows if row.wait_p95 is not None]
+    # Averages weigh each sample by the minutes it covers: an hourly sample is sixty minutes of the fleet's life.
     measured = {
         "peak_throughput_per_minute": peak,
-        "average_backlog": _mean(depths), "peak_backlog": figures["peak_depth"],
-        "average_utilisation": _mean(busy), "pickup_p95_seconds": max(waits) if waits else None,
-        "average_workers": _mean(workers), "samples": len(minute_rows),
+        "average_backlog": _weighted([(row.depth, row.minutes) for row in rows]),
+        "peak_backlog": max((row.depth for row in rows), default=None),
+        "average_utilisation": _weighted([(row.busy_ratio, row.minutes) for row in rows]),
+        "pickup_p95_seconds": max(waits) if waits else None,
+        "average_workers": _weighted([(row.workers, row.minutes) for row in rows]), "samples": len(rows),
     }
     checks, advice = [], []
     if measured["samples"] == 0:

@@ -144,3 +144,64 @@ def test_run_sampler_once(redis, capsys):
     assert "Wrote 0 sample(s)." in capsys.readouterr().out  # the first minute sets the baseline
     call_command("run_sampler", "--once")
     assert "already sampled" in capsys.readouterr().out
+
+
+def minute_rows(start, count, *, skip=()):
+    """``count`` fleet minute samples from ``start`` with varied figures; minutes in ``skip`` have none (the sampler
+    was down). Returns the rows written."""
+    rows = []
+    for index in range(count):
+        if index in skip:
+            continue
+        completed, failed = index % 7 + 1, index % 3 == 0
+        rows.append(MetricSample.objects.create(
+            at=start + timedelta(minutes=index), queue="", completed=completed, failed=failed, retried=index % 2,
+            processing_count=completed + failed, processing_sum=(completed + failed) * (0.5 + index % 4),
+            processing_p50=0.5 + index % 4, processing_p95=2.0 + index % 5, depth=index % 11, workers=3,
+            busy_ratio=0.5, wait_p50=0.1, wait_p95=0.4))
+    return rows
+
+
+@pytest.mark.django_db
+def test_folding_twice_keeps_every_minute_of_every_hour():
+    now = timezone.now().replace(minute=23, second=0, microsecond=0)
+    # 14 hours of minutes from 34 h ago (starting at :40, so the first and last hours are partial), with a gap.
+    start = (now - timedelta(hours=34)).replace(minute=40)
+    rows = minute_rows(start, 14 * 60 + 7, skip=range(200, 260))
+    for moment in (now, now + timedelta(minutes=37), now + timedelta(hours=2, minutes=5)):
+        samples_compact(now=moment)
+    later = now + timedelta(hours=2, minutes=5)
+    assert MetricSample.objects.filter(resolution="1h").exists()
+    # What is left at minute resolution is only what is younger than the last fold's whole-hour cutoff.
+    cutoff = (later - timedelta(days=1)).replace(minute=0)
+    assert not MetricSample.objects.filter(resolution="1m", at__lt=cutoff).exists()
+
+    report = performance(window="7d", now=later)
+    assert report["totals"] == {"completed": sum(row.completed for row in rows),
+                                "failed": sum(row.failed for row in rows),
+                                "retried": sum(row.retried for row in rows), "minutes": len(rows)}
+    assert report["throughput_per_minute"] == pytest.approx(sum(row.completed for row in rows) / len(rows))
+    assert report["processing_seconds"]["average"] == pytest.approx(
+        sum(row.processing_sum for row in rows) / sum(row.processing_count for row in rows))
+
+
+@pytest.mark.django_db
+def test_folding_into_an_existing_hour_adds_to_it():
+    hour = (timezone.now() - timedelta(days=3)).replace(minute=0, second=0, microsecond=0)
+    MetricSample.objects.create(at=hour, resolution="1h", queue="", minutes=30, completed=100, failed=4, retried=2,
+                                processing_count=104, processing_sum=104.0, processing_p50=1.0, processing_p95=2.0,
+                                wait_p50=0.2, wait_p95=0.5, depth=9, workers=2, busy_ratio=0.4)
+    for index in range(30):  # the other half of the hour, still at minute resolution
+        MetricSample.objects.create(at=hour + timedelta(minutes=30 + index), queue="", completed=2, failed=0,
+                                    processing_count=2, processing_sum=6.0, processing_p50=3.0, processing_p95=5.0,
+                                    wait_p50=0.6, wait_p95=0.7, depth=4, workers=3, busy_ratio=0.8)
+    samples_compact()
+    hourly = MetricSample.objects.get(resolution="1h", at=hour, queue="")
+    assert (hourly.minutes, hourly.completed, hourly.failed, hourly.retried) == (60, 160, 4, 2)
+    assert (hourly.processing_count, hourly.processing_sum) == (164, pytest.approx(284.0))
+    assert hourly.processing_p50 == pytest.approx((1.0 * 104 + 3.0 * 60) / 164)  # weighted by attempts timed
+    assert hourly.processing_p95 == 5.0 and hourly.wait_p95 == 0.7
+    assert hourly.wait_p50 == pytest.approx((0.2 * 100 + 0.6 * 60) / 160)
+    assert hourly.busy_ratio == pytest.approx(0.6)  # weighted by the minutes each part covers
+    assert (hourly.depth, hourly.workers) == (9, 3)
+    assert not MetricSample.objects.filter(resolution="1m").exists()
