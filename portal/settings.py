@@ -170,6 +170,9 @@ RQ = {
     "QUEUE_CLASS": "queues.broker.CaptionQueue",
     "DEFAULT_RESULT_TTL": RQ_RESULT_TTL,
 }
+# django-rq registers its dashboard in the admin unless told not to; its views check only is_staff and change queue
+# state (see portal/urls.py). django_rq stays installed for its queue classes and the rqworker command we extend.
+RQ_SHOW_ADMIN_LINK = False
 # The only callables a worker will run. A job in Redis naming anything else fails without running.
 RQ_ALLOWED_CALLABLES = frozenset({"queues.jobs.caption_task", "queues.jobs.bulk_operation"})
 
