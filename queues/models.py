@@ -428,6 +428,7 @@ class BulkOperation(models.Model):
         CANCEL = "cancel", "Cancel"
         PRIORITY = "priority", "Change priority"
         RETRY_NOW = "retry_now", "Retry now"
+        EMPTY_QUEUE = "empty_queue", "Empty queue"
 
     class State(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -437,13 +438,25 @@ class BulkOperation(models.Model):
 
     kind = models.CharField(max_length=12, choices=Kind.choices)
     state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
-    task_ids = models.TextField(help_text="Comma-separated ids, fixed when the operation was confirmed.")
+    # What it acts on: the ids of a "selected" action, or (every task matching a filter, a queue being emptied) a
+    # description of the filter that the run re-evaluates batch by batch (queues.operations.selection_describe).
+    task_ids = models.TextField(blank=True, help_text="Comma-separated ids of a 'selected' action.")
+    selection = models.JSONField(null=True, blank=True,
+                                 help_text="The filter of an 'all matching' action, limited to the tasks it applies to.")
     params = models.JSONField(default=dict, blank=True)
     total = models.PositiveIntegerField(default=0)
     processed = models.PositiveIntegerField(default=0)
     changed = models.PositiveIntegerField(default=0)
     refused = models.PositiveIntegerField(default=0)
+    refused_by_status = models.JSONField(default=dict, blank=True)
     message = models.TextField(blank=True)
+    # Resuming: each batch commits together with checkpoint (the last task id done) and heartbeat_at (the database's
+    # clock). A run whose heartbeat is older than the lease is taken over from the checkpoint by a new run
+    # (queues.operations.bulk_operations_recover); every write of a run expects its run number, so a late one stops.
+    checkpoint = models.PositiveBigIntegerField(default=0)
+    runs = models.PositiveIntegerField(default=0, help_text="Times a worker has started it.")
+    worker_name = models.CharField(max_length=200, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     address = models.GenericIPAddressField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -457,7 +470,8 @@ class BulkOperation(models.Model):
 
     @property
     def percent(self) -> int:
-        return int(100 * self.processed / self.total) if self.total else 100
+        # Tasks that became eligible after the start are acted on too (a filter is re-evaluated), so cap it.
+        return min(100, int(100 * self.processed / self.total)) if self.total else 100
 
     def ids(self) -> list[int]:
         return [int(value) for value in self.task_ids.split(",") if value]
