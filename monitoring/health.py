@@ -1,9 +1,15 @@
-"""Health and metric reports for the JSON APIs, from one scrape snapshot."""
+"""Health and metric reports for the JSON APIs, from one scrape snapshot, and the readiness probe's reasons."""
 
 from __future__ import annotations
 
+import logging
+
+from django.db import DatabaseError, connection
+
 from monitoring.collectors import Snapshot
 from queues import broker
+
+logger = logging.getLogger(__name__)
 
 ORDER = {"healthy": 0, "warning": 1, "unhealthy": 2}
 
@@ -56,3 +62,19 @@ def metrics_report(snapshot: Snapshot) -> dict:
                   "connected_clients": info.get("connected_clients"), "maxclients": snapshot.maxclients},
         "fallback_active": snapshot.publishing_fallback,
     }
+
+
+def readiness_reasons() -> list[str]:
+    """Why this process cannot serve now, as reason codes (empty: ready). ``/readyz`` answers anyone, so the codes
+    are all it says; the driver's message (which can name hosts, ports or paths) goes to the log."""
+    reasons = []
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except DatabaseError as error:
+        logger.warning("readiness: the database does not answer: %s", error)
+        reasons.append("database_unreachable")
+    if not broker.ping():
+        logger.warning("readiness: Redis does not answer PING")
+        reasons.append("redis_unreachable")
+    return reasons

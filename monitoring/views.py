@@ -1,5 +1,4 @@
 from django.core.cache import cache
-from django.db import DatabaseError, connection
 from django.utils import timezone
 from django.http import HttpResponse, JsonResponse
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -7,9 +6,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from monitoring.access import get_only, metrics_access
 from monitoring.collectors import QueueSystemCollector, take_snapshot
-from monitoring.health import health_report, metrics_report
+from monitoring.health import health_report, metrics_report, readiness_reasons
 from monitoring.sampler import performance
-from queues import broker
 
 # Our collector lives in its own registry: django-prometheus's default registry holds per-process HTTP and database
 # metrics; ours are read from Redis at scrape time and are the same from every portal process.
@@ -25,17 +23,10 @@ def healthz(request):
 
 @get_only
 def readyz(request):
-    """Readiness: the database and Redis both answer."""
-    problems = {}
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-    except DatabaseError as error:
-        problems["database"] = str(error) or type(error).__name__
-    if not broker.ping():
-        problems["redis"] = "Redis does not answer PING"
-    if problems:
-        return JsonResponse({"status": "not ready", "problems": problems}, status=503)
+    """Readiness: the database and Redis both answer. Unauthenticated, so a failure names reason codes only."""
+    reasons = readiness_reasons()
+    if reasons:
+        return JsonResponse({"status": "unavailable", "reasons": reasons}, status=503)
     return JsonResponse({"status": "ready"})
 
 

@@ -1,6 +1,7 @@
 """/metrics, /readyz and the JSON APIs against real Redis and database state."""
 
 import json
+import socket
 
 import pytest
 from django.core.cache import cache
@@ -100,7 +101,7 @@ def test_workers_health_and_redis_figures(staff_client, redis):
         values = samples(staff_client)
         assert value(values, "rq_workers_active") == 1 and value(values, "rq_system_health") == 1
         assert value(values, "rq_worker_busy_ratio") == 0
-        assert value(values, "rq_worker_memory_bytes", worker="metrics-test-worker", pool="default") > 10_000_000
+        assert value(values, "rq_worker_memory_bytes", pool="default", host=socket.gethostname()) > 10_000_000
         assert value(values, "rq_redis_used_memory_bytes") > 0
         assert value(values, "rq_redis_connected_clients") >= 1
         assert value(values, "rq_redis_maxclients") > 0
@@ -190,7 +191,7 @@ def test_apis_with_redis_stopped(staff_client, redis_server_factory, media_image
     assert "Redis is unreachable" in health.json()["components"]["redis"]["reason"]
     assert health.json()["fallback_active"] is True
     ready = staff_client.get(reverse("readyz"))
-    assert ready.status_code == 503 and "redis" in ready.json()["problems"]
+    assert ready.status_code == 503 and ready.json() == {"status": "unavailable", "reasons": ["redis_unreachable"]}
     metrics = staff_client.get(reverse("api-metrics"))
     assert metrics.status_code == 503 and metrics.json()["redis_reachable"] is False
     assert metrics.json()["error"].startswith("Redis is unreachable")
@@ -217,6 +218,40 @@ def test_metrics_api_shape(staff_client, redis, media_image, django_capture_on_c
 
 def test_healthz_needs_nothing(client):
     assert client.get(reverse("healthz")).json() == {"status": "ok"}
+
+
+@pytest.fixture
+def unreachable_database():
+    """Points the default connection at a database that cannot be reached (a file in a missing directory for
+    SQLite, a port where nothing listens for MySQL), so the real driver raises its own error, path or host in it."""
+    from django.db import connection
+
+    from portal.embedded_redis import free_port
+
+    saved = dict(connection.settings_dict)
+    connection.close()
+    if connection.vendor == "sqlite":
+        connection.settings_dict["NAME"] = "/nonexistent-portal-dir/secret-name.sqlite3"
+    else:
+        connection.settings_dict.update(HOST="127.0.0.1", PORT=str(free_port()))
+    yield
+    connection.close()
+    connection.settings_dict.clear()
+    connection.settings_dict.update(saved)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_readyz_answers_reason_codes_only_to_anonymous_callers(client, unreachable_redis, unreachable_database):
+    response = client.get(reverse("readyz"))
+    assert response.status_code == 503
+    # No driver message, file path, host or port: /readyz needs no credentials.
+    assert response.json() == {"status": "unavailable", "reasons": ["database_unreachable", "redis_unreachable"]}
+
+
+@pytest.mark.django_db
+def test_readyz_is_ready_when_database_and_redis_answer(client, redis):
+    response = client.get(reverse("readyz"))
+    assert response.status_code == 200 and response.json() == {"status": "ready"}
 
 
 @pytest.mark.django_db
