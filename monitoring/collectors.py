@@ -15,6 +15,7 @@ from datetime import timedelta
 from django.db import DatabaseError
 from django.db.models import Count
 from django.utils import timezone
+from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from rq.registry import FailedJobRegistry
 from rq.worker import Worker
@@ -33,6 +34,26 @@ from queues import broker
 from queues.errors import BrokerUnavailable
 from queues.models import CaptionTask, TaskStatus
 from queues.worker import alive_key
+
+def _unregister_django_rq_summary() -> None:
+    """django-rq defines a Summary named ``rq_request_processing_seconds_total`` in prometheus_client's global
+    registry as soon as its stats views are imported (the admin's autodiscovery imports django_rq.admin, which
+    imports them), and /metrics serves that registry. The summary times django-rq's own collector, which /metrics
+    never runs (it is always zero here), and promtool rejects its name (only counters may end in ``_total``): take
+    it out. Importing the module here first makes this independent of import order."""
+    try:
+        from django_rq.contrib.prometheus import RQCollector
+    except ImportError:
+        return
+    summary = getattr(RQCollector, "summary", None)
+    if summary is not None:
+        try:
+            REGISTRY.unregister(summary)
+        except KeyError:  # already out
+            pass
+
+
+_unregister_django_rq_summary()
 
 # The relay publishes within about a second; unpublished tasks overdue by more than this mean Redis is not taking
 # them (the old system's "fallback mode").
@@ -213,15 +234,26 @@ def families(snapshot: Snapshot):
     yield GaugeMetricFamily("rq_workers_active", "Workers alive (liveness key present)", value=len(alive))
     yield GaugeMetricFamily("rq_worker_busy_ratio", "Share of alive workers running a task",
                             value=snapshot.busy_ratio)
-    per_worker = GaugeMetricFamily("rq_worker_tasks_total", "Jobs a worker has finished, by outcome",
-                                   labels=["worker", "outcome"])
-    memory = GaugeMetricFamily("rq_worker_memory_bytes", "Resident memory of each worker", labels=["worker", "pool"])
+    # Per pool and host, not per worker: worker names carry a random suffix, so a label per worker would start new
+    # series at every restart (and Prometheus keeps each for its whole retention).
+    finished = GaugeMetricFamily(
+        "rq_worker_tasks", "Jobs the alive workers of a pool on a host have finished, by outcome (a gauge: each "
+        "worker counts from zero when it starts)", labels=["pool", "host", "outcome"])
+    memory = GaugeMetricFamily("rq_worker_memory_bytes", "Resident memory of the alive workers of a pool on a host",
+                               labels=["pool", "host"])
+    groups: dict[tuple[str, str], dict] = {}
     for worker in alive:
-        per_worker.add_metric([worker["name"], "successful"], worker["successful"])
-        per_worker.add_metric([worker["name"], "failed"], worker["failed"])
+        group = groups.setdefault((worker["pool"], worker["host"]), {"successful": 0, "failed": 0, "rss": None})
+        group["successful"] += worker["successful"]
+        group["failed"] += worker["failed"]
         if worker["rss"]:
-            memory.add_metric([worker["name"], worker["pool"]], worker["rss"])
-    yield per_worker
+            group["rss"] = (group["rss"] or 0) + worker["rss"]
+    for (pool, host), group in sorted(groups.items()):
+        finished.add_metric([pool, host, "successful"], group["successful"])
+        finished.add_metric([pool, host, "failed"], group["failed"])
+        if group["rss"] is not None:
+            memory.add_metric([pool, host], group["rss"])
+    yield finished
     yield memory
 
     yield _histogram("rq_task_processing_seconds", "Time a caption attempt took", PROCESSING_BUCKETS, snapshot,

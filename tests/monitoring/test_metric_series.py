@@ -1,0 +1,90 @@
+"""What the series of /metrics look like to Prometheus: stable labels across worker restarts, names promtool accepts,
+outages counted once."""
+
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+from django.urls import reverse
+from prometheus_client.parser import text_string_to_metric_families
+
+from queues import broker
+from queues.worker import CaptionWorker
+
+
+@pytest.fixture
+def staff_client(client, admin_user):
+    client.force_login(admin_user)
+    return client
+
+
+def scrape(client) -> str:
+    response = client.get(reverse("metrics"))
+    assert response.status_code == 200, response.content
+    return response.content.decode()
+
+
+def series(client, prefix: str) -> dict:
+    """{(sample name, labels): value} of the samples whose name starts with ``prefix``."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(scrape(client))
+            for sample in family.samples if sample.name.startswith(prefix)}
+
+
+def start_worker(redis, name: str, *, pool: str = "default", done: int = 0, failed: int = 0) -> CaptionWorker:
+    worker = CaptionWorker(broker.get_queues(), connection=redis, name=name, pool=pool)
+    worker.register_birth()
+    redis.hset(worker.key, mapping={"successful_job_count": done, "failed_job_count": failed})
+    return worker
+
+
+@pytest.mark.django_db
+def test_a_restarted_worker_keeps_its_pool_and_host_series(staff_client, redis):
+    host = socket.gethostname()
+    first = start_worker(redis, "default-7f3a91", done=5, failed=1)
+    other = start_worker(redis, "default-0c44e2", done=2)
+    try:
+        before = series(staff_client, "rq_worker_")
+        first.register_death()  # the supervisor restarts it: same pool, same host, a new random name
+        first = start_worker(redis, "default-b81d07", done=0)
+        after = series(staff_client, "rq_worker_")
+    finally:
+        first.register_death()
+        other.register_death()
+    labels = {labels for _, labels in before}
+    assert labels == {labels for _, labels in after}
+    assert all("worker" not in dict(pairs) for pairs in labels)
+    # The per-worker figures are added up per pool and host.
+    assert before[("rq_worker_tasks", (("host", host), ("outcome", "successful"), ("pool", "default")))] == 7
+    assert before[("rq_worker_tasks", (("host", host), ("outcome", "failed"), ("pool", "default")))] == 1
+    assert after[("rq_worker_tasks", (("host", host), ("outcome", "successful"), ("pool", "default")))] == 2
+    memory = before[("rq_worker_memory_bytes", (("host", host), ("pool", "default")))]
+    assert memory > 2 * 10_000_000  # two workers' resident memory (both are this test process)
+
+
+@pytest.mark.django_db
+def test_promtool_accepts_the_whole_scrape(staff_client, redis):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing in CI (Debian: apt-get install prometheus)")
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    from monitoring.recorder import BUFFER, record_attempt
+
+    # Every family with samples: workers alive, attempts recorded, requests served, the health cache used.
+    workers = [start_worker(redis, f"promtool-{index}", done=3, failed=1) for index in range(2)]
+    try:
+        record_attempt(queue="normal", outcome="completed", processing_seconds=0.4, wait_seconds=0.05)
+        record_attempt(queue="low", outcome="retry", processing_seconds=1.2, wait_seconds=2.0)
+        BUFFER.flush()
+        staff_client.get(reverse("api-health"))
+        staff_client.get(reverse("api-metrics"))
+        text = scrape(staff_client)
+    finally:
+        for worker in workers:
+            worker.register_death()
+    assert "rq_worker_tasks{" in text and "rq_task_processing_seconds_bucket" in text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
