@@ -1,18 +1,20 @@
-"""Live dashboard updates over WebSockets. Staff only; everyone else's connection is closed."""
+"""Live dashboard updates over WebSockets, for users who may view the queues overview (the same check as /metrics);
+everyone else's connection is closed with code 4403 ("forbidden", in the 4000-4999 range for applications)."""
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from monitoring.access import may_view_metrics
 from monitoring.selectors import queue_snapshot
 
 METRICS_GROUP = "metrics"
+FORBIDDEN = 4403
 
 
 class MetricsConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self):
-        user = self.scope.get("user")
-        if not (user and user.is_authenticated and user.is_staff):
-            await self.close(code=4403)
+        if not await database_sync_to_async(may_view_metrics)(self.scope.get("user")):
+            await self.close(code=FORBIDDEN)
             return
         await self.channel_layer.group_add(METRICS_GROUP, self.channel_name)
         await self.accept()

@@ -143,7 +143,8 @@ RELAY_INTERVAL = env_float("RELAY_INTERVAL", 1.0, minimum=0.05)
 # Completed and cancelled tasks older than this are removed by ``manage.py tasks cleanup`` (failed ones stay).
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 30, minimum=1)
 
-# /metrics and /api/rq/*: a staff session, or "Authorization: Bearer <METRICS_TOKEN>" (for Prometheus).
+# /metrics and /api/rq/*: a session with queues.view_queueoverview, or "Authorization: Bearer <METRICS_TOKEN>"
+# (for Prometheus).
 METRICS_TOKEN = env_str("METRICS_TOKEN")
 if METRICS_TOKEN is not None and len(METRICS_TOKEN) < 16:
     raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters long")

@@ -1,4 +1,5 @@
-"""The live dashboard WebSocket: staff get snapshots over the real Redis channel layer; others are refused."""
+"""The live dashboard WebSocket: users who may view the queues get snapshots over the real Redis channel layer;
+others are refused."""
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -37,4 +38,15 @@ def test_staff_receive_a_snapshot_and_group_updates(redis, admin_user):
 
 def test_non_staff_are_refused(redis, outsider_user):
     connected, code, received = connect(outsider_user)
+    assert not connected and code == 4403 and received == []
+
+
+def test_support_may_watch_the_live_dashboard(redis, support_user):
+    connected, _, received = connect(support_user)
+    assert connected and received[1] == {"type": "snapshot", "data": {"probe": 1}}
+
+
+def test_staff_without_the_view_permission_are_refused(redis, django_user_model):
+    staff_only = django_user_model.objects.create_user(username="stan-staff", password="pw", is_staff=True)
+    connected, code, received = connect(staff_only)
     assert not connected and code == 4403 and received == []

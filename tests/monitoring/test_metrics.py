@@ -53,6 +53,20 @@ def test_access_rule(client, settings, redis, outsider_user, admin_user, url_nam
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("url_name", ["metrics", "api-health", "api-metrics", "api-performance"])
+def test_sessions_need_the_queue_view_permission_not_just_staff(client, redis, django_user_model, support_user,
+                                                                 url_name):
+    url = reverse(url_name)
+    staff_only = django_user_model.objects.create_user(username="stan-staff", password="pw", is_staff=True)
+    client.force_login(staff_only)
+    refused = client.get(url)
+    assert refused.status_code == 403
+    assert refused.json() == {"error": "reading metrics needs the queues.view_queueoverview permission"}
+    client.force_login(support_user)  # read-only, but may view the queues
+    assert client.get(url).status_code in (200, 503)
+
+
+@pytest.mark.django_db
 def test_token_does_nothing_when_none_is_configured(client, settings, redis):
     settings.METRICS_TOKEN = None
     assert client.get(reverse("metrics"), HTTP_AUTHORIZATION="Bearer anything").status_code == 403
@@ -115,7 +129,8 @@ def test_scrape_cost_does_not_grow_with_jobs(staff_client, redis, media_image, d
                                              django_capture_on_commit_callbacks):
     def commands_for_one_scrape():
         before = {k: v["calls"] for k, v in redis.info("commandstats").items()}
-        with django_assert_max_num_queries(1 + 2):  # 2 for the session and user
+        # 2 for the session and user, 2 for the user's and its groups' permissions (the view permission check)
+        with django_assert_max_num_queries(1 + 2 + 2):
             samples(staff_client)
         after = {k: v["calls"] for k, v in redis.info("commandstats").items()}
         return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
