@@ -16,5 +16,7 @@ def caption_task(task_id: int) -> dict:
 def bulk_operation(operation_id: int) -> dict:
     from queues.operations import bulk_operation_run
 
-    operation = bulk_operation_run(operation_id=int(operation_id))
+    job = get_current_job()
+    operation = bulk_operation_run(operation_id=int(operation_id),
+                                   worker_name=(job.worker_name if job else None) or "inline")
     return {"state": operation.state, "changed": operation.changed, "refused": operation.refused}

@@ -2,18 +2,33 @@
 
 Each bulk action works in batches of 1,000: the eligible rows are locked and changed in one transaction with a
 ``TaskEvent`` per task (with the operator), and after commit the batch's jobs are published with one pipeline.
-Tasks in a state the action does not apply to are refused and counted, never changed. Large selections run as a
-``BulkOperation`` in the background (``queues.jobs.bulk_operation``) with progress on its row.
+Tasks in a state the action does not apply to are refused and counted, never changed.
+
+Large selections run as a ``BulkOperation`` in the background (``queues.jobs.bulk_operation``), with progress on its
+row. What it acts on is stored as either the ids an operator selected or, for "every task matching the filter" and
+for emptying a queue, a JSON description of the queryset's filter (``selection_describe``), limited to the tasks the
+action applies to and to ids that existed when it was confirmed, and re-evaluated batch by batch at run time. Each
+batch commits together with the operation's checkpoint (the last task id done) and a heartbeat on the database's
+clock, so a run that dies (its worker killed) can be continued from the checkpoint: the actions refuse tasks no
+longer eligible, so running a batch again can never change a task twice.
+
+Emptying a queue cancels the rows first and drops the Redis list only after all are cancelled (see ``queue_empty``).
 """
 
 from __future__ import annotations
 
+import datetime
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Max, Q, QuerySet
+from django.db.models.expressions import Col
+from django.db.models.functions import Now
+from django.db.models.lookups import Lookup
+from django.db.models.sql.where import WhereNode
 from django.utils import timezone
 
 from queues import broker
@@ -31,6 +46,15 @@ WHY_NOT = {
     "cancel": "only queued tasks can be cancelled",
     "priority": "only queued tasks can change priority",
     "retry_now": "only tasks waiting to retry can be brought forward",
+}
+# The tasks each action applies to. The admin's confirmation counts with these; a background operation's stored
+# filter is limited to them, so re-evaluating it later can only reach tasks the action may change.
+ELIGIBLE = {
+    BulkOperation.Kind.REQUEUE: Q(status__in=REQUEUEABLE),
+    BulkOperation.Kind.CANCEL: Q(status=TaskStatus.QUEUED),
+    BulkOperation.Kind.PRIORITY: Q(status=TaskStatus.QUEUED),
+    BulkOperation.Kind.RETRY_NOW: Q(status=TaskStatus.QUEUED, published_at__isnull=True, attempts__gt=0),
+    BulkOperation.Kind.EMPTY_QUEUE: Q(status=TaskStatus.QUEUED),
 }
 
 
@@ -53,22 +77,114 @@ class BulkResult:
         return text
 
 
+# --- what each action does to one batch of locked rows ------------------------------------------------------------
+# Each receives the rows as (pk, status, priority, published_at, publish_after), counts what it changes and refuses
+# in ``result``, and returns the (task id, priority) pairs to publish after the batch commits.
+
+def _events(pks, kind, user, detail, now):
+    TaskEvent.objects.bulk_create([TaskEvent(task_id=pk, kind=kind, at=now, actor=user if getattr(user, "pk", None)
+                                             else None, detail=detail) for pk in pks])
+
+
+def _requeue(rows, result, user):
+    now = timezone.now()
+    eligible = [(pk, priority) for pk, status, priority, *_ in rows if status in REQUEUEABLE]
+    result.refused.update(status for _, status, *_ in rows if status not in REQUEUEABLE)
+    if not eligible:
+        return []
+    pks = [pk for pk, _ in eligible]
+    CaptionTask.objects.filter(pk__in=pks, status__in=REQUEUEABLE).update(
+        status=TaskStatus.QUEUED, attempts=0, published_at=None, publish_after=now, started_at=None,
+        finished_at=None, last_error_class="", last_error_message="", updated_at=now)
+    _events(pks, TaskEvent.Kind.REQUEUED, user, "requeued; retry count reset", now)
+    result.changed += len(pks)
+    transaction.on_commit(lambda: broker.dead_letters_forget(eligible))
+    return eligible
+
+
+def _cancel(rows, result, user, detail: str = "cancelled"):
+    now = timezone.now()
+    pks = [pk for pk, status, *_ in rows if status == TaskStatus.QUEUED]
+    result.refused.update(status for _, status, *_ in rows if status != TaskStatus.QUEUED)
+    if pks:
+        CaptionTask.objects.filter(pk__in=pks, status=TaskStatus.QUEUED).update(
+            status=TaskStatus.CANCELLED, finished_at=now, updated_at=now)
+        _events(pks, TaskEvent.Kind.CANCELLED, user, detail, now)
+        result.changed += len(pks)
+        # Only once the rows say CANCELLED: a worker that still pops one of these finds no job (or a row it cannot
+        # claim) and moves on.
+        transaction.on_commit(lambda: broker.jobs_delete(pks))
+    return []
+
+
+def _change_priority(rows, result, user, priority: str):
+    now = timezone.now()
+    queued = [(pk, old, published) for pk, status, old, published, _ in rows if status == TaskStatus.QUEUED]
+    result.refused.update(status for _, status, *_ in rows if status != TaskStatus.QUEUED)
+    moving = [(pk, old, published) for pk, old, published in queued if old != priority]
+    if not moving:
+        return []
+    published = [pk for pk, _, was_published in moving if was_published]
+    waiting = [pk for pk, _, was_published in moving if not was_published]
+    if published:
+        CaptionTask.objects.filter(pk__in=published, status=TaskStatus.QUEUED).update(
+            priority=priority, published_at=None, publish_after=now, updated_at=now)
+    if waiting:  # waiting to retry: the relay publishes them on the new queue when due
+        CaptionTask.objects.filter(pk__in=waiting, status=TaskStatus.QUEUED).update(
+            priority=priority, updated_at=now)
+    TaskEvent.objects.bulk_create([
+        TaskEvent(task_id=pk, kind=TaskEvent.Kind.PRIORITY_CHANGED, at=now, detail=f"{old} -> {priority}",
+                  actor=user if getattr(user, "pk", None) else None) for pk, old, _ in moving])
+    result.changed += len(moving)
+    return [(pk, priority) for pk in published]
+
+
+def _retry_now(rows, result, user):
+    now = timezone.now()
+    eligible = [(pk, priority) for pk, status, priority, published, after in rows
+                if status == TaskStatus.QUEUED and published is None and after > now]
+    eligible_ids = {pk for pk, _ in eligible}
+    result.refused.update(("WAITING" if status == TaskStatus.QUEUED and pk not in eligible_ids else status)
+                          for pk, status, *_ in rows if pk not in eligible_ids)
+    if not eligible:
+        return []
+    pks = [pk for pk, _ in eligible]
+    CaptionTask.objects.filter(pk__in=pks, status=TaskStatus.QUEUED, published_at__isnull=True).update(
+        publish_after=now, updated_at=now)
+    _events(pks, TaskEvent.Kind.RETRY_NOW, user, "backoff skipped", now)
+    result.changed += len(pks)
+    return eligible
+
+
+CHANGES: dict[str, Callable] = {"requeue": _requeue, "cancel": _cancel, "priority": _change_priority,
+                                "retry_now": _retry_now}
+
+
+def _apply_batch(action: str, batch: list[int], result: BulkResult, *, user, params: dict,
+                 record: Callable | None = None) -> None:
+    """One batch in one transaction; ``record(batch, result)`` runs inside it (a bulk operation's checkpoint, so the
+    batch and its progress commit together or not at all). Publishing follows the commit."""
+    with transaction.atomic():
+        rows = list(CaptionTask.objects.select_for_update().filter(pk__in=batch)
+                    .values_list("pk", "status", "priority", "published_at", "publish_after"))
+        to_publish = CHANGES[action](rows, result, user, **params)
+        if record:
+            record(batch, result)
+    if to_publish:
+        tasks_publish(tasks=to_publish)
+
+
 def _chunks(ids: list[int]) -> Iterable[list[int]]:
     for start in range(0, len(ids), BATCH):
         yield ids[start:start + BATCH]
 
 
-def _run(action: str, task_ids: Iterable[int], change: Callable, *, user, address, on_batch, detail=None
-         ) -> BulkResult:
+def _run(action: str, task_ids: Iterable[int], *, user, address, on_batch, params: dict | None = None,
+         detail: dict | None = None) -> BulkResult:
     ids = sorted(set(int(task_id) for task_id in task_ids))
     result = BulkResult(action)
     for batch in _chunks(ids):
-        with transaction.atomic():
-            rows = list(CaptionTask.objects.select_for_update().filter(pk__in=batch)
-                        .values_list("pk", "status", "priority", "published_at", "publish_after"))
-            to_publish = change(rows, result, user)
-        if to_publish:
-            tasks_publish(tasks=to_publish)
+        _apply_batch(action, batch, result, user=user, params=params or {})
         if on_batch:
             on_batch(len(batch), result)
     audit(user=user, action=f"tasks_{action}", target=f"{len(ids)} selected task(s)", count=result.changed,
@@ -76,50 +192,15 @@ def _run(action: str, task_ids: Iterable[int], change: Callable, *, user, addres
     return result
 
 
-def _events(pks, kind, user, detail, now):
-    TaskEvent.objects.bulk_create([TaskEvent(task_id=pk, kind=kind, at=now, actor=user if getattr(user, "pk", None)
-                                             else None, detail=detail) for pk in pks])
-
-
 def tasks_requeue(*, task_ids: Iterable[int], user=None, address=None, on_batch=None) -> BulkResult:
     """Failed or cancelled tasks back to QUEUED with a fresh retry count, published at once."""
-
-    def change(rows, result, user):
-        now = timezone.now()
-        eligible = [(pk, priority) for pk, status, priority, *_ in rows if status in REQUEUEABLE]
-        result.refused.update(status for _, status, *_ in rows if status not in REQUEUEABLE)
-        if not eligible:
-            return []
-        pks = [pk for pk, _ in eligible]
-        CaptionTask.objects.filter(pk__in=pks, status__in=REQUEUEABLE).update(
-            status=TaskStatus.QUEUED, attempts=0, published_at=None, publish_after=now, started_at=None,
-            finished_at=None, last_error_class="", last_error_message="", updated_at=now)
-        _events(pks, TaskEvent.Kind.REQUEUED, user, "requeued; retry count reset", now)
-        result.changed += len(pks)
-        transaction.on_commit(lambda: broker.dead_letters_forget(eligible))
-        return eligible
-
-    return _run("requeue", task_ids, change, user=user, address=address, on_batch=on_batch)
+    return _run("requeue", task_ids, user=user, address=address, on_batch=on_batch)
 
 
 def tasks_cancel(*, task_ids: Iterable[int], user=None, address=None, on_batch=None, detail: str = "cancelled"
                  ) -> BulkResult:
     """Queued tasks (waiting to run or to retry) to CANCELLED; their jobs are dropped from Redis."""
-
-    def change(rows, result, user):
-        now = timezone.now()
-        pks = [pk for pk, status, *_ in rows if status == TaskStatus.QUEUED]
-        result.refused.update(status for _, status, *_ in rows if status != TaskStatus.QUEUED)
-        if pks:
-            CaptionTask.objects.filter(pk__in=pks, status=TaskStatus.QUEUED).update(
-                status=TaskStatus.CANCELLED, finished_at=now, updated_at=now)
-            _events(pks, TaskEvent.Kind.CANCELLED, user, detail, now)
-            result.changed += len(pks)
-            # A worker that still pops one of these finds no job (or a row it cannot claim) and moves on.
-            transaction.on_commit(lambda: broker.jobs_delete(pks))
-        return []
-
-    return _run("cancel", task_ids, change, user=user, address=address, on_batch=on_batch)
+    return _run("cancel", task_ids, user=user, address=address, on_batch=on_batch, params={"detail": detail})
 
 
 def tasks_change_priority(*, task_ids: Iterable[int], priority: str, user=None, address=None, on_batch=None
@@ -128,68 +209,114 @@ def tasks_change_priority(*, task_ids: Iterable[int], priority: str, user=None, 
     the entry left in the old queue no longer matches the row's priority, so the task runs once, from the new one."""
     if priority not in Priority.values:
         raise ValueError(f"Unknown priority {priority!r}: choose one of {', '.join(Priority.values)}")
-
-    def change(rows, result, user):
-        now = timezone.now()
-        queued = [(pk, old, published) for pk, status, old, published, _ in rows if status == TaskStatus.QUEUED]
-        result.refused.update(status for _, status, *_ in rows if status != TaskStatus.QUEUED)
-        moving = [(pk, old, published) for pk, old, published in queued if old != priority]
-        if not moving:
-            return []
-        published = [pk for pk, _, was_published in moving if was_published]
-        waiting = [pk for pk, _, was_published in moving if not was_published]
-        if published:
-            CaptionTask.objects.filter(pk__in=published, status=TaskStatus.QUEUED).update(
-                priority=priority, published_at=None, publish_after=now, updated_at=now)
-        if waiting:  # waiting to retry: the relay publishes them on the new queue when due
-            CaptionTask.objects.filter(pk__in=waiting, status=TaskStatus.QUEUED).update(
-                priority=priority, updated_at=now)
-        TaskEvent.objects.bulk_create([
-            TaskEvent(task_id=pk, kind=TaskEvent.Kind.PRIORITY_CHANGED, at=now, detail=f"{old} -> {priority}",
-                      actor=user if getattr(user, "pk", None) else None) for pk, old, _ in moving])
-        result.changed += len(moving)
-        return [(pk, priority) for pk in published]
-
-    return _run("priority", task_ids, change, user=user, address=address, on_batch=on_batch,
+    return _run("priority", task_ids, user=user, address=address, on_batch=on_batch, params={"priority": priority},
                 detail={"priority": priority})
 
 
 def tasks_retry_now(*, task_ids: Iterable[int], user=None, address=None, on_batch=None) -> BulkResult:
     """Tasks waiting out a retry backoff are published now."""
-
-    def change(rows, result, user):
-        now = timezone.now()
-        eligible = [(pk, priority) for pk, status, priority, published, after in rows
-                    if status == TaskStatus.QUEUED and published is None and after > now]
-        eligible_ids = {pk for pk, _ in eligible}
-        result.refused.update(("WAITING" if status == TaskStatus.QUEUED and pk not in eligible_ids else status)
-                              for pk, status, *_ in rows if pk not in eligible_ids)
-        if not eligible:
-            return []
-        pks = [pk for pk, _ in eligible]
-        CaptionTask.objects.filter(pk__in=pks, status=TaskStatus.QUEUED, published_at__isnull=True).update(
-            publish_after=now, updated_at=now)
-        _events(pks, TaskEvent.Kind.RETRY_NOW, user, "backoff skipped", now)
-        result.changed += len(pks)
-        return eligible
-
-    return _run("retry_now", task_ids, change, user=user, address=address, on_batch=on_batch)
+    return _run("retry_now", task_ids, user=user, address=address, on_batch=on_batch)
 
 
-ACTIONS = {
-    BulkOperation.Kind.REQUEUE: tasks_requeue,
-    BulkOperation.Kind.CANCEL: tasks_cancel,
-    BulkOperation.Kind.PRIORITY: tasks_change_priority,
-    BulkOperation.Kind.RETRY_NOW: tasks_retry_now,
-}
+# --- a queryset's filter as JSON, and back ------------------------------------------------------------------------
+
+SELECTION_LOOKUPS = {"exact", "iexact", "in", "gt", "gte", "lt", "lte", "isnull", "contains", "icontains",
+                     "startswith", "istartswith", "range"}
+TASK_FIELDS = {task_field.name for task_field in CaptionTask._meta.concrete_fields}
 
 
-def bulk_operation_start(*, kind: str, task_ids: list[int], params: dict | None = None, user=None,
-                         address=None) -> BulkOperation:
-    """Records a large action and hands it to a worker (urgent queue). Raises BrokerUnavailable without Redis."""
+def selection_describe(queryset: QuerySet) -> dict:
+    """The filter of a CaptionTask queryset as JSON: a tree of AND/OR groups (possibly negated) whose leaves are
+    (field, lookup, value) on the task's own columns. ``selection_queryset`` turns it back into the same filter.
+
+    Describing the WHERE clause Django built (rather than the admin's query parameters) keeps what a background
+    operation acts on equal to what the confirmation counted, whatever the admin's list filters and search did.
+    Raises ValueError for a filter it cannot describe (a join, an expression, raw SQL): no admin filter of the task
+    list builds one.
+    """
+    if queryset.model is not CaptionTask or len(queryset.query.alias_map) > 1:
+        raise ValueError("only a filter on the tasks' own columns can run in the background")
+    return _describe(queryset.query.where)
+
+
+def _describe(node) -> dict:
+    if isinstance(node, WhereNode):
+        return {"connector": node.connector, "negated": node.negated,
+                "children": [_describe(child) for child in node.children]}
+    if not (isinstance(node, Lookup) and isinstance(node.lhs, Col) and node.lookup_name in SELECTION_LOOKUPS
+            and not hasattr(node.rhs, "resolve_expression")):
+        raise ValueError(f"this filter cannot run in the background: {node!r}")
+    return {"field": node.lhs.target.name, "lookup": node.lookup_name, "value": _to_json(node.rhs)}
+
+
+def _to_json(value):
+    if isinstance(value, datetime.datetime):
+        return {"datetime": value.isoformat()}
+    if isinstance(value, datetime.date):
+        return {"date": value.isoformat()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_to_json(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise ValueError(f"this filter value cannot run in the background: {value!r}")
+
+
+def _from_json(value):
+    if isinstance(value, dict):
+        if "datetime" in value:
+            return datetime.datetime.fromisoformat(value["datetime"])
+        return datetime.date.fromisoformat(value["date"])
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    return value
+
+
+def _as_q(node: dict) -> Q:
+    if "field" in node:
+        if node["field"] not in TASK_FIELDS or node["lookup"] not in SELECTION_LOOKUPS:
+            raise ValueError(f"not a task filter: {node!r}")
+        return Q(**{f"{node['field']}__{node['lookup']}": _from_json(node["value"])})
+    group = Q(*[_as_q(child) for child in node["children"]], _connector=node["connector"])
+    return ~group if node["negated"] else group
+
+
+def selection_queryset(selection: dict) -> QuerySet:
+    """The tasks a ``selection_describe`` description matches now."""
+    return CaptionTask.objects.filter(_as_q(selection))
+
+
+# --- background operations ----------------------------------------------------------------------------------------
+
+# A running operation renews its heartbeat with every batch (a batch takes well under a second or two). One silent
+# for longer than this has lost its worker.
+BULK_LEASE = timedelta(seconds=60)
+# An operation whose runs keep dying (a batch that kills its worker, say) is given up after this many starts.
+BULK_MAX_RUNS = 5
+
+
+def bulk_operation_start(*, kind: str, task_ids: Iterable[int] | None = None, matching: QuerySet | None = None,
+                         params: dict | None = None, user=None, address=None) -> BulkOperation:
+    """Records a large action and hands it to a worker (urgent queue). Raises BrokerUnavailable without Redis.
+
+    Give either ``task_ids`` (the tasks an operator selected; stored as a list) or ``matching`` (a queryset: every
+    task matching a filter). A queryset is stored as the description of its filter, limited to the tasks the action
+    applies to and to ids up to the highest one matching now (tasks created later are not part of what was
+    confirmed), and re-evaluated batch by batch when the operation runs.
+    """
+    if (task_ids is None) == (matching is None):
+        raise ValueError("give either task_ids or matching")
+    if matching is not None:
+        eligible = matching.filter(ELIGIBLE[kind])
+        figures = eligible.order_by().aggregate(top=Max("pk"), total=Count("pk"))
+        selection, ids_text, total = selection_describe(eligible.filter(pk__lte=figures["top"] or 0)), "", \
+            figures["total"]
+    else:
+        unique = sorted(set(int(task_id) for task_id in task_ids))
+        selection, ids_text, total = None, ",".join(str(task_id) for task_id in unique), len(unique)
     operation = BulkOperation.objects.create(
-        kind=kind, task_ids=",".join(str(task_id) for task_id in sorted(set(task_ids))), params=params or {},
-        total=len(set(task_ids)), user=user if getattr(user, "pk", None) else None, address=address)
+        kind=kind, task_ids=ids_text, selection=selection, params=params or {}, total=total,
+        user=user if getattr(user, "pk", None) else None, address=address, heartbeat_at=Now())
+    operation.refresh_from_db(fields=["heartbeat_at"])
     try:
         broker.enqueue_bulk_operation(operation.pk)
     except broker.BrokerUnavailable:
@@ -199,43 +326,126 @@ def bulk_operation_start(*, kind: str, task_ids: list[int], params: dict | None 
     return operation
 
 
-def bulk_operation_run(*, operation_id: int) -> BulkOperation:
-    operation = BulkOperation.objects.get(pk=operation_id)
-    if BulkOperation.objects.filter(pk=operation_id, state=BulkOperation.State.PENDING).update(
-            state=BulkOperation.State.RUNNING) != 1:
-        return operation  # already run (a duplicate job)
+class _Superseded(Exception):
+    """This run lost its lease: recovery handed the operation to a newer run, which continues it."""
 
-    def progress(count, result):
-        BulkOperation.objects.filter(pk=operation_id).update(
-            processed=F("processed") + count, changed=result.changed, refused=result.refused_count)
+
+def _bulk_action(operation: BulkOperation) -> tuple[str, dict]:
+    if operation.kind == BulkOperation.Kind.EMPTY_QUEUE:
+        return "cancel", {"detail": f"queue {operation.params['queue_name']} emptied"}
+    return operation.kind, dict(operation.params)
+
+
+def _bulk_batches(operation: BulkOperation) -> Iterator[list[int]]:
+    """The operation's tasks after its checkpoint, a batch at a time, in id order."""
+    if operation.selection is None:
+        yield from _chunks([task_id for task_id in operation.ids() if task_id > operation.checkpoint])
+        return
+    remaining = selection_queryset(operation.selection).filter(ELIGIBLE[operation.kind]).order_by("pk")
+    after = operation.checkpoint
+    while True:
+        batch = list(remaining.filter(pk__gt=after).values_list("pk", flat=True)[:BATCH])
+        if not batch:
+            return
+        yield batch
+        after = batch[-1]
+
+
+def bulk_operation_run(*, operation_id: int, worker_name: str = "") -> BulkOperation:
+    """Runs (or, after a recovery, continues) a background operation. Only one run at a time: the claim and every
+    later write expect this run's number."""
+    claimed = BulkOperation.objects.filter(pk=operation_id, state=BulkOperation.State.PENDING).update(
+        state=BulkOperation.State.RUNNING, runs=F("runs") + 1, worker_name=worker_name[:200], heartbeat_at=Now())
+    operation = BulkOperation.objects.get(pk=operation_id)
+    if claimed != 1:
+        return operation  # running elsewhere or done (a duplicate job)
+    this_run = BulkOperation.objects.filter(pk=operation_id, state=BulkOperation.State.RUNNING, runs=operation.runs)
+    action, params = _bulk_action(operation)
+    result = BulkResult(action, changed=operation.changed, refused=Counter(operation.refused_by_status))
+
+    def record(batch, result):
+        if this_run.update(processed=F("processed") + len(batch), changed=result.changed,
+                           refused=result.refused_count, refused_by_status=dict(result.refused),
+                           checkpoint=batch[-1], heartbeat_at=Now()) != 1:
+            raise _Superseded  # rolls this batch back: the newer run does it
 
     try:
-        result = ACTIONS[operation.kind](task_ids=operation.ids(), user=operation.user, address=operation.address,
-                                         on_batch=progress, **operation.params)
+        for batch in _bulk_batches(operation):
+            _apply_batch(action, batch, result, user=operation.user, params=params, record=record)
+        if operation.kind == BulkOperation.Kind.EMPTY_QUEUE:
+            _queue_list_drop(operation.params["queue_name"])
+    except _Superseded:
+        return BulkOperation.objects.get(pk=operation_id)
     except Exception as error:
-        BulkOperation.objects.filter(pk=operation_id).update(
-            state=BulkOperation.State.FAILED, message=f"{type(error).__name__}: {error}",
-            finished_at=timezone.now())
+        this_run.update(state=BulkOperation.State.FAILED, message=f"{type(error).__name__}: {error}",
+                        finished_at=timezone.now())
+        _bulk_audit(operation, result, failed=f"{type(error).__name__}: {error}")
         raise
-    BulkOperation.objects.filter(pk=operation_id).update(
-        state=BulkOperation.State.DONE, message=result.describe(), changed=result.changed,
-        refused=result.refused_count, processed=operation.total, finished_at=timezone.now())
+    this_run.update(state=BulkOperation.State.DONE, message=result.describe(), finished_at=timezone.now(),
+                    heartbeat_at=Now())
+    _bulk_audit(operation, result)
     operation.refresh_from_db()
     return operation
 
 
-def queue_empty(*, queue_name: str, confirm: str, user=None, address=None) -> BulkResult:
-    """Cancels every queued task of a queue and drops its jobs. ``confirm`` must repeat the queue's name."""
+def _bulk_audit(operation: BulkOperation, result: BulkResult, failed: str = "") -> None:
+    detail = {"bulk_operation": operation.pk, "refused": dict(result.refused), **operation.params}
+    if failed:
+        detail["failed"] = failed
+    if operation.kind == BulkOperation.Kind.EMPTY_QUEUE:
+        audit(user=operation.user, action="queue_empty", target=operation.params["queue_name"],
+              count=result.changed, detail=detail, address=operation.address)
+    else:
+        audit(user=operation.user, action=f"tasks_{operation.kind}",
+              target=f"bulk operation {operation.pk} ({operation.total} task(s))", count=result.changed,
+              detail=detail, address=operation.address)
+
+
+def queue_empty(*, queue_name: str, confirm: str, user=None, address=None, on_batch=None
+                ) -> BulkResult | BulkOperation:
+    """Cancels every queued task of a queue, then drops the queue's list of waiting jobs. ``confirm`` must repeat
+    the queue's name.
+
+    The rows are cancelled first, in batches (each with its task events; the cancelled tasks' job hashes are deleted
+    after each commit), and the list is dropped only once all are. Interrupted half-way, this leaves cancelled tasks
+    and queued tasks whose jobs are still in the list, never a queued, published task whose job is gone (the
+    reconciler would publish it again, undoing the emptying). With more than ``INLINE_LIMIT`` queued tasks it runs as
+    a background ``BulkOperation``, which is returned; otherwise it runs now and returns the counts.
+    """
     if queue_name not in broker.QUEUE_NAMES:
         raise ValueError(f"Unknown queue {queue_name!r}")
     if confirm.strip() != queue_name:
         raise ValueError(f"Type the queue's name ({queue_name}) to confirm emptying it")
-    broker.queue_drop(queue_name)  # workers stop finding its jobs at once
-    ids = list(CaptionTask.objects.filter(status=TaskStatus.QUEUED, priority=queue_name)
-               .values_list("pk", flat=True))
-    result = tasks_cancel(task_ids=ids, user=user, address=address, detail=f"queue {queue_name} emptied")
+    queued = CaptionTask.objects.filter(status=TaskStatus.QUEUED, priority=queue_name)
+    if queued.count() > INLINE_LIMIT:
+        return bulk_operation_start(kind=BulkOperation.Kind.EMPTY_QUEUE,
+                                    matching=CaptionTask.objects.filter(priority=queue_name),
+                                    params={"queue_name": queue_name}, user=user, address=address)
+    ids = list(queued.values_list("pk", flat=True))
+    result = tasks_cancel(task_ids=ids, user=user, address=address, on_batch=on_batch,
+                          detail=f"queue {queue_name} emptied")
+    _queue_list_drop(queue_name)
     audit(user=user, action="queue_empty", target=queue_name, count=result.changed, address=address)
     return result
+
+
+def _queue_list_drop(queue_name: str) -> None:
+    """Drops a queue's list once its tasks are cancelled. Tasks published to the queue meanwhile (submitted during
+    the emptying, or moved to this queue) lose their entry with the list, so they are published again here: none is
+    left queued and published with its job gone. (Published twice at worst, which runs the task once: the claim is a
+    conditional update.)"""
+    broker.queue_drop(queue_name)
+    survivors = CaptionTask.objects.filter(status=TaskStatus.QUEUED, priority=queue_name,
+                                           published_at__isnull=False).order_by("pk")
+    after = 0
+    while True:
+        batch = list(survivors.filter(pk__gt=after).values_list("pk", flat=True)[:BATCH])
+        if not batch:
+            return
+        CaptionTask.objects.filter(pk__in=batch, status=TaskStatus.QUEUED, published_at__isnull=False).update(
+            published_at=None)
+        tasks_publish(tasks=CaptionTask.objects.filter(pk__in=batch).values_list("pk", "priority"))
+        after = batch[-1]
 
 
 def queue_set_paused(*, queue_name: str, paused: bool, user=None, address=None) -> None:

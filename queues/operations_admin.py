@@ -218,9 +218,16 @@ class QueueOverviewAdmin(ReadOnlyAdmin):
         if request.method == "POST":
             try:
                 if action == "empty":
-                    result = queue_empty(queue_name=queue_name, confirm=request.POST.get("confirm_name", ""),
-                                         user=request.user, address=client_address(request))
-                    messages.success(request, f"Queue {queue_name} emptied: {result.describe()}")
+                    outcome = queue_empty(queue_name=queue_name, confirm=request.POST.get("confirm_name", ""),
+                                          user=request.user, address=client_address(request))
+                    if isinstance(outcome, BulkOperation):
+                        url = reverse("admin:queues_bulkoperation_change", args=[outcome.pk])
+                        messages.info(request, format_html(
+                            'Emptying queue {} ({} queued tasks) runs in the background: its tasks are cancelled '
+                            'first, then its jobs are removed. <a href="{}">Follow its progress</a>.',
+                            queue_name, outcome.total, url))
+                    else:
+                        messages.success(request, f"Queue {queue_name} emptied: {outcome.describe()}")
                 else:
                     queue_set_paused(queue_name=queue_name, paused=action == "pause", user=request.user,
                                      address=client_address(request))
@@ -228,13 +235,20 @@ class QueueOverviewAdmin(ReadOnlyAdmin):
                 return HttpResponseRedirect(back)
             except ValueError as invalid:
                 error = str(invalid)
+            except BrokerUnavailable:
+                messages.error(request, "Redis is unreachable, so the background operation could not start. "
+                                        "Nothing was changed.")
+                return HttpResponseRedirect(back)
         waiting = CaptionTask.objects.filter(status=TaskStatus.QUEUED, priority=queue_name).count()
+        background = (f" There are more than {INLINE_LIMIT}: they are cancelled in the background (progress under "
+                      "Bulk operations), and the jobs are removed once all are cancelled.") \
+            if waiting > INLINE_LIMIT else ""
         question = {
             "pause": f"Pause queue {queue_name}? Its {waiting} queued task(s) stay queued and are not dispatched "
                      "until it is resumed.",
             "resume": f"Resume queue {queue_name}? Workers take its {waiting} queued task(s) again.",
             "empty": f"Empty queue {queue_name}? Its {waiting} queued task(s) are cancelled and their jobs "
-                     "removed. Type the queue's name to confirm.",
+                     f"removed.{background} Type the queue's name to confirm.",
         }[action]
         field = {"name": "confirm_name", "label": "Queue name", "value": "", "type": "text"} \
             if action == "empty" else None

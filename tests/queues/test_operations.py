@@ -6,14 +6,19 @@ import subprocess
 import sys
 import time
 
+from contextlib import contextmanager
+
 import pytest
 from django.conf import settings
+from django.db import DatabaseError, connection
 from django.utils import timezone
 from rq.registry import FailedJobRegistry
 
 from queues import broker
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskEvent, TaskStatus
 from queues.operations import (
+    BATCH,
+    INLINE_LIMIT,
     bulk_operation_run,
     bulk_operation_start,
     queue_empty,
@@ -23,7 +28,8 @@ from queues.operations import (
     tasks_requeue,
     tasks_retry_now,
 )
-from queues.services import TaskSpec, task_submit, tasks_submit_many
+from queues.services import TaskSpec, task_submit, tasks_publish, tasks_submit_many
+from queues.worker import CaptionWorker
 from tests.conftest import respond, run_worker, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -139,6 +145,121 @@ def test_empty_queue_needs_its_name_and_cancels_everything_in_it(redis, media_im
     assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == 20
     assert CaptionTask.objects.get(pk=keep.pk).status == TaskStatus.QUEUED
     assert AuditEntry.objects.filter(action="queue_empty", target="high", count=20).exists()
+
+
+def published_tasks(count: int, priority: str, reference: str) -> list[int]:
+    """``count`` queued tasks with their jobs in Redis (the ORM's bulk insert, then one publishing pipeline)."""
+    created = CaptionTask.objects.bulk_create(
+        [CaptionTask(image_ref=reference, priority=priority, publish_after=timezone.now()) for _ in range(count)],
+        batch_size=500)
+    ids = [task.pk for task in created]
+    assert tasks_publish(tasks=[(pk, priority) for pk in ids]) == count
+    return ids
+
+
+def run_urgent_worker():
+    """A real worker on the urgent queue only (where bulk operations run), so other queues keep their jobs."""
+    CaptionWorker([broker.get_queue("urgent")], connection=broker.get_connection()).work(
+        burst=True, logging_level="WARNING", with_scheduler=False)
+
+
+def test_empty_queue_with_many_tasks_cancels_them_in_the_background_then_drops_the_list(redis, media_image,
+                                                                                       admin_user):
+    reference = media_image()
+    ids = published_tasks(INLINE_LIMIT + 500, "high", reference)
+    other = published_tasks(1, "low", reference)
+
+    operation = queue_empty(queue_name="high", confirm="high", user=admin_user)
+
+    assert isinstance(operation, BulkOperation) and operation.kind == BulkOperation.Kind.EMPTY_QUEUE
+    assert (operation.state, operation.total, operation.percent) == (BulkOperation.State.PENDING, len(ids), 0)
+    # Nothing is dropped before the rows are cancelled: the request only recorded the operation.
+    assert broker.queue_lengths()["high"] == len(ids)
+    assert CaptionTask.objects.filter(status=TaskStatus.QUEUED, priority="high").count() == len(ids)
+
+    run_urgent_worker()
+
+    operation.refresh_from_db()
+    assert (operation.state, operation.processed, operation.changed, operation.percent) == (
+        BulkOperation.State.DONE, len(ids), len(ids), 100)
+    assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.CANCELLED).count() == len(ids)
+    events = TaskEvent.objects.filter(task_id__in=ids, kind=TaskEvent.Kind.CANCELLED)
+    assert events.count() == len(ids) and events.values("task").distinct().count() == len(ids)
+    assert set(events.values_list("detail", "actor")) == {("queue high emptied", admin_user.pk)}
+    assert not redis.exists("rq:queue:high")
+    pipe = redis.pipeline(transaction=False)
+    for pk in ids:
+        pipe.exists(f"rq:job:caption-{pk}")
+    assert sum(pipe.execute()) == 0  # the cancelled tasks' job hashes are gone too
+    assert CaptionTask.objects.get(pk=other[0]).status == TaskStatus.QUEUED
+    assert broker.queue_lengths()["low"] == 1
+    assert AuditEntry.objects.get(action="queue_empty", target="high").count == len(ids)
+
+
+@contextmanager
+def database_refuses_to_cancel(task_id: int):
+    """A real database error: a trigger makes any UPDATE that cancels ``task_id`` fail (its batch rolls back)."""
+    name = "test_refuse_cancel"
+    if connection.vendor == "sqlite":
+        create = (f"CREATE TRIGGER {name} BEFORE UPDATE ON queues_captiontask FOR EACH ROW "
+                  f"WHEN OLD.id = {int(task_id)} AND NEW.status = 'CANCELLED' "
+                  "BEGIN SELECT RAISE(ABORT, 'simulated failure half-way'); END")
+    elif connection.vendor == "mysql":
+        create = (f"CREATE TRIGGER {name} BEFORE UPDATE ON queues_captiontask FOR EACH ROW BEGIN "
+                  f"IF OLD.id = {int(task_id)} AND NEW.status = 'CANCELLED' THEN "
+                  "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'simulated failure half-way'; END IF; END")
+    else:
+        pytest.skip(f"no trigger written for {connection.vendor}")
+    with connection.cursor() as cursor:
+        cursor.execute(create)
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TRIGGER {name}")
+
+
+def test_empty_queue_interrupted_half_way_leaves_no_queued_task_without_its_job(redis, media_image, admin_user):
+    ids = published_tasks(BATCH + 500, "high", media_image())  # two batches, run inline
+    with database_refuses_to_cancel(ids[BATCH + 10]):  # fails in the second batch
+        with pytest.raises(DatabaseError):
+            queue_empty(queue_name="high", confirm="high", user=admin_user)
+
+    assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == BATCH  # the first batch committed
+    still_queued = set(CaptionTask.objects.filter(status=TaskStatus.QUEUED, published_at__isnull=False)
+                       .values_list("pk", flat=True))
+    assert len(still_queued) == 500
+    # Every task still queued and published keeps its entry in the list and its job hash: nothing for the
+    # reconciler to republish, nothing the emptying undid.
+    assert still_queued <= broker.queued_task_ids("high")
+    pipe = redis.pipeline(transaction=False)
+    for pk in still_queued:
+        pipe.exists(f"rq:job:caption-{pk}")
+    assert all(pipe.execute())
+
+    result = queue_empty(queue_name="high", confirm="high", user=admin_user)  # the operator tries again
+    assert result.changed == 500 and not redis.exists("rq:queue:high")
+    assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == BATCH + 500
+
+
+def test_empty_queue_republishes_tasks_that_reached_the_queue_while_it_was_emptied(redis, media_image):
+    reference = media_image()
+    ids = published_tasks(BATCH + 5, "high", reference)
+    arrivals = []
+
+    def submit_during_emptying(count, result):
+        if not arrivals:  # after the first batch: a new task is submitted to the queue being emptied
+            arrivals.extend(published_tasks(1, "high", reference))
+
+    queue_empty(queue_name="high", confirm="high", on_batch=submit_during_emptying)
+
+    assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.CANCELLED).count() == len(ids)
+    newcomer = CaptionTask.objects.get(pk=arrivals[0])
+    # It was not part of what the operator emptied; its entry went with the list, so it is published again.
+    assert newcomer.status == TaskStatus.QUEUED and newcomer.published_at is not None
+    assert broker.queued_task_ids("high") == {newcomer.pk}
+    run_worker()
+    assert CaptionTask.objects.get(pk=newcomer.pk).status == TaskStatus.COMPLETED
 
 
 def test_paused_queue_keeps_its_tasks_until_resumed(redis, media_image):

@@ -7,7 +7,7 @@ from django.urls import reverse
 from queues import broker
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskStatus
 from queues.operations import INLINE_LIMIT
-from queues.services import TaskSpec, tasks_submit_many
+from queues.services import TaskSpec, tasks_publish, tasks_submit_many
 
 pytestmark = pytest.mark.django_db
 
@@ -139,6 +139,28 @@ def test_pause_empty_and_maintenance_from_the_overview(client, admin_user, tasks
     assert CaptionTask.objects.filter(status=TaskStatus.QUEUED).count() == 0
     done = client.post(reverse("admin:queues_queueoverview_maintenance"), follow=True)
     assert "Registry maintenance done" in done.content.decode()
+
+
+def test_emptying_a_large_queue_shows_counts_then_runs_in_the_background(client, admin_user, redis, media_image):
+    created = CaptionTask.objects.bulk_create([CaptionTask(image_ref=media_image(), priority="low")
+                                               for _ in range(INLINE_LIMIT + 1)], batch_size=500)
+    tasks_publish(tasks=[(task.pk, "low") for task in created])
+    client.force_login(admin_user)
+    url = reverse("admin:queues_queueoverview_act", args=["low", "empty"])
+    question = client.get(url).content.decode()
+    assert f"Its {INLINE_LIMIT + 1} queued task(s) are cancelled" in question and "in the background" in question
+
+    done = client.post(url, {"confirm_name": "low"}, follow=True).content.decode()
+
+    operation = BulkOperation.objects.get()
+    assert (operation.kind, operation.total, operation.task_ids) == ("empty_queue", INLINE_LIMIT + 1, "")
+    assert "runs in the background" in done and reverse("admin:queues_bulkoperation_change",
+                                                        args=[operation.pk]) in done
+    # The request changed nothing: the worker cancels the rows, then drops the list.
+    assert CaptionTask.objects.filter(status=TaskStatus.QUEUED).count() == INLINE_LIMIT + 1
+    assert broker.queue_lengths() == {"urgent": 1, "high": 0, "normal": 0, "low": INLINE_LIMIT + 1}
+    detail = client.get(reverse("admin:queues_bulkoperation_change", args=[operation.pk])).content.decode()
+    assert "<progress" in detail and "Empty queue" in detail
 
 
 def test_dead_letters_grouped_by_error_class(client, support_user, tasks):
