@@ -45,7 +45,7 @@ class WorkerFilter(admin.SimpleListFilter):
     def lookups(self, request, model_admin):
         try:
             names = sorted(worker.name for worker in broker.workers())
-        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+        except (BrokerUnavailable, *broker.REDIS_ERRORS):
             names = []
         current = self.value()
         if current and current not in names:
@@ -144,7 +144,7 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     def job_in_redis(self, task):
         try:
             job = broker.fetch_job(task.pk)
-        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
+        except (BrokerUnavailable, *broker.REDIS_ERRORS) as error:
             return f"Redis unreachable: {error}"
         if job is None:
             return "No job in Redis (finished jobs expire; unpublished tasks have none yet)."

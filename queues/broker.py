@@ -30,6 +30,11 @@ CAPTION_CALLABLE = "queues.jobs.caption_task"
 QUEUE_NAMES: tuple[str, ...] = ("urgent", "high", "normal", "low")
 # Redis errors that mean "not reachable right now", as opposed to a bug in how we call it.
 UNAVAILABLE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# Everything Redis can answer instead of doing what was asked: besides the above, out of memory under
+# ``noeviction`` (OOM), a replica after a failover (READONLY), a failed snapshot (MISCONF), a server still
+# loading its data (LOADING). Publishing and the fleet's duties treat each like an outage: the database row stays
+# unpublished and is published once Redis takes writes again.
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 
 
 class ForbiddenJobError(Exception):
@@ -70,51 +75,53 @@ class CaptionJob(Job):
         return None
 
 
-PAUSED_QUEUES_KEY = "portal:queues:paused"
+ALIVE_PREFIX = "portal:fleet:alive:"
+
+
+def alive_key(worker_name: str) -> str:
+    """The key a worker's liveness thread refreshes (for display: pid, host, pool, rss, current job)."""
+    return ALIVE_PREFIX + worker_name
 
 
 class CaptionQueue(DjangoRQ):
-    """rq's queue (as django-rq builds it) with pausing: workers do not take jobs from queues in the paused set;
-    their jobs wait. Jobs are published through ``publish`` below, never through django-rq's deferred enqueue."""
+    """rq's queue (as django-rq builds it) with pausing: workers do not take jobs from paused queues (the
+    database's ``QueueState`` rows, through queues.control); their jobs wait. Jobs are published through
+    ``publish`` below, never through django-rq's deferred enqueue."""
 
     @classmethod
     def dequeue_any(cls, queues, timeout, connection=None, **kwargs):
         from rq.exceptions import DequeueTimeout
 
+        from queues import control
+
         connection = connection or queues[0].connection
-        paused = _paused_cached(connection)
+        paused = control.paused_queues_cached()
         active = [queue for queue in queues if queue.name not in paused]
         if paused and timeout is not None:
-            timeout = min(timeout, 1)  # look at the paused set again soon, so a resume takes effect within ~1 s
+            timeout = min(timeout, 1)  # look at the pauses again soon, so a resume takes effect within ~1 s
         if not active:
             if timeout is None:
                 return None
             time.sleep(timeout)
             raise DequeueTimeout(timeout, [queue.key for queue in queues])
         result = super().dequeue_any(active, timeout, connection=connection, **kwargs)
-        if result is not None and paused and connection.sismember(PAUSED_QUEUES_KEY, result[1].name):
-            # Paused between our check and the pop: put the job back at the front, untouched.
-            connection.lpush(result[1].key, result[0].id)
-            if timeout is None:
-                return None
-            raise DequeueTimeout(timeout, [queue.key for queue in queues])
+        if result is not None and paused:
+            control.clear_cache()
+            if result[1].name in control.paused_queues_cached():
+                # Paused between our check and the pop: put the job back at the front, untouched.
+                connection.lpush(result[1].key, result[0].id)
+                if timeout is None:
+                    return None
+                raise DequeueTimeout(timeout, [queue.key for queue in queues])
         return result
 
-
-# The paused set is read at most once a second per process: a pause or resume takes effect within about a second,
-# and dequeuing costs no extra round trip per job.
-PAUSED_CACHE_SECONDS = 1.0
-_paused_cache: dict[int, tuple[float, frozenset]] = {}
-
-
-def _paused_cached(connection) -> frozenset:
-    now = time.monotonic()
-    cached = _paused_cache.get(id(connection))
-    if cached is None or cached[0] <= now:
-        cached = (now + PAUSED_CACHE_SECONDS,
-                  frozenset(name.decode() for name in connection.smembers(PAUSED_QUEUES_KEY)))
-        _paused_cache[id(connection)] = cached
-    return cached[1]
+    @classmethod
+    def lmove(cls, connection, queue_key, timeout):
+        """rq pops from a single queue with LMOVE into an ``:intermediate`` list, and only a worker that listens to
+        one queue removes the entry again; ours listen to several and may have one left active when the others are
+        paused, which left ids behind that rq's maintenance later filed as failed. A plain pop instead: the database
+        row, not an intermediate list, is what recovers a job popped by a worker that died."""
+        return cls.lpop([queue_key], timeout, connection=connection)
 
 
 _local = threading.local()
@@ -136,6 +143,14 @@ def get_connection() -> redis.Redis:
         )
         _local.connection, _local.pid = connection, os.getpid()
     return connection
+
+
+def dedicated_connection(*, socket_timeout: float) -> redis.Redis:
+    """A connection of its own with a short timeout, for a loop that must never wait long on Redis (the
+    supervisor's lease renewal: a frozen or unreachable Redis must not hold it past the lease)."""
+    get_connection()  # starts the embedded server if this portal uses one
+    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=min(socket_timeout, 2),
+                                socket_timeout=socket_timeout)
 
 
 def reset_connection() -> None:
@@ -172,7 +187,8 @@ def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False) -> int:
 
     ``fresh``: the tasks are new, so no earlier job with their ids exists (saves a command per job).
 
-    Raises BrokerUnavailable when Redis cannot be reached; then nothing is known to be published.
+    Raises BrokerUnavailable when Redis cannot be reached or refuses the writes (out of memory, read-only replica,
+    failed snapshot); then nothing is known to be published.
     """
     by_queue: dict[str, list[int]] = defaultdict(list)
     for task_id, priority in tasks:
@@ -199,12 +215,16 @@ def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False) -> int:
             if not fresh:
                 # A task published again (a retry, a requeue) reuses its job id; the key may still carry the
                 # expiry rq gave the previous run's result. Clear it so the queued job cannot expire before it runs.
+                # An earlier run that rq filed as failed (a worker that exited in the middle) is not a dead letter
+                # any more either.
+                failed_key = FailedJobRegistry(queue_name, connection=connection).key
                 for job in jobs:
                     pipe.persist(job.key)
+                pipe.zrem(failed_key, *[job.id for job in jobs])
             count += len(jobs)
         pipe.execute()
         return count
-    except UNAVAILABLE_ERRORS as error:
+    except REDIS_ERRORS as error:
         raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
 
 
@@ -289,10 +309,10 @@ def worker_unregister(worker_name: str) -> None:
 
 
 def alive_states(worker_names: list[str]) -> dict[str, dict | None]:
-    """Each worker's liveness payload (pid, host, pool, rss, job), or None if its liveness key has expired."""
-    import json
+    """Each worker's liveness payload (pid, host, pool, rss, job), or None if its liveness key has expired.
 
-    from queues.worker import alive_key
+    For display only: a Redis restart or flush removes these keys from live workers too."""
+    import json
 
     if not worker_names:
         return {}
@@ -315,15 +335,16 @@ def send_stop_job(job_id: str) -> None:
 
 
 def processing_suspended() -> bool:
-    from rq.suspension import is_suspended
+    """Kept for callers that read the state through the broker; it lives in the database (queues.control)."""
+    from queues import control
 
-    return bool(is_suspended(get_connection()))
+    return control.processing_suspended()
 
 
 def set_processing_suspended(suspended: bool) -> None:
-    from rq.suspension import resume, suspend
+    from queues import control
 
-    (suspend if suspended else resume)(get_connection())
+    control.processing_set_suspended_state(suspended=suspended)
 
 
 def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:
@@ -344,13 +365,16 @@ def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:
 
 
 def paused_queues() -> set[str]:
-    return {name.decode() for name in get_connection().smembers(PAUSED_QUEUES_KEY)}
+    """Kept for callers that read the state through the broker; it lives in the database (queues.control)."""
+    from queues import control
+
+    return control.paused_queues()
 
 
 def set_queue_paused(queue_name: str, paused: bool) -> None:
-    get_queue(queue_name)  # validates the name
-    (get_connection().sadd if paused else get_connection().srem)(PAUSED_QUEUES_KEY, queue_name)
-    _paused_cache.clear()  # this process sees it at once; other processes within PAUSED_CACHE_SECONDS
+    from queues import control
+
+    control.queue_set_paused(queue=queue_name, paused=paused)
 
 
 # --- operator actions and the queues overview --------------------------------------------------------------------
@@ -372,7 +396,7 @@ def dead_letters_forget(tasks: Iterable[tuple[int, str]]) -> None:
         for queue_name, job_ids in by_queue.items():
             pipe.zrem(_failed_key(queue_name), *job_ids)
         pipe.execute()
-    except UNAVAILABLE_ERRORS:
+    except REDIS_ERRORS:
         pass  # the registry entries expire with RQ_FAILURE_TTL; the database already says QUEUED
 
 
@@ -387,7 +411,7 @@ def jobs_delete(task_ids: Iterable[int]) -> None:
         for task_id in ids:
             pipe.unlink(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id))
         pipe.execute()
-    except UNAVAILABLE_ERRORS:
+    except REDIS_ERRORS:
         pass
 
 
@@ -403,7 +427,7 @@ def enqueue_bulk_operation(operation_id: int) -> None:
         queue.enqueue_many([Queue.prepare_data(BULK_CALLABLE, args=(operation_id,),
                                                job_id=f"bulk-{operation_id}", timeout=3600,
                                                result_ttl=settings.RQ_RESULT_TTL, description="bulk operation")])
-    except UNAVAILABLE_ERRORS as error:
+    except REDIS_ERRORS as error:
         raise BrokerUnavailable(str(error)) from error
 
 
@@ -443,7 +467,10 @@ def queue_figures() -> dict[str, dict[str, int]]:
 
 def finished_jobs_cleanup(*, cutoff, dry_run: bool = False, page: int = 1000, on_batch=None) -> int:
     """Deletes finished jobs that ended before ``cutoff`` (their hash, their results, their registry entry), read
-    and deleted in pages of ``page`` per queue. Returns how many (or would be, with ``dry_run``)."""
+    and deleted in pages of ``page`` per queue. Returns how many (or would be, with ``dry_run``).
+
+    A job id in the finished registry whose job has been published again (a retry, a requeue: same id, status
+    queued or started, no end time) is a live job: only its stale registry entry is removed, never its hash."""
     from rq.registry import FinishedJobRegistry
     from rq.utils import utcparse
 
@@ -458,19 +485,23 @@ def finished_jobs_cleanup(*, cutoff, dry_run: bool = False, page: int = 1000, on
                 break
             pipe = connection.pipeline(transaction=False)
             for job_id in job_ids:
-                pipe.hget(CaptionJob.redis_job_namespace_prefix + job_id, "ended_at")
-            old = []
-            for job_id, ended in zip(job_ids, pipe.execute()):
-                if ended is None or utcparse(ended.decode()).replace(tzinfo=cutoff.tzinfo) < cutoff:
+                pipe.hmget(CaptionJob.redis_job_namespace_prefix + job_id, "status", "ended_at")
+            old, stale = [], []
+            for job_id, (status, ended) in zip(job_ids, pipe.execute()):
+                if status is None:
+                    old.append(job_id)  # the hash is gone already: only the registry entry is left
+                elif status.decode() != "finished":
+                    stale.append(job_id)
+                elif not ended or utcparse(ended.decode()).replace(tzinfo=cutoff.tzinfo) < cutoff:
                     old.append(job_id)
-            if old and not dry_run:
+            if (old or stale) and not dry_run:
                 pipe = connection.pipeline(transaction=False)
-                pipe.zrem(registry.key, *old)
+                pipe.zrem(registry.key, *old, *stale)
                 for job_id in old:
                     pipe.unlink(CaptionJob.redis_job_namespace_prefix + job_id, f"rq:results:{job_id}")
                 pipe.execute()
             total += len(old)
-            offset += len(job_ids) - (0 if dry_run else len(old))
+            offset += len(job_ids) - (0 if dry_run else len(old) + len(stale))
             if on_batch:
                 on_batch(len(old))
             if len(job_ids) < page:

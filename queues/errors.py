@@ -30,3 +30,10 @@ class BrokerUnavailable(Exception):
 
 class JobStopped(Exception):
     """Raised inside a running caption job when an operator stops it (rq's stop-job command)."""
+
+
+class WorkerInterrupted(BaseException):
+    """Raised inside a running caption when its worker is told to stop at once (a second stop signal).
+
+    A BaseException so that no captioner's error handling swallows it; ``task_execute`` gives the attempt back as a
+    retry."""

@@ -1,7 +1,13 @@
 """Running one caption task inside a worker: claim, caption, then complete, retry or fail.
 
-Every transition is a conditional update on the row's status (and attempt number), so a task completes at most
-once however many copies of its job run, and a late worker cannot overwrite what a newer attempt recorded.
+Every transition is a conditional update on the row's status and the attempt's claim token, so a task completes at
+most once however many copies of its job run, and a late worker cannot overwrite what a newer attempt recorded
+(even after a requeue has reset the attempt count).
+
+While an attempt runs, the worker's liveness thread calls ``attempts_heartbeat`` every couple of seconds: it stamps
+the row's ``heartbeat_at`` with the database's clock. The reconciler re-drives a PROCESSING task only when that
+stamp is older than the lease, so a Redis restart, flush, failover or eviction (which removes every key a worker
+keeps there) never hands a running task to a second worker.
 """
 
 from __future__ import annotations
@@ -10,17 +16,18 @@ import logging
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
 from queues.captioners import Captioner, get_captioner
-from queues.errors import CaptionError, JobStopped
-from queues.models import CaptionTask, TaskEvent, TaskStatus
+from queues.errors import CaptionError, JobStopped, WorkerInterrupted
+from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, TaskEvent, TaskStatus
 from queues.signals import attempt_ended
 
 logger = logging.getLogger(__name__)
@@ -32,6 +39,34 @@ _captioning = threading.Event()
 def captioning_now() -> bool:
     """Whether this process is inside a captioner call (the only place an operator's stop may interrupt)."""
     return _captioning.is_set()
+
+
+# The attempts this process is running: task id -> claim token. Read by the liveness thread (attempts_heartbeat).
+_in_flight: dict[int, str] = {}
+_in_flight_lock = threading.Lock()
+
+
+def attempts_in_flight() -> dict[int, str]:
+    with _in_flight_lock:
+        return dict(_in_flight)
+
+
+def attempts_heartbeat() -> int:
+    """Renews the lease of every attempt this process runs (one UPDATE each, on the database's clock).
+
+    Called from the worker's liveness thread, which has its own database connection. Returns how many rows were
+    renewed; a database error is logged and the connection dropped so the next beat reconnects.
+    """
+    renewed = 0
+    try:
+        for task_id, token in attempts_in_flight().items():
+            renewed += CaptionTask.objects.transition(
+                task_id, expect={"status": TaskStatus.PROCESSING, "claim_token": token},
+                changes={"heartbeat_at": DATABASE_NOW})
+    except DatabaseError:
+        logger.warning("could not renew the lease of the running attempt(s)", exc_info=True)
+        connection.close()
+    return renewed
 
 
 class TaskFailed(Exception):
@@ -56,20 +91,25 @@ def retry_delay(attempt: int) -> float:
 def task_claim(*, task_id: int, worker_name: str, queue: str | None = None) -> CaptionTask | None:
     """QUEUED -> PROCESSING for exactly one claimant. Returns the claimed task, or None if someone else has it.
 
-    ``queue``: the queue the job came from. A task whose priority was changed has its job published on the new
-    queue; the entry left in the old one no longer matches the row's priority and claims nothing.
+    ``queue``: the queue the worker popped the job from. A task whose priority was changed has its job published on
+    the new queue; the entry left in the old one no longer matches the row's priority and claims nothing.
+
+    Only a published task can be claimed. Publication is what makes a task due (the relay publishes a retry only
+    once its backoff is over), so a stale copy of a job (pushed twice, or left behind when the task went back to
+    waiting for a retry or was unpublished by the reconciler) cannot start the task early.
 
     The claim itself is recorded on the row (status, attempts, started_at, worker_name); the attempt's event row
     is written when it ends, with its duration, in the same transaction as its outcome. An attempt that never
     ends (its worker died) is recorded by whoever re-drives the task.
     """
     now = timezone.now()
-    expect = {"status": TaskStatus.QUEUED, **({"priority": queue} if queue else {})}
+    expect = {"status": TaskStatus.QUEUED, "published_at": NOT_NULL, **({"priority": queue} if queue else {})}
     return CaptionTask.objects.transition(
         task_id, expect=expect, increment_attempts=True,
         changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,
-                 "worker_name": worker_name[:200], "updated_at": now},
-        returning=("image_ref", "priority", "attempts", "worker_name", "started_at", "published_at"),
+                 "worker_name": worker_name[:200], "updated_at": now, "claim_token": uuid.uuid4().hex,
+                 "heartbeat_at": DATABASE_NOW},
+        returning=("image_ref", "priority", "attempts", "worker_name", "started_at", "published_at", "claim_token"),
     )
 
 
@@ -82,23 +122,50 @@ def task_execute(*, task_id: int, worker_name: str, queue: str | None = None,
         return Outcome("skipped", f"task is {status or 'gone'}")
 
     started = time.monotonic()
+    with _in_flight_lock:
+        _in_flight[task.pk] = task.claim_token
+    try:
+        return _run_attempt(task, captioner, started)
+    finally:
+        with _in_flight_lock:
+            _in_flight.pop(task.pk, None)
+
+
+def _run_attempt(task: CaptionTask, captioner: Captioner | None, started: float) -> Outcome:
     try:
         try:
             _captioning.set()
             caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
         finally:
             _captioning.clear()
-    except JobStopped as error:
+    except WorkerInterrupted as error:
+        # The worker was told to stop at once (a second stop signal): the attempt is given back as a retry and
+        # the job ends normally, so rq files no dead letter and the worker exits after it.
+        return _record_failure(task, error, permanent=False, started=started)
+    except BaseException as error:
+        if isinstance(error, Exception):
+            return _caption_error(task, error, started)
+        # SystemExit, KeyboardInterrupt: the process is going away. Give the attempt back as a retry first, so the
+        # row never stays PROCESSING behind a worker that exited.
+        try:
+            _record_failure(task, error, permanent=False, started=started)
+        except Exception:
+            logger.exception("caption-%s: could not record the interrupted attempt", task.pk)
+        raise
+    return _record_success(task, caption, started=started)
+
+
+def _caption_error(task: CaptionTask, error: Exception, started: float) -> Outcome:
+    if isinstance(error, JobStopped):
         return _record_failure(task, error, permanent=True, started=started)
-    except CaptionError as error:
+    if isinstance(error, CaptionError):
         return _record_failure(task, error, permanent=error.permanent, started=started)
-    except JobTimeoutException as error:
+    if isinstance(error, JobTimeoutException):
         # rq's hard limit fired (the captioner overran its own timeout): worth another try.
         return _record_failure(task, error, permanent=False, started=started)
-    except Exception as error:  # a bug or an unforeseen library error: retry, keeping the traceback
-        logger.exception("caption-%s: unexpected error", task_id)
-        return _record_failure(task, error, permanent=False, started=started)
-    return _record_success(task, caption, started=started)
+    # A bug or an unforeseen library error: retry, keeping the traceback.
+    logger.exception("caption-%s: unexpected error", task.pk)
+    return _record_failure(task, error, permanent=False, started=started)
 
 
 def _duration_ms(started: float) -> int:
@@ -113,9 +180,9 @@ def _announce(task: CaptionTask, outcome: str, started: float) -> None:
 
 def _end_attempt(task: CaptionTask, **changes) -> bool:
     """Records the attempt's outcome if the row is still in the state this attempt put it in (a reconciler may
-    have re-driven the task meanwhile)."""
+    have re-driven the task meanwhile, or an operator requeued it and a newer attempt runs)."""
     return CaptionTask.objects.transition(
-        task.pk, expect={"status": TaskStatus.PROCESSING, "attempts": task.attempts},
+        task.pk, expect={"status": TaskStatus.PROCESSING, "claim_token": task.claim_token},
         changes={**changes, "updated_at": timezone.now()},
     )
 

@@ -9,7 +9,10 @@ from queues.execution import task_execute
 def caption_task(task_id: int) -> dict:
     job = get_current_job()
     worker_name = (job.worker_name if job else None) or "inline"
-    queue = job.origin if job and job.origin in QUEUE_NAMES else None
+    # The queue the worker popped this entry from (queues.worker sets it); the job's origin is only its latest
+    # publication, which a priority change overwrites.
+    queue = getattr(job, "popped_from", None) or (job.origin if job else None)
+    queue = queue if queue in QUEUE_NAMES else None
     return task_execute(task_id=int(task_id), worker_name=worker_name, queue=queue).as_result()
 
 

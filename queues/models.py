@@ -15,6 +15,54 @@ def _update_returning(connection) -> bool:
     return connection.vendor == "sqlite" and sqlite3.sqlite_version_info >= (3, 35)
 
 
+def database_now_sql(connection, *, offset_seconds: int = 0) -> str:
+    """SQL for "now" on the database's own clock, in UTC, shifted by ``offset_seconds``.
+
+    Task leases are written and judged with this, never with a host's clock: worker hosts and the reconciler's host
+    may disagree by seconds (clock skew), and the database is the one clock they share. The text goes into
+    statements executed with parameters, so ``%`` is doubled.
+    """
+    offset = int(offset_seconds)
+    if connection.vendor == "sqlite":
+        shift = f", '{offset:+d} seconds'" if offset else ""
+        return f"STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{shift})"
+    if connection.vendor == "mysql":
+        return "UTC_TIMESTAMP(6)" + (f" + INTERVAL {offset} SECOND" if offset else "")
+    return "STATEMENT_TIMESTAMP()" + (f" + INTERVAL '{offset} seconds'" if offset else "")
+
+
+class DatabaseNow:
+    """A value for ``transition`` meaning the database's current time plus ``offset_seconds`` (see
+    ``database_now_sql``): as a change, or inside ``AtMost`` as a condition."""
+
+    def __init__(self, offset_seconds: int = 0):
+        self.offset_seconds = offset_seconds
+
+    def sql(self, connection) -> str:
+        return database_now_sql(connection, offset_seconds=self.offset_seconds)
+
+    def __repr__(self):
+        return f"DatabaseNow({self.offset_seconds:+d} s)"
+
+
+class _NotNull:
+    """An expected value for ``transition`` meaning the column must not be NULL."""
+
+    def __repr__(self):
+        return "NOT_NULL"
+
+
+class AtMost:
+    """An expected value for ``transition``: the column must be at most this value."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+DATABASE_NOW = DatabaseNow()
+NOT_NULL = _NotNull()
+
+
 class _ColumnOf:
     """The minimal expression Django's database converters expect (they read ``output_field``)."""
 
@@ -62,7 +110,7 @@ class CaptionTaskQuerySet(models.QuerySet):
         now = timezone.now()
         fixed = {
             "status": TaskStatus.QUEUED, "attempts": 0, "caption": "", "last_error_class": "",
-            "last_error_message": "", "worker_name": "",
+            "last_error_message": "", "worker_name": "", "claim_token": "",
             "created_at": connection.ops.adapt_datetimefield_value(now),
             "publish_after": connection.ops.adapt_datetimefield_value(publish_after),
             "updated_at": connection.ops.adapt_datetimefield_value(now),
@@ -85,6 +133,9 @@ class CaptionTaskQuerySet(models.QuerySet):
                    returning: tuple[str, ...] = ()):
         """Sets ``changes`` on one row if it still has the values in ``expect``; returns whether it changed.
 
+        ``expect`` values are compared for equality, or are ``NOT_NULL`` or ``AtMost(value)`` (the value may be a
+        ``DatabaseNow``); a ``changes`` value may be a ``DatabaseNow``.
+
         The conditional update every state change of a task goes through (claim, complete, retry, fail). Written
         as one parameterised UPDATE instead of ``filter().update()`` because it runs several times per job in
         every worker, and compiling the ORM query costs about three times the statement itself.
@@ -98,6 +149,9 @@ class CaptionTaskQuerySet(models.QuerySet):
         assignments, params = [], []
         for name, value in changes.items():
             field = meta.get_field(name)
+            if isinstance(value, DatabaseNow):
+                assignments.append(f"{quote(field.column)} = {value.sql(connection)}")
+                continue
             assignments.append(f"{quote(field.column)} = %s")
             params.append(field.get_db_prep_save(value, connection))
         if increment_attempts:
@@ -106,7 +160,16 @@ class CaptionTaskQuerySet(models.QuerySet):
         params.append(pk)
         for name, value in expect.items():
             field = meta.get_field(name)
-            conditions.append(f"{quote(field.column)} = %s")
+            if value is NOT_NULL:
+                conditions.append(f"{quote(field.column)} IS NOT NULL")
+                continue
+            operator = "="
+            if isinstance(value, AtMost):
+                operator, value = "<=", value.value
+                if isinstance(value, DatabaseNow):
+                    conditions.append(f"{quote(field.column)} <= {value.sql(connection)}")
+                    continue
+            conditions.append(f"{quote(field.column)} {operator} %s")
             params.append(field.get_db_prep_value(value, connection))
         sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
                f"WHERE {' AND '.join(conditions)}")

@@ -3,38 +3,59 @@
 Two repairs, safe to run from any number of processes at once (every change is a conditional update, and
 publication is claimed per row):
 
-- A ``PROCESSING`` task whose worker is gone (its liveness key expired, or its supervisor saw it die) is re-driven:
-  back to ``QUEUED`` after the retry backoff, or ``FAILED`` into the dead letters once the task has used its retries
-  (a task that kills its worker every time must not crash-loop the fleet).
-- A ``QUEUED``, published task whose job is no longer in Redis (Redis lost data; or a worker popped the job and died
-  before claiming it) is published again. Finding those compares, per queue, the number of such tasks with the
-  queue's length; only when the database expects more than Redis holds is the queue listed, in pages.
+- **Attempts whose worker is gone.** A worker renews the lease of the attempt it runs every couple of seconds:
+  ``heartbeat_at`` on the task row, written with the database's clock (queues.execution). A ``PROCESSING`` task
+  whose heartbeat is older than ``TASK_LEASE_SECONDS`` on that same clock is re-driven: back to ``QUEUED`` after the
+  retry backoff, or ``FAILED`` into the dead letters once the task has used its retries (a task that kills its worker
+  every time must not crash-loop the fleet). Nothing in Redis is consulted: a Redis restart, flush, failover,
+  eviction or a host that cannot reach Redis removes keys from live workers, and clock skew between hosts does not
+  matter when one clock judges. A supervisor that sees its own worker die re-drives at once instead
+  (``tasks_recover_from_worker``).
+- **Jobs lost from Redis.** A ``QUEUED``, published task whose job is no longer in Redis (Redis lost data; or a
+  worker popped the job and died before claiming it) is published again. Candidates (published longer than
+  ``PUBLISHED_GRACE`` ago) are checked directly, a page at a time from a cursor that walks the backlog over
+  successive passes: does ``rq:job:caption-<id>`` exist, and in what state? A job hash that is missing, or that a
+  worker has already taken (started, finished, failed), means lost; so does a job still marked queued that was
+  enqueued before the job now at the head of its queue (FIFO: it would have been popped already). A task found
+  lost is only a suspect until a later pass, at least ``CONFIRM_AFTER`` seconds on, finds it lost again; then it is
+  unpublished (conditionally on the publication we judged) and published again, and its ``REPUBLISHED`` event is
+  written only once the publish succeeded. The cost of a pass is bounded by ``CHECKS_PER_PASS`` whatever the
+  backlog: one indexed query and one pipeline of HMGETs per page, no LRANGE.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Count
+from django.db import connections, transaction
+from django.db.models import DateTimeField, Q
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from queues import broker
 from queues.execution import retry_delay
-from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus
+from queues.models import AtMost, CaptionTask, DatabaseNow, FleetEvent, TaskEvent, TaskStatus, database_now_sql
 from queues.services import tasks_publish
 from queues.signals import attempt_ended
 
 logger = logging.getLogger(__name__)
 
-# A claimed task younger than this is not judged: its worker may not have written its first liveness key yet.
-PROCESSING_GRACE = timedelta(seconds=5)
+# Seconds without a heartbeat after which an attempt is taken as abandoned. Workers beat every 2 s; the margin
+# covers a database hiccup or a long pause of the worker's process.
+TASK_LEASE_SECONDS = 15
 # A published task younger than this is not judged: its job may be between BLPOP and the claim right now.
 PUBLISHED_GRACE = timedelta(seconds=30)
-LIST_PAGE = 1000
+# A lost job is published again only when a pass at least this many seconds after the first one still finds it lost.
+CONFIRM_AFTER = 4.0
+CHECK_PAGE = 1000
+CHECKS_PER_PASS = 10_000
+SUSPECTS_KEY = "portal:reconcile:suspects"
+CURSOR_KEY = "portal:reconcile:cursor"
+ENDED_JOB_STATES = {"started", "finished", "failed", "stopped", "canceled"}
 
 
 @dataclass
@@ -42,28 +63,38 @@ class ReconcileResult:
     redriven: list[int] = field(default_factory=list)
     dead_lettered: list[int] = field(default_factory=list)
     republished: list[int] = field(default_factory=list)
+    suspected: list[int] = field(default_factory=list)
+    checked: int = 0
 
     @property
     def changed(self) -> bool:
         return bool(self.redriven or self.dead_lettered or self.republished)
 
 
-def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | None = None) -> bool:
-    """Ends a ``PROCESSING`` attempt whose worker is gone. Returns False if the attempt had already ended."""
+REDRIVE_FIELDS = ("pk", "priority", "attempts", "worker_name", "started_at", "claim_token")
+
+
+def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | None = None,
+                 lease_expired_only: bool = False) -> bool:
+    """Ends a ``PROCESSING`` attempt whose worker is gone. Returns False if the attempt had already ended (or, with
+    ``lease_expired_only``, if its worker renewed the lease meanwhile)."""
     now = timezone.now()
     exhausted = task.attempts > settings.RQ_MAX_RETRIES
     message = f"worker {task.worker_name or '?'} stopped while running the task ({reason})"
+    expect = {"status": TaskStatus.PROCESSING, "claim_token": task.claim_token}
+    if lease_expired_only:
+        expect["heartbeat_at"] = AtMost(DatabaseNow(-TASK_LEASE_SECONDS))
     with transaction.atomic():
         if exhausted:
             changed = CaptionTask.objects.transition(
-                task.pk, expect={"status": TaskStatus.PROCESSING, "attempts": task.attempts},
+                task.pk, expect=expect,
                 changes={"status": TaskStatus.FAILED, "finished_at": now, "last_error_class": "WorkerLost",
                          "last_error_message": message, "updated_at": now})
             detail = f"worker lost on attempt {task.attempts}; no retries left"
         else:
             delay = retry_delay(task.attempts)
             changed = CaptionTask.objects.transition(
-                task.pk, expect={"status": TaskStatus.PROCESSING, "attempts": task.attempts},
+                task.pk, expect=expect,
                 changes={"status": TaskStatus.QUEUED, "published_at": None,
                          "publish_after": now + timedelta(seconds=delay), "last_error_class": "WorkerLost",
                          "last_error_message": message, "updated_at": now})
@@ -81,7 +112,7 @@ def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | No
         broker.job_forget_execution(task.pk, task.priority)
         if exhausted:
             broker.job_dead_letter(task.pk, task.priority, f"WorkerLost: {message}")
-    except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+    except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
         logger.warning("task %s re-driven, but Redis could not be tidied now", task.pk)
     attempt_ended.send(sender=CaptionTask, queue=task.priority, outcome="failed" if exhausted else "worker_lost",
                        processing_seconds=None, wait_seconds=None)
@@ -92,20 +123,21 @@ def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | No
 
 
 def tasks_recover_from_worker(*, worker_name: str, reason: str) -> ReconcileResult:
-    """Re-drives the tasks a known-dead worker was running (the supervisor calls this when its child dies)."""
+    """Re-drives the tasks a known-dead worker was running (the supervisor calls this whenever its child exits)."""
     result = ReconcileResult()
-    fields = ("pk", "priority", "attempts", "worker_name", "started_at")
-    for task in CaptionTask.objects.filter(status=TaskStatus.PROCESSING, worker_name=worker_name).only(*fields):
+    for task in CaptionTask.objects.filter(status=TaskStatus.PROCESSING, worker_name=worker_name) \
+            .only(*REDRIVE_FIELDS):
         task_redrive(task=task, reason=reason, result=result)
     return result
 
 
-def tasks_reconcile(*, now=None) -> ReconcileResult:
-    """One full repair pass (see the module docstring). Raises BrokerUnavailable if Redis is unreachable."""
+def tasks_reconcile(*, now=None, budget: float | None = None) -> ReconcileResult:
+    """One repair pass (see the module docstring). ``budget``: seconds after which the lost-job check stops for
+    this pass. Raises BrokerUnavailable (or a Redis error) if Redis is unreachable."""
     now = now or timezone.now()
     result = ReconcileResult()
-    _redrive_orphans(now, result)
-    _republish_lost(now, result)
+    _redrive_orphans(result)
+    _republish_lost(now, result, deadline=time.monotonic() + budget if budget is not None else None)
     if result.changed:
         FleetEvent.objects.create(
             kind=FleetEvent.Kind.TASKS_RECOVERED, reason="reconciler",
@@ -115,55 +147,168 @@ def tasks_reconcile(*, now=None) -> ReconcileResult:
     return result
 
 
-def _redrive_orphans(now, result: ReconcileResult) -> None:
+def _redrive_orphans(result: ReconcileResult) -> None:
     # PROCESSING rows are bounded by the number of workers (each runs one task at a time).
-    processing = list(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, started_at__lt=now - PROCESSING_GRACE)
-                      .only("pk", "priority", "attempts", "worker_name", "started_at")[:10_000])
-    if not processing:
-        return
-    alive = broker.alive_states(sorted({task.worker_name for task in processing}))
-    for task in processing:
-        state = alive.get(task.worker_name)
-        if state is None:
-            task_redrive(task=task, reason="its liveness key expired", result=result)
-        elif state.get("job") != task.job_id:
-            # The worker lives but has moved on: the attempt ended without its outcome being recorded (the
-            # database failed at that moment, say). Its liveness key names its current job every 2 s.
-            task_redrive(task=task, reason="its worker is no longer running it", result=result)
+    connection = connections[CaptionTask.objects.db]
+    lease_start = RawSQL(database_now_sql(connection, offset_seconds=-TASK_LEASE_SECONDS), (),
+                         output_field=DateTimeField())
+    expired = list(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, heartbeat_at__lt=lease_start)
+                   .only(*REDRIVE_FIELDS)[:10_000])
+    for task in expired:
+        task_redrive(task=task, reason=f"no heartbeat for over {TASK_LEASE_SECONDS} s", result=result,
+                     lease_expired_only=True)
 
 
-def _republish_lost(now, result: ReconcileResult) -> None:
-    published = dict(CaptionTask.objects.filter(status=TaskStatus.QUEUED, published_at__isnull=False)
-                     .order_by().values_list("priority").annotate(count=Count("id")))
-    if not published:
-        return
-    lengths = broker.queue_lengths()
-    for queue_name, expected in published.items():
-        if expected <= lengths.get(queue_name, 0):
-            continue
-        candidates = _lost_among(queue_name, broker.queued_task_ids(queue_name, page=LIST_PAGE), now)
-        if not candidates:
-            continue
-        # Unpublish (conditionally: only rows still queued and published) and publish again through the claim.
-        with transaction.atomic():
-            CaptionTask.objects.filter(pk__in=candidates, status=TaskStatus.QUEUED, published_at__isnull=False) \
-                .update(published_at=None)
-            TaskEvent.objects.bulk_create([TaskEvent(task_id=pk, kind=TaskEvent.Kind.REPUBLISHED, at=now,
-                                                     detail=f"job missing from queue {queue_name}")
-                                           for pk in candidates])
-        tasks_publish(tasks=[(pk, queue_name) for pk in candidates])
-        result.republished.extend(candidates)
+# --- jobs lost from Redis -----------------------------------------------------------------------------------------
+
+def _job_states(task_ids: list[int]) -> list[tuple]:
+    """(status, origin, enqueued_at) of each task's job hash, None where the hash is missing: one pipeline."""
+    connection = broker.get_connection()
+    pipe = connection.pipeline(transaction=False)
+    for task_id in task_ids:
+        pipe.hmget(broker.CaptionJob.redis_job_namespace_prefix + f"caption-{task_id}", "status", "origin",
+                   "enqueued_at")
+    states = []
+    for status, origin, enqueued in pipe.execute():
+        states.append(None if status is None else
+                      (status.decode(), (origin or b"").decode(), (enqueued or b"").decode()))
+    return states
 
 
-def _lost_among(queue_name: str, in_queue: set[int], now) -> list[int]:
-    """Queued-and-published tasks of a queue whose ids are not in it, read from the database in id order."""
-    lost, last = [], 0
-    while len(lost) < 10_000:
-        page = list(CaptionTask.objects.filter(
-            status=TaskStatus.QUEUED, published_at__isnull=False, published_at__lt=now - PUBLISHED_GRACE,
-            priority=queue_name, pk__gt=last).order_by("pk").values_list("pk", flat=True)[:LIST_PAGE])
-        if not page:
+def _queue_heads() -> dict[str, str | None]:
+    """When the job at the head of each queue was enqueued (None for an empty queue): O(queues)."""
+    connection = broker.get_connection()
+    pipe = connection.pipeline(transaction=False)
+    for name in broker.QUEUE_NAMES:
+        pipe.lindex(broker.Queue.redis_queue_namespace_prefix + name, 0)
+    heads = pipe.execute()
+    pipe = connection.pipeline(transaction=False)
+    for head in heads:
+        pipe.hget(broker.CaptionJob.redis_job_namespace_prefix + head.decode(), "enqueued_at") if head else \
+            pipe.echo("")
+    enqueued = pipe.execute()
+    return {name: (None if head is None else (value.decode() if value else ""))
+            for name, head, value in zip(broker.QUEUE_NAMES, heads, enqueued)}
+
+
+def _is_lost(state, priority: str, heads: dict[str, str | None]) -> bool:
+    if state is None:
+        return True
+    status, origin, enqueued_at = state
+    if status in ENDED_JOB_STATES:
+        return True
+    if status != "queued":
+        return False  # scheduled, deferred: not ours to judge
+    queue = origin if origin in heads else priority
+    head = heads.get(queue, "")
+    if head is None:
+        return True  # its queue is empty, yet the job says it waits there
+    # rq writes enqueued_at as ISO text in UTC, so the strings compare in time order. A head enqueued later than
+    # this job (by more than the publishers' possible skew) means this job was popped already.
+    return bool(head and enqueued_at) and _parse(enqueued_at) < _parse(head) - timedelta(seconds=5)
+
+
+def _parse(text: str) -> datetime:
+    from rq.utils import utcparse
+
+    return utcparse(text).replace(tzinfo=dt_timezone.utc)
+
+
+def _republish_lost(now, result: ReconcileResult, *, deadline: float | None) -> None:
+    connection = broker.get_connection()
+    server_now = float(connection.time()[0])
+    heads = _queue_heads()
+    suspects = {int(key): float(value) for key, value in connection.hgetall(SUSPECTS_KEY).items()}
+    confirmed: list[tuple[int, str, datetime]] = []
+
+    def judge(rows: list[tuple[int, str, datetime]]) -> None:
+        states = _job_states([pk for pk, _, _ in rows])
+        result.checked += len(rows)
+        for (pk, priority, published_at), state in zip(rows, states):
+            if not _is_lost(state, priority, heads):
+                suspects.pop(pk, None)
+            elif pk not in suspects:
+                suspects[pk] = server_now
+                result.suspected.append(pk)
+            elif server_now - suspects[pk] >= CONFIRM_AFTER:
+                confirmed.append((pk, priority, published_at))
+
+    # Suspects first: each is judged again from its current row (gone from the candidates when it was claimed,
+    # completed or republished meanwhile).
+    cutoff = now - PUBLISHED_GRACE
+    suspect_ids = sorted(suspects)
+    judged = set(suspect_ids)
+    for start in range(0, len(suspect_ids), CHECK_PAGE):
+        page = suspect_ids[start:start + CHECK_PAGE]
+        rows = list(CaptionTask.objects.filter(pk__in=page, status=TaskStatus.QUEUED, published_at__lt=cutoff)
+                    .values_list("pk", "priority", "published_at"))
+        for pk in set(page) - {row[0] for row in rows}:
+            suspects.pop(pk, None)
+        if rows:
+            judge(rows)
+
+    # Then new candidates, from where the previous pass stopped (oldest publication first).
+    cursor = _read_cursor(connection)
+    checked_new = 0
+    while checked_new < CHECKS_PER_PASS and (deadline is None or time.monotonic() < deadline):
+        queryset = CaptionTask.objects.filter(status=TaskStatus.QUEUED, published_at__lt=cutoff)
+        if cursor is not None:
+            queryset = queryset.filter(Q(published_at__gt=cursor[0]) | Q(published_at=cursor[0], pk__gt=cursor[1]))
+        rows = [row for row in queryset.order_by("published_at", "pk")
+                .values_list("pk", "priority", "published_at")[:CHECK_PAGE]]
+        if not rows:
+            cursor = None  # walked the whole backlog: start again from the oldest next pass
             break
-        lost.extend(pk for pk in page if pk not in in_queue)
-        last = page[-1]
-    return lost
+        judge([row for row in rows if row[0] not in judged])
+        checked_new += len(rows)
+        cursor = (rows[-1][2], rows[-1][0])
+    _write_cursor(connection, cursor)
+
+    for pk, *_ in confirmed:
+        suspects.pop(pk, None)
+    pipe = connection.pipeline()
+    pipe.delete(SUSPECTS_KEY)
+    if suspects:
+        pipe.hset(SUSPECTS_KEY, mapping={str(pk): repr(seen) for pk, seen in suspects.items()})
+        pipe.expire(SUSPECTS_KEY, 3600)
+    pipe.execute()
+    if confirmed:
+        _publish_again(confirmed, now, result)
+
+
+def _publish_again(lost: list[tuple[int, str, datetime]], now, result: ReconcileResult) -> None:
+    unpublished = []
+    for pk, priority, published_at in lost:
+        # Only the publication we judged: a task claimed, cancelled or published again since is left alone.
+        if CaptionTask.objects.filter(pk=pk, status=TaskStatus.QUEUED, published_at=published_at) \
+                .update(published_at=None, publish_after=now):
+            unpublished.append((pk, priority))
+    if not unpublished:
+        return
+    tasks_publish(tasks=unpublished)
+    # Events only for what really went back to Redis; the rest the relay publishes when Redis takes writes again.
+    published = list(CaptionTask.objects.filter(pk__in=[pk for pk, _ in unpublished], status=TaskStatus.QUEUED,
+                                                published_at__isnull=False).values_list("pk", "priority"))
+    TaskEvent.objects.bulk_create([TaskEvent(task_id=pk, kind=TaskEvent.Kind.REPUBLISHED, at=now,
+                                             detail=f"job missing from queue {priority}")
+                                   for pk, priority in published])
+    result.republished.extend(pk for pk, _ in published)
+    logger.warning("published %d lost job(s) again", len(published))
+
+
+def _read_cursor(connection) -> tuple[datetime, int] | None:
+    raw = connection.get(CURSOR_KEY)
+    if not raw:
+        return None
+    try:
+        stamp, pk = raw.decode().split("|")
+        return datetime.fromisoformat(stamp), int(pk)
+    except ValueError:
+        return None
+
+
+def _write_cursor(connection, cursor: tuple[datetime, int] | None) -> None:
+    if cursor is None:
+        connection.delete(CURSOR_KEY)
+    else:
+        connection.set(CURSOR_KEY, f"{cursor[0].isoformat()}|{cursor[1]}", ex=3600)

@@ -8,6 +8,7 @@ publish the same task. If Redis is unreachable the claim is undone and the relay
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -112,12 +113,21 @@ def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
             )
             transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)], fresh=True))
     except IntegrityError:
-        # Another submission with the same key committed between our lookup and our insert.
-        existing = CaptionTask.objects.filter(idempotency_key=spec.idempotency_key).first()
+        # Another submission with the same key committed between our lookup and our insert. Read it with a locking
+        # read: under MySQL's REPEATABLE READ a plain SELECT inside the caller's transaction (the admin's add view
+        # runs in one) still sees the snapshot taken before that commit, and would find nothing.
+        existing = _existing_with_key(spec.idempotency_key)
         if existing is None:
             raise
         return existing, False
     return task, True
+
+
+def _existing_with_key(key: str) -> CaptionTask | None:
+    queryset = CaptionTask.objects.filter(idempotency_key=key)
+    if transaction.get_connection().in_atomic_block:
+        queryset = queryset.select_for_update()
+    return queryset.first()
 
 
 def tasks_submit_many(*, specs: Sequence[TaskSpec], batch_size: int = SUBMIT_BATCH_SIZE,
@@ -189,8 +199,10 @@ def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False) -> i
         return 0
     ids = [task_id for task_id, _ in tasks]
     stamp = timezone.now()
+    # Publication makes a task due: a fresh task's relay grace no longer applies once its job is in Redis.
     claimed = CaptionTask.objects.filter(
-        pk__in=ids, status=TaskStatus.QUEUED, published_at__isnull=True).update(published_at=stamp)
+        pk__in=ids, status=TaskStatus.QUEUED, published_at__isnull=True).update(published_at=stamp,
+                                                                                publish_after=stamp)
     if claimed == 0:
         return 0
     if claimed < len(ids):
@@ -199,29 +211,40 @@ def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False) -> i
     try:
         return broker.publish(tasks, fresh=fresh)
     except BrokerUnavailable as error:
+        # These tasks were due (we were publishing them): the relay publishes them as soon as Redis takes writes
+        # again, not after a fresh task's grace period.
         CaptionTask.objects.filter(pk__in=[task_id for task_id, _ in tasks], published_at=stamp).update(
-            published_at=None)
+            published_at=None, publish_after=stamp)
         logger.warning("Redis unreachable, %d task(s) left for the relay: %s", len(tasks), error)
         service_unavailable.send(sender=CaptionTask, service="redis", where="publish")
         return 0
 
 
-def tasks_relay_once(*, batch_size: int = RELAY_BATCH_SIZE, now=None) -> int:
+def tasks_relay_once(*, batch_size: int = RELAY_BATCH_SIZE, now=None, budget: float | None = None) -> int:
     """Publishes every queued task that has no job in Redis and is due. Returns how many were published.
+
+    ``budget``: stop after about this many seconds (the rest waits for the next pass), so a pass after a long outage
+    does not hold the relay lock longer than its expiry.
 
     Raises BrokerUnavailable if Redis is unreachable, so the relay can report it.
     """
     if not broker.ping():
         raise BrokerUnavailable("Redis does not answer PING")
     published = 0
-    while True:
+    deadline = time.monotonic() + budget if budget is not None else None
+    while deadline is None or time.monotonic() < deadline:
         batch = list(CaptionTask.objects.due_for_publishing(now).order_by("publish_after", "pk")
                      .values_list("pk", "priority")[:batch_size])
         if not batch:
             return published
         count = tasks_publish(tasks=batch)
-        if count == 0 and not broker.ping():
-            raise BrokerUnavailable("Redis stopped answering while publishing")
+        if count == 0:
+            if not broker.ping():
+                raise BrokerUnavailable("Redis stopped answering while publishing")
+            # Redis answers but took none of them (out of memory, read-only), or another relay took them all:
+            # either way this pass is over; the tasks are still due for the next one.
+            return published
         published += count
         if len(batch) < batch_size:
             return published
+    return published

@@ -7,10 +7,29 @@ twice and together the supervisors run exactly N workers. Each supervisor takes 
 (ceil(N / live supervisors of the pool)); when a host dies, its leases and its registration expire after
 ``lease_ttl`` seconds and the others take over its slots.
 
-The supervisor also restarts workers that die (with a growing backoff if they keep dying), re-drives the tasks a
-dead worker was running at once, and runs the fleet-wide duties: the relay (publishing tasks whose retry backoff is
-over, or that were submitted while Redis was down), the reconciler and the autoscaler, each under a Redis lock so
-one supervisor does each per interval.
+Two threads, so that nothing can delay the leases:
+
+- The **main loop** renews the leases and manages the processes, and nothing else: it talks only to Redis (on a
+  connection of its own whose timeout is a fraction of the lease) and to its children. It never touches the
+  database: it works from the last pool settings the duties thread read, and hands what it has to record (fleet
+  events, tasks of workers that died) to that thread. A database outage, a slow query or a long relay pass therefore
+  cannot stop the renewals; without this, other supervisors took the slots and this one then retired all its
+  workers, while for a while more than the desired count ran.
+- The **duties thread** reads the pools, writes the fleet events, re-drives the tasks of workers that exited, and
+  runs the fleet-wide duties: the relay (publishing tasks whose retry backoff is over, or that were submitted while
+  Redis was down), the reconciler and the autoscaler, each under a Redis lock so one supervisor does each per
+  interval, each with a time budget below its lock's expiry. When the database is away it keeps what it must
+  record and tries again.
+
+After Redis comes back empty (a restart, a flush, a failover to a replica that lacked the keys) every lease is
+gone. A supervisor takes back the slots it runs (renewal re-creates a missing lease for its holder) and acquires no
+new slot for one lease period, so that the other supervisors can take back theirs first: the workers already
+running keep running, and no slot is started twice.
+
+Retiring a worker is idempotent: a worker that was asked to stop is never signalled again (rq turns a second SIGTERM
+into a cold shutdown). Whenever a worker exits, for whatever reason and with whatever exit code, the task it was
+running (if any) is re-driven at once. Under systemd use ``KillMode=mixed`` so a stop signals only the supervisor,
+which then stops its workers gracefully (see the README).
 """
 
 from __future__ import annotations
@@ -20,13 +39,15 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
@@ -42,8 +63,12 @@ logger = logging.getLogger("queues.supervisor")
 
 PREFIX = "portal:fleet:"
 SUPERVISORS_KEY = PREFIX + "supervisors"
-RENEW_SCRIPT = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
-                "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
+# Renews a lease for its holder; a lease that has vanished (Redis restarted or flushed) is taken back by the
+# supervisor still running its worker. Another holder's lease is never touched.
+RENEW_SCRIPT = ("local holder = redis.call('get', KEYS[1]) "
+                "if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
+                "elseif not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 "
+                "else return 0 end")
 RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 STABLE_AFTER = 60.0  # seconds a worker must run before its crash counter resets
 MAX_RESTART_DELAY = 60.0
@@ -62,6 +87,15 @@ def _die_with_parent():  # in the child between fork and exec: if the supervisor
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """What the main loop needs of a pool, copied from its row by the duties thread."""
+
+    name: str
+    desired: int
+    queue_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -102,62 +136,147 @@ class Supervisor:
         self._next_relay = 0.0
         self._next_reconcile = 0.0
         self._next_autoscale = 0.0
+        self.pools: dict[str, PoolSettings] | None = None  # None until the duties thread has read them once
+        self._outbox: queue.Queue = queue.Queue()  # (kind, payload) for the duties thread to record
+        self._pending: list[tuple[str, dict]] = []  # taken from the outbox, not yet recorded (database away)
+        self._duties_stop = threading.Event()
+        self._quiet_until = 0.0  # no new slots before this (monotonic): Redis just came back
+        self._registered = False
+        self._connection = None
 
     # --- running ---------------------------------------------------------------------------------------------
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._request_stop)
-        FleetEvent.objects.create(kind=FleetEvent.Kind.SUPERVISOR_STARTED, host=self.host, pid=os.getpid(),
-                                  reason=f"supervisor {self.id}",
-                                  figures={"pools": self.pool_names or "all"})
+        self._outbox.put(("event", {"kind": FleetEvent.Kind.SUPERVISOR_STARTED, "pid": os.getpid(),
+                                    "reason": f"supervisor {self.id}",
+                                    "figures": {"pools": self.pool_names or "all"}}))
+        duties = threading.Thread(target=self._duties_loop, name="fleet-duties", daemon=True)
+        duties.start()
         logger.info("supervisor %s started", self.id)
         try:
             while not self.stopping:
                 started = time.monotonic()
                 try:
                     self.step()
-                except DatabaseError as error:  # keep the workers, try again
-                    service_unavailable.send(sender=Supervisor, service="database", where="supervisor")
-                    logger.warning("database unreachable, fleet unchanged: %s", error)
                 except Exception:
                     logger.exception("supervisor step failed; trying again")
                 time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
             self.shutdown()
+            self._duties_stop.set()
+            duties.join(30)
+            self._record_pending(final=True)
 
     def _request_stop(self, signum, frame):
         if self.stopping:
             self.forced = True  # a second Ctrl-C: stop workers now
         self.stopping = True
 
+    def _redis(self):
+        if self._connection is None:
+            # Its own connection with a short timeout: a frozen Redis must not hold the loop past the lease.
+            self._connection = broker.dedicated_connection(socket_timeout=max(0.5, self.lease_ttl / 4))
+        return self._connection
+
     def step(self) -> None:
-        close_old_connections()
+        """One pass of the main loop: leases, then processes. Touches Redis and the children, never the database."""
+        pools = self.pools
         try:
-            connection = broker.get_connection()
-            now = time.time()
-            self._heartbeat(connection, now)
-            pools = {pool.name: pool for pool in WorkerPool.objects.all()
-                     if self.pool_names is None or pool.name in self.pool_names}
-            self._renew_or_release(connection, pools)
-            live = self._live_supervisors(connection, now)
-            self._acquire(connection, pools, live)
-            self._rebalance(connection, pools, live)
-        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
+            if pools is not None:
+                connection = self._redis()
+                now = time.time()
+                self._heartbeat(connection, now)
+                self._renew_or_release(connection, pools)
+                if time.monotonic() >= self._quiet_until:
+                    live = self._live_supervisors(connection, now)
+                    self._acquire(connection, pools, live)
+                    self._rebalance(connection, pools, live)
+        except (broker.BrokerUnavailable, *broker.REDIS_ERRORS) as error:
             # Keep the workers we have: they cannot work without Redis either, and when it is back the lease
-            # renewal decides who keeps which slot.
+            # renewal takes back our slots before anyone acquires new ones.
+            self._quiet_until = time.monotonic() + self.lease_ttl
             logger.warning("Redis unreachable, fleet unchanged: %s", error)
         self._manage_processes()
-        self._periodic()
+
+    # --- the duties thread -----------------------------------------------------------------------------------------
+    def _duties_loop(self) -> None:
+        while not self._duties_stop.is_set():
+            started = time.monotonic()
+            try:
+                close_old_connections()
+                self._read_pools()
+                self._record_pending()
+                self._periodic()
+            except DatabaseError as error:
+                service_unavailable.send(sender=Supervisor, service="database", where="supervisor")
+                logger.warning("database unreachable; the fleet keeps running, records wait: %s", error)
+                self._drop_database_connection()
+            except Exception:
+                logger.exception("supervisor duties failed; trying again")
+            self._duties_stop.wait(max(0.05, self.interval - (time.monotonic() - started)))
+        self._drop_database_connection()
+
+    @staticmethod
+    def _drop_database_connection() -> None:
+        from django.db import connection
+
+        try:
+            connection.close()
+        except Exception:
+            pass
+
+    def _read_pools(self) -> None:
+        self.pools = {pool.name: PoolSettings(pool.name, pool.desired, pool.queue_names)
+                      for pool in WorkerPool.objects.all()
+                      if self.pool_names is None or pool.name in self.pool_names}
+
+    def _record_pending(self, *, final: bool = False) -> None:
+        """Writes what the main loop handed over: fleet events and the recovery of exited workers' tasks. Kept
+        (in order) while the database is away."""
+        while True:
+            try:
+                self._pending.append(self._outbox.get_nowait())
+            except queue.Empty:
+                break
+        while self._pending:
+            kind, payload = self._pending[0]
+            try:
+                if kind == "recover":
+                    tasks_recover_from_worker(worker_name=payload["worker_name"], reason=payload["reason"])
+                    try:
+                        broker.worker_unregister(payload["worker_name"])
+                    except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
+                        pass  # rq's registration expires by itself
+                else:
+                    fields = {"host": self.host, **payload}
+                    pool_name = fields.pop("pool", None)
+                    pool = WorkerPool.objects.filter(name=pool_name).first() if pool_name else None
+                    FleetEvent.objects.create(pool=pool, **fields)
+            except DatabaseError:
+                if final:
+                    logger.exception("could not record %s on stopping; lost: %s", kind, payload)
+                    self._pending.pop(0)
+                    continue
+                raise
+            self._pending.pop(0)
 
     # --- leases --------------------------------------------------------------------------------------------------
     def _heartbeat(self, connection, now: float) -> None:
         pipe = connection.pipeline(transaction=False)
+        pipe.zscore(SUPERVISORS_KEY, self.id)
         pipe.zadd(SUPERVISORS_KEY, {self.id: now + self.lease_ttl})
         pipe.zremrangebyscore(SUPERVISORS_KEY, "-inf", now - 60)
         pipe.hset(supervisor_key(self.id), mapping={"host": self.host, "pid": os.getpid(),
                                                     "pools": json.dumps(self.pool_names)})
         pipe.pexpire(supervisor_key(self.id), int(self.lease_ttl * 1000))
-        pipe.execute()
+        known = pipe.execute()[0]
+        if known is None and self._registered:
+            # Our registration is gone: Redis restarted, was flushed or failed over. Everybody's leases went with
+            # it; give the others a lease period to take theirs back before acquiring anything.
+            logger.warning("supervisor registration vanished from Redis; taking back our slots only")
+            self._quiet_until = time.monotonic() + self.lease_ttl
+        self._registered = True
 
     def _live_supervisors(self, connection, now: float) -> dict[str, list[str]]:
         """The live supervisors serving each pool, by id."""
@@ -175,7 +294,7 @@ class Supervisor:
     def _serving(self, live: dict[str, list[str]], pool: str) -> list[str]:
         return sorted(set(live.get("*", []) + live.get(pool, [])) | {self.id})
 
-    def _renew_or_release(self, connection, pools: dict[str, WorkerPool]) -> None:
+    def _renew_or_release(self, connection, pools: dict[str, PoolSettings]) -> None:
         for key, slot in list(self.slots.items()):
             pool = pools.get(slot.pool)
             if pool is None or slot.index >= pool.desired or slot.queues != pool.queue_names:
@@ -189,7 +308,7 @@ class Supervisor:
                 self._retire(slot, "lease lost (another supervisor holds the slot)")
                 del self.slots[key]
 
-    def _acquire(self, connection, pools: dict[str, WorkerPool], live: dict[str, int]) -> None:
+    def _acquire(self, connection, pools: dict[str, PoolSettings], live: dict[str, list[str]]) -> None:
         if self.stopping:
             return
         for pool in pools.values():
@@ -204,7 +323,7 @@ class Supervisor:
                     self.slots[(pool.name, index)] = Slot(pool=pool.name, index=index, queues=pool.queue_names)
                     held += 1
 
-    def _rebalance(self, connection, pools: dict[str, WorkerPool], live: dict[str, list[str]]) -> None:
+    def _rebalance(self, connection, pools: dict[str, PoolSettings], live: dict[str, list[str]]) -> None:
         """Hands one slot at a time to a supervisor that holds fewer, while we hold more than our fair share
         (a supervisor that started later, or a host that came back). The slot's lease is kept until its worker
         has finished its task and exited, so the pool never runs more than its desired count."""
@@ -242,13 +361,16 @@ class Supervisor:
 
     def _release_slot(self, slot: Slot) -> None:
         try:
-            broker.get_connection().eval(RELEASE_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id)
-        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+            self._redis().eval(RELEASE_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id)
+        except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
             pass  # the lease expires by itself
         self.slots.pop((slot.pool, slot.index), None)
 
     def _retire(self, slot: Slot, reason: str) -> None:
-        """Stops a slot's worker gracefully: it finishes its current job, then exits."""
+        """Stops a slot's worker gracefully: it finishes its current job, then exits. Idempotent: a worker already
+        asked to stop is never signalled again (rq would take a second SIGTERM as "stop at once")."""
+        if slot.retiring:
+            return
         slot.retiring = True
         if slot.process is not None and slot.process.poll() is None:
             slot.process.send_signal(signal.SIGTERM)
@@ -274,8 +396,8 @@ class Supervisor:
                 self.retiring.remove(slot)
                 self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=slot.retire_reason,
                             figures={"exit_code": slot.process.returncode})
-                if slot.process.returncode != 0:
-                    self._recover(slot, "stopped with a job in hand")
+                # Whatever the exit code: a worker that exited runs nothing, so a task it still holds goes back.
+                self._recover(slot, f"worker stopped ({slot.retire_reason})")
                 if slot.handoff and not self.stopping:
                     self._release_slot(slot)
             elif self.forced or now >= slot.kill_at:
@@ -293,6 +415,7 @@ class Supervisor:
             # A clean exit we did not ask for: a restart requested through rq (the admin, manage.py workers).
             slot.crashes, slot.restart_at = 0, now
             self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason="exited on request; starting a fresh one")
+            self._recover(slot, "worker exited")
             return
         if now - slot.started_at > STABLE_AFTER:
             slot.crashes = 0
@@ -306,75 +429,77 @@ class Supervisor:
         self._recover(slot, f"worker died ({how})")
 
     def _recover(self, slot: Slot, reason: str) -> None:
-        """A worker of ours is dead: re-drive what it was running now, and remove its rq registration."""
-        try:
-            tasks_recover_from_worker(worker_name=slot.worker_name, reason=reason)
-            broker.worker_unregister(slot.worker_name)
-        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
-            logger.warning("could not tidy after %s now (the reconciler will): %s", slot.worker_name, error)
+        """A worker of ours has exited: the duties thread re-drives what it was running (within a step) and removes
+        its rq registration."""
+        self._outbox.put(("recover", {"worker_name": slot.worker_name, "reason": reason}))
 
     def _event(self, kind, slot: Slot, *, reason: str, figures: dict | None = None) -> None:
         pid = slot.process.pid if slot.process is not None else None
         logger.info("%s %s (%s)", kind, slot.worker_name, reason)
-        try:
-            FleetEvent.objects.create(kind=kind, pool=WorkerPool.objects.filter(name=slot.pool).first(),
-                                      host=self.host, pid=pid, worker_name=slot.worker_name, reason=reason[:500],
-                                      figures={"slot": slot.index, "supervisor": self.id, **(figures or {})})
-        except Exception:  # managing the processes matters more than recording it
-            logger.exception("could not record %s for %s", kind, slot.worker_name)
+        self._outbox.put(("event", {
+            "kind": kind, "pool": slot.pool, "host": self.host, "pid": pid, "worker_name": slot.worker_name,
+            "reason": reason[:500], "figures": {"slot": slot.index, "supervisor": self.id, **(figures or {})}}))
 
-    # --- fleet-wide duties ---------------------------------------------------------------------------------------
+    # --- fleet-wide duties (in the duties thread) -------------------------------------------------------------------
+    def _locked(self, connection, name: str, seconds: float, duty) -> None:
+        """Runs ``duty(budget)`` if this supervisor wins the duty's lock for ``seconds``; the duty stops within its
+        budget (half the lock), and the lock is released when it ends, so passes of two supervisors never overlap."""
+        lock = PREFIX + "lock:" + name
+        if not connection.set(lock, self.id, nx=True, px=int(seconds * 1000)):
+            return
+        try:
+            duty(seconds / 2)
+        finally:
+            connection.eval(RELEASE_SCRIPT, 1, lock, self.id)
+
     def _periodic(self) -> None:
         now = time.monotonic()
         try:
             connection = broker.get_connection()
             if now >= self._next_relay:
                 self._next_relay = now + self.relay_interval
-                if connection.set(PREFIX + "lock:relay", self.id, nx=True, px=int(self.relay_interval * 900)):
-                    tasks_relay_once()
+                self._locked(connection, "relay", max(2.0, self.relay_interval * 4),
+                             lambda budget: tasks_relay_once(budget=budget))
             if now >= self._next_reconcile:
                 self._next_reconcile = now + self.reconcile_interval
-                if connection.set(PREFIX + "lock:reconcile", self.id, nx=True,
-                                  px=int(self.reconcile_interval * 900)):
-                    tasks_reconcile()
+                self._locked(connection, "reconcile", max(4.0, self.reconcile_interval),
+                             lambda budget: tasks_reconcile(budget=budget))
             if now >= self._next_autoscale and not self.stopping:
                 self._next_autoscale = now + self.autoscale_interval
                 if connection.set(PREFIX + "lock:autoscale", self.id, nx=True,
                                   px=int(self.autoscale_interval * 900)):
                     for pool in WorkerPool.objects.filter(autoscale=True):
                         pool_autoscale(pool=pool, queued=pool_backlog(pool))
-        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
-            logger.warning("relay/reconcile/autoscale skipped, Redis unreachable: %s", error)
-        except Exception:
-            logger.exception("relay/reconcile/autoscale pass failed")
+        except (broker.BrokerUnavailable, *broker.REDIS_ERRORS) as error:
+            logger.warning("relay/reconcile/autoscale skipped, Redis unreachable or refusing: %s", error)
 
     # --- stopping ----------------------------------------------------------------------------------------------
     def shutdown(self) -> None:
         self.stopping = True
         for slot in list(self.slots.values()):
             self._retire(slot, "supervisor stopping")
+        renewed_at = 0.0
         while self.retiring:
-            try:  # keep our slots while our workers finish, so nobody starts a second worker in them
-                connection = broker.get_connection()
-                for slot in self.slots.values():
-                    connection.eval(RENEW_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id,
-                                    int(self.lease_ttl * 1000))
-            except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
-                pass
+            if time.monotonic() - renewed_at >= self.interval:
+                renewed_at = time.monotonic()
+                try:  # keep our slots while our workers finish, so nobody starts a second worker in them
+                    connection = self._redis()
+                    for slot in self.slots.values():
+                        connection.eval(RENEW_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id,
+                                        int(self.lease_ttl * 1000))
+                except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
+                    pass
             self._manage_processes()
             time.sleep(0.1)
         try:
-            connection = broker.get_connection()
+            connection = self._redis()
             for slot in self.slots.values():
                 connection.eval(RELEASE_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id)
             connection.zrem(SUPERVISORS_KEY, self.id)
             connection.delete(supervisor_key(self.id))
-        except (broker.BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+        except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
             pass
         self.slots.clear()
-        try:
-            FleetEvent.objects.create(kind=FleetEvent.Kind.SUPERVISOR_STOPPED, host=self.host, pid=os.getpid(),
-                                      reason=f"supervisor {self.id}")
-        except Exception:
-            logger.exception("could not record the supervisor's stop")
+        self._outbox.put(("event", {"kind": FleetEvent.Kind.SUPERVISOR_STOPPED, "pid": os.getpid(),
+                                    "reason": f"supervisor {self.id}"}))
         logger.info("supervisor %s stopped", self.id)

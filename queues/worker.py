@@ -4,13 +4,20 @@ It runs jobs in its own process like rq's SimpleWorker: forking a work horse per
 throughput here, and the supervisor isolates failures at the process level instead. It always dequeues with the
 JSON serializer and ``CaptionJob`` whatever it is given, so pickled or forged jobs fail without running.
 
-Two additions to rq's worker, both relied on by the fleet (queues.fleet, queues.reconcile):
+Additions to rq's worker, relied on by the fleet (queues.fleet, queues.reconcile, queues.supervisor):
 
-- A liveness key, ``portal:fleet:alive:<worker name>``, refreshed every couple of seconds by a daemon thread and
-  expiring soon after the process dies (SIGKILL included). rq's own worker key can outlive a dead SimpleWorker for
-  minutes (its TTL covers the whole job timeout), which is far too slow to notice a crash.
+- A liveness thread. Every couple of seconds it renews the database lease of the attempt in hand
+  (``execution.attempts_heartbeat``: the only liveness the reconciler trusts) and refreshes a key in Redis,
+  ``portal:fleet:alive:<worker name>``, that the live workers page shows (pid, rss, current job). The key may vanish
+  with a Redis restart or flush; nothing decides on its absence.
 - ``stop-job`` works without a work horse: rq's command sets the stopped job and calls ``kill_horse``; here that
   raises ``JobStopped`` inside the running job, which records the task as stopped by an operator.
+- A second stop signal (rq's "cold shutdown") never abandons the task in hand: during the caption it raises
+  ``WorkerInterrupted``, which gives the attempt back as a retry; during rq's own bookkeeping of a job it is
+  ignored (that takes milliseconds); only an idle worker exits at once.
+- A job entry popped from a queue that is no longer the job's queue (its task's priority changed, so the job was
+  published on another queue) is dropped without running and without touching the job.
+- Queue pauses and suspension come from the database through ``queues.control`` (Redis only caches them).
 """
 
 from __future__ import annotations
@@ -20,24 +27,21 @@ import os
 import signal
 import socket
 import threading
+import time
 
-from django.db import close_old_connections
+from django.db import close_old_connections, connection as database_connection
 from rq.serializers import JSONSerializer
+from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker
 
-from queues import execution
-from queues.broker import CaptionJob, CaptionQueue
-from queues.errors import JobStopped
+from queues import control, execution
+from queues.broker import ALIVE_PREFIX, CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
+from queues.errors import JobStopped, WorkerInterrupted
 
-ALIVE_PREFIX = "portal:fleet:alive:"
 ALIVE_TTL = 10  # seconds a liveness key outlives its last refresh
 ALIVE_INTERVAL = 2.0
 # rq's idle heartbeat TTL for our workers: a worker that died idle leaves the list within this many seconds.
 WORKER_TTL = 30
-
-
-def alive_key(worker_name: str) -> str:
-    return ALIVE_PREFIX + worker_name
 
 
 def resident_memory_bytes(pid: int | None = None) -> int | None:
@@ -61,6 +65,7 @@ class CaptionWorker(SimpleWorker):
         self.pool_name = pool or os.environ.get("PORTAL_WORKER_POOL", "")
         self._alive_stop = threading.Event()
         self._alive_thread: threading.Thread | None = None
+        self._job_in_hand = False
 
     # --- liveness --------------------------------------------------------------------------------------------
     def _alive_payload(self) -> str:
@@ -74,8 +79,12 @@ class CaptionWorker(SimpleWorker):
             self.log.debug("could not refresh liveness key", exc_info=True)
 
     def _alive_loop(self) -> None:
-        while not self._alive_stop.wait(ALIVE_INTERVAL):
-            self._refresh_alive()
+        try:
+            while not self._alive_stop.wait(ALIVE_INTERVAL):
+                execution.attempts_heartbeat()  # first: the database lease is what keeps the task ours
+                self._refresh_alive()
+        finally:
+            database_connection.close()  # this thread's own connection
 
     def register_birth(self, *args, **kwargs):
         super().register_birth(*args, **kwargs)
@@ -100,6 +109,44 @@ class CaptionWorker(SimpleWorker):
         # Only while the captioner runs: raising inside rq's own bookkeeping would leave its registries half-updated.
         if execution.captioning_now():
             raise JobStopped("stopped by an operator")
+
+    def request_force_stop(self, signum, frame):
+        """A second SIGTERM/SIGINT. rq would raise SystemExit wherever the job is, file a dead letter for it and
+        exit 0 with its task still PROCESSING; here the task in hand is always given back first."""
+        if execution.captioning_now():
+            self.log.warning("Worker %s: stopping at once; the task in hand goes back to its queue", self.name)
+            raise WorkerInterrupted("the worker was told to stop at once")
+        if self._job_in_hand:
+            self.log.warning("Worker %s: second stop signal; exiting as soon as the job's outcome is recorded",
+                             self.name)
+            return
+        super().request_force_stop(signum, frame)
+
+    def check_for_suspension(self, burst: bool):
+        """Suspension lives in the database (queues.control), so a Redis flush cannot resume processing."""
+        notified = False
+        while not self._stop_requested and control.processing_suspended_cached():
+            if burst:
+                self.log.info("Worker %s: suspended in burst mode, exiting", self.name)
+                raise StopRequested
+            if not notified:
+                self.log.info("Worker %s: processing is suspended; waiting", self.name)
+                notified = True
+            time.sleep(1)
+
+    def execute_job(self, job, queue):
+        if job.origin and job.origin != queue.name:
+            # Left behind in this queue when the task's job was published on another one (a priority change):
+            # the job belongs to that queue now. Running it here would skip the other queue's pause and order.
+            self.log.info("Worker %s: %s was moved to %s; dropping its old entry in %s", self.name, job.id,
+                          job.origin, queue.name)
+            return
+        job.popped_from = queue.name  # read by queues.jobs.caption_task for the claim
+        self._job_in_hand = True
+        try:
+            return super().execute_job(job, queue)
+        finally:
+            self._job_in_hand = False
 
     def kill_horse(self, sig=None):
         """rq's stop-job command lands here (from the command thread); interrupt the job in the main thread."""

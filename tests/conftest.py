@@ -231,3 +231,13 @@ def subprocess_env(**extra) -> dict:
                         f"{database['PORT'] or 3306}/{database['NAME']}")
     return {**os.environ, "REDIS_URL": settings.REDIS_URL, "DATABASE_URL": database_url,
             "MEDIA_ROOT": str(settings.MEDIA_ROOT), **extra}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_queue_control():
+    """Queue pauses are cached for a second per process; each test starts from what its database says."""
+    from queues import control
+
+    control.clear_cache()
+    yield
+    control.clear_cache()

@@ -6,6 +6,13 @@ from django.conf import settings
 from django.db import migrations, models
 
 
+def stamp_running_attempts(apps, schema_editor):
+    # Attempts running while this migration is applied get a heartbeat from their start, so the reconciler judges
+    # them by the same lease as new ones.
+    CaptionTask = apps.get_model("queues", "CaptionTask")
+    CaptionTask.objects.filter(status="PROCESSING", heartbeat_at=None).update(heartbeat_at=models.F("started_at"))
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -37,4 +44,5 @@ class Migration(migrations.Migration):
                 'default_permissions': (),
             },
         ),
+        migrations.RunPython(stamp_running_attempts, migrations.RunPython.noop),
     ]

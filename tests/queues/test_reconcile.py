@@ -1,7 +1,7 @@
 """The reconciler against real Redis state: dead workers' tasks re-driven, lost jobs published again."""
 
-import json
-from datetime import timedelta
+import time
+from datetime import timedelta, timezone as dt_timezone
 
 import pytest
 from django.utils import timezone
@@ -10,17 +10,18 @@ from rq.registry import FailedJobRegistry
 from queues import broker
 from queues.execution import task_claim
 from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus
-from queues.reconcile import tasks_reconcile
+from queues.reconcile import CONFIRM_AFTER, TASK_LEASE_SECONDS, tasks_reconcile
 from queues.services import TaskSpec, task_submit, tasks_submit_many
-from queues.worker import alive_key
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def claimed_task(reference, worker="worker-a", seconds_ago=60):
+    """A task claimed by ``worker`` whose last heartbeat was ``seconds_ago``."""
     task = task_submit(image_ref=reference)
     task_claim(task_id=task.pk, worker_name=worker)
-    CaptionTask.objects.filter(pk=task.pk).update(started_at=timezone.now() - timedelta(seconds=seconds_ago))
+    at = timezone.now() - timedelta(seconds=seconds_ago)
+    CaptionTask.objects.filter(pk=task.pk).update(started_at=at, heartbeat_at=at)
     return CaptionTask.objects.get(pk=task.pk)
 
 
@@ -38,17 +39,47 @@ def test_task_of_a_dead_worker_is_redriven_with_backoff(redis, media_image, sett
     assert tasks_reconcile().redriven == []  # done once
 
 
-def test_task_of_a_live_worker_running_it_is_left_alone(redis, media_image):
-    task = claimed_task(media_image())
-    redis.set(alive_key("worker-a"), json.dumps({"pid": 1, "job": task.job_id}), ex=10)
+def test_task_whose_worker_keeps_its_lease_is_left_alone_with_nothing_in_redis(redis, media_image):
+    task = claimed_task(media_image(), seconds_ago=TASK_LEASE_SECONDS - 5)
+    redis.flushdb()  # a Redis restart or flush: every key the worker kept there is gone
+    assert attempts_heartbeat_for(task) == 1
+    CaptionTask.objects.filter(pk=task.pk).update(started_at=timezone.now() - timedelta(minutes=10))
     assert not tasks_reconcile().changed
     assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.PROCESSING
 
 
-def test_task_whose_live_worker_moved_on_is_redriven(redis, media_image):
+def attempts_heartbeat_for(task) -> int:
+    from queues import execution
+
+    execution._in_flight[task.pk] = task.claim_token
+    try:
+        return execution.attempts_heartbeat()
+    finally:
+        execution._in_flight.pop(task.pk, None)
+
+
+def test_lease_is_judged_on_the_database_clock(redis, media_image):
+    task = claimed_task(media_image(), seconds_ago=TASK_LEASE_SECONDS + 5)
+    assert attempts_heartbeat_for(task) == 1  # the worker beats: heartbeat_at is the database's now
+    assert not tasks_reconcile().changed
+    assert attempts_heartbeat_for(CaptionTask.objects.get(pk=task.pk)) == 1
+
+
+def test_late_worker_cannot_end_a_newer_attempt_after_a_requeue(redis, media_image):
+    from queues.execution import _record_success
+    from queues.operations import tasks_requeue
+
     task = claimed_task(media_image())
-    redis.set(alive_key("worker-a"), json.dumps({"pid": 1, "job": "caption-999999"}), ex=10)
-    assert tasks_reconcile().redriven == [task.pk]
+    old_attempt = CaptionTask.objects.get(pk=task.pk)
+    tasks_reconcile()  # the reconciler gave up on the old worker (its lease expired)...
+    CaptionTask.objects.filter(pk=task.pk).update(status=TaskStatus.FAILED)
+    tasks_requeue(task_ids=[task.pk])  # ...an operator requeued the task: attempts start again from 0
+    newer = task_claim(task_id=task.pk, worker_name="worker-b")
+    assert newer is not None and newer.attempts == old_attempt.attempts == 1
+    outcome = _record_success(old_attempt, "a caption from the old run", started=0.0)  # the old worker wakes up
+    assert outcome.status == "skipped"
+    task.refresh_from_db()
+    assert task.status == TaskStatus.PROCESSING and task.worker_name == "worker-b" and task.caption == ""
 
 
 def test_recently_claimed_task_is_not_judged_yet(redis, media_image):
@@ -66,20 +97,32 @@ def test_task_out_of_retries_goes_to_dead_letters(redis, media_image, settings):
     assert task.job_id in FailedJobRegistry("normal", connection=redis).get_job_ids(cleanup=False)
 
 
-def test_jobs_lost_from_redis_are_published_again_once(redis, media_image):
+def age_jobs(redis, task_ids, *, minutes_ago_first: int):
+    """Gives the tasks' jobs enqueue times one minute apart, oldest first (as if submitted over time)."""
+    now = timezone.now()
+    for offset, task_id in enumerate(task_ids):
+        stamp = (now - timedelta(minutes=minutes_ago_first - offset)).astimezone(dt_timezone.utc)
+        redis.hset(f"rq:job:caption-{task_id}", "enqueued_at", stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+
+
+def test_jobs_popped_by_a_worker_that_died_are_published_again_once(redis, media_image):
     reference = media_image()
     created = tasks_submit_many(specs=[TaskSpec(reference) for _ in range(30)]).created
+    age_jobs(redis, created, minutes_ago_first=40)
     CaptionTask.objects.update(published_at=timezone.now() - timedelta(minutes=5))
-    redis.ltrim("rq:queue:normal", 0, 19)  # ten jobs popped by a worker that died before claiming them
-    lost = set(created[20:])
-    result = tasks_reconcile()
-    assert set(result.republished) == lost
+    redis.ltrim("rq:queue:normal", 10, -1)  # ten jobs popped by a worker that died before claiming them
+    lost = set(created[:10])
+    first = tasks_reconcile()
+    assert set(first.suspected) == lost and first.republished == []  # a suspicion, not yet a verdict
+    time.sleep(CONFIRM_AFTER)
+    second = tasks_reconcile()
+    assert set(second.republished) == lost
     ids = [int(raw.decode().split("-")[1]) for raw in redis.lrange("rq:queue:normal", 0, -1)]
     assert sorted(ids) == sorted(created)
     assert TaskEvent.objects.filter(kind=TaskEvent.Kind.REPUBLISHED).count() == 10
     CaptionTask.objects.filter(published_at__gt=timezone.now() - timedelta(minutes=1)).update(
         published_at=timezone.now() - timedelta(minutes=5))
-    assert tasks_reconcile().republished == []
+    assert tasks_reconcile().republished == [] and tasks_reconcile().suspected == []
 
 
 def test_redis_losing_everything_loses_no_task(redis, media_image):
@@ -87,8 +130,21 @@ def test_redis_losing_everything_loses_no_task(redis, media_image):
                                        for priority in ("urgent", "low") * 5]).created
     CaptionTask.objects.update(published_at=timezone.now() - timedelta(minutes=5))
     redis.flushdb()
+    assert sorted(tasks_reconcile().suspected) == sorted(created)
+    time.sleep(CONFIRM_AFTER)
     assert sorted(tasks_reconcile().republished) == sorted(created)
     assert broker.queue_lengths() == {"urgent": 5, "high": 0, "normal": 0, "low": 5}
+
+
+def test_a_pass_reads_no_list_whatever_the_backlog(redis, media_image):
+    tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(3000)])
+    CaptionTask.objects.update(published_at=timezone.now() - timedelta(minutes=5))
+    redis.config_resetstat()
+    result = tasks_reconcile()
+    stats = redis.info("commandstats")
+    assert result.checked == 3000 and not result.suspected
+    assert "cmdstat_lrange" not in stats
+    assert stats["cmdstat_lindex"]["calls"] == len(broker.QUEUE_NAMES)
 
 
 def test_freshly_published_tasks_are_not_mistaken_for_lost(redis, media_image):

@@ -60,7 +60,9 @@ def test_queued_jobs_survive_a_redis_restart(redis_server_factory, media_image):
 def test_relay_leaves_fresh_tasks_to_their_submitter_during_grace(redis, media_image, settings):
     settings.RELAY_GRACE_SECONDS = 60
     task = task_submit(image_ref=media_image())
-    CaptionTask.objects.filter(pk=task.pk).update(published_at=None)  # as if the submitter's publish were pending
+    # As the row is between its commit and the submitter's publish (after commit): unpublished, within its grace.
+    CaptionTask.objects.filter(pk=task.pk).update(published_at=None,
+                                                  publish_after=task.created_at + timedelta(seconds=60))
     assert tasks_relay_once() == 0
     assert tasks_relay_once(now=timezone.now() + timedelta(seconds=61)) == 1
     assert broker.queue_lengths()["normal"] == 2  # the submitter's job and the relay's: the claim makes one run
@@ -69,3 +71,18 @@ def test_relay_leaves_fresh_tasks_to_their_submitter_during_grace(redis, media_i
 def test_relay_command_rejects_bad_interval(redis):
     with pytest.raises(CommandError, match="--interval must be a positive"):
         call_command("relay_tasks", "--interval", "0")
+
+
+def test_tasks_whose_submitter_saw_redis_down_are_due_at_once(redis, media_image, settings):
+    from portal.embedded_redis import free_port
+
+    settings.RELAY_GRACE_SECONDS = 60  # a fresh task's grace must not delay a publish known to have failed
+    working_url = settings.REDIS_URL
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
+    broker.reset_connection()
+    created = tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(50)]).created
+    assert CaptionTask.objects.filter(pk__in=created, published_at__isnull=True).count() == 50
+    settings.REDIS_URL = working_url  # Redis is back
+    broker.reset_connection()
+    assert tasks_relay_once() == 50
+    assert broker.queue_lengths()["normal"] == 50
