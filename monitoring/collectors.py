@@ -28,12 +28,14 @@ from monitoring.recorder import (
     WAIT_BUCKETS,
     flush_pending,
     histogram_key,
+    note_available,
     note_unavailable,
 )
 from queues import broker
 from queues.errors import BrokerUnavailable
 from queues.models import CaptionTask, TaskStatus
 from queues.worker import alive_key
+
 
 def _unregister_django_rq_summary() -> None:
     """django-rq defines a Summary named ``rq_request_processing_seconds_total`` in prometheus_client's global
@@ -115,6 +117,7 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
     try:
         _read_redis(snapshot)
         snapshot.redis_ok = True
+        note_available(service="redis")
     except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
         snapshot.redis_error = str(error) or type(error).__name__
         note_unavailable(service="redis", where="metrics")
@@ -126,6 +129,7 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
         snapshot.overdue_unpublished = CaptionTask.objects.filter(
             status=TaskStatus.QUEUED, published_at__isnull=True, publish_after__lt=overdue).exists()
         snapshot.database_ok = True
+        note_available(service="database")
     except DatabaseError as error:
         snapshot.database_error = str(error) or type(error).__name__
         note_unavailable(service="database", where="metrics")
@@ -267,9 +271,11 @@ def families(snapshot: Snapshot):
     yield tasks
     yield CounterMetricFamily("rq_task_retries", "Attempts that will be retried", value=snapshot.counters.get(
         "retries", 0.0))
-    yield CounterMetricFamily("rq_redis_connection_errors", "Times a component could not reach Redis",
+    yield CounterMetricFamily("rq_redis_connection_errors", "Outages of Redis seen by portal, worker and supervisor "
+                              "processes (each process counts an outage once)",
                               value=snapshot.counters.get("redis_errors", 0.0))
-    yield CounterMetricFamily("rq_database_connection_errors", "Times a component could not reach the database",
+    yield CounterMetricFamily("rq_database_connection_errors", "Outages of the database seen by portal, worker and "
+                              "supervisor processes (each process counts an outage once)",
                               value=snapshot.counters.get("database_errors", 0.0))
 
     info = snapshot.redis_info

@@ -6,6 +6,10 @@ every scrape of any portal process reports the same fleet-wide figures. promethe
 the alternative, but it only adds up processes of one host sharing a directory, and our workers run on many hosts.
 Errors reaching Redis are buffered the same way and arrive once Redis is back.
 
+The connection-error counters count outages, not failed calls: each process counts one when a service it last
+reached stops answering (``Reachability``), however many flushes, scrapes or relay passes fail while the outage
+lasts, and counts again only after it has reached the service once more.
+
 Histograms are stored as non-cumulative bucket counts plus sum and count; the collector makes them cumulative.
 """
 
@@ -17,6 +21,8 @@ import logging
 import os
 import threading
 from collections import defaultdict
+
+from django.db.backends.signals import connection_created
 
 from queues import broker
 from queues.errors import BrokerUnavailable
@@ -84,11 +90,12 @@ class Buffer:
             pipe = broker.get_connection().pipeline(transaction=False)
             self.write(pipe, amounts)
             pipe.execute()
-            return True
         except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
-            amounts[(COUNTERS_KEY, "redis_errors")] = amounts.get((COUNTERS_KEY, "redis_errors"), 0) + 1
             self.give_back(amounts)
+            note_unavailable(service="redis", where="metrics flush")
             return False
+        note_available(service="redis")
+        return True
 
     def _ensure_flusher(self) -> None:
         if self._flusher_pid == os.getpid():
@@ -107,6 +114,29 @@ class Buffer:
 
 
 BUFFER = Buffer()
+
+
+class Reachability:
+    """The backing services this process found unreachable and has not reached since."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._down: set[str] = set()
+
+    def went_down(self, service: str) -> bool:
+        """Marks ``service`` unreachable; True if it was reachable until now (an outage begins)."""
+        with self._lock:
+            if service in self._down:
+                return False
+            self._down.add(service)
+            return True
+
+    def came_back(self, service: str) -> None:
+        with self._lock:
+            self._down.discard(service)
+
+
+REACHABILITY = Reachability()
 
 
 def record_attempt(*, queue: str, outcome: str, processing_seconds: float | None, wait_seconds: float | None,
@@ -128,8 +158,24 @@ def record_attempt(*, queue: str, outcome: str, processing_seconds: float | None
 
 
 def note_unavailable(*, service: str, where: str = "", **kwargs) -> None:
-    """Receiver of queues.signals.service_unavailable (and used by monitoring's own checks)."""
-    BUFFER.add(COUNTERS_KEY, "redis_errors" if service == "redis" else "database_errors")
+    """Receiver of queues.signals.service_unavailable (and used by monitoring's own checks): counts an outage of
+    ``service`` ("redis" or "database") if this process could reach it until now."""
+    if REACHABILITY.went_down(service):
+        BUFFER.add(COUNTERS_KEY, "redis_errors" if service == "redis" else "database_errors")
+
+
+def note_available(*, service: str) -> None:
+    """This process reached ``service``: its next failure is a new outage."""
+    REACHABILITY.came_back(service)
+
+
+def _database_connected(**kwargs) -> None:
+    # Components that report database failures (relay, supervisor) never say when the database is back; a new
+    # connection is the sign: Django reconnects after an error and sends connection_created only when it succeeds.
+    note_available(service="database")
+
+
+connection_created.connect(_database_connected, dispatch_uid="monitoring.recorder.database_connected")
 
 
 def flush_pending(pipe) -> dict:

@@ -88,3 +88,51 @@ def test_promtool_accepts_the_whole_scrape(staff_client, redis):
     assert "rq_worker_tasks{" in text and "rq_task_processing_seconds_bucket" in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def redis_errors(client) -> float:
+    return series(client, "rq_redis_connection_errors")[("rq_redis_connection_errors_total", ())]
+
+
+@pytest.mark.django_db
+def test_a_redis_outage_is_counted_once_per_process_however_long_it_lasts(staff_client, redis_server_factory):
+    from monitoring.recorder import BUFFER, record_attempt
+
+    server = redis_server_factory("outage")
+    before = redis_errors(staff_client)  # Redis answers: this process sees it reachable
+    for outage in (1, 2):
+        server.stop()
+        for _ in range(4):  # what a few seconds of outage bring: flushes, scrapes and health checks that fail
+            record_attempt(queue="normal", outcome="completed", processing_seconds=0.3, wait_seconds=0.1)
+            assert BUFFER.flush() is False
+            staff_client.get(reverse("metrics"))
+            staff_client.get(reverse("api-health"))
+        server.start()
+        broker.reset_connection()
+        assert BUFFER.flush() is True  # what was buffered during the outage arrives now
+        assert redis_errors(staff_client) == before + outage
+
+
+@pytest.mark.django_db
+def test_a_database_outage_is_counted_once_until_a_connection_succeeds_again(redis):
+    from django.db import connections
+
+    from monitoring.recorder import BUFFER, COUNTERS_KEY
+    from queues.signals import service_unavailable
+
+    def database_errors() -> float:
+        BUFFER.flush()
+        return float(redis.hget(COUNTERS_KEY, "database_errors") or 0)
+
+    fresh = connections.create_connection("default")
+    fresh.ensure_connection()  # this process reaches the database
+    fresh.close()
+    before = database_errors()
+    for _ in range(5):  # the relay's passes while the database is down: one report each
+        service_unavailable.send(sender=None, service="database", where="relay")
+    assert database_errors() == before + 1
+    fresh = connections.create_connection("default")
+    fresh.ensure_connection()  # Django reconnected: the database is back
+    fresh.close()
+    service_unavailable.send(sender=None, service="database", where="relay")
+    assert database_errors() == before + 2
