@@ -1,7 +1,8 @@
 """Per-minute metric history, performance figures and the capacity report, all computed from recorded samples.
 
-The sampler reads the shared counters and histograms (monitoring.recorder), subtracts what it saw a minute before
-(kept in Redis with the sample's time) and writes one ``MetricSample`` per queue plus one for the fleet. Exactly one
+The sampler reads the shared counters and histograms (monitoring.recorder), subtracts what it saw at the last sample
+(kept in Redis with the sample's minute) and writes one ``MetricSample`` per queue plus one for the fleet, covering
+the minutes since that sample: one normally, more after the sampler was down. Exactly one
 sampler writes each minute however many run: a ``SET NX`` on a key naming the minute. Old minutes are folded into
 hourly rows and then deleted, in batches.
 """
@@ -53,23 +54,29 @@ def _timings(processing: dict, wait: dict) -> dict:
 
 
 def sample_take(*, now: datetime | None = None, snapshot: Snapshot | None = None) -> list[MetricSample] | None:
-    """Writes the samples of the minute that just ended. Returns None if another sampler already wrote it."""
+    """Writes the samples of the time since the last sample (normally the minute that just ended). Returns None if
+    another sampler already sampled this minute."""
     now = now or timezone.now()
     minute = now.replace(second=0, microsecond=0)
     connection = broker.get_connection()
     if not connection.set(f"portal:metrics:sampler:minute:{minute.isoformat()}", "1", nx=True, ex=180):
         return None
     snapshot = snapshot or take_snapshot()
-    raw_last = connection.get(LAST_KEY)
-    last = json.loads(raw_last) if raw_last else {}
-    state = {"counters": snapshot.counters,
+    state = {"minute": minute.isoformat(), "counters": snapshot.counters,
              "histograms": {f"{kind}:{queue}": values for (kind, queue), values in snapshot.histograms.items()}}
-    connection.set(LAST_KEY, json.dumps(state))
+    raw_last = connection.getset(LAST_KEY, json.dumps(state))  # one step: no two samples share a baseline
+    last = json.loads(raw_last) if raw_last else {}
     if not last:
         return []  # the first minute only sets the baseline
     counters = _delta(snapshot.counters, last.get("counters", {}))
+    # The deltas cover everything since the last sample. After a gap (no sampler ran for a while) that is several
+    # minutes: the row starts where the gap started and records how many minutes it covers, so rates divide by
+    # the real time instead of booking the whole gap's work to one minute.
+    covered = 1
+    if "minute" in last:
+        covered = max(1, int((minute - datetime.fromisoformat(last["minute"])).total_seconds() // 60))
     rows = []
-    period = minute - timedelta(minutes=1)
+    period = minute - timedelta(minutes=covered)
     alive = len(snapshot.alive_workers)
     fleet_processing, fleet_wait = {}, {}
     for queue in broker.QUEUE_NAMES:
@@ -82,13 +89,13 @@ def sample_take(*, now: datetime | None = None, snapshot: Snapshot | None = None
         ended = {status: int(counters.get(queue_counter(queue, status), 0))
                  for status in OUTCOME_STATUS.values()}
         rows.append(MetricSample(
-            at=period, queue=queue, depth=snapshot.queue_lengths.get(queue, 0), workers=alive,
+            at=period, minutes=covered, queue=queue, depth=snapshot.queue_lengths.get(queue, 0), workers=alive,
             busy_ratio=snapshot.busy_ratio, completed=ended["completed"], failed=ended["failed"],
             retried=ended["retried"] + ended["worker_lost"], **_timings(processing, wait)))
-    fleet = MetricSample(at=period, queue="", depth=sum(snapshot.queue_lengths.values()), workers=alive,
-                         busy_ratio=snapshot.busy_ratio, completed=int(counters.get("tasks:completed", 0)),
-                         failed=int(counters.get("tasks:failed", 0)), retried=int(counters.get("retries", 0)),
-                         **_timings(fleet_processing, fleet_wait))
+    fleet = MetricSample(at=period, minutes=covered, queue="", depth=sum(snapshot.queue_lengths.values()),
+                         workers=alive, busy_ratio=snapshot.busy_ratio,
+                         completed=int(counters.get("tasks:completed", 0)), failed=int(counters.get("tasks:failed", 0)),
+                         retried=int(counters.get("retries", 0)), **_timings(fleet_processing, fleet_wait))
     rows.append(fleet)
     MetricSample.objects.bulk_create(rows, ignore_conflicts=True)
     return rows

@@ -205,3 +205,23 @@ def test_folding_into_an_existing_hour_adds_to_it():
     assert hourly.busy_ratio == pytest.approx(0.6)  # weighted by the minutes each part covers
     assert (hourly.depth, hourly.workers) == (9, 3)
     assert not MetricSample.objects.filter(resolution="1m").exists()
+
+
+@pytest.mark.django_db
+def test_a_sampler_gap_is_booked_over_the_minutes_it_covers(redis):
+    start = timezone.now().replace(second=5, microsecond=0) - timedelta(minutes=10)
+    BUFFER.take()
+    assert sample_take(now=start) == []  # the baseline
+    for _ in range(35):
+        record_attempt(queue="normal", outcome="completed", processing_seconds=0.3, wait_seconds=0.02)
+    # The sampler was down for six minutes: the next sample holds seven minutes of counts and says so.
+    rows = {row.queue: row for row in sample_take(now=start + timedelta(minutes=7))}
+    assert (rows[""].at, rows[""].minutes, rows[""].completed) == (start.replace(second=0), 7, 35)
+    assert (rows["normal"].minutes, rows["normal"].completed) == (7, 35)
+    rows = {row.queue: row for row in sample_take(now=start + timedelta(minutes=8))}
+    assert (rows[""].at, rows[""].minutes) == (start.replace(second=0) + timedelta(minutes=7), 1)
+    report = performance(window="15m", now=start + timedelta(minutes=8, seconds=30))
+    assert report["totals"]["minutes"] == 8 and report["totals"]["completed"] == 35
+    assert report["throughput_per_minute"] == pytest.approx(35 / 8)
+    assert capacity_report(days=1, now=start + timedelta(minutes=9))["measured"]["peak_throughput_per_minute"] == \
+        pytest.approx(5.0)  # 35 over the seven minutes they were done in, not 35 in one minute
