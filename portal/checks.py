@@ -19,6 +19,13 @@ def check_deployment_settings(app_configs, **kwargs):
             hint="Leave it off in production unless images really live on a private network.",
             id="portal.W002",
         ))
+    if not settings.SECURE_HSTS_SECONDS and (settings.SECURE_HSTS_INCLUDE_SUBDOMAINS or settings.SECURE_HSTS_PRELOAD):
+        problems.append(Warning(
+            "SECURE_HSTS_INCLUDE_SUBDOMAINS or SECURE_HSTS_PRELOAD is set but SECURE_HSTS_SECONDS is 0: no HSTS "
+            "header is sent.",
+            hint="Set SECURE_HSTS_SECONDS (preload lists want 31536000 or more), or leave the flags off.",
+            id="portal.W004",
+        ))
     if settings.CAPTION_BACKEND == "ollama" and not settings.OLLAMA_MODEL:
         problems.append(Error("CAPTION_BACKEND=ollama needs OLLAMA_MODEL.", id="portal.E001"))
     if settings.RQ_RETRY_BACKOFF_MAX < settings.RQ_RETRY_BACKOFF:

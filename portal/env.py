@@ -7,6 +7,7 @@ deployment fails at start-up with a message that says what to fix instead of sur
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -80,6 +81,40 @@ def env_list(name: str, default: list[str], *, environ=os.environ) -> list[str]:
     if not items:
         raise ImproperlyConfigured(f"{name} must be a comma-separated list with at least one entry; got {value!r}")
     return items
+
+
+HEADER_NAME = re.compile(r"[A-Za-z0-9]+(-[A-Za-z0-9]+)*")
+
+
+def env_header(name: str, *, environ=os.environ) -> str | None:
+    """An HTTP header name (``X-Forwarded-Proto``) as Django's ``request.META`` key (``HTTP_X_FORWARDED_PROTO``).
+
+    Underscores are refused: WSGI servers and proxies drop or merge headers spelt with them."""
+    value = env_str(name, environ=environ)
+    if value is None:
+        return None
+    if not HEADER_NAME.fullmatch(value):
+        raise ImproperlyConfigured(f"{name} must be an HTTP header name such as X-Forwarded-Proto; got {value!r}")
+    return "HTTP_" + value.upper().replace("-", "_")
+
+
+def env_origins(name: str, *, environ=os.environ) -> list[str]:
+    """Comma-separated origins, each ``scheme://host[:port]`` (Django 4+ compares the scheme too; a subdomain
+    wildcard ``https://*.example.com`` is allowed). Empty or unset: none."""
+    if env_str(name, environ=environ) is None:
+        return []
+    origins = env_list(name, [], environ=environ)
+    for origin in origins:
+        parsed = urlparse(origin)
+        try:
+            parsed.port
+        except ValueError:
+            parsed = None
+        if (parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc
+                or parsed.path or parsed.query or parsed.fragment or parsed.username):
+            raise ImproperlyConfigured(f"{name} must list origins with their scheme, e.g. https://ops.example.com; "
+                                       f"got {origin!r}")
+    return origins
 
 
 def env_http_url(name: str, default: str, *, environ=os.environ) -> str:

@@ -15,9 +15,11 @@ from portal.env import (
     env_bool,
     env_choice,
     env_float,
+    env_header,
     env_http_url,
     env_int,
     env_list,
+    env_origins,
     env_str,
     parse_database_url,
 )
@@ -54,7 +56,20 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
-CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+# Origins (scheme included) whose form posts Django accepts besides the request's own host; see the README's proxy
+# section for when they are needed.
+CSRF_TRUSTED_ORIGINS = env_origins("CSRF_TRUSTED_ORIGINS")
+
+# HTTPS behind a proxy that terminates TLS. The proxy must set this header itself (overwriting what a client sent);
+# then Django knows a request was HTTPS: secure redirects, HSTS and the CSRF origin check work.
+_proxy_ssl_header = env_header("SECURE_PROXY_SSL_HEADER")
+SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header, "https") if _proxy_ssl_header else None
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# Load balancers and orchestrators probe backends over plain HTTP; a redirect would mark the portal down.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 
 INSTALLED_APPS = [
     # Our apps come first so that queues' rqworker command (allow-listed jobs only) replaces django-rq's.

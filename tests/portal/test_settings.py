@@ -1,5 +1,6 @@
 """Settings come from the environment and a bad value stops start-up with a message naming the variable."""
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,20 @@ def load_settings(tmp_path, **variables):
     ("OLLAMA_URL", "ollama:11434", "OLLAMA_URL must be an http:// or https:// URL"),
     ("IMAGE_FETCH_ALLOW_PRIVATE", "sometimes", "IMAGE_FETCH_ALLOW_PRIVATE must be one of true/false"),
     ("SECRET_KEY", "short", "SECRET_KEY must be at least 32 characters"),
+    ("SECURE_HSTS_SECONDS", "1y", "SECURE_HSTS_SECONDS must be a whole number; got '1y'"),
+    ("SECURE_HSTS_SECONDS", "-5", "SECURE_HSTS_SECONDS must be at least 0"),
+    ("SECURE_HSTS_INCLUDE_SUBDOMAINS", "all", "SECURE_HSTS_INCLUDE_SUBDOMAINS must be one of true/false"),
+    ("SECURE_HSTS_PRELOAD", "please", "SECURE_HSTS_PRELOAD must be one of true/false"),
+    ("SECURE_SSL_REDIRECT", "https", "SECURE_SSL_REDIRECT must be one of true/false"),
+    ("SECURE_PROXY_SSL_HEADER", "X-Forwarded-Proto: https",
+     "SECURE_PROXY_SSL_HEADER must be an HTTP header name such as X-Forwarded-Proto"),
+    ("SECURE_PROXY_SSL_HEADER", "X_FORWARDED_PROTO",
+     "SECURE_PROXY_SSL_HEADER must be an HTTP header name such as X-Forwarded-Proto"),
+    ("CSRF_TRUSTED_ORIGINS", "ops.example.com",
+     "CSRF_TRUSTED_ORIGINS must list origins with their scheme, e.g. https://ops.example.com; got 'ops.example.com'"),
+    ("CSRF_TRUSTED_ORIGINS", "https://ops.example.com/admin/",
+     "CSRF_TRUSTED_ORIGINS must list origins with their scheme, e.g. https://ops.example.com; got "
+     "'https://ops.example.com/admin/'"),
 ])
 def test_bad_value_raises_improperly_configured_naming_the_variable(tmp_path, name, value, message):
     ok, output = load_settings(tmp_path, **{name: value})
@@ -99,3 +114,37 @@ def test_database_url_parsing(tmp_path):
     assert (mysql["USER"], mysql["PASSWORD"], mysql["HOST"], mysql["PORT"], mysql["NAME"]) == (
         "u@x", "p/w", "db", "3307", "jobs")
     assert mysql["OPTIONS"]["unix_socket"] == "/run/m.sock"
+
+
+def settings_values(tmp_path, names, **variables) -> dict:
+    """The named settings as portal.settings computes them in a fresh interpreter from exactly these variables."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in {"DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "SECRET_KEY", "DEBUG", "PORTAL_LOCAL"}
+                   and not key.startswith(("SECURE_", "CSRF_", "TRUSTED_PROXY_"))}
+    environment.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), "SECRET_KEY": "s" * 40, **variables})
+    code = f"import json, portal.settings as s; print(json.dumps({{n: getattr(s, n, None) for n in {names!r}}}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=django_settings.BASE_DIR, env=environment,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+HTTPS_SETTINGS = ["SECURE_PROXY_SSL_HEADER", "SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS",
+                  "SECURE_HSTS_PRELOAD", "SECURE_SSL_REDIRECT", "CSRF_TRUSTED_ORIGINS"]
+
+
+def test_https_settings_are_off_unless_set(tmp_path):
+    assert settings_values(tmp_path, HTTPS_SETTINGS) == {
+        "SECURE_PROXY_SSL_HEADER": None, "SECURE_HSTS_SECONDS": 0, "SECURE_HSTS_INCLUDE_SUBDOMAINS": False,
+        "SECURE_HSTS_PRELOAD": False, "SECURE_SSL_REDIRECT": False, "CSRF_TRUSTED_ORIGINS": []}
+
+
+def test_https_settings_come_from_the_environment(tmp_path):
+    values = settings_values(tmp_path, HTTPS_SETTINGS, SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
+                             SECURE_HSTS_SECONDS="31536000", SECURE_HSTS_INCLUDE_SUBDOMAINS="true",
+                             SECURE_HSTS_PRELOAD="yes", SECURE_SSL_REDIRECT="on",
+                             CSRF_TRUSTED_ORIGINS="https://ops.example.com, https://*.ops.example.com:8443")
+    assert values == {
+        "SECURE_PROXY_SSL_HEADER": ["HTTP_X_FORWARDED_PROTO", "https"], "SECURE_HSTS_SECONDS": 31536000,
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": True, "SECURE_HSTS_PRELOAD": True, "SECURE_SSL_REDIRECT": True,
+        "CSRF_TRUSTED_ORIGINS": ["https://ops.example.com", "https://*.ops.example.com:8443"]}
