@@ -19,6 +19,14 @@ def check_deployment_settings(app_configs, **kwargs):
             hint="Leave it off in production unless images really live on a private network.",
             id="portal.W002",
         ))
+    if settings.SECURE_SSL_REDIRECT and settings.TRUSTED_PROXY_HEADER and not settings.SECURE_PROXY_SSL_HEADER:
+        problems.append(Warning(
+            "SECURE_SSL_REDIRECT is on behind a proxy (TRUSTED_PROXY_HEADER is set) but SECURE_PROXY_SSL_HEADER "
+            "is not.",
+            hint="If the proxy terminates TLS, every request reaches Django as plain HTTP and is redirected forever: "
+                 "set SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto (the proxy must set that header).",
+            id="portal.W003",
+        ))
     if not settings.SECURE_HSTS_SECONDS and (settings.SECURE_HSTS_INCLUDE_SUBDOMAINS or settings.SECURE_HSTS_PRELOAD):
         problems.append(Warning(
             "SECURE_HSTS_INCLUDE_SUBDOMAINS or SECURE_HSTS_PRELOAD is set but SECURE_HSTS_SECONDS is 0: no HSTS "

@@ -70,6 +70,11 @@ SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# The address audit entries record: REMOTE_ADDR, unless the portal is only reachable through proxies that append
+# the client's address to this header (X-Forwarded-For); then the entry the outermost of the TRUSTED_PROXY_COUNT
+# proxies added, counted from the right. Entries left of it were written by the client and are never trusted.
+TRUSTED_PROXY_HEADER = env_header("TRUSTED_PROXY_HEADER")
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 1, minimum=1, maximum=10)
 
 INSTALLED_APPS = [
     # Our apps come first so that queues' rqworker command (allow-listed jobs only) replaces django-rq's.

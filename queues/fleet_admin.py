@@ -4,6 +4,9 @@ fleet history and the audit log. State-changing actions are POST-only behind a c
 
 from __future__ import annotations
 
+import ipaddress
+
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpResponseRedirect
@@ -30,7 +33,23 @@ MANAGE_FLEET = "queues.manage_fleet"
 
 
 def client_address(request) -> str | None:
-    return request.META.get("REMOTE_ADDR")
+    """The address an audit entry records for this request (every admin action of the fleet and operations pages).
+
+    REMOTE_ADDR, the peer of the connection, unless settings.TRUSTED_PROXY_HEADER names the header our proxies
+    append to (X-Forwarded-For): then the entry the outermost trusted proxy added, TRUSTED_PROXY_COUNT from the
+    right. Entries further left come from the client and can say anything; a header with fewer entries than trusted
+    hops, or an entry that is not an IP address, falls back to REMOTE_ADDR."""
+    remote = request.META.get("REMOTE_ADDR")
+    header = settings.TRUSTED_PROXY_HEADER
+    if not header:
+        return remote
+    entries = [entry.strip() for entry in request.META.get(header, "").split(",")]
+    if len(entries) < settings.TRUSTED_PROXY_COUNT:
+        return remote
+    try:
+        return str(ipaddress.ip_address(entries[-settings.TRUSTED_PROXY_COUNT]))
+    except ValueError:
+        return remote
 
 
 def require_fleet_permission(request) -> None:

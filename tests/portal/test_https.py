@@ -66,6 +66,17 @@ def test_without_the_proxy_header_form_posts_need_a_trusted_origin_with_its_sche
     assert log_in().status_code == 302
 
 
+def test_ssl_redirect_behind_a_proxy_without_the_proxy_header_is_flagged(settings):
+    settings.TRUSTED_PROXY_HEADER = "HTTP_X_FORWARDED_FOR"
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_PROXY_SSL_HEADER = None
+    problems = {problem.id: problem for problem in check_deployment_settings(None)}
+    assert isinstance(problems.get("portal.W003"), CheckWarning)
+    assert "SECURE_PROXY_SSL_HEADER" in problems["portal.W003"].hint
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    assert "portal.W003" not in {problem.id for problem in check_deployment_settings(None)}
+
+
 def test_hsts_flags_without_a_max_age_are_flagged(settings):
     settings.SECURE_HSTS_SECONDS = 0
     settings.SECURE_HSTS_PRELOAD = True

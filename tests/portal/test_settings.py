@@ -48,6 +48,8 @@ def load_settings(tmp_path, **variables):
      "SECURE_PROXY_SSL_HEADER must be an HTTP header name such as X-Forwarded-Proto"),
     ("SECURE_PROXY_SSL_HEADER", "X_FORWARDED_PROTO",
      "SECURE_PROXY_SSL_HEADER must be an HTTP header name such as X-Forwarded-Proto"),
+    ("TRUSTED_PROXY_HEADER", "X-Forwarded-For, X-Real-IP", "TRUSTED_PROXY_HEADER must be an HTTP header name"),
+    ("TRUSTED_PROXY_COUNT", "0", "TRUSTED_PROXY_COUNT must be at least 1"),
     ("CSRF_TRUSTED_ORIGINS", "ops.example.com",
      "CSRF_TRUSTED_ORIGINS must list origins with their scheme, e.g. https://ops.example.com; got 'ops.example.com'"),
     ("CSRF_TRUSTED_ORIGINS", "https://ops.example.com/admin/",
@@ -148,3 +150,10 @@ def test_https_settings_come_from_the_environment(tmp_path):
         "SECURE_PROXY_SSL_HEADER": ["HTTP_X_FORWARDED_PROTO", "https"], "SECURE_HSTS_SECONDS": 31536000,
         "SECURE_HSTS_INCLUDE_SUBDOMAINS": True, "SECURE_HSTS_PRELOAD": True, "SECURE_SSL_REDIRECT": True,
         "CSRF_TRUSTED_ORIGINS": ["https://ops.example.com", "https://*.ops.example.com:8443"]}
+
+
+def test_trusted_proxy_settings(tmp_path):
+    names = ["TRUSTED_PROXY_HEADER", "TRUSTED_PROXY_COUNT"]
+    assert settings_values(tmp_path, names) == {"TRUSTED_PROXY_HEADER": None, "TRUSTED_PROXY_COUNT": 1}
+    assert settings_values(tmp_path, names, TRUSTED_PROXY_HEADER="X-Forwarded-For", TRUSTED_PROXY_COUNT="2") == {
+        "TRUSTED_PROXY_HEADER": "HTTP_X_FORWARDED_FOR", "TRUSTED_PROXY_COUNT": 2}

@@ -118,3 +118,35 @@ def test_pool_page_without_redis_says_so(client, admin_user, pool, unreachable_r
     client.force_login(admin_user)
     page = client.get(reverse("admin:queues_workerpool_changelist"), follow=True).content.decode()
     assert "Redis is unreachable" in page
+
+
+def suspend_as(client, user, **headers) -> str | None:
+    """Suspends processing through the admin with these request headers; returns the address audited."""
+    client.force_login(user)
+    client.post(reverse("admin:queues_liveworker_suspend"), **headers)
+    return AuditEntry.objects.filter(action="suspend").latest("at").address
+
+
+def test_audit_address_ignores_x_forwarded_for_unless_a_proxy_header_is_configured(client, operator_user, redis,
+                                                                                     settings):
+    settings.TRUSTED_PROXY_HEADER = None
+    forged = {"HTTP_X_FORWARDED_FOR": "203.0.113.9", "REMOTE_ADDR": "192.0.2.10"}
+    assert suspend_as(client, operator_user, **forged) == "192.0.2.10"
+
+
+def test_audit_address_is_the_entry_the_trusted_proxy_added(client, operator_user, redis, settings):
+    settings.TRUSTED_PROXY_HEADER = "HTTP_X_FORWARDED_FOR"
+    settings.TRUSTED_PROXY_COUNT = 1
+    proxy = {"REMOTE_ADDR": "10.0.0.5"}
+    # The client forged the first entry; the proxy appended the address it saw.
+    assert suspend_as(client, operator_user, HTTP_X_FORWARDED_FOR="198.51.100.66, 203.0.113.9", **proxy) == \
+        "203.0.113.9"
+    settings.TRUSTED_PROXY_COUNT = 2  # a CDN in front of the load balancer: two trusted hops append
+    assert suspend_as(client, operator_user, HTTP_X_FORWARDED_FOR="198.51.100.66, 203.0.113.9, 10.1.1.1",
+                      **proxy) == "203.0.113.9"
+    # Fewer entries than trusted hops, or not an address: the peer's address, never a client's word.
+    assert suspend_as(client, operator_user, HTTP_X_FORWARDED_FOR="203.0.113.9", **proxy) == "10.0.0.5"
+    settings.TRUSTED_PROXY_COUNT = 1
+    assert suspend_as(client, operator_user, HTTP_X_FORWARDED_FOR="203.0.113.9, not-an-ip", **proxy) == "10.0.0.5"
+    assert suspend_as(client, operator_user, **proxy) == "10.0.0.5"
+    assert suspend_as(client, operator_user, HTTP_X_FORWARDED_FOR="2001:db8::7", **proxy) == "2001:db8::7"
