@@ -64,7 +64,6 @@ class CaptionWorker(SimpleWorker):
         super().__init__(queues, *args, **kwargs)
         self.pool_name = pool or os.environ.get("PORTAL_WORKER_POOL", "")
         self._alive_stop = threading.Event()
-        self._alive_thread: threading.Thread | None = None
         self._job_in_hand = False
 
     # --- liveness --------------------------------------------------------------------------------------------
@@ -74,23 +73,34 @@ class CaptionWorker(SimpleWorker):
 
     def _refresh_alive(self) -> None:
         try:
-            self.connection.set(alive_key(self.name), self._alive_payload(), ex=ALIVE_TTL)
+            pipe = self.connection.pipeline(transaction=False)
+            pipe.exists(self.key)
+            pipe.set(alive_key(self.name), self._alive_payload(), ex=ALIVE_TTL)
+            registered = pipe.execute()[0]
+            if not registered and not self._stop_requested:
+                # Redis restarted empty or was flushed: register again so the fleet pages and rq see this worker.
+                SimpleWorker.register_birth(self)
         except Exception:  # Redis briefly unreachable: the next refresh tries again
             self.log.debug("could not refresh liveness key", exc_info=True)
 
     def _alive_loop(self) -> None:
+        while not self._alive_stop.wait(ALIVE_INTERVAL):
+            self._refresh_alive()
+
+    def _lease_loop(self) -> None:
+        """Renews the database lease of the attempt in hand. A thread of its own, so a Redis that hangs (frozen,
+        unreachable: a call then waits for its socket timeout) never delays the renewal."""
         try:
             while not self._alive_stop.wait(ALIVE_INTERVAL):
-                execution.attempts_heartbeat()  # first: the database lease is what keeps the task ours
-                self._refresh_alive()
+                execution.attempts_heartbeat()
         finally:
             database_connection.close()  # this thread's own connection
 
     def register_birth(self, *args, **kwargs):
         super().register_birth(*args, **kwargs)
         self._refresh_alive()
-        self._alive_thread = threading.Thread(target=self._alive_loop, name="liveness", daemon=True)
-        self._alive_thread.start()
+        for target, name in ((self._alive_loop, "liveness"), (self._lease_loop, "task-lease")):
+            threading.Thread(target=target, name=name, daemon=True).start()
 
     def register_death(self, *args, **kwargs):
         self._alive_stop.set()

@@ -4,77 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import pytest
-from django.conf import settings
 from django.db import close_old_connections
 from rq.registry import FailedJobRegistry
 
 from queues import broker
-from queues.fleet import fleet_workers, pool_scale
+from queues.fleet import pool_scale
 from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus, WorkerPool
 from queues.services import task_submit
-from tests.conftest import respond, subprocess_env
+from tests.processes import Supervisors, live_workers, parent_pid, slow_ollama, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        close_old_connections()
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s: {message}")
-
-
-def parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def live_workers(pool: str = "default") -> list:
-    return [row for row in fleet_workers() if row.alive and row.pool == pool]
-
-
-class Supervisors:
-    """Starts ``manage.py runworkers`` processes with short intervals; stops whatever is left at the end."""
-
-    def __init__(self, **environment):
-        self.environment = subprocess_env(**{"RQ_RETRY_BACKOFF": "0.2", **environment})
-        self.processes: list[subprocess.Popen] = []
-
-    def start(self, *extra) -> subprocess.Popen:
-        # Output goes to a file: a pipe nobody reads would block the supervisor once full.
-        log = tempfile.TemporaryFile()
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "runworkers", "--interval", "0.2", "--lease-ttl", "3",
-             "--reconcile-interval", "1", "--worker-verbosity", "0", *extra],
-            cwd=settings.BASE_DIR, env=self.environment, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        self.processes.append(process)
-        return process
-
-    def stop_all(self):
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
 
 
 @pytest.fixture
@@ -110,12 +53,6 @@ def test_supervisor_follows_desired_count_1_3_1(supervisors, pool):
     assert kinds.count(FleetEvent.Kind.WORKER_STOPPED) == 3  # two scaled down, one at shutdown
     assert kinds.count(FleetEvent.Kind.POOL_SCALED) == 2
     assert FleetEvent.Kind.SUPERVISOR_STOPPED in kinds
-
-
-def slow_ollama(http_server, png_bytes, delay: float) -> str:
-    http_server.route("/api/generate", respond(200, b'{"response": "A slow caption."}', "application/json",
-                                               delay=delay))
-    return http_server.route("/photo.png", respond(200, png_bytes(), "image/png"))
 
 
 def test_sigkilled_worker_task_runs_again_and_completes_once(redis, pool, http_server, png_bytes):

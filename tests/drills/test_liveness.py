@@ -1,0 +1,110 @@
+"""Drills: a task that a live worker is still running is never handed to another worker, whatever Redis does;
+a worker that really died is recovered. Real supervisors, workers and Redis servers; a slow captioning server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from queues.fleet import pool_scale
+from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus, WorkerPool
+from queues.services import task_submit
+from tests.processes import Supervisors, live_workers, parent_pid, slow_ollama, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+@pytest.fixture
+def pool(db):
+    pool, _ = WorkerPool.objects.update_or_create(
+        name="default", defaults={"queues": "urgent high normal low", "desired": 1, "minimum": 1, "maximum": 6})
+    return pool
+
+
+def restart_empty(server, seconds: float) -> None:
+    """Redis stopped, and back after ``seconds`` with nothing in it (its data lost: a restart without
+    persistence, a failover to an empty replica)."""
+    server.stop()
+    for entry in server.directory.iterdir():
+        if entry.name.startswith("appendonly") or entry.suffix in (".aof", ".rdb"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    time.sleep(seconds)
+    server.start()
+
+
+def freeze(server, seconds: float) -> None:
+    """The Redis process frozen (SIGSTOP): connections hang instead of failing; its keys' TTLs run on."""
+    pid = server.running_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("fault", [restart_empty, freeze], ids=["redis-restarted-empty", "redis-frozen"])
+def test_running_task_survives_a_redis_fault_and_completes_once(fault, redis_server_factory, pool, http_server,
+                                                                 png_bytes):
+    server = redis_server_factory("drill")
+    image = slow_ollama(http_server, png_bytes, delay=15)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        group.start()
+        group.start()  # two supervisors: the other one's reconciler is watching too
+        pool_scale(pool=pool, desired=2)
+        wait_for(lambda: len(live_workers()) == 2, 30, "two workers")
+        task = task_submit(image_ref=image)
+        running = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first(),
+                           20, "the task to start")
+        started_workers = FleetEvent.objects.filter(kind__in=[FleetEvent.Kind.WORKER_STARTED,
+                                                              FleetEvent.Kind.WORKER_RESTARTED]).count()
+        fault(server, 12)
+        done = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.COMPLETED).first(), 40,
+                        "the task to complete")
+        time.sleep(3)  # anything that would run it a second time has had its chance
+        done.refresh_from_db()
+        assert done.attempts == 1 and done.worker_name == running.worker_name
+        assert list(done.events.values_list("kind", "attempt")) == [(TaskEvent.Kind.COMPLETED, 1)]
+        # The workers kept running through the fault: none was retired and replaced.
+        assert FleetEvent.objects.filter(kind__in=[FleetEvent.Kind.WORKER_STARTED,
+                                                   FleetEvent.Kind.WORKER_RESTARTED]).count() == started_workers
+        wait_for(lambda: len(live_workers()) == 2, 20, "both workers listed again")
+    except AssertionError:
+        print(group.output()[-20000:])
+        raise
+    finally:
+        group.stop_all()
+
+
+def test_task_of_a_worker_killed_with_its_supervisor_is_recovered_within_30_s(redis, pool, http_server,
+                                                                               png_bytes):
+    image = slow_ollama(http_server, png_bytes, delay=3)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        first, second = group.start(), group.start()
+        pool_scale(pool=pool, desired=2)
+        wait_for(lambda: {parent_pid(row.pid) for row in live_workers()} == {first.pid, second.pid}, 30,
+                 "a worker under each supervisor")
+        task = task_submit(image_ref=image)
+        running = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first(),
+                           20, "the task to start")
+        worker = next(row for row in live_workers() if row.name == running.worker_name)
+        supervisor = first if parent_pid(worker.pid) == first.pid else second
+        supervisor.kill()  # the whole host goes: supervisor and worker, no chance to tidy
+        os.kill(worker.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        done = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.COMPLETED).first(), 30,
+                        "the task to be recovered and completed")
+        assert time.monotonic() - killed_at < 30
+        assert done.attempts == 2 and done.worker_name != running.worker_name
+        assert list(done.events.order_by("id").values_list("kind", "attempt")) == [
+            (TaskEvent.Kind.WORKER_LOST, 1), (TaskEvent.Kind.COMPLETED, 2)]
+    except AssertionError:
+        print(group.output()[-20000:])
+        raise
+    finally:
+        group.stop_all()
