@@ -2,14 +2,13 @@ import logging
 import signal
 import time
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
 from monitoring.consumers import METRICS_GROUP
+from monitoring.live import dashboards_push
 from monitoring.sampler import sample_take, samples_compact
-from monitoring.selectors import queue_snapshot
 from queues import broker
 from queues.errors import BrokerUnavailable
 
@@ -18,7 +17,8 @@ logger = logging.getLogger("monitoring.sampler")
 
 class Command(BaseCommand):
     help = ("Records per-minute metric samples (one writer per minute however many of these run), folds old ones "
-            "into hourly samples, and pushes live figures to the dashboards' WebSockets every few seconds.")
+            "into hourly samples, and pushes live figures to the dashboards' WebSockets every few seconds while any "
+            "is open.")
 
     def add_arguments(self, parser):
         parser.add_argument("--once", action="store_true", help="Take one sample (if this minute has none) and exit.")
@@ -52,7 +52,7 @@ class Command(BaseCommand):
                 if last_compact is None or now - last_compact > 3600:
                     samples_compact()
                     last_compact = now
-                async_to_sync(layer.group_send)(METRICS_GROUP, {"type": "metrics.update", "data": queue_snapshot()})
+                dashboards_push(group=METRICS_GROUP, layer=layer)  # only while a dashboard is open
             except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
                 logger.warning("sampler: Redis unreachable: %s", error)
             except Exception:
