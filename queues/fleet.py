@@ -186,12 +186,17 @@ def pool_restart(*, pool: WorkerPool, user=None, address: str | None = None) -> 
     return len(names)
 
 
-def worker_stop_job(*, worker_name: str, user=None, address: str | None = None) -> str:
-    """Stops the job a worker is running; its task ends FAILED as stopped by an operator. Returns the job id."""
+def worker_stop_job(*, worker_name: str, job_id: str, user=None, address: str | None = None) -> str:
+    """Stops ``job_id``, which the operator saw ``worker_name`` running; its task ends FAILED as stopped by an
+    operator. Refuses if the worker is now running another job (it finished the one shown and took the next), so
+    a stop never lands on a task nobody looked at. rq's stop command names the job too, and the worker ignores it
+    if it has moved on in the moment between this check and the command. Returns the job id."""
     worker = _find_worker(worker_name)
-    job_id = worker.get_current_job_id()
-    if not job_id:
-        raise FleetError(f"Worker {worker_name!r} is not running a job")
+    current = worker.get_current_job_id()
+    if not current:
+        raise FleetError(f"Worker {worker_name!r} is not running a job; nothing stopped")
+    if current != job_id:
+        raise FleetError(f"Worker {worker_name} is now running {current}, not {job_id}; nothing stopped")
     broker.send_stop_job(job_id)
     FleetEvent.objects.create(kind=FleetEvent.Kind.JOB_STOP_REQUESTED, worker_name=worker.name,
                               host=worker.hostname or "", pid=worker.pid, user=_user(user), reason=f"stop {job_id}")

@@ -27,7 +27,7 @@ from queues.fleet import (
     worker_restart,
     worker_stop_job,
 )
-from queues.models import AuditEntry, FleetEvent, LiveWorker, WorkerPool
+from queues.models import AuditEntry, FleetEvent, LiveWorker, WorkerPool, job_id_for
 
 MANAGE_FLEET = "queues.manage_fleet"
 
@@ -194,6 +194,9 @@ class LiveWorkerAdmin(ReadOnlyAdmin):
             suspended = broker.processing_suspended()
         except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
             suspended = None
+        # Each row with the job its Stop job button names: the one shown, whatever the worker runs by the time
+        # the operator confirms.
+        rows = [(row, job_id_for(row.task_id) if row.task_id else None) for row in rows]
         context = {**self.admin_site.each_context(request), "title": "Live workers", "rows": rows,
                    "suspended": suspended, "can_manage": request.user.has_perm(MANAGE_FLEET),
                    "pools": WorkerPool.objects.all(), "opts": self.model._meta}
@@ -210,8 +213,7 @@ class LiveWorkerAdmin(ReadOnlyAdmin):
             else:
                 messages.success(request, done(outcome))
             return HttpResponseRedirect(cancel)
-        return confirmation(request, self, title=title, question=question, action_label=label, cancel_url=cancel,
-                            danger=label == "Stop job")
+        return confirmation(request, self, title=title, question=question, action_label=label, cancel_url=cancel)
 
     def restart_view(self, request, worker_name):
         return self._worker_action(
@@ -222,13 +224,27 @@ class LiveWorkerAdmin(ReadOnlyAdmin):
             done=lambda _: f"Worker {worker_name} will restart after its current task.")
 
     def stop_job_view(self, request, worker_name):
-        return self._worker_action(
-            request, worker_name, title=f"Stop the job of {worker_name}", label="Stop job",
-            question=f"Stop the task worker {worker_name} is running now? The task ends FAILED (stopped by an "
-                     "operator) and can be requeued.",
-            act=lambda: worker_stop_job(worker_name=worker_name, user=request.user,
-                                        address=client_address(request)),
-            done=lambda job_id: f"Asked worker {worker_name} to stop {job_id}.")
+        """Stops the job the live worker list showed: its link carries ``job_id`` and the confirmation posts it
+        back, so a worker that has moved on to another job in the meantime is refused, not interrupted."""
+        require_fleet_permission(request)
+        cancel = reverse("admin:queues_liveworker_changelist")
+        job_id = (request.POST if request.method == "POST" else request.GET).get("job_id", "").strip()
+        context = {**self.admin_site.each_context(request), "title": f"Stop the job of {worker_name}",
+                   "worker_name": worker_name, "job_id": job_id, "cancel_url": cancel, "opts": self.model._meta}
+        if not job_id:
+            context["error"] = ("Say which job to stop: use Stop job on the live workers page, which names the job "
+                                "the worker is running.")
+            return TemplateResponse(request, "admin/queues/liveworker/confirm_stop_job.html", context, status=400)
+        if request.method == "POST":
+            try:
+                worker_stop_job(worker_name=worker_name, job_id=job_id, user=request.user,
+                                address=client_address(request))
+            except FleetError as error:
+                messages.error(request, str(error))
+            else:
+                messages.success(request, f"Asked worker {worker_name} to stop {job_id}.")
+            return HttpResponseRedirect(cancel)
+        return TemplateResponse(request, "admin/queues/liveworker/confirm_stop_job.html", context)
 
     def _suspension(self, request, suspended: bool):
         require_fleet_permission(request)

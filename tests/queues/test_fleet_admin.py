@@ -1,5 +1,7 @@
 """Fleet pages in the admin: what each role sees, confirmations, refusals, audit rows."""
 
+import io
+
 import pytest
 from django.urls import reverse
 
@@ -82,7 +84,7 @@ def test_worker_restart_and_stop_job(client, operator_user, registered_worker):
     assert "will restart after its current task" in page
     assert FleetEvent.objects.get(kind=FleetEvent.Kind.RESTART_REQUESTED).worker_name == registered_worker.name
     stop = reverse("admin:queues_liveworker_stop_job", args=[registered_worker.name])
-    page = client.post(stop, follow=True).content.decode()
+    page = client.post(stop, {"job_id": "caption-1"}, follow=True).content.decode()
     assert "is not running a job" in page
     assert AuditEntry.objects.filter(action="worker_restart", user=operator_user).count() == 1
     unknown = reverse("admin:queues_liveworker_restart", args=["no-such-worker"])
@@ -150,3 +152,112 @@ def test_audit_address_is_the_entry_the_trusted_proxy_added(client, operator_use
     assert suspend_as(client, operator_user, HTTP_X_FORWARDED_FOR="203.0.113.9, not-an-ip", **proxy) == "10.0.0.5"
     assert suspend_as(client, operator_user, **proxy) == "10.0.0.5"
     assert suspend_as(client, operator_user, HTTP_X_FORWARDED_FOR="2001:db8::7", **proxy) == "2001:db8::7"
+
+
+# --- stop job: the job the operator saw, never whatever the worker runs when the POST arrives ----------------
+
+@pytest.fixture
+def running_task(registered_worker, redis, media_image, django_capture_on_commit_callbacks):
+    """Makes the registered worker look busy with a task's job: its row PROCESSING on that worker (what the live
+    worker list reads), the job hash naming the worker and the worker's current job (what rq's stop command reads)."""
+    from django.utils import timezone
+
+    from queues.models import CaptionTask, TaskStatus
+    from queues.services import task_submit
+
+    def start(worker=registered_worker):
+        with django_capture_on_commit_callbacks(execute=True):
+            task = task_submit(image_ref=media_image())
+        CaptionTask.objects.filter(pk=task.pk).update(status=TaskStatus.PROCESSING, worker_name=worker.name,
+                                                      started_at=timezone.now())
+        redis.hset(f"rq:job:{task.job_id}", "worker_name", worker.name)
+        worker.set_current_job_id(task.job_id)
+        return task
+
+    return start
+
+
+@pytest.fixture
+def worker_commands(redis, registered_worker):
+    """Commands published to the worker (rq's pubsub channel), as the worker's command listener would get them."""
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(registered_worker.pubsub_channel_name)
+
+    def received() -> list[dict]:
+        import json
+
+        messages, deadline = [], 0
+        while (message := pubsub.get_message(timeout=0.2)) is not None or deadline < 2:
+            deadline += 1
+            if message:
+                messages.append(json.loads(message["data"]))
+        return messages
+
+    yield received
+    pubsub.close()
+
+
+def stop_job_link(page: str, worker_name: str) -> str:
+    import html
+    import re
+
+    links = re.findall(r'href="([^"]*/liveworker/[^"]*/stop-job/[^"]*)"', page)
+    assert len(links) == 1, links
+    return html.unescape(links[0])
+
+
+def test_stop_job_stops_the_job_shown_on_the_live_worker_page(client, operator_user, registered_worker,
+                                                              running_task, worker_commands):
+    task = running_task()
+    client.force_login(operator_user)
+    page = client.get(reverse("admin:queues_liveworker_changelist")).content.decode()
+    link = stop_job_link(page, registered_worker.name)
+    assert f"job_id={task.job_id}" in link
+    confirmation = client.get(link).content.decode()
+    assert f'<input type="hidden" name="job_id" value="{task.job_id}">' in confirmation
+    assert task.job_id in confirmation and registered_worker.name in confirmation
+    done = client.post(link, {"job_id": task.job_id}, follow=True).content.decode()
+    assert f"Asked worker {registered_worker.name} to stop {task.job_id}." in done
+    assert worker_commands() == [{"command": "stop-job", "job_id": task.job_id}]
+    entry = AuditEntry.objects.get(action="job_stop")
+    assert (entry.user, entry.target) == (operator_user, task.job_id)
+
+
+def test_stop_job_refuses_when_the_worker_has_moved_on_to_another_job(client, operator_user, registered_worker,
+                                                                       running_task, worker_commands):
+    seen = running_task()
+    client.force_login(operator_user)
+    link = stop_job_link(client.get(reverse("admin:queues_liveworker_changelist")).content.decode(),
+                         registered_worker.name)
+    now_running = running_task()  # the worker finished the first task and took the next before the POST
+    page = client.post(link, {"job_id": seen.job_id}, follow=True).content.decode()
+    assert (f"Worker {registered_worker.name} is now running {now_running.job_id}, not {seen.job_id}; "
+            "nothing stopped") in page
+    assert worker_commands() == []
+    assert not AuditEntry.objects.filter(action="job_stop").exists()
+    assert not FleetEvent.objects.filter(kind=FleetEvent.Kind.JOB_STOP_REQUESTED).exists()
+
+
+def test_stop_job_without_a_job_id_stops_nothing(client, operator_user, registered_worker, running_task,
+                                                 worker_commands):
+    running_task()
+    client.force_login(operator_user)
+    stop = reverse("admin:queues_liveworker_stop_job", args=[registered_worker.name])
+    assert client.get(stop).status_code == 400
+    assert client.post(stop).status_code == 400
+    assert worker_commands() == []
+    assert not AuditEntry.objects.filter(action="job_stop").exists()
+
+
+def test_workers_command_stops_only_the_job_named(registered_worker, running_task, worker_commands):
+    from django.core.management import CommandError, call_command
+
+    seen = running_task()
+    now_running = running_task()
+    with pytest.raises(CommandError, match=f"is now running {now_running.job_id}, not {seen.job_id}; nothing stopped"):
+        call_command("workers", "stop-job", registered_worker.name, seen.job_id)
+    assert worker_commands() == []
+    out = io.StringIO()
+    call_command("workers", "stop-job", registered_worker.name, str(now_running.pk), stdout=out)  # a task id works too
+    assert f"Asked worker {registered_worker.name} to stop {now_running.job_id}" in out.getvalue()
+    assert worker_commands() == [{"command": "stop-job", "job_id": now_running.job_id}]

@@ -11,12 +11,14 @@ from queues.fleet import (
     pool_restart,
     pool_scale,
     processing_set_suspended,
+    worker_stop_job,
 )
-from queues.models import WorkerPool
+from queues.models import WorkerPool, job_id_for
 
 
 class Command(BaseCommand):
-    help = "Shows and changes the worker fleet: status | scale POOL N | restart [POOL] | suspend | resume."
+    help = ("Shows and changes the worker fleet: status | scale POOL N | restart [POOL] | stop-job WORKER JOB | "
+            "suspend | resume.")
 
     def add_arguments(self, parser):
         actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -26,6 +28,10 @@ class Command(BaseCommand):
         scale.add_argument("count", type=int)
         restart = actions.add_parser("restart", help="Gracefully restart the workers of a pool (default: all).")
         restart.add_argument("pool", nargs="?")
+        stop_job = actions.add_parser("stop-job", help="Stop the job a worker is running (its task ends FAILED); "
+                                                       "refused if the worker is running another job by then.")
+        stop_job.add_argument("worker", help="the worker's name, as status lists it")
+        stop_job.add_argument("job", help="the job to stop: caption-<task id>, or the task id status shows")
         actions.add_parser("suspend", help="Workers finish their current task and take no new ones.")
         actions.add_parser("resume", help="Workers take tasks again.")
 
@@ -33,7 +39,7 @@ class Command(BaseCommand):
         try:
             if not broker.ping():
                 raise CommandError("Redis is unreachable: the fleet cannot be read or changed")
-            getattr(self, f"do_{action}")(**options)
+            getattr(self, f"do_{action.replace('-', '_')}")(**options)
         except FleetError as error:
             raise CommandError(str(error)) from None
         except ValidationError as error:
@@ -66,6 +72,11 @@ class Command(BaseCommand):
         pools = [pool_get(pool)] if pool else list(WorkerPool.objects.all())
         total = sum(pool_restart(pool=item) for item in pools)
         self.stdout.write(self.style.SUCCESS(f"Asked {total} worker(s) to restart after their current task."))
+
+    def do_stop_job(self, worker, job, **options):
+        job_id = job_id_for(int(job)) if job.isdigit() else job
+        worker_stop_job(worker_name=worker, job_id=job_id)
+        self.stdout.write(self.style.SUCCESS(f"Asked worker {worker} to stop {job_id}."))
 
     def do_suspend(self, **options):
         processing_set_suspended(suspended=True)
