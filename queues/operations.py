@@ -9,8 +9,8 @@ row. What it acts on is stored as either the ids an operator selected or, for "e
 for emptying a queue, a JSON description of the queryset's filter (``selection_describe``), limited to the tasks the
 action applies to and to ids that existed when it was confirmed, and re-evaluated batch by batch at run time. Each
 batch commits together with the operation's checkpoint (the last task id done) and a heartbeat on the database's
-clock, so a run that dies (its worker killed) can be continued from the checkpoint: the actions refuse tasks no
-longer eligible, so running a batch again can never change a task twice.
+clock, so a run that dies (its worker killed) is continued from the checkpoint by ``bulk_operations_recover`` (the
+reconciler calls it): the actions refuse tasks no longer eligible, so a batch run again never changes a task twice.
 
 Emptying a queue cancels the rows first and drops the Redis list only after all are cancelled (see ``queue_empty``).
 """
@@ -287,6 +287,14 @@ def selection_queryset(selection: dict) -> QuerySet:
 
 # --- background operations ----------------------------------------------------------------------------------------
 
+class DatabaseNow(Now):
+    """The database's clock in UTC. Heartbeats are written and judged on it, never on a host's clock: the web host,
+    the workers and the reconciler may disagree by seconds. (Django's Now is the server's local time on MySQL.)"""
+
+    def as_mysql(self, compiler, connection, **extra_context):
+        return self.as_sql(compiler, connection, template="UTC_TIMESTAMP(6)", **extra_context)
+
+
 # A running operation renews its heartbeat with every batch (a batch takes well under a second or two). One silent
 # for longer than this has lost its worker.
 BULK_LEASE = timedelta(seconds=60)
@@ -315,7 +323,7 @@ def bulk_operation_start(*, kind: str, task_ids: Iterable[int] | None = None, ma
         selection, ids_text, total = None, ",".join(str(task_id) for task_id in unique), len(unique)
     operation = BulkOperation.objects.create(
         kind=kind, task_ids=ids_text, selection=selection, params=params or {}, total=total,
-        user=user if getattr(user, "pk", None) else None, address=address, heartbeat_at=Now())
+        user=user if getattr(user, "pk", None) else None, address=address, heartbeat_at=DatabaseNow())
     operation.refresh_from_db(fields=["heartbeat_at"])
     try:
         broker.enqueue_bulk_operation(operation.pk)
@@ -355,7 +363,8 @@ def bulk_operation_run(*, operation_id: int, worker_name: str = "") -> BulkOpera
     """Runs (or, after a recovery, continues) a background operation. Only one run at a time: the claim and every
     later write expect this run's number."""
     claimed = BulkOperation.objects.filter(pk=operation_id, state=BulkOperation.State.PENDING).update(
-        state=BulkOperation.State.RUNNING, runs=F("runs") + 1, worker_name=worker_name[:200], heartbeat_at=Now())
+        state=BulkOperation.State.RUNNING, runs=F("runs") + 1, worker_name=worker_name[:200],
+        heartbeat_at=DatabaseNow())
     operation = BulkOperation.objects.get(pk=operation_id)
     if claimed != 1:
         return operation  # running elsewhere or done (a duplicate job)
@@ -363,10 +372,10 @@ def bulk_operation_run(*, operation_id: int, worker_name: str = "") -> BulkOpera
     action, params = _bulk_action(operation)
     result = BulkResult(action, changed=operation.changed, refused=Counter(operation.refused_by_status))
 
-    def record(batch, result):
-        if this_run.update(processed=F("processed") + len(batch), changed=result.changed,
-                           refused=result.refused_count, refused_by_status=dict(result.refused),
-                           checkpoint=batch[-1], heartbeat_at=Now()) != 1:
+    def record(batch, counts):
+        if this_run.update(processed=F("processed") + len(batch), changed=counts.changed,
+                           refused=counts.refused_count, refused_by_status=dict(counts.refused),
+                           checkpoint=batch[-1], heartbeat_at=DatabaseNow()) != 1:
             raise _Superseded  # rolls this batch back: the newer run does it
 
     try:
@@ -377,13 +386,15 @@ def bulk_operation_run(*, operation_id: int, worker_name: str = "") -> BulkOpera
     except _Superseded:
         return BulkOperation.objects.get(pk=operation_id)
     except Exception as error:
-        this_run.update(state=BulkOperation.State.FAILED, message=f"{type(error).__name__}: {error}",
-                        finished_at=timezone.now())
-        _bulk_audit(operation, result, failed=f"{type(error).__name__}: {error}")
+        # Stays FAILED with the reason (the operator starts it again: only the tasks still eligible are acted on).
+        # If even this write fails, the row stays RUNNING and recovery takes it over one lease later.
+        if this_run.update(state=BulkOperation.State.FAILED, message=f"{type(error).__name__}: {error}",
+                           finished_at=timezone.now()) == 1:
+            _bulk_audit(operation, result, failed=f"{type(error).__name__}: {error}")
         raise
-    this_run.update(state=BulkOperation.State.DONE, message=result.describe(), finished_at=timezone.now(),
-                    heartbeat_at=Now())
-    _bulk_audit(operation, result)
+    if this_run.update(state=BulkOperation.State.DONE, message=result.describe(), finished_at=timezone.now(),
+                       heartbeat_at=DatabaseNow()) == 1:
+        _bulk_audit(operation, result)
     operation.refresh_from_db()
     return operation
 
@@ -399,6 +410,52 @@ def _bulk_audit(operation: BulkOperation, result: BulkResult, failed: str = "") 
         audit(user=operation.user, action=f"tasks_{operation.kind}",
               target=f"bulk operation {operation.pk} ({operation.total} task(s))", count=result.changed,
               detail=detail, address=operation.address)
+
+
+@dataclass
+class BulkRecovery:
+    resumed: list[int] = field(default_factory=list)  # enqueued again, to continue after their checkpoint
+    given_up: list[int] = field(default_factory=list)  # FAILED: their runs died BULK_MAX_RUNS times
+
+
+def bulk_operations_recover(*, lease: timedelta = BULK_LEASE) -> BulkRecovery:
+    """Hands background operations that went silent to a new run.
+
+    An operation RUNNING whose heartbeat is older than ``lease`` has lost its worker (killed, or cut off from the
+    database): it goes back to PENDING and its job is enqueued again; the new run continues after the checkpoint,
+    and the old run, should it still be alive, stops at its next batch (its writes expect its run number). One
+    PENDING for longer than the lease had its job lost with Redis' data: it is enqueued again (a duplicate job finds
+    it claimed and does nothing). After ``BULK_MAX_RUNS`` starts an operation is marked FAILED instead.
+
+    Safe from any number of processes at once (conditional updates on the database's clock). Each recovery is an
+    audit row. Raises BrokerUnavailable if Redis is unreachable; the operation is tried again one lease later.
+    """
+    silent_since = ExpressionWrapper(DatabaseNow() - lease, output_field=DateTimeField())
+    silent = Q(heartbeat_at__lt=silent_since) | Q(heartbeat_at__isnull=True)
+    recovery = BulkRecovery()
+    candidates = (BulkOperation.objects.filter(silent, state__in=[BulkOperation.State.PENDING,
+                                                                   BulkOperation.State.RUNNING])
+                  .order_by("pk").values_list("pk", "state", "runs", "checkpoint")[:100])
+    for pk, state, runs, checkpoint in candidates:
+        unchanged = BulkOperation.objects.filter(silent, pk=pk, state=state, runs=runs)
+        if state == BulkOperation.State.RUNNING and runs >= BULK_MAX_RUNS:
+            message = f"Given up: its worker stopped {runs} times (last at task {checkpoint})."
+            if unchanged.update(state=BulkOperation.State.FAILED, message=message, finished_at=timezone.now()) == 1:
+                audit(user=None, action="bulk_operation_given_up", target=f"bulk operation {pk}",
+                      detail={"runs": runs, "checkpoint": checkpoint})
+                recovery.given_up.append(pk)
+            continue
+        if state == BulkOperation.State.RUNNING:
+            message = f"Resumed after task {checkpoint}: run {runs} gave no sign of life for {lease}."
+        else:
+            message = f"Enqueued again: still waiting after {lease} (its job may have been lost with Redis' data)."
+        if unchanged.update(state=BulkOperation.State.PENDING, heartbeat_at=DatabaseNow(), message=message) != 1:
+            continue  # its run renewed the heartbeat meanwhile, or another process recovered it
+        audit(user=None, action="bulk_operation_resumed", target=f"bulk operation {pk}",
+              detail={"was": state, "runs": runs, "checkpoint": checkpoint})
+        broker.enqueue_bulk_operation(pk)
+        recovery.resumed.append(pk)
+    return recovery
 
 
 def queue_empty(*, queue_name: str, confirm: str, user=None, address=None, on_batch=None

@@ -7,13 +7,14 @@ message that has the counts.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from datetime import timedelta
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, Max, Min, Q
+from django.db.models import Count, Max, Min
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -26,6 +27,7 @@ from queues.errors import BrokerUnavailable
 from queues.fleet_admin import ReadOnlyAdmin, client_address, confirmation
 from queues.models import BulkOperation, CaptionTask, Priority, QueueOverview, TaskStatus
 from queues.operations import (
+    ELIGIBLE,
     INLINE_LIMIT,
     bulk_operation_start,
     queue_empty,
@@ -40,12 +42,6 @@ from queues.operations import (
 SERVICES = {"requeue": tasks_requeue, "cancel": tasks_cancel, "priority": tasks_change_priority,
             "retry_now": tasks_retry_now}
 LABELS = {"requeue": "Requeue", "cancel": "Cancel", "priority": "Change priority of", "retry_now": "Retry now"}
-ELIGIBLE = {
-    "requeue": Q(status__in=[TaskStatus.FAILED, TaskStatus.CANCELLED]),
-    "cancel": Q(status=TaskStatus.QUEUED),
-    "priority": Q(status=TaskStatus.QUEUED),
-    "retry_now": Q(status=TaskStatus.QUEUED, published_at__isnull=True, attempts__gt=0),
-}
 
 
 class CappedCountPaginator(Paginator):
@@ -78,20 +74,27 @@ def run_task_action(model_admin, request, queryset, action: str, **params):
     if action == "priority" and params.get("priority") not in Priority.values:
         messages.error(request, "Choose the new priority: urgent, high, normal or low.")
         return None
-    ids = list(queryset.values_list("pk", flat=True))
-    if len(ids) > INLINE_LIMIT:
+    if total > INLINE_LIMIT:
+        # "All matching the filter" is stored as the filter (re-evaluated by the run), never as its ids.
+        across = request.POST.get("select_across") == "1"
         try:
-            operation = bulk_operation_start(kind=action, task_ids=ids, params=params, user=request.user,
-                                             address=client_address(request))
+            operation = bulk_operation_start(
+                kind=action, matching=queryset if across else None, params=params, user=request.user,
+                task_ids=None if across else list(queryset.values_list("pk", flat=True)),
+                address=client_address(request))
         except BrokerUnavailable:
             messages.error(request, "Redis is unreachable, so the background operation could not start. "
                                     "Nothing was changed.")
             return None
+        except ValueError as error:  # a filter that cannot be stored (no list filter of this admin builds one)
+            messages.error(request, f"This selection cannot run in the background: {error}")
+            return None
         url = reverse("admin:queues_bulkoperation_change", args=[operation.pk])
         messages.info(request, format_html(
             '{} {} tasks runs in the background: <a href="{}">follow its progress</a>.',
-            LABELS[action], len(ids), url))
+            LABELS[action], operation.total, url))
         return None
+    ids = list(queryset.values_list("pk", flat=True))
     result = SERVICES[action](task_ids=ids, user=request.user, address=client_address(request), **params)
     (messages.success if result.changed else messages.warning)(request, result.describe())
     return None
@@ -277,8 +280,16 @@ class BulkOperationAdmin(ReadOnlyAdmin):
                     "finished_at"]
     list_filter = ["kind", "state"]
     readonly_fields = ["kind", "state", "progress", "total", "processed", "changed", "refused", "message", "params",
-                       "user", "address", "created_at", "finished_at"]
+                       "acts_on", "user", "address", "created_at", "finished_at", "runs", "worker_name",
+                       "heartbeat_at", "checkpoint"]
     fields = readonly_fields
+
+    @admin.display(description="acts on")
+    def acts_on(self, operation):
+        if operation.selection is None:
+            return f"{operation.total} selected task(s)"
+        return format_html("every task matching this filter (evaluated as it runs): <code>{}</code>",
+                           json.dumps(operation.selection))
 
     @admin.display(description="progress")
     def progress(self, operation):

@@ -6,7 +6,7 @@ from django.urls import reverse
 
 from queues import broker
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskStatus
-from queues.operations import INLINE_LIMIT
+from queues.operations import INLINE_LIMIT, bulk_operation_run
 from queues.services import TaskSpec, tasks_publish, tasks_submit_many
 
 pytestmark = pytest.mark.django_db
@@ -108,6 +108,44 @@ def test_large_selection_runs_as_background_operation(client, operator_user, red
     assert broker.queue_lengths()["urgent"] == 1
     detail = client.get(reverse("admin:queues_bulkoperation_change", args=[operation.pk]))
     assert detail.status_code == 200 and "<progress" in detail.content.decode()
+
+
+def test_all_matching_the_filter_runs_from_the_stored_filter_not_a_list_of_ids(
+        client, operator_user, redis, media_image, django_capture_on_commit_callbacks):
+    def failed(count, error_class, reference, status=TaskStatus.FAILED):
+        return [task.pk for task in CaptionTask.objects.bulk_create(
+            [CaptionTask(image_ref=reference, status=status, last_error_class=error_class) for _ in range(count)],
+            batch_size=500)]
+
+    matching = failed(INLINE_LIMIT + 1, "HTTPNotFound", media_image("photos/cat.png"))
+    completed = failed(3, "HTTPNotFound", media_image("photos/cat.png"), status=TaskStatus.COMPLETED)
+    other_error = failed(2, "WorkerLost", media_image("photos/cat.png"))
+    other_search = failed(2, "HTTPNotFound", media_image("dogs/rex.png"))
+    client.force_login(operator_user)
+    query = "?last_error_class=HTTPNotFound&q=photos&created_at__gte=2000-01-01+00%3A00%3A00%2B00%3A00"
+    page = action_post(client, "requeue_tasks", matching[:1], query=query, select_across="1")
+    assert f"Requeue <strong>{INLINE_LIMIT + 1}</strong> of the {INLINE_LIMIT + 4} selected" in \
+        page.content.decode()
+
+    action_post(client, "requeue_tasks", matching[:1], query=query, select_across="1", confirm=True)
+
+    operation = BulkOperation.objects.get()
+    # A million matching tasks would have been a million ids in one text field; the filter is stored instead.
+    assert operation.task_ids == "" and operation.selection and operation.total == INLINE_LIMIT + 1
+    # Before the worker runs it: one task is completed elsewhere, a new one fails with the same error.
+    CaptionTask.objects.filter(pk=matching[0]).update(status=TaskStatus.COMPLETED)
+    late = failed(1, "HTTPNotFound", media_image("photos/cat.png"))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        operation = bulk_operation_run(operation_id=operation.pk)
+
+    assert (operation.state, operation.changed, operation.refused) == (BulkOperation.State.DONE, INLINE_LIMIT, 0)
+    statuses = dict(CaptionTask.objects.values_list("pk", "status"))
+    assert {statuses[pk] for pk in matching[1:]} == {TaskStatus.QUEUED}
+    assert {statuses[pk] for pk in [matching[0], *completed]} == {TaskStatus.COMPLETED}  # never requeued
+    # Outside the filter, or created after the confirmation: untouched.
+    assert {statuses[pk] for pk in [*other_error, *other_search, *late]} == {TaskStatus.FAILED}
+    assert broker.queue_lengths()["normal"] == INLINE_LIMIT
 
 
 def test_overview_page_counts_without_touching_redis(client, support_user, tasks, redis,
