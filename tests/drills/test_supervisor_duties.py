@@ -1,0 +1,150 @@
+"""Drills: nothing the fleet-wide duties meet (a database outage, a huge relay pass) stops the lease renewals, so
+every worker keeps running and never more than the desired number run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from queues.fleet import pool_scale, processing_set_suspended
+from queues.models import CaptionTask, FleetEvent, WorkerPool
+from tests.processes import Supervisors, live_workers, parent_pid, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+@pytest.fixture
+def pool(db):
+    pool, _ = WorkerPool.objects.update_or_create(
+        name="default", defaults={"queues": "urgent high normal low", "desired": 1, "minimum": 1, "maximum": 6})
+    return pool
+
+
+def worker_pids(supervisors) -> set[int]:
+    """The caption worker processes the supervisors run right now, read from /proc (no Redis, no database)."""
+    parents = {process.pid for process in supervisors.processes if process.poll() is None}
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and parent_pid(int(entry.name)) in parents:
+            try:
+                if b"rqworker" in (entry / "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+class Watch:
+    """Samples the running workers every 0.1 s while the drill runs."""
+
+    def __init__(self, supervisors):
+        self.supervisors, self.highest, self.seen = supervisors, 0, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            pids = worker_pids(self.supervisors)
+            self.highest = max(self.highest, len(pids))
+            self.seen |= pids
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def database_outage():
+    """The database stops answering. SQLite (in WAL mode): another connection holds the write lock, so every write
+    elsewhere waits (up to the 30 s busy timeout) while reads still work. MySQL/MariaDB on this host: the server
+    process is frozen (SIGSTOP), so every statement hangs."""
+    if connection.vendor == "sqlite":
+        blocker = sqlite3.connect(connection.settings_dict["NAME"], timeout=30, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT @@pid_file")
+        pid = int(Path(cursor.fetchone()[0]).read_text().split()[0])
+    connection.close()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_database_outage_leaves_every_worker_running(redis, pool, media_image):
+    reference = media_image()
+    group = Supervisors()
+    try:
+        group.start(), group.start()
+        pool_scale(pool=pool, desired=4)
+        wait_for(lambda: len(worker_pids(group)) == 4, 30, "four workers")
+        time.sleep(2)  # settled: rebalancing done
+        before = worker_pids(group)
+        started = FleetEvent.objects.filter(kind__in=[FleetEvent.Kind.WORKER_STARTED,
+                                                      FleetEvent.Kind.WORKER_RESTARTED]).count()
+        # Work for the duties during the outage: retries whose backoff ends a few seconds into it.
+        due = timezone.now() + timedelta(seconds=3)
+        CaptionTask.objects.bulk_create([CaptionTask(image_ref=reference, attempts=1, publish_after=due)
+                                         for _ in range(10)])
+        with Watch(group) as watch, database_outage():
+            time.sleep(15)
+        wait_for(lambda: CaptionTask.objects.filter(status="COMPLETED").count() == 10, 60,
+                 "the retries to complete once the database is back")
+        close_old_connections()
+        assert worker_pids(group) == before and watch.seen == before
+        assert watch.highest <= 4
+        assert FleetEvent.objects.filter(kind__in=[FleetEvent.Kind.WORKER_STARTED,
+                                                   FleetEvent.Kind.WORKER_RESTARTED]).count() == started
+    except AssertionError:
+        print(group.output()[-20000:])
+        raise
+    finally:
+        group.stop_all()
+
+
+def test_a_relay_pass_over_100000_tasks_leaves_every_worker_running(redis, pool, media_image):
+    processing_set_suspended(suspended=True)  # the workers idle: only the relay and the leases are at work
+    group = Supervisors()
+    try:
+        group.start(), group.start()
+        pool_scale(pool=pool, desired=4)
+        wait_for(lambda: len(worker_pids(group)) == 4, 30, "four workers")
+        time.sleep(2)
+        before = worker_pids(group)
+        reference = media_image()
+        now = timezone.now()
+        CaptionTask.objects.bulk_create([CaptionTask(image_ref=reference, publish_after=now)
+                                         for _ in range(100_000)], batch_size=5000)
+        with Watch(group) as watch:
+            wait_for(lambda: redis.llen("rq:queue:normal") == 100_000, 240, "the relay to publish 100,000 tasks",
+                     interval=1)
+        assert not CaptionTask.objects.filter(published_at__isnull=True).exists()
+        assert worker_pids(group) == before and watch.seen == before
+        assert watch.highest <= 4
+    except AssertionError:
+        print(group.output()[-20000:])
+        raise
+    finally:
+        group.stop_all()
