@@ -219,6 +219,7 @@ def _republish_lost(now, result: ReconcileResult, *, deadline: float | None) -> 
     server_now = float(connection.time()[0])
     heads = _queue_heads()
     suspects = {int(key): float(value) for key, value in connection.hgetall(SUSPECTS_KEY).items()}
+    known_suspects = dict(suspects)
     confirmed: list[tuple[int, str, datetime]] = []
 
     def judge(rows: list[tuple[int, str, datetime]]) -> None:
@@ -262,16 +263,20 @@ def _republish_lost(now, result: ReconcileResult, *, deadline: float | None) -> 
         judge([row for row in rows if row[0] not in judged])
         checked_new += len(rows)
         cursor = (rows[-1][2], rows[-1][0])
-    _write_cursor(connection, cursor)
-
     for pk, *_ in confirmed:
         suspects.pop(pk, None)
-    pipe = connection.pipeline()
-    pipe.delete(SUSPECTS_KEY)
-    if suspects:
-        pipe.hset(SUSPECTS_KEY, mapping={str(pk): repr(seen) for pk, seen in suspects.items()})
-        pipe.expire(SUSPECTS_KEY, 3600)
-    pipe.execute()
+    try:
+        # The reconciler's own notes. Losing them (Redis refusing writes, or a flush) only delays a verdict.
+        _write_cursor(connection, cursor)
+        if suspects != known_suspects:
+            pipe = connection.pipeline(transaction=False)
+            pipe.delete(SUSPECTS_KEY)
+            if suspects:
+                pipe.hset(SUSPECTS_KEY, mapping={str(pk): repr(seen) for pk, seen in suspects.items()})
+                pipe.expire(SUSPECTS_KEY, 3600)
+            pipe.execute()
+    except broker.REDIS_ERRORS as error:
+        logger.warning("could not keep the reconciler's notes in Redis: %s", error)
     if confirmed:
         _publish_again(confirmed, now, result)
 
@@ -309,6 +314,7 @@ def _read_cursor(connection) -> tuple[datetime, int] | None:
 
 def _write_cursor(connection, cursor: tuple[datetime, int] | None) -> None:
     if cursor is None:
-        connection.delete(CURSOR_KEY)
+        if connection.exists(CURSOR_KEY):
+            connection.delete(CURSOR_KEY)
     else:
         connection.set(CURSOR_KEY, f"{cursor[0].isoformat()}|{cursor[1]}", ex=3600)
