@@ -75,3 +75,24 @@ def test_cleanup_deletes_old_finished_rows_and_jobs_in_batches(redis, media_imag
     assert not TaskEvent.objects.filter(task_id__in=old).exists()
     assert all(broker.fetch_job(task_id) is None for task_id in old)
     assert all(broker.fetch_job(task_id) is not None for task_id in recent)
+
+
+def test_cleanup_with_retries_in_flight_keeps_their_jobs(redis, http_server, capsys, settings):
+    from queues.operations import tasks_retry_now
+
+    image = http_server.route("/flaky.png", lambda request, body: (request.send_response(503),
+                                                                   request.send_header("Content-Length", "0"),
+                                                                   request.end_headers()))
+    settings.RQ_RETRY_BACKOFF = 60
+    ids = tasks_submit_many(specs=[TaskSpec(image) for _ in range(3)]).created
+    run_worker()  # each attempt meets a 503: a retry is scheduled, and rq files the job as finished
+    assert CaptionTask.objects.filter(status=TaskStatus.QUEUED, attempts=1).count() == 3
+    tasks_retry_now(task_ids=ids)  # published again under the same job ids: queued, no end time
+    assert all(broker.fetch_job(task_id).get_status() == "queued" for task_id in ids)
+    call_command("tasks", "cleanup", "--older-than", "7d", "--dry-run")
+    assert "finished job" in capsys.readouterr().out
+    call_command("tasks", "cleanup", "--older-than", "0s", "--yes")
+    capsys.readouterr()
+    assert redis.llen("rq:queue:normal") == 3
+    assert all(broker.fetch_job(task_id).get_status() == "queued" for task_id in ids)  # live jobs kept
+    assert redis.zcard("rq:finished:normal") == 0  # only the stale registry entries went
