@@ -117,3 +117,36 @@ def test_publishing_twice_claims_once(redis, media_image, django_capture_on_comm
     assert tasks_publish(tasks=[(task.pk, "normal")]) == 0
     assert redis.llen("rq:queue:normal") == 1
     assert TaskEvent.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_submissions_with_one_idempotency_key_give_one_task(redis, media_image):
+    import threading
+
+    from django.db import connection, connections, transaction
+
+    if connection.vendor != "mysql":
+        pytest.skip("the stale snapshot is REPEATABLE READ's, MySQL/MariaDB's default isolation level")
+    reference = media_image()
+    other = {}
+
+    def other_request():
+        other["task"] = task_submit(image_ref=reference, idempotency_key="upload-7")
+        connections.close_all()
+
+    # Django asks MySQL for READ COMMITTED, but a deployment may run REPEATABLE READ (MySQL's own default, set by
+    # the server, a proxy or the connection options): the service must be right under both.
+    with connection.cursor() as cursor:
+        cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    try:
+        with transaction.atomic():  # as the admin's add view runs
+            CaptionTask.objects.count()  # this transaction's snapshot is taken here
+            thread = threading.Thread(target=other_request)
+            thread.start()
+            thread.join()  # the other submission commits the same key meanwhile
+            task = task_submit(image_ref=reference, idempotency_key="upload-7")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    assert task.pk == other["task"].pk
+    assert CaptionTask.objects.filter(idempotency_key="upload-7").count() == 1
