@@ -40,7 +40,15 @@ def health_report(snapshot: Snapshot) -> dict:
         workers = _component("warning", f"only {alive} worker alive")
     else:
         workers = _component("healthy", f"{alive} workers alive")
-    components = {"redis": redis, "database": database, "workers": workers}
+    problem = None
+    if snapshot.redis_ok:
+        try:
+            problem = broker.captioner_problem()
+        except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
+            problem = None
+    captioner = _component("unhealthy", f"work is held: {problem['message']}") if problem else \
+        _component("healthy", "no configuration error reported")
+    components = {"redis": redis, "database": database, "workers": workers, "captioner": captioner}
     overall = max((component["status"] for component in components.values()), key=ORDER.__getitem__)
     return {"status": overall, "components": components, "worker_count": alive,
             "fallback_active": snapshot.publishing_fallback}

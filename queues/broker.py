@@ -322,6 +322,30 @@ def alive_states(worker_names: list[str]) -> dict[str, dict | None]:
     return {name: (json.loads(raw) if raw else None) for name, raw in zip(worker_names, pipe.execute())}
 
 
+CAPTIONER_PROBLEM_KEY = "portal:captioner:problem"
+CAPTIONER_PROBLEM_TTL = 300
+
+
+def captioner_problem_report(message: str) -> None:
+    """Notes that the captioning service is misconfigured (health and the admin say so for five minutes after the
+    last task that met it). Best effort: the held tasks themselves are rows."""
+    import json
+
+    try:
+        get_connection().set(CAPTIONER_PROBLEM_KEY, json.dumps({"message": message[:500], "at": time.time()}),
+                             ex=CAPTIONER_PROBLEM_TTL)
+    except (BrokerUnavailable, *REDIS_ERRORS):
+        pass
+
+
+def captioner_problem() -> dict | None:
+    """The last captioner misconfiguration reported within five minutes (message, at), or None."""
+    import json
+
+    raw = get_connection().get(CAPTIONER_PROBLEM_KEY)
+    return json.loads(raw) if raw else None
+
+
 def send_worker_shutdown(worker_name: str) -> None:
     from rq.command import send_shutdown_command
 

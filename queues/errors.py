@@ -24,6 +24,14 @@ class PermanentCaptionError(CaptionError):
     permanent = True
 
 
+class CaptionerMisconfigured(CaptionError):
+    """The captioning service is set up wrong (its model is missing, say): no task's fault, and no reason to spend
+    tasks' retries or fill the dead letters. The task is held (back to its queue without using an attempt) and the
+    problem is reported until the service is fixed."""
+
+    permanent = False
+
+
 class BrokerUnavailable(Exception):
     """Redis could not be reached. Callers keep the database row and let the relay publish it later."""
 

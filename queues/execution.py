@@ -26,7 +26,7 @@ from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
 from queues.captioners import Captioner, get_captioner
-from queues.errors import CaptionError, JobStopped, WorkerInterrupted
+from queues.errors import CaptionError, CaptionerMisconfigured, JobStopped, WorkerInterrupted
 from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, TaskEvent, TaskStatus
 from queues.signals import attempt_ended
 
@@ -76,7 +76,7 @@ class TaskFailed(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # completed | retry | failed | skipped
+    status: str  # completed | retry | failed | held | skipped
     detail: str = ""
 
     def as_result(self) -> dict:
@@ -156,6 +156,8 @@ def _run_attempt(task: CaptionTask, captioner: Captioner | None, started: float)
 
 
 def _caption_error(task: CaptionTask, error: Exception, started: float) -> Outcome:
+    if isinstance(error, CaptionerMisconfigured):
+        return _hold(task, error, started)
     if isinstance(error, JobStopped):
         return _record_failure(task, error, permanent=True, started=started)
     if isinstance(error, CaptionError):
@@ -200,6 +202,30 @@ def _record_success(task: CaptionTask, caption: str, *, started: float) -> Outco
         return Outcome("skipped", "a newer attempt owns the task")
     _announce(task, "completed", started)
     return Outcome("completed")
+
+
+HOLD_SECONDS = 60
+
+
+def _hold(task: CaptionTask, error: CaptionerMisconfigured, started: float) -> Outcome:
+    """Gives the task back without using an attempt: it waits ``HOLD_SECONDS`` and is tried again, until the
+    captioner is fixed. The problem is reported for health and the admin."""
+    from queues import broker
+
+    now = timezone.now()
+    message = str(error)
+    with transaction.atomic():
+        updated = _end_attempt(task, status=TaskStatus.QUEUED, published_at=None, attempts=task.attempts - 1,
+                               publish_after=now + timedelta(seconds=HOLD_SECONDS),
+                               last_error_class=type(error).__name__, last_error_message=message)
+        if updated:
+            TaskEvent.objects.create(task=task, kind=TaskEvent.Kind.HELD, attempt=task.attempts, at=now,
+                                     started_at=task.started_at, worker_name=task.worker_name,
+                                     duration_ms=_duration_ms(started), error_class=type(error).__name__,
+                                     error_message=message, detail=f"held; tried again in {HOLD_SECONDS} s")
+    broker.captioner_problem_report(message)
+    logger.error("caption-%s held: %s", task.pk, message)
+    return Outcome("held" if updated else "skipped", message)
 
 
 def _record_failure(task: CaptionTask, error: BaseException, *, permanent: bool, started: float) -> Outcome:

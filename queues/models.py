@@ -313,6 +313,7 @@ class TaskEvent(models.Model):
         CANCELLED = "cancelled", "Cancelled"
         PRIORITY_CHANGED = "priority_changed", "Priority changed"
         RETRY_NOW = "retry_now", "Retry brought forward"
+        HELD = "held", "Held: the captioner is misconfigured"
 
     task = models.ForeignKey(CaptionTask, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=20, choices=Kind.choices)

@@ -14,7 +14,7 @@ from django.conf import settings
 from queues.captioners import Captioner
 from queues.captioners.fetch import classify_http_status, fetch_image
 from queues.captioners.local import open_image
-from queues.errors import PermanentCaptionError, TransientCaptionError
+from queues.errors import CaptionerMisconfigured, PermanentCaptionError, TransientCaptionError
 
 PROMPT = ("Write one or two sentences of alt text for this image: what it shows, for someone who cannot see it. "
           "Answer with the alt text only.")
@@ -49,6 +49,10 @@ class OllamaCaptioner(Captioner):
                 payload = json.loads(response.read())
         except urllib.error.HTTPError as error:
             detail = error.read(500).decode(errors="replace")
+            if error.code == 404:
+                # Ollama answers /api/generate with 404 when the model is not pulled: a configuration error.
+                raise CaptionerMisconfigured(
+                    f"Ollama at {self.url} has no model {self.model!r} (OLLAMA_MODEL): {detail}") from error
             exception = classify_http_status(error.code, f"Ollama at {self.url}")
             exception.args = (f"{exception.args[0]}: {detail}",)
             raise exception from error

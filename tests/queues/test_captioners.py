@@ -2,6 +2,7 @@ import base64
 import json
 
 import pytest
+from django.utils import timezone
 
 from queues.captioners import get_captioner
 from queues.captioners.local import LocalCaptioner, colour_name
@@ -76,7 +77,7 @@ def test_ollama_sends_image_and_returns_its_caption(http_server, png_bytes, sett
 
 
 @pytest.mark.parametrize("status, error", [(500, TransientCaptionError), (503, TransientCaptionError),
-                                           (404, PermanentCaptionError), (400, PermanentCaptionError)])
+                                           (400, PermanentCaptionError)])
 def test_ollama_http_errors_are_classified(http_server, png_bytes, status, error):
     image_url = http_server.route("/cat.png", respond(200, png_bytes(), "image/png"))
     http_server.route("/api/generate", respond(status, b'{"error": "model not loaded"}', "application/json"))
@@ -112,3 +113,37 @@ def test_ollama_backend_through_the_worker(redis, http_server, png_bytes, settin
     run_worker()
     task.refresh_from_db()
     assert task.status == TaskStatus.COMPLETED and task.caption == "A sunset over water."
+
+
+@pytest.mark.django_db(transaction=True)
+def test_missing_ollama_model_holds_the_backlog_instead_of_dead_lettering_it(redis, http_server, png_bytes,
+                                                                             settings, client, admin_user):
+    from queues import broker
+    from queues.models import CaptionTask, TaskEvent, TaskStatus
+    from queues.services import TaskSpec, tasks_relay_once, tasks_submit_many
+    from tests.conftest import run_worker
+
+    settings.CAPTION_BACKEND, settings.OLLAMA_URL, settings.OLLAMA_MODEL = "ollama", http_server.url, "llava"
+    image_url = http_server.route("/cat.png", respond(200, png_bytes(), "image/png"))
+    http_server.route("/api/generate", respond(404, b'{"error":"model \\"llava\\" not found, try pulling it first"}',
+                                               "application/json"))
+    created = tasks_submit_many(specs=[TaskSpec(image_url) for _ in range(5)]).created
+    run_worker()
+    tasks = CaptionTask.objects.filter(pk__in=created)
+    assert {(task.status, task.attempts, task.published_at) for task in tasks} == {(TaskStatus.QUEUED, 0, None)}
+    assert not CaptionTask.objects.filter(status=TaskStatus.FAILED).exists()
+    assert redis.zcard("rq:failed:normal") == 0
+    assert TaskEvent.objects.filter(kind=TaskEvent.Kind.HELD).count() == 5
+    problem = broker.captioner_problem()
+    assert "no model 'llava'" in problem["message"] and "OLLAMA_MODEL" in problem["message"]
+    client.force_login(admin_user)
+    health = client.get("/api/rq/health").json()
+    assert health["components"]["captioner"]["status"] == "unhealthy"
+    assert "no model 'llava'" in health["components"]["captioner"]["reason"]
+    assert "Captioning is held" in client.get("/admin/").content.decode()  # the banner on every admin page
+
+    http_server.route("/api/generate", respond(200, b'{"response": "A cat."}', "application/json"))  # pulled
+    CaptionTask.objects.update(publish_after=timezone.now())  # the hold is over
+    tasks_relay_once()
+    run_worker()
+    assert set(tasks.values_list("status", "attempts", "caption")) == {(TaskStatus.COMPLETED, 1, "A cat.")}
