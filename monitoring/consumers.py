@@ -5,6 +5,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from monitoring.access import may_view_metrics
+from monitoring.live import watcher_join, watcher_leave
 from monitoring.selectors import queue_snapshot
 
 METRICS_GROUP = "metrics"
@@ -18,9 +19,11 @@ class MetricsConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.channel_layer.group_add(METRICS_GROUP, self.channel_name)
         await self.accept()
+        await watcher_join(self)  # the sampler pushes only while someone watches
         await self.send_json({"type": "snapshot", "data": await database_sync_to_async(queue_snapshot)()})
 
     async def disconnect(self, code):
+        await watcher_leave(self)
         await self.channel_layer.group_discard(METRICS_GROUP, self.channel_name)
 
     async def metrics_update(self, event):

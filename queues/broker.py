@@ -358,19 +358,6 @@ def send_stop_job(job_id: str) -> None:
     send_stop_job_command(get_connection(), job_id, serializer=JSONSerializer)
 
 
-def processing_suspended() -> bool:
-    """Kept for callers that read the state through the broker; it lives in the database (queues.control)."""
-    from queues import control
-
-    return control.processing_suspended()
-
-
-def set_processing_suspended(suspended: bool) -> None:
-    from queues import control
-
-    control.processing_set_suspended_state(suspended=suspended)
-
-
 def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:
     """Task ids of the caption jobs waiting in a queue, read in pages of ``page`` (a repair, not a page view:
     the reconciler calls it only when the database expects more jobs than the queue holds)."""
@@ -386,19 +373,6 @@ def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:
         if len(chunk) < page:
             return ids
         start += page
-
-
-def paused_queues() -> set[str]:
-    """Kept for callers that read the state through the broker; it lives in the database (queues.control)."""
-    from queues import control
-
-    return control.paused_queues()
-
-
-def set_queue_paused(queue_name: str, paused: bool) -> None:
-    from queues import control
-
-    control.queue_set_paused(queue=queue_name, paused=paused)
 
 
 # --- operator actions and the queues overview --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from queues import broker
+from queues import broker, control
 from queues.models import AuditEntry, CaptionTask, FleetEvent, TaskStatus, WorkerPool
 
 
@@ -206,7 +206,7 @@ def worker_stop_job(*, worker_name: str, job_id: str, user=None, address: str | 
 
 def processing_set_suspended(*, suspended: bool, user=None, address: str | None = None) -> None:
     """Suspends (or resumes) all processing: workers finish their current job and take no new one; tasks wait."""
-    broker.set_processing_suspended(suspended)
+    control.processing_set_suspended_state(suspended=suspended, user=user)
     FleetEvent.objects.create(kind=FleetEvent.Kind.SUSPENDED if suspended else FleetEvent.Kind.RESUMED,
                               user=_user(user), reason="all processing")
     audit(user=user, action="suspend" if suspended else "resume", target="all queues", address=address)

@@ -15,7 +15,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from queues import broker
+from queues import broker, control
 from queues.errors import BrokerUnavailable
 from queues.fleet import (
     FleetError,
@@ -191,7 +191,7 @@ class LiveWorkerAdmin(ReadOnlyAdmin):
             raise PermissionDenied
         rows = fleet_rows_or_message(request)
         try:
-            suspended = broker.processing_suspended()
+            suspended = control.processing_suspended()
         except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
             suspended = None
         # Each row with the job its Stop job button names: the one shown, whatever the worker runs by the time

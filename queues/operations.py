@@ -31,7 +31,7 @@ from django.db.models.lookups import Lookup
 from django.db.models.sql.where import WhereNode
 from django.utils import timezone
 
-from queues import broker
+from queues import broker, control
 from queues.fleet import audit
 from queues.models import BulkOperation, CaptionTask, Priority, TaskEvent, TaskStatus
 from queues.services import tasks_publish
@@ -507,7 +507,7 @@ def _queue_list_drop(queue_name: str) -> None:
 
 def queue_set_paused(*, queue_name: str, paused: bool, user=None, address=None) -> None:
     """Paused queues keep their tasks; workers take nothing from them until resumed (within about a second)."""
-    broker.set_queue_paused(queue_name, paused)
+    control.queue_set_paused(queue=queue_name, paused=paused, user=user)
     audit(user=user, action="queue_pause" if paused else "queue_resume", target=queue_name, address=address)
 
 

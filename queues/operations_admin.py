@@ -22,7 +22,7 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
-from queues import broker
+from queues import broker, control
 from queues.errors import BrokerUnavailable
 from queues.fleet_admin import ReadOnlyAdmin, client_address, confirmation
 from queues.models import BulkOperation, CaptionTask, Priority, QueueOverview, TaskStatus
@@ -168,7 +168,7 @@ class QueueOverviewAdmin(ReadOnlyAdmin):
         self._require_view(request)
         now = timezone.now()
         try:
-            figures, paused = broker.queue_figures(), broker.paused_queues()
+            figures, paused = broker.queue_figures(), control.paused_queues()
         except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
             figures, paused = {}, set()
             messages.error(request, f"Redis is unreachable; showing what the database knows: {error}")

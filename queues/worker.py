@@ -35,7 +35,7 @@ from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker
 
 from queues import control, execution
-from queues.broker import ALIVE_PREFIX, CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
+from queues.broker import CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
 
 ALIVE_TTL = 10  # seconds a liveness key outlives its last refresh

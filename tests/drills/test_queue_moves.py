@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from queues import broker
+from queues import broker, control
 from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.fleet import processing_set_suspended
 from queues.operations import queue_set_paused, tasks_change_priority
@@ -37,7 +37,7 @@ def test_pauses_and_suspension_survive_a_redis_flush(redis, media_image):
     queue_set_paused(queue_name="normal", paused=True)
     processing_set_suspended(suspended=True)
     redis.flushdb()  # a restart without persistence, or a failover to a replica that lacked the keys
-    assert broker.paused_queues() == {"normal"} and broker.processing_suspended()
+    assert control.paused_queues() == {"normal"} and control.processing_suspended()
     CaptionTask.objects.update(published_at=None)  # their jobs went with the flush: the relay publishes them again
     tasks_relay_once()
     run_worker()  # burst: a suspended worker exits without taking anything

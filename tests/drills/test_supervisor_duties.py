@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from queues.fleet import pool_scale, processing_set_suspended
 from queues.models import CaptionTask, FleetEvent, WorkerPool
-from tests.processes import Supervisors, live_workers, parent_pid, wait_for
+from tests.processes import Supervisors, parent_pid, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 

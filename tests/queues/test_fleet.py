@@ -179,7 +179,7 @@ def test_operator_stops_a_running_job(redis, pool, http_server, png_bytes, admin
                            "the task to start")
         time.sleep(0.5)  # let the worker reach the captioner's HTTP call
         asked_at = time.monotonic()
-        assert worker_stop_job(worker_name=running.worker_name, user=admin_user) == task.job_id
+        assert worker_stop_job(worker_name=running.worker_name, job_id=task.job_id, user=admin_user) == task.job_id
         stopped = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.FAILED).first(), 20,
                            "the task to stop")
         assert time.monotonic() - asked_at < 5  # interrupted, not waited out

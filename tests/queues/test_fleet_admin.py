@@ -5,7 +5,7 @@ import io
 import pytest
 from django.urls import reverse
 
-from queues import broker
+from queues import broker, control
 from queues.models import AuditEntry, FleetEvent, WorkerPool
 from queues.worker import CaptionWorker
 
@@ -59,7 +59,7 @@ def test_support_sees_pages_but_cannot_act(client, support_user, pool, redis, re
         assert client.get(url).status_code == 403
         assert client.post(url, {"desired": "5"}).status_code == 403
     assert WorkerPool.objects.get(pk=pool.pk).desired == 2
-    assert not broker.processing_suspended()
+    assert not control.processing_suspended()
     assert not AuditEntry.objects.exists() and not FleetEvent.objects.exists()
 
 
@@ -94,11 +94,11 @@ def test_worker_restart_and_stop_job(client, operator_user, registered_worker):
 def test_suspend_and_resume(client, operator_user, redis):
     client.force_login(operator_user)
     client.post(reverse("admin:queues_liveworker_suspend"))
-    assert broker.processing_suspended()
+    assert control.processing_suspended()
     page = client.get(reverse("admin:queues_liveworker_changelist")).content.decode()
     assert "SUSPENDED" in page and "Resume processing" in page
     client.post(reverse("admin:queues_liveworker_resume"))
-    assert not broker.processing_suspended()
+    assert not control.processing_suspended()
     assert list(AuditEntry.objects.order_by("at").values_list("action", flat=True)) == ["suspend", "resume"]
 
 

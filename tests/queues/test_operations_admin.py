@@ -4,7 +4,7 @@ import pytest
 from django.utils import timezone
 from django.urls import reverse
 
-from queues import broker
+from queues import broker, control
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskStatus
 from queues.operations import INLINE_LIMIT, bulk_operation_run
 from queues.services import TaskSpec, tasks_publish, tasks_submit_many
@@ -83,7 +83,7 @@ def test_support_user_cannot_act_even_by_posting(client, support_user, tasks):
                            ).status_code == 403
     assert CaptionTask.objects.filter(status=TaskStatus.FAILED).count() == 7
     assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == 0
-    assert not broker.paused_queues() and not AuditEntry.objects.exists()
+    assert not control.paused_queues() and not AuditEntry.objects.exists()
 
 
 def test_single_task_requeue_from_its_page(client, operator_user, tasks, django_capture_on_commit_callbacks):
@@ -150,7 +150,7 @@ def test_all_matching_the_filter_runs_from_the_stored_filter_not_a_list_of_ids(
 
 def test_overview_page_counts_without_touching_redis(client, support_user, tasks, redis,
                                                      django_assert_max_num_queries):
-    broker.set_queue_paused("low", True)
+    control.queue_set_paused(queue="low", paused=True)
     client.force_login(support_user)
     before = redis.info("commandstats")
     with django_assert_max_num_queries(16):
@@ -167,9 +167,9 @@ def test_overview_page_counts_without_touching_redis(client, support_user, tasks
 def test_pause_empty_and_maintenance_from_the_overview(client, admin_user, tasks):
     client.force_login(admin_user)
     client.post(reverse("admin:queues_queueoverview_act", args=["normal", "pause"]))
-    assert broker.paused_queues() == {"normal"}
+    assert control.paused_queues() == {"normal"}
     client.post(reverse("admin:queues_queueoverview_act", args=["normal", "resume"]))
-    assert broker.paused_queues() == set()
+    assert control.paused_queues() == set()
     wrong = client.post(reverse("admin:queues_queueoverview_act", args=["normal", "empty"]), {"confirm_name": "x"})
     assert wrong.status_code == 400 and "Type the queue&#x27;s name (normal)" in wrong.content.decode()
     assert CaptionTask.objects.filter(status=TaskStatus.QUEUED).count() == 4

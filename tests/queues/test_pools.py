@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from queues import broker
+from queues import control
 from queues.fleet import pool_autoscale, pool_backlog, pool_scale
 from queues.models import AuditEntry, FleetEvent, WorkerPool
 from queues.services import TaskSpec, tasks_submit_many
@@ -83,11 +83,11 @@ def test_workers_command(pool, redis, capsys):
     call_command("workers", "scale", "default", "4")
     assert WorkerPool.objects.get(pk=pool.pk).desired == 4
     call_command("workers", "suspend")
-    assert broker.processing_suspended()
+    assert control.processing_suspended()
     call_command("workers", "status")
     assert "Processing: SUSPENDED" in capsys.readouterr().out
     call_command("workers", "resume")
-    assert not broker.processing_suspended()
+    assert not control.processing_suspended()
     call_command("workers", "restart")
     assert "Asked 0 worker(s) to restart" in capsys.readouterr().out
     kinds = set(FleetEvent.objects.values_list("kind", flat=True))

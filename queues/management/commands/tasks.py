@@ -7,7 +7,7 @@ from django.db.models import Count
 from django.utils import timezone
 from tqdm import tqdm
 
-from queues import broker
+from queues import broker, control
 from queues.errors import BrokerUnavailable
 from queues.models import CaptionTask, Priority, TaskStatus
 from queues.operations import tasks_cancel, tasks_cleanup, tasks_requeue
@@ -67,7 +67,7 @@ class Command(BaseCommand):
         self.stdout.write("Tasks: " + ", ".join(f"{status.lower()} {by_status.get(status, 0)}"
                                                 for status in TaskStatus.values))
         try:
-            figures, paused = broker.queue_figures(), broker.paused_queues()
+            figures, paused = broker.queue_figures(), control.paused_queues()
         except broker.UNAVAILABLE_ERRORS as error:
             raise CommandError(f"Redis is unreachable: {error}") from None
         for name, row in figures.items():

@@ -2,7 +2,7 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from queues import broker
+from queues import broker, control
 from queues.errors import BrokerUnavailable
 from queues.fleet import (
     FleetError,
@@ -48,7 +48,7 @@ class Command(BaseCommand):
             raise CommandError(f"Redis is unreachable: {error}") from None
 
     def do_status(self, **options):
-        suspended = broker.processing_suspended()
+        suspended = control.processing_suspended()
         self.stdout.write(f"Processing: {'SUSPENDED' if suspended else 'running'}")
         rows = fleet_workers()
         for pool in WorkerPool.objects.all():
