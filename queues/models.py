@@ -6,6 +6,7 @@ from django.conf import settings
 import sqlite3
 
 from django.db import connections, models, transaction
+from django.db.models.functions import Now
 from django.utils import timezone
 
 
@@ -29,6 +30,14 @@ def database_now_sql(connection, *, offset_seconds: int = 0) -> str:
     if connection.vendor == "mysql":
         return "UTC_TIMESTAMP(6)" + (f" + INTERVAL {offset} SECOND" if offset else "")
     return "STATEMENT_TIMESTAMP()" + (f" + INTERVAL '{offset} seconds'" if offset else "")
+
+
+class UtcNow(Now):
+    """``database_now_sql`` as an ORM expression (Django's Now is the server's local time on MySQL), for
+    ``filter()``/``update()`` where the heartbeats of background operations are written and judged."""
+
+    def as_mysql(self, compiler, connection, **extra_context):
+        return self.as_sql(compiler, connection, template="UTC_TIMESTAMP(6)", **extra_context)
 
 
 class DatabaseNow:

@@ -26,14 +26,13 @@ from datetime import timedelta
 from django.db import transaction
 from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Max, Q, QuerySet
 from django.db.models.expressions import Col
-from django.db.models.functions import Now
 from django.db.models.lookups import Lookup
 from django.db.models.sql.where import WhereNode
 from django.utils import timezone
 
 from queues import broker, control
 from queues.fleet import audit
-from queues.models import BulkOperation, CaptionTask, Priority, TaskEvent, TaskStatus
+from queues.models import BulkOperation, CaptionTask, Priority, TaskEvent, TaskStatus, UtcNow
 from queues.services import tasks_publish
 
 BATCH = 1000
@@ -287,14 +286,6 @@ def selection_queryset(selection: dict) -> QuerySet:
 
 # --- background operations ----------------------------------------------------------------------------------------
 
-class DatabaseNow(Now):
-    """The database's clock in UTC. Heartbeats are written and judged on it, never on a host's clock: the web host,
-    the workers and the reconciler may disagree by seconds. (Django's Now is the server's local time on MySQL.)"""
-
-    def as_mysql(self, compiler, connection, **extra_context):
-        return self.as_sql(compiler, connection, template="UTC_TIMESTAMP(6)", **extra_context)
-
-
 # A running operation renews its heartbeat with every batch (a batch takes well under a second or two). One silent
 # for longer than this has lost its worker.
 BULK_LEASE = timedelta(seconds=60)
@@ -323,7 +314,7 @@ def bulk_operation_start(*, kind: str, task_ids: Iterable[int] | None = None, ma
         selection, ids_text, total = None, ",".join(str(task_id) for task_id in unique), len(unique)
     operation = BulkOperation.objects.create(
         kind=kind, task_ids=ids_text, selection=selection, params=params or {}, total=total,
-        user=user if getattr(user, "pk", None) else None, address=address, heartbeat_at=DatabaseNow())
+        user=user if getattr(user, "pk", None) else None, address=address, heartbeat_at=UtcNow())
     operation.refresh_from_db(fields=["heartbeat_at"])
     try:
         broker.enqueue_bulk_operation(operation.pk)
@@ -364,7 +355,7 @@ def bulk_operation_run(*, operation_id: int, worker_name: str = "") -> BulkOpera
     later write expect this run's number."""
     claimed = BulkOperation.objects.filter(pk=operation_id, state=BulkOperation.State.PENDING).update(
         state=BulkOperation.State.RUNNING, runs=F("runs") + 1, worker_name=worker_name[:200],
-        heartbeat_at=DatabaseNow())
+        heartbeat_at=UtcNow())
     operation = BulkOperation.objects.get(pk=operation_id)
     if claimed != 1:
         return operation  # running elsewhere or done (a duplicate job)
@@ -375,7 +366,7 @@ def bulk_operation_run(*, operation_id: int, worker_name: str = "") -> BulkOpera
     def record(batch, counts):
         if this_run.update(processed=F("processed") + len(batch), changed=counts.changed,
                            refused=counts.refused_count, refused_by_status=dict(counts.refused),
-                           checkpoint=batch[-1], heartbeat_at=DatabaseNow()) != 1:
+                           checkpoint=batch[-1], heartbeat_at=UtcNow()) != 1:
             raise _Superseded  # rolls this batch back: the newer run does it
 
     try:
@@ -393,7 +384,7 @@ def bulk_operation_run(*, operation_id: int, worker_name: str = "") -> BulkOpera
             _bulk_audit(operation, result, failed=f"{type(error).__name__}: {error}")
         raise
     if this_run.update(state=BulkOperation.State.DONE, message=result.describe(), finished_at=timezone.now(),
-                       heartbeat_at=DatabaseNow()) == 1:
+                       heartbeat_at=UtcNow()) == 1:
         _bulk_audit(operation, result)
     operation.refresh_from_db()
     return operation
@@ -430,7 +421,7 @@ def bulk_operations_recover(*, lease: timedelta = BULK_LEASE) -> BulkRecovery:
     Safe from any number of processes at once (conditional updates on the database's clock). Each recovery is an
     audit row. Raises BrokerUnavailable if Redis is unreachable; the operation is tried again one lease later.
     """
-    silent_since = ExpressionWrapper(DatabaseNow() - lease, output_field=DateTimeField())
+    silent_since = ExpressionWrapper(UtcNow() - lease, output_field=DateTimeField())
     silent = Q(heartbeat_at__lt=silent_since) | Q(heartbeat_at__isnull=True)
     recovery = BulkRecovery()
     candidates = (BulkOperation.objects.filter(silent, state__in=[BulkOperation.State.PENDING,
@@ -449,7 +440,7 @@ def bulk_operations_recover(*, lease: timedelta = BULK_LEASE) -> BulkRecovery:
             message = f"Resumed after task {checkpoint}: run {runs} gave no sign of life for {lease}."
         else:
             message = f"Enqueued again: still waiting after {lease} (its job may have been lost with Redis' data)."
-        if unchanged.update(state=BulkOperation.State.PENDING, heartbeat_at=DatabaseNow(), message=message) != 1:
+        if unchanged.update(state=BulkOperation.State.PENDING, heartbeat_at=UtcNow(), message=message) != 1:
             continue  # its run renewed the heartbeat meanwhile, or another process recovered it
         audit(user=None, action="bulk_operation_resumed", target=f"bulk operation {pk}",
               detail={"was": state, "runs": runs, "checkpoint": checkpoint})

@@ -11,6 +11,7 @@ publication is claimed per row):
   eviction or a host that cannot reach Redis removes keys from live workers, and clock skew between hosts does not
   matter when one clock judges. A supervisor that sees its own worker die re-drives at once instead
   (``tasks_recover_from_worker``).
+- **Background bulk operations whose worker died** are handed to a new run (``bulk_operations_recover``).
 - **Jobs lost from Redis.** A ``QUEUED``, published task whose job is no longer in Redis (Redis lost data; or a
   worker popped the job and died before claiming it) is published again. Candidates (published longer than
   ``PUBLISHED_GRACE`` ago) are checked directly, a page at a time from a cursor that walks the backlog over
@@ -39,6 +40,7 @@ from django.utils import timezone
 from queues import broker
 from queues.execution import retry_delay
 from queues.models import AtMost, CaptionTask, DatabaseNow, FleetEvent, TaskEvent, TaskStatus, database_now_sql
+from queues.operations import bulk_operations_recover
 from queues.services import tasks_publish
 from queues.signals import attempt_ended
 
@@ -65,6 +67,7 @@ class ReconcileResult:
     republished: list[int] = field(default_factory=list)
     suspected: list[int] = field(default_factory=list)
     checked: int = 0
+    bulk_resumed: list[int] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -137,6 +140,7 @@ def tasks_reconcile(*, now=None, budget: float | None = None) -> ReconcileResult
     now = now or timezone.now()
     result = ReconcileResult()
     _redrive_orphans(result)
+    result.bulk_resumed = bulk_operations_recover().resumed
     _republish_lost(now, result, deadline=time.monotonic() + budget if budget is not None else None)
     if result.changed:
         FleetEvent.objects.create(
