@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
@@ -63,9 +63,12 @@ def attempts_heartbeat() -> int:
             renewed += CaptionTask.objects.transition(
                 task_id, expect={"status": TaskStatus.PROCESSING, "claim_token": token},
                 changes={"heartbeat_at": DATABASE_NOW})
-    except DatabaseError:
+    except Exception:  # DatabaseError, but also the driver's InterfaceError on a broken connection: never stop
         logger.warning("could not renew the lease of the running attempt(s)", exc_info=True)
-        connection.close()
+        try:
+            connection.close()
+        except Exception:
+            pass
     return renewed
 
 
@@ -114,21 +117,33 @@ def task_claim(*, task_id: int, worker_name: str, queue: str | None = None) -> C
 
 
 def task_execute(*, task_id: int, worker_name: str, queue: str | None = None,
-                 captioner: Captioner | None = None) -> Outcome:
-    task = task_claim(task_id=task_id, worker_name=worker_name, queue=queue)
+                 captioner: Captioner | None = None, claimed: CaptionTask | None = None) -> Outcome:
+    """Runs one attempt. ``claimed``: the task as the worker already claimed it (queues.worker claims before rq's
+    own bookkeeping touches the job, so a refused claim leaves the job alone); otherwise it is claimed here."""
+    task = claimed if claimed is not None and claimed.pk == task_id else \
+        task_claim(task_id=task_id, worker_name=worker_name, queue=queue)
     if task is None:
         status = CaptionTask.objects.filter(pk=task_id).values_list("status", flat=True).first()
         logger.info("caption-%s: nothing to do, task is %s", task_id, status or "gone")
         return Outcome("skipped", f"task is {status or 'gone'}")
 
     started = time.monotonic()
-    with _in_flight_lock:
-        _in_flight[task.pk] = task.claim_token
+    attempt_started(task)
     try:
         return _run_attempt(task, captioner, started)
     finally:
-        with _in_flight_lock:
-            _in_flight.pop(task.pk, None)
+        attempt_finished(task)
+
+
+def attempt_started(task: CaptionTask) -> None:
+    """From the claim on, the liveness thread renews this attempt's lease."""
+    with _in_flight_lock:
+        _in_flight[task.pk] = task.claim_token
+
+
+def attempt_finished(task: CaptionTask) -> None:
+    with _in_flight_lock:
+        _in_flight.pop(task.pk, None)
 
 
 def _run_attempt(task: CaptionTask, captioner: Captioner | None, started: float) -> Outcome:
@@ -139,18 +154,18 @@ def _run_attempt(task: CaptionTask, captioner: Captioner | None, started: float)
         finally:
             _captioning.clear()
     except WorkerInterrupted as error:
-        # The worker was told to stop at once (a second stop signal): the attempt is given back as a retry and
-        # the job ends normally, so rq files no dead letter and the worker exits after it.
-        return _record_failure(task, error, permanent=False, started=started)
+        # The worker was told to stop at once (a second stop signal): the attempt is given back and the job ends
+        # normally, so rq files no dead letter and the worker exits after it.
+        return _give_back(task, error, started)
     except BaseException as error:
         if isinstance(error, Exception):
             return _caption_error(task, error, started)
-        # SystemExit, KeyboardInterrupt: the process is going away. Give the attempt back as a retry first, so the
-        # row never stays PROCESSING behind a worker that exited.
+        # SystemExit, KeyboardInterrupt: the process is going away. Give the attempt back first, so the row never
+        # stays PROCESSING behind a worker that exited.
         try:
-            _record_failure(task, error, permanent=False, started=started)
+            _give_back(task, error, started)
         except Exception:
-            logger.exception("caption-%s: could not record the interrupted attempt", task.pk)
+            logger.exception("caption-%s: could not give the interrupted attempt back", task.pk)
         raise
     return _record_success(task, caption, started=started)
 
@@ -205,6 +220,22 @@ def _record_success(task: CaptionTask, caption: str, *, started: float) -> Outco
 
 
 HOLD_SECONDS = 60
+
+
+def _give_back(task: CaptionTask, error: BaseException, started: float) -> Outcome:
+    """The worker stopped in the middle of the attempt (not the task's fault): the task goes back to its queue at
+    once, without using a retry, so even a task on its last attempt is never dead-lettered by a stop."""
+    now = timezone.now()
+    with transaction.atomic():
+        updated = _end_attempt(task, status=TaskStatus.QUEUED, published_at=None, attempts=task.attempts - 1,
+                               publish_after=now)
+        if updated:
+            TaskEvent.objects.create(
+                task=task, kind=TaskEvent.Kind.RETRY_SCHEDULED, attempt=task.attempts, at=now,
+                started_at=task.started_at, worker_name=task.worker_name, duration_ms=_duration_ms(started),
+                error_class=type(error).__name__, error_message=str(error) or type(error).__name__,
+                detail="the worker was stopped during the attempt; given back without using a retry")
+    return Outcome("retry" if updated else "skipped", "given back: the worker was stopped")
 
 
 def _hold(task: CaptionTask, error: CaptionerMisconfigured, started: float) -> Outcome:

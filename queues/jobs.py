@@ -13,7 +13,8 @@ def caption_task(task_id: int) -> dict:
     # publication, which a priority change overwrites.
     queue = getattr(job, "popped_from", None) or (job.origin if job else None)
     queue = queue if queue in QUEUE_NAMES else None
-    return task_execute(task_id=int(task_id), worker_name=worker_name, queue=queue).as_result()
+    claimed = getattr(job, "claimed_task", None)  # queues.worker claims before rq's bookkeeping
+    return task_execute(task_id=int(task_id), worker_name=worker_name, queue=queue, claimed=claimed).as_result()
 
 
 def bulk_operation(operation_id: int) -> dict:

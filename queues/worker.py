@@ -29,13 +29,16 @@ import socket
 import threading
 import time
 
-from django.db import close_old_connections, connection as database_connection
+from datetime import timedelta
+
+from django.db import DatabaseError, close_old_connections, connection as database_connection
 from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
 from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker
 
 from queues import control, execution
-from queues.broker import CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
+from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
 
 ALIVE_TTL = 10  # seconds a liveness key outlives its last refresh
@@ -123,6 +126,9 @@ class CaptionWorker(SimpleWorker):
     def request_force_stop(self, signum, frame):
         """A second SIGTERM/SIGINT. rq would raise SystemExit wherever the job is, file a dead letter for it and
         exit 0 with its task still PROCESSING; here the task in hand is always given back first."""
+        requested = getattr(self, "_shutdown_requested_date", None)
+        if requested is not None and (rq_now() - requested) < timedelta(seconds=1):
+            return  # one signal delivered twice (to the process group and by the supervisor): rq's own rule
         if execution.captioning_now():
             self.log.warning("Worker %s: stopping at once; the task in hand goes back to its queue", self.name)
             raise WorkerInterrupted("the worker was told to stop at once")
@@ -144,6 +150,17 @@ class CaptionWorker(SimpleWorker):
                 notified = True
             time.sleep(1)
 
+    def handle_payload(self, message):
+        """rq's commands. A shutdown asked for twice (a double click on "restart") must not become "stop at once":
+        rq answers each with a SIGINT, and the second one would interrupt the task in hand."""
+        from rq.command import parse_payload
+
+        payload = parse_payload(message)
+        if payload.get("command") == "shutdown" and self._stop_requested:
+            self.log.info("Worker %s: already stopping after its job; shutdown request ignored", self.name)
+            return
+        return super().handle_payload(message)
+
     def execute_job(self, job, queue):
         if job.origin and job.origin != queue.name:
             # Left behind in this queue when the task's job was published on another one (a priority change):
@@ -151,12 +168,53 @@ class CaptionWorker(SimpleWorker):
             self.log.info("Worker %s: %s was moved to %s; dropping its old entry in %s", self.name, job.id,
                           job.origin, queue.name)
             return
-        job.popped_from = queue.name  # read by queues.jobs.caption_task for the claim
+        claimed = None
+        try:
+            is_caption = job.func_name == CAPTION_CALLABLE
+        except Exception:
+            is_caption = False  # not our JSON: rq runs it through CaptionJob, which refuses it without running it
+        if is_caption:
+            # Claim before rq's bookkeeping touches the job: a refused claim (the task ran already, was cancelled,
+            # moved, or is waiting for a retry) then leaves the job hash as it is, which a live publication of the
+            # same job id may share.
+            claimed = self._claim(job, queue)
+            if claimed is None:
+                return
+            job.claimed_task = claimed  # read by queues.jobs.caption_task
         self._job_in_hand = True
         try:
             return super().execute_job(job, queue)
         finally:
             self._job_in_hand = False
+            if claimed is not None:
+                execution.attempt_finished(claimed)
+
+    def _claim(self, job, queue):
+        close_old_connections()
+        try:
+            task_id = int(job.args[0])
+        except (IndexError, TypeError, ValueError):
+            return None  # not one of ours: rq files it as failed through CaptionJob's checks when it runs
+        try:
+            claimed = execution.task_claim(task_id=task_id, worker_name=self.name, queue=queue.name)
+        except DatabaseError:
+            # The database is away: put the job back at the front of its queue and wait, rather than burn through
+            # the queue filing every job as failed.
+            self.log.warning("Worker %s: database unreachable; %s goes back to the front of %s", self.name, job.id,
+                             queue.name, exc_info=True)
+            try:
+                database_connection.close()
+            except Exception:
+                pass
+            self.connection.lpush(queue.key, job.id)
+            time.sleep(1)
+            return None
+        if claimed is None:
+            self.log.info("Worker %s: %s is not claimable (done, cancelled, moved or not due); skipped", self.name,
+                          job.id)
+            return None
+        execution.attempt_started(claimed)
+        return claimed
 
     def kill_horse(self, sig=None):
         """rq's stop-job command lands here (from the command thread); interrupt the job in the main thread."""

@@ -80,3 +80,38 @@ def test_retiring_a_slot_twice_signals_its_worker_once(tmp_path, db):
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_worker_signalled_twice_on_the_last_attempt_gives_the_task_back(redis, pool, http_server, png_bytes,
+                                                                          settings):
+    import os
+    import signal
+
+    from queues import broker
+
+    image = slow_ollama(http_server, png_bytes, delay=6)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, RQ_MAX_RETRIES="0")
+    settings.RQ_MAX_RETRIES = 0  # one attempt: rq's cold shutdown would dead-letter it
+    try:
+        group.start()
+        wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+        task = task_submit(image_ref=image)
+        running = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first(), 20,
+                           "the task to start")
+        time.sleep(0.5)
+        pid = broker.alive_states([running.worker_name])[running.worker_name]["pid"]
+        os.kill(pid, signal.SIGTERM)  # e.g. an operator's kill, or a unit without KillMode=mixed
+        time.sleep(1.5)
+        os.kill(pid, signal.SIGTERM)
+        done = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status__in=[TaskStatus.COMPLETED,
+                                                                                    TaskStatus.FAILED]).first(),
+                        40, "the task to end")
+        assert done.status == TaskStatus.COMPLETED and done.attempts == 1
+        assert list(done.events.order_by("id").values_list("kind", flat=True)) == [
+            TaskEvent.Kind.RETRY_SCHEDULED, TaskEvent.Kind.COMPLETED]
+        assert redis.zcard(FailedJobRegistry("normal", connection=redis).key) == 0
+    except AssertionError:
+        print(group.output()[-20000:])
+        raise
+    finally:
+        group.stop_all()
