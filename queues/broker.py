@@ -324,6 +324,7 @@ def alive_states(worker_names: list[str]) -> dict[str, dict | None]:
 
 CAPTIONER_PROBLEM_KEY = "portal:captioner:problem"
 CAPTIONER_PROBLEM_TTL = 300
+_problem_seen = {"until": 0.0, "present": False}  # this process' view, refreshed at most every 5 s
 
 
 def captioner_problem_report(message: str) -> None:
@@ -334,6 +335,21 @@ def captioner_problem_report(message: str) -> None:
     try:
         get_connection().set(CAPTIONER_PROBLEM_KEY, json.dumps({"message": message[:500], "at": time.time()}),
                              ex=CAPTIONER_PROBLEM_TTL)
+        _problem_seen["present"] = True
+    except (BrokerUnavailable, *REDIS_ERRORS):
+        pass
+
+
+def captioner_problem_over() -> None:
+    """After a caption succeeded: a reported problem is over. Looks at most every 5 s per process, so a success
+    costs no round trip while nothing is reported."""
+    now = time.monotonic()
+    try:
+        if _problem_seen["until"] <= now:
+            _problem_seen.update(until=now + 5, present=bool(get_connection().exists(CAPTIONER_PROBLEM_KEY)))
+        if _problem_seen["present"]:
+            get_connection().delete(CAPTIONER_PROBLEM_KEY)
+            _problem_seen["present"] = False
     except (BrokerUnavailable, *REDIS_ERRORS):
         pass
 

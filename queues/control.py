@@ -19,7 +19,9 @@ from queues.models import QUEUE_ORDER, QueueState
 logger = logging.getLogger(__name__)
 
 CACHE_SECONDS = 1.0
-_cache: dict = {"until": 0.0, "paused": frozenset()}
+# Until the database has been read once, a worker takes itself as suspended: a worker started while the database is
+# away must not work through queues an operator paused.
+_cache: dict = {"until": 0.0, "paused": frozenset({QueueState.ALL})}
 
 
 def clear_cache() -> None:

@@ -216,6 +216,9 @@ def _record_success(task: CaptionTask, caption: str, *, started: float) -> Outco
     if not updated:
         return Outcome("skipped", "a newer attempt owns the task")
     _announce(task, "completed", started)
+    from queues import broker
+
+    broker.captioner_problem_over()
     return Outcome("completed")
 
 
@@ -240,7 +243,8 @@ def _give_back(task: CaptionTask, error: BaseException, started: float) -> Outco
 
 def _hold(task: CaptionTask, error: CaptionerMisconfigured, started: float) -> Outcome:
     """Gives the task back without using an attempt: it waits ``HOLD_SECONDS`` and is tried again, until the
-    captioner is fixed. The problem is reported for health and the admin."""
+    captioner is fixed. The problem is reported for health and the admin; while it is, the relay publishes one held
+    task per pass as a probe instead of the whole backlog (queues.services.tasks_relay_once)."""
     from queues import broker
 
     now = timezone.now()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 import sqlite3
+from datetime import datetime, timezone as dt_timezone
+
+from django.conf import settings
 
 from django.db import connections, models, transaction
 from django.db.models.functions import Now
@@ -14,6 +16,16 @@ def _update_returning(connection) -> bool:
     if connection.vendor == "postgresql":
         return True
     return connection.vendor == "sqlite" and sqlite3.sqlite_version_info >= (3, 35)
+
+
+def database_now(connection) -> datetime:
+    """The database's clock now (aware, UTC)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {database_now_sql(connection)}", [])
+        value = cursor.fetchone()[0]
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=dt_timezone.utc) if value.tzinfo is None else value
 
 
 def database_now_sql(connection, *, offset_seconds: int = 0) -> str:
@@ -139,11 +151,12 @@ class CaptionTaskQuerySet(models.QuerySet):
         return ids
 
     def transition(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False,
-                   returning: tuple[str, ...] = ()):
+                   returning: tuple[str, ...] = (), database_now_at_most=None):
         """Sets ``changes`` on one row if it still has the values in ``expect``; returns whether it changed.
 
         ``expect`` values are compared for equality, or are ``NOT_NULL`` or ``AtMost(value)`` (the value may be a
-        ``DatabaseNow``); a ``changes`` value may be a ``DatabaseNow``.
+        ``DatabaseNow``); a ``changes`` value may be a ``DatabaseNow``. ``database_now_at_most`` (a datetime): change
+        nothing if the database's clock, when the statement runs, is past it (a statement that waited on a lock).
 
         The conditional update every state change of a task goes through (claim, complete, retry, fail). Written
         as one parameterised UPDATE instead of ``filter().update()`` because it runs several times per job in
@@ -180,6 +193,9 @@ class CaptionTaskQuerySet(models.QuerySet):
                     continue
             conditions.append(f"{quote(field.column)} {operator} %s")
             params.append(field.get_db_prep_value(value, connection))
+        if database_now_at_most is not None:
+            conditions.append(f"{database_now_sql(connection)} <= %s")
+            params.append(connection.ops.adapt_datetimefield_value(database_now_at_most))
         sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
                f"WHERE {' AND '.join(conditions)}")
         if not returning:

@@ -39,7 +39,8 @@ from django.utils import timezone
 
 from queues import broker
 from queues.execution import retry_delay
-from queues.models import AtMost, CaptionTask, DatabaseNow, FleetEvent, TaskEvent, TaskStatus, database_now_sql
+from queues.models import (AtMost, CaptionTask, DatabaseNow, FleetEvent, TaskEvent, TaskStatus, database_now,
+                           database_now_sql)
 from queues.operations import bulk_operations_recover
 from queues.services import tasks_publish
 from queues.signals import attempt_ended
@@ -56,6 +57,7 @@ CONFIRM_AFTER = 4.0
 CHECK_PAGE = 1000
 CHECKS_PER_PASS = 10_000
 SUSPECTS_KEY = "portal:reconcile:suspects"
+SEEN_KEY = "portal:reconcile:database-seen"
 CURSOR_KEY = "portal:reconcile:cursor"
 ENDED_JOB_STATES = {"started", "finished", "failed", "stopped", "canceled"}
 
@@ -78,26 +80,29 @@ REDRIVE_FIELDS = ("pk", "priority", "attempts", "worker_name", "started_at", "cl
 
 
 def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | None = None,
-                 lease_expired_only: bool = False) -> bool:
+                 lease_expired_only: bool = False, judged_at: datetime | None = None) -> bool:
     """Ends a ``PROCESSING`` attempt whose worker is gone. Returns False if the attempt had already ended (or, with
-    ``lease_expired_only``, if its worker renewed the lease meanwhile)."""
+    ``lease_expired_only``, if its worker renewed the lease meanwhile, or if the statement only ran more than a
+    second after ``judged_at``, the database's time of the judgement: it waited on a lock, and the workers' own
+    renewals were waiting behind the same lock)."""
     now = timezone.now()
     exhausted = task.attempts > settings.RQ_MAX_RETRIES
     message = f"worker {task.worker_name or '?'} stopped while running the task ({reason})"
     expect = {"status": TaskStatus.PROCESSING, "claim_token": task.claim_token}
     if lease_expired_only:
         expect["heartbeat_at"] = AtMost(DatabaseNow(-TASK_LEASE_SECONDS))
+    not_after = judged_at + timedelta(seconds=1) if judged_at is not None else None
     with transaction.atomic():
         if exhausted:
             changed = CaptionTask.objects.transition(
-                task.pk, expect=expect,
+                task.pk, expect=expect, database_now_at_most=not_after,
                 changes={"status": TaskStatus.FAILED, "finished_at": now, "last_error_class": "WorkerLost",
                          "last_error_message": message, "updated_at": now})
             detail = f"worker lost on attempt {task.attempts}; no retries left"
         else:
             delay = retry_delay(task.attempts)
             changed = CaptionTask.objects.transition(
-                task.pk, expect=expect,
+                task.pk, expect=expect, database_now_at_most=not_after,
                 changes={"status": TaskStatus.QUEUED, "published_at": None,
                          "publish_after": now + timedelta(seconds=delay), "last_error_class": "WorkerLost",
                          "last_error_message": message, "updated_at": now})
@@ -134,12 +139,13 @@ def tasks_recover_from_worker(*, worker_name: str, reason: str) -> ReconcileResu
     return result
 
 
-def tasks_reconcile(*, now=None, budget: float | None = None) -> ReconcileResult:
+def tasks_reconcile(*, now=None, budget: float | None = None, interval: float = 5.0) -> ReconcileResult:
     """One repair pass (see the module docstring). ``budget``: seconds after which the lost-job check stops for
-    this pass. Raises BrokerUnavailable (or a Redis error) if Redis is unreachable."""
+    this pass; ``interval``: seconds between passes (how long a quiet database is normal). Raises
+    BrokerUnavailable (or a Redis error) if Redis is unreachable."""
     now = now or timezone.now()
     result = ReconcileResult()
-    _redrive_orphans(result)
+    _redrive_orphans(result, interval=interval)
     result.bulk_resumed = bulk_operations_recover().resumed
     _republish_lost(now, result, deadline=time.monotonic() + budget if budget is not None else None)
     if result.changed:
@@ -151,16 +157,46 @@ def tasks_reconcile(*, now=None, budget: float | None = None) -> ReconcileResult
     return result
 
 
-def _redrive_orphans(result: ReconcileResult) -> None:
-    # PROCESSING rows are bounded by the number of workers (each runs one task at a time).
+def _redrive_orphans(result: ReconcileResult, *, interval: float) -> None:
+    """Re-drives attempts whose lease expired, unless the database has just come back.
+
+    After a database outage every lease looks expired: the workers could not renew them, and their first renewals
+    are still on the way. Judging then would hand every running task to a second worker. So nothing is judged on a
+    pass that (a) comes more than ``2 x interval + 5`` seconds of database time after the previous pass (the
+    reconciler could not reach the database meanwhile), or (b) waited more than a second for the database itself;
+    and each re-drive is refused if it runs more than a second after its judgement (it waited on a lock).
+    """
     connection = connections[CaptionTask.objects.db]
+    started = time.monotonic()
+    judged_at = database_now(connection)
+    previous = _swap_seen(judged_at)
     lease_start = RawSQL(database_now_sql(connection, offset_seconds=-TASK_LEASE_SECONDS), (),
                          output_field=DateTimeField())
     expired = list(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, heartbeat_at__lt=lease_start)
                    .only(*REDRIVE_FIELDS)[:10_000])
+    if not expired:
+        return
+    gap = (judged_at - previous).total_seconds() if previous else 0.0
+    if gap > 2 * interval + 5 or time.monotonic() - started > 1.0:
+        logger.warning("the database was away or slow (%.1f s since the last pass); %d expired lease(s) are judged "
+                       "on the next pass, after their workers had a chance to renew them", gap, len(expired))
+        return
     for task in expired:
         task_redrive(task=task, reason=f"no heartbeat for over {TASK_LEASE_SECONDS} s", result=result,
-                     lease_expired_only=True)
+                     lease_expired_only=True, judged_at=judged_at)
+
+
+def _swap_seen(now: datetime) -> datetime | None:
+    """Records the database time of this pass in Redis and returns the previous pass' (None if unknown)."""
+    try:
+        raw = broker.get_connection().getset(SEEN_KEY, now.isoformat())
+        broker.get_connection().expire(SEEN_KEY, 3600)
+    except broker.REDIS_ERRORS:
+        return None
+    try:
+        return datetime.fromisoformat(raw.decode()) if raw else None
+    except ValueError:
+        return None
 
 
 # --- jobs lost from Redis -----------------------------------------------------------------------------------------
@@ -180,7 +216,8 @@ def _job_states(task_ids: list[int]) -> list[tuple]:
 
 
 def _queue_heads() -> dict[str, str | None]:
-    """When the job at the head of each queue was enqueued (None for an empty queue): O(queues)."""
+    """When the job at the head of each queue was enqueued: None for an empty queue, "" when unknown (the head is a
+    stale entry whose job now belongs to another queue, or was deleted): O(queues)."""
     connection = broker.get_connection()
     pipe = connection.pipeline(transaction=False)
     for name in broker.QUEUE_NAMES:
@@ -188,11 +225,20 @@ def _queue_heads() -> dict[str, str | None]:
     heads = pipe.execute()
     pipe = connection.pipeline(transaction=False)
     for head in heads:
-        pipe.hget(broker.CaptionJob.redis_job_namespace_prefix + head.decode(), "enqueued_at") if head else \
+        if head:
+            pipe.hmget(broker.CaptionJob.redis_job_namespace_prefix + head.decode(), "enqueued_at", "origin", "status")
+        else:
             pipe.echo("")
-    enqueued = pipe.execute()
-    return {name: (None if head is None else (value.decode() if value else ""))
-            for name, head, value in zip(broker.QUEUE_NAMES, heads, enqueued)}
+    found = {}
+    for name, head, fields in zip(broker.QUEUE_NAMES, heads, pipe.execute()):
+        if head is None:
+            found[name] = None
+            continue
+        enqueued, origin, status = fields
+        # Only a head whose job really waits in this queue says where the queue's FIFO has got to.
+        usable = origin is not None and origin.decode() == name and status == b"queued" and enqueued
+        found[name] = enqueued.decode() if usable else ""
+    return found
 
 
 def _is_lost(state, priority: str, heads: dict[str, str | None]) -> bool:
@@ -209,7 +255,12 @@ def _is_lost(state, priority: str, heads: dict[str, str | None]) -> bool:
         return True  # its queue is empty, yet the job says it waits there
     # rq writes enqueued_at as ISO text in UTC, so the strings compare in time order. A head enqueued later than
     # this job (by more than the publishers' possible skew) means this job was popped already.
-    return bool(head and enqueued_at) and _parse(enqueued_at) < _parse(head) - timedelta(seconds=5)
+    if not (head and enqueued_at):
+        return False
+    try:
+        return _parse(enqueued_at) < _parse(head) - timedelta(seconds=5)
+    except ValueError:
+        return False  # a timestamp rq did not write: not evidence either way
 
 
 def _parse(text: str) -> datetime:

@@ -230,9 +230,13 @@ def tasks_relay_once(*, batch_size: int = RELAY_BATCH_SIZE, now=None, budget: fl
     """
     if not broker.ping():
         raise BrokerUnavailable("Redis does not answer PING")
+    if broker.captioner_problem():
+        # The captioner is misconfigured: every task would only be held again. One task per pass probes whether it
+        # has been fixed (its success clears the problem); the rest wait.
+        batch_size, budget = 1, 0.0
     published = 0
     deadline = time.monotonic() + budget if budget is not None else None
-    while deadline is None or time.monotonic() < deadline:
+    while published == 0 or deadline is None or time.monotonic() < deadline:
         batch = list(CaptionTask.objects.due_for_publishing(now).order_by("publish_after", "pk")
                      .values_list("pk", "priority")[:batch_size])
         if not batch:

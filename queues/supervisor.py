@@ -71,6 +71,7 @@ RENEW_SCRIPT = ("local holder = redis.call('get', KEYS[1]) "
                 "else return 0 end")
 RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 STABLE_AFTER = 60.0  # seconds a worker must run before its crash counter resets
+PENDING_TRIES = 120  # a record refused this many times in a row (about a minute) is dropped, with a log line
 MAX_RESTART_DELAY = 60.0
 
 
@@ -139,6 +140,7 @@ class Supervisor:
         self.pools: dict[str, PoolSettings] | None = None  # None until the duties thread has read them once
         self._outbox: queue.Queue = queue.Queue()  # (kind, payload) for the duties thread to record
         self._pending: list[tuple[str, dict]] = []  # taken from the outbox, not yet recorded (database away)
+        self._pending_tries = 0
         self._duties_stop = threading.Event()
         self._quiet_until = 0.0  # no new slots before this (monotonic): Redis just came back
         self._registered = False
@@ -185,7 +187,8 @@ class Supervisor:
         try:
             if pools is not None:
                 connection = self._redis()
-                now = time.time()
+                seconds, microseconds = connection.time()  # Redis' clock: hosts' clocks may disagree
+                now = seconds + microseconds / 1e6
                 self._heartbeat(connection, now)
                 self._renew_or_release(connection, pools)
                 if time.monotonic() >= self._quiet_until:
@@ -203,17 +206,17 @@ class Supervisor:
     def _duties_loop(self) -> None:
         while not self._duties_stop.is_set():
             started = time.monotonic()
-            try:
-                close_old_connections()
-                self._read_pools()
-                self._record_pending()
-                self._periodic()
-            except DatabaseError as error:
-                service_unavailable.send(sender=Supervisor, service="database", where="supervisor")
-                logger.warning("database unreachable; the fleet keeps running, records wait: %s", error)
-                self._drop_database_connection()
-            except Exception:
-                logger.exception("supervisor duties failed; trying again")
+            for duty in (self._read_pools, self._record_pending, self._periodic):
+                try:
+                    close_old_connections()
+                    duty()
+                except DatabaseError as error:
+                    service_unavailable.send(sender=Supervisor, service="database", where="supervisor")
+                    logger.warning("database unreachable; the fleet keeps running, records wait: %s", error)
+                    self._drop_database_connection()
+                    break
+                except Exception:
+                    logger.exception("supervisor duty %s failed; trying again", duty.__name__)
             self._duties_stop.wait(max(0.05, self.interval - (time.monotonic() - started)))
         self._drop_database_connection()
 
@@ -241,6 +244,7 @@ class Supervisor:
                 break
         while self._pending:
             kind, payload = self._pending[0]
+            self._pending_tries += 1
             try:
                 if kind == "recover":
                     tasks_recover_from_worker(worker_name=payload["worker_name"], reason=payload["reason"])
@@ -254,12 +258,15 @@ class Supervisor:
                     pool = WorkerPool.objects.filter(name=pool_name).first() if pool_name else None
                     FleetEvent.objects.create(pool=pool, **fields)
             except DatabaseError:
-                if final:
-                    logger.exception("could not record %s on stopping; lost: %s", kind, payload)
+                if final or self._pending_tries >= PENDING_TRIES:
+                    # On stopping, or refused too often (not an outage: a row the database will never take).
+                    logger.exception("could not record %s; dropped: %s", kind, payload)
                     self._pending.pop(0)
+                    self._pending_tries = 0
                     continue
                 raise
             self._pending.pop(0)
+            self._pending_tries = 0
 
     # --- leases --------------------------------------------------------------------------------------------------
     def _heartbeat(self, connection, now: float) -> None:
@@ -350,7 +357,8 @@ class Supervisor:
     # --- processes ---------------------------------------------------------------------------------------------
     def _start(self, slot: Slot, *, reason: str) -> None:
         kind = FleetEvent.Kind.WORKER_RESTARTED if slot.worker_name else FleetEvent.Kind.WORKER_STARTED
-        slot.worker_name = f"{slot.pool}.{self.host}.{slot.index}.{uuid.uuid4().hex[:6]}"
+        # At most 200 characters (the task and event columns): a long host name is cut, never the unique tail.
+        slot.worker_name = f"{slot.pool[:50]}.{self.host[:120]}.{slot.index}.{uuid.uuid4().hex[:6]}"
         command = [sys.executable, str(settings.BASE_DIR / "manage.py"), "rqworker", *slot.queues,
                    "--name", slot.worker_name, "--verbosity", str(self.worker_verbosity)]
         slot.process = subprocess.Popen(command, env={**os.environ, "PORTAL_WORKER_POOL": slot.pool},
@@ -379,6 +387,8 @@ class Supervisor:
             self.retiring.append(slot)
         elif slot.worker_name:
             self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=reason)
+            if slot.process is not None:
+                self._recover(slot, f"worker exited ({reason})")
 
     def _manage_processes(self) -> None:
         now = time.monotonic()
@@ -441,16 +451,12 @@ class Supervisor:
             "reason": reason[:500], "figures": {"slot": slot.index, "supervisor": self.id, **(figures or {})}}))
 
     # --- fleet-wide duties (in the duties thread) -------------------------------------------------------------------
-    def _locked(self, connection, name: str, seconds: float, duty) -> None:
-        """Runs ``duty(budget)`` if this supervisor wins the duty's lock for ``seconds``; the duty stops within its
-        budget (half the lock), and the lock is released when it ends, so passes of two supervisors never overlap."""
-        lock = PREFIX + "lock:" + name
-        if not connection.set(lock, self.id, nx=True, px=int(seconds * 1000)):
-            return
-        try:
-            duty(seconds / 2)
-        finally:
-            connection.eval(RELEASE_SCRIPT, 1, lock, self.id)
+    def _locked(self, connection, name: str, interval: float, duty) -> None:
+        """Runs ``duty(budget)`` at most once per ``interval`` across the fleet: the first supervisor to take the
+        duty's key for the interval runs it (the key is left to expire, so the next pass is one interval later
+        whoever runs it). The budget, 0.6 of the interval, keeps a pass from overlapping the next one."""
+        if connection.set(PREFIX + "lock:" + name, self.id, nx=True, px=int(interval * 1000)):
+            duty(interval * 0.6)
 
     def _periodic(self) -> None:
         now = time.monotonic()
@@ -458,12 +464,12 @@ class Supervisor:
             connection = broker.get_connection()
             if now >= self._next_relay:
                 self._next_relay = now + self.relay_interval
-                self._locked(connection, "relay", max(2.0, self.relay_interval * 4),
+                self._locked(connection, "relay", self.relay_interval,
                              lambda budget: tasks_relay_once(budget=budget))
             if now >= self._next_reconcile:
                 self._next_reconcile = now + self.reconcile_interval
-                self._locked(connection, "reconcile", max(4.0, self.reconcile_interval),
-                             lambda budget: tasks_reconcile(budget=budget))
+                self._locked(connection, "reconcile", self.reconcile_interval,
+                             lambda budget: tasks_reconcile(budget=budget, interval=self.reconcile_interval))
             if now >= self._next_autoscale and not self.stopping:
                 self._next_autoscale = now + self.autoscale_interval
                 if connection.set(PREFIX + "lock:autoscale", self.id, nx=True,

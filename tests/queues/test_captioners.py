@@ -144,6 +144,9 @@ def test_missing_ollama_model_holds_the_backlog_instead_of_dead_lettering_it(red
 
     http_server.route("/api/generate", respond(200, b'{"response": "A cat."}', "application/json"))  # pulled
     CaptionTask.objects.update(publish_after=timezone.now())  # the hold is over
-    tasks_relay_once()
+    assert tasks_relay_once() == 1  # while the problem stands, one task per pass probes it
+    run_worker()  # the probe succeeds: the problem is over
+    assert broker.captioner_problem() is None
+    assert tasks_relay_once() == 4
     run_worker()
     assert set(tasks.values_list("status", "attempts", "caption")) == {(TaskStatus.COMPLETED, 1, "A cat.")}
