@@ -148,3 +148,32 @@ def test_a_relay_pass_over_100000_tasks_leaves_every_worker_running(redis, pool,
         raise
     finally:
         group.stop_all()
+
+
+def test_a_task_running_through_a_database_outage_runs_once(redis, pool, http_server, png_bytes):
+    from queues.models import TaskEvent, TaskStatus
+    from queues.services import task_submit
+    from tests.processes import slow_ollama
+
+    image = slow_ollama(http_server, png_bytes, delay=28)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        group.start(), group.start()  # the reconciler runs on either
+        pool_scale(pool=pool, desired=2)
+        wait_for(lambda: len(worker_pids(group)) == 2, 30, "two workers")
+        task = task_submit(image_ref=image)
+        running = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first(), 20,
+                           "the task to start")
+        with database_outage():
+            time.sleep(20)  # longer than the 15 s lease: every lease looks expired when the database is back
+        done = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.COMPLETED).first(), 60,
+                        "the task to complete")
+        time.sleep(3)
+        done.refresh_from_db()
+        assert done.attempts == 1 and done.worker_name == running.worker_name
+        assert list(done.events.values_list("kind", flat=True)) == [TaskEvent.Kind.COMPLETED]
+    except AssertionError:
+        print(group.output()[-20000:])
+        raise
+    finally:
+        group.stop_all()
