@@ -13,6 +13,25 @@ def stamp_running_attempts(apps, schema_editor):
     CaptionTask.objects.filter(status="PROCESSING", heartbeat_at=None).update(heartbeat_at=models.F("started_at"))
 
 
+def carry_over_pauses(apps, schema_editor):
+    # Pauses and suspension used to live in Redis only (the set portal:queues:paused, rq's rq:suspended key): carry
+    # them into the rows, so an upgrade does not silently resume what an operator stopped. Redis unreachable while
+    # migrating: nothing to carry over from here (the README's upgrade note says to check the queues page).
+    QueueState = apps.get_model("queues", "QueueState")
+    try:
+        from queues import broker
+
+        connection = broker.get_connection()
+        paused = {name.decode() for name in connection.smembers("portal:queues:paused")}
+        suspended = bool(connection.exists("rq:suspended"))
+    except Exception:
+        return
+    for name in sorted(paused & {"urgent", "high", "normal", "low"}):
+        QueueState.objects.update_or_create(queue=name, defaults={"paused": True})
+    if suspended:
+        QueueState.objects.update_or_create(queue="*", defaults={"paused": True})
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -45,4 +64,5 @@ class Migration(migrations.Migration):
             },
         ),
         migrations.RunPython(stamp_running_attempts, migrations.RunPython.noop),
+        migrations.RunPython(carry_over_pauses, migrations.RunPython.noop),
     ]
