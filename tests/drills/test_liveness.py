@@ -11,18 +11,11 @@ import time
 import pytest
 
 from queues.fleet import pool_scale
-from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus, WorkerPool
+from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus
 from queues.services import task_submit
 from tests.processes import Supervisors, live_workers, parent_pid, slow_ollama, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-@pytest.fixture
-def pool(db):
-    pool, _ = WorkerPool.objects.update_or_create(
-        name="default", defaults={"queues": "urgent high normal low", "desired": 1, "minimum": 1, "maximum": 6})
-    return pool
 
 
 def restart_empty(server, seconds: float) -> None:

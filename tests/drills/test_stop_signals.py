@@ -10,19 +10,12 @@ import pytest
 from rq.registry import FailedJobRegistry
 
 from queues.fleet import worker_restart
-from queues.models import CaptionTask, TaskEvent, TaskStatus, WorkerPool
+from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.services import task_submit
 from queues.supervisor import Slot, Supervisor
 from tests.processes import Supervisors, live_workers, slow_ollama, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-@pytest.fixture
-def pool(db):
-    pool, _ = WorkerPool.objects.update_or_create(
-        name="default", defaults={"queues": "urgent high normal low", "desired": 1, "minimum": 1, "maximum": 6})
-    return pool
 
 
 def test_double_restart_click_gives_the_task_back_instead_of_abandoning_it(redis, pool, http_server, png_bytes,

@@ -17,17 +17,10 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from queues.fleet import pool_scale, processing_set_suspended
-from queues.models import CaptionTask, FleetEvent, WorkerPool
+from queues.models import CaptionTask, FleetEvent
 from tests.processes import Supervisors, parent_pid, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-@pytest.fixture
-def pool(db):
-    pool, _ = WorkerPool.objects.update_or_create(
-        name="default", defaults={"queues": "urgent high normal low", "desired": 1, "minimum": 1, "maximum": 6})
-    return pool
 
 
 def worker_pids(supervisors) -> set[int]:

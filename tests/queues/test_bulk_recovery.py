@@ -9,26 +9,15 @@ from datetime import timedelta
 
 import pytest
 from django.conf import settings
-from django.db import close_old_connections
 from django.utils import timezone
 
 from queues import broker
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskEvent, TaskStatus
 from queues.operations import BATCH, BULK_MAX_RUNS, bulk_operation_start, bulk_operations_recover
 from tests.conftest import run_worker, subprocess_env
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_for(predicate, timeout: float, message: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        close_old_connections()
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s: {message}")
 
 
 def start_urgent_worker() -> subprocess.Popen:
@@ -56,7 +45,7 @@ def test_operation_left_running_by_a_killed_worker_is_resumed_and_completes(redi
     worker = start_urgent_worker()
     try:
         wait_for(lambda: BulkOperation.objects.get(pk=operation.pk).processed >= 2 * BATCH, 60,
-                 "the first worker to get through two batches")
+                 "the first worker to get through two batches", interval=0.02)
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
     finally:
