@@ -168,7 +168,8 @@ class Supervisor:
             self.shutdown()
             self._duties_stop.set()
             duties.join(30)
-            self._record_pending(final=True)
+            if not duties.is_alive():  # else it still owns the records (a duty stuck on a hanging database)
+                self._record_pending(final=True)
 
     def _request_stop(self, signum, frame):
         if self.stopping:

@@ -35,7 +35,7 @@ from django.db import DatabaseError, close_old_connections, connection as databa
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.exceptions import StopRequested
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, WorkerStatus
 
 from queues import control, execution
 from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
@@ -147,8 +147,11 @@ class CaptionWorker(SimpleWorker):
                 raise StopRequested
             if not notified:
                 self.log.info("Worker %s: processing is suspended; waiting", self.name)
-                notified = True
+                before, notified = self.get_state(), True
+                self.set_state(WorkerStatus.SUSPENDED)  # what rq's own check shows on the live workers page
             time.sleep(1)
+        if notified:
+            self.set_state(before)
 
     def handle_payload(self, message):
         """rq's commands. A shutdown asked for twice (a double click on "restart") must not become "stop at once":
