@@ -435,9 +435,24 @@ def queue_drop(queue_name: str) -> None:
     get_connection().unlink(Queue.redis_queue_namespace_prefix + queue_name)
 
 
+def bulk_operation_waiting(operation_id: int) -> bool:
+    """Whether ``bulk-<id>`` still waits in Redis (its job hash says queued): then it needs no second job."""
+    return get_connection().hget(CaptionJob.redis_job_namespace_prefix + f"bulk-{operation_id}", "status") == b"queued"
+
+
 def enqueue_bulk_operation(operation_id: int) -> None:
+    """Enqueues ``bulk-<id>`` on ``urgent``. A run that died left its id in the started registry: it is removed
+    first, so rq's maintenance cannot later file the new run's job as abandoned."""
+    from rq.registry import StartedJobRegistry
+
     try:
         queue = get_queue("urgent")
+        try:
+            previous = CaptionJob.fetch(f"bulk-{operation_id}", connection=queue.connection)
+            StartedJobRegistry("urgent", connection=queue.connection, job_class=CaptionJob,
+                               serializer=JSONSerializer).remove_executions(previous)
+        except NoSuchJobError:
+            pass
         queue.enqueue_many([Queue.prepare_data(BULK_CALLABLE, args=(operation_id,),
                                                job_id=f"bulk-{operation_id}", timeout=3600,
                                                result_ttl=settings.RQ_RESULT_TTL, description="bulk operation")])

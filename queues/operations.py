@@ -438,8 +438,10 @@ def bulk_operations_recover(*, lease: timedelta = BULK_LEASE) -> BulkRecovery:
             continue
         if state == BulkOperation.State.RUNNING:
             message = f"Resumed after task {checkpoint}: run {runs} gave no sign of life for {lease}."
+        elif broker.bulk_operation_waiting(pk):
+            continue  # its job is still queued (behind other urgent work, or urgent is paused): nothing was lost
         else:
-            message = f"Enqueued again: still waiting after {lease} (its job may have been lost with Redis' data)."
+            message = f"Enqueued again: still waiting after {lease} (its job was lost with Redis' data)."
         if unchanged.update(state=BulkOperation.State.PENDING, heartbeat_at=UtcNow(), message=message) != 1:
             continue  # its run renewed the heartbeat meanwhile, or another process recovered it
         audit(user=None, action="bulk_operation_resumed", target=f"bulk operation {pk}",

@@ -96,6 +96,23 @@ def test_pending_operation_whose_job_redis_lost_is_enqueued_again(redis, media_i
     assert CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() == 5
 
 
+def test_pending_operation_waiting_behind_other_work_is_left_alone(redis, media_image, admin_user):
+    from queues.operations import queue_set_paused
+
+    ids = [task.pk for task in CaptionTask.objects.bulk_create(
+        [CaptionTask(image_ref=media_image(), status=TaskStatus.FAILED) for _ in range(5)])]
+    queue_set_paused(queue_name="urgent", paused=True)  # its job waits, as behind a long stretch of urgent work
+    operation = bulk_operation_start(kind=BulkOperation.Kind.REQUEUE, task_ids=ids, user=admin_user)
+    time.sleep(1.2)
+    assert bulk_operations_recover(lease=timedelta(seconds=1)).resumed == []
+    assert broker.queue_lengths()["urgent"] == 1  # no second job
+    assert not AuditEntry.objects.filter(action="bulk_operation_resumed").exists()
+    queue_set_paused(queue_name="urgent", paused=False)
+    run_worker()
+    operation.refresh_from_db()
+    assert (operation.state, operation.changed) == (BulkOperation.State.DONE, 5)
+
+
 def test_operation_whose_runs_keep_dying_is_given_up(redis, admin_user):
     operation = BulkOperation.objects.create(kind=BulkOperation.Kind.CANCEL, task_ids="1,2,3", total=3,
                                              state=BulkOperation.State.RUNNING, runs=BULK_MAX_RUNS, checkpoint=2,
