@@ -161,42 +161,52 @@ def _redrive_orphans(result: ReconcileResult, *, interval: float) -> None:
     """Re-drives attempts whose lease expired, unless the database has just come back.
 
     After a database outage every lease looks expired: the workers could not renew them, and their first renewals
-    are still on the way. Judging then would hand every running task to a second worker. So nothing is judged on a
-    pass that (a) comes more than ``2 x interval + 5`` seconds of database time after the previous pass (the
-    reconciler could not reach the database meanwhile), or (b) waited more than a second for the database itself;
-    and each re-drive is refused if it runs more than a second after its judgement (it waited on a lock).
+    are still on the way. Judging then would hand every running task to a second worker. So leases are judged only
+    on a pass that follows a healthy pass: one that ran at most ``2 x interval + 5`` seconds of database time before
+    (the reconciler reached the database meanwhile) and whose statements did not wait (more than a second in all).
+    And each re-drive is refused if it runs more than a second after its judgement (it waited on a lock, behind
+    which the workers' renewals were waiting too).
     """
     connection = connections[CaptionTask.objects.db]
     started = time.monotonic()
     judged_at = database_now(connection)
-    previous = _swap_seen(judged_at)
+    previous_at, previous_healthy = _previous_pass()
+    gap = (judged_at - previous_at).total_seconds() if previous_at else 0.0
+    trusted = previous_healthy and gap <= 2 * interval + 5
     lease_start = RawSQL(database_now_sql(connection, offset_seconds=-TASK_LEASE_SECONDS), (),
                          output_field=DateTimeField())
     expired = list(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, heartbeat_at__lt=lease_start)
                    .only(*REDRIVE_FIELDS)[:10_000])
-    if not expired:
-        return
-    gap = (judged_at - previous).total_seconds() if previous else 0.0
-    if gap > 2 * interval + 5 or time.monotonic() - started > 1.0:
+    if expired and trusted and time.monotonic() - started <= 1.0:
+        for task in expired:
+            task_redrive(task=task, reason=f"no heartbeat for over {TASK_LEASE_SECONDS} s", result=result,
+                         lease_expired_only=True, judged_at=judged_at)
+    elif expired:
         logger.warning("the database was away or slow (%.1f s since the last pass); %d expired lease(s) are judged "
-                       "on the next pass, after their workers had a chance to renew them", gap, len(expired))
-        return
-    for task in expired:
-        task_redrive(task=task, reason=f"no heartbeat for over {TASK_LEASE_SECONDS} s", result=result,
-                     lease_expired_only=True, judged_at=judged_at)
+                       "on a later pass, after their workers had a chance to renew them", gap, len(expired))
+    _record_pass(judged_at, healthy=time.monotonic() - started <= 1.0)
 
 
-def _swap_seen(now: datetime) -> datetime | None:
-    """Records the database time of this pass in Redis and returns the previous pass' (None if unknown)."""
+def _previous_pass() -> tuple[datetime | None, bool]:
+    """The database time of the previous pass and whether it was healthy (unknown after a Redis flush: trusted)."""
     try:
-        raw = broker.get_connection().getset(SEEN_KEY, now.isoformat())
-        broker.get_connection().expire(SEEN_KEY, 3600)
+        raw = broker.get_connection().get(SEEN_KEY)
     except broker.REDIS_ERRORS:
-        return None
+        return None, False
+    if not raw:
+        return None, True
     try:
-        return datetime.fromisoformat(raw.decode()) if raw else None
+        stamp, healthy = raw.decode().split("|")
+        return datetime.fromisoformat(stamp), healthy == "1"
     except ValueError:
-        return None
+        return None, True
+
+
+def _record_pass(at: datetime, *, healthy: bool) -> None:
+    try:
+        broker.get_connection().set(SEEN_KEY, f"{at.isoformat()}|{int(healthy)}", ex=3600)
+    except broker.REDIS_ERRORS:
+        pass
 
 
 # --- jobs lost from Redis -----------------------------------------------------------------------------------------
