@@ -375,8 +375,8 @@ def send_stop_job(job_id: str) -> None:
 
 
 def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:
-    """Task ids of the caption jobs waiting in a queue, read in pages of ``page`` (a repair, not a page view:
-    the reconciler calls it only when the database expects more jobs than the queue holds)."""
+    """Task ids of the caption jobs waiting in a queue, read in pages of ``page``. O(jobs): for tests and one-off
+    inspection only; the reconciler checks job hashes directly and never walks a list."""
     connection = get_connection()
     key = Queue.redis_queue_namespace_prefix + queue_name
     ids, start = set(), 0
