@@ -13,8 +13,9 @@ RECORDING_RULES = [
     ("rq:queue_length:sum", "sum(rq_queue_length)"),
     ("rq:tasks_completed:rate5m", 'sum(rate(rq_tasks_total{status="completed"}[5m]))'),
     ("rq:tasks_failed:rate5m", 'sum(rate(rq_tasks_total{status="failed"}[5m]))'),
+    # No value while no task ends (a ratio of nothing is not a low success rate).
     ("rq:task_success:ratio5m",
-     'sum(rate(rq_tasks_total{status="completed"}[5m])) / clamp_min(sum(rate(rq_tasks_total{status=~"completed|failed"}[5m])), 1e-9)'),
+     'sum(rate(rq_tasks_total{status="completed"}[5m])) / (sum(rate(rq_tasks_total{status=~"completed|failed"}[5m])) > 0)'),
     ("rq:task_processing_seconds:p95_5m",
      "histogram_quantile(0.95, sum by (le) (rate(rq_task_processing_seconds_bucket[5m])))"),
     ("rq:task_processing_seconds:p50_5m",
@@ -23,40 +24,53 @@ RECORDING_RULES = [
     ("rq:task_wait_seconds:p50_5m", "histogram_quantile(0.5, sum by (le) (rate(rq_task_wait_seconds_bucket[5m])))"),
 ]
 
-ALERTS = [
-    ("RQQueueDepthHigh", "max by (queue) (rq_queue_length) > 100", "5m", "warning",
-     "Queue {{ $labels.queue }} has more than 100 jobs waiting", "Scale the pool or look for stuck workers."),
-    ("RQQueueGrowing", "sum(deriv(rq_queue_length[10m])) > 0 and sum(rq_queue_length) > 0", "10m", "warning",
-     "The backlog has been growing for 10 minutes", "Workers do not keep up with submissions."),
-    ("RQNoWorkers", "rq_workers_active == 0", "1m", "critical", "No caption worker is alive",
-     "Nothing is processing tasks; check runworkers on the worker hosts."),
-    ("RQFewWorkers", "rq_workers_active < 2", "5m", "warning", "Fewer than 2 workers are alive",
-     "The fleet runs below its usual minimum."),
-    ("RQWorkersSaturated", "rq_worker_busy_ratio > 0.9", "10m", "warning", "More than 90 % of workers are busy",
-     "Add workers before the backlog grows."),
-    ("RQSuccessRateLow", "rq:task_success:ratio5m < 0.95", "10m", "critical", "Task success rate below 95 %",
-     "See the dead letters grouped by error class in the admin."),
-    ("RQProcessingSlow", "rq:task_processing_seconds:p95_5m > 60", "10m", "warning",
-     "p95 caption time above 60 s", "The captioning backend is slow or overloaded."),
-    ("RQWaitLong", "rq:task_wait_seconds:p95_5m > 30", "10m", "warning", "p95 queue wait above 30 s",
-     "Tasks wait too long for a worker."),
-    ("RQRedisMemoryHigh", "rq_redis_max_memory_bytes > 0 and rq_redis_used_memory_bytes / rq_redis_max_memory_bytes > 0.8",
-     "5m", "warning", "Redis uses more than 80 % of maxmemory", "Clean up finished jobs or give Redis more memory."),
-    ("RQRedisClientsHigh", "rq_redis_connected_clients / rq_redis_maxclients > 0.9", "5m", "warning",
-     "Redis clients above 90 % of maxclients", "Too many connections: check pools and worker counts."),
-    ("RQFallbackActive", "rq_fallback_active == 1", "2m", "critical",
-     "Tasks cannot be published to Redis", "Tasks wait in the database; the relay publishes them when Redis is back."),
-]
+
+def prometheus_alert_name(rule_name: str) -> str:
+    """Prometheus wants alert names shaped like metric names: "redis-unreachable" becomes "RQRedisUnreachable"."""
+    return "RQ" + "".join(part[:1].upper() + part[1:] for part in rule_name.replace("_", "-").split("-") if part)
 
 
-def prometheus_rules() -> str:
+def _duration(seconds: int) -> str:
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+def prometheus_alerting_rules(*, max_for_seconds: int | None = None) -> list[dict]:
+    """The enabled alert rule rows as Prometheus alerting rules: the same signal, comparison, threshold and
+    duration the portal's evaluator uses (monitoring.alert_rules), with the rule's labels and runbook."""
+    from django.conf import settings
+    from django.urls import reverse
+
+    from monitoring.alert_rules import SIGNALS
+    from monitoring.models import AlertRule
+
+    rules = []
+    for rule in AlertRule.objects.filter(enabled=True).order_by("name"):
+        signal = SIGNALS.get(rule.signal)
+        if signal is None:
+            continue
+        seconds = rule.for_seconds if max_for_seconds is None else min(rule.for_seconds, max_for_seconds)
+        runbook_url = rule.runbook_url or settings.PORTAL_URL + reverse("admin:monitoring_alertrule_change",
+                                                                        args=[rule.pk])
+        entry = {"alert": prometheus_alert_name(rule.name), "expr": signal.condition(rule)}
+        if seconds:
+            entry["for"] = _duration(seconds)
+        entry["labels"] = {"severity": rule.severity, "component": rule.component, "rule": rule.name,
+                           **{str(key): str(value) for key, value in (rule.labels or {}).items()}}
+        entry["annotations"] = {"summary": rule.title, "description": signal.label, "runbook": rule.runbook,
+                                "runbook_url": runbook_url}
+        rules.append(entry)
+    return rules
+
+
+def prometheus_rules(*, max_for_seconds: int | None = None) -> str:
     groups = [
         {"name": "rq-ops-portal.recording", "interval": "30s",
          "rules": [{"record": name, "expr": expr} for name, expr in RECORDING_RULES]},
-        {"name": "rq-ops-portal.alerts", "rules": [
-            {"alert": name, "expr": expr, "for": duration, "labels": {"severity": severity},
-             "annotations": {"summary": summary, "description": description}}
-            for name, expr, duration, severity, summary, description in ALERTS]},
+        {"name": "rq-ops-portal.alerts", "rules": prometheus_alerting_rules(max_for_seconds=max_for_seconds)},
     ]
     return yaml.safe_dump({"groups": groups}, sort_keys=False, width=120)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import DatabaseError
-from django.db.models import Count
+from django.db.models import Count, Min
 from django.utils import timezone
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -79,6 +79,7 @@ class Snapshot:
     workers: list[dict] = field(default_factory=list)
     tasks_by_status: dict[str, int] = field(default_factory=dict)
     overdue_unpublished: bool = False  # queued tasks unpublished for longer than FALLBACK_AFTER_SECONDS
+    oldest_processing_started: datetime | None = None  # the oldest PROCESSING task's start (few rows, indexed)
 
     @property
     def publishing_fallback(self) -> bool:
@@ -128,6 +129,8 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
         overdue = timezone.now() - timedelta(seconds=FALLBACK_AFTER_SECONDS)
         snapshot.overdue_unpublished = CaptionTask.objects.filter(
             status=TaskStatus.QUEUED, published_at__isnull=True, publish_after__lt=overdue).exists()
+        snapshot.oldest_processing_started = CaptionTask.objects.filter(status=TaskStatus.PROCESSING).order_by() \
+            .aggregate(oldest=Min("started_at"))["oldest"]
         snapshot.database_ok = True
         note_available(service="database")
     except DatabaseError as error:
@@ -287,6 +290,16 @@ def families(snapshot: Snapshot):
                                 value=info.get("connected_clients", 0))
         if snapshot.maxclients is not None:
             yield GaugeMetricFamily("rq_redis_maxclients", "Redis maxclients", value=snapshot.maxclients)
+    yield GaugeMetricFamily("rq_redis_up", "1 when Redis answers", value=1 if snapshot.redis_ok else 0)
+    yield GaugeMetricFamily("rq_database_up", "1 when the database answers", value=1 if snapshot.database_ok else 0)
+    from monitoring.health import ORDER, health_report  # health builds on this module
+
+    yield GaugeMetricFamily("rq_health_status", "The health report: 0 healthy, 1 warning, 2 unhealthy",
+                            value=ORDER[health_report(snapshot)["status"]])
+    if snapshot.database_ok:
+        started = snapshot.oldest_processing_started
+        yield GaugeMetricFamily("rq_task_oldest_processing_seconds", "Age of the oldest PROCESSING task (0: none)",
+                                value=max(0.0, (timezone.now() - started).total_seconds()) if started else 0.0)
     healthy = snapshot.redis_ok and snapshot.database_ok and bool(alive)
     yield GaugeMetricFamily("rq_system_health", "1 when Redis and the database answer and workers are alive",
                             value=1 if healthy else 0)

@@ -1,4 +1,9 @@
+import hmac
+import json
+
+from django.conf import settings
 from django.core.cache import cache
+from django.views.decorators.csrf import csrf_exempt
 from django.utils import timezone
 from django.http import HttpResponse, JsonResponse
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -77,3 +82,50 @@ def api_performance(request):
         return JsonResponse(performance(window=request.GET.get("window", "1h")))
     except ValueError as error:
         return JsonResponse({"error": str(error), "field": "window"}, status=400)
+
+
+@get_only
+@metrics_access
+def api_alerts(request):
+    """The current alerts (pending and firing) from the alert rows; the old endpoint's fields plus ours."""
+    from monitoring.alerts import alerts_current
+
+    return JsonResponse(alerts_current())
+
+
+WEBHOOK_MAX_BYTES = 1024 * 1024
+
+
+@csrf_exempt
+def alertmanager_webhook(request):
+    """Prometheus Alertmanager's webhook receiver (payload version 4), with ``Authorization: Bearer
+    <ALERTS_WEBHOOK_TOKEN>``. Every answer is JSON; a malformed body is refused whole (400), nothing written."""
+    from monitoring.alerts import PayloadError, alertmanager_ingest
+
+    if request.method != "POST":
+        response = JsonResponse({"error": f"{request.method} is not allowed on {request.path}; use POST"}, status=405)
+        response["Allow"] = "POST"
+        return response
+    token = settings.ALERTS_WEBHOOK_TOKEN
+    if not token:
+        return JsonResponse({"error": "the Alertmanager webhook is closed: ALERTS_WEBHOOK_TOKEN is not set"},
+                            status=403)
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        response = JsonResponse({"error": "authentication required: 'Authorization: Bearer <ALERTS_WEBHOOK_TOKEN>'"},
+                                status=401)
+        response["WWW-Authenticate"] = 'Bearer realm="alerts"'
+        return response
+    if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+        return JsonResponse({"error": "the bearer token is not valid"}, status=403)
+    if int(request.headers.get("Content-Length") or 0) > WEBHOOK_MAX_BYTES:
+        return JsonResponse({"error": f"the body is larger than {WEBHOOK_MAX_BYTES} bytes"}, status=413)
+    try:
+        payload = json.loads(request.body or b"")
+    except (ValueError, UnicodeDecodeError) as error:
+        return JsonResponse({"error": f"the body is not JSON: {error}"}, status=400)
+    try:
+        result = alertmanager_ingest(payload)
+    except PayloadError as error:
+        return JsonResponse({"error": str(error)}, status=400)
+    return JsonResponse({"status": "ok", **result})

@@ -170,6 +170,30 @@ METRICS_TOKEN = env_str("METRICS_TOKEN")
 if METRICS_TOKEN is not None and len(METRICS_TOKEN) < 16:
     raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters long")
 
+# Alerts. POST /api/alerts/alertmanager (Prometheus Alertmanager's webhook) needs
+# "Authorization: Bearer <ALERTS_WEBHOOK_TOKEN>"; without the token set, the webhook is closed.
+ALERTS_WEBHOOK_TOKEN = env_str("ALERTS_WEBHOOK_TOKEN")
+if ALERTS_WEBHOOK_TOKEN is not None and len(ALERTS_WEBHOOK_TOKEN) < 16:
+    raise ImproperlyConfigured("ALERTS_WEBHOOK_TOKEN must be at least 16 characters long")
+# The portal's own address, for links in notifications ("open the alert") and the exported Alertmanager receiver.
+PORTAL_URL = env_http_url("PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
+# Seconds between alert evaluations (evaluate_alerts, or the supervisor hosting it).
+ALERTS_EVALUATION_INTERVAL = env_float("ALERTS_EVALUATION_INTERVAL", 10.0, minimum=0.5)
+
+# Email notifications: Django's SMTP backend, configured from the environment (the console backend locally).
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend" if not env_str("EMAIL_HOST")
+                        else "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1, maximum=65535)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("EMAIL_USE_TLS and EMAIL_USE_SSL cannot both be true")
+EMAIL_TIMEOUT = env_float("EMAIL_TIMEOUT", 10.0, minimum=1.0)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "rq-ops-portal@localhost")
+
 # Per-minute metric samples are folded into hourly ones after a day and deleted after this many days.
 METRICS_RETENTION_DAYS = env_int("METRICS_RETENTION_DAYS", 30, minimum=1)
 
@@ -196,7 +220,8 @@ RQ = {
 # state (see portal/urls.py). django_rq stays installed for its queue classes and the rqworker command we extend.
 RQ_SHOW_ADMIN_LINK = False
 # The only callables a worker will run. A job in Redis naming anything else fails without running.
-RQ_ALLOWED_CALLABLES = frozenset({"queues.jobs.caption_task", "queues.jobs.bulk_operation"})
+RQ_ALLOWED_CALLABLES = frozenset({"queues.jobs.caption_task", "queues.jobs.bulk_operation",
+                                  "monitoring.jobs.notification_deliver"})
 
 CHANNEL_LAYERS = {
     "default": {

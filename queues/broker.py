@@ -460,6 +460,20 @@ def enqueue_bulk_operation(operation_id: int) -> None:
         raise BrokerUnavailable(str(error)) from error
 
 
+def enqueue_call(callable_name: str, *, args: tuple, job_id: str, queue: str = "urgent", timeout: int = 60,
+                 description: str = "") -> None:
+    """Enqueues one allow-listed callable other than a caption task (alert notifications, for the monitoring app)
+    under a deterministic job id."""
+    if callable_name not in settings.RQ_ALLOWED_CALLABLES:
+        raise ValueError(f"{callable_name} is not in RQ_ALLOWED_CALLABLES")
+    try:
+        get_queue(queue).enqueue_many([Queue.prepare_data(callable_name, args=args, job_id=job_id, timeout=timeout,
+                                                          result_ttl=settings.RQ_RESULT_TTL,
+                                                          description=description)])
+    except REDIS_ERRORS as error:
+        raise BrokerUnavailable(str(error)) from error
+
+
 def registries_clean() -> dict[str, int]:
     """rq's own cleanup of expired registry entries, per queue (an explicit maintenance action)."""
     from rq.registry import clean_registries

@@ -5,12 +5,18 @@ Every page and action checks these permissions on the server; hiding buttons is 
 
 VIEW_QUEUES = ["view_captiontask", "view_taskevent", "view_workerpool", "view_fleetevent", "view_liveworker",
                "view_queueoverview", "view_bulkoperation"]
+# Alert history (the monitoring app): Support reads it; Operators also acknowledge, silence and shelve; Admins
+# (every permission) edit rules, channels, routes and escalation. Channel settings hold webhook URLs and keys, so
+# only Admins see them; everyone sees what was delivered where.
+VIEW_ALERTS = ["view_alert", "view_alertevent", "view_alertrule", "view_silence", "view_notification",
+               "view_deliveryattempt"]
 ROLES = {
     # Admins: every permission of every app.
     "Admins": None,
-    "Operators": VIEW_QUEUES + ["view_auditentry", "add_captiontask", "requeue_task", "cancel_task",
-                                "change_task_priority", "pause_queue", "manage_fleet"],
-    "Support": VIEW_QUEUES,
+    "Operators": VIEW_QUEUES + VIEW_ALERTS + [
+        "view_auditentry", "add_captiontask", "requeue_task", "cancel_task", "change_task_priority", "pause_queue",
+        "manage_fleet", "acknowledge_alert", "add_silence", "change_silence"],
+    "Support": VIEW_QUEUES + VIEW_ALERTS,
 }
 
 

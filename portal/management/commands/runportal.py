@@ -124,6 +124,7 @@ class Command(BaseCommand):
         children.append(Child("supervisor", [python, manage, "runworkers", "--worker-verbosity", "0"],
                               critical=True))
         children.append(Child("sampler", [python, manage, "run_sampler", "--verbosity", "0"]))
+        children.append(Child("alerts", [python, manage, "evaluate_alerts", "--verbosity", "0"]))
         for child in children:
             child.start()
 
@@ -132,7 +133,8 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS(f"\nRQ Ops Portal is running at http://{shown_host}:{port}/admin/"))
             self.stdout.write(login)
             self.stdout.write(f"{workers} worker(s) of pool 'default' are running under the supervisor, which "
-                              "also relays retries and tasks submitted while Redis was down.")
+                              "also relays retries and tasks submitted while Redis was down; alert rules are "
+                              f"evaluated every {settings.ALERTS_EVALUATION_INTERVAL:g} s.")
             self.stdout.write("Submit work with: .venv/bin/python manage.py submit_tasks --count 20")
             self.stdout.write("Press Ctrl-C to stop everything.\n")
             exit_code = self._supervise(children)

@@ -1,0 +1,69 @@
+import json
+import logging
+import signal
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from monitoring.alerts import EvaluatorState, alerts_cycle, lease_release
+
+logger = logging.getLogger("monitoring.alerts")
+
+
+class Command(BaseCommand):
+    help = ("Evaluates the alert rules, plans notifications and hands them to the workers, every "
+            "ALERTS_EVALUATION_INTERVAL seconds. Only one evaluator is active per deployment (a lease in the "
+            "database); others wait and take over when it stops.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--once", action="store_true", help="One pass, print what it did, and exit.")
+        parser.add_argument("--interval", type=float, default=None,
+                            help=f"Seconds between passes (default ALERTS_EVALUATION_INTERVAL, "
+                                 f"{settings.ALERTS_EVALUATION_INTERVAL:g}).")
+
+    def handle(self, *args, once=False, interval=None, **options):
+        interval = settings.ALERTS_EVALUATION_INTERVAL if interval is None else interval
+        if interval <= 0:
+            raise CommandError("--interval must be a positive number of seconds")
+        state = EvaluatorState()
+        if once:
+            report = alerts_cycle(state=state)
+            if state.holding:
+                lease_release(holder=state.holder)
+            if "database" in report:
+                raise CommandError(f"The database is {report['database']}")
+            if not report.get("lease"):
+                raise CommandError(f"Another evaluator ({report.get('holder')}) is active; this pass did nothing. "
+                                   f"It hands over within 30 s of stopping.")
+            self.stdout.write(json.dumps(report, indent=2, default=str))
+            return
+        stopping = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stopping.append(True))
+        if options["verbosity"]:
+            self.stdout.write(f"Alert evaluator {state.holder} running every {interval:g} s; Ctrl-C stops it.")
+        was_holding = None
+        while not stopping:
+            started = time.monotonic()
+            try:
+                report = alerts_cycle(state=state)
+                if state.holding != was_holding:
+                    logger.info("alert evaluator %s: %s", state.holder,
+                                "active" if state.holding else f"standing by ({report.get('holder', '')})")
+                    was_holding = state.holding
+                changes = report.get("evaluation", {}).get("changes")
+                if changes:
+                    logger.info("alerts: %s", "; ".join(changes))
+                if "database" in report:
+                    logger.warning("alert evaluator: the database is %s", report["database"])
+            except Exception:
+                logger.exception("alert evaluation pass failed")
+            deadline = started + interval
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.1)
+        try:
+            if state.holding:
+                lease_release(holder=state.holder)
+        except Exception:
+            pass

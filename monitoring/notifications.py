@@ -1,0 +1,350 @@
+"""Who is told about alerts, and the delivery of each message.
+
+Planning (``notifications_plan``, run by the evaluator after each pass) decides which messages are due and writes
+them as ``Notification`` rows, one per channel and alert group, in the same transaction that marks the alerts as
+notified: a plan is never half done and never done twice.
+
+- First message: a firing alert that is not acknowledged, shelved, silenced or caused by another firing alert, and
+  has not been notified, goes to every enabled channel of the first route that takes it (and of later routes while
+  a route says "continue"). Alerts of one route with equal ``group_by`` labels are one group: the group's message
+  waits until its oldest member has fired ``group_wait`` seconds ago and then carries every member not yet sent.
+- Reminder: a firing alert still unacknowledged ``repeat_interval`` after its last message, again grouped.
+- Resolved: an alert that was notified and has resolved, to the same routes when they ``send_resolved``.
+- Escalation: a firing alert of a policy's severity still unacknowledged ``after_minutes`` after it fired goes to
+  the next level's channels. Each level is a timeline row, even one without channels.
+
+Delivery (``notification_deliver``) is a job on the existing RQ workers (``monitoring.jobs``) when Redis answers,
+and runs in the evaluator's process when it does not, so a Redis outage is still reported. A notification is
+claimed by a conditional update on its attempt count, so a job that runs twice sends once. Transient failures
+(timeouts, 429, 5xx) are retried with backoff (``Notification.BACKOFF_SECONDS``) up to ``MAX_ATTEMPTS``; a permanent
+one (most 4xx, a refused recipient) ends the notification, and a channel with ``DISABLE_AFTER`` permanent failures
+in a row is disabled with the reason shown in the admin. Every send is a ``DeliveryAttempt`` row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.urls import reverse
+from django.utils import timezone
+
+from monitoring.models import (
+    Alert,
+    AlertEvent,
+    DeliveryAttempt,
+    EscalationPolicy,
+    Notification,
+    NotificationChannel,
+    NotificationRoute,
+    Silence,
+)
+
+logger = logging.getLogger(__name__)
+
+# A notification handed to a worker but neither delivered nor given back after this long (its job was lost with a
+# Redis restart, or its worker died mid-send) is handed out again.
+SENDING_LEASE_SECONDS = 120
+# Notifications the evaluator sends itself per pass while Redis does not answer (each can take a timeout).
+INLINE_BUDGET = 20
+SEND_TIMEOUT = 10.0
+
+
+def _alert_url(alert: Alert) -> str:
+    return settings.PORTAL_URL + reverse("admin:monitoring_alert_change", args=[alert.pk])
+
+
+def alert_payload(alert: Alert) -> dict:
+    return {"name": alert.name, "severity": alert.severity, "state": alert.state, "summary": alert.summary,
+            "labels": alert.labels, "annotations": alert.annotations,
+            "started_at": (alert.fired_at or alert.started_at).isoformat(),
+            "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
+            "runbook_url": alert.runbook_url, "url": _alert_url(alert), "fingerprint": alert.fingerprint,
+            "value": alert.value}
+
+
+def message_compose(*, kind: str, alerts: list[Alert], group_key: str, title: str = "") -> dict:
+    """The message body every transport receives (monitoring.transports.Message's fields)."""
+    status = "resolved" if kind == Notification.Kind.RESOLVED else "firing"
+    worst = max((alert.severity for alert in alerts), key=lambda s: ["info", "warning", "error", "critical"].index(s),
+                default="info")
+    names = ", ".join(sorted({alert.summary for alert in alerts}))[:200]
+    prefix = {"firing": "FIRING", "resolved": "RESOLVED", "repeat": "STILL FIRING", "escalation": "ESCALATED",
+              "test": "TEST"}[kind]
+    subject = f"[{prefix}:{len(alerts)}] {worst}: {names}" if alerts else f"[{prefix}] {title}"
+    lines = [title] if title else []
+    for alert in alerts:
+        since = (alert.fired_at or alert.started_at).strftime("%Y-%m-%d %H:%M:%S %Z")
+        ended = f", resolved {alert.resolved_at:%H:%M:%S}" if alert.resolved_at else ""
+        lines.append(f"- [{alert.severity}] {alert.summary} (since {since}{ended})")
+        if alert.rule_id and alert.rule and alert.rule.runbook:
+            lines.append(f"  Runbook: {alert.rule.runbook}")
+        lines.append(f"  {_alert_url(alert)}")
+    portal_url = settings.PORTAL_URL + reverse("admin:monitoring_alert_changelist")
+    return {"kind": kind, "status": status, "subject": subject[:300], "text": "\n".join(lines),
+            "group_key": group_key, "portal_url": portal_url, "alerts": [alert_payload(alert) for alert in alerts]}
+
+
+def _group_key(route: NotificationRoute, alert: Alert) -> str:
+    values = ",".join(f"{label}={alert.labels.get(label, '')}" for label in route.group_by or [])
+    return f"{route.name}:{{{values}}}"[:300]
+
+
+def _quiet(alert: Alert, now: datetime, silences: list[Silence]) -> Silence | str | None:
+    """Why this alert is not to be notified now: a silence, "shelved", "acknowledged", "caused"; None if it is."""
+    if alert.acknowledged_at:
+        return "acknowledged"
+    if alert.is_shelved(now):
+        return "shelved"
+    if alert.inhibited_by_id and alert.inhibited_by and alert.inhibited_by.state == Alert.State.FIRING:
+        return "caused"
+    return next((silence for silence in silences if silence.matches(alert.labels)), None)
+
+
+def _routes_for(alert: Alert, routes: list[NotificationRoute]) -> list[NotificationRoute]:
+    chosen = []
+    for route in routes:
+        if route.takes(alert):
+            chosen.append(route)
+            if not route.continue_matching:
+                break
+    return chosen
+
+
+def _queue(notifications: list, *, channel, route, kind, alerts, group_key, now, title="", user=None) -> None:
+    body = message_compose(kind=kind, alerts=alerts, group_key=group_key, title=title)
+    notifications.append((Notification(channel=channel, route=route, kind=kind, group_key=group_key,
+                                       subject=body["subject"], body=body, next_attempt_at=now, created_at=now,
+                                       created_by=user), alerts))
+
+
+def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
+    """Writes the messages that are due (see the module docstring); returns them."""
+    now = now or timezone.now()
+    routes = list(NotificationRoute.objects.filter(enabled=True).prefetch_related("channels"))
+    silences = list(Silence.objects.filter(starts_at__lte=now, ends_at__gt=now))
+    candidates = list(Alert.objects.filter(
+        Q(state=Alert.State.FIRING) |
+        Q(state=Alert.State.RESOLVED, notified_at__isnull=False, resolved_notified=False))
+        .select_related("rule", "inhibited_by"))
+    policies = list(EscalationPolicy.objects.filter(enabled=True).prefetch_related("steps__channels"))
+    planned: list[tuple[Notification, list[Alert]]] = []
+    events: list[AlertEvent] = []
+    touched: dict[int, Alert] = {}
+    first: dict[tuple[int, str], list[Alert]] = defaultdict(list)
+    repeat: dict[tuple[int, str], list[Alert]] = defaultdict(list)
+    resolved: dict[tuple[int, str], list[Alert]] = defaultdict(list)
+    route_by_id = {route.pk: route for route in routes}
+    for alert in candidates:
+        quiet = _quiet(alert, now, silences)
+        if isinstance(quiet, Silence) and alert.silenced_by_id != quiet.pk:
+            alert.silenced_by = quiet
+            touched[alert.pk] = alert
+            events.append(AlertEvent(alert=alert, kind=AlertEvent.Kind.SILENCED, at=now,
+                                     message=f"silenced until {quiet.ends_at:%Y-%m-%d %H:%M %Z}: {quiet.reason}"[:500],
+                                     detail={"silence": quiet.pk}))
+        if alert.state == Alert.State.RESOLVED:
+            alert.resolved_notified = True
+            touched[alert.pk] = alert
+            if quiet is None or quiet in ("acknowledged", "caused"):
+                for route in _routes_for(alert, routes):
+                    if route.send_resolved:
+                        resolved[(route.pk, _group_key(route, alert))].append(alert)
+            continue
+        if quiet is not None:
+            continue
+        for route in _routes_for(alert, routes):
+            key = (route.pk, _group_key(route, alert))
+            if alert.notified_at is None:
+                first[key].append(alert)
+            elif (now - alert.notified_at).total_seconds() >= route.repeat_interval_seconds:
+                repeat[key].append(alert)
+    sent: set[int] = set()
+    for (route_id, group_key), members in first.items():
+        route = route_by_id[route_id]
+        oldest = min(alert.fired_at or alert.started_at for alert in members)
+        if (now - oldest).total_seconds() < route.group_wait_seconds:
+            continue
+        _route_messages(planned, route, Notification.Kind.FIRING, members, group_key, now)
+        sent.update(alert.pk for alert in members)
+    for (route_id, group_key), members in repeat.items():
+        _route_messages(planned, route_by_id[route_id], Notification.Kind.REPEAT, members, group_key, now)
+        sent.update(alert.pk for alert in members)
+    for (route_id, group_key), members in resolved.items():
+        _route_messages(planned, route_by_id[route_id], Notification.Kind.RESOLVED, members, group_key, now)
+    for alert in candidates:
+        if alert.pk in sent:
+            alert.notified_at = now
+            touched[alert.pk] = alert
+    _escalate(candidates, policies, silences, now, planned, events, touched)
+    with transaction.atomic():
+        for notification, members in planned:
+            notification.save()
+            notification.alerts.set(members)
+        for alert in touched.values():
+            Alert.objects.filter(pk=alert.pk).update(
+                notified_at=alert.notified_at, resolved_notified=alert.resolved_notified,
+                escalation_level=alert.escalation_level, silenced_by=alert.silenced_by_id)
+        AlertEvent.objects.bulk_create(events)
+    return [notification for notification, _ in planned]
+
+
+def _route_messages(planned, route, kind, members, group_key, now) -> None:
+    for channel in route.channels.all():
+        if channel.enabled:
+            _queue(planned, channel=channel, route=route, kind=kind, alerts=members, group_key=group_key, now=now)
+
+
+def _escalate(candidates, policies, silences, now, planned, events, touched) -> None:
+    for alert in candidates:
+        if alert.state != Alert.State.FIRING or alert.fired_at is None or _quiet(alert, now, silences) is not None:
+            continue
+        minutes = (now - alert.fired_at).total_seconds() / 60
+        for policy in policies:
+            if alert.severity not in (policy.severities or []):
+                continue
+            due = [step for step in policy.steps.all() if step.level > alert.escalation_level
+                   and minutes >= step.after_minutes]
+            if not due:
+                continue
+            step = due[0]  # one level per pass: each level gets its own message and timeline row
+            alert.escalation_level = step.level
+            touched[alert.pk] = alert
+            channels = [channel for channel in step.channels.all() if channel.enabled]
+            title = (f"Escalated to level {step.level} ({step.title}): unacknowledged {int(minutes)} min after it "
+                     f"fired")
+            events.append(AlertEvent(alert=alert, kind=AlertEvent.Kind.ESCALATED, at=now,
+                                     message=(title if channels else f"{title}; this level has no channel")[:500],
+                                     detail={"policy": policy.pk, "level": step.level,
+                                             "channels": [channel.pk for channel in channels]}))
+            for channel in channels:
+                _queue(planned, channel=channel, route=None, kind=Notification.Kind.ESCALATION, alerts=[alert],
+                       group_key=f"escalation:{alert.fingerprint}:{step.level}", now=now, title=title)
+            break
+
+
+def channel_test(*, channel: NotificationChannel, user, address: str | None = None) -> Notification:
+    """Sends a test message to a channel now, in this process, and returns the notification with its outcome."""
+    from queues.fleet import audit
+
+    now = timezone.now()
+    body = message_compose(kind=Notification.Kind.TEST, alerts=[], group_key=f"test:{channel.pk}",
+                           title=f"Test notification from the RQ Ops Portal to '{channel.name}'")
+    notification = Notification.objects.create(channel=channel, kind=Notification.Kind.TEST, subject=body["subject"],
+                                               body=body, next_attempt_at=now, created_by=user,
+                                               status=Notification.Status.SENDING, claimed_at=now)
+    audit(user=user, action="channel_test", target=f"channel {channel.pk}: {channel.name}", count=1, address=address)
+    notification_deliver(notification_id=notification.pk, attempt=0, worker="admin", retry=False)
+    notification.refresh_from_db()
+    return notification
+
+
+def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = INLINE_BUDGET) -> dict:
+    """Hands due notifications to the workers (an RQ job each), or sends them here while Redis does not answer.
+    Also takes back notifications whose worker went away mid-send."""
+    from queues import broker
+
+    now = now or timezone.now()
+    stale = Notification.objects.filter(status=Notification.Status.SENDING,
+                                        claimed_at__lt=now - timedelta(seconds=SENDING_LEASE_SECONDS)) \
+        .update(status=Notification.Status.PENDING, next_attempt_at=now)
+    due = list(Notification.objects.filter(status=Notification.Status.PENDING, next_attempt_at__lte=now)
+               .order_by("next_attempt_at").values_list("pk", "attempts")[:200])
+    queued = inline = 0
+    redis_ok = True
+    for pk, attempts in due:
+        if not Notification.objects.filter(pk=pk, status=Notification.Status.PENDING, attempts=attempts).update(
+                status=Notification.Status.SENDING, claimed_at=now):
+            continue  # another dispatcher took it
+        if redis_ok:
+            try:
+                broker.enqueue_call("monitoring.jobs.notification_deliver", args=(pk, attempts),
+                                    job_id=f"notify-{pk}-{attempts}", queue="urgent", timeout=60,
+                                    description="alert notification")
+                queued += 1
+                continue
+            except broker.BrokerUnavailable:
+                redis_ok = False
+        if inline < inline_budget:
+            notification_deliver(notification_id=pk, attempt=attempts, worker="evaluator")
+            inline += 1
+        else:  # give it back for the next pass
+            Notification.objects.filter(pk=pk, status=Notification.Status.SENDING).update(
+                status=Notification.Status.PENDING)
+    return {"queued": queued, "inline": inline, "taken_back": stale}
+
+
+def notification_deliver(*, notification_id: int, attempt: int, worker: str = "", retry: bool = True) -> str:
+    """Sends one notification through its channel's transport, if it is still this attempt's to send; records the
+    attempt. Returns the notification's status afterwards (or "skipped")."""
+    from monitoring.transports import Message, TransportError, transport_for
+
+    if not Notification.objects.filter(pk=notification_id, status=Notification.Status.SENDING,
+                                       attempts=attempt).update(attempts=F("attempts") + 1):
+        return "skipped"  # delivered already, or taken back and handed out again
+    notification = Notification.objects.select_related("channel").get(pk=notification_id)
+    channel = notification.channel
+    started = time.monotonic()
+    http_status, error, outcome = None, "", DeliveryAttempt.Outcome.DELIVERED
+    if not channel.enabled:
+        outcome, error = DeliveryAttempt.Outcome.PERMANENT, f"the channel is disabled: {channel.disabled_reason}"
+    else:
+        body = notification.body
+        message = Message(kind=body["kind"], status=body["status"], subject=body["subject"], text=body["text"],
+                          group_key=body["group_key"], portal_url=body["portal_url"], alerts=body["alerts"])
+        try:
+            delivery = transport_for(channel.kind, channel.config).send(message, timeout=SEND_TIMEOUT)
+            http_status = delivery.http_status
+        except TransportError as failure:
+            http_status, error = failure.http_status, failure.message
+            outcome = DeliveryAttempt.Outcome.PERMANENT if failure.permanent else DeliveryAttempt.Outcome.TRANSIENT
+        except Exception as failure:  # a transport bug must not leave the notification in "sending"
+            logger.exception("notification %s: the %s transport failed", notification_id, channel.kind)
+            outcome, error = DeliveryAttempt.Outcome.TRANSIENT, f"{type(failure).__name__}: {failure}"
+    duration_ms = int((time.monotonic() - started) * 1000)
+    now = timezone.now()
+    attempts = notification.attempts
+    if outcome == DeliveryAttempt.Outcome.DELIVERED:
+        status = Notification.Status.DELIVERED
+    elif outcome == DeliveryAttempt.Outcome.PERMANENT:
+        status = Notification.Status.FAILED
+    elif retry and attempts < Notification.MAX_ATTEMPTS:
+        status = Notification.Status.PENDING
+    else:
+        status = Notification.Status.GAVE_UP
+    backoff = Notification.BACKOFF_SECONDS[min(attempts - 1, len(Notification.BACKOFF_SECONDS) - 1)]
+    with transaction.atomic():
+        DeliveryAttempt.objects.create(notification=notification, channel=channel, at=now, outcome=outcome,
+                                       http_status=http_status, error=error[:500], duration_ms=duration_ms,
+                                       worker=worker[:200])
+        Notification.objects.filter(pk=notification.pk).update(
+            status=status, last_error=error[:500], delivered_at=now if status == Notification.Status.DELIVERED
+            else None, next_attempt_at=now + timedelta(seconds=backoff), claimed_at=None)
+        if outcome == DeliveryAttempt.Outcome.DELIVERED:
+            NotificationChannel.objects.filter(pk=channel.pk).update(permanent_failures=0)
+        elif outcome == DeliveryAttempt.Outcome.PERMANENT and channel.enabled:
+            NotificationChannel.objects.filter(pk=channel.pk).update(permanent_failures=F("permanent_failures") + 1)
+            NotificationChannel.objects.filter(
+                pk=channel.pk, enabled=True, permanent_failures__gte=NotificationChannel.DISABLE_AFTER).update(
+                enabled=False, disabled_at=now,
+                disabled_reason=f"disabled after {NotificationChannel.DISABLE_AFTER} permanent failures in a row; "
+                                f"last: {error}"[:500])
+        if notification.kind != Notification.Kind.TEST:
+            what = f"{notification.get_kind_display().lower()} message to {channel.name}"
+            if status == Notification.Status.DELIVERED:
+                kind, text = AlertEvent.Kind.NOTIFIED, f"{what} delivered"
+            elif status == Notification.Status.PENDING:
+                kind, text = AlertEvent.Kind.NOTIFICATION_FAILED, f"{what} failed ({error}); retry in {backoff} s"
+            else:
+                kind, text = AlertEvent.Kind.NOTIFICATION_FAILED, f"{what} failed for good: {error}"
+            AlertEvent.objects.bulk_create([
+                AlertEvent(alert_id=alert_id, kind=kind, at=now, message=text[:500],
+                           detail={"notification": notification.pk, "channel": channel.pk, "http_status": http_status,
+                                   "attempt": attempts})
+                for alert_id in notification.alerts.values_list("pk", flat=True)])
+    return status

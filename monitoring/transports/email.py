@@ -1,0 +1,80 @@
+"""Email through Django's mail backend (settings.EMAIL_*): SMTP in production, the console locally."""
+
+from __future__ import annotations
+
+import smtplib
+
+from django.conf import settings
+from django.core import mail
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+
+from monitoring.transports.base import Delivery, Message, Transport, TransportError, one_line
+
+
+class EmailTransport(Transport):
+    kind = "email"
+    label = "Email"
+    fields = ("to",)
+
+    @classmethod
+    def field_errors(cls, config: dict) -> dict[str, str]:
+        to = config.get("to")
+        if not isinstance(to, list) or not to:
+            return {"to": "required: a list of at least one email address"}
+        invalid = []
+        for address in to:
+            try:
+                if not isinstance(address, str):
+                    raise ValidationError("not a string")
+                validate_email(address)
+            except ValidationError:
+                invalid.append(repr(address))
+        return {"to": f"not an email address: {', '.join(invalid)}"} if invalid else {}
+
+    def deliver(self, message: Message, *, timeout: float) -> Delivery:
+        recipients = self.config["to"]
+        body = message.text
+        if message.portal_url and message.portal_url not in body:
+            body += f"\n\nAlert history: {message.portal_url}\n"
+        email = mail.EmailMessage(
+            subject=one_line(message.subject, 250),  # a newline in a subject is refused (BadHeaderError)
+            body=body, from_email=settings.DEFAULT_FROM_EMAIL, to=recipients,
+            # Auto-Submitted (RFC 3834) keeps out-of-office replies from answering an alert.
+            headers={"Auto-Submitted": "auto-generated", "X-RQ-Ops-Portal-Group": one_line(message.group_key, 300)},
+            connection=mail.get_connection(timeout=min(timeout, settings.EMAIL_TIMEOUT)),
+        )
+        server = f"{settings.EMAIL_HOST}:{settings.EMAIL_PORT}"
+        try:
+            sent = email.send()
+        except smtplib.SMTPRecipientsRefused as error:
+            # Only raised when every recipient was refused (a partly refused list is delivered to the others).
+            # A 4xx refusal (greylisting, a full mailbox) passes; a 5xx one (no such user) does not.
+            codes = [code for code, _ in error.recipients.values()]
+            refusals = ", ".join(f"{address} ({code} {_decode(reply)})"
+                                 for address, (code, reply) in error.recipients.items())
+            raise TransportError(f"mail server {server} refused the recipients: {one_line(refusals, 300)}",
+                                 permanent=all(500 <= code < 600 for code in codes)) from error
+        except smtplib.SMTPResponseException as error:
+            # Sender refused, login refused, message refused, greeting refused: the SMTP reply code says whether
+            # trying again can help (5xx: no; 4xx: yes).
+            what = {smtplib.SMTPSenderRefused: f"refused the sender {settings.DEFAULT_FROM_EMAIL}",
+                    smtplib.SMTPAuthenticationError: "refused the login (EMAIL_HOST_USER, EMAIL_HOST_PASSWORD)",
+                    }.get(type(error), "refused the message")
+            reply = f"{error.smtp_code} {one_line(_decode(error.smtp_error))}"
+            raise TransportError(f"mail server {server} {what}: {reply}",
+                                 permanent=500 <= error.smtp_code < 600) from error
+        except smtplib.SMTPException as error:
+            raise TransportError(f"mail server {server} failed: {type(error).__name__} {one_line(str(error))}",
+                                 permanent=False) from error
+        except OSError as error:  # refused connection, timeout (socket.timeout is an OSError), TLS failure
+            raise TransportError(f"cannot send mail through {server}: {one_line(str(error) or type(error).__name__)}",
+                                 permanent=False) from error
+        if sent != 1:
+            raise TransportError(f"the mail backend sent {sent} messages instead of one", permanent=False)
+        plural = "s" if len(recipients) > 1 else ""
+        return Delivery(http_status=None, detail=f"sent to {len(recipients)} recipient{plural}")
+
+
+def _decode(reply) -> str:
+    return reply.decode("utf-8", errors="replace") if isinstance(reply, bytes) else str(reply)

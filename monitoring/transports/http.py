@@ -1,0 +1,97 @@
+"""POSTing JSON to Slack, webhooks and PagerDuty with urllib, turning every failure into a TransportError."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import socket
+import urllib.error
+import urllib.request
+
+from monitoring.transports.base import TransportError, one_line
+
+USER_AGENT = "rq-ops-portal"
+MAX_ANSWER_BYTES = 64 * 1024  # an answer is read for its status and first words only
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # urllib would follow a 301/302 of a POST as a GET without the body, and report the redirect target's answer
+    # as a success. A notification URL that redirects is a wrong URL: the 3xx reaches post_json as an error.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+# Proxies from the environment (HTTPS_PROXY, NO_PROXY) are honoured: Slack and PagerDuty are often reached so.
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
+def is_transient_status(status: int) -> bool:
+    """408, 429 and 5xx are worth retrying; any other non-2xx answer will not change by itself."""
+    return status >= 500 or status in (408, 429)
+
+
+def json_body(payload: dict) -> bytes:
+    """The payload as strict JSON: NaN and infinite values (a Prometheus value can be NaN) become null, which
+    every consumer parses; anything not JSON-native (a stray datetime) becomes its string."""
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(payload), default=str, allow_nan=False).encode()
+
+
+def post_json(url: str, payload: dict, *, service: str, timeout: float,
+              headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """POSTs ``payload`` as JSON. Returns the status and the answer's text for a 2xx answer; raises TransportError
+    otherwise. ``service`` names the other side in error messages ("Slack", "webhook at example.com"); the URL
+    itself is never put in a message, since Slack's and many webhooks' URLs are secrets."""
+    if timeout <= 0:
+        raise TransportError(f"no time left to send to {service}", permanent=False)
+    try:
+        request = urllib.request.Request(url, data=json_body(payload), method="POST", headers={
+            "User-Agent": USER_AGENT, "Content-Type": "application/json", "Accept": "application/json, text/plain",
+            **(headers or {})})
+        with _opener.open(request, timeout=timeout) as response:
+            return response.status, _text(response.read(MAX_ANSWER_BYTES))
+    except urllib.error.HTTPError as error:
+        raise _status_error(error, service) from error
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, (TimeoutError, socket.timeout)):
+            raise TransportError(f"{service} did not answer within {timeout:.3g} s", permanent=False) from error
+        raise TransportError(f"cannot reach {service}: {error.reason}", permanent=False) from error
+    except (TimeoutError, socket.timeout) as error:
+        raise TransportError(f"{service} did not answer within {timeout:.3g} s", permanent=False) from error
+    except http.client.HTTPException as error:
+        raise TransportError(f"{service} sent a broken HTTP answer: {type(error).__name__} {error}",
+                             permanent=False) from error
+    except OSError as error:
+        raise TransportError(f"connection to {service} failed: {error}", permanent=False) from error
+    except ValueError as error:
+        # urllib and http.client refuse a malformed URL or header value before sending: resending cannot help.
+        raise TransportError(f"cannot send to {service}: {error}", permanent=True) from error
+
+
+def _text(data: bytes) -> str:
+    return one_line(data.decode("utf-8", errors="replace"))
+
+
+def _status_error(error: urllib.error.HTTPError, service: str) -> TransportError:
+    try:
+        body = _text(error.read(MAX_ANSWER_BYTES))
+    except (OSError, http.client.HTTPException, AttributeError):
+        body = ""
+    message = f"{service} answered {error.code}"
+    if 300 <= error.code < 400:
+        message += f" (a redirect to {one_line(error.headers.get('Location', '?'), 100)}, not followed: fix the URL)"
+    elif error.code == 429 and error.headers.get("Retry-After"):
+        message += f" (Retry-After: {one_line(error.headers['Retry-After'], 20)})"
+    if body:
+        message += f": {body}"
+    return TransportError(message, permanent=not is_transient_status(error.code), http_status=error.code)
