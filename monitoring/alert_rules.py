@@ -289,3 +289,20 @@ def rules_seed(apps) -> int:
         if name in by_name and not by_name[name].inhibited_by.exists():
             by_name[name].inhibited_by.set([by_name[other] for other in inhibitors if other in by_name])
     return created
+
+
+# The four levels of the old system's escalation list, each notified when a firing alert is still unacknowledged
+# that many minutes after it fired (the routes notify at once). Their channels are left empty: an Admin attaches
+# the channels each level uses (the timeline records an escalation to a level without channels as such).
+ESCALATION_LEVELS = [(1, "System administrator", 5), (2, "Development team", 15), (3, "Database administrator", 30),
+                     (4, "Management", 60)]
+
+
+def escalation_seed(apps) -> None:
+    policy_model = apps.get_model("monitoring", "EscalationPolicy")
+    step_model = apps.get_model("monitoring", "EscalationStep")
+    policy, created = policy_model.objects.get_or_create(name="Default escalation",
+                                                         defaults={"severities": ["critical", "error"]})
+    if created:
+        for level, title, after in ESCALATION_LEVELS:
+            step_model.objects.create(policy=policy, level=level, title=title, after_minutes=after)

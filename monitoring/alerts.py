@@ -168,19 +168,34 @@ def alert_resolve(alert: Alert, *, at: datetime, now: datetime, events: list, me
 
 
 def _inhibit(rules, open_alerts, now, events, changed) -> None:
+    """Marks firing alerts caused by another firing alert, naming the root cause (Redis unreachable, not the "no
+    workers" alert that Redis being unreachable also causes)."""
     firing_by_rule = {alert.rule_id: alert for alert in open_alerts.values()
                       if alert.state == Alert.State.FIRING and alert.rule_id}
+    causes: dict[int, list[Alert]] = {}
+    alerts: dict[int, Alert] = {}
     for rule in rules:
         alert = open_alerts.get(fingerprint_of(rule.all_labels()))
         if alert is None or alert.state != Alert.State.FIRING:
             continue
-        cause = next((firing_by_rule[source.pk] for source in rule.inhibited_by.all()
-                      if source.pk in firing_by_rule), None)
-        if cause is not None and alert.inhibited_by_id != cause.pk:
-            alert.inhibited_by = cause
-            changed[alert.pk] = alert
-            events.append(_event(alert, AlertEvent.Kind.INHIBITED, f"caused by: {cause.summary}", at=now,
-                                 cause=cause.pk))
+        found = [firing_by_rule[source.pk] for source in rule.inhibited_by.all() if source.pk in firing_by_rule]
+        if found:
+            causes[alert.pk], alerts[alert.pk] = found, alert
+
+    def root(alert: Alert, seen: set[int]) -> Alert:
+        for cause in causes.get(alert.pk, []):
+            if cause.pk not in seen:
+                return root(cause, seen | {alert.pk})
+        return alert
+
+    for pk, alert in alerts.items():
+        cause = root(alert, set())
+        if cause.pk == pk or alert.inhibited_by_id == cause.pk:
+            continue  # a cycle of rules inhibiting each other, or already marked
+        alert.inhibited_by = cause
+        changed[pk] = alert
+        events.append(_event(alert, AlertEvent.Kind.INHIBITED, f"caused by: {cause.summary}", at=now,
+                             cause=cause.pk))
 
 
 # --- one evaluator per deployment -----------------------------------------------------------------------------

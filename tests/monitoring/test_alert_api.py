@@ -1,0 +1,145 @@
+"""The Alertmanager webhook (good, duplicate, resolved, malformed, wrong token) and /api/rq/alerts."""
+
+import copy
+import json
+from datetime import timedelta
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from monitoring.alert_rules import Readings
+from monitoring.alerts import alert_acknowledge, alerts_evaluate
+from monitoring.models import Alert, AlertEvent, AlertRule
+from tests.monitoring.test_alert_evaluation import only, snapshot
+
+pytestmark = pytest.mark.django_db
+
+TOKEN = "webhook-token-0123456789"
+URL = "/api/alerts/alertmanager"
+
+PAYLOAD = {
+    "version": "4", "groupKey": '{}:{alertname="RQBacklogHigh"}', "truncatedAlerts": 0, "status": "firing",
+    "receiver": "rq-ops-portal", "groupLabels": {"alertname": "RQBacklogHigh"},
+    "commonLabels": {"alertname": "RQBacklogHigh", "severity": "warning"}, "commonAnnotations": {},
+    "externalURL": "http://alertmanager:9093",
+    "alerts": [{
+        "status": "firing",
+        "labels": {"alertname": "RQBacklogHigh", "severity": "warning", "component": "queues",
+                   "rule": "backlog-high", "instance": "portal:8000"},
+        "annotations": {"summary": "More than 100 jobs wait", "runbook_url": "https://runbooks.example/backlog"},
+        "startsAt": "2026-11-30T22:14:05.123Z", "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus:9090/graph?g0.expr=sum%28rq_queue_length%29", "fingerprint": "c0ffee1234567890",
+    }],
+}
+
+
+@pytest.fixture
+def post(client, settings):
+    settings.ALERTS_WEBHOOK_TOKEN = TOKEN
+
+    def send(body, token=TOKEN, raw=None):
+        headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
+        return client.post(URL, data=raw if raw is not None else json.dumps(body), content_type="application/json",
+                           **headers)
+
+    return send
+
+
+def test_alertmanager_alert_lands_in_the_history_with_labels_and_times(post):
+    response = post(PAYLOAD)
+    assert response.status_code == 200 and response.json()["created"] == 1
+    alert = Alert.objects.get()
+    assert alert.source == "alertmanager" and alert.name == "RQBacklogHigh" and alert.state == "firing"
+    assert alert.severity == "warning" and alert.component == "queues" and alert.rule.name == "backlog-high"
+    assert alert.labels["instance"] == "portal:8000" and alert.summary == "More than 100 jobs wait"
+    assert alert.started_at.isoformat().startswith("2026-11-30T22:14:05.123")
+    assert alert.runbook_url == "https://runbooks.example/backlog"
+    assert alert.generator_url.startswith("http://prometheus:9090/graph")
+
+
+def test_a_repeated_payload_updates_the_same_alert_and_resolution_resolves_it(post):
+    post(PAYLOAD)
+    assert post(PAYLOAD).json() == {"status": "ok", "received": 1, "created": 0, "updated": 1, "resolved": 0}
+    assert Alert.objects.count() == 1
+    resolved = copy.deepcopy(PAYLOAD)
+    resolved["status"] = resolved["alerts"][0]["status"] = "resolved"
+    resolved["alerts"][0]["endsAt"] = "2026-11-30T22:44:05Z"
+    assert post(resolved).json()["resolved"] == 1
+    alert = Alert.objects.get()
+    assert alert.state == "resolved" and alert.open_key is None
+    assert alert.time_to_resolve == timedelta(minutes=29, seconds=59, milliseconds=877)
+    assert post(resolved).json()["resolved"] == 0, "resolving twice changes nothing"
+    again = copy.deepcopy(PAYLOAD)
+    again["alerts"][0]["startsAt"] = "2026-12-01T03:00:00Z"
+    post(again)
+    assert Alert.objects.count() == 2, "a new firing of the same labels is a new alert"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({**PAYLOAD, "version": "3"}, "version"),
+    ({**PAYLOAD, "alerts": "nope"}, "alerts"),
+    ({**PAYLOAD, "alerts": [{**PAYLOAD["alerts"][0], "status": "burning"}]}, "alerts[0].status"),
+    ({**PAYLOAD, "alerts": [{**PAYLOAD["alerts"][0], "labels": {"severity": "warning"}}]}, "alertname"),
+    ({**PAYLOAD, "alerts": [{**PAYLOAD["alerts"][0], "startsAt": "yesterday"}]}, "alerts[0].startsAt"),
+    ({**PAYLOAD, "alerts": [{**PAYLOAD["alerts"][0], "labels": {"alertname": 5}}]}, "alerts[0].labels"),
+    ([1, 2], "object"),
+])
+def test_a_malformed_body_is_refused_whole_with_a_reason(post, body, field):
+    response = post(body)
+    assert response.status_code == 400 and field in response.json()["error"]
+    assert not Alert.objects.exists()
+
+
+def test_a_bad_second_alert_leaves_the_first_unwritten(post):
+    body = copy.deepcopy(PAYLOAD)
+    body["alerts"].append({**PAYLOAD["alerts"][0], "fingerprint": "beef", "startsAt": None})
+    response = post(body)
+    assert response.status_code == 400 and "alerts[1].startsAt" in response.json()["error"]
+    assert not Alert.objects.exists() and not AlertEvent.objects.exists()
+
+
+def test_not_json_is_a_400(post):
+    response = post(None, raw="{not json")
+    assert response.status_code == 400 and "not JSON" in response.json()["error"]
+
+
+def test_the_webhook_needs_the_token(post, client, settings):
+    assert post(PAYLOAD, token="wrong-token-0123456789").status_code == 403
+    response = post(PAYLOAD, token=None)
+    assert response.status_code == 401 and response.json()["error"].startswith("authentication required")
+    assert client.get(URL).status_code == 405
+    settings.ALERTS_WEBHOOK_TOKEN = None
+    closed = post(PAYLOAD)
+    assert closed.status_code == 403 and "ALERTS_WEBHOOK_TOKEN" in closed.json()["error"]
+    assert not Alert.objects.exists()
+
+
+def test_current_alerts_keep_the_old_fields_and_add_ours(client, support_user, operator_user, redis):
+    only("few-workers", "backlog-high")
+    t0 = timezone.now()
+    alerts_evaluate(now=t0, readings=Readings(now=t0, snapshot=snapshot(workers=1, lengths={"normal": 150})))
+    alerts_evaluate(now=t0 + timedelta(minutes=6),
+                    readings=Readings(now=t0, snapshot=snapshot(workers=1, lengths={"normal": 150})))
+    alert_acknowledge(alert=Alert.objects.get(name="few-workers"), user=operator_user, note="looking")
+    client.force_login(support_user)
+    body = client.get(reverse("api-alerts")).json()
+    assert body["alert_count"] == 2 and body["firing_count"] == 1
+    by_rule = {alert["rule"]: alert for alert in body["alerts"]}
+    few = by_rule["few-workers"]
+    assert {key: few[key] for key in ("level", "metric", "value", "threshold", "state", "acknowledged_by")} == {
+        "level": "warning", "metric": "workers_alive", "value": 1.0, "threshold": 2.0, "state": "firing",
+        "acknowledged_by": "otto-operator"}
+    assert few["message"].startswith("Fewer than 2 workers") and few["since"] and few["timestamp"]
+    assert few["runbook_url"].endswith(f"/admin/monitoring/alertrule/{AlertRule.objects.get(name='few-workers').pk}"
+                                       f"/change/")
+    assert by_rule["backlog-high"]["state"] == "pending"
+
+
+def test_current_alerts_have_the_same_access_as_the_other_apis(client, outsider_user, settings):
+    settings.METRICS_TOKEN = "metrics-token-0123456789"
+    assert client.get(reverse("api-alerts")).status_code == 401
+    assert client.get(reverse("api-alerts"), HTTP_AUTHORIZATION="Bearer metrics-token-0123456789").status_code == 200
+    client.force_login(outsider_user)
+    assert client.get(reverse("api-alerts")).status_code == 403
+    assert client.post(reverse("api-alerts")).status_code in (403, 405)

@@ -1,0 +1,220 @@
+"""Alert evaluation with injected time and injected readings: for-durations, flapping, resolution, unknown figures,
+inhibition, the evaluator's lease. Rules are the seeded rows; each test enables only the ones it is about."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from monitoring.alert_rules import Readings
+from monitoring.alerts import (
+    alerts_evaluate,
+    database_outage_record,
+    fingerprint_of,
+    lease_acquire,
+    lease_release,
+)
+from monitoring.collectors import Snapshot
+from monitoring.models import Alert, AlertEvent, AlertRule, Lease, MetricSample
+
+pytestmark = pytest.mark.django_db
+
+
+def only(*names):
+    AlertRule.objects.exclude(name__in=names).update(enabled=False)
+    assert AlertRule.objects.filter(enabled=True).count() == len(names)
+
+
+def worker(state="idle"):
+    return {"name": f"w-{state}", "state": state, "alive": True, "successful": 0, "failed": 0, "host": "h",
+            "pool": "default", "rss": None}
+
+
+def snapshot(*, redis=True, database=True, lengths=None, workers=2, busy=0):
+    return Snapshot(redis_ok=redis, redis_error="" if redis else "Connection refused", database_ok=database,
+                    queue_lengths=(lengths or {}) if redis else {},
+                    dead_letters={"urgent": 0, "high": 0, "normal": 0, "low": 0} if redis else {},
+                    workers=([worker("busy") for _ in range(busy)] + [worker() for _ in range(workers - busy)])
+                    if redis else [])
+
+
+def evaluate(at, **kwargs):
+    return alerts_evaluate(now=at, readings=Readings(now=at, snapshot=snapshot(**kwargs)))
+
+
+def kinds(alert):
+    return list(alert.events.values_list("kind", flat=True))
+
+
+def test_backlog_alert_is_pending_until_its_for_duration_then_fires_once(redis):
+    only("backlog-high")
+    t0 = timezone.now()
+    evaluate(t0, lengths={"normal": 150})
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.PENDING and alert.value == 150
+    evaluate(t0 + timedelta(minutes=14, seconds=59), lengths={"normal": 160})
+    assert Alert.objects.get().state == Alert.State.PENDING
+    evaluate(t0 + timedelta(minutes=15), lengths={"normal": 170})
+    evaluate(t0 + timedelta(minutes=16), lengths={"normal": 180})
+    alert = Alert.objects.get()  # one condition, one alert, however many passes
+    assert alert.state == Alert.State.FIRING and alert.fired_at == t0 + timedelta(minutes=15)
+    assert alert.value == 180 and alert.threshold == 100
+    assert kinds(alert) == ["pending", "firing"]
+    assert alert.labels == {"alertname": "backlog-high", "severity": "warning", "component": "queues"}
+    assert alert.fingerprint == fingerprint_of(alert.labels) and alert.open_key == alert.fingerprint
+
+
+def test_an_interrupted_condition_restarts_the_for_duration(redis):
+    only("backlog-high")
+    t0 = timezone.now()
+    evaluate(t0, lengths={"normal": 150})
+    evaluate(t0 + timedelta(minutes=10), lengths={"normal": 5})
+    evaluate(t0 + timedelta(minutes=10, seconds=30), lengths={"normal": 150})
+    evaluate(t0 + timedelta(minutes=16), lengths={"normal": 150})
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.PENDING, "the condition held only 5.5 minutes without a break"
+    evaluate(t0 + timedelta(minutes=25, seconds=30), lengths={"normal": 150})
+    alert.refresh_from_db()
+    assert alert.state == Alert.State.FIRING and alert.flaps == 1
+
+
+def test_flapping_continues_one_alert_and_resolution_waits_for_the_clear_time(redis):
+    only("redis-unreachable")
+    t0 = timezone.now()
+    evaluate(t0, redis=False)
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.FIRING and alert.fired_at == t0, "immediate rule"
+    for offset in (10, 20, 30, 40):  # up, down, up, down: within the 60 s clear time each
+        evaluate(t0 + timedelta(seconds=offset), redis=offset % 20 != 0)
+    evaluate(t0 + timedelta(seconds=50), redis=True)
+    assert Alert.objects.count() == 1
+    alert.refresh_from_db()
+    assert alert.state == Alert.State.FIRING and alert.flaps == 2
+    evaluate(t0 + timedelta(seconds=109), redis=True)
+    alert.refresh_from_db()
+    assert alert.state == Alert.State.FIRING, "cleared 59 s ago"
+    evaluate(t0 + timedelta(seconds=110), redis=True)
+    alert.refresh_from_db()
+    assert alert.state == Alert.State.RESOLVED and alert.open_key is None
+    assert alert.resolved_at == t0 + timedelta(seconds=50), "resolved when the condition stopped, not when judged"
+    assert kinds(alert) == ["pending", "firing", "cleared", "returned", "cleared", "returned", "cleared", "resolved"]
+    evaluate(t0 + timedelta(seconds=200), redis=False)
+    assert Alert.objects.count() == 2, "a new occurrence after resolution is a new alert"
+    assert Alert.objects.open().get().fingerprint == alert.fingerprint
+
+
+def test_a_figure_that_cannot_be_read_keeps_the_alert_as_it_was(redis):
+    only("backlog-high")
+    AlertRule.objects.filter(name="backlog-high").update(for_seconds=0, clear_seconds=0)
+    t0 = timezone.now()
+    evaluate(t0, lengths={"normal": 500})
+    result = evaluate(t0 + timedelta(minutes=5), redis=False)  # queue lengths unknown while Redis is down
+    assert result.unknown == ["backlog-high"]
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.FIRING and kinds(alert) == ["pending", "firing"]
+    evaluate(t0 + timedelta(minutes=6), lengths={"normal": 3})
+    alert.refresh_from_db()
+    assert alert.state == Alert.State.RESOLVED, "clear time 0: resolves at the first pass that sees it clear"
+
+
+def test_per_queue_rule_reads_its_queue_and_has_its_own_fingerprint(redis):
+    only("normal-backlog-high", "backlog-high")
+    AlertRule.objects.filter(name="backlog-high").update(for_seconds=0)
+    t0 = timezone.now()
+    evaluate(t0, lengths={"urgent": 150, "normal": 10})
+    assert list(Alert.objects.values_list("name", flat=True)) == ["backlog-high"]
+    evaluate(t0 + timedelta(seconds=10), lengths={"urgent": 0, "normal": 250})
+    alert = Alert.objects.get(name="normal-backlog-high")
+    assert alert.state == Alert.State.FIRING and alert.severity == "critical" and alert.labels["queue"] == "normal"
+    assert Alert.objects.values("fingerprint").distinct().count() == 2
+
+
+def test_while_redis_is_unreachable_the_alerts_it_causes_are_marked_as_caused_by_it(redis):
+    only("redis-unreachable", "no-active-workers", "health-unhealthy")
+    t0 = timezone.now()
+    evaluate(t0, redis=False)
+    redis_alert = Alert.objects.get(name="redis-unreachable")
+    workers_alert = Alert.objects.get(name="no-active-workers")
+    health_alert = Alert.objects.get(name="health-unhealthy")
+    assert redis_alert.state == workers_alert.state == health_alert.state == Alert.State.FIRING
+    assert redis_alert.inhibited_by is None
+    assert workers_alert.inhibited_by == redis_alert and health_alert.inhibited_by == redis_alert
+    assert "inhibited" in kinds(workers_alert)
+
+
+def test_window_figures_come_from_the_minute_samples(redis):
+    only("success-rate-low", "error-rate-high")
+    AlertRule.objects.filter(name__in=["success-rate-low", "error-rate-high"]).update(for_seconds=0)
+    t0 = timezone.now().replace(second=30, microsecond=0)
+    result = evaluate(t0)
+    assert sorted(result.unknown) == ["error-rate-high", "success-rate-low"], "no sample: unknown"
+    for minutes_ago in (3, 2, 1):
+        MetricSample.objects.create(at=t0.replace(second=0) - timedelta(minutes=minutes_ago), queue="",
+                                    completed=30, failed=3, retried=2)
+    evaluate(t0)
+    success = Alert.objects.get(name="success-rate-low")
+    assert success.value == pytest.approx(90 / 99) and success.state == Alert.State.FIRING
+    error = Alert.objects.get(name="error-rate-high")
+    assert error.value == pytest.approx(15 / 105)
+
+
+def test_idle_window_resolves_a_rate_alert_instead_of_keeping_it(redis):
+    only("success-rate-low")
+    AlertRule.objects.filter(name="success-rate-low").update(for_seconds=0, clear_seconds=0)
+    t0 = timezone.now().replace(second=30, microsecond=0)
+    MetricSample.objects.create(at=t0.replace(second=0) - timedelta(minutes=1), queue="", completed=1, failed=9)
+    evaluate(t0)
+    assert Alert.objects.get().state == Alert.State.FIRING
+    later = t0 + timedelta(minutes=20)
+    MetricSample.objects.create(at=later.replace(second=0) - timedelta(minutes=1), queue="", completed=0, failed=0)
+    evaluate(later)
+    assert Alert.objects.get().state == Alert.State.RESOLVED
+
+
+def test_editing_a_threshold_or_disabling_a_rule_takes_effect_at_the_next_pass(redis):
+    only("few-workers")
+    rule = AlertRule.objects.get(name="few-workers")
+    rule.for_seconds = 0
+    rule.save()
+    t0 = timezone.now()
+    evaluate(t0, workers=3)
+    assert not Alert.objects.exists()
+    rule.threshold = 4
+    rule.save()
+    evaluate(t0 + timedelta(seconds=10), workers=3)
+    assert Alert.objects.get().state == Alert.State.FIRING
+    rule.enabled = False
+    rule.save()
+    assert evaluate(t0 + timedelta(seconds=20), workers=3).rules == 0
+
+
+def test_a_stuck_processing_task_fires_from_the_database(redis):
+    from queues.models import CaptionTask, TaskStatus
+
+    only("processing-stuck")
+    t0 = timezone.now()
+    CaptionTask.objects.create(image_ref="a.png", status=TaskStatus.PROCESSING, started_at=t0 - timedelta(hours=3))
+    at = Readings(now=t0)  # the real snapshot: Redis and the database of this test
+    alerts_evaluate(now=t0, readings=at)
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.FIRING and alert.value == pytest.approx(3 * 3600, abs=5)
+
+
+def test_one_evaluator_holds_the_lease_and_another_takes_over_when_it_expires():
+    assert lease_acquire(holder="host-a:1")
+    assert lease_acquire(holder="host-a:1"), "the holder renews"
+    assert not lease_acquire(holder="host-b:2")
+    Lease.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert lease_acquire(holder="host-b:2")
+    assert not lease_acquire(holder="host-a:1")
+    lease_release(holder="host-b:2")
+    assert lease_acquire(holder="host-a:1")
+
+
+def test_a_database_outage_is_recorded_after_it_ends(redis):
+    started = timezone.now() - timedelta(minutes=3)
+    alert = database_outage_record(started_at=started, ended_at=started + timedelta(minutes=2),
+                                   error="Lost connection to server")
+    assert alert.state == Alert.State.RESOLVED and alert.fired_at == started
+    assert alert.time_to_resolve == timedelta(minutes=2)
+    assert list(alert.events.values_list("kind", flat=True)) == [AlertEvent.Kind.FIRING, AlertEvent.Kind.RESOLVED]

@@ -1,0 +1,305 @@
+"""Notification planning and delivery: routing, grouping, repeats, resolution, silences, acknowledgement, shelving,
+inhibition, escalation, retries and permanent failures, delivered to real local HTTP servers through real RQ
+workers (or from the evaluator's process while Redis is down)."""
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.core import mail
+from django.utils import timezone
+
+from monitoring.alert_rules import Readings
+from monitoring.alerts import alert_acknowledge, alert_shelve, alerts_evaluate, silence_create
+from monitoring.models import (
+    Alert,
+    AlertEvent,
+    AlertRule,
+    DeliveryAttempt,
+    EscalationPolicy,
+    EscalationStep,
+    Notification,
+    NotificationChannel,
+    NotificationRoute,
+)
+from monitoring.notifications import channel_test, notification_deliver, notifications_dispatch, notifications_plan
+from tests.conftest import respond
+from tests.monitoring.test_alert_evaluation import only, snapshot
+
+# Workers run in this process and close the database connection between jobs: transactional tests.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("seeded_alert_rules")]
+
+
+def evaluate(at, **kwargs):
+    alerts_evaluate(now=at, readings=Readings(now=at, snapshot=snapshot(**kwargs)))
+    return notifications_plan(now=at)
+
+
+@pytest.fixture
+def webhook(http_server):
+    url = http_server.route("/hook", respond(200, b'{"ok": true}', "application/json"))
+    channel = NotificationChannel.objects.create(name="ops hook", kind="webhook", config={"url": url, "token": "t0k"})
+    route = NotificationRoute.objects.create(name="everything", group_wait_seconds=0, repeat_interval_seconds=3600,
+                                             severities=["critical", "error", "warning"])
+    route.channels.add(channel)
+    channel.server = http_server
+    channel.route = route
+    return channel
+
+
+def posted(server, path="/hook"):
+    return [json.loads(request["body"]) for request in server.requests if request["path"] == path]
+
+
+def deliver_due(at):
+    """What the evaluator does after planning, with Redis up: hand the due notifications to a worker; then run one."""
+    from tests.conftest import run_worker
+
+    result = notifications_dispatch(now=at)
+    run_worker()
+    return result
+
+
+def test_alerts_that_fire_together_are_one_message_delivered_by_a_worker(redis, webhook):
+    only("few-workers", "workers-saturated")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    planned = evaluate(t0, workers=1, busy=1)
+    assert len(planned) == 1, "one route, one channel, no group_by: one message for both alerts"
+    assert set(planned[0].alerts.values_list("name", flat=True)) == {"few-workers", "workers-saturated"}
+    result = deliver_due(t0)
+    assert result["queued"] == 1 and result["inline"] == 0
+    [body] = posted(webhook.server)
+    assert body["status"] == "firing" and len(body["alerts"]) == 2
+    assert webhook.server.requests[0]["headers"]["Authorization"] == "Bearer t0k"
+    notification = Notification.objects.get()
+    assert notification.status == Notification.Status.DELIVERED and notification.attempts == 1
+    attempt = DeliveryAttempt.objects.get()
+    assert attempt.outcome == "delivered" and attempt.http_status == 200 and attempt.worker
+    for alert in Alert.objects.all():
+        assert AlertEvent.Kind.NOTIFIED in alert.events.values_list("kind", flat=True)
+    deliver_due(t0 + timedelta(seconds=5))
+    assert len(posted(webhook.server)) == 1, "nothing new: sent once"
+
+
+def test_group_wait_holds_the_first_message_and_group_by_splits_messages(redis, webhook):
+    only("few-workers", "workers-saturated")
+    AlertRule.objects.update(for_seconds=0)
+    route = webhook.route
+    route.group_wait_seconds, route.group_by = 30, ["alertname"]
+    route.save()
+    t0 = timezone.now()
+    assert evaluate(t0, workers=1, busy=1) == []
+    assert evaluate(t0 + timedelta(seconds=29), workers=1, busy=1) == []
+    planned = evaluate(t0 + timedelta(seconds=30), workers=1, busy=1)
+    assert sorted(n.alerts.get().name for n in planned) == ["few-workers", "workers-saturated"]
+
+
+def test_routes_pick_channels_by_severity_and_labels(redis, http_server, settings):
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    only("redis-unreachable", "few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    pager = NotificationChannel.objects.create(name="pager", kind="pagerduty", config={
+        "routing_key": "R0UT1NGKEY0000000000000000000000", "url": http_server.route("/pd", respond(202, b'{}'))})
+    email = NotificationChannel.objects.create(name="team mail", kind="email", config={"to": ["ops@example.com"]})
+    critical = NotificationRoute.objects.create(name="critical redis", position=1, severities=["critical"],
+                                                matchers=[{"label": "component", "op": "=", "value": "redis"}],
+                                                group_wait_seconds=0)
+    critical.channels.add(pager)
+    rest = NotificationRoute.objects.create(name="the rest", position=2, group_wait_seconds=0)
+    rest.channels.add(email)
+    t0 = timezone.now()
+    planned = evaluate(t0, redis=False)
+    by_channel = {n.channel.name: sorted(n.alerts.values_list("name", flat=True)) for n in planned}
+    assert by_channel == {"pager": ["redis-unreachable"]}, "no worker alert: Redis being down causes it (inhibited)"
+    notifications_dispatch(now=t0)  # Redis is up for the portal here; deliver with a worker
+    from tests.conftest import run_worker
+
+    run_worker()
+    [event] = posted(http_server, "/pd")
+    assert event["event_action"] == "trigger" and event["payload"]["severity"] == "critical"
+    planned = evaluate(t0 + timedelta(seconds=10), workers=1)
+    assert planned == [], "Redis answers again, but its alert resolves only after its clear time: still the cause"
+    assert Alert.objects.get(name="few-workers").inhibited_by.name == "redis-unreachable"
+    planned = evaluate(t0 + timedelta(seconds=80), workers=1)
+    by_channel = {(n.channel.name, n.kind): sorted(n.alerts.values_list("name", flat=True)) for n in planned}
+    assert by_channel == {("pager", "resolved"): ["redis-unreachable"], ("team mail", "firing"): ["few-workers"]}
+
+
+def test_email_route_through_the_locmem_backend(redis, settings):
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    email = NotificationChannel.objects.create(name="team mail", kind="email", config={"to": ["ops@example.com"]})
+    route = NotificationRoute.objects.create(name="mail", group_wait_seconds=0)
+    route.channels.add(email)
+    t0 = timezone.now()
+    [notification] = evaluate(t0, workers=1)
+    notifications_dispatch(now=t0)
+    from tests.conftest import run_worker
+
+    run_worker()
+    assert len(mail.outbox) == 1 and mail.outbox[0].to == ["ops@example.com"]
+    assert "Fewer than 2 workers" in mail.outbox[0].subject
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.DELIVERED
+
+
+def test_reminders_follow_the_repeat_interval_and_stop_when_acknowledged(redis, webhook, operator_user):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    assert [n.kind for n in evaluate(t0, workers=1)] == ["firing"]
+    assert evaluate(t0 + timedelta(minutes=59), workers=1) == []
+    assert [n.kind for n in evaluate(t0 + timedelta(minutes=60), workers=1)] == ["repeat"]
+    alert_acknowledge(alert=Alert.objects.get(), user=operator_user, note="on it")
+    assert evaluate(t0 + timedelta(minutes=125), workers=1) == []
+    alert = Alert.objects.get()
+    assert alert.acknowledged_by == operator_user and alert.state == Alert.State.FIRING, "ack hides nothing"
+
+
+def test_resolution_is_sent_once_to_the_routes_that_were_told(redis, webhook):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0, clear_seconds=0)
+    t0 = timezone.now()
+    evaluate(t0, workers=1)
+    planned = evaluate(t0 + timedelta(seconds=10), workers=3)
+    assert [n.kind for n in planned] == ["resolved"]
+    assert planned[0].body["status"] == "resolved" and planned[0].body["alerts"][0]["state"] == "resolved"
+    assert evaluate(t0 + timedelta(seconds=20), workers=3) == []
+
+
+def test_a_silence_stops_notifications_but_not_the_history(redis, webhook, operator_user):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    silence = silence_create(matchers=[{"label": "alertname", "op": "=", "value": "few-workers"}],
+                             starts_at=t0 - timedelta(minutes=1), ends_at=t0 + timedelta(hours=1),
+                             reason="planned maintenance", user=operator_user)
+    assert evaluate(t0, workers=1) == []
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.FIRING and alert.silenced_by == silence
+    assert "silenced" in alert.events.values_list("kind", flat=True)
+    assert [n.kind for n in evaluate(t0 + timedelta(hours=1, seconds=1), workers=1)] == ["firing"], \
+        "the silence ended: the alert is sent"
+
+
+def test_shelving_stops_notifications_until_it_ends(redis, webhook, operator_user):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    evaluate(t0, workers=1)
+    alert_shelve(alert=Alert.objects.get(), user=operator_user, until=timezone.now() + timedelta(hours=2))
+    assert evaluate(t0 + timedelta(hours=1, minutes=1), workers=1) == [], "no reminder while shelved"
+    assert [n.kind for n in evaluate(t0 + timedelta(hours=3), workers=1)] == ["repeat"]
+
+
+def test_escalation_notifies_the_next_level_when_nobody_acknowledges(redis, webhook, http_server, operator_user):
+    only("redis-unreachable")
+    dba = NotificationChannel.objects.create(name="dba", kind="slack",
+                                             config={"url": http_server.route("/slack", respond(200, b"ok"))})
+    policy = EscalationPolicy.objects.get(name="Default escalation")
+    step = policy.steps.get(level=1)
+    step.channels.add(dba)
+    t0 = timezone.now()
+    evaluate(t0, redis=False)
+    assert evaluate(t0 + timedelta(minutes=4), redis=False) == []
+    [escalation] = evaluate(t0 + timedelta(minutes=5), redis=False)
+    assert escalation.kind == "escalation" and escalation.channel == dba
+    alert = Alert.objects.get()
+    assert alert.escalation_level == 1
+    planned = evaluate(t0 + timedelta(minutes=15), redis=False)
+    assert planned == [] and Alert.objects.get().escalation_level == 2, "level 2 has no channel: recorded anyway"
+    events = list(alert.events.filter(kind="escalated").values_list("message", flat=True))
+    assert len(events) == 2 and "has no channel" in events[1]
+    alert_acknowledge(alert=alert, user=operator_user)
+    evaluate(t0 + timedelta(minutes=60), redis=False)
+    assert Alert.objects.get().escalation_level == 2, "acknowledged: no further level"
+
+
+def test_transient_failures_retry_with_backoff_and_permanent_ones_disable_the_channel(redis, http_server):
+    answers = [503, 503, 200]
+    calls = []
+
+    def flaky(request, body):
+        calls.append(body)
+        respond(answers[min(len(calls), len(answers)) - 1], b"busy")(request, body)
+
+    channel = NotificationChannel.objects.create(name="hook", kind="webhook",
+                                                 config={"url": http_server.route("/flaky", flaky)})
+    route = NotificationRoute.objects.create(name="all", group_wait_seconds=0)
+    route.channels.add(channel)
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    [notification] = evaluate(t0, workers=1)
+    notifications_dispatch(now=t0)
+    from tests.conftest import run_worker
+
+    run_worker()
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.PENDING and notification.attempts == 1
+    assert notification.next_attempt_at >= timezone.now() + timedelta(seconds=5), "backoff of 10 s"
+    assert notifications_dispatch(now=timezone.now())["queued"] == 0, "not due yet"
+    for _ in range(2):
+        notifications_dispatch(now=timezone.now() + timedelta(minutes=2))
+        run_worker()
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.DELIVERED and len(calls) == 3
+    assert list(notification.delivery_attempts.order_by("at").values_list("outcome", "http_status")) == [
+        ("transient", 503), ("transient", 503), ("delivered", 200)]
+
+    gone = NotificationChannel.objects.create(name="gone", kind="slack",
+                                              config={"url": http_server.route("/gone", respond(404, b"no_service"))})
+    for index in range(NotificationChannel.DISABLE_AFTER):
+        failed = Notification.objects.create(channel=gone, kind="firing", subject="s", body=notification.body,
+                                             status=Notification.Status.SENDING)
+        assert notification_deliver(notification_id=failed.pk, attempt=0) == Notification.Status.FAILED
+    gone.refresh_from_db()
+    assert not gone.enabled and "404" in gone.disabled_reason and "permanent" in gone.disabled_reason
+    assert DeliveryAttempt.objects.filter(channel=gone, outcome="permanent").count() == 3
+
+
+def test_while_redis_is_down_the_evaluator_delivers_itself(unreachable_redis, http_server):
+    channel = NotificationChannel.objects.create(
+        name="hook", kind="webhook", config={"url": http_server.route("/hook", respond(200, b"{}"))})
+    route = NotificationRoute.objects.create(name="all", group_wait_seconds=0, severities=["critical"])
+    route.channels.add(channel)
+    only("redis-unreachable")
+    t0 = timezone.now()
+    alerts_evaluate(now=t0)  # the real snapshot: Redis does not answer
+    assert Alert.objects.get().state == Alert.State.FIRING
+    notifications_plan(now=t0)
+    assert notifications_dispatch(now=t0) == {"queued": 0, "inline": 1, "taken_back": 0}
+    assert Notification.objects.get().status == Notification.Status.DELIVERED
+    assert DeliveryAttempt.objects.get().worker == "evaluator"
+
+
+def test_a_job_that_runs_twice_sends_once(redis, webhook):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    [notification] = evaluate(t0, workers=1)
+    Notification.objects.filter(pk=notification.pk).update(status=Notification.Status.SENDING)
+    assert notification_deliver(notification_id=notification.pk, attempt=0) == Notification.Status.DELIVERED
+    assert notification_deliver(notification_id=notification.pk, attempt=0) == "skipped"
+    assert len(posted(webhook.server)) == 1
+
+
+def test_a_notification_whose_worker_went_away_is_handed_out_again(redis, webhook):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    [notification] = evaluate(t0, workers=1)
+    Notification.objects.filter(pk=notification.pk).update(status=Notification.Status.SENDING,
+                                                           claimed_at=t0 - timedelta(minutes=5))
+    result = notifications_dispatch(now=t0)
+    assert result["taken_back"] == 1 and result["queued"] == 1
+
+
+def test_send_test_notification_reports_the_outcome(redis, http_server, admin_user):
+    channel = NotificationChannel.objects.create(
+        name="hook", kind="webhook", config={"url": http_server.route("/t", respond(500, b"oops"))})
+    notification = channel_test(channel=channel, user=admin_user)
+    assert notification.status == Notification.Status.GAVE_UP and "500" in notification.last_error
+    assert posted(http_server, "/t")[0]["kind"] == "test"
