@@ -122,3 +122,148 @@ def grafana_dashboard() -> dict:
         "annotations": {"list": []},
         "panels": panels,
     }
+
+
+# --- Alertmanager ---------------------------------------------------------------------------------------------
+
+ALERTMANAGER_PORTAL_RECEIVER = "rq-ops-portal"
+# Where the config tells Alertmanager to read the webhook token when ALERTS_WEBHOOK_TOKEN is not set here.
+ALERTMANAGER_TOKEN_FILE = "/etc/prometheus/rq-ops-portal-alerts-token"
+
+
+def _am_quote(value: str) -> str:
+    """A matcher value in Alertmanager's quoting (its labels.ParseMatcher): backslash, double quote, line feed."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _am_matchers(route) -> list[str]:
+    import re
+
+    matchers = [f"severity=~{_am_quote('|'.join(route.severities))}"]
+    for matcher in route.matchers or []:
+        label, op, value = str(matcher.get("label", "")), matcher.get("op", "="), str(matcher.get("value", ""))
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", label) or op not in ("=", "!=", "=~", "!~"):
+            raise ValueError(f"route {route.name!r}: the matcher {label}{op}{value} is not one Alertmanager takes "
+                             f"(a label name of letters, digits and _, and one of =, !=, =~, !~)")
+        matchers.append(f"{label}{op}{_am_quote(value)}")
+    return matchers
+
+
+def _am_receiver_configs(route, warn) -> dict[str, list[dict]]:
+    """Alertmanager's configs for the route's enabled channels, keyed email_configs, slack_configs, ..."""
+    from monitoring.transports import TRANSPORTS
+
+    configs: dict[str, list[dict]] = {}
+    for channel in route.channels.all():
+        if not channel.enabled:
+            continue
+        config = channel.config or {}
+        transport = TRANSPORTS.get(channel.kind)
+        errors = transport.config_errors(config) if transport else {"kind": f"unknown kind {channel.kind!r}"}
+        if errors:
+            warn(f"Channel {channel.name!r} left out of route {route.name!r}: "
+                 + "; ".join(f"{field}: {problem}" for field, problem in errors.items()))
+            continue
+        resolved = {"send_resolved": route.send_resolved}
+        if channel.kind == "email":
+            configs.setdefault("email_configs", []).append({"to": ", ".join(config["to"]), **resolved})
+        elif channel.kind == "slack":
+            configs.setdefault("slack_configs", []).append({"api_url": config["url"], **resolved})
+        elif channel.kind == "webhook":
+            entry = {"url": config["url"], **resolved}
+            if config.get("token"):
+                entry["http_config"] = {"authorization": {"type": "Bearer", "credentials": config["token"]}}
+            configs.setdefault("webhook_configs", []).append(entry)
+            warn(f"Webhook channel {channel.name!r}: Alertmanager posts its own JSON (payload version 4), not the "
+                 f"portal's (version 1)" + (", and without the channel's extra headers (Alertmanager 0.25 cannot "
+                                            "send them)" if config.get("headers") else ""))
+        elif channel.kind == "pagerduty":
+            # Our severities are PagerDuty's; a group of mixed severities falls back as the portal's transport does.
+            entry = {"routing_key": config["routing_key"],
+                     "severity": "{{ if .CommonLabels.severity }}{{ .CommonLabels.severity }}{{ else }}warning"
+                                 "{{ end }}", **resolved}
+            if config.get("url"):
+                entry["url"] = config["url"]
+            configs.setdefault("pagerduty_configs", []).append(entry)
+    return configs
+
+
+def alertmanager_config(*, portal_url: str | None = None, max_group_wait_seconds: int | None = None,
+                        group_interval_seconds: int = 300, warn=lambda message: None) -> str:
+    """A Prometheus Alertmanager configuration (YAML) built from the same rows the portal notifies through.
+
+    The root route's first child sends every alert to the portal's webhook (receiver "rq-ops-portal", grouped by
+    all labels since the portal records each alert itself) and continues, so the history holds every alert
+    Prometheus raises. Then come the enabled NotificationRoutes in position order, each its own receiver with its
+    enabled channels, matching on its severities and label matchers, with its group_by, group_wait,
+    repeat_interval and "continue". A route that takes no severity is left out (it takes nothing). A route
+    without enabled channels stays, with a receiver that sends nothing: as in the portal, the alerts it takes do
+    not reach the routes after it unless it continues. An empty group_by means one group for everything (Alertmanager 0.25 reads an empty list as "inherit
+    the parent's", and the root groups by nothing).
+
+    The rules' inhibitions (AlertRule.inhibited_by) are not exported: Alertmanager's inhibition mutes an alert
+    for every receiver, the portal's webhook included, and the history must hold it.
+
+    ``warn`` receives one sentence per thing the operator should know (a channel left out, a missing token).
+    Raises ValueError for a route matcher Alertmanager cannot express.
+    """
+    from django.conf import settings
+    from django.urls import reverse
+    from django.utils.text import slugify
+
+    from monitoring.models import NotificationRoute
+
+    portal_url = (portal_url or settings.PORTAL_URL).rstrip("/")
+    token = settings.ALERTS_WEBHOOK_TOKEN
+    if token:
+        authorization = {"type": "Bearer", "credentials": token}
+    else:
+        authorization = {"type": "Bearer", "credentials_file": ALERTMANAGER_TOKEN_FILE}
+        warn(f"ALERTS_WEBHOOK_TOKEN is not set, so the portal refuses Alertmanager's webhook (403). The config "
+             f"reads the token from {ALERTMANAGER_TOKEN_FILE}: set ALERTS_WEBHOOK_TOKEN on the portal and write the "
+             f"same value to that file, or export again once it is set.")
+    receivers = [{"name": ALERTMANAGER_PORTAL_RECEIVER, "webhook_configs": [{
+        "url": portal_url + reverse("alertmanager-webhook"), "send_resolved": True,
+        "http_config": {"authorization": authorization}}]}]
+    routes = [{"receiver": ALERTMANAGER_PORTAL_RECEIVER, "group_by": ["..."], "group_wait": "0s", "continue": True}]
+
+    names = {ALERTMANAGER_PORTAL_RECEIVER}
+    enabled_routes = NotificationRoute.objects.filter(enabled=True).order_by("position", "id")
+    for route in enabled_routes.prefetch_related("channels"):
+        if not route.severities:
+            warn(f"Route {route.name!r} left out: it takes no severity.")
+            continue
+        base = name = slugify(route.name) or "route"
+        number = 1
+        while name in names:
+            number += 1
+            name = f"{base}-{number}"
+        names.add(name)
+        configs = _am_receiver_configs(route, warn)
+        receivers.append({"name": name, **configs})
+        group_wait = route.group_wait_seconds if max_group_wait_seconds is None else \
+            min(route.group_wait_seconds, max_group_wait_seconds)
+        routes.append({"receiver": name, "matchers": _am_matchers(route), "group_by": list(route.group_by or []),
+                       "group_wait": _duration(group_wait),
+                       # Alertmanager refuses 0; the portal reminds at every pass then, the nearest is 1 s.
+                       "repeat_interval": _duration(max(route.repeat_interval_seconds, 1)),
+                       "continue": route.continue_matching})
+
+    config = {}
+    if any("email_configs" in receiver for receiver in receivers):
+        config["global"] = {"smtp_smarthost": f"{settings.EMAIL_HOST}:{settings.EMAIL_PORT}",
+                            "smtp_from": settings.DEFAULT_FROM_EMAIL,
+                            # Alertmanager requires STARTTLS unless told not to; Django uses it only when asked.
+                            "smtp_require_tls": bool(settings.EMAIL_USE_TLS)}
+        if settings.EMAIL_HOST_USER:
+            config["global"]["smtp_auth_username"] = settings.EMAIL_HOST_USER
+            config["global"]["smtp_auth_password"] = settings.EMAIL_HOST_PASSWORD
+        if getattr(settings, "EMAIL_USE_SSL", False) and int(settings.EMAIL_PORT) != 465:
+            warn(f"EMAIL_USE_SSL is set but EMAIL_PORT is {settings.EMAIL_PORT}: Alertmanager uses implicit TLS "
+                 f"only on port 465, so its email will not be encrypted.")
+    config["route"] = {"receiver": ALERTMANAGER_PORTAL_RECEIVER, "group_by": [],
+                       "group_interval": _duration(group_interval_seconds), "routes": routes}
+    config["receivers"] = receivers
+    header = ("# Generated by `manage.py export_alertmanager_config` from the portal's notification routes and "
+              "channels.\n# Edit those in the admin and export again rather than editing this file.\n")
+    return header + yaml.safe_dump(config, sort_keys=False, width=120)

@@ -1,0 +1,39 @@
+from django.core.management.base import CommandError
+
+from monitoring.artefacts import alertmanager_config
+from monitoring.management.export import ExportCommand
+from monitoring.transports.base import url_error
+
+
+class Command(ExportCommand):
+    help = ("Writes a Prometheus Alertmanager configuration built from the enabled notification routes and channels, "
+            "with a first route that sends every alert to the portal's webhook, to stdout or --output FILE.")
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        parser.add_argument("--portal-url", help="The portal's base URL as Alertmanager reaches it (default: "
+                                                 "PORTAL_URL).")
+        parser.add_argument("--max-group-wait", type=int, default=None, metavar="SECONDS",
+                            help="Shorten every route's group_wait to at most this many seconds (for drills and "
+                                 "tests).")
+        parser.add_argument("--group-interval", type=int, default=300, metavar="SECONDS",
+                            help="How long Alertmanager waits before it tells a group's receivers about alerts "
+                                 "that joined or resolved (default 300; drills use 1).")
+
+    def handle(self, *args, portal_url=None, max_group_wait=None, group_interval=300, **options):
+        if portal_url is not None and (problem := url_error(portal_url)):
+            raise CommandError(f"--portal-url {problem}")
+        if max_group_wait is not None and max_group_wait < 0:
+            raise CommandError("--max-group-wait must be zero or a positive number of seconds")
+        if group_interval < 1:
+            raise CommandError("--group-interval must be at least 1 second (Alertmanager refuses 0)")
+        self.portal_url, self.max_group_wait, self.group_interval = portal_url, max_group_wait, group_interval
+        super().handle(*args, **options)
+
+    def render(self) -> str:
+        try:
+            return alertmanager_config(portal_url=self.portal_url, max_group_wait_seconds=self.max_group_wait,
+                                       group_interval_seconds=self.group_interval,
+                                       warn=lambda message: self.stderr.write(f"Warning: {message}"))
+        except ValueError as error:
+            raise CommandError(str(error)) from None

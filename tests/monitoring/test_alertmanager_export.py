@@ -1,0 +1,200 @@
+"""The exported Alertmanager configuration: the portal's routes and channels as receivers and routes, every alert
+to the portal's webhook first, and a file Alertmanager's own amtool accepts and routes as the portal does."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from monitoring.models import Alert, NotificationChannel, NotificationRoute
+from monitoring.notifications import _routes_for
+
+TOKEN = "am-webhook-token-0123456789"
+
+
+def amtool_or_skip() -> str:
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must check the Alertmanager config: amtool (Debian package prometheus-alertmanager) is "
+                        "missing")
+        pytest.skip("amtool is not installed here (apt-get install prometheus-alertmanager)")
+    return amtool
+
+
+@pytest.fixture
+def routes(db, settings):
+    settings.ALERTS_WEBHOOK_TOKEN = TOKEN
+    settings.PORTAL_URL = "https://portal.example.com"
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_USE_TLS = "smtp.example.com", 587, True
+    settings.EMAIL_HOST_USER, settings.EMAIL_HOST_PASSWORD = "mailer", "mail-password"
+    settings.DEFAULT_FROM_EMAIL = "alerts@example.com"
+    email = NotificationChannel.objects.create(name="Ops mail", kind="email",
+                                               config={"to": ["ops@example.com", "dba@example.com"]})
+    slack = NotificationChannel.objects.create(name="Ops Slack", kind="slack",
+                                               config={"url": "https://hooks.slack.com/services/T0/B0/secret"})
+    webhook = NotificationChannel.objects.create(name="Ticketing", kind="webhook",
+                                                 config={"url": "https://tickets.example.com/in", "token": "tkt-1"})
+    pagerduty = NotificationChannel.objects.create(
+        name="On call", kind="pagerduty",
+        config={"routing_key": "R0123456789abcdef", "url": "https://events.eu.pagerduty.com/v2/enqueue"})
+    disabled = NotificationChannel.objects.create(name="Old Slack", kind="slack", enabled=False,
+                                                  config={"url": "https://hooks.slack.com/services/T0/B0/old"})
+    redis_pages = NotificationRoute.objects.create(
+        name="Redis pages", position=10, severities=["critical"], group_by=["alertname", "component"],
+        matchers=[{"label": "component", "op": "=", "value": "redis"},
+                  {"label": "queue", "op": "!~", "value": 'batch|say "hi"'}],
+        group_wait_seconds=10, repeat_interval_seconds=3600, continue_matching=True)
+    redis_pages.channels.set([email, slack, pagerduty, disabled])
+    everything = NotificationRoute.objects.create(name="Everything else", position=20,
+                                                  severities=["critical", "error", "warning"], send_resolved=False)
+    everything.channels.set([webhook])
+    # Created first but placed between the two: the export follows position, not creation order.
+    quiet = NotificationRoute.objects.create(name="Quiet workers", position=15, severities=["warning"],
+                                             matchers=[{"label": "component", "op": "=", "value": "workers"}])
+    quiet.channels.set([disabled])
+    NotificationRoute.objects.create(name="Switched off", position=1, enabled=False)
+    NotificationRoute.objects.create(name="Takes nothing", position=2, severities=[])
+    return {"redis_pages": redis_pages, "everything": everything, "quiet": quiet}
+
+
+def export(tmp_path, *args) -> dict:
+    output = tmp_path / "alertmanager.yml"
+    call_command("export_alertmanager_config", "--output", str(output), *args)
+    return yaml.safe_load(output.read_text())
+
+
+def test_receivers_and_routes_mirror_the_routes_and_channels(routes, tmp_path):
+    config = export(tmp_path)
+
+    assert config["global"] == {"smtp_smarthost": "smtp.example.com:587", "smtp_from": "alerts@example.com",
+                                "smtp_require_tls": True, "smtp_auth_username": "mailer",
+                                "smtp_auth_password": "mail-password"}
+    root = config["route"]
+    assert root["receiver"] == "rq-ops-portal" and root["group_by"] == [] and "matchers" not in root
+    portal, *children = root["routes"]
+    assert portal == {"receiver": "rq-ops-portal", "group_by": ["..."], "group_wait": "0s", "continue": True}
+    assert [child["receiver"] for child in children] == ["redis-pages", "quiet-workers", "everything-else"]
+    redis_route, quiet_route, everything_route = children
+    assert redis_route == {"receiver": "redis-pages",
+                           "matchers": ['severity=~"critical"', 'component="redis"', r'queue!~"batch|say \"hi\""'],
+                           "group_by": ["alertname", "component"], "group_wait": "10s", "repeat_interval": "1h",
+                           "continue": True}
+    assert everything_route["matchers"] == ['severity=~"critical|error|warning"']
+    assert everything_route["group_by"] == [] and everything_route["continue"] is False
+    assert (everything_route["group_wait"], everything_route["repeat_interval"]) == ("30s", "4h")
+
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    assert list(receivers) == ["rq-ops-portal", "redis-pages", "quiet-workers", "everything-else"]
+    assert receivers["rq-ops-portal"]["webhook_configs"] == [{
+        "url": "https://portal.example.com/api/alerts/alertmanager", "send_resolved": True,
+        "http_config": {"authorization": {"type": "Bearer", "credentials": TOKEN}}}]
+    assert receivers["redis-pages"] == {
+        "name": "redis-pages",
+        "email_configs": [{"to": "ops@example.com, dba@example.com", "send_resolved": True}],
+        "slack_configs": [{"api_url": "https://hooks.slack.com/services/T0/B0/secret", "send_resolved": True}],
+        "pagerduty_configs": [{"routing_key": "R0123456789abcdef", "send_resolved": True,
+                               "url": "https://events.eu.pagerduty.com/v2/enqueue",
+                               "severity": "{{ if .CommonLabels.severity }}{{ .CommonLabels.severity }}"
+                                           "{{ else }}warning{{ end }}"}],
+    }  # the disabled channel is not there
+    assert receivers["quiet-workers"] == {"name": "quiet-workers"}  # takes the alerts and sends nothing, as here
+    assert receivers["everything-else"]["webhook_configs"] == [{
+        "url": "https://tickets.example.com/in", "send_resolved": False,
+        "http_config": {"authorization": {"type": "Bearer", "credentials": "tkt-1"}}}]
+
+
+def test_receiver_names_stay_unique_and_the_portal_url_can_be_given(db, settings, tmp_path):
+    settings.ALERTS_WEBHOOK_TOKEN = TOKEN
+    NotificationRoute.objects.create(name="Ops team", position=1)
+    NotificationRoute.objects.create(name="ops-team", position=2)
+    NotificationRoute.objects.create(name="RQ Ops Portal", position=3)
+    config = export(tmp_path, "--portal-url", "http://10.0.0.5:8000/")
+    assert [receiver["name"] for receiver in config["receivers"]] == ["rq-ops-portal", "ops-team", "ops-team-2",
+                                                                      "rq-ops-portal-2"]
+    assert "global" not in config  # no email channel: no SMTP settings (nor password) in the file
+    assert config["receivers"][0]["webhook_configs"][0]["url"] == "http://10.0.0.5:8000/api/alerts/alertmanager"
+
+
+def test_drill_options_shorten_the_waits(routes, tmp_path):
+    config = export(tmp_path, "--max-group-wait", "0", "--group-interval", "1")
+    assert config["route"]["group_interval"] == "1s"
+    assert {child["group_wait"] for child in config["route"]["routes"]} == {"0s"}
+    assert export(tmp_path)["route"]["group_interval"] == "5m"
+    with pytest.raises(CommandError, match="--group-interval"):
+        call_command("export_alertmanager_config", "--group-interval", "0")
+    with pytest.raises(CommandError, match="--max-group-wait"):
+        call_command("export_alertmanager_config", "--max-group-wait", "-1")
+    with pytest.raises(CommandError, match="--portal-url"):
+        call_command("export_alertmanager_config", "--portal-url", "portal.example.com")
+
+
+def test_amtool_accepts_the_config_and_routes_as_the_portal_does(routes, tmp_path):
+    amtool = amtool_or_skip()
+    output = tmp_path / "alertmanager.yml"
+    call_command("export_alertmanager_config", "--output", str(output))
+    result = subprocess.run([amtool, "check-config", str(output)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout and "4 receivers" in result.stdout
+
+    enabled = list(NotificationRoute.objects.filter(enabled=True).order_by("position", "id"))
+    receiver_of = {route.pk: name for route, name in zip(routes.values(), ("redis-pages", "everything-else",
+                                                                           "quiet-workers"))}
+    label_sets = [{"severity": "critical", "component": "redis"},
+                  {"severity": "critical", "component": "redis", "queue": "batch"},
+                  {"severity": "critical", "component": "redis", "queue": 'say "hi"'},
+                  {"severity": "warning", "component": "workers"},
+                  {"severity": "warning", "component": "queues"},
+                  {"severity": "info", "component": "redis"}]
+    for labels in label_sets:
+        alert = Alert(severity=labels["severity"], labels={"alertname": "RQTest", **labels})
+        expected = ["rq-ops-portal"] + [receiver_of[route.pk] for route in _routes_for(alert, enabled)]
+        # amtool parses its label arguments as matchers: quote the values the same way.
+        quoted = [label + '="' + value.replace('"', '\\"') + '"' for label, value in labels.items()]
+        result = subprocess.run([amtool, "config", "routes", "test", f"--config.file={output}", "alertname=RQTest",
+                                 *quoted],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.strip().split(",") == expected, labels
+
+
+def test_without_the_webhook_token_the_config_reads_a_token_file_and_says_so(db, settings, tmp_path, capsys):
+    settings.ALERTS_WEBHOOK_TOKEN = None
+    config = export(tmp_path)
+    authorization = config["receivers"][0]["webhook_configs"][0]["http_config"]["authorization"]
+    assert authorization == {"type": "Bearer", "credentials_file": "/etc/prometheus/rq-ops-portal-alerts-token"}
+    assert "ALERTS_WEBHOOK_TOKEN is not set" in capsys.readouterr().err
+    amtool = amtool_or_skip()
+    result = subprocess.run([amtool, "check-config", str(tmp_path / "alertmanager.yml")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_channels_alertmanager_cannot_use_are_left_out_with_a_warning(db, settings, tmp_path, capsys):
+    settings.ALERTS_WEBHOOK_TOKEN = TOKEN
+    broken = NotificationChannel.objects.create(name="Broken Slack", kind="slack", config={"url": "not a url"})
+    headers = NotificationChannel.objects.create(
+        name="Team hook", kind="webhook", config={"url": "https://team.example.com/", "headers": {"X-Team": "a"}})
+    route = NotificationRoute.objects.create(name="Team")
+    route.channels.set([broken, headers])
+    config = export(tmp_path)
+    assert "slack_configs" not in config["receivers"][1]
+    assert config["receivers"][1]["webhook_configs"] == [{"url": "https://team.example.com/", "send_resolved": True}]
+    err = capsys.readouterr().err
+    assert "'Broken Slack' left out of route 'Team'" in err and "url:" in err
+    assert "'Team hook'" in err and "headers" in err and "version 4" in err
+
+
+def test_a_matcher_alertmanager_cannot_express_is_a_clear_error(db, settings):
+    NotificationRoute.objects.create(name="Odd", matchers=[{"label": "bad-label", "op": "=", "value": "x"}])
+    with pytest.raises(CommandError, match="route 'Odd'.*bad-label"):
+        call_command("export_alertmanager_config")
+
+
+def test_export_to_an_unwritable_place_is_a_clear_error(db, tmp_path):
+    with pytest.raises(CommandError, match="Cannot write"):
+        call_command("export_alertmanager_config", "--output", str(tmp_path / "missing" / "dir" / "am.yml"))
