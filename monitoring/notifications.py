@@ -4,8 +4,8 @@ Planning (``notifications_plan``, run by the evaluator after each pass) decides 
 them as ``Notification`` rows, one per channel and alert group, in the same transaction that marks the alerts as
 notified: a plan is never half done and never done twice.
 
-- First message: a firing alert that is not acknowledged, shelved, silenced or caused by another firing alert, and
-  has not been notified, goes to every enabled channel of the first route that takes it (and of later routes while
+- First message: a firing alert that is not acknowledged, shelved, silenced or caused by another firing alert, whose
+  condition still holds (not waiting out its clear time), and has not been notified, goes to every enabled channel of the first route that takes it (and of later routes while
   a route says "continue"). Alerts of one route with equal ``group_by`` labels are one group: the group's message
   waits until its oldest member has fired ``group_wait`` seconds ago and then carries every member not yet sent.
 - Reminder: a firing alert still unacknowledged ``repeat_interval`` after its last message, again grouped.
@@ -156,8 +156,8 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
                     if route.send_resolved:
                         resolved[(route.pk, _group_key(route, alert))].append(alert)
             continue
-        if quiet is not None:
-            continue
+        if quiet is not None or alert.cleared_at is not None:
+            continue  # (cleared: the condition no longer holds and the alert resolves after the rule's clear time)
         for route in _routes_for(alert, routes):
             key = (route.pk, _group_key(route, alert))
             if alert.notified_at is None:
@@ -202,7 +202,8 @@ def _route_messages(planned, route, kind, members, group_key, now) -> None:
 
 def _escalate(candidates, policies, silences, now, planned, events, touched) -> None:
     for alert in candidates:
-        if alert.state != Alert.State.FIRING or alert.fired_at is None or _quiet(alert, now, silences) is not None:
+        if alert.state != Alert.State.FIRING or alert.fired_at is None or alert.cleared_at is not None or \
+                _quiet(alert, now, silences) is not None:
             continue
         minutes = (now - alert.fired_at).total_seconds() / 60
         for policy in policies:
