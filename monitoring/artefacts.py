@@ -1,6 +1,9 @@
-"""Prometheus recording/alerting rules and a Grafana dashboard, generated from the metric names this portal serves.
+"""Configuration for the tools beside the portal, generated from what the portal serves and holds: Prometheus
+recording rules and alerting rules (from the alert rule rows), a Grafana dashboard, and an Alertmanager
+configuration (from the notification route and channel rows, with the portal's own webhook as first receiver).
 
-CI checks the rules with ``promtool check rules`` and the dashboard's structure in the test suite.
+The test suite checks the rules with ``promtool check rules``, the Alertmanager configuration with ``amtool
+check-config``, the dashboard's structure, and all three end to end with Prometheus and Alertmanager running.
 """
 
 from __future__ import annotations

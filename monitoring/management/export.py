@@ -1,11 +1,16 @@
-"""What both artefact exports share: print the text, or write it to ``--output FILE``."""
+"""What the artefact exports share: print the text, or write it to ``--output FILE``."""
 
+import os
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
 
 class ExportCommand(BaseCommand):
+    # An export that holds credentials (the Alertmanager configuration: webhook token, SMTP password, Slack URLs,
+    # PagerDuty keys) is written readable by its owner only.
+    secret = False
+
     def render(self) -> str:
         raise NotImplementedError
 
@@ -18,7 +23,13 @@ class ExportCommand(BaseCommand):
             self.stdout.write(text, ending="")
             return
         try:
-            Path(output).write_text(text)
+            if self.secret:
+                descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.fchmod(descriptor, 0o600)  # also when the file existed with wider permissions
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(text)
+            else:
+                Path(output).write_text(text)
         except OSError as error:
             raise CommandError(f"Cannot write {output}: {error}") from None
         self.stdout.write(f"Wrote {output}")

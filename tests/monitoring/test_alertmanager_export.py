@@ -198,3 +198,12 @@ def test_a_matcher_alertmanager_cannot_express_is_a_clear_error(db, settings):
 def test_export_to_an_unwritable_place_is_a_clear_error(db, tmp_path):
     with pytest.raises(CommandError, match="Cannot write"):
         call_command("export_alertmanager_config", "--output", str(tmp_path / "missing" / "dir" / "am.yml"))
+
+
+def test_the_written_config_is_readable_by_its_owner_only(routes, tmp_path):
+    output = tmp_path / "alertmanager.yml"
+    output.write_text("old")
+    output.chmod(0o644)
+    call_command("export_alertmanager_config", "--output", str(output))
+    assert output.stat().st_mode & 0o777 == 0o600, "it holds the webhook token and the channels' secrets"
+    assert "receivers" in yaml.safe_load(output.read_text())

@@ -6,6 +6,7 @@ from monitoring.transports.base import url_error
 
 
 class Command(ExportCommand):
+    secret = True
     help = ("Writes a Prometheus Alertmanager configuration built from the enabled notification routes and channels, "
             "with a first route that sends every alert to the portal's webhook, to stdout or --output FILE.")
 
