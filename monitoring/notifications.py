@@ -292,6 +292,7 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
     channel = notification.channel
     started = time.monotonic()
     http_status, error, outcome = None, "", DeliveryAttempt.Outcome.DELIVERED
+    blames_channel = True
     if not channel.enabled:
         outcome, error = DeliveryAttempt.Outcome.PERMANENT, f"the channel is disabled: {channel.disabled_reason}"
     else:
@@ -303,6 +304,7 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
             http_status = delivery.http_status
         except TransportError as failure:
             http_status, error = failure.http_status, failure.message
+            blames_channel = not failure.settings_fault
             outcome = DeliveryAttempt.Outcome.PERMANENT if failure.permanent else DeliveryAttempt.Outcome.TRANSIENT
         except Exception as failure:  # a transport bug must not leave the notification in "sending"
             logger.exception("notification %s: the %s transport failed", notification_id, channel.kind)
@@ -328,7 +330,7 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
             else None, next_attempt_at=now + timedelta(seconds=backoff), claimed_at=None)
         if outcome == DeliveryAttempt.Outcome.DELIVERED:
             NotificationChannel.objects.filter(pk=channel.pk).update(permanent_failures=0)
-        elif outcome == DeliveryAttempt.Outcome.PERMANENT and channel.enabled:
+        elif outcome == DeliveryAttempt.Outcome.PERMANENT and channel.enabled and blames_channel:
             NotificationChannel.objects.filter(pk=channel.pk).update(permanent_failures=F("permanent_failures") + 1)
             NotificationChannel.objects.filter(
                 pk=channel.pk, enabled=True, permanent_failures__gte=NotificationChannel.DISABLE_AFTER).update(

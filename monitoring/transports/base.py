@@ -12,13 +12,18 @@ class TransportError(Exception):
     ``permanent``: sending the same message again will fail the same way (a refused address, a revoked webhook, an
     invalid event), so the caller does not retry and counts it against the channel. Otherwise the failure is
     transient (a timeout, a refused connection, 429, 5xx) and the caller retries with backoff.
+
+    ``settings_fault``: the portal's own settings are wrong (the SMTP login or sender), not the channel's; the
+    caller does not count it against the channel, or one wrong password would disable every email channel.
     """
 
-    def __init__(self, message: str, *, permanent: bool, http_status: int | None = None):
+    def __init__(self, message: str, *, permanent: bool, http_status: int | None = None,
+                 settings_fault: bool = False):
         super().__init__(message)
         self.message = message
         self.permanent = permanent
         self.http_status = http_status
+        self.settings_fault = settings_fault
 
 
 @dataclass

@@ -62,8 +62,9 @@ class EmailTransport(Transport):
                     smtplib.SMTPAuthenticationError: "refused the login (EMAIL_HOST_USER, EMAIL_HOST_PASSWORD)",
                     }.get(type(error), "refused the message")
             reply = f"{error.smtp_code} {one_line(_decode(error.smtp_error))}"
-            raise TransportError(f"mail server {server} {what}: {reply}",
-                                 permanent=500 <= error.smtp_code < 600) from error
+            raise TransportError(f"mail server {server} {what}: {reply}", permanent=500 <= error.smtp_code < 600,
+                                 settings_fault=isinstance(error, (smtplib.SMTPSenderRefused,
+                                                                   smtplib.SMTPAuthenticationError))) from error
         except smtplib.SMTPException as error:
             raise TransportError(f"mail server {server} failed: {type(error).__name__} {one_line(str(error))}",
                                  permanent=False) from error

@@ -25,6 +25,7 @@ from monitoring.models import (
 from monitoring.notifications import channel_test, notification_deliver, notifications_dispatch, notifications_plan
 from tests.conftest import respond
 from tests.monitoring.test_alert_evaluation import only, snapshot
+from tests.monitoring.test_transports import smtp_server  # noqa: F401 (a fixture)
 
 # Workers run in this process and close the database connection between jobs: transactional tests.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("seeded_alert_rules")]
@@ -303,3 +304,16 @@ def test_send_test_notification_reports_the_outcome(redis, http_server, admin_us
     notification = channel_test(channel=channel, user=admin_user)
     assert notification.status == Notification.Status.GAVE_UP and "500" in notification.last_error
     assert posted(http_server, "/t")[0]["kind"] == "test"
+
+
+def test_a_wrong_smtp_sender_fails_the_mail_but_does_not_disable_the_channel(smtp_server):  # noqa: F811
+    smtp_server(replies={"MAIL": "553 5.7.1 sender not allowed"})
+    channel = NotificationChannel.objects.create(name="mail", kind="email", config={"to": ["ops@example.com"]})
+    for _ in range(NotificationChannel.DISABLE_AFTER + 1):
+        failed = Notification.objects.create(channel=channel, kind="firing", subject="s", status="sending", body={
+            "kind": "firing", "status": "firing", "subject": "s", "text": "t", "group_key": "g", "portal_url": "",
+            "alerts": []})
+        assert notification_deliver(notification_id=failed.pk, attempt=0) == Notification.Status.FAILED
+    channel.refresh_from_db()
+    assert channel.enabled and channel.permanent_failures == 0
+    assert "refused the sender" in DeliveryAttempt.objects.filter(channel=channel).first().error

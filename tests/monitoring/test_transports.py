@@ -547,7 +547,7 @@ def test_email_sender_refused_is_permanent(smtp_server):
     smtp_server(replies={"MAIL": "553 5.7.1 sender not allowed"})
     with pytest.raises(TransportError) as caught:
         transport_for("email", {"to": ["ops@example.com"]}).send(make_message())
-    assert caught.value.permanent
+    assert caught.value.permanent and caught.value.settings_fault, "the portal's settings, not the channel"
     assert "refused the sender alerts@portal.example.com: 553 5.7.1 sender not allowed" in caught.value.message
 
 
