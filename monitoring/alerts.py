@@ -285,6 +285,7 @@ def alerts_cycle(*, state: EvaluatorState, now: datetime | None = None) -> dict:
             report["database_outage_recorded"] = recorded.pk if recorded else None
             state.database_down_since = None
         report["evaluation"] = alerts_evaluate(now=now).as_dict()
+        report["expired"] = alertmanager_alerts_expire(now=now)
         report["planned"] = len(notifications_plan(now=now))
         report["dispatch"] = notifications_dispatch(now=now)
         return report
@@ -556,6 +557,27 @@ def alertmanager_ingest(payload) -> dict:
             else:
                 updated += 1  # a repeat of what we already have
     return {"received": len(alerts), "created": created, "updated": updated, "resolved": resolved}
+
+
+# Alertmanager re-sends a firing alert at least every repeat interval (4 h by default) and sends its resolution; one
+# not heard of for this long was lost with an Alertmanager that went away. It is closed as expired (Alerta's
+# lifecycle), not left firing in the history for ever.
+ALERTMANAGER_EXPIRY = timedelta(hours=24)
+
+
+def alertmanager_alerts_expire(*, now: datetime | None = None) -> int:
+    now = now or timezone.now()
+    expired = 0
+    with transaction.atomic():
+        for alert in Alert.objects.open().filter(source=Alert.Source.ALERTMANAGER,
+                                                 last_seen_at__lt=now - ALERTMANAGER_EXPIRY).select_for_update():
+            alert.state, alert.resolved_at, alert.open_key = Alert.State.RESOLVED, alert.last_seen_at, None
+            alert.save()
+            AlertEvent.objects.create(alert=alert, kind=AlertEvent.Kind.EXPIRED, at=now,
+                                      message=f"Alertmanager has not reported it since "
+                                              f"{alert.last_seen_at:%Y-%m-%d %H:%M %Z}")
+            expired += 1
+    return expired
 
 
 # --- the current alerts, for /api/rq/alerts ---------------------------------------------------------------------

@@ -227,6 +227,7 @@ class AlertEvent(models.Model):
         NOTIFICATION_FAILED = "notification_failed", "Notification failed"
         ESCALATED = "escalated", "Escalated"
         UPDATED = "updated", "Updated by Alertmanager"
+        EXPIRED = "expired", "Expired (no longer reported)"
 
     alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="events")
     at = models.DateTimeField(default=timezone.now)

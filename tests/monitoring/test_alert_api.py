@@ -143,3 +143,15 @@ def test_current_alerts_have_the_same_access_as_the_other_apis(client, outsider_
     client.force_login(outsider_user)
     assert client.get(reverse("api-alerts")).status_code == 403
     assert client.post(reverse("api-alerts")).status_code in (403, 405)
+
+
+def test_an_alertmanager_alert_no_longer_reported_expires(post):
+    from monitoring.alerts import ALERTMANAGER_EXPIRY, alertmanager_alerts_expire
+
+    post(PAYLOAD)
+    alert = Alert.objects.get()
+    assert alertmanager_alerts_expire(now=alert.last_seen_at + ALERTMANAGER_EXPIRY - timedelta(minutes=1)) == 0
+    assert alertmanager_alerts_expire(now=alert.last_seen_at + ALERTMANAGER_EXPIRY + timedelta(minutes=1)) == 1
+    alert.refresh_from_db()
+    assert alert.state == "resolved" and alert.resolved_at == alert.last_seen_at
+    assert alert.events.last().kind == "expired"
