@@ -218,3 +218,25 @@ def test_a_database_outage_is_recorded_after_it_ends(redis):
     assert alert.state == Alert.State.RESOLVED and alert.fired_at == started
     assert alert.time_to_resolve == timedelta(minutes=2)
     assert list(alert.events.values_list("kind", flat=True)) == [AlertEvent.Kind.FIRING, AlertEvent.Kind.RESOLVED]
+
+
+@pytest.mark.django_db(transaction=True)  # the command drops stale connections, as a long-running process must
+@pytest.mark.usefixtures("seeded_alert_rules")
+def test_evaluate_alerts_once_reports_its_pass_and_refuses_while_another_evaluator_is_active(redis, capsys):
+    import json
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    only("no-active-workers")
+    call_command("evaluate_alerts", "--once")
+    report = json.loads(capsys.readouterr().out)
+    assert report["lease"] is True and report["evaluation"]["rules"] == 1
+    assert "no-active-workers: pending" in report["evaluation"]["changes"]
+    assert Alert.objects.get().state == Alert.State.FIRING, "no worker runs in this test"
+    assert not Lease.objects.exists(), "--once hands the lease back"
+    lease_acquire(holder="other-host:42")
+    with pytest.raises(CommandError, match="other-host:42"):
+        call_command("evaluate_alerts", "--once")
+    with pytest.raises(CommandError, match="--interval"):
+        call_command("evaluate_alerts", "--interval", "0")
