@@ -1,16 +1,1198 @@
-"""Alert pages in the admin (the helper's full version replaces this skeleton)."""
+"""Alert pages in the admin: the alert history with each alert's timeline, the operator's actions on alerts,
+silences, a summary of a period, CSV export; alert rules, notification channels, routes and escalation; the
+notifications with their delivery attempts.
 
-from django.contrib import admin
+Who may do what (queues/roles.py makes the groups):
 
+- Support reads alerts, timelines, rules, silences and notifications (view permissions only).
+- Operators also acknowledge, shelve and silence (``monitoring.acknowledge_alert``, ``add_silence``,
+  ``change_silence``).
+- Admins edit rules, channels, routes and escalation policies. A channel's config holds webhook URLs and keys,
+  so only Admins see channels at all; everyone sees what was delivered where (notifications name the channel).
+
+Alerts are history: nobody adds, edits or deletes one by hand. Every change to an alert goes through a service of
+monitoring.alerts, which writes the timeline event and the audit row. Each action is a confirmation page (GET)
+and a POST, with the permission checked on the server for both; the service's refusals (``AlertError``) come
+back as admin messages, or on the form when they name one of its fields. Edits of rules, channels, routes and
+policies through their forms are audit rows too (``AuditedChangesMixin``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.validators import URLValidator
+from django.db import models, transaction
+from django.db.models import Avg, Count, F, Prefetch, Q, Sum
+from django.db.models.fields.json import KeyTransform
+from django.db.models.functions import Coalesce
+from django.http import HttpResponseBadRequest, HttpResponseRedirect, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import formats, timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+from django.utils.text import capfirst
+
+from monitoring.alert_rules import signal_choices
+from monitoring.alerts import (
+    AlertError,
+    alert_acknowledge,
+    alert_shelve,
+    alert_unacknowledge,
+    matchers_parse,
+    matchers_validate,
+    silence_create,
+    silence_expire,
+)
 from monitoring.models import (
     Alert,
     AlertRule,
+    DeliveryAttempt,
     EscalationPolicy,
+    EscalationStep,
     Notification,
     NotificationChannel,
     NotificationRoute,
+    Severity,
     Silence,
 )
+from monitoring.notifications import channel_test
+from queues.fleet import audit
+from queues.fleet_admin import ReadOnlyAdmin, client_address, confirmation
+from queues.models import Priority
+from queues.operations_admin import CappedCountPaginator
 
-for model in (Alert, AlertRule, EscalationPolicy, Notification, NotificationChannel, NotificationRoute, Silence):
-    admin.site.register(model)
+ACKNOWLEDGE = "monitoring.acknowledge_alert"
+EXPIRE_SILENCE = "monitoring.change_silence"
+
+STATE_COLOURS = {"pending": "#b26a00", "firing": "#c62828", "resolved": "#2e7d32"}
+SEVERITY_COLOURS = {"critical": "#8e0000", "error": "#c62828", "warning": "#b26a00", "info": "#1565c0"}
+# Dead letters that belong to an alert: the tasks that failed from a little before it started until it resolved.
+DEAD_LETTER_LEAD = timedelta(minutes=5)
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label names
+
+
+def require_acknowledge(request) -> None:
+    if not request.user.has_perm(ACKNOWLEDGE):
+        raise PermissionDenied("Acknowledging, shelving and silencing alerts needs the 'Can acknowledge, silence "
+                               "and shelve alerts' permission.")
+
+
+def duration_text(value: timedelta | None) -> str:
+    """'42 s', '7 min 5 s', '3 h 20 min', '2 d 4 h': the alert list, the alert page and the summary."""
+    if value is None:
+        return "–"
+    seconds = max(0, int(value.total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s" if seconds else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def safe_link(url: str) -> str:
+    """``url`` if it is an http(s) URL, else "": an Alertmanager annotation must not become a javascript: link."""
+    try:
+        URLValidator(schemes=["http", "https"])(url)
+    except ValidationError:
+        return ""
+    return url
+
+
+def badge(text: str, colour: str):
+    return format_html('<span style="color:#fff;background:{};padding:1px 6px;border-radius:3px;font-weight:bold;'
+                       'white-space:nowrap">{}</span>', colour, text)
+
+
+def matchers_text(labels: dict) -> str:
+    """An alert's labels as silence matchers, alertname first (the form's pre-filled text). A value with a comma
+    cannot be written in the comma-separated text and is left out; the operator can add a regular expression."""
+    ordered = sorted(labels.items(), key=lambda item: (item[0] != "alertname", item[0]))
+    return ", ".join(f"{key}={value}" for key, value in ordered if "," not in str(value))
+
+
+def _error_field(error: AlertError, form: forms.Form) -> tuple[str | None, str]:
+    """The services name the field they refuse first ("reason: say why ..."): that error belongs on the form."""
+    text = str(error)
+    name, _, rest = text.partition(": ")
+    return (name, rest) if rest and name in form.fields else (None, text)
+
+
+def form_page(request, model_admin, *, title: str, question: str, form: forms.Form, action_label: str,
+              cancel_url: str, crumbs: list[tuple[str, str]] = (), hidden: list[tuple[str, str]] = (),
+              danger: bool = False):
+    """The confirmation page of an action that takes input (a note, a duration, matchers): 400 with every error
+    named by its field when the form was refused."""
+    errors = [(form.fields[name].label or name.replace("_", " ").capitalize() if name in form.fields else "", error)
+              for name, field_errors in form.errors.items() for error in field_errors]
+    context = {**model_admin.admin_site.each_context(request), "title": title, "question": question, "form": form,
+               "action_label": action_label, "cancel_url": cancel_url, "crumbs": crumbs, "hidden": hidden,
+               "danger": danger, "field_errors": errors, "opts": model_admin.model._meta}
+    return TemplateResponse(request, "admin/monitoring/action_form.html", context, status=400 if errors else 200)
+
+
+def _selection_hidden(request) -> list[tuple[str, str]]:
+    """What a changelist action's confirmation posts back: the selection, the action and the confirmation."""
+    return [(ACTION_CHECKBOX_NAME, pk) for pk in request.POST.getlist(ACTION_CHECKBOX_NAME)] + [
+        ("action", request.POST.get("action", "")), ("select_across", request.POST.get("select_across", "0")),
+        ("confirm", "yes")]
+
+
+class NoInput(forms.Form):
+    """Actions that only need a yes."""
+
+
+def _plain(value):
+    """A form value as JSON for the audit row: rows by name, dates as ISO text."""
+    if isinstance(value, models.Model):
+        return str(getattr(value, "name", "") or value)
+    if isinstance(value, models.QuerySet) or (isinstance(value, (list, tuple)) and value
+                                              and all(isinstance(item, models.Model) for item in value)):
+        return sorted(_plain(item) for item in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+class AuditedChangesMixin:
+    """Every add, change and delete through these admin forms is an audit row: ``<audit_name>_create``,
+    ``_change`` (with ``{"changed": {field: [old, new]}}``) and ``_delete``. With ``audit_values = False`` only the
+    changed fields' names are kept (channel configs hold secrets that must not be copied into the audit log)."""
+
+    audit_name = ""
+    audit_values = True
+
+    def _audit_target(self, obj) -> str:
+        return f"{self.model._meta.verbose_name} {obj.pk}: {getattr(obj, 'name', '') or obj}"
+
+    def save_related(self, request, form, formsets, change):
+        # After save_related the row, its many-to-many fields and its inlines are all saved: one row says it all.
+        super().save_related(request, form, formsets, change)
+        if self.audit_values:
+            changed = {name: [_plain(form.initial.get(name)) if change else None, _plain(form.cleaned_data.get(name))]
+                       for name in form.changed_data}
+        else:
+            changed = list(form.changed_data)
+        detail = {"changed": changed}
+        for formset in formsets:
+            inline = {"added": [str(obj) for obj in getattr(formset, "new_objects", [])],
+                      "changed": {str(obj): fields for obj, fields in getattr(formset, "changed_objects", [])},
+                      "deleted": [str(obj) for obj in getattr(formset, "deleted_objects", [])]}
+            if any(inline.values()):
+                detail[str(formset.model._meta.verbose_name_plural)] = inline
+        if change and len(detail) == 1 and not changed:
+            return  # saved without a change: nothing happened
+        audit(user=request.user, action=f"{self.audit_name}_{'change' if change else 'create'}",
+              target=self._audit_target(form.instance), count=1, detail=detail, address=client_address(request))
+
+    def delete_model(self, request, obj):
+        target = self._audit_target(obj)
+        super().delete_model(request, obj)
+        audit(user=request.user, action=f"{self.audit_name}_delete", target=target, count=1,
+              address=client_address(request))
+
+    def delete_queryset(self, request, queryset):
+        targets = [self._audit_target(obj) for obj in queryset]
+        super().delete_queryset(request, queryset)
+        audit(user=request.user, action=f"{self.audit_name}_delete", target=", ".join(targets), count=len(targets),
+              address=client_address(request))
+
+
+# --- alerts: list filters ---------------------------------------------------------------------------------------
+
+def _rule_facets(request) -> list[tuple[str, dict]]:
+    """(component, labels) of every rule, read once per request for the component and label filters."""
+    if not hasattr(request, "_alert_rule_facets"):
+        request._alert_rule_facets = list(AlertRule.objects.order_by().values_list("component", "labels"))
+    return request._alert_rule_facets
+
+
+class PeriodFilter(admin.SimpleListFilter):
+    title = "time range (started)"
+    parameter_name = "period"
+    PERIODS = {"24h": ("last 24 h", timedelta(hours=24)), "7d": ("last 7 days", timedelta(days=7)),
+               "30d": ("last 30 days", timedelta(days=30))}
+
+    def lookups(self, request, model_admin):
+        return [(key, label) for key, (label, _) in self.PERIODS.items()]
+
+    def queryset(self, request, queryset):
+        if self.value() not in self.PERIODS:
+            return queryset
+        return queryset.filter(started_at__gte=timezone.now() - self.PERIODS[self.value()][1])
+
+
+class ComponentFilter(admin.SimpleListFilter):
+    """Components of the rules (a small table), not a DISTINCT over the whole alert history; any value works in
+    the URL (Alertmanager's alerts carry their own)."""
+
+    title = "component"
+    parameter_name = "component"
+
+    def lookups(self, request, model_admin):
+        components = {component for component, _ in _rule_facets(request) if component}
+        if self.value():
+            components.add(self.value())
+        return [(component, component) for component in sorted(components)]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(component=self.value()) if self.value() else queryset
+
+
+def label_pairs(text: str) -> list[tuple[str, str]]:
+    """``queue=normal`` or ``queue=normal,instance=web-1`` into pairs; IncorrectLookupParameters for anything
+    else (the changelist then says the filter is invalid instead of failing)."""
+    pairs = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        key, equals, value = part.partition("=")
+        if not equals or not LABEL_NAME.fullmatch(key.strip()):
+            raise IncorrectLookupParameters(f"label filter {part!r}: write label=value")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+class LabelFilter(admin.SimpleListFilter):
+    """``?label=queue=normal``: alerts whose label has that value. Filtered on a JSON key (``labels__queue="normal"``
+    as an expression, so that no label name is read as a lookup), which SQLite and MySQL/MariaDB both support;
+    ``labels__contains`` does not work on SQLite."""
+
+    title = "label"
+    parameter_name = "label"
+
+    def lookups(self, request, model_admin):
+        offered = {f"{key}={value}" for _, labels in _rule_facets(request) for key, value in (labels or {}).items()}
+        if self.value():
+            offered.add(self.value())
+        return [(pair, pair) for pair in sorted(offered)]
+
+    def queryset(self, request, queryset):
+        if not self.value():
+            return queryset
+        for index, (key, value) in enumerate(label_pairs(self.value())):
+            alias = f"label_{index}"
+            queryset = queryset.alias(**{alias: KeyTransform(key, "labels")}).filter(**{alias: value})
+        return queryset
+
+
+def bounded_date_hierarchy(changelist, field: str) -> dict:
+    """Django's date drill-down (``<field>__year/__month/__day`` in the address) without its SELECT DISTINCT over
+    every row of the filtered list (0.6 s at 100,000 alerts on SQLite, a full scan on any database): the choices
+    are the periods between the first and the last row, read with two index lookups (ORDER BY ... LIMIT 1). A
+    period without alerts between them can be offered; it shows an empty list. Rendered by
+    templates/admin/monitoring/alert/change_list.html in place of Django's."""
+    def number(key):
+        value = changelist.params.get(f"{field}__{key}")
+        value = value[-1] if isinstance(value, list) else value
+        return int(value) if value else None
+
+    def link(**lookups):
+        return changelist.get_query_string({f"{field}__{key}": value for key, value in lookups.items()},
+                                           [f"{field}__"])
+
+    def title(day: date, form: str) -> str:
+        return capfirst(formats.date_format(day, form))
+
+    try:
+        year, month, day = number("year"), number("month"), number("day")
+        if year and month and day:
+            return {"show": True, "back": {"link": link(year=year, month=month),
+                                           "title": title(date(year, month, day), "YEAR_MONTH_FORMAT")},
+                    "choices": [{"title": title(date(year, month, day), "MONTH_DAY_FORMAT")}]}
+        queryset = changelist.queryset
+        first = queryset.order_by(field).values_list(field, flat=True).first()
+        last = queryset.order_by(f"-{field}").values_list(field, flat=True).first()
+        if first is None or last is None:
+            return {"show": False}
+        first, last = timezone.localtime(first), timezone.localtime(last)
+        if not year and first.year == last.year:  # as Django: rows of one year open at that year (or month)
+            year = first.year
+            if first.month == last.month:
+                month = first.month
+        if year and month:
+            days = [date(year, month, 1) + timedelta(days=offset) for offset in range(31)]
+            days = [shown for shown in days if shown.month == month
+                    and (first.year, first.month, first.day) <= (year, month, shown.day) <= (last.year, last.month,
+                                                                                            last.day)]
+            return {"show": True, "back": {"link": link(year=year), "title": str(year)},
+                    "choices": [{"link": link(year=year, month=month, day=shown.day),
+                                 "title": title(shown, "MONTH_DAY_FORMAT")} for shown in days]}
+        if year:
+            months = range(first.month if first.year == year else 1, (last.month if last.year == year else 12) + 1)
+            return {"show": True, "back": {"link": link(), "title": "All dates"},
+                    "choices": [{"link": link(year=year, month=shown),
+                                 "title": title(date(year, shown, 1), "YEAR_MONTH_FORMAT")} for shown in months]}
+        return {"show": True, "back": None,
+                "choices": [{"link": link(year=shown), "title": str(shown)}
+                            for shown in range(first.year, last.year + 1)]}
+    except (ValueError, OverflowError):  # a year or day out of range in the address: no drill-down, the list stays
+        return {"show": False}
+
+
+# --- alerts: forms of the actions -------------------------------------------------------------------------------
+
+class AcknowledgeForm(forms.Form):
+    note = forms.CharField(max_length=500, required=False, widget=forms.Textarea(attrs={"rows": 3, "cols": 70}),
+                           help_text="What you are doing about it; shown on the timeline.")
+
+
+SHELVE_HOURS = {"1h": 1, "4h": 4, "24h": 24}
+
+
+class ShelveForm(forms.Form):
+    shelve_for = forms.ChoiceField(label="Shelve for", initial="1h", widget=forms.RadioSelect, choices=[
+        ("1h", "1 hour"), ("4h", "4 hours"), ("24h", "24 hours"), ("until", "until a chosen time")])
+    until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"},
+                                                                           format="%Y-%m-%dT%H:%M"))
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["until"].help_text = (f"With 'until a chosen time'; time zone "
+                                          f"{timezone.get_current_timezone_name()}.")
+
+    def clean(self):
+        data = super().clean()
+        choice = data.get("shelve_for")
+        if choice == "until":
+            if data.get("until") is None:
+                self.add_error("until", "Give the time the shelving ends.")
+            elif data["until"] <= timezone.now():
+                self.add_error("until", "The time must be in the future.")
+        elif choice in SHELVE_HOURS:
+            data["until"] = timezone.now() + timedelta(hours=SHELVE_HOURS[choice])
+        return data
+
+
+class MatchersField(forms.CharField):
+    """Matchers as text, ``alertname=redis-unreachable, queue=~normal|high``, parsed by monitoring.alerts."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("help_text", "Comma-separated: label=value, label!=value, label=~regex, label!~regex. "
+                                       "All must match.")
+        kwargs.setdefault("widget", forms.TextInput(attrs={"size": 90}))
+        super().__init__(**kwargs)
+
+    def clean(self, value):
+        text = super().clean(value)
+        try:
+            return matchers_parse(text)
+        except AlertError as error:
+            raise forms.ValidationError(str(error).removeprefix("matchers: ")) from None
+
+
+class SilenceLikeForm(forms.Form):
+    matchers = MatchersField()
+    hours = forms.TypedChoiceField(label="Silence for", coerce=int, initial=4, choices=[
+        (1, "1 hour"), (2, "2 hours"), (4, "4 hours"), (12, "12 hours"), (24, "24 hours"), (72, "3 days"),
+        (168, "7 days")])
+    reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 3, "cols": 70}),
+                             help_text="Why notifications stop (kept with the silence and in the audit log).")
+
+
+# --- alerts -----------------------------------------------------------------------------------------------------
+
+@admin.register(Alert)
+class AlertAdmin(ReadOnlyAdmin):
+    """The alert history. Read-only: each alert changes only through the actions below (services of
+    monitoring.alerts), and its page shows its timeline, notifications and what it concerns."""
+
+    list_display = ["state_badge", "severity_badge", "summary", "rule_or_name", "component", "started_at",
+                    "fired_at", "resolved_at", "duration", "acknowledged_by", "flaps", "source"]
+    list_display_links = ["summary"]
+    list_filter = ["severity", "state", "rule", ComponentFilter, "source", PeriodFilter, LabelFilter]
+    search_fields = ["summary", "name", "fingerprint"]
+    list_select_related = ["rule", "acknowledged_by"]
+    date_hierarchy = "started_at"
+    show_full_result_count = False
+    paginator = CappedCountPaginator
+    list_per_page = 50
+    actions = ["acknowledge_selected"]
+    fieldsets = [
+        (None, {"fields": ["summary", "state_badge", "severity_badge", "name", "rule", "component", "source",
+                           "labels_text", "value", "threshold"]}),
+        ("Times", {"fields": ["started_at", "holding_since", "fired_at", "resolved_at", "cleared_at",
+                              "last_seen_at", "duration", "flaps"]}),
+        ("Handling", {"fields": ["acknowledged_at", "acknowledged_by", "acknowledgement_note", "shelved_until",
+                                 "shelved_by", "silenced_by", "escalation_level", "notified_at"]}),
+        ("Source", {"fields": ["fingerprint", "annotations_text", "generator_url"]}),
+    ]
+    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
+
+    # -- list columns
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, alert):
+        shown = badge(alert.state, STATE_COLOURS.get(alert.state, "#555"))
+        if alert.is_open and alert.is_shelved(timezone.now()):
+            return format_html("{} <small>shelved</small>", shown)
+        return shown
+
+    @admin.display(description="severity", ordering="severity")
+    def severity_badge(self, alert):
+        return badge(alert.severity, SEVERITY_COLOURS.get(alert.severity, "#555"))
+
+    @admin.display(description="rule / name", ordering="name")
+    def rule_or_name(self, alert):
+        if alert.rule_id and alert.rule:
+            return format_html('<a href="{}">{}</a>', reverse("admin:monitoring_alertrule_change",
+                                                              args=[alert.rule_id]), alert.name)
+        return alert.name
+
+    @admin.display(description="duration")
+    def duration(self, alert):
+        return duration_text((alert.resolved_at or timezone.now()) - alert.started_at)
+
+    @admin.display(description="labels")
+    def labels_text(self, alert):
+        return format_html_join(", ", "<code>{}={}</code>", sorted(alert.labels.items())) or "–"
+
+    @admin.display(description="annotations")
+    def annotations_text(self, alert):
+        return format_html_join("", "<div><strong>{}</strong>: {}</div>", sorted(alert.annotations.items())) or "–"
+
+    # -- pages
+
+    def get_object(self, request, object_id, from_field=None):
+        queryset = self.get_queryset(request).select_related("rule", "acknowledged_by", "shelved_by",
+                                                             "inhibited_by", "silenced_by")
+        try:
+            return queryset.get(pk=int(object_id))
+        except (Alert.DoesNotExist, ValueError):
+            return None
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context.update(self.alert_page_context(request, obj))
+        return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
+
+    def alert_page_context(self, request, alert: Alert) -> dict:
+        """The alert page's timeline, notifications, related pages and the actions this user may take."""
+        events = list(alert.events.select_related("user").order_by("at", "id"))
+        notifications = list(alert.notifications.select_related("channel").order_by("created_at", "id")
+                             .prefetch_related(Prefetch("delivery_attempts", queryset=DeliveryAttempt.objects
+                                                        .select_related("channel").order_by("at", "id"))))
+        now = timezone.now()
+        actions = []
+        if request.user.has_perm(ACKNOWLEDGE):
+            possible = [("acknowledge", "Acknowledge", alert.is_open and not alert.acknowledged_at),
+                        ("unacknowledge", "Remove acknowledgement", bool(alert.acknowledged_at)),
+                        ("shelve", "Shelve", alert.is_open),
+                        ("unshelve", "Unshelve", alert.is_shelved(now)),
+                        ("silence", "Silence alerts like this", True)]
+            actions = [(reverse(f"admin:monitoring_alert_{name}", args=[alert.pk]), label)
+                       for name, label, shown in possible if shown]
+        rule = alert.rule if alert.rule_id else None
+        return {
+            "timeline": events, "alert_notifications": notifications, "alert_actions": actions,
+            "related_links": self.related_links(alert),
+            "runbook": (rule.runbook if rule else "") or alert.annotations.get("runbook", ""),
+            "runbook_url": safe_link(alert.runbook_url), "cause": alert.inhibited_by if alert.inhibited_by_id else None,
+            "caused": list(alert.caused.order_by("-started_at").only("pk", "summary", "state", "started_at")[:50]),
+        }
+
+    @staticmethod
+    def related_links(alert: Alert) -> list[tuple[str, str]]:
+        """Pages about what the alert concerns, for the time it lasted: its dead letters, the queue, the fleet."""
+        since = alert.started_at - DEAD_LETTER_LEAD
+        window = {"finished_at__gte": since.isoformat()}
+        fleet_window = {"at__gte": since.isoformat()}
+        if alert.resolved_at:
+            window["finished_at__lte"] = alert.resolved_at.isoformat()
+            fleet_window["at__lte"] = alert.resolved_at.isoformat()
+        queue = alert.labels.get("queue")
+        dead = {"status__exact": "FAILED", **window}
+        if queue in Priority.values:
+            dead["priority__exact"] = queue
+        tasks = reverse("admin:queues_captiontask_changelist")
+        links = [("Dead letters of this time" + (f" (queue {queue})" if "priority__exact" in dead else ""),
+                  f"{tasks}?{urlencode(dead)}"),
+                 ("Queues overview", reverse("admin:queues_queueoverview_changelist")),
+                 ("Dead letters by error class", reverse("admin:queues_queueoverview_dead_letters")),
+                 ("Fleet events of this time", f"{reverse('admin:queues_fleetevent_changelist')}?"
+                                               f"{urlencode(fleet_window)}")]
+        if queue in Priority.values:
+            links.insert(1, (f"Tasks waiting in queue {queue}",
+                             f"{tasks}?{urlencode({'status__exact': 'QUEUED', 'priority__exact': queue})}"))
+        if alert.component in ("workers", "redis"):
+            links.append(("Live workers", reverse("admin:queues_liveworker_changelist")))
+        if alert.rule_id:
+            links.append((f"Alerts of rule {alert.name}",
+                          f"{reverse('admin:monitoring_alert_changelist')}?rule__id__exact={alert.rule_id}"))
+        return links
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        return [
+            path("summary/", wrap(self.summary_view), name="monitoring_alert_summary"),
+            path("export.csv", wrap(self.export_view), name="monitoring_alert_export"),
+            path("<int:alert_id>/acknowledge/", wrap(self.acknowledge_view), name="monitoring_alert_acknowledge"),
+            path("<int:alert_id>/unacknowledge/", wrap(self.unacknowledge_view),
+                 name="monitoring_alert_unacknowledge"),
+            path("<int:alert_id>/shelve/", wrap(self.shelve_view), name="monitoring_alert_shelve"),
+            path("<int:alert_id>/unshelve/", wrap(self.unshelve_view), name="monitoring_alert_unshelve"),
+            path("<int:alert_id>/silence/", wrap(self.silence_view), name="monitoring_alert_silence"),
+        ] + super().get_urls()
+
+    # -- actions on one alert
+
+    def _alert_action(self, request, alert_id, *, title, question, action_label, act, done, form_class=NoInput,
+                      initial=None):
+        """GET: the confirmation (with the action's form); POST: the service, a message, back to the alert."""
+        require_acknowledge(request)
+        alert = get_object_or_404(Alert, pk=alert_id)
+        back = reverse("admin:monitoring_alert_change", args=[alert.pk])
+        form = form_class(request.POST if request.method == "POST" else None, initial=initial)
+        if request.method == "POST" and form.is_valid():
+            try:
+                outcome = act(alert, form.cleaned_data)
+            except AlertError as error:
+                field, text = _error_field(error, form)
+                if field is None:
+                    messages.error(request, text)
+                    return HttpResponseRedirect(back)
+                form.add_error(field, text)
+            else:
+                messages.success(request, done(outcome))
+                return HttpResponseRedirect(back)
+        return form_page(request, self, title=title, question=question.format(alert=alert.summary), form=form,
+                         action_label=action_label, cancel_url=back, crumbs=[(str(alert), back)])
+
+    def acknowledge_view(self, request, alert_id):
+        return self._alert_action(
+            request, alert_id, title="Acknowledge alert", action_label="Acknowledge", form_class=AcknowledgeForm,
+            question="Acknowledge “{alert}”? Reminders and escalation stop; the alert stays in the history and "
+                     "resolves as usual.",
+            act=lambda alert, data: alert_acknowledge(alert=alert, user=request.user, note=data["note"],
+                                                      address=client_address(request)),
+            done=lambda alert: f"Acknowledged: {alert.summary}.")
+
+    def unacknowledge_view(self, request, alert_id):
+        return self._alert_action(
+            request, alert_id, title="Remove the acknowledgement", action_label="Remove acknowledgement",
+            question="Remove the acknowledgement of “{alert}”? Reminders and escalation resume while it fires.",
+            act=lambda alert, data: alert_unacknowledge(alert=alert, user=request.user,
+                                                        address=client_address(request)),
+            done=lambda alert: f"Acknowledgement removed: {alert.summary}.")
+
+    def shelve_view(self, request, alert_id):
+        return self._alert_action(
+            request, alert_id, title="Shelve alert", action_label="Shelve", form_class=ShelveForm,
+            question="Shelve “{alert}”? No notifications are sent for it until the time chosen; it stays in the "
+                     "history and on the banner.",
+            act=lambda alert, data: alert_shelve(alert=alert, user=request.user, until=data["until"],
+                                                 address=client_address(request)),
+            done=lambda alert: f"Shelved until {timezone.localtime(alert.shelved_until):%Y-%m-%d %H:%M %Z}: "
+                               f"{alert.summary}.")
+
+    def unshelve_view(self, request, alert_id):
+        def unshelve(alert, data):
+            # alert_shelve(until=None) would record an "unshelved" event for an alert that is not shelved.
+            if not alert.is_shelved(timezone.now()):
+                raise AlertError("This alert is not shelved.")
+            return alert_shelve(alert=alert, user=request.user, until=None, address=client_address(request))
+
+        return self._alert_action(
+            request, alert_id, title="Unshelve alert", action_label="Unshelve", act=unshelve,
+            question="Unshelve “{alert}”? Its notifications resume.",
+            done=lambda alert: f"Unshelved: {alert.summary}.")
+
+    def silence_view(self, request, alert_id):
+        alert = get_object_or_404(Alert, pk=alert_id)
+
+        def create(alert, data):
+            return silence_create(matchers=data["matchers"], ends_at=timezone.now() + timedelta(hours=data["hours"]),
+                                  reason=data["reason"], user=request.user, address=client_address(request))
+
+        return self._alert_action(
+            request, alert_id, title="Silence alerts like this", action_label="Create silence",
+            form_class=SilenceLikeForm, initial={"matchers": matchers_text(alert.labels)},
+            question="Stop notifications for every alert that matches (this one and any that starts while the "
+                     "silence lasts). Matching alerts still show in the history and on the banner.",
+            act=create,
+            done=lambda silence: format_html('Silence created until {}: <a href="{}">{}</a>.',
+                                             f"{timezone.localtime(silence.ends_at):%Y-%m-%d %H:%M %Z}",
+                                             reverse("admin:monitoring_silence_change", args=[silence.pk]),
+                                             str(silence)))
+
+    # -- bulk acknowledge
+
+    def has_acknowledge_permission(self, request):
+        return request.user.has_perm(ACKNOWLEDGE)
+
+    def changelist_view(self, request, extra_context=None):
+        # Without the permission the action is not offered, and Django would answer a crafted POST of it with
+        # "no action selected"; refuse it as plainly as the other actions' URLs do.
+        if request.method == "POST" and "acknowledge_selected" in request.POST.getlist("action") and \
+                not self.has_acknowledge_permission(request):
+            raise PermissionDenied
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None) or {}
+        if "cl" in context:
+            context["started_date_hierarchy"] = bounded_date_hierarchy(context["cl"], "started_at")
+        return response
+
+    @admin.action(description="Acknowledge selected alerts", permissions=["acknowledge"])
+    def acknowledge_selected(self, request, queryset):
+        eligible = queryset.filter(acknowledged_at__isnull=True).exclude(state=Alert.State.RESOLVED)
+        form = AcknowledgeForm(request.POST if request.POST.get("confirm") == "yes" else None)
+        if request.POST.get("confirm") == "yes" and form.is_valid():
+            done = 0
+            for alert in eligible.order_by("pk").iterator():
+                try:
+                    alert_acknowledge(alert=alert, user=request.user, note=form.cleaned_data["note"],
+                                      address=client_address(request))
+                    done += 1
+                except AlertError:  # acknowledged or resolved since the confirmation was shown
+                    pass
+            skipped = queryset.count() - done
+            (messages.success if done else messages.warning)(
+                request, f"Acknowledged {done} alert(s)." + (f" {skipped} were resolved or already acknowledged."
+                                                             if skipped else ""))
+            return None
+        total, count = queryset.count(), eligible.count()
+        return form_page(request, self, title="Acknowledge alerts", form=form, action_label=f"Acknowledge {count}",
+                         question=f"Acknowledge {count} of the {total} selected alert(s)? "
+                                  f"{total - count} are resolved or already acknowledged and stay as they are.",
+                         cancel_url=request.get_full_path(), hidden=_selection_hidden(request))
+
+    # -- CSV export and summary
+
+    EXPORT_COLUMNS = ["id", "state", "severity", "name", "summary", "component", "labels", "started_at", "fired_at",
+                      "acknowledged_at", "acknowledged_by", "resolved_at", "flaps", "source"]
+
+    def export_view(self, request):
+        """The changelist's rows as CSV, with its current filters, search and ordering (same query string)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        try:
+            queryset = self.get_changelist_instance(request).queryset
+        except IncorrectLookupParameters:
+            return HttpResponseBadRequest("The filter in the address is not valid.")
+
+        class Echo:
+            def write(self, value):
+                return value
+
+        writer = csv.writer(Echo())
+
+        def when(value):
+            return value.isoformat() if value else ""
+
+        def rows():
+            yield writer.writerow(self.EXPORT_COLUMNS)
+            for alert in queryset.select_related("acknowledged_by").iterator(chunk_size=1000):
+                yield writer.writerow([
+                    alert.pk, alert.state, alert.severity, alert.name, alert.summary, alert.component,
+                    json.dumps(alert.labels, sort_keys=True), when(alert.started_at), when(alert.fired_at),
+                    when(alert.acknowledged_at), alert.acknowledged_by.get_username() if alert.acknowledged_by else "",
+                    when(alert.resolved_at), alert.flaps, alert.source])
+
+        response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="alerts-{timezone.now():%Y%m%d-%H%M}.csv"'
+        return response
+
+    def summary_view(self, request):
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        form = SummaryPeriodForm(request.GET or None)
+        context = {**self.admin_site.each_context(request), "title": "Alert summary", "opts": self.model._meta,
+                   "form": form}
+        if request.GET and not form.is_valid():
+            context["field_errors"] = [(form.fields[name].label if name in form.fields else "", error)
+                                       for name, errors in form.errors.items() for error in errors]
+            return TemplateResponse(request, "admin/monitoring/alert/summary.html", context, status=400)
+        since, until = form.period() if request.GET else SummaryPeriodForm.default_period()
+        summary = alerts_summary(since=since, until=until)
+        changelist = reverse("admin:monitoring_alert_changelist")
+        period_query = urlencode({"started_at__gte": since.isoformat(), "started_at__lt": until.isoformat()})
+        for row in summary["rules"]:
+            row["alerts_url"] = f"{changelist}?{period_query}&" + (
+                urlencode({"rule__id__exact": row["rule"]}) if row["rule"] else urlencode({"q": row["name"]}))
+        context.update(summary=summary, since=since, until=until, alerts_url=f"{changelist}?{period_query}")
+        return TemplateResponse(request, "admin/monitoring/alert/summary.html", context)
+
+
+class SummaryPeriodForm(forms.Form):
+    days = forms.IntegerField(required=False, min_value=1, max_value=366, label="Last days")
+    since = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(required=False, label="To (inclusive)", widget=forms.DateInput(attrs={"type": "date"}))
+
+    DEFAULT_DAYS = 7
+
+    @classmethod
+    def default_period(cls) -> tuple[datetime, datetime]:
+        now = timezone.now()
+        return now - timedelta(days=cls.DEFAULT_DAYS), now
+
+    def clean(self):
+        data = super().clean()
+        if (data.get("since") is None) != (data.get("until") is None):
+            self.add_error("since" if data.get("since") is None else "until", "Give both dates, or neither.")
+        elif data.get("since") and data["since"] > data["until"]:
+            self.add_error("until", "The end is before the start.")
+        return data
+
+    def period(self) -> tuple[datetime, datetime]:
+        data = self.cleaned_data
+        if data.get("since"):
+            start = timezone.make_aware(datetime.combine(data["since"], time.min))
+            return start, timezone.make_aware(datetime.combine(data["until"] + timedelta(days=1), time.min))
+        now = timezone.now()
+        return now - timedelta(days=data.get("days") or self.DEFAULT_DAYS), now
+
+
+def alerts_summary(*, since: datetime, until: datetime) -> dict:
+    """Alerts that started in [since, until): totals, per rule and per severity, with the mean times to acknowledge
+    and to resolve. Every figure is an aggregate in the database (a few GROUP BY queries, whatever the number of
+    alerts). The times count from firing (``fired_at``), over the alerts that fired: an alert that cleared while
+    pending was never anyone's to acknowledge."""
+    # A read that needs thought: it belongs in monitoring/selectors.py, which this change could not edit.
+    alerts = Alert.objects.filter(started_at__gte=since, started_at__lt=until).order_by()
+    fired = Q(fired_at__isnull=False)
+    start = Coalesce("fired_at", "started_at")
+    figures = {
+        "total": Count("id"), "fired": Count("id", filter=fired),
+        "acknowledged": Count("id", filter=fired & Q(acknowledged_at__isnull=False)),
+        "resolved": Count("id", filter=Q(resolved_at__isnull=False)), "flaps": Coalesce(Sum("flaps"), 0),
+        "mtta": Avg(F("acknowledged_at") - start, filter=fired),
+        "mttr": Avg(F("resolved_at") - start, filter=fired),
+    }
+    totals = alerts.aggregate(**figures)
+    rules = list(alerts.values("name", "rule").annotate(**figures).order_by("-total", "name"))
+    for row in (totals, *rules):
+        row["mtta_text"], row["mttr_text"] = duration_text(row["mtta"]), duration_text(row["mttr"])
+        row["noise"] = row["total"] + row["flaps"]
+    by_severity = dict(alerts.values_list("severity").annotate(count=Count("id")))
+    severities = [(value, by_severity.get(value, 0)) for value, _ in Severity.choices]
+    noisiest = sorted(rules, key=lambda row: (-row["noise"], row["name"]))[:5]  # one row per rule, not per alert
+    return {"totals": totals, "rules": rules, "severities": severities, "noisiest": noisiest}
+
+
+# --- silences ---------------------------------------------------------------------------------------------------
+
+class SilenceStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request, model_admin):
+        return [("active", "active"), ("upcoming", "upcoming"), ("expired", "expired")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        return {"active": lambda: queryset.filter(starts_at__lte=now, ends_at__gt=now),
+                "upcoming": lambda: queryset.filter(starts_at__gt=now),
+                "expired": lambda: queryset.filter(ends_at__lte=now)}.get(self.value(), lambda: queryset)()
+
+
+class SilenceForm(forms.ModelForm):
+    matchers = MatchersField()
+
+    class Meta:
+        model = Silence
+        fields = ["matchers", "starts_at", "ends_at", "reason"]
+
+    def clean(self):
+        data = super().clean()
+        if data.get("starts_at") and data.get("ends_at") and data["ends_at"] <= data["starts_at"]:
+            self.add_error("ends_at", "The end must be after the start.")
+        return data
+
+
+def silence_state(silence: Silence, now: datetime) -> str:
+    if silence.ends_at <= now:
+        return "expired"
+    return "active" if silence.starts_at <= now else "upcoming"
+
+
+@admin.register(Silence)
+class SilenceAdmin(admin.ModelAdmin):
+    """Silences are created here (or from an alert) through silence_create and ended early through silence_expire,
+    both audited. A saved silence is not edited or deleted: what was silenced when stays in the history."""
+
+    form = SilenceForm
+    list_display = ["matchers_display", "state_badge", "starts_at", "ends_at", "reason", "created_by", "expired_by"]
+    list_display_links = ["matchers_display"]
+    list_filter = [SilenceStateFilter]
+    search_fields = ["reason"]
+    list_select_related = ["created_by", "expired_by"]
+    show_full_result_count = False
+    actions = ["expire_selected"]
+    view_fields = ["matchers_display", "state_badge", "starts_at", "ends_at", "reason", "created_by", "created_at",
+                   "expired_by", "silence_actions", "matching_alerts"]
+
+    @admin.display(description="matchers")
+    def matchers_display(self, silence):
+        return str(silence)
+
+    @admin.display(description="state")
+    def state_badge(self, silence):
+        state = silence_state(silence, timezone.now())
+        return badge(state, {"active": "#b26a00", "upcoming": "#1565c0", "expired": "#777"}[state])
+
+    @admin.display(description="actions")
+    def silence_actions(self, silence):
+        if silence.ends_at <= timezone.now():
+            return "–"
+        return format_html('<a class="button" href="{}">Expire now</a>',
+                           reverse("admin:monitoring_silence_expire", args=[silence.pk]))
+
+    @admin.display(description="open alerts it matches")
+    def matching_alerts(self, silence):
+        matching = [alert for alert in Alert.objects.open().only("pk", "summary", "labels")[:500]
+                    if silence.matches(alert.labels)]
+        return format_html_join(", ", '<a href="{}">{}</a>', [
+            (reverse("admin:monitoring_alert_change", args=[alert.pk]), alert.summary) for alert in matching]) or "–"
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def has_expire_permission(self, request):
+        return request.user.has_perm(EXPIRE_SILENCE)
+
+    def get_fieldsets(self, request, obj=None):
+        if obj is None:
+            return [(None, {"fields": ["matchers", "starts_at", "ends_at", "reason"]})]
+        fields = self.view_fields if self.has_expire_permission(request) else \
+            [name for name in self.view_fields if name != "silence_actions"]
+        return [(None, {"fields": fields})]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.view_fields
+
+    def get_changeform_initial_data(self, request):
+        now = timezone.now().replace(second=0, microsecond=0)
+        return {"starts_at": now, "ends_at": now + timedelta(hours=2), **super().get_changeform_initial_data(request)}
+
+    def save_model(self, request, obj, form, change):
+        if change:  # never reached: saved silences have no change form
+            raise PermissionDenied
+        silence = silence_create(matchers=form.cleaned_data["matchers"], starts_at=obj.starts_at,
+                                 ends_at=obj.ends_at, reason=obj.reason, user=request.user,
+                                 address=client_address(request))
+        obj.pk = silence.pk
+        obj._state.adding = False
+        obj.refresh_from_db()
+
+    def changelist_view(self, request, extra_context=None):
+        if request.method == "POST" and "expire_selected" in request.POST.getlist("action") and \
+                not self.has_expire_permission(request):
+            raise PermissionDenied
+        return super().changelist_view(request, extra_context)
+
+    def get_urls(self):
+        return [path("<int:silence_id>/expire/", self.admin_site.admin_view(self.expire_view),
+                     name="monitoring_silence_expire")] + super().get_urls()
+
+    def expire_view(self, request, silence_id):
+        if not self.has_expire_permission(request):
+            raise PermissionDenied
+        silence = get_object_or_404(Silence, pk=silence_id)
+        back = reverse("admin:monitoring_silence_change", args=[silence.pk])
+        if request.method == "POST":
+            try:
+                silence_expire(silence=silence, user=request.user, address=client_address(request))
+            except AlertError as error:
+                messages.error(request, str(error))
+            else:
+                messages.success(request, f"Silence ended: {silence}. Matching alerts are notified again.")
+            return HttpResponseRedirect(back)
+        return confirmation(request, self, title="Expire silence", action_label="Expire now", cancel_url=back,
+                            question=f"End the silence {silence} now? Matching firing alerts are notified on the "
+                                     "next evaluation.")
+
+    @admin.action(description="Expire selected silences now", permissions=["expire"])
+    def expire_selected(self, request, queryset):
+        running = queryset.filter(ends_at__gt=timezone.now())
+        if request.POST.get("confirm") == "yes":
+            done = 0
+            for silence in running.iterator():
+                try:
+                    silence_expire(silence=silence, user=request.user, address=client_address(request))
+                    done += 1
+                except AlertError:  # ended by itself since the confirmation was shown
+                    pass
+            messages.success(request, f"Expired {done} silence(s).")
+            return None
+        total, count = queryset.count(), running.count()
+        return form_page(request, self, title="Expire silences", form=NoInput(), action_label=f"Expire {count}",
+                         question=f"End {count} of the {total} selected silence(s) now? The others have ended "
+                                  "already.", cancel_url=request.get_full_path(), hidden=_selection_hidden(request))
+
+
+# --- rules ------------------------------------------------------------------------------------------------------
+
+class AlertRuleForm(forms.ModelForm):
+    signal = forms.ChoiceField(choices=signal_choices, help_text="The figure the rule watches "
+                                                                 "(monitoring/alert_rules.py).")
+    runbook_url = forms.URLField(label="Runbook URL", required=False, assume_scheme="https", max_length=200)
+
+    class Meta:
+        model = AlertRule
+        fields = "__all__"
+
+
+@admin.register(AlertRule)
+class AlertRuleAdmin(AuditedChangesMixin, admin.ModelAdmin):
+    """Admins edit rules; Support and Operators read them. Each change is an audit row with old and new values."""
+
+    audit_name = "alert_rule"
+    form = AlertRuleForm
+    list_display = ["name", "title", "signal", "comparison", "threshold", "for_seconds", "severity", "component",
+                    "enabled", "updated_at"]
+    list_filter = ["severity", "component", "enabled"]
+    search_fields = ["name", "title"]
+    filter_horizontal = ["inhibited_by"]
+    readonly_fields = ["alerts_link", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["name", "title", "enabled", "alerts_link"]}),
+        ("Condition", {"fields": ["signal", "comparison", "threshold", "for_seconds", "clear_seconds"]}),
+        ("Alerts it raises", {"fields": ["severity", "component", "labels", "inhibited_by"]}),
+        ("What to do", {"fields": ["runbook", "runbook_url"]}),
+        (None, {"fields": ["updated_at"]}),
+    ]
+
+    @admin.display(description="alerts")
+    def alerts_link(self, rule):
+        if rule.pk is None:
+            return "–"
+        return format_html('<a href="{}?rule__id__exact={}">Alerts of this rule</a>',
+                           reverse("admin:monitoring_alert_changelist"), rule.pk)
+
+
+# --- channels, routes, escalation -------------------------------------------------------------------------------
+
+def channel_reenable(*, channel: NotificationChannel, user, address: str | None = None) -> NotificationChannel:
+    """Turns a channel back on after it was disabled for permanent failures (the counter starts again).
+    A service: it belongs in monitoring/notifications.py, next to channel_test, which this change could not edit."""
+    with transaction.atomic():
+        NotificationChannel.objects.filter(pk=channel.pk).update(enabled=True, permanent_failures=0,
+                                                                 disabled_reason="", disabled_at=None)
+        audit(user=user, action="channel_enable", target=f"channel {channel.pk}: {channel.name}", count=1,
+              detail={"was": channel.disabled_reason}, address=address)
+    channel.refresh_from_db()
+    return channel
+
+
+@admin.register(NotificationChannel)
+class NotificationChannelAdmin(AuditedChangesMixin, admin.ModelAdmin):
+    """Admins only (Support and Operators have no permission on channels: configs hold secrets). The config is
+    checked by the channel's transport (NotificationChannel.clean). Changes are audited by field name only."""
+
+    audit_name = "channel"
+    audit_values = False
+    list_display = ["name", "kind", "status", "permanent_failures", "created_at", "channel_actions"]
+    list_filter = ["kind", "enabled"]
+    search_fields = ["name"]
+    readonly_fields = ["status", "channel_actions", "disabled_at", "permanent_failures", "created_at"]
+    fieldsets = [
+        (None, {"fields": ["status", "channel_actions", "name", "kind", "config", "enabled"]}),
+        ("Failures", {"fields": ["permanent_failures", "disabled_at"]}),
+    ]
+
+    @admin.display(description="status", ordering="enabled")
+    def status(self, channel):
+        if channel.enabled:
+            return badge("enabled", "#2e7d32")
+        since = f" (since {timezone.localtime(channel.disabled_at):%Y-%m-%d %H:%M})" if channel.disabled_at else ""
+        return format_html('{} <strong style="color:#c62828">{}{}</strong>', badge("disabled", "#c62828"),
+                           channel.disabled_reason or "disabled by hand", since)
+
+    @admin.display(description="actions")
+    def channel_actions(self, channel):
+        if channel.pk is None:
+            return "–"
+        buttons = [("Send test notification", reverse("admin:monitoring_notificationchannel_test",
+                                                      args=[channel.pk]))]
+        if not channel.enabled:
+            buttons.append(("Re-enable", reverse("admin:monitoring_notificationchannel_enable", args=[channel.pk])))
+        return format_html_join(" ", '<a class="button" href="{1}">{0}</a>', buttons)
+
+    def save_model(self, request, obj, form, change):
+        # Ticking "enabled" does what Re-enable does; unticking it records who turned the channel off.
+        if change and "enabled" in form.changed_data:
+            if obj.enabled:
+                obj.permanent_failures, obj.disabled_reason, obj.disabled_at = 0, "", None
+            else:
+                obj.disabled_reason, obj.disabled_at = f"disabled by {request.user.get_username()}", timezone.now()
+        super().save_model(request, obj, form, change)
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        return [
+            path("<int:channel_id>/test/", wrap(self.test_view), name="monitoring_notificationchannel_test"),
+            path("<int:channel_id>/enable/", wrap(self.enable_view), name="monitoring_notificationchannel_enable"),
+        ] + super().get_urls()
+
+    def _channel_or_403(self, request, channel_id) -> NotificationChannel:
+        channel = get_object_or_404(NotificationChannel, pk=channel_id)
+        if not self.has_change_permission(request, channel):
+            raise PermissionDenied
+        return channel
+
+    def test_view(self, request, channel_id):
+        channel = self._channel_or_403(request, channel_id)
+        back = reverse("admin:monitoring_notificationchannel_change", args=[channel.pk])
+        if request.method == "POST":
+            notification = channel_test(channel=channel, user=request.user, address=client_address(request))
+            attempt = notification.delivery_attempts.first()
+            answer = f" (HTTP {attempt.http_status})" if attempt and attempt.http_status else ""
+            if notification.status == Notification.Status.DELIVERED:
+                messages.success(request, f"Test notification delivered to {channel.name}{answer}.")
+            else:
+                messages.error(request, f"Test notification to {channel.name}: "
+                                        f"{notification.get_status_display()}{answer}: {notification.last_error}")
+            return HttpResponseRedirect(back)
+        disabled = "" if channel.enabled else " The channel is disabled: the test will fail until it is re-enabled."
+        return confirmation(request, self, title=f"Test channel {channel.name}", action_label="Send test",
+                            cancel_url=back, question=f"Send a test notification to {channel} now?{disabled}")
+
+    def enable_view(self, request, channel_id):
+        channel = self._channel_or_403(request, channel_id)
+        back = reverse("admin:monitoring_notificationchannel_change", args=[channel.pk])
+        if request.method == "POST":
+            channel_reenable(channel=channel, user=request.user, address=client_address(request))
+            messages.success(request, f"Channel {channel.name} re-enabled; its failure count starts again.")
+            return HttpResponseRedirect(back)
+        return confirmation(request, self, title=f"Re-enable channel {channel.name}", action_label="Re-enable",
+                            cancel_url=back, question=f"Re-enable {channel}? It was disabled: "
+                                                      f"{channel.disabled_reason or 'by hand'}. Send a test first "
+                                                      "if the cause may still be there.")
+
+
+def _json_list_of_strings(value, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise forms.ValidationError(f'Give a JSON list of strings, e.g. ["{name}"].')
+    return value
+
+
+class NotificationRouteForm(forms.ModelForm):
+    class Meta:
+        model = NotificationRoute
+        fields = "__all__"
+
+    def clean_severities(self):
+        severities = _json_list_of_strings(self.cleaned_data.get("severities"), "critical")
+        unknown = sorted(set(severities) - set(Severity.values))
+        if unknown:
+            raise forms.ValidationError(f"Unknown severity {', '.join(unknown)}; use {', '.join(Severity.values)}.")
+        return severities
+
+    def clean_matchers(self):
+        matchers = self.cleaned_data.get("matchers") or []
+        if not matchers:
+            return []
+        try:
+            return matchers_validate(matchers)
+        except AlertError as error:
+            raise forms.ValidationError(str(error).removeprefix("matchers: ")) from None
+
+    def clean_group_by(self):
+        return _json_list_of_strings(self.cleaned_data.get("group_by") or [], "alertname")
+
+
+@admin.register(NotificationRoute)
+class NotificationRouteAdmin(AuditedChangesMixin, admin.ModelAdmin):
+    audit_name = "notification_route"
+    form = NotificationRouteForm
+    list_display = ["name", "position", "severities", "matchers_text", "channel_names", "group_by",
+                    "repeat_interval_seconds", "send_resolved", "continue_matching", "enabled"]
+    list_filter = ["enabled"]
+    filter_horizontal = ["channels"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("channels")
+
+    @admin.display(description="matchers")
+    def matchers_text(self, route):
+        return ", ".join(f"{m.get('label')}{m.get('op', '=')}{m.get('value')}" for m in route.matchers or []) or "–"
+
+    @admin.display(description="channels")
+    def channel_names(self, route):
+        return ", ".join(channel.name for channel in route.channels.all()) or "–"
+
+
+class EscalationStepInline(admin.TabularInline):
+    model = EscalationStep
+    extra = 1
+    fields = ["level", "title", "after_minutes", "channels"]
+
+
+@admin.register(EscalationPolicy)
+class EscalationPolicyAdmin(AuditedChangesMixin, admin.ModelAdmin):
+    audit_name = "escalation_policy"
+    list_display = ["name", "severities", "enabled", "levels"]
+    inlines = [EscalationStepInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("steps")
+
+    @admin.display(description="levels")
+    def levels(self, policy):
+        return "; ".join(str(step) for step in policy.steps.all()) or "–"
+
+
+# --- notifications ----------------------------------------------------------------------------------------------
+
+class DeliveryAttemptInline(admin.TabularInline):
+    model = DeliveryAttempt
+    fields = ["at", "channel", "outcome", "http_status", "error", "duration_ms", "worker"]
+    readonly_fields = fields
+    ordering = ["at", "id"]
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("channel")
+
+
+@admin.register(Notification)
+class NotificationAdmin(ReadOnlyAdmin):
+    """What was sent where, and each try to send it (written by monitoring.notifications)."""
+
+    list_display = ["created_at", "kind", "status", "channel", "subject", "attempts", "delivered_at", "last_error"]
+    list_filter = ["status", "kind", "channel"]
+    search_fields = ["subject"]
+    list_select_related = ["channel"]
+    show_full_result_count = False
+    inlines = [DeliveryAttemptInline]
+    fields = ["kind", "status", "channel", "route", "alert_links", "subject", "group_key", "attempts",
+              "next_attempt_at", "last_error", "created_at", "created_by", "delivered_at", "body_text"]
+    readonly_fields = fields
+
+    @admin.display(description="alerts")
+    def alert_links(self, notification):
+        return format_html_join(", ", '<a href="{}">{}</a>', [
+            (reverse("admin:monitoring_alert_change", args=[alert.pk]), alert.summary)
+            for alert in notification.alerts.only("pk", "summary")]) or "–"
+
+    @admin.display(description="message")
+    def body_text(self, notification):
+        return format_html("<pre>{}</pre>", notification.body.get("text", ""))

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+# The firing alerts the banner names; one more is read to know whether there are more than these.
+FIRING_BANNER_LIMIT = 5
+VIEW_ALERTS = "monitoring.view_alert"
+
+
+def _admin_staff(request) -> bool:
+    return request.path.startswith("/admin/") and getattr(request.user, "is_staff", False)
+
 
 def operations_banner(request) -> dict:
-    """A problem every operator should see on every admin page: the captioner is misconfigured and work is held."""
-    if not request.path.startswith("/admin/") or not getattr(request.user, "is_staff", False):
+    """Problems every operator should see on every admin page: the captioner is misconfigured and work is held,
+    and the alerts that fire (``alerts_banner``, included here so that settings list one processor)."""
+    if not _admin_staff(request):
         return {}
     from queues import broker
 
+    context = alerts_banner(request)
     try:
-        return {"captioner_problem": broker.captioner_problem()}
+        context["captioner_problem"] = broker.captioner_problem()
     except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
+        pass
+    return context
+
+
+def alerts_banner(request) -> dict:
+    """The firing alerts, newest first, for staff who may view alerts: one query on the (state, -started_at) index
+    (alert_state_started_idx), none for anyone else or off the admin. templates/admin/base_site.html shows them."""
+    if not _admin_staff(request) or not request.user.has_perm(VIEW_ALERTS):
         return {}
+    from monitoring.models import Alert
+
+    rows = list(Alert.objects.filter(state=Alert.State.FIRING).order_by("-started_at")
+                .values("pk", "severity", "summary", "acknowledged_at")[:FIRING_BANNER_LIMIT + 1])
+    if not rows:
+        return {}
+    shown = rows[:FIRING_BANNER_LIMIT]
+    return {"firing_alerts": {"alerts": shown, "count": len(shown), "more": len(rows) > FIRING_BANNER_LIMIT}}
