@@ -31,10 +31,9 @@ from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import URLValidator
-from django.db import models, transaction
-from django.db.models import Avg, Count, F, Prefetch, Q, Sum
+from django.db import models
+from django.db.models import Prefetch
 from django.db.models.fields.json import KeyTransform
-from django.db.models.functions import Coalesce
 from django.http import HttpResponseBadRequest, HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -67,7 +66,8 @@ from monitoring.models import (
     Severity,
     Silence,
 )
-from monitoring.notifications import channel_test
+from monitoring.notifications import channel_enable, channel_test
+from monitoring.selectors import alerts_summary
 from queues.fleet import audit
 from queues.fleet_admin import ReadOnlyAdmin, client_address, confirmation
 from queues.models import Priority
@@ -697,12 +697,17 @@ class AlertAdmin(ReadOnlyAdmin):
         def when(value):
             return value.isoformat() if value else ""
 
+        def text(value: str) -> str:
+            # Summaries and labels can come from Alertmanager: a cell starting like a formula is opened by
+            # spreadsheets as one, so it is quoted.
+            return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
         def rows():
             yield writer.writerow(self.EXPORT_COLUMNS)
             for alert in queryset.select_related("acknowledged_by").iterator(chunk_size=1000):
                 yield writer.writerow([
-                    alert.pk, alert.state, alert.severity, alert.name, alert.summary, alert.component,
-                    json.dumps(alert.labels, sort_keys=True), when(alert.started_at), when(alert.fired_at),
+                    alert.pk, alert.state, alert.severity, text(alert.name), text(alert.summary),
+                    text(alert.component), json.dumps(alert.labels, sort_keys=True), when(alert.started_at), when(alert.fired_at),
                     when(alert.acknowledged_at), alert.acknowledged_by.get_username() if alert.acknowledged_by else "",
                     when(alert.resolved_at), alert.flaps, alert.source])
 
@@ -721,7 +726,7 @@ class AlertAdmin(ReadOnlyAdmin):
                                        for name, errors in form.errors.items() for error in errors]
             return TemplateResponse(request, "admin/monitoring/alert/summary.html", context, status=400)
         since, until = form.period() if request.GET else SummaryPeriodForm.default_period()
-        summary = alerts_summary(since=since, until=until)
+        summary = summary_with_texts(since=since, until=until)
         changelist = reverse("admin:monitoring_alert_changelist")
         period_query = urlencode({"started_at__gte": since.isoformat(), "started_at__lt": until.isoformat()})
         for row in summary["rules"]:
@@ -760,31 +765,12 @@ class SummaryPeriodForm(forms.Form):
         return now - timedelta(days=data.get("days") or self.DEFAULT_DAYS), now
 
 
-def alerts_summary(*, since: datetime, until: datetime) -> dict:
-    """Alerts that started in [since, until): totals, per rule and per severity, with the mean times to acknowledge
-    and to resolve. Every figure is an aggregate in the database (a few GROUP BY queries, whatever the number of
-    alerts). The times count from firing (``fired_at``), over the alerts that fired: an alert that cleared while
-    pending was never anyone's to acknowledge."""
-    # A read that needs thought: it belongs in monitoring/selectors.py, which this change could not edit.
-    alerts = Alert.objects.filter(started_at__gte=since, started_at__lt=until).order_by()
-    fired = Q(fired_at__isnull=False)
-    start = Coalesce("fired_at", "started_at")
-    figures = {
-        "total": Count("id"), "fired": Count("id", filter=fired),
-        "acknowledged": Count("id", filter=fired & Q(acknowledged_at__isnull=False)),
-        "resolved": Count("id", filter=Q(resolved_at__isnull=False)), "flaps": Coalesce(Sum("flaps"), 0),
-        "mtta": Avg(F("acknowledged_at") - start, filter=fired),
-        "mttr": Avg(F("resolved_at") - start, filter=fired),
-    }
-    totals = alerts.aggregate(**figures)
-    rules = list(alerts.values("name", "rule").annotate(**figures).order_by("-total", "name"))
-    for row in (totals, *rules):
+def summary_with_texts(*, since: datetime, until: datetime) -> dict:
+    """The selector's figures plus their durations as text, for the summary page."""
+    summary = alerts_summary(since=since, until=until)
+    for row in (summary["totals"], *summary["rules"]):
         row["mtta_text"], row["mttr_text"] = duration_text(row["mtta"]), duration_text(row["mttr"])
-        row["noise"] = row["total"] + row["flaps"]
-    by_severity = dict(alerts.values_list("severity").annotate(count=Count("id")))
-    severities = [(value, by_severity.get(value, 0)) for value, _ in Severity.choices]
-    noisiest = sorted(rules, key=lambda row: (-row["noise"], row["name"]))[:5]  # one row per rule, not per alert
-    return {"totals": totals, "rules": rules, "severities": severities, "noisiest": noisiest}
+    return summary
 
 
 # --- silences ---------------------------------------------------------------------------------------------------
@@ -955,7 +941,12 @@ class AlertRuleForm(forms.ModelForm):
 
 @admin.register(AlertRule)
 class AlertRuleAdmin(AuditedChangesMixin, admin.ModelAdmin):
-    """Admins edit rules; Support and Operators read them. Each change is an audit row with old and new values."""
+    """Admins edit rules; Operators tune thresholds and durations (``monitoring.change_alertrule`` without being
+    Admins: every other field is read-only for them); Support reads. Each change is an audit row with old and new
+    values."""
+
+    # What an Operator may change on a rule: when it fires, not what it is.
+    TUNABLE = ("threshold", "for_seconds", "clear_seconds")
 
     audit_name = "alert_rule"
     form = AlertRuleForm
@@ -973,6 +964,29 @@ class AlertRuleAdmin(AuditedChangesMixin, admin.ModelAdmin):
         (None, {"fields": ["updated_at"]}),
     ]
 
+    def _may_edit_everything(self, request) -> bool:
+        return request.user.is_superuser or request.user.groups.filter(name="Admins").exists()
+
+    def has_add_permission(self, request):
+        return super().has_add_permission(request) and self._may_edit_everything(request)
+
+    def has_delete_permission(self, request, obj=None):
+        return super().has_delete_permission(request, obj) and self._may_edit_everything(request)
+
+    def get_form(self, request, obj=None, **kwargs):
+        form = super().get_form(request, obj, **kwargs)
+        readonly = set(self.get_readonly_fields(request, obj))
+        for name in [name for name in form.base_fields if name in readonly]:  # declared fields (signal) included
+            del form.base_fields[name]
+        return form
+
+    def get_readonly_fields(self, request, obj=None):
+        readonly = list(super().get_readonly_fields(request, obj))
+        if obj is not None and self.has_change_permission(request, obj) and not self._may_edit_everything(request):
+            every = [field for fieldset in self.fieldsets for field in fieldset[1]["fields"]]
+            readonly += [field for field in every if field not in self.TUNABLE and field not in readonly]
+        return readonly
+
     @admin.display(description="alerts")
     def alerts_link(self, rule):
         if rule.pk is None:
@@ -982,18 +996,6 @@ class AlertRuleAdmin(AuditedChangesMixin, admin.ModelAdmin):
 
 
 # --- channels, routes, escalation -------------------------------------------------------------------------------
-
-def channel_reenable(*, channel: NotificationChannel, user, address: str | None = None) -> NotificationChannel:
-    """Turns a channel back on after it was disabled for permanent failures (the counter starts again).
-    A service: it belongs in monitoring/notifications.py, next to channel_test, which this change could not edit."""
-    with transaction.atomic():
-        NotificationChannel.objects.filter(pk=channel.pk).update(enabled=True, permanent_failures=0,
-                                                                 disabled_reason="", disabled_at=None)
-        audit(user=user, action="channel_enable", target=f"channel {channel.pk}: {channel.name}", count=1,
-              detail={"was": channel.disabled_reason}, address=address)
-    channel.refresh_from_db()
-    return channel
-
 
 @admin.register(NotificationChannel)
 class NotificationChannelAdmin(AuditedChangesMixin, admin.ModelAdmin):
@@ -1072,7 +1074,7 @@ class NotificationChannelAdmin(AuditedChangesMixin, admin.ModelAdmin):
         channel = self._channel_or_403(request, channel_id)
         back = reverse("admin:monitoring_notificationchannel_change", args=[channel.pk])
         if request.method == "POST":
-            channel_reenable(channel=channel, user=request.user, address=client_address(request))
+            channel_enable(channel=channel, user=request.user, address=client_address(request))
             messages.success(request, f"Channel {channel.name} re-enabled; its failure count starts again.")
             return HttpResponseRedirect(back)
         return confirmation(request, self, title=f"Re-enable channel {channel.name}", action_label="Re-enable",

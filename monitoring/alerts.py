@@ -346,6 +346,8 @@ def alert_shelve(*, alert: Alert, user, until: datetime | None, address: str | N
         raise AlertError("'until' must be in the future.")
     if until is not None and alert.state == Alert.State.RESOLVED:
         raise AlertError("This alert is resolved; there is nothing to shelve.")
+    if until is None and not alert.is_shelved(now):
+        raise AlertError("This alert is not shelved.")
     with transaction.atomic():
         Alert.objects.filter(pk=alert.pk).update(shelved_until=until, shelved_by=user if until else None)
         kind = AlertEvent.Kind.SHELVED if until else AlertEvent.Kind.UNSHELVED

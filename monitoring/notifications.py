@@ -245,6 +245,19 @@ def channel_test(*, channel: NotificationChannel, user, address: str | None = No
     return notification
 
 
+def channel_enable(*, channel: NotificationChannel, user, address: str | None = None) -> NotificationChannel:
+    """Turns a channel back on after it was disabled for permanent failures (the counter starts again)."""
+    from queues.fleet import audit
+
+    with transaction.atomic():
+        NotificationChannel.objects.filter(pk=channel.pk).update(enabled=True, permanent_failures=0,
+                                                                 disabled_reason="", disabled_at=None)
+        audit(user=user, action="channel_enable", target=f"channel {channel.pk}: {channel.name}", count=1,
+              detail={"was": channel.disabled_reason}, address=address)
+    channel.refresh_from_db()
+    return channel
+
+
 def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = INLINE_BUDGET) -> dict:
     """Hands due notifications to the workers (an RQ job each), or sends them here while Redis does not answer.
     Also takes back notifications whose worker went away mid-send."""

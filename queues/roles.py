@@ -5,8 +5,8 @@ Every page and action checks these permissions on the server; hiding buttons is 
 
 VIEW_QUEUES = ["view_captiontask", "view_taskevent", "view_workerpool", "view_fleetevent", "view_liveworker",
                "view_queueoverview", "view_bulkoperation"]
-# Alert history (the monitoring app): Support reads it; Operators also acknowledge, silence and shelve; Admins
-# (every permission) edit rules, channels, routes and escalation. Channel settings hold webhook URLs and keys, so
+# Alert history (the monitoring app): Support reads it; Operators also acknowledge, silence and shelve, and tune
+# rules' thresholds and durations; Admins (every permission) edit rules, channels, routes and escalation. Channel settings hold webhook URLs and keys, so
 # only Admins see them; everyone sees what was delivered where.
 VIEW_ALERTS = ["view_alert", "view_alertevent", "view_alertrule", "view_silence", "view_notification",
                "view_deliveryattempt"]
@@ -15,7 +15,9 @@ ROLES = {
     "Admins": None,
     "Operators": VIEW_QUEUES + VIEW_ALERTS + [
         "view_auditentry", "add_captiontask", "requeue_task", "cancel_task", "change_task_priority", "pause_queue",
-        "manage_fleet", "acknowledge_alert", "add_silence", "change_silence"],
+        "manage_fleet", "acknowledge_alert", "add_silence", "change_silence",
+        # thresholds and durations only (monitoring.admin.AlertRuleAdmin.TUNABLE)
+        "change_alertrule"],
     "Support": VIEW_QUEUES + VIEW_ALERTS,
 }
 

@@ -17,7 +17,6 @@ from monitoring.models import (
     AlertRule,
     DeliveryAttempt,
     EscalationPolicy,
-    EscalationStep,
     Notification,
     NotificationChannel,
     NotificationRoute,
@@ -317,3 +316,14 @@ def test_a_wrong_smtp_sender_fails_the_mail_but_does_not_disable_the_channel(smt
     channel.refresh_from_db()
     assert channel.enabled and channel.permanent_failures == 0
     assert "refused the sender" in DeliveryAttempt.objects.filter(channel=channel).first().error
+
+
+def test_unshelving_an_alert_that_is_not_shelved_is_refused(operator_user):
+    from monitoring.alerts import AlertError, alert_shelve
+
+    only("few-workers")
+    now = timezone.now()
+    alerts_evaluate(now=now, readings=Readings(now=now, snapshot=snapshot(workers=1)))
+    with pytest.raises(AlertError, match="not shelved"):
+        alert_shelve(alert=Alert.objects.get(), user=operator_user, until=None)
+    assert not AlertEvent.objects.filter(kind="unshelved").exists()
