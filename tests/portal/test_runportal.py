@@ -68,8 +68,13 @@ def test_run_command_serves_processes_tasks_and_stops_everything(tmp_path):
             if done == 6:
                 break
             time.sleep(0.2)
+        lease = None
+        while lease is None and time.monotonic() < deadline + 20:  # the alert evaluator runs and holds its lease
+            lease = database.execute("select holder from monitoring_lease where name='alert-evaluator'").fetchone()
+            time.sleep(0.2)
         database.close()
         assert done == 6
+        assert lease is not None, "the local runner starts the alert evaluator"
         assert len(processes_mentioning(str(var))) >= 4  # web, worker, relay, redis-server
     finally:
         runner.send_signal(signal.SIGINT)
