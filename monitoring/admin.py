@@ -754,6 +754,9 @@ class SummaryPeriodForm(forms.Form):
             self.add_error("since" if data.get("since") is None else "until", "Give both dates, or neither.")
         elif data.get("since") and data["since"] > data["until"]:
             self.add_error("until", "The end is before the start.")
+        for name in ("since", "until"):
+            if data.get(name) and not date(2000, 1, 1) <= data[name] <= date(9000, 12, 31):
+                self.add_error(name, "Give a date between 2000 and 9000.")
         return data
 
     def period(self) -> tuple[datetime, datetime]:

@@ -83,34 +83,53 @@ class EvaluationResult:
                 "changes": [f"{name}: {kind}" for name, kind in self.changes]}
 
 
+# The columns the evaluator writes on an alert. Saving only these leaves an acknowledgement or a shelving that an
+# operator made during the pass as it is.
+EVALUATOR_FIELDS = ["state", "summary", "value", "last_seen_at", "holding_since", "fired_at", "cleared_at",
+                    "resolved_at", "open_key", "flaps", "inhibited_by"]
+
+
 def alerts_evaluate(*, now: datetime | None = None, readings: Readings | None = None) -> EvaluationResult:
     """One evaluation pass over every enabled rule (see the module docstring). ``now`` and ``readings`` are
     injectable, for tests and for recording a past outage."""
     now = now or timezone.now()
     readings = readings or Readings(now=now)
     rules = list(AlertRule.objects.filter(enabled=True).prefetch_related("inhibited_by"))
-    open_alerts = {alert.fingerprint: alert for alert in
-                   Alert.objects.open().filter(source=Alert.Source.PORTAL).select_related("rule")}
     result = EvaluationResult(at=now, rules=len(rules))
+    # Every figure first (Redis and database reads can take a while when one of them is slow), then the alerts
+    # are loaded and changed in a short transaction.
+    judged = []
+    for rule in rules:
+        signal = SIGNALS.get(rule.signal)
+        reading = None
+        if signal is None:
+            logger.error("alert rule %s names an unknown signal %r", rule.name, rule.signal)
+        else:
+            try:
+                reading = signal.compute(readings, rule)
+            except Exception:  # one broken figure must not stop the other rules
+                logger.exception("alert rule %s: reading %s failed", rule.name, rule.signal)
+        if reading is None:
+            result.unknown.append(rule.name)
+        labels = rule.all_labels()
+        judged.append((rule, reading, labels, fingerprint_of(labels)))
     events: list[AlertEvent] = []
     changed: dict[int, Alert] = {}
     with transaction.atomic():
-        for rule in rules:
-            signal = SIGNALS.get(rule.signal)
-            reading = None
-            if signal is None:
-                logger.error("alert rule %s names an unknown signal %r", rule.name, rule.signal)
-            else:
-                try:
-                    reading = signal.compute(readings, rule)
-                except Exception:  # one broken figure must not stop the other rules
-                    logger.exception("alert rule %s: reading %s failed", rule.name, rule.signal)
-            labels = rule.all_labels()
-            fingerprint = fingerprint_of(labels)
-            alert = open_alerts.get(fingerprint)
+        open_alerts = {alert.fingerprint: alert for alert in
+                       Alert.objects.open().filter(source=Alert.Source.PORTAL).select_related("rule")}
+        judged_fingerprints = {fingerprint for _, _, _, fingerprint in judged}
+        for fingerprint, alert in list(open_alerts.items()):
+            if fingerprint not in judged_fingerprints:
+                # Its rule was disabled, deleted, or edited into other labels: nothing judges it any more.
+                alert_resolve(alert, at=now, now=now, events=events,
+                              message="its rule was disabled, deleted or changed; no longer evaluated")
+                changed[alert.pk] = alert
+                del open_alerts[fingerprint]
+        for rule, reading, labels, fingerprint in judged:
             if reading is None:
-                result.unknown.append(rule.name)
                 continue
+            alert = open_alerts.get(fingerprint)
             holds = reading.applies and reading.value is not None and rule.breached(reading.value)
             if holds:
                 alert = _condition_holds(rule, alert, reading, labels, fingerprint, now, events)
@@ -120,7 +139,7 @@ def alerts_evaluate(*, now: datetime | None = None, readings: Readings | None = 
                 changed[alert.pk] = alert
         _inhibit(rules, open_alerts, now, events, changed)
         for alert in changed.values():
-            alert.save()
+            alert.save(update_fields=EVALUATOR_FIELDS)
         AlertEvent.objects.bulk_create(events)
     result.changes = [(event.alert.name, event.kind) for event in events]
     return result
@@ -244,7 +263,8 @@ def database_outage_record(*, started_at: datetime, ended_at: datetime, error: s
         alert = Alert.objects.create(
             rule=rule, name=rule.name, fingerprint=fingerprint_of(labels), open_key=None, severity=rule.severity,
             component=rule.component, summary=f"{rule.title} (recorded after it answered again)", labels=labels,
-            annotations={"runbook": rule.runbook, "detail": error[:500]}, value=0.0, threshold=rule.threshold,
+            annotations={"runbook": rule.runbook, "detail": error[:500], "recorded": "after the outage"},
+            value=0.0, threshold=rule.threshold,
             state=Alert.State.RESOLVED, started_at=started_at, holding_since=started_at, fired_at=started_at,
             resolved_at=ended_at, last_seen_at=ended_at)
         AlertEvent.objects.bulk_create([
@@ -287,16 +307,37 @@ def alerts_cycle(*, state: EvaluatorState, now: datetime | None = None) -> dict:
         report["evaluation"] = alerts_evaluate(now=now).as_dict()
         report["expired"] = alertmanager_alerts_expire(now=now)
         report["planned"] = len(notifications_plan(now=now))
-        report["dispatch"] = notifications_dispatch(now=now)
+        report["dispatch"] = notifications_dispatch(
+            now=now, keep_lease=lambda: lease_acquire(holder=state.holder))
         return report
     except DatabaseError as error:
-        if state.holding and state.database_down_since is None:
-            state.database_down_since, state.database_error = now, str(error) or type(error).__name__
         try:
             connection.close()
         except DatabaseError:
             pass
+        if database_answers():
+            # A deadlock, a constraint another evaluator raced us to, bad data: the database is there. Not an
+            # outage; this pass is lost and the next one starts afresh.
+            logger.exception("alert evaluation pass failed on a database error")
+            return {"error": f"{type(error).__name__}: {error}"}
+        if state.holding and state.database_down_since is None:
+            state.database_down_since, state.database_error = now, str(error) or type(error).__name__
         return {"database": f"unreachable: {error}"}
+
+
+def database_answers() -> bool:
+    """A fresh connection and SELECT 1 (the check that tells an outage from an error in one statement)."""
+    try:
+        connection.close()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return True
+    except DatabaseError:
+        try:
+            connection.close()
+        except DatabaseError:
+            pass
+        return False
 
 
 # --- operator actions -------------------------------------------------------------------------------------------
@@ -444,7 +485,10 @@ def _am_time(value, name: str) -> datetime | None:
         return None
     if not isinstance(value, str):
         raise PayloadError(f"{name} must be an RFC 3339 time string")
-    parsed = parse_datetime(value)
+    try:
+        parsed = parse_datetime(value)
+    except ValueError:  # well-formed but impossible: month 13, day 45
+        parsed = None
     if parsed is None:
         raise PayloadError(f"{name} is not an RFC 3339 time: {value[:50]!r}")
     if parsed.year < 1000:

@@ -61,6 +61,10 @@ def prometheus_alerting_rules(*, max_for_seconds: int | None = None) -> list[dic
         entry = {"alert": prometheus_alert_name(rule.name), "expr": signal.condition(rule)}
         if seconds:
             entry["for"] = _duration(seconds)
+        # The portal's clear time: a firing alert resolves only after its condition has stayed away this long.
+        clear = rule.clear_seconds if max_for_seconds is None else min(rule.clear_seconds, max_for_seconds)
+        if clear:
+            entry["keep_firing_for"] = _duration(clear)
         entry["labels"] = {"severity": rule.severity, "component": rule.component, "rule": rule.name,
                            **{str(key): str(value) for key, value in (rule.labels or {}).items()}}
         entry["annotations"] = {"summary": rule.title, "description": signal.label, "runbook": rule.runbook,

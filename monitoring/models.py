@@ -101,10 +101,29 @@ class AlertRule(models.Model):
     def __str__(self) -> str:
         return self.title
 
+    # Labels every alert of a rule carries from the rule's own fields; extra labels may not replace them (two rules
+    # could otherwise share a fingerprint, or a warning rule call itself critical).
+    RESERVED_LABELS = ("alertname", "severity", "component")
+
     def all_labels(self) -> dict[str, str]:
         """The labels an alert of this rule carries (its fingerprint is computed from them)."""
-        return {"alertname": self.name, "severity": self.severity, "component": self.component,
-                **{str(key): str(value) for key, value in (self.labels or {}).items()}}
+        extra = self.labels if isinstance(self.labels, dict) else {}
+        return {**{str(key): str(value) for key, value in extra.items()},
+                "alertname": self.name, "severity": self.severity, "component": self.component}
+
+    def clean(self):
+        from django.core.exceptions import ValidationError
+
+        labels = self.labels
+        if not isinstance(labels, dict) or not all(isinstance(key, str) and isinstance(value, str)
+                                                   for key, value in labels.items()):
+            raise ValidationError({"labels": 'Give an object of text labels, e.g. {"queue": "normal"}.'})
+        reserved = sorted(set(labels) & set(self.RESERVED_LABELS))
+        if reserved:
+            raise ValidationError({"labels": f"{', '.join(reserved)} come from the rule's own fields; remove them."})
+        if any(not key.replace("_", "a").isalnum() or key[:1].isdigit() for key in labels):
+            raise ValidationError({"labels": "Label names are letters, digits and underscores, not starting with a "
+                                             "digit (as in Prometheus)."})
 
     def breached(self, value: float) -> bool:
         return {">": value > self.threshold, ">=": value >= self.threshold, "<": value < self.threshold,
@@ -168,6 +187,7 @@ class Alert(models.Model):
                                      help_text="The firing alert that causes this one (not notified separately).")
     silenced_by = models.ForeignKey("Silence", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     escalation_level = models.PositiveSmallIntegerField(default=0)
+    escalated_at = models.DateTimeField(null=True, blank=True, help_text="When the last escalation level was told.")
     notified_at = models.DateTimeField(null=True, blank=True, help_text="Last firing notification sent.")
     resolved_notified = models.BooleanField(default=False)
     generator_url = models.URLField(max_length=1000, blank=True)
@@ -331,6 +351,15 @@ class NotificationChannel(models.Model):
             raise ValidationError({"config": [f"{field}: {message}" for field, message in errors.items()]})
 
 
+def severities_validate(value) -> None:
+    from django.core.exceptions import ValidationError
+
+    known = [choice for choice, _ in Severity.choices]
+    if not isinstance(value, list) or not value or not all(item in known for item in value):
+        raise ValidationError({"severities": f"Give a list of one or more of {', '.join(known)}, e.g. "
+                                             f'["critical", "error"].'})
+
+
 def _severities_default():
     return [Severity.CRITICAL, Severity.ERROR, Severity.WARNING]
 
@@ -360,8 +389,22 @@ class NotificationRoute(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self):
+        severities_validate(self.severities)
+        from django.core.exceptions import ValidationError
+
+        from monitoring.alerts import AlertError, matchers_validate
+
+        if self.matchers:
+            try:
+                matchers_validate(self.matchers)
+            except AlertError as error:
+                raise ValidationError({"matchers": str(error)}) from None
+        if not isinstance(self.group_by, list) or not all(isinstance(label, str) for label in self.group_by):
+            raise ValidationError({"group_by": 'Give a list of label names, e.g. ["alertname"].'})
+
     def takes(self, alert: "Alert") -> bool:
-        return self.enabled and alert.severity in (self.severities or []) and \
+        return self.enabled and isinstance(self.severities, list) and alert.severity in self.severities and \
             matchers_match(self.matchers, alert.labels)
 
 
@@ -377,6 +420,9 @@ class EscalationPolicy(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self):
+        severities_validate(self.severities)
 
 
 class EscalationStep(models.Model):

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Max, Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -47,9 +47,9 @@ from monitoring.models import (
 
 logger = logging.getLogger(__name__)
 
-# A notification handed to a worker but neither delivered nor given back after this long (its job was lost with a
-# Redis restart, or its worker died mid-send) is handed out again.
-SENDING_LEASE_SECONDS = 120
+# A notification handed to a worker but not started after this long (its job was lost with a Redis restart, its
+# worker died mid-send, every worker is busy with long captions) is sent by the evaluator itself.
+SENDING_LEASE_SECONDS = 60
 # Notifications the evaluator sends itself per pass while Redis does not answer (each can take a timeout).
 INLINE_BUDGET = 20
 SEND_TIMEOUT = 10.0
@@ -123,15 +123,32 @@ def _queue(notifications: list, *, channel, route, kind, alerts, group_key, now,
                                        created_by=user), alerts))
 
 
+def _told(alert_ids: list[int]) -> dict[tuple[int, int], datetime]:
+    """When each (alert, route) pair last had a firing message or reminder: each route keeps its own group wait
+    and repeat interval, and the resolution goes to the routes that were told. One indexed query over the
+    candidates' notifications."""
+    if not alert_ids:
+        return {}
+    rows = Notification.objects.filter(
+        alerts__in=alert_ids, route__isnull=False,
+        kind__in=[Notification.Kind.FIRING, Notification.Kind.REPEAT]).order_by().values_list(
+        "alerts", "route").annotate(last=Max("created_at"))
+    return {(alert_id, route_id): last for alert_id, route_id, last in rows}
+
+
 def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
-    """Writes the messages that are due (see the module docstring); returns them."""
+    """Writes the messages that are due (see the module docstring); returns them. Alerts that came from
+    Alertmanager are not notified here: Alertmanager notifies its own receivers (the exported configuration), so
+    they are recorded only."""
     now = now or timezone.now()
     routes = list(NotificationRoute.objects.filter(enabled=True).prefetch_related("channels"))
     silences = list(Silence.objects.filter(starts_at__lte=now, ends_at__gt=now))
-    candidates = list(Alert.objects.filter(
+    candidates = list(Alert.objects.filter(source=Alert.Source.PORTAL).filter(
         Q(state=Alert.State.FIRING) |
-        Q(state=Alert.State.RESOLVED, notified_at__isnull=False, resolved_notified=False))
+        Q(state=Alert.State.RESOLVED, resolved_notified=False, notified_at__isnull=False) |
+        Q(state=Alert.State.RESOLVED, resolved_notified=False, annotations__has_key="recorded"))
         .select_related("rule", "inhibited_by"))
+    told = _told([alert.pk for alert in candidates])
     policies = list(EscalationPolicy.objects.filter(enabled=True).prefetch_related("steps__channels"))
     planned: list[tuple[Notification, list[Alert]]] = []
     events: list[AlertEvent] = []
@@ -149,20 +166,24 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
                                      message=f"silenced until {quiet.ends_at:%Y-%m-%d %H:%M %Z}: {quiet.reason}"[:500],
                                      detail={"silence": quiet.pk}))
         if alert.state == Alert.State.RESOLVED:
+            # Whoever was told it fires is told it is over, even if it was silenced or shelved since (an open
+            # PagerDuty incident would stay open otherwise). A database outage recorded afterwards goes to every
+            # route that takes it, as one resolved message.
             alert.resolved_notified = True
             touched[alert.pk] = alert
-            if quiet is None or quiet in ("acknowledged", "caused"):
-                for route in _routes_for(alert, routes):
-                    if route.send_resolved:
-                        resolved[(route.pk, _group_key(route, alert))].append(alert)
+            recorded = "recorded" in (alert.annotations or {})
+            for route in _routes_for(alert, routes):
+                if route.send_resolved and (recorded or (alert.pk, route.pk) in told):
+                    resolved[(route.pk, _group_key(route, alert))].append(alert)
             continue
         if quiet is not None or alert.cleared_at is not None:
             continue  # (cleared: the condition no longer holds and the alert resolves after the rule's clear time)
         for route in _routes_for(alert, routes):
             key = (route.pk, _group_key(route, alert))
-            if alert.notified_at is None:
+            last = told.get((alert.pk, route.pk))
+            if last is None:
                 first[key].append(alert)
-            elif (now - alert.notified_at).total_seconds() >= route.repeat_interval_seconds:
+            elif (now - last).total_seconds() >= route.repeat_interval_seconds:
                 repeat[key].append(alert)
     sent: set[int] = set()
     for (route_id, group_key), members in first.items():
@@ -189,7 +210,8 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
         for alert in touched.values():
             Alert.objects.filter(pk=alert.pk).update(
                 notified_at=alert.notified_at, resolved_notified=alert.resolved_notified,
-                escalation_level=alert.escalation_level, silenced_by=alert.silenced_by_id)
+                escalation_level=alert.escalation_level, escalated_at=alert.escalated_at,
+                silenced_by=alert.silenced_by_id)
         AlertEvent.objects.bulk_create(events)
     return [notification for notification, _ in planned]
 
@@ -200,21 +222,31 @@ def _route_messages(planned, route, kind, members, group_key, now) -> None:
             _queue(planned, channel=channel, route=route, kind=kind, alerts=members, group_key=group_key, now=now)
 
 
+def _listed(value) -> list:
+    return value if isinstance(value, list) else []
+
+
 def _escalate(candidates, policies, silences, now, planned, events, touched) -> None:
+    """Each level is due ``after_minutes`` after firing, and never sooner after the previous level than the
+    policy spaces them (so an alert that was silenced for two hours reaches level 1 when the silence ends, and
+    level 2 only as long after that as level 2 comes after level 1)."""
     for alert in candidates:
         if alert.state != Alert.State.FIRING or alert.fired_at is None or alert.cleared_at is not None or \
                 _quiet(alert, now, silences) is not None:
             continue
         minutes = (now - alert.fired_at).total_seconds() / 60
         for policy in policies:
-            if alert.severity not in (policy.severities or []):
+            if alert.severity not in _listed(policy.severities):
                 continue
-            due = [step for step in policy.steps.all() if step.level > alert.escalation_level
-                   and minutes >= step.after_minutes]
+            steps = list(policy.steps.all())
+            reached = max((step.after_minutes for step in steps if step.level == alert.escalation_level), default=0)
+            since_last = (now - alert.escalated_at).total_seconds() / 60 if alert.escalated_at else minutes
+            due = [step for step in steps if step.level > alert.escalation_level and minutes >= step.after_minutes
+                   and since_last >= step.after_minutes - reached]
             if not due:
                 continue
             step = due[0]  # one level per pass: each level gets its own message and timeline row
-            alert.escalation_level = step.level
+            alert.escalation_level, alert.escalated_at = step.level, now
             touched[alert.pk] = alert
             channels = [channel for channel in step.channels.all() if channel.enabled]
             title = (f"Escalated to level {step.level} ({step.title}): unacknowledged {int(minutes)} min after it "
@@ -258,24 +290,52 @@ def channel_enable(*, channel: NotificationChannel, user, address: str | None = 
     return channel
 
 
-def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = INLINE_BUDGET) -> dict:
-    """Hands due notifications to the workers (an RQ job each), or sends them here while Redis does not answer.
-    Also takes back notifications whose worker went away mid-send."""
+def workers_take_notifications() -> bool:
+    """Whether a live worker listens to ``urgent`` and may take jobs from it (not paused, processing not
+    suspended): otherwise a notification job would wait in Redis and nobody would be told (the "no workers" alert
+    itself must reach someone)."""
+    from queues import broker, control
+
+    if control.processing_suspended() or "urgent" in control.paused_queues():
+        return False
+    workers = [worker for worker in broker.workers() if "urgent" in worker.queue_names()]
+    alive = broker.alive_states([worker.name for worker in workers])
+    return any(alive.get(worker.name) is not None for worker in workers)
+
+
+def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = INLINE_BUDGET,
+                           keep_lease=None) -> dict:
+    """Hands due notifications to the workers (an RQ job each) when a live worker takes them, or sends them here
+    (Redis down, no worker listening, urgent paused). A notification handed to a worker that did not start it
+    within SENDING_LEASE_SECONDS (its job was lost, its worker died mid-send, the workers are all busy) is sent
+    here too. ``keep_lease`` is called between sends here (each can take the transport's timeout), so the
+    evaluator's lease outlives a long run of them."""
     from queues import broker
 
     now = now or timezone.now()
-    stale = Notification.objects.filter(status=Notification.Status.SENDING,
-                                        claimed_at__lt=now - timedelta(seconds=SENDING_LEASE_SECONDS)) \
-        .update(status=Notification.Status.PENDING, next_attempt_at=now)
+    stale = list(Notification.objects.filter(
+        status=Notification.Status.SENDING, claimed_at__lt=timezone.now() - timedelta(seconds=SENDING_LEASE_SECONDS))
+        .values_list("pk", "attempts", "claimed_at")[:inline_budget])
     due = list(Notification.objects.filter(status=Notification.Status.PENDING, next_attempt_at__lte=now)
                .order_by("next_attempt_at").values_list("pk", "attempts")[:200])
-    queued = inline = 0
-    redis_ok = True
+    queued = inline = taken_back = 0
+    to_workers = None
+    here: list[tuple[int, int]] = []
+    for pk, attempts, claimed_at in stale:
+        if Notification.objects.filter(pk=pk, status=Notification.Status.SENDING, attempts=attempts,
+                                       claimed_at=claimed_at).update(claimed_at=timezone.now()):
+            here.append((pk, attempts))
+            taken_back += 1
     for pk, attempts in due:
         if not Notification.objects.filter(pk=pk, status=Notification.Status.PENDING, attempts=attempts).update(
-                status=Notification.Status.SENDING, claimed_at=now):
+                status=Notification.Status.SENDING, claimed_at=timezone.now()):
             continue  # another dispatcher took it
-        if redis_ok:
+        if to_workers is None:
+            try:
+                to_workers = workers_take_notifications()
+            except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
+                to_workers = False
+        if to_workers:
             try:
                 broker.enqueue_call("monitoring.jobs.notification_deliver", args=(pk, attempts),
                                     job_id=f"notify-{pk}-{attempts}", queue="urgent", timeout=60,
@@ -283,14 +343,20 @@ def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = 
                 queued += 1
                 continue
             except broker.BrokerUnavailable:
-                redis_ok = False
-        if inline < inline_budget:
-            notification_deliver(notification_id=pk, attempt=attempts, worker="evaluator")
-            inline += 1
-        else:  # give it back for the next pass
-            Notification.objects.filter(pk=pk, status=Notification.Status.SENDING).update(
+                to_workers = False
+        here.append((pk, attempts))
+    for index, (pk, attempts) in enumerate(here):
+        if index >= inline_budget:  # give the rest back for the next pass
+            Notification.objects.filter(pk=pk, status=Notification.Status.SENDING, attempts=attempts).update(
                 status=Notification.Status.PENDING)
-    return {"queued": queued, "inline": inline, "taken_back": stale}
+            continue
+        if keep_lease is not None and index and not keep_lease():
+            Notification.objects.filter(pk=pk, status=Notification.Status.SENDING, attempts=attempts).update(
+                status=Notification.Status.PENDING)
+            continue  # another evaluator is active now: it sends the rest
+        notification_deliver(notification_id=pk, attempt=attempts, worker="evaluator")
+        inline += 1
+    return {"queued": queued, "inline": inline, "taken_back": taken_back}
 
 
 def notification_deliver(*, notification_id: int, attempt: int, worker: str = "", retry: bool = True) -> str:
@@ -320,8 +386,10 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
             blames_channel = not failure.settings_fault
             outcome = DeliveryAttempt.Outcome.PERMANENT if failure.permanent else DeliveryAttempt.Outcome.TRANSIENT
         except Exception as failure:  # a transport bug must not leave the notification in "sending"
+            # The exception's text is logged only: it can hold the channel's URL (a secret for Slack).
             logger.exception("notification %s: the %s transport failed", notification_id, channel.kind)
-            outcome, error = DeliveryAttempt.Outcome.TRANSIENT, f"{type(failure).__name__}: {failure}"
+            outcome, error = DeliveryAttempt.Outcome.TRANSIENT, f"{type(failure).__name__} in the {channel.kind} " \
+                                                                f"transport (see the evaluator's or worker's log)"
     duration_ms = int((time.monotonic() - started) * 1000)
     now = timezone.now()
     attempts = notification.attempts
@@ -338,7 +406,9 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
         DeliveryAttempt.objects.create(notification=notification, channel=channel, at=now, outcome=outcome,
                                        http_status=http_status, error=error[:500], duration_ms=duration_ms,
                                        worker=worker[:200])
-        Notification.objects.filter(pk=notification.pk).update(
+        # Only this attempt's own claim is ended: a late first attempt never turns a later delivery back.
+        Notification.objects.filter(pk=notification.pk, status=Notification.Status.SENDING,
+                                    attempts=attempts).update(
             status=status, last_error=error[:500], delivered_at=now if status == Notification.Status.DELIVERED
             else None, next_attempt_at=now + timedelta(seconds=backoff), claimed_at=None)
         if outcome == DeliveryAttempt.Outcome.DELIVERED:

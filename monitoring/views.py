@@ -3,6 +3,7 @@ import json
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db import IntegrityError
 from django.views.decorators.csrf import csrf_exempt
 from django.utils import timezone
 from django.http import HttpResponse, JsonResponse
@@ -118,14 +119,23 @@ def alertmanager_webhook(request):
         return response
     if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
         return JsonResponse({"error": "the bearer token is not valid"}, status=403)
-    if int(request.headers.get("Content-Length") or 0) > WEBHOOK_MAX_BYTES:
+    length = request.headers.get("Content-Length") or "0"
+    if not length.isdigit():
+        return JsonResponse({"error": "Content-Length must be a number of bytes"}, status=400)
+    if int(length) > WEBHOOK_MAX_BYTES:
         return JsonResponse({"error": f"the body is larger than {WEBHOOK_MAX_BYTES} bytes"}, status=413)
     try:
         payload = json.loads(request.body or b"")
     except (ValueError, UnicodeDecodeError) as error:
         return JsonResponse({"error": f"the body is not JSON: {error}"}, status=400)
+    except RecursionError:
+        return JsonResponse({"error": "the body is not JSON the portal accepts: nested too deeply"}, status=400)
     try:
         result = alertmanager_ingest(payload)
     except PayloadError as error:
         return JsonResponse({"error": str(error)}, status=400)
+    except IntegrityError:
+        # Two Alertmanagers of a cluster delivered the same new alert at the same moment: the other one's is in.
+        # Alertmanager retries on 5xx, and the retry finds the row.
+        return JsonResponse({"error": "the same alert arrived twice at once; try again"}, status=503)
     return JsonResponse({"status": "ok", **result})

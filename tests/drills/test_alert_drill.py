@@ -99,6 +99,9 @@ def test_redis_stopped_pages_once_per_route_and_its_consequences_page_nobody(red
         assert set(Notification.objects.values_list("alerts__name", flat=True)) == {"redis-unreachable"}, \
             "nothing else paged"
         assert Notification.objects.filter(status=Notification.Status.DELIVERED).count() == 4
+        resolved_by = set(DeliveryAttempt.objects.filter(notification__kind="resolved").values_list("worker",
+                                                                                                    flat=True))
+        assert resolved_by and "evaluator" not in resolved_by, "Redis is back: the workers delivered the resolution"
     except AssertionError:
         log.seek(0)
         print(log.read().decode(errors="replace")[-10000:])

@@ -468,6 +468,21 @@ def test_summary_takes_a_date_range_and_names_the_wrong_field(client, support_us
     refused = client.get(reverse("admin:monitoring_alert_summary"), {"since": day})
     assert refused.status_code == 400 and "To (inclusive): Give both dates, or neither." in refused.content.decode()
     assert client.get(reverse("admin:monitoring_alert_summary"), {"days": "0"}).status_code == 400
+    far = client.get(reverse("admin:monitoring_alert_summary"), {"since": day, "until": "9999-12-31"})
+    assert far.status_code == 400 and "Give a date between 2000 and 9000." in far.content.decode()
+
+
+def test_rule_labels_must_be_text_and_may_not_replace_the_rules_own(client, admin_user):
+    rule = AlertRule.objects.get(name="normal-backlog-high")
+    client.force_login(admin_user)
+    url = reverse("admin:monitoring_alertrule_change", args=[rule.pk])
+    for labels, message in (('["queue"]', "Give an object of text labels"),
+                            ('{"severity": "info"}', "severity come from the rule"),
+                            ('{"queue": 5}', "Give an object of text labels")):
+        response = client.post(url, rule_form(rule, labels=labels))
+        assert response.status_code == 200 and message in response.content.decode(), labels
+    rule.refresh_from_db()
+    assert rule.labels == {"queue": "normal"}
 
 
 # --- the banner -----------------------------------------------------------------------------------------------

@@ -155,3 +155,13 @@ def test_an_alertmanager_alert_no_longer_reported_expires(post):
     alert.refresh_from_db()
     assert alert.state == "resolved" and alert.resolved_at == alert.last_seen_at
     assert alert.events.last().kind == "expired"
+
+
+def test_impossible_dates_and_deep_nesting_are_400_not_500(post):
+    bad_date = copy.deepcopy(PAYLOAD)
+    bad_date["alerts"][0]["startsAt"] = "2026-13-45T00:00:00Z"
+    response = post(bad_date)
+    assert response.status_code == 400 and "alerts[0].startsAt" in response.json()["error"]
+    response = post(None, raw="[" * 100_000 + "]" * 100_000)
+    assert response.status_code == 400 and "nested" in response.json()["error"]
+    assert not Alert.objects.exists()

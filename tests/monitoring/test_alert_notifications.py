@@ -52,12 +52,9 @@ def posted(server, path="/hook"):
 
 
 def deliver_due(at):
-    """What the evaluator does after planning, with Redis up: hand the due notifications to a worker; then run one."""
-    from tests.conftest import run_worker
-
-    result = notifications_dispatch(now=at)
-    run_worker()
-    return result
+    """What the evaluator does after planning. No worker runs in these tests, so it sends them itself
+    (test_a_live_worker_delivers_notifications covers the worker path)."""
+    return notifications_dispatch(now=at)
 
 
 def test_alerts_that_fire_together_are_one_message_delivered_by_a_worker(redis, webhook):
@@ -68,14 +65,14 @@ def test_alerts_that_fire_together_are_one_message_delivered_by_a_worker(redis, 
     assert len(planned) == 1, "one route, one channel, no group_by: one message for both alerts"
     assert set(planned[0].alerts.values_list("name", flat=True)) == {"few-workers", "workers-saturated"}
     result = deliver_due(t0)
-    assert result["queued"] == 1 and result["inline"] == 0
+    assert result["queued"] == 0 and result["inline"] == 1, "no live worker listens to urgent: sent here"
     [body] = posted(webhook.server)
     assert body["status"] == "firing" and len(body["alerts"]) == 2
     assert webhook.server.requests[0]["headers"]["Authorization"] == "Bearer t0k"
     notification = Notification.objects.get()
     assert notification.status == Notification.Status.DELIVERED and notification.attempts == 1
     attempt = DeliveryAttempt.objects.get()
-    assert attempt.outcome == "delivered" and attempt.http_status == 200 and attempt.worker
+    assert attempt.outcome == "delivered" and attempt.http_status == 200 and attempt.worker == "evaluator"
     for alert in Alert.objects.all():
         assert AlertEvent.Kind.NOTIFIED in alert.events.values_list("kind", flat=True)
     deliver_due(t0 + timedelta(seconds=5))
@@ -112,10 +109,7 @@ def test_routes_pick_channels_by_severity_and_labels(redis, http_server, setting
     planned = evaluate(t0, redis=False)
     by_channel = {n.channel.name: sorted(n.alerts.values_list("name", flat=True)) for n in planned}
     assert by_channel == {"pager": ["redis-unreachable"]}, "no worker alert: Redis being down causes it (inhibited)"
-    notifications_dispatch(now=t0)  # Redis is up for the portal here; deliver with a worker
-    from tests.conftest import run_worker
-
-    run_worker()
+    notifications_dispatch(now=t0)
     [event] = posted(http_server, "/pd")
     assert event["event_action"] == "trigger" and event["payload"]["severity"] == "critical"
     planned = evaluate(t0 + timedelta(seconds=10), workers=1)
@@ -136,9 +130,6 @@ def test_email_route_through_the_locmem_backend(redis, settings):
     t0 = timezone.now()
     [notification] = evaluate(t0, workers=1)
     notifications_dispatch(now=t0)
-    from tests.conftest import run_worker
-
-    run_worker()
     assert len(mail.outbox) == 1 and mail.outbox[0].to == ["ops@example.com"]
     assert "Fewer than 2 workers" in mail.outbox[0].subject
     notification.refresh_from_db()
@@ -234,16 +225,12 @@ def test_transient_failures_retry_with_backoff_and_permanent_ones_disable_the_ch
     t0 = timezone.now()
     [notification] = evaluate(t0, workers=1)
     notifications_dispatch(now=t0)
-    from tests.conftest import run_worker
-
-    run_worker()
     notification.refresh_from_db()
     assert notification.status == Notification.Status.PENDING and notification.attempts == 1
     assert notification.next_attempt_at >= timezone.now() + timedelta(seconds=5), "backoff of 10 s"
-    assert notifications_dispatch(now=timezone.now())["queued"] == 0, "not due yet"
+    assert notifications_dispatch(now=timezone.now()) == {"queued": 0, "inline": 0, "taken_back": 0}, "not due yet"
     for _ in range(2):
         notifications_dispatch(now=timezone.now() + timedelta(minutes=2))
-        run_worker()
     notification.refresh_from_db()
     assert notification.status == Notification.Status.DELIVERED and len(calls) == 3
     assert list(notification.delivery_attempts.order_by("at").values_list("outcome", "http_status")) == [
@@ -286,15 +273,157 @@ def test_a_job_that_runs_twice_sends_once(redis, webhook):
     assert len(posted(webhook.server)) == 1
 
 
-def test_a_notification_whose_worker_went_away_is_handed_out_again(redis, webhook):
+def test_a_notification_no_worker_started_is_sent_by_the_evaluator_once(redis, webhook):
     only("few-workers")
     AlertRule.objects.update(for_seconds=0)
     t0 = timezone.now()
     [notification] = evaluate(t0, workers=1)
+    # Handed to a worker a while ago (its job then lost with Redis, or the worker died before starting it).
     Notification.objects.filter(pk=notification.pk).update(status=Notification.Status.SENDING,
                                                            claimed_at=t0 - timedelta(minutes=5))
-    result = notifications_dispatch(now=t0)
-    assert result["taken_back"] == 1 and result["queued"] == 1
+    assert notifications_dispatch(now=t0) == {"queued": 0, "inline": 1, "taken_back": 1}
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.DELIVERED and len(posted(webhook.server)) == 1
+    assert notification_deliver(notification_id=notification.pk, attempt=0) == "skipped", \
+        "the lost job, if it ever runs, sends nothing"
+    assert len(posted(webhook.server)) == 1
+
+
+def test_a_live_worker_delivers_notifications(redis, webhook):
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from tests.conftest import subprocess_env
+    from tests.processes import wait_for
+
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    worker = subprocess.Popen([sys.executable, "manage.py", "rqworker", "urgent"], cwd=settings.BASE_DIR,
+                              env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from monitoring.notifications import workers_take_notifications
+
+        wait_for(workers_take_notifications, 30, "a live worker on urgent")
+        t0 = timezone.now()
+        [notification] = evaluate(t0, workers=1)
+        assert notifications_dispatch(now=t0) == {"queued": 1, "inline": 0, "taken_back": 0}
+        wait_for(lambda: Notification.objects.filter(pk=notification.pk, status="delivered").exists(), 30,
+                 "the worker to deliver it")
+        attempt = DeliveryAttempt.objects.get()
+        assert attempt.worker not in ("", "evaluator") and len(posted(webhook.server)) == 1
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def test_with_urgent_paused_the_evaluator_sends_itself(redis, webhook, admin_user):
+    from queues import control
+
+    control.queue_set_paused(queue="urgent", paused=True, user=admin_user)
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    evaluate(t0, workers=1)
+    assert notifications_dispatch(now=t0)["inline"] == 1
+
+
+def test_each_route_keeps_its_own_wait_and_reminders_and_resolution(redis, http_server):
+    fast = NotificationChannel.objects.create(name="fast", kind="webhook",
+                                              config={"url": http_server.route("/fast", respond(200, b"{}"))})
+    slow = NotificationChannel.objects.create(name="slow", kind="webhook",
+                                              config={"url": http_server.route("/slow", respond(200, b"{}"))})
+    first = NotificationRoute.objects.create(name="pager", position=1, group_wait_seconds=0,
+                                             repeat_interval_seconds=600, continue_matching=True)
+    first.channels.add(fast)
+    second = NotificationRoute.objects.create(name="digest", position=2, group_wait_seconds=300,
+                                              repeat_interval_seconds=3600, send_resolved=True)
+    second.channels.add(slow)
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0, clear_seconds=0)
+    t0 = timezone.now()
+
+    def channels(at, **kwargs):
+        return sorted((n.channel.name, n.kind) for n in evaluate(at, **kwargs))
+
+    assert channels(t0, workers=1) == [("fast", "firing")]
+    assert channels(t0 + timedelta(minutes=5), workers=1) == [("slow", "firing")], "its own group wait"
+    assert channels(t0 + timedelta(minutes=10), workers=1) == [("fast", "repeat")]
+    assert channels(t0 + timedelta(minutes=20), workers=1) == [("fast", "repeat")]
+    assert channels(t0 + timedelta(minutes=65), workers=1) == [("fast", "repeat"), ("slow", "repeat")]
+    assert channels(t0 + timedelta(minutes=66), workers=3) == [("fast", "resolved"), ("slow", "resolved")]
+
+
+def test_a_silenced_alert_that_was_notified_still_sends_its_resolution(redis, webhook, operator_user):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0, clear_seconds=0)
+    t0 = timezone.now()
+    assert [n.kind for n in evaluate(t0, workers=1)] == ["firing"]
+    silence_create(matchers=[{"label": "alertname", "op": "=~", "value": "few-.*"}], reason="noisy",
+                   starts_at=t0, ends_at=t0 + timedelta(hours=2), user=operator_user)
+    assert evaluate(t0 + timedelta(hours=1, minutes=5), workers=1) == [], "no reminder while silenced"
+    assert [n.kind for n in evaluate(t0 + timedelta(hours=1, minutes=6), workers=3)] == ["resolved"]
+
+
+def test_escalation_after_a_silence_reaches_one_level_at_a_time(redis, webhook, http_server, operator_user):
+    only("redis-unreachable")
+    t0 = timezone.now()
+    silence_create(matchers=[{"label": "alertname", "op": "=", "value": "redis-unreachable"}], reason="work",
+                   starts_at=t0, ends_at=t0 + timedelta(hours=2), user=operator_user)
+    evaluate(t0, redis=False)
+    evaluate(t0 + timedelta(hours=2, seconds=1), redis=False)
+    assert Alert.objects.get().escalation_level == 1, "level 1 when the silence ends"
+    for seconds in (10, 20, 30, 60):
+        evaluate(t0 + timedelta(hours=2, seconds=seconds), redis=False)
+    assert Alert.objects.get().escalation_level == 1, "not the four levels in seconds"
+    evaluate(t0 + timedelta(hours=2, minutes=10, seconds=2), redis=False)
+    assert Alert.objects.get().escalation_level == 2, "level 2 comes 10 minutes after level 1, as in the policy"
+
+
+def test_alerts_from_alertmanager_are_recorded_but_not_notified_again(redis, webhook, client, settings):
+    import json as json_module
+
+    from tests.monitoring.test_alert_api import PAYLOAD, URL
+
+    settings.ALERTS_WEBHOOK_TOKEN = "webhook-token-0123456789"
+    response = client.post(URL, data=json_module.dumps(PAYLOAD), content_type="application/json",
+                           HTTP_AUTHORIZATION="Bearer webhook-token-0123456789")
+    assert response.status_code == 200
+    assert notifications_plan(now=timezone.now() + timedelta(minutes=5)) == []
+
+
+def test_disabling_a_rule_resolves_its_open_alert(redis):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    evaluate(t0, workers=1)
+    AlertRule.objects.update(enabled=False)
+    evaluate(t0 + timedelta(seconds=10), workers=1)
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.RESOLVED and "no longer evaluated" in alert.events.last().message
+
+
+def test_an_acknowledgement_made_during_a_pass_is_kept(redis, operator_user):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    evaluate(t0, workers=1)
+    alert = Alert.objects.get()
+
+    class AcknowledgingReadings(Readings):
+        """The figures are read; an operator acknowledges meanwhile; then the pass writes its changes."""
+
+        @property
+        def snapshot(self):
+            if not getattr(self, "_done", False):
+                self._done = True
+                alert_acknowledge(alert=alert, user=operator_user, note="while it evaluated")
+            return snapshot(workers=0)
+
+    alerts_evaluate(now=t0 + timedelta(seconds=10), readings=AcknowledgingReadings(now=t0))
+    alert.refresh_from_db()
+    assert alert.acknowledged_by == operator_user and alert.value == 0
 
 
 def test_send_test_notification_reports_the_outcome(redis, http_server, admin_user):

@@ -67,10 +67,12 @@ def test_the_exported_rules_follow_the_rule_rows(capsys):
     call_command("export_prometheus_rules")
     alerts = {rule["alert"]: rule for rule in yaml.safe_load(capsys.readouterr().out)["groups"][1]["rules"]}
     assert alerts["RQBacklogHigh"]["expr"].endswith("> 250") and alerts["RQBacklogHigh"]["for"] == "90s"
+    assert alerts["RQBacklogHigh"]["keep_firing_for"] == "1m", "the portal's clear time, so both resolve alike"
     assert "RQWaitLong" not in alerts
     call_command("export_prometheus_rules", "--max-for", "2")
     alerts = {rule["alert"]: rule for rule in yaml.safe_load(capsys.readouterr().out)["groups"][1]["rules"]}
     assert {rule.get("for") for rule in alerts.values()} == {None, "2s"}
+    assert {rule.get("keep_firing_for") for rule in alerts.values()} == {"2s"}
 
 
 @pytest.mark.django_db
