@@ -9,6 +9,9 @@ its alert endpoint recomputed the figures from the task table on every request (
 the average caption time of the last hour, the error rate of the last five minutes, PROCESSING tasks older than
 2 h), timed on the same database in the same run.
 
+Notification plan: monitoring.notifications.notifications_plan once the history holds --alerts rows (about 0.1 %
+of them firing) with one route.
+
 History: the admin alert list (/admin/monitoring/alert/, as an admin, through Django's test client) with --alerts
 rows, newest first and filtered to firing; the peer is a plain ModelAdmin of the same rows (bench/peer_urls.py).
 Goals: eval <= 50 ms and flat (eval_1m / eval_1k <= 1.5); history <= 300 ms. Last line: JSON.
@@ -31,7 +34,8 @@ from django.utils import timezone  # noqa: E402
 from bench.admin import add_tasks  # noqa: E402
 from monitoring.alert_rules import Readings  # noqa: E402
 from monitoring.alerts import alerts_evaluate  # noqa: E402
-from monitoring.models import Alert, AlertRule, MetricSample  # noqa: E402
+from monitoring.models import Alert, AlertRule, MetricSample, NotificationChannel, NotificationRoute  # noqa: E402
+from monitoring.notifications import notifications_plan  # noqa: E402
 from queues.models import CaptionTask, TaskStatus  # noqa: E402
 from queues.samples import ensure_samples  # noqa: E402
 
@@ -132,6 +136,16 @@ def main():
     large = {"eval": evaluation_ms(args.passes), "peer": recompute_ms(max(3, args.passes // 10))}
 
     add_alerts(args.alerts)
+    # The notification plan at that history: one route to a webhook (nothing is sent: only planned).
+    route = NotificationRoute.objects.create(name="bench", group_wait_seconds=0)
+    route.channels.add(NotificationChannel.objects.create(name="bench", kind="webhook",
+                                                          config={"url": "http://127.0.0.1:9/hook"}))
+    notifications_plan()
+    plan_samples = []
+    for _ in range(args.passes):
+        started = time.perf_counter()
+        notifications_plan()
+        plan_samples.append((time.perf_counter() - started) * 1000)
     client = Client(SERVER_NAME="localhost")
     client.force_login(admin)
     history = timed(client, "/admin/monitoring/alert/", args.renders)
@@ -148,6 +162,7 @@ def main():
         "eval_ms": round(small["eval"], 2), "eval_1m_ms": round(large["eval"], 2),
         "eval_ratio": round(large["eval"] / small["eval"], 2),
         "recompute_peer_1k_ms": round(small["peer"], 2), "recompute_peer_1m_ms": round(large["peer"], 1),
+        "plan_ms": round(common.median(plan_samples), 2), "open_alerts": Alert.objects.open().count(),
         "history_ms": round(history, 1), "history_firing_ms": round(history_firing, 1),
         "plain_admin_peer_ms": round(plain, 1), "setup_s": round(setup_s),
     })

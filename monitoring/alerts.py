@@ -632,7 +632,8 @@ LEVELS = {Severity.CRITICAL: "critical", Severity.ERROR: "error", Severity.WARNI
 
 
 def alerts_current() -> dict:
-    """The open alerts (pending and firing), newest first, in the old endpoint's shape plus ours."""
+    """The open alerts (pending and firing), newest first, in the old endpoint's shape plus ours: the 500 newest
+    (``shown``); ``alert_count`` counts them all."""
     from django.conf import settings
     from django.urls import reverse
 
@@ -654,6 +655,8 @@ def alerts_current() -> dict:
                                                                                args=[rule.pk]) if rule else ""),
             "url": settings.PORTAL_URL + reverse("admin:monitoring_alert_change", args=[alert.pk]),
         })
-    firing = sum(1 for alert in rows if alert.state == Alert.State.FIRING)
-    return {"alerts": alerts, "alert_count": len(alerts), "firing_count": firing,
+    total = len(rows) if len(rows) < 500 else Alert.objects.open().count()
+    firing = Alert.objects.firing().count() if len(rows) >= 500 else \
+        sum(1 for alert in rows if alert.state == Alert.State.FIRING)
+    return {"alerts": alerts, "alert_count": total, "firing_count": firing, "shown": len(alerts),
             "timestamp": timezone.now().isoformat()}
