@@ -1,8 +1,9 @@
 """The queue system's Prometheus metrics, computed at scrape time.
 
 Each scrape makes two pipelined Redis round trips (queue lengths, registries, shared counters and histograms, server
-INFO; then one read per registered worker) and one indexed database query, whatever the number of jobs: no KEYS, no
-listing of job ids, no registry cleanup. Metric names of the old system are kept so existing dashboards work.
+INFO, the captioner problem flag; then one read per registered worker) and two indexed database reads (an overdue
+unpublished task; the oldest of the few PROCESSING tasks), whatever the number of jobs: no KEYS, no listing of job
+ids, no registry cleanup. The alert evaluator judges its rules on the same snapshot. Metric names of the old system are kept so existing dashboards work.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Snapshot:
     tasks_by_status: dict[str, int] = field(default_factory=dict)
     overdue_unpublished: bool = False  # queued tasks unpublished for longer than FALLBACK_AFTER_SECONDS
     oldest_processing_started: datetime | None = None  # the oldest PROCESSING task's start (few rows, indexed)
+    captioner_problem: dict | None = None  # a captioner misconfiguration reported in the last minutes
 
     @property
     def publishing_fallback(self) -> bool:
@@ -151,6 +153,7 @@ def _read_redis(snapshot: Snapshot) -> None:
     pipe.hgetall(COUNTERS_KEY)
     pipe.info("memory")
     pipe.info("clients")
+    pipe.get(broker.CAPTIONER_PROBLEM_KEY)
     pipe.smembers(Worker.redis_workers_keys)
     try:
         values = pipe.execute()
@@ -164,7 +167,8 @@ def _read_redis(snapshot: Snapshot) -> None:
         snapshot.dead_letters[name] = dead
         snapshot.histograms[("processing", name)] = {k: float(v) for k, v in _decode(processing).items()}
         snapshot.histograms[("wait", name)] = {k: float(v) for k, v in _decode(wait).items()}
-    counters, memory, clients, worker_keys = values[-4:]
+    counters, memory, clients, problem, worker_keys = values[-5:]
+    snapshot.captioner_problem = json.loads(problem) if problem else None
     snapshot.counters = {k: float(v) for k, v in _decode(counters).items()}
     snapshot.redis_info = {**memory, **clients}
     snapshot.maxclients = _maxclients(connection)

@@ -40,12 +40,7 @@ def health_report(snapshot: Snapshot) -> dict:
         workers = _component("warning", f"only {alive} worker alive")
     else:
         workers = _component("healthy", f"{alive} workers alive")
-    problem = None
-    if snapshot.redis_ok:
-        try:
-            problem = broker.captioner_problem()
-        except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
-            problem = None
+    problem = snapshot.captioner_problem  # read with the snapshot's first pipeline
     captioner = _component("unhealthy", f"work is held: {problem['message']}") if problem else \
         _component("healthy", "no configuration error reported")
     components = {"redis": redis, "database": database, "workers": workers, "captioner": captioner}
