@@ -31,7 +31,7 @@ from django.test import Client, override_settings  # noqa: E402
 from django.urls import clear_url_caches  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
-from bench.admin import add_tasks  # noqa: E402
+from bench.admin import add_tasks, timed  # noqa: E402
 from monitoring.alert_rules import Readings  # noqa: E402
 from monitoring.alerts import alerts_evaluate  # noqa: E402
 from monitoring.models import Alert, AlertRule, MetricSample, NotificationChannel, NotificationRoute  # noqa: E402
@@ -69,17 +69,6 @@ def recompute_ms(passes: int) -> float:
         started = time.perf_counter()
         recompute_from_tasks()
         samples.append((time.perf_counter() - started) * 1000)
-    return common.median(samples)
-
-
-def timed(client: Client, url: str, renders: int) -> float:
-    client.get(url)
-    samples = []
-    for _ in range(renders):
-        started = time.perf_counter()
-        response = client.get(url)
-        samples.append((time.perf_counter() - started) * 1000)
-        assert response.status_code == 200, (url, response.status_code)
     return common.median(samples)
 
 
