@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
 
 
 class ExportCommand(BaseCommand):
@@ -18,7 +19,10 @@ class ExportCommand(BaseCommand):
         parser.add_argument("--output", help="File to write instead of standard output.")
 
     def handle(self, *args, output=None, **options):
-        text = self.render()
+        try:
+            text = self.render()
+        except DatabaseError as error:  # the rules and channels are rows
+            raise CommandError(f"Cannot read the database ({error}); has `manage.py migrate` run?") from None
         if not output:
             self.stdout.write(text, ending="")
             return
