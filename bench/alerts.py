@@ -88,6 +88,7 @@ def add_alerts(count: int) -> None:
             component=rule.component, summary=rule.title, labels=rule.all_labels(), value=1.0,
             threshold=rule.threshold, started_at=started, holding_since=started, fired_at=started,
             resolved_at=None if firing else started + timedelta(minutes=3), last_seen_at=started,
+            resolved_notified=not firing, notified_at=started,
             acknowledged_at=started + timedelta(minutes=1) if index % 3 == 0 else None,
             acknowledged_by=admin if index % 3 == 0 else None))
         if len(batch) == 5000:

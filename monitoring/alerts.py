@@ -86,7 +86,7 @@ class EvaluationResult:
 # The columns the evaluator writes on an alert. Saving only these leaves an acknowledgement or a shelving that an
 # operator made during the pass as it is.
 EVALUATOR_FIELDS = ["state", "summary", "value", "last_seen_at", "holding_since", "fired_at", "cleared_at",
-                    "resolved_at", "open_key", "flaps", "inhibited_by"]
+                    "resolved_at", "open_key", "flaps", "inhibited_by", "resolved_notified"]
 
 
 def alerts_evaluate(*, now: datetime | None = None, readings: Readings | None = None) -> EvaluationResult:
@@ -183,6 +183,10 @@ def _condition_absent(rule, alert, reading, now, events) -> bool:
 
 def alert_resolve(alert: Alert, *, at: datetime, now: datetime, events: list, message: str) -> None:
     alert.state, alert.resolved_at, alert.open_key = Alert.State.RESOLVED, at, None
+    # Nobody was told it fired: there is no resolution to send either. Only alerts still owing one keep
+    # resolved_notified False, so the planner's query stays small however long the history grows.
+    if alert.notified_at is None or alert.source != Alert.Source.PORTAL:
+        alert.resolved_notified = True
     events.append(_event(alert, AlertEvent.Kind.RESOLVED, message, at=now))
 
 
@@ -569,7 +573,7 @@ def alertmanager_ingest(payload) -> dict:
                 alert = Alert.objects.create(
                     rule=rule, source=Alert.Source.ALERTMANAGER, name=labels["alertname"][:200],
                     fingerprint=fingerprint,
-                    open_key=fingerprint if firing else None, severity=severity,
+                    open_key=fingerprint if firing else None, severity=severity, resolved_notified=True,
                     component=labels.get("component", "")[:40], summary=summary, labels=labels,
                     annotations=item["annotations"], state=Alert.State.FIRING if firing else Alert.State.RESOLVED,
                     started_at=item["starts_at"], holding_since=item["starts_at"], fired_at=item["starts_at"],

@@ -189,7 +189,8 @@ class Alert(models.Model):
     escalation_level = models.PositiveSmallIntegerField(default=0)
     escalated_at = models.DateTimeField(null=True, blank=True, help_text="When the last escalation level was told.")
     notified_at = models.DateTimeField(null=True, blank=True, help_text="Last firing notification sent.")
-    resolved_notified = models.BooleanField(default=False)
+    resolved_notified = models.BooleanField(
+        default=False, help_text="Its resolution has been sent, or there is none to send (nobody was told it fired).")
     generator_url = models.URLField(max_length=1000, blank=True)
 
     objects = AlertQuerySet.as_manager()
@@ -201,6 +202,8 @@ class Alert(models.Model):
             models.Index(fields=["state", "-started_at"], name="alert_state_started_idx"),
             models.Index(fields=["rule", "-started_at"], name="alert_rule_started_idx"),
             models.Index(fields=["severity", "-started_at"], name="alert_severity_started_idx"),
+            # The planner's resolutions still owed: a handful of rows, whatever the history holds.
+            models.Index(fields=["resolved_notified", "state"], name="alert_pending_resolution_idx"),
         ]
 
     def __str__(self) -> str:

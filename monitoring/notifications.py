@@ -145,8 +145,7 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     silences = list(Silence.objects.filter(starts_at__lte=now, ends_at__gt=now))
     candidates = list(Alert.objects.filter(source=Alert.Source.PORTAL).filter(
         Q(state=Alert.State.FIRING) |
-        Q(state=Alert.State.RESOLVED, resolved_notified=False, notified_at__isnull=False) |
-        Q(state=Alert.State.RESOLVED, resolved_notified=False, annotations__has_key="recorded"))
+        Q(state=Alert.State.RESOLVED, resolved_notified=False))  # (alert_pending_resolution_idx)
         .select_related("rule", "inhibited_by"))
     told = _told([alert.pk for alert in candidates])
     policies = list(EscalationPolicy.objects.filter(enabled=True).prefetch_related("steps__channels"))

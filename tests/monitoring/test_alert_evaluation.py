@@ -240,3 +240,14 @@ def test_evaluate_alerts_once_reports_its_pass_and_refuses_while_another_evaluat
         call_command("evaluate_alerts", "--once")
     with pytest.raises(CommandError, match="--interval"):
         call_command("evaluate_alerts", "--interval", "0")
+
+
+def test_an_alert_nobody_was_told_about_owes_no_resolution(redis):
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0, clear_seconds=0)
+    t0 = timezone.now()
+    evaluate(t0, workers=1)  # no route: nobody is told
+    evaluate(t0 + timedelta(seconds=10), workers=3)
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.RESOLVED and alert.resolved_notified, \
+        "only alerts still owing a resolution stay in the planner's query"
