@@ -846,7 +846,7 @@ class SilenceAdmin(admin.ModelAdmin):
 
     @admin.display(description="open alerts it matches")
     def matching_alerts(self, silence):
-        matching = [alert for alert in Alert.objects.open().only("pk", "summary", "labels")[:500]
+        matching = [alert for alert in Alert.objects.open().order_by().only("pk", "summary", "labels")[:500]
                     if silence.matches(alert.labels)]
         return format_html_join(", ", '<a href="{}">{}</a>', [
             (reverse("admin:monitoring_alert_change", args=[alert.pk]), alert.summary) for alert in matching]) or "–"

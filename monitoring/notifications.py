@@ -146,8 +146,9 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     # Open alerts and resolutions still owed are exactly the rows with resolved_notified False: one query on
     # alert_pending_resolution_idx, a handful of rows however long the history (a filter on state as well let
     # SQLite pick the state index and walk every resolved alert).
+    # No ORDER BY: the model's default (newest first) made SQLite walk the started_at index over the whole history.
     candidates = [alert for alert in Alert.objects.filter(resolved_notified=False, source=Alert.Source.PORTAL)
-                  .select_related("rule", "inhibited_by") if alert.state != Alert.State.PENDING]
+                  .order_by().select_related("rule", "inhibited_by") if alert.state != Alert.State.PENDING]
     told = _told([alert.pk for alert in candidates])
     policies = list(EscalationPolicy.objects.filter(enabled=True).prefetch_related("steps__channels"))
     planned: list[tuple[Notification, list[Alert]]] = []
