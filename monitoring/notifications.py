@@ -116,11 +116,11 @@ def _routes_for(alert: Alert, routes: list[NotificationRoute]) -> list[Notificat
     return chosen
 
 
-def _queue(notifications: list, *, channel, route, kind, alerts, group_key, now, title="", user=None) -> None:
+def _queue(notifications: list, *, channel, route, kind, alerts, group_key, now, title="") -> None:
     body = message_compose(kind=kind, alerts=alerts, group_key=group_key, title=title)
     notifications.append((Notification(channel=channel, route=route, kind=kind, group_key=group_key,
-                                       subject=body["subject"], body=body, next_attempt_at=now, created_at=now,
-                                       created_by=user), alerts))
+                                       subject=body["subject"], body=body, next_attempt_at=now, created_at=now),
+                          alerts))
 
 
 def _told(alert_ids: list[int]) -> dict[tuple[int, int], datetime]:
