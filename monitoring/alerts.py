@@ -181,13 +181,23 @@ def _condition_absent(rule, alert, reading, now, events) -> bool:
     return True
 
 
-def alert_resolve(alert: Alert, *, at: datetime, now: datetime, events: list, message: str) -> None:
+def alert_resolve(alert: Alert, *, at: datetime, now: datetime, events: list, message: str,
+                  kind: str = AlertEvent.Kind.RESOLVED) -> None:
     alert.state, alert.resolved_at, alert.open_key = Alert.State.RESOLVED, at, None
     # Nobody was told it fired: there is no resolution to send either. Only alerts still owing one keep
     # resolved_notified False, so the planner's query stays small however long the history grows.
     if alert.notified_at is None or alert.source != Alert.Source.PORTAL:
         alert.resolved_notified = True
-    events.append(_event(alert, AlertEvent.Kind.RESOLVED, message, at=now))
+    events.append(_event(alert, kind, message, at=now))
+
+
+def _resolve_one(alert: Alert, *, at: datetime, now: datetime, message: str,
+                 kind: str = AlertEvent.Kind.RESOLVED) -> None:
+    """alert_resolve for a single alert outside an evaluation pass: saved with its timeline row."""
+    events: list[AlertEvent] = []
+    alert_resolve(alert, at=at, now=now, events=events, message=message, kind=kind)
+    alert.save()
+    AlertEvent.objects.bulk_create(events)
 
 
 def _inhibit(rules, open_alerts, now, events, changed) -> None:
@@ -563,11 +573,8 @@ def alertmanager_ingest(payload) -> dict:
             if alert is None:
                 previous = Alert.objects.select_for_update().filter(open_key=fingerprint).first()
                 if previous is not None:  # an older firing that Alertmanager never resolved to us
-                    events: list[AlertEvent] = []
-                    alert_resolve(previous, at=item["starts_at"], now=now, events=events,
-                                  message="superseded by a new firing of the same alert")
-                    previous.save()
-                    AlertEvent.objects.bulk_create(events)
+                    _resolve_one(previous, at=item["starts_at"], now=now,
+                                 message="superseded by a new firing of the same alert")
                 firing = item["status"] == "firing"
                 rule = AlertRule.objects.filter(name=labels["rule"]).first() if labels.get("rule") else None
                 alert = Alert.objects.create(
@@ -588,12 +595,8 @@ def alertmanager_ingest(payload) -> dict:
                 created += 1
                 continue
             if item["status"] == "resolved" and alert.state != Alert.State.RESOLVED:
-                events = []
-                alert_resolve(alert, at=item["ends_at"] or now, now=now, events=events,
-                              message="resolved in Prometheus")
                 alert.last_seen_at = now
-                alert.save()
-                AlertEvent.objects.bulk_create(events)
+                _resolve_one(alert, at=item["ends_at"] or now, now=now, message="resolved in Prometheus")
                 resolved += 1
             elif item["status"] == "firing" and alert.state != Alert.State.RESOLVED:
                 changed = alert.annotations != item["annotations"] or alert.labels != labels
@@ -619,13 +622,10 @@ def alertmanager_alerts_expire(*, now: datetime | None = None) -> int:
     now = now or timezone.now()
     expired = 0
     with transaction.atomic():
-        for alert in Alert.objects.open().order_by().filter(source=Alert.Source.ALERTMANAGER,
-                                                 last_seen_at__lt=now - ALERTMANAGER_EXPIRY).select_for_update():
-            alert.state, alert.resolved_at, alert.open_key = Alert.State.RESOLVED, alert.last_seen_at, None
-            alert.save()
-            AlertEvent.objects.create(alert=alert, kind=AlertEvent.Kind.EXPIRED, at=now,
-                                      message=f"Alertmanager has not reported it since "
-                                              f"{alert.last_seen_at:%Y-%m-%d %H:%M %Z}")
+        for alert in Alert.objects.open().order_by().filter(
+                source=Alert.Source.ALERTMANAGER, last_seen_at__lt=now - ALERTMANAGER_EXPIRY).select_for_update():
+            _resolve_one(alert, at=alert.last_seen_at, now=now, kind=AlertEvent.Kind.EXPIRED,
+                         message=f"Alertmanager has not reported it since {alert.last_seen_at:%Y-%m-%d %H:%M %Z}")
             expired += 1
     return expired
 
