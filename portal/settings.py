@@ -164,6 +164,23 @@ RELAY_INTERVAL = env_float("RELAY_INTERVAL", 1.0, minimum=0.05)
 # Completed and cancelled tasks older than this are removed by ``manage.py tasks cleanup`` (failed ones stay).
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 30, minimum=1)
 
+# The migration from the database-polling worker (the migration app). These seed the dispatch mode row the first
+# time it is read; from then on the admin (Admins) and ``manage.py migrate_to_rq mode`` change it.
+RQ_ENABLED = env_bool("RQ_ENABLED", True)
+RQ_HYBRID_MODE = env_bool("RQ_HYBRID_MODE", False)
+DATABASE_POLLING_ENABLED = env_bool("DATABASE_POLLING_ENABLED", not RQ_ENABLED or RQ_HYBRID_MODE)
+if not RQ_ENABLED and not DATABASE_POLLING_ENABLED:
+    raise ImproperlyConfigured("RQ_ENABLED and DATABASE_POLLING_ENABLED are both false: nothing would run tasks")
+if RQ_HYBRID_MODE and not (RQ_ENABLED and DATABASE_POLLING_ENABLED):
+    raise ImproperlyConfigured("RQ_HYBRID_MODE needs both RQ_ENABLED and DATABASE_POLLING_ENABLED")
+RQ_HYBRID_RQ_PERCENT = env_int("RQ_HYBRID_RQ_PERCENT", 50, minimum=0, maximum=100)
+RQ_FALLBACK_ENABLED = env_bool("RQ_FALLBACK_ENABLED", True)
+RQ_FALLBACK_TIMEOUT = env_int("RQ_FALLBACK_TIMEOUT", 30, minimum=1)
+# Seconds between the database poller's looks for work when it found none.
+LEGACY_POLL_INTERVAL = env_float("LEGACY_POLL_INTERVAL", 1.0, minimum=0.01)
+TASK_DISPATCH_POLICY = "migration.dispatch.ModePolicy"
+MIGRATION_BACKUP_DIR = Path(env_str("MIGRATION_BACKUP_DIR", str(VAR_DIR / "backups")))
+
 # /metrics and /api/rq/*: a session with queues.view_queueoverview, or "Authorization: Bearer <METRICS_TOKEN>"
 # (for Prometheus).
 METRICS_TOKEN = env_str("METRICS_TOKEN")

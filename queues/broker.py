@@ -182,10 +182,12 @@ def job_timeout() -> int:
     return settings.RQ_DEFAULT_TIMEOUT + 30
 
 
-def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False) -> int:
+def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bool = False) -> int:
     """Enqueues ``caption-<id>`` jobs for (task id, priority) pairs in one pipeline round trip.
 
     ``fresh``: the tasks are new, so no earlier job with their ids exists (saves a command per job).
+    ``atomic``: in one MULTI/EXEC, so that either every job is enqueued or none (the migration's batches: a
+    process killed while sending leaves nothing half-published).
 
     Raises BrokerUnavailable when Redis cannot be reached or refuses the writes (out of memory, read-only replica,
     failed snapshot); then nothing is known to be published.
@@ -197,7 +199,7 @@ def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False) -> int:
         return 0
     try:
         connection = get_connection()
-        pipe = connection.pipeline(transaction=False)
+        pipe = connection.pipeline(transaction=atomic)
         count = 0
         for queue_name, task_ids in by_queue.items():
             queue = get_queue(queue_name, connection)

@@ -27,7 +27,7 @@ from rq.timeouts import JobTimeoutException
 
 from queues.captioners import Captioner, get_captioner
 from queues.errors import CaptionError, CaptionerMisconfigured, JobStopped, WorkerInterrupted
-from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, TaskEvent, TaskStatus
+from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, Dispatch, TaskEvent, TaskStatus
 from queues.signals import attempt_ended
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def task_claim(*, task_id: int, worker_name: str, queue: str | None = None) -> C
     ``queue``: the queue the worker popped the job from. A task whose priority was changed has its job published on
     the new queue; the entry left in the old one no longer matches the row's priority and claims nothing.
 
-    Only a published task can be claimed. Publication is what makes a task due (the relay publishes a retry only
+    Only a task dispatched to RQ can be claimed here (the database poller claims its own, in migration.legacy), so
+    a task moved between the systems runs in at most one of them. Only a published task can be claimed. Publication is what makes a task due (the relay publishes a retry only
     once its backoff is over), so a stale copy of a job (pushed twice, or left behind when the task went back to
     waiting for a retry or was unpublished by the reconciler) cannot start the task early.
 
@@ -106,7 +107,8 @@ def task_claim(*, task_id: int, worker_name: str, queue: str | None = None) -> C
     ends (its worker died) is recorded by whoever re-drives the task.
     """
     now = timezone.now()
-    expect = {"status": TaskStatus.QUEUED, "published_at": NOT_NULL, **({"priority": queue} if queue else {})}
+    expect = {"status": TaskStatus.QUEUED, "dispatch": Dispatch.RQ, "published_at": NOT_NULL,
+              **({"priority": queue} if queue else {})}
     return CaptionTask.objects.transition(
         task_id, expect=expect, increment_attempts=True,
         changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,

@@ -107,12 +107,28 @@ class TaskStatus(models.TextChoices):
     CANCELLED = "CANCELLED", "Cancelled"
 
 
+class Dispatch(models.TextChoices):
+    """Which system runs a task. Every task is in exactly one; only that system's workers can claim it."""
+
+    RQ = "rq", "RQ"
+    DATABASE = "database", "Database poller"
+    # Sent to the database poller because Redis was unreachable for longer than RQ_FALLBACK_TIMEOUT; RQ takes such
+    # tasks back (while they are queued) when Redis answers again.
+    FALLBACK = "fallback", "Database poller (Redis fallback)"
+    # Submitted while submission is paused: committed, run by nobody until submission resumes.
+    HELD = "held", "Held (submission paused)"
+
+
+POLLED_DISPATCH = (Dispatch.DATABASE, Dispatch.FALLBACK)
+
+
 class CaptionTaskQuerySet(models.QuerySet):
     INSERT_BATCH = 1000
 
-    def insert_new(self, rows: list[tuple[str, str, str | None]], *, publish_after) -> list[int]:
+    def insert_new(self, rows: list[tuple[str, str, str | None]], *, publish_after,
+                   dispatch: list[str] | None = None) -> list[int]:
         """Inserts queued tasks from (image_ref, priority, idempotency_key) tuples in one statement and returns
-        their ids in order.
+        their ids in order. ``dispatch``: each row's system (default RQ for all).
 
         Bulk submission's hot path. Django's bulk_create costs about 100 µs a row here (a model instance per row,
         per-field value preparation, and SQLite batches capped at 999 parameters); this writes the same columns
@@ -121,10 +137,12 @@ class CaptionTaskQuerySet(models.QuerySet):
         """
         if not rows:
             return []
+        dispatch = dispatch or [Dispatch.RQ] * len(rows)
         connection = connections[self.db]
         if not connection.features.can_return_rows_from_bulk_insert:
-            objects = [CaptionTask(image_ref=ref, priority=priority, idempotency_key=key, publish_after=publish_after)
-                       for ref, priority, key in rows]
+            objects = [CaptionTask(image_ref=ref, priority=priority, idempotency_key=key, publish_after=publish_after,
+                                   dispatch=system)
+                       for (ref, priority, key), system in zip(rows, dispatch)]
             for obj in objects:
                 obj.save(force_insert=True, using=self.db)
             return [obj.pk for obj in objects]
@@ -136,7 +154,7 @@ class CaptionTaskQuerySet(models.QuerySet):
             "publish_after": connection.ops.adapt_datetimefield_value(publish_after),
             "updated_at": connection.ops.adapt_datetimefield_value(now),
         }
-        columns = ["image_ref", "priority", "idempotency_key", *fixed]
+        columns = ["image_ref", "priority", "idempotency_key", "dispatch", *fixed]
         quote = connection.ops.quote_name
         row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
         head = f"INSERT INTO {quote(CaptionTask._meta.db_table)} ({', '.join(quote(c) for c in columns)}) VALUES "
@@ -146,7 +164,8 @@ class CaptionTaskQuerySet(models.QuerySet):
             for start in range(0, len(rows), self.INSERT_BATCH):  # 12 parameters a row, well under the limits
                 chunk = rows[start:start + self.INSERT_BATCH]
                 cursor.execute(head + ", ".join([row_sql] * len(chunk)) + f" RETURNING {quote('id')}",
-                               [value for row in chunk for value in (*row, *constants)])
+                               [value for row, system in zip(chunk, dispatch[start:start + len(chunk)])
+                                for value in (*row, system, *constants)])
                 ids.extend(row[0] for row in cursor.fetchall())
         return ids
 
@@ -231,7 +250,8 @@ class CaptionTaskQuerySet(models.QuerySet):
     def due_for_publishing(self, now=None):
         """Queued tasks with no job in Redis whose publish time has come (the relay's work list)."""
         now = now or timezone.now()
-        return self.filter(status=TaskStatus.QUEUED, published_at__isnull=True, publish_after__lte=now)
+        return self.filter(status=TaskStatus.QUEUED, dispatch=Dispatch.RQ, published_at__isnull=True,
+                           publish_after__lte=now)
 
     def dead_letters(self):
         return self.filter(status=TaskStatus.FAILED)
@@ -244,6 +264,8 @@ class CaptionTask(models.Model):
     )
     priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
     status = models.CharField(max_length=10, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
+    dispatch = models.CharField(max_length=10, choices=Dispatch.choices, default=Dispatch.RQ,
+                                help_text="The system that runs this task (see migration.dispatch).")
     attempts = models.PositiveIntegerField(default=0, help_text="Times a worker has started this task.")
     caption = models.TextField(blank=True)
     last_error_class = models.CharField("error class", max_length=200, blank=True)
@@ -292,6 +314,8 @@ class CaptionTask(models.Model):
             models.Index(fields=["worker_name", "status"], name="task_worker_idx"),
             # Waiting to retry, per queue (the overview), without walking every queued row.
             models.Index(fields=["status", "published_at", "priority", "attempts"], name="task_unpublished_idx"),
+            # The database poller's claim (queued, its dispatch, due) and the migration's per-system counts.
+            models.Index(fields=["dispatch", "status", "publish_after"], name="task_dispatch_idx"),
         ]
 
     def __str__(self) -> str:

@@ -10,15 +10,19 @@ VIEW_QUEUES = ["view_captiontask", "view_taskevent", "view_workerpool", "view_fl
 # only Admins see them; everyone sees what was delivered where.
 VIEW_ALERTS = ["view_alert", "view_alertevent", "view_alertrule", "view_silence", "view_notification",
                "view_deliveryattempt"]
+# The migration console (the migration app): everyone reads runs, phases, logs, pollers and the dispatch mode;
+# Operators may also pause and resume submission (maintenance); only Admins change the mode and run migrations.
+VIEW_MIGRATION = ["view_systemmode", "view_migrationevent", "view_legacyworker", "view_migrationrun",
+                  "view_migrationphase", "view_migrationlogline"]
 ROLES = {
     # Admins: every permission of every app.
     "Admins": None,
-    "Operators": VIEW_QUEUES + VIEW_ALERTS + [
+    "Operators": VIEW_QUEUES + VIEW_ALERTS + VIEW_MIGRATION + [
         "view_auditentry", "add_captiontask", "requeue_task", "cancel_task", "change_task_priority", "pause_queue",
         "manage_fleet", "acknowledge_alert", "add_silence", "change_silence",
         # thresholds and durations only (monitoring.admin.AlertRuleAdmin.TUNABLE)
-        "change_alertrule"],
-    "Support": VIEW_QUEUES + VIEW_ALERTS,
+        "change_alertrule", "pause_submission"],
+    "Support": VIEW_QUEUES + VIEW_ALERTS + VIEW_MIGRATION,
 }
 
 

@@ -22,7 +22,8 @@ from django.utils import timezone
 from queues import broker
 from queues.captioners.fetch import ALLOWED_SCHEMES, is_remote, media_path
 from queues.errors import BrokerUnavailable, PermanentCaptionError
-from queues.models import CaptionTask, Priority, TaskStatus
+from queues.dispatch import get_policy
+from queues.models import CaptionTask, Dispatch, Priority, TaskStatus
 from queues.signals import service_unavailable
 
 logger = logging.getLogger(__name__)
@@ -110,8 +111,10 @@ def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
             task = CaptionTask.objects.create(
                 image_ref=spec.image_ref, priority=spec.priority, idempotency_key=spec.idempotency_key,
                 publish_after=timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS),
+                dispatch=get_policy().assign(1)[0],
             )
-            transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)], fresh=True))
+            if task.dispatch == Dispatch.RQ:
+                transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)], fresh=True))
     except IntegrityError:
         # Another submission with the same key committed between our lookup and our insert. Read it with a locking
         # read: under MySQL's REPEATABLE READ a plain SELECT inside the caller's transaction (the admin's add view
@@ -173,16 +176,19 @@ def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
                     seen_keys.add(spec.idempotency_key)
                 new_rows.append((spec.image_ref, spec.priority, spec.idempotency_key))
             publish_after = timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS)
-            ids = CaptionTask.objects.insert_new(new_rows, publish_after=publish_after)
-            to_publish = [(task_id, priority) for task_id, (_, priority, _) in zip(ids, new_rows)]
-            transaction.on_commit(lambda: tasks_publish(tasks=to_publish, fresh=True))
+            systems = get_policy().assign(len(new_rows))
+            ids = CaptionTask.objects.insert_new(new_rows, publish_after=publish_after, dispatch=systems)
+            to_publish = [(task_id, priority) for task_id, (_, priority, _), system in zip(ids, new_rows, systems)
+                          if system == Dispatch.RQ]
+            if to_publish:
+                transaction.on_commit(lambda: tasks_publish(tasks=to_publish, fresh=True))
     except IntegrityError:
         # A concurrent submission used one of our idempotency keys: fall back to one task at a time.
         for spec in batch:
             task, created = _submit_one(spec)
             (result.created if created else result.existing).append(task.pk)
         return
-    result.created.extend(task_id for task_id, _ in to_publish)
+    result.created.extend(ids)
     result.existing.extend(known[spec.idempotency_key] for spec in batch if spec.idempotency_key in known)
 
 
@@ -201,8 +207,8 @@ def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False) -> i
     stamp = timezone.now()
     # Publication makes a task due: a fresh task's relay grace no longer applies once its job is in Redis.
     claimed = CaptionTask.objects.filter(
-        pk__in=ids, status=TaskStatus.QUEUED, published_at__isnull=True).update(published_at=stamp,
-                                                                                publish_after=stamp)
+        pk__in=ids, status=TaskStatus.QUEUED, dispatch=Dispatch.RQ, published_at__isnull=True).update(
+        published_at=stamp, publish_after=stamp)
     if claimed == 0:
         return 0
     if claimed < len(ids):
@@ -226,9 +232,12 @@ def tasks_relay_once(*, batch_size: int = RELAY_BATCH_SIZE, now=None, budget: fl
     ``budget``: stop after about this many seconds (the rest waits for the next pass), so a pass after a long outage
     does not hold the relay lock longer than its expiry.
 
-    Raises BrokerUnavailable if Redis is unreachable, so the relay can report it.
+    Raises BrokerUnavailable if Redis is unreachable, so the relay can report it. Before anything, the dispatch
+    policy keeps its state (queues.dispatch): the fallback to the database poller starts and ends here.
     """
-    if not broker.ping():
+    redis_up = broker.ping()
+    get_policy().maintain(redis_up=redis_up)
+    if not redis_up:
         raise BrokerUnavailable("Redis does not answer PING")
     if broker.captioner_problem():
         # The captioner is misconfigured: every task would only be held again. One task per pass probes whether it

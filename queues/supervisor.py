@@ -26,6 +26,11 @@ gone. A supervisor takes back the slots it runs (renewal re-creates a missing le
 new slot for one lease period, so that the other supervisors can take back theirs first: the workers already
 running keep running, and no slot is started twice.
 
+Beside the pools, a supervisor keeps the extra processes the dispatch policy asks for (queues.dispatch): the
+database poller while Redis has been away long enough for the fallback. The duties thread asks the policy (and,
+when Redis is down and the relay cannot run, lets it keep its state); the main loop starts what is wanted and stops
+gracefully what is no longer wanted.
+
 Retiring a worker is idempotent: a worker that was asked to stop is never signalled again (rq turns a second SIGTERM
 into a cold shutdown). Whenever a worker exits, for whatever reason and with whatever exit code, the task it was
 running (if any) is re-driven at once. Under systemd use ``KillMode=mixed`` so a stop signals only the supervisor,
@@ -53,6 +58,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 
 from queues import broker
+from queues.dispatch import get_policy
 from queues.fleet import pool_autoscale, pool_backlog
 from queues.models import FleetEvent, WorkerPool
 from queues.reconcile import tasks_reconcile, tasks_recover_from_worker
@@ -137,6 +143,7 @@ class Supervisor:
         self._next_relay = 0.0
         self._next_reconcile = 0.0
         self._next_autoscale = 0.0
+        self._next_fallback_check = 0.0
         self.pools: dict[str, PoolSettings] | None = None  # None until the duties thread has read them once
         self._outbox: queue.Queue = queue.Queue()  # (kind, payload) for the duties thread to record
         self._pending: list[tuple[str, dict]] = []  # taken from the outbox, not yet recorded (database away)
@@ -145,6 +152,13 @@ class Supervisor:
         self._quiet_until = 0.0  # no new slots before this (monotonic): Redis just came back
         self._registered = False
         self._connection = None
+        self.extras_wanted: dict[str, list[str]] = {}  # name -> manage.py arguments (set by the duties thread)
+        self.extras: dict[str, subprocess.Popen] = {}
+        self.extras_stopping: dict[str, tuple[subprocess.Popen, float]] = {}  # name -> (process, kill at)
+        # Names that have exited: never started again (their tasks are being recovered by name); the policy names
+        # a replacement afresh.
+        self.extras_ended: set[str] = set()
+        self._extras_running: frozenset[str] = frozenset()  # for the duties thread (replaced, never mutated)
 
     # --- running ---------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -202,12 +216,13 @@ class Supervisor:
             self._quiet_until = time.monotonic() + self.lease_ttl
             logger.warning("Redis unreachable, fleet unchanged: %s", error)
         self._manage_processes()
+        self._manage_extras()
 
     # --- the duties thread -----------------------------------------------------------------------------------------
     def _duties_loop(self) -> None:
         while not self._duties_stop.is_set():
             started = time.monotonic()
-            for duty in (self._read_pools, self._record_pending, self._periodic):
+            for duty in (self._read_pools, self._record_pending, self._periodic, self._read_extras):
                 try:
                     close_old_connections()
                     duty()
@@ -479,6 +494,41 @@ class Supervisor:
                         pool_autoscale(pool=pool, queued=pool_backlog(pool))
         except (broker.BrokerUnavailable, *broker.REDIS_ERRORS) as error:
             logger.warning("relay/reconcile/autoscale skipped, Redis unreachable or refusing: %s", error)
+            if now >= self._next_fallback_check:
+                # The relay lets the dispatch policy keep its state; without Redis it cannot run, so every
+                # supervisor does it (the policy's changes are conditional updates: safe from several at once).
+                self._next_fallback_check = now + self.relay_interval
+                get_policy().maintain(redis_up=broker.ping())
+
+    def _read_extras(self) -> None:
+        self.extras_wanted = get_policy().processes(running=self._extras_running)
+
+    def _manage_extras(self) -> None:
+        """Starts the extra processes the policy wants and stops, gracefully, those it no longer wants."""
+        now = time.monotonic()
+        wanted = {} if self.stopping else dict(self.extras_wanted)
+        for name, process in list(self.extras.items()):
+            if process.poll() is not None:
+                logger.warning("extra process %s exited (code %s)", name, process.returncode)
+                del self.extras[name]
+                self.extras_ended.add(name)
+                self._outbox.put(("recover", {"worker_name": name, "reason": "database poller exited"}))
+            elif name not in wanted:
+                process.send_signal(signal.SIGTERM)
+                self.extras_stopping[name] = (self.extras.pop(name), now + self.stop_timeout)
+        for name, (process, kill_at) in list(self.extras_stopping.items()):
+            if process.poll() is not None:
+                del self.extras_stopping[name]
+                self.extras_ended.add(name)
+                self._outbox.put(("recover", {"worker_name": name, "reason": "database poller stopped"}))
+            elif self.forced or now >= kill_at:
+                process.kill()
+        for name, arguments in wanted.items():
+            if name not in self.extras and name not in self.extras_stopping and name not in self.extras_ended:
+                command = [sys.executable, str(settings.BASE_DIR / "manage.py"), *arguments]
+                self.extras[name] = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+                logger.info("started %s: %s", name, " ".join(arguments))
+        self._extras_running = frozenset(self.extras)
 
     # --- stopping ----------------------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -497,6 +547,10 @@ class Supervisor:
                 except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
                     pass
             self._manage_processes()
+            self._manage_extras()
+            time.sleep(0.1)
+        while self.extras or self.extras_stopping:
+            self._manage_extras()
             time.sleep(0.1)
         try:
             connection = self._redis()

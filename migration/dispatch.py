@@ -1,0 +1,304 @@
+"""The dispatch mode: which system new tasks go to, submission pauses, and the fallback to the database poller.
+
+``ModePolicy`` is the policy queues asks (settings.TASK_DISPATCH_POLICY, see queues.dispatch). It reads the one
+``SystemMode`` row on every submission (a primary-key read), so a pause or a mode change holds from the moment it
+commits:
+
+- ``legacy``: new tasks go to the database poller; ``rq``: to RQ; ``hybrid``: each new task goes to one of them,
+  RQ for ``hybrid_rq_percent`` of them. A task's ``dispatch`` column says which; only that system can claim it
+  (RQ's claim expects ``dispatch = rq``, the poller's ``database`` or ``fallback``), so no task runs in both.
+- **Submission paused**: new tasks are committed with ``dispatch = held``; nobody claims them. Resuming (or the
+  pause's end time passing, noticed by the relay) releases them to the mode's systems.
+- **Fallback**: the relay calls ``maintain`` every pass. When Redis has been unreachable for ``fallback_timeout``
+  seconds (on the database's clock) and the fallback is enabled, queued unpublished RQ tasks, and new ones, go to
+  the database poller as ``dispatch = fallback``, and ``processes`` asks each supervisor to run a poller if none is
+  alive. When Redis answers again the fallback ends: fallback tasks still queued go back to RQ (a conditional
+  update, so a task the poller is claiming at that moment stays with the poller), and the pollers are stopped
+  gracefully. Published tasks are never moved (their job may be in Redis): only unpublished ones.
+
+Moving tasks between the systems (``tasks_move``) is always a conditional update on ``status = QUEUED`` and the
+old dispatch, and clears ``published_at``; jobs of tasks moved away from RQ are deleted from Redis afterwards (a
+stale entry a worker pops claims nothing anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from migration.models import LegacyWorker, MigrationEvent, Mode, SystemMode
+from queues.dispatch import DispatchPolicy, DispatchStatus
+from queues.fleet import audit
+from queues.models import CaptionTask, Dispatch, TaskStatus, UtcNow, database_now
+from queues.services import tasks_publish
+
+logger = logging.getLogger("migration.dispatch")
+
+MOVE_BATCH = 1000
+
+
+def system_mode() -> SystemMode:
+    """The dispatch mode row, created from the old system's variables the first time."""
+    row = SystemMode.objects.filter(pk=1).first()
+    if row is not None:
+        return row
+    mode = Mode.LEGACY if not settings.RQ_ENABLED else (Mode.HYBRID if settings.RQ_HYBRID_MODE else Mode.RQ)
+    row, _ = SystemMode.objects.get_or_create(pk=1, defaults={
+        "mode": mode, "hybrid_rq_percent": settings.RQ_HYBRID_RQ_PERCENT,
+        "fallback_enabled": settings.RQ_FALLBACK_ENABLED, "fallback_timeout": settings.RQ_FALLBACK_TIMEOUT})
+    return row
+
+
+def _locked_mode() -> SystemMode:
+    system_mode()
+    return SystemMode.objects.select_for_update().get(pk=1)
+
+
+def targets_for(row: SystemMode, count: int) -> list[str]:
+    if row.paused_now():
+        return [Dispatch.HELD] * count
+    if row.fallback_active and row.mode != Mode.LEGACY:
+        return [Dispatch.FALLBACK] * count
+    if row.mode == Mode.LEGACY:
+        return [Dispatch.DATABASE] * count
+    if row.mode == Mode.RQ:
+        return [Dispatch.RQ] * count
+    share = row.hybrid_rq_percent / 100
+    return [Dispatch.RQ if random.random() < share else Dispatch.DATABASE for _ in range(count)]
+
+
+class ModePolicy(DispatchPolicy):
+    def assign(self, count: int) -> list[str]:
+        return targets_for(system_mode(), count)
+
+    def maintain(self, *, redis_up: bool) -> None:
+        fallback_maintain(redis_up=redis_up)
+        row = system_mode()
+        if row.submission_paused and not row.paused_now():
+            submission_resume(user=None, reason="the pause's end time has passed")
+
+    def processes(self, *, running: set[str]) -> dict[str, list[str]]:
+        """A poller on this host while the fallback is on (the one already running, else a new one if no poller
+        is alive anywhere). Once it is off, the supervisor stops its poller gracefully: the task in hand finishes
+        there, the queued ones are back with RQ."""
+        if not system_mode().fallback_active:
+            return {}
+        mine = sorted(name for name in running if name.startswith("poller."))
+        if mine:
+            return {mine[0]: _poller_arguments(mine[0])}
+        if legacy_workers_alive().exists():
+            return {}
+        name = f"poller.{socket.gethostname()[:120]}.fallback.{uuid.uuid4().hex[:6]}"
+        return {name: _poller_arguments(name)}
+
+    def status(self) -> DispatchStatus:
+        row = system_mode()
+        return DispatchStatus(mode=row.mode, fallback_active=row.fallback_active,
+                              submission_paused=row.paused_now(), paused_reason=row.paused_reason,
+                              paused_until=row.paused_until.isoformat() if row.paused_until else None)
+
+
+def _poller_arguments(name: str) -> list[str]:
+    return ["run_legacy_worker", "--name", name, "--fallback"]
+
+
+def legacy_workers_alive():
+    """Pollers whose heartbeat is recent (database clock) and that have not stopped."""
+    from django.db.models import DateTimeField
+    from django.db.models.expressions import RawSQL
+    from django.db import connection
+
+    from queues.models import database_now_sql
+
+    recent = RawSQL(database_now_sql(connection, offset_seconds=-LegacyWorker.ALIVE_SECONDS), (),
+                    output_field=DateTimeField())
+    return LegacyWorker.objects.filter(stopped_at__isnull=True, heartbeat_at__gte=recent)
+
+
+def legacy_workers_stale():
+    """Poller registrations not closed whose heartbeat has stopped (the process died without saying so)."""
+    alive = legacy_workers_alive().values("pk")
+    return LegacyWorker.objects.filter(stopped_at__isnull=True).exclude(pk__in=alive)
+
+
+# --- operator services -----------------------------------------------------------------------------------------
+
+def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: str | None = None) -> SystemMode:
+    """Sets where new tasks go. Tasks already dispatched stay where they are (the migration run moves them)."""
+    if mode not in Mode.values:
+        raise ValidationError({"mode": f"Unknown mode {mode!r}: choose one of {', '.join(Mode.values)}."})
+    if hybrid_rq_percent is not None and not 0 <= hybrid_rq_percent <= 100:
+        raise ValidationError({"hybrid_rq_percent": "The RQ share must be between 0 and 100 percent."})
+    with transaction.atomic():
+        row = _locked_mode()
+        previous = row.mode, row.hybrid_rq_percent
+        row.mode = mode
+        if hybrid_rq_percent is not None:
+            row.hybrid_rq_percent = hybrid_rq_percent
+        row.changed_at, row.changed_by = timezone.now(), _person(user)
+        row.save()
+        figures = {"from": previous[0], "to": mode, "hybrid_rq_percent": row.hybrid_rq_percent}
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.MODE_CHANGED, user=_person(user),
+                                      detail=f"{previous[0]} -> {mode}", figures=figures)
+        if _person(user):
+            audit(user=user, action="dispatch_mode", target=mode, detail=figures, address=address)
+    return row
+
+
+def submission_pause(*, reason: str, user, duration: timedelta | None = None,
+                     address: str | None = None) -> SystemMode:
+    """Holds new submissions (accepted and committed, dispatched to nobody) until resumed or ``duration`` ends."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise ValidationError({"reason": "Say why submission is paused (it is shown in the admin and in health)."})
+    if duration is not None and duration.total_seconds() <= 0:
+        raise ValidationError({"duration": "The pause must last a positive time."})
+    with transaction.atomic():
+        row = _locked_mode()
+        now = timezone.now()
+        row.submission_paused, row.paused_reason, row.paused_at = True, reason[:300], now
+        row.paused_until = now + duration if duration else None
+        row.changed_at, row.changed_by = now, _person(user)
+        row.save()
+        detail = reason[:300] + (f" (until {row.paused_until:%Y-%m-%d %H:%M:%S} UTC)" if row.paused_until else "")
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_PAUSED, user=_person(user), detail=detail)
+        if _person(user):
+            audit(user=user, action="submission_pause", target=reason[:300],
+                  detail={"until": row.paused_until.isoformat() if row.paused_until else None}, address=address)
+    return row
+
+
+def submission_resume(*, user, reason: str = "", address: str | None = None) -> int:
+    """Ends a pause and releases the held tasks to the mode's systems. Returns how many were released."""
+    with transaction.atomic():
+        row = _locked_mode()
+        was_paused = row.submission_paused
+        row.submission_paused, row.paused_until = False, None
+        row.changed_at, row.changed_by = timezone.now(), _person(user)
+        row.save()
+    released = tasks_release_held()
+    if was_paused or released:
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_RESUMED, user=_person(user),
+                                      detail=reason or "resumed", figures={"released": released})
+        if _person(user):
+            audit(user=user, action="submission_resume", count=released, address=address)
+    return released
+
+
+def tasks_release_held() -> int:
+    """Gives every held task its system (per the current mode), in batches, then publishes the RQ ones."""
+    released = 0
+    while True:
+        ids = list(CaptionTask.objects.filter(dispatch=Dispatch.HELD, status=TaskStatus.QUEUED)
+                   .order_by("pk").values_list("pk", flat=True)[:MOVE_BATCH])
+        if not ids:
+            break
+        row = system_mode()
+        if row.paused_now():
+            break  # paused again meanwhile
+        targets = targets_for(row, len(ids))
+        by_target: dict[str, list[int]] = {}
+        for task_id, target in zip(ids, targets):
+            by_target.setdefault(target, []).append(task_id)
+        for target, task_ids in by_target.items():
+            released += CaptionTask.objects.filter(pk__in=task_ids, dispatch=Dispatch.HELD,
+                                                   status=TaskStatus.QUEUED).update(
+                dispatch=target, published_at=None, publish_after=timezone.now())
+        rq_ids = by_target.get(Dispatch.RQ, [])
+        if rq_ids:
+            tasks_publish(tasks=CaptionTask.objects.filter(pk__in=rq_ids).values_list("pk", "priority"))
+    return released
+
+
+def tasks_move(*, source: tuple[str, ...], target: str, ids: list[int] | None = None,
+               published: bool = False) -> list[tuple[int, str]]:
+    """Moves queued tasks from the ``source`` systems to ``target``; returns the (id, priority) pairs moved.
+
+    ``ids``: only these; ``published``: also tasks with a job in Redis (a rollback, which then deletes the jobs),
+    otherwise only unpublished ones. A conditional update per batch: a task claimed meanwhile is not moved.
+    """
+    queryset = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=source)
+    if not published:
+        queryset = queryset.filter(published_at__isnull=True)
+    if ids is not None:
+        queryset = queryset.filter(pk__in=ids)
+    rows = list(queryset.order_by("pk").values_list("pk", "priority")[:MOVE_BATCH])
+    if not rows:
+        return []
+    moved_ids = [pk for pk, _ in rows]
+    with transaction.atomic():
+        CaptionTask.objects.filter(pk__in=moved_ids, status=TaskStatus.QUEUED, dispatch__in=source).update(
+            dispatch=target, published_at=None, publish_after=timezone.now())
+        moved = list(CaptionTask.objects.filter(pk__in=moved_ids, dispatch=target, status=TaskStatus.QUEUED)
+                     .values_list("pk", "priority"))
+    return moved
+
+
+# --- the fallback ------------------------------------------------------------------------------------------------
+
+def fallback_maintain(*, redis_up: bool) -> None:
+    """One relay pass' look at Redis (see the module docstring). Safe from several processes at once."""
+    from django.db import connection
+
+    row = system_mode()
+    if redis_up:
+        if row.redis_down_since is not None or row.fallback_active:
+            _fallback_end(row)
+        else:
+            # Fallback tasks that came back to the queue after the fallback ended (a retry on the poller).
+            _move_all((Dispatch.FALLBACK,), Dispatch.RQ)
+        return
+    now = database_now(connection)
+    if row.redis_down_since is None:
+        SystemMode.objects.filter(pk=1, redis_down_since__isnull=True).update(redis_down_since=UtcNow())
+        return
+    if row.fallback_active:
+        moved = _move_all((Dispatch.RQ,), Dispatch.FALLBACK)
+        if moved:
+            logger.warning("fallback: %d more task(s) sent to the database poller", moved)
+        return
+    down_for = (now - row.redis_down_since).total_seconds()
+    if not row.fallback_enabled or row.mode == Mode.LEGACY or down_for < row.fallback_timeout:
+        return
+    if SystemMode.objects.filter(pk=1, fallback_active=False).update(fallback_active=True, fallback_since=UtcNow()):
+        moved = _move_all((Dispatch.RQ,), Dispatch.FALLBACK)
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.FALLBACK_STARTED,
+                                      detail=f"Redis unreachable for {down_for:.0f} s",
+                                      figures={"moved": moved, "down_for_seconds": round(down_for, 1)})
+        logger.warning("Redis unreachable for %.0f s: fallback to the database poller (%d task(s) moved)",
+                       down_for, moved)
+
+
+def _fallback_end(row: SystemMode) -> None:
+    was_active = row.fallback_active
+    if not SystemMode.objects.filter(pk=1).exclude(redis_down_since=None, fallback_active=False).update(
+            redis_down_since=None, fallback_active=False, fallback_since=None):
+        return
+    if was_active:
+        moved = _move_all((Dispatch.FALLBACK,), Dispatch.RQ)
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.FALLBACK_ENDED, detail="Redis answers again",
+                                      figures={"moved_back_to_rq": moved})
+        logger.warning("Redis answers again: fallback over, %d queued task(s) back to RQ", moved)
+
+
+def _move_all(source: tuple[str, ...], target: str) -> int:
+    total = 0
+    while True:
+        moved = tasks_move(source=source, target=target)
+        if not moved:
+            return total
+        total += len(moved)
+        if target == Dispatch.RQ:
+            tasks_publish(tasks=moved)
+
+
+def _person(user):
+    return user if getattr(user, "pk", None) else None

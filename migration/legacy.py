@@ -1,0 +1,186 @@
+"""The database-polling worker (the old system, kept runnable): ``manage.py run_legacy_worker``.
+
+It claims tasks dispatched to the database (``dispatch`` ``database``, or ``fallback`` while Redis is away) that are
+queued and due, and runs each through the same attempt as an RQ worker (queues.execution.task_execute): the same
+captioner, timeout, retries with backoff, dead letters, attempt rows, metrics and database lease. Nothing of it
+touches Redis, so it works through a Redis outage.
+
+The claim: on MySQL/MariaDB ``SELECT ... FOR UPDATE SKIP LOCKED`` picks one due row that no other poller is
+claiming, then the conditional update QUEUED -> PROCESSING (expecting the dispatch it read) takes it. SQLite has no
+row locks (a write locks the database); there the poller reads a few due candidates and takes the first whose
+conditional update changes one row. Either way exactly one claimant wins, against other pollers and against a
+migration moving the task to RQ at the same moment.
+
+The poller registers as a ``LegacyWorker`` row and beats every couple of seconds (the database's clock); a beat also
+renews the lease of the attempt in hand, which is what the reconciler trusts. SIGTERM: finish the task in hand, then
+exit; a second SIGTERM gives the attempt back (without using a retry) and exits. ``stop_requested`` on its row (the
+migration's drain phase, the admin) has the effect of the first SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+from django.utils import timezone
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+
+from migration.models import LegacyWorker
+from queues import execution
+from queues.broker import job_timeout
+from queues.errors import WorkerInterrupted
+from queues.execution import TaskFailed, task_execute
+from queues.models import DATABASE_NOW, POLLED_DISPATCH, CaptionTask, TaskStatus, UtcNow
+
+logger = logging.getLogger("migration.legacy")
+
+BEAT_SECONDS = 2.0
+SQLITE_CANDIDATES = 8
+CLAIMED_FIELDS = ("image_ref", "priority", "attempts", "worker_name", "started_at", "published_at", "claim_token")
+
+
+def task_claim_polled(*, worker_name: str) -> CaptionTask | None:
+    """Claims one due task dispatched to the database, or returns None when there is none."""
+    due = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH,
+                                     publish_after__lte=timezone.now()).order_by("publish_after", "pk")
+    if connection.features.has_select_for_update_skip_locked:
+        with transaction.atomic():
+            row = due.select_for_update(skip_locked=True).values_list("pk", "dispatch").first()
+            return _take(row, worker_name) if row else None
+    for row in list(due.values_list("pk", "dispatch")[:SQLITE_CANDIDATES]):
+        task = _take(row, worker_name)
+        if task is not None:
+            return task
+    return None
+
+
+def _take(row: tuple[int, str], worker_name: str) -> CaptionTask | None:
+    pk, dispatch = row
+    now = timezone.now()
+    return CaptionTask.objects.transition(
+        pk, expect={"status": TaskStatus.QUEUED, "dispatch": dispatch}, increment_attempts=True,
+        changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,
+                 "worker_name": worker_name[:200], "updated_at": now, "claim_token": uuid.uuid4().hex,
+                 "heartbeat_at": DATABASE_NOW},
+        returning=CLAIMED_FIELDS)
+
+
+@dataclass
+class PollerResult:
+    processed: int = 0
+    completed: int = 0
+    failed: int = 0
+    reason: str = ""
+
+
+class LegacyPoller:
+    def __init__(self, *, name: str | None = None, interval: float | None = None, fallback: bool = False):
+        self.name = (name or f"poller.{socket.gethostname()[:120]}.{os.getpid()}.{uuid.uuid4().hex[:6]}")[:200]
+        self.interval = settings.LEGACY_POLL_INTERVAL if interval is None else interval
+        self.fallback = fallback
+        self.stopping = False
+        self.interrupted = False
+        self._beat_stop = threading.Event()
+        self.result = PollerResult()
+
+    # --- signals ---------------------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.stopping and execution.captioning_now():
+            self.interrupted = True
+            raise WorkerInterrupted("the poller was told to stop at once")
+        self.stopping = True
+        logger.info("%s: stopping after the task in hand", self.name)
+
+    # --- registration and heartbeat --------------------------------------------------------------------------
+    def register(self) -> None:
+        LegacyWorker.objects.update_or_create(name=self.name, defaults={
+            "host": socket.gethostname()[:200], "pid": os.getpid(), "fallback": self.fallback,
+            "started_at": timezone.now(), "heartbeat_at": timezone.now(), "stopped_at": None,
+            "current_task_id": None, "stop_requested": False})
+
+    def _beat_loop(self) -> None:
+        try:
+            while not self._beat_stop.wait(BEAT_SECONDS):
+                try:
+                    execution.attempts_heartbeat()
+                    if LegacyWorker.objects.filter(name=self.name, stop_requested=True).exists():
+                        self.stopping = True
+                    LegacyWorker.objects.filter(name=self.name).update(
+                        heartbeat_at=UtcNow(), processed=self.result.processed, failed=self.result.failed)
+                except Exception:  # the database is away: the next beat tries again
+                    logger.warning("%s: heartbeat failed", self.name, exc_info=True)
+                    connection.close()
+        finally:
+            connection.close()  # this thread's own connection
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def work(self, *, burst: bool = False, max_tasks: int | None = None) -> PollerResult:
+        self.register()
+        LegacyWorker.objects.filter(name=self.name).update(heartbeat_at=UtcNow())
+        beat = threading.Thread(target=self._beat_loop, name="poller-beat", daemon=True)
+        beat.start()
+        try:
+            while not self.stopping and not self.interrupted:
+                if max_tasks is not None and self.result.processed >= max_tasks:
+                    self.result.reason = f"processed {max_tasks} task(s)"
+                    break
+                close_old_connections()
+                try:
+                    task = task_claim_polled(worker_name=self.name)
+                except Exception:
+                    logger.warning("%s: could not look for work (database away?)", self.name, exc_info=True)
+                    connection.close()
+                    self._sleep(max(self.interval, 1.0))
+                    continue
+                if task is None:
+                    if burst:
+                        self.result.reason = "nothing left to do"
+                        break
+                    self._sleep(self.interval)
+                    continue
+                self._run(task)
+            else:
+                self.result.reason = self.result.reason or "stopped"
+        finally:
+            self._beat_stop.set()
+            beat.join(BEAT_SECONDS + 5)
+            close_old_connections()
+            LegacyWorker.objects.filter(name=self.name).update(stopped_at=timezone.now(), current_task_id=None,
+                                                               processed=self.result.processed,
+                                                               failed=self.result.failed)
+        return self.result
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, seconds))
+
+    def _run(self, task: CaptionTask) -> None:
+        LegacyWorker.objects.filter(name=self.name).update(current_task_id=task.pk)
+        outcome = "failed"
+        try:
+            # The same backstop as rq's job timeout: the captioner enforces RQ_DEFAULT_TIMEOUT itself.
+            with UnixSignalDeathPenalty(job_timeout(), JobTimeoutException, job_id=task.job_id):
+                outcome = task_execute(task_id=task.pk, worker_name=self.name, claimed=task).status
+        except TaskFailed as error:
+            logger.warning("%s: %s", self.name, error)
+        except WorkerInterrupted:
+            outcome = "retry"
+        self.result.processed += 1
+        if outcome == "completed":
+            self.result.completed += 1
+        elif outcome == "failed":
+            self.result.failed += 1
+        LegacyWorker.objects.filter(name=self.name).update(current_task_id=None)

@@ -1,0 +1,680 @@
+"""Migration runs: the move from the database poller to RQ (and back) as ordered, resumable, recorded phases.
+
+A ``MigrationRun`` has one ``MigrationPhase`` row per phase, in order. Executing a run (``run_execute``) takes the
+run's lease (``executor`` and ``heartbeat_at`` on the run row, the database's clock, renewed by a thread), then runs
+each phase not yet done: the phase row records its start, end, attempts, progress, counts, actor and log lines. A
+phase that fails stops the run with its reason (``failed``); ``resume`` runs it again, and every phase is written so
+that running it again is safe:
+
+==================  =============================================================================================
+preflight           Redis, eviction policy, memory, database, counts, backup disk, RQ workers (migration.preflight)
+backup              every task row to a portable file with a manifest of counts and checksums (migration.backup)
+hybrid              optional soak: mode ``hybrid`` for ``soak_seconds``; skipped when 0
+pause_submission    new submissions are held (committed, dispatched to nobody)
+drain               pollers are asked to stop after their task in hand; waits until no polled task runs; pollers on
+                    this host that overrun ``drain_timeout`` are stopped by signal, their attempts given back
+migrate             queued database tasks to RQ in batches of ``batch_size``, from the checkpoint (below)
+verify              jobs against tasks, nothing left behind, counts and checksums against the baseline (migration.verify)
+cutover             mode ``rq``
+resume_submission   held tasks are released (to RQ)
+validate            ``validate_tasks`` test tasks must complete through RQ within ``validate_timeout`` seconds
+cleanup             poller registrations of stopped pollers are closed; what remains is reported
+==================  =============================================================================================
+
+**The migrate checkpoint.** Each batch is one transaction that moves the tasks (``dispatch`` database -> rq,
+conditional on still being queued there, ``published_at`` stamped), advances ``checkpoint`` and records the batch as
+``checkpoint_window``; then the batch's jobs go to Redis in one MULTI/EXEC (all or none, deterministic ids
+``caption-<id>``), and the window is cleared. A process killed at any point leaves either a batch not moved (it is
+taken again), or a batch moved with its window recorded: the resumed phase looks at the window's jobs and publishes
+them if they are missing. Nothing is published twice and nothing is lost.
+
+**Rollback** is a run of its own (kind ``rollback``, ``rollback_of`` the run it undoes): pause submission, mode
+``legacy``, every queued RQ task back to the database poller (jobs deleted from Redis), wait for RQ workers to finish
+what they run (a retry coming back is moved too), verify, resume submission. The undone run ends ``rolled_back``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from django.db import close_old_connections, connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from migration import dispatch
+from migration.backup import BackupError, backup_write
+from migration.models import (LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode)
+from migration.preflight import preflight_report
+from migration.verify import baseline_take, verification
+from queues import broker
+from queues.models import POLLED_DISPATCH, CaptionTask, DatabaseNow, Dispatch, TaskStatus, UtcNow, database_now
+from queues.reconcile import tasks_recover_from_worker
+
+logger = logging.getLogger("migration.runs")
+
+DEFAULT_OPTIONS = {"soak_seconds": 0, "batch_size": 1000, "drain_timeout": 120, "validate_tasks": 5,
+                   "validate_timeout": 120, "rollback_timeout": 300}
+OPTION_LIMITS = {"soak_seconds": (0, 7 * 86400), "batch_size": (1, 10_000), "drain_timeout": (1, 86400),
+                 "validate_tasks": (0, 1000), "validate_timeout": (1, 86400), "rollback_timeout": (1, 86400)}
+BEAT_SECONDS = 5
+
+
+class RunError(Exception):
+    """A run cannot be started, resumed or rolled back now; the message says why."""
+
+
+class PhaseFailed(Exception):
+    """A phase found a reason to stop the run (the message is the reason shown to the operator)."""
+
+
+class LeaseLost(Exception):
+    """Another process took the run over (this one was presumed dead): stop without writing."""
+
+
+@dataclass
+class PhaseContext:
+    run: MigrationRun
+    phase: MigrationPhase
+    actor: object
+    executor: str
+    on_progress: Callable[[MigrationPhase], None] | None = None
+    on_log: Callable[[str, str], None] | None = None
+    _last_progress: float = 0.0
+
+    @property
+    def options(self) -> dict:
+        return {**DEFAULT_OPTIONS, **(self.run.options or {})}
+
+    def log(self, message: str, level: str = MigrationLogLine.Level.INFO) -> None:
+        MigrationLogLine.objects.create(run=self.run, phase=self.phase, level=level, message=message)
+        getattr(logger, "warning" if level != "info" else "info")("run %s %s: %s", self.run.pk, self.phase.name,
+                                                                  message)
+        if self.on_log:
+            self.on_log(level, message)
+
+    def progress(self, done: int, total: int, *, force: bool = False) -> None:
+        self.phase.progress_done, self.phase.progress_total = done, total
+        if force or time.monotonic() - self._last_progress >= 0.5:
+            self._last_progress = time.monotonic()
+            self.check()
+            MigrationPhase.objects.filter(pk=self.phase.pk).update(progress_done=done, progress_total=total)
+        if self.on_progress:
+            self.on_progress(self.phase)
+
+    def check(self) -> None:
+        if not MigrationRun.objects.filter(pk=self.run.pk, executor=self.executor).exists():
+            raise LeaseLost(f"run {self.run.pk} was taken over by another process")
+
+    def wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        self.check()
+
+
+# --- phases of a migration ---------------------------------------------------------------------------------------
+
+def phase_preflight(ctx: PhaseContext) -> dict:
+    report = preflight_report()
+    MigrationRun.objects.filter(pk=ctx.run.pk).update(preflight=report.as_dict())
+    for check in report.checks:
+        ctx.log(f"{check.name}: {'ok' if check.ok else 'FAILED'}: {check.detail}",
+                MigrationLogLine.Level.INFO if check.ok else MigrationLogLine.Level.ERROR)
+    if not report.ok:
+        raise PhaseFailed("preflight failed: " + "; ".join(check.detail for check in report.failures))
+    return {"checks": len(report.checks)}
+
+
+def phase_backup(ctx: PhaseContext) -> dict:
+    try:
+        manifest = backup_write(label=f"run{ctx.run.pk}", on_rows=lambda done, total: ctx.progress(done, total))
+    except BackupError as error:
+        raise PhaseFailed(str(error)) from None
+    ctx.log(f"backup of {manifest['rows']} task(s) written to {manifest['path']}")
+    return {"rows": manifest["rows"], "path": manifest["path"], "by_status": manifest["by_status"]}
+
+
+def phase_hybrid(ctx: PhaseContext) -> dict | None:
+    soak = int(ctx.options["soak_seconds"])
+    if soak <= 0:
+        return None  # skipped
+    dispatch.mode_set(mode=Mode.HYBRID, user=ctx.actor)
+    started = timezone.now()
+    ctx.log(f"hybrid mode for {soak} s: new tasks split between RQ and the database poller")
+    for elapsed in range(soak):
+        ctx.progress(elapsed, soak)
+        ctx.wait(1)
+    counts = {system: CaptionTask.objects.filter(dispatch=system, created_at__gte=started).count()
+              for system in (Dispatch.RQ, Dispatch.DATABASE)}
+    failed = CaptionTask.objects.filter(created_at__gte=started, status=TaskStatus.FAILED).count()
+    ctx.log(f"soak over: {counts[Dispatch.RQ]} new task(s) to RQ, {counts[Dispatch.DATABASE]} to the database "
+            f"poller, {failed} failed")
+    return {"new_rq": counts[Dispatch.RQ], "new_database": counts[Dispatch.DATABASE], "failed": failed}
+
+
+def phase_pause_submission(ctx: PhaseContext) -> dict:
+    row = dispatch.system_mode()
+    if row.paused_now():
+        ctx.log(f"submission was already paused ({row.paused_reason})")
+    else:
+        dispatch.submission_pause(reason=f"{ctx.run} in progress", user=ctx.actor)
+        ctx.log("submission paused: new tasks are held until the run resumes it")
+    return {}
+
+
+def phase_drain(ctx: PhaseContext) -> dict:
+    timeout = float(ctx.options["drain_timeout"])
+    asked = LegacyWorker.objects.filter(stopped_at__isnull=True).update(stop_requested=True)
+    ctx.log(f"{asked} database poller(s) asked to stop after their task in hand")
+    running = _polled_running()
+    started = time.monotonic()
+    total = running
+    while running and time.monotonic() - started < timeout:
+        ctx.progress(total - running, total)
+        ctx.wait(0.5)
+        running = _polled_running()
+    forced = []
+    if running:
+        forced = _stop_local_pollers(ctx)
+        deadline = time.monotonic() + 15
+        while _polled_running() and time.monotonic() < deadline:
+            ctx.wait(0.5)
+        running = _polled_running()
+    if running:
+        holders = sorted(set(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch__in=POLLED_DISPATCH)
+                             .values_list("worker_name", flat=True)))
+        raise PhaseFailed(f"{running} task(s) still run on database poller(s) {', '.join(holders)} after "
+                          f"{timeout:g} s; stop them on their hosts (SIGTERM), then resume the run")
+    ctx.progress(total, total, force=True)
+    return {"running_at_start": total, "stopped_by_signal": forced}
+
+
+def _polled_running() -> int:
+    return CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch__in=POLLED_DISPATCH).count()
+
+
+def _stop_local_pollers(ctx: PhaseContext) -> list[str]:
+    """Pollers on this host still running a task after the drain timeout: a second SIGTERM gives the attempt back,
+    then SIGKILL; their tasks are re-driven by name (queued again for the poller, which the migration moves)."""
+    host = socket.gethostname()[:200]
+    stopped = []
+    for poller in LegacyWorker.objects.filter(stopped_at__isnull=True, host=host):
+        holding = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, worker_name=poller.name).exists()
+        if not holding:
+            continue
+        for signum in (signal.SIGTERM, signal.SIGTERM):
+            try:
+                os.kill(poller.pid, signum)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while _alive(poller.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(poller.pid):
+            os.kill(poller.pid, signal.SIGKILL)
+            time.sleep(0.2)
+        tasks_recover_from_worker(worker_name=poller.name, reason="stopped by the migration's drain timeout")
+        LegacyWorker.objects.filter(pk=poller.pk).update(stopped_at=timezone.now())
+        ctx.log(f"poller {poller.name} (pid {poller.pid}) overran the drain timeout and was stopped",
+                MigrationLogLine.Level.WARNING)
+        stopped.append(poller.name)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours (tests start pollers as children) counts as gone
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def phase_migrate(ctx: PhaseContext) -> dict:
+    run = ctx.run
+    if not run.baseline:
+        run.baseline = baseline_take(at=database_now(connection))
+        MigrationRun.objects.filter(pk=run.pk).update(baseline=run.baseline)
+        ctx.log(f"baseline: {sum(g['count'] for g in run.baseline['by_status'].values())} task(s), "
+                f"ids up to {run.baseline['max_id']}")
+    repaired = _republish_window(ctx)
+    batch_size = int(ctx.options["batch_size"])
+    remaining = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH).count()
+    done = int(ctx.phase.counts.get("migrated", 0)) if ctx.phase.counts else 0
+    total = done + remaining
+    ctx.progress(done, total, force=True)
+    while True:
+        rows = list(CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH,
+                                               pk__gt=run.checkpoint).order_by("pk")
+                    .values_list("pk", flat=True)[:batch_size])
+        if not rows:
+            # Tasks behind the checkpoint that came back to the database queue (a poller's retry before the drain,
+            # a restore) are taken from the start again.
+            if run.checkpoint and CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH,
+                                                             pk__lte=run.checkpoint).exists():
+                run.checkpoint = 0
+                continue
+            break
+        stamp = timezone.now()
+        window = {"after": run.checkpoint, "upto": rows[-1], "stamp": stamp.isoformat()}
+        with transaction.atomic():
+            moved_count = CaptionTask.objects.filter(pk__in=rows, status=TaskStatus.QUEUED,
+                                                     dispatch__in=POLLED_DISPATCH).update(
+                dispatch=Dispatch.RQ, published_at=stamp, publish_after=stamp)
+            if MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(
+                    checkpoint=rows[-1], checkpoint_window=window, heartbeat_at=UtcNow()) != 1:
+                raise LeaseLost(f"run {run.pk} was taken over by another process")
+        run.checkpoint = rows[-1]
+        if moved_count:
+            _publish_window(window)
+        MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(checkpoint_window=None)
+        done += moved_count
+        ctx.phase.counts = {**(ctx.phase.counts or {}), "migrated": done}
+        MigrationPhase.objects.filter(pk=ctx.phase.pk).update(counts=ctx.phase.counts)
+        ctx.progress(done, max(total, done))
+    ctx.progress(done, max(total, done), force=True)
+    ctx.log(f"{done} task(s) moved to RQ" + (f"; {repaired} republished from an interrupted batch" if repaired
+                                             else ""))
+    return {"migrated": done, "republished_after_interruption": repaired, "checkpoint": run.checkpoint}
+
+
+def _window_tasks(window: dict) -> list[tuple[int, str]]:
+    from django.utils.dateparse import parse_datetime
+
+    return list(CaptionTask.objects.filter(pk__gt=window["after"], pk__lte=window["upto"],
+                                           status=TaskStatus.QUEUED, dispatch=Dispatch.RQ,
+                                           published_at=parse_datetime(window["stamp"]))
+                .values_list("pk", "priority"))
+
+
+def _publish_window(window: dict) -> None:
+    tasks = _window_tasks(window)
+    try:
+        broker.publish(tasks, atomic=True)
+    except broker.BrokerUnavailable as error:
+        # Redis refused: these tasks stay with RQ, unpublished; the relay publishes them once Redis takes writes.
+        from django.utils.dateparse import parse_datetime
+
+        CaptionTask.objects.filter(pk__in=[pk for pk, _ in tasks], published_at=parse_datetime(window["stamp"])) \
+            .update(published_at=None)
+        raise PhaseFailed(f"Redis refused the jobs of tasks {window['after'] + 1}..{window['upto']}: {error}") \
+            from None
+
+
+def _republish_window(ctx: PhaseContext) -> int:
+    """After an interruption: the batch recorded as being published either has all its jobs or none."""
+    window = MigrationRun.objects.filter(pk=ctx.run.pk).values_list("checkpoint_window", flat=True).first()
+    if not window:
+        return 0
+    tasks = _window_tasks(window)
+    connection_ = broker.get_connection()
+    pipe = connection_.pipeline(transaction=False)
+    for pk, _ in tasks:
+        pipe.exists(broker.CaptionJob.redis_job_namespace_prefix + f"caption-{pk}")
+    present = pipe.execute() if tasks else []
+    missing = [task for task, exists in zip(tasks, present) if not exists]
+    if missing:
+        broker.publish(missing, atomic=True)
+        ctx.log(f"the interrupted batch {window['after'] + 1}..{window['upto']}: {len(missing)} job(s) were "
+                "missing and are published now", MigrationLogLine.Level.WARNING)
+    MigrationRun.objects.filter(pk=ctx.run.pk, executor=ctx.executor).update(checkpoint_window=None)
+    return len(missing)
+
+
+def phase_verify(ctx: PhaseContext) -> dict:
+    run = ctx.run
+    direction = "to_database" if run.kind == MigrationRun.Kind.ROLLBACK else "to_rq"
+    baseline = run.baseline or None
+    report = verification(direction=direction, baseline=baseline)
+    MigrationRun.objects.filter(pk=run.pk).update(verification=report)
+    for problem in report["problems"]:
+        ctx.log(problem, MigrationLogLine.Level.ERROR)
+    if not report["ok"]:
+        raise PhaseFailed("verification failed: " + "; ".join(report["problems"]))
+    ctx.log("verified: every queued task has exactly one job, nothing is left behind"
+            + (", counts and checksums match the baseline" if baseline else ""))
+    jobs = report.get("jobs", {})
+    return {"waiting_tasks": jobs.get("waiting_tasks"), "queue_entries": jobs.get("queue_entries"),
+            "ran_twice": report["ran_twice"]}
+
+
+def phase_cutover(ctx: PhaseContext) -> dict:
+    dispatch.mode_set(mode=Mode.RQ, user=ctx.actor)
+    ctx.log("mode is rq: new tasks go to RQ only")
+    return {"mode": Mode.RQ}
+
+
+def phase_resume_submission(ctx: PhaseContext) -> dict:
+    released = dispatch.submission_resume(user=ctx.actor, reason=f"{ctx.run}")
+    ctx.log(f"submission resumed; {released} held task(s) released")
+    return {"released": released}
+
+
+def phase_validate(ctx: PhaseContext) -> dict | None:
+    from queues.samples import ensure_samples
+    from queues.services import TaskSpec, tasks_submit_many
+
+    count, timeout = int(ctx.options["validate_tasks"]), float(ctx.options["validate_timeout"])
+    if count <= 0:
+        return None
+    references = ensure_samples()
+    specs = [TaskSpec(image_ref=references[index % len(references)], priority="high",
+                      idempotency_key=f"migration-{ctx.run.pk}-validate-{index}") for index in range(count)]
+    result = tasks_submit_many(specs=specs)
+    ids = result.created + result.existing
+    dispatched = dict(CaptionTask.objects.filter(pk__in=ids).values_list("pk", "dispatch"))
+    if any(system != Dispatch.RQ for system in dispatched.values()):
+        raise PhaseFailed("the validation tasks were not dispatched to RQ: is submission still paused, or the "
+                          "mode not rq?")
+    started = time.monotonic()
+    while True:
+        statuses = dict(CaptionTask.objects.filter(pk__in=ids).values_list("pk", "status"))
+        completed = sum(1 for status in statuses.values() if status == TaskStatus.COMPLETED)
+        ctx.progress(completed, len(ids))
+        failed = [pk for pk, status in statuses.items() if status in (TaskStatus.FAILED, TaskStatus.CANCELLED)]
+        if failed:
+            raise PhaseFailed(f"validation task(s) {failed} failed through RQ; see their timelines")
+        if completed == len(ids):
+            break
+        if time.monotonic() - started > timeout:
+            raise PhaseFailed(f"only {completed} of {len(ids)} validation task(s) completed through RQ within "
+                              f"{timeout:g} s: are RQ workers running?")
+        ctx.wait(0.25)
+    seconds = time.monotonic() - started
+    ctx.log(f"{len(ids)} validation task(s) completed through RQ in {seconds:.1f} s")
+    return {"tasks": len(ids), "seconds": round(seconds, 2), "task_ids": ids}
+
+
+def phase_cleanup(ctx: PhaseContext) -> dict:
+    closed = dispatch.legacy_workers_stale().update(stopped_at=timezone.now())
+    left = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH).count()
+    ctx.log(f"{closed} stale poller registration(s) closed; {left} task(s) queued for the database poller")
+    return {"closed_registrations": closed, "queued_for_database": left}
+
+
+# --- phases of a rollback ------------------------------------------------------------------------------------------
+
+def phase_switch_to_legacy(ctx: PhaseContext) -> dict:
+    dispatch.mode_set(mode=Mode.LEGACY, user=ctx.actor)
+    ctx.log("mode is legacy: new tasks go to the database poller")
+    return {"mode": Mode.LEGACY}
+
+
+def phase_return_tasks(ctx: PhaseContext) -> dict:
+    """Every queued RQ task back to the database poller, its job deleted; then waits for RQ workers to finish the
+    tasks they run, moving those that come back to the queue (a retry)."""
+    timeout = float(ctx.options["rollback_timeout"])
+    moved_total = int((ctx.phase.counts or {}).get("returned", 0))
+    started = time.monotonic()
+    while True:
+        moved = dispatch.tasks_move(source=(Dispatch.RQ, Dispatch.FALLBACK), target=Dispatch.DATABASE,
+                                    published=True)
+        if moved:
+            try:
+                broker.jobs_delete(pk for pk, _ in moved)
+            except Exception:  # a stale entry claims nothing (RQ's claim expects dispatch rq)
+                ctx.log("could not delete some jobs from Redis; they claim nothing", MigrationLogLine.Level.WARNING)
+            moved_total += len(moved)
+            ctx.phase.counts = {"returned": moved_total}
+            MigrationPhase.objects.filter(pk=ctx.phase.pk).update(counts=ctx.phase.counts)
+            ctx.progress(moved_total, moved_total + _rq_active())
+            continue
+        running = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch=Dispatch.RQ).count()
+        if not running:
+            break
+        if time.monotonic() - started > timeout:
+            raise PhaseFailed(f"{running} task(s) still run in RQ after {timeout:g} s; resume the rollback once "
+                              "they have finished (or their workers are stopped)")
+        ctx.progress(moved_total, moved_total + running)
+        ctx.wait(0.5)
+    ctx.progress(moved_total, moved_total, force=True)
+    ctx.log(f"{moved_total} task(s) returned to the database poller")
+    return {"returned": moved_total}
+
+
+def _rq_active() -> int:
+    return CaptionTask.objects.filter(status__in=(TaskStatus.QUEUED, TaskStatus.PROCESSING),
+                                      dispatch=Dispatch.RQ).count()
+
+
+def phase_rollback_baseline(ctx: PhaseContext) -> dict:
+    if not ctx.run.baseline:
+        ctx.run.baseline = baseline_take(at=database_now(connection))
+        MigrationRun.objects.filter(pk=ctx.run.pk).update(baseline=ctx.run.baseline)
+    return {"max_id": ctx.run.baseline["max_id"]}
+
+
+MIGRATION_PHASES: list[tuple[str, Callable]] = [
+    ("preflight", phase_preflight), ("backup", phase_backup), ("hybrid", phase_hybrid),
+    ("pause_submission", phase_pause_submission), ("drain", phase_drain), ("migrate", phase_migrate),
+    ("verify", phase_verify), ("cutover", phase_cutover), ("resume_submission", phase_resume_submission),
+    ("validate", phase_validate), ("cleanup", phase_cleanup),
+]
+ROLLBACK_PHASES: list[tuple[str, Callable]] = [
+    ("pause_submission", phase_pause_submission), ("baseline", phase_rollback_baseline),
+    ("switch_to_legacy", phase_switch_to_legacy), ("return_tasks", phase_return_tasks),
+    ("verify", phase_verify), ("resume_submission", phase_resume_submission),
+]
+PHASE_TITLES = {
+    "preflight": "Preflight checks", "backup": "Backup", "hybrid": "Hybrid soak", "pause_submission":
+    "Pause submission", "drain": "Drain the database pollers", "migrate": "Migrate queued tasks",
+    "verify": "Verify", "cutover": "Cut over to RQ", "resume_submission": "Resume submission",
+    "validate": "Validate through RQ", "cleanup": "Clean up", "baseline": "Baseline",
+    "switch_to_legacy": "Switch to the database poller", "return_tasks": "Return tasks to the database poller",
+}
+
+
+def _phases_of(kind: str) -> dict[str, Callable]:
+    return dict(ROLLBACK_PHASES if kind == MigrationRun.Kind.ROLLBACK else MIGRATION_PHASES)
+
+
+# --- runs -----------------------------------------------------------------------------------------------------------
+
+def open_run() -> MigrationRun | None:
+    """The run that is not finished (running, stopped or failed), if any: at most one at a time."""
+    return MigrationRun.objects.filter(state__in=(MigrationRun.State.RUNNING, MigrationRun.State.STOPPED,
+                                                  MigrationRun.State.FAILED)).order_by("-pk").first()
+
+
+def options_clean(options: dict | None) -> dict:
+    cleaned = dict(DEFAULT_OPTIONS)
+    for name, value in (options or {}).items():
+        if name not in DEFAULT_OPTIONS:
+            raise RunError(f"unknown option {name!r}; options are {', '.join(DEFAULT_OPTIONS)}")
+        low, high = OPTION_LIMITS[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise RunError(f"{name} must be a whole number from {low} to {high}")
+        cleaned[name] = value
+    return cleaned
+
+
+def run_create(*, user, options: dict | None = None, kind: str = MigrationRun.Kind.MIGRATION,
+               rollback_of: MigrationRun | None = None) -> MigrationRun:
+    """A new run with its phases pending. Refuses while another run is open (a rollback may undo an open run)."""
+    cleaned = options_clean(options)
+    with transaction.atomic():
+        dispatch._locked_mode()  # serialises run creation
+        current = open_run()
+        if current is not None and not (kind == MigrationRun.Kind.ROLLBACK and rollback_of == current):
+            raise RunError(f"{current} is {current.get_state_display().lower()}: resume it or roll it back first")
+        run = MigrationRun.objects.create(kind=kind, options=cleaned, started_by=_person(user),
+                                          rollback_of=rollback_of)
+        MigrationPhase.objects.bulk_create([MigrationPhase(run=run, name=name, order=index)
+                                            for index, (name, _) in enumerate(
+                                                ROLLBACK_PHASES if kind == MigrationRun.Kind.ROLLBACK
+                                                else MIGRATION_PHASES)])
+        MigrationLogLine.objects.create(run=run, message=f"{run} created by {user or 'a command'}")
+        if rollback_of is not None:
+            MigrationRun.objects.filter(pk=rollback_of.pk, state__in=(MigrationRun.State.STOPPED,
+                                                                       MigrationRun.State.FAILED)).update(
+                state=MigrationRun.State.STOPPED)
+        from queues.fleet import audit
+
+        if _person(user):
+            audit(user=user, action="migration_run_create", target=str(run), detail={"options": cleaned})
+    return run
+
+
+def rollback_create(*, user, of: MigrationRun | None = None, options: dict | None = None) -> MigrationRun:
+    """A rollback run undoing ``of`` (default: the open run, or else the latest succeeded migration)."""
+    target = of or open_run() or MigrationRun.objects.filter(kind=MigrationRun.Kind.MIGRATION,
+                                                             state=MigrationRun.State.SUCCEEDED).first()
+    if target is not None and target.kind == MigrationRun.Kind.ROLLBACK:
+        if target.is_open or target.state == MigrationRun.State.FAILED:
+            raise RunError(f"{target} is itself a rollback that has not finished: resume it")
+        target = None
+    if target is not None and _lease_held(target):
+        raise RunError(f"{target} is being executed by {target.executor}; wait for its phase to end or stop that "
+                       "process first")
+    return run_create(user=user, kind=MigrationRun.Kind.ROLLBACK, rollback_of=target, options=options)
+
+
+def _lease_held(run: MigrationRun) -> bool:
+    if not run.executor or run.heartbeat_at is None:
+        return False
+    return (database_now(connection) - run.heartbeat_at).total_seconds() < MigrationRun.LEASE_SECONDS
+
+
+def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
+                on_progress: Callable[[MigrationPhase], None] | None = None,
+                on_log: Callable[[str, str], None] | None = None,
+                on_phase: Callable[[MigrationPhase], None] | None = None) -> MigrationRun:
+    """Runs the run's remaining phases (``one_phase``: only the next one). Returns the run as it ended."""
+    executor = f"{socket.gethostname()[:120]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    stale = DatabaseNow(-MigrationRun.LEASE_SECONDS)
+    taken = MigrationRun.objects.filter(
+        Q(executor="") | Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=_now_expression(stale)),
+        pk=run.pk, state__in=(MigrationRun.State.STOPPED, MigrationRun.State.FAILED, MigrationRun.State.RUNNING),
+    ).update(executor=executor, heartbeat_at=UtcNow(), state=MigrationRun.State.RUNNING, failure_reason="")
+    if not taken:
+        run.refresh_from_db()
+        if run.state in (MigrationRun.State.SUCCEEDED, MigrationRun.State.ROLLED_BACK):
+            raise RunError(f"{run} has already {run.get_state_display().lower()}")
+        raise RunError(f"{run} is being executed by {run.executor} (heartbeat {run.heartbeat_at:%H:%M:%S} UTC); "
+                       f"a run is taken over only after {MigrationRun.LEASE_SECONDS} s without a heartbeat")
+    run.refresh_from_db()
+    beat_stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(run.pk, executor, beat_stop), daemon=True, name="run-lease")
+    beat.start()
+    functions = _phases_of(run.kind)
+    try:
+        for phase in run.phases.order_by("order"):
+            if phase.state in (MigrationPhase.State.DONE, MigrationPhase.State.SKIPPED):
+                continue
+            _run_phase(run, phase, functions[phase.name], user, executor, on_progress, on_log)
+            if on_phase:
+                on_phase(phase)
+            run.refresh_from_db()
+            if run.state == MigrationRun.State.FAILED:
+                return run
+            if one_phase and run.phases.exclude(state__in=(MigrationPhase.State.DONE,
+                                                           MigrationPhase.State.SKIPPED)).exists():
+                MigrationRun.objects.filter(pk=run.pk, executor=executor).update(
+                    state=MigrationRun.State.STOPPED, executor="", heartbeat_at=None)
+                run.refresh_from_db()
+                return run
+        _finish(run, executor)
+    except LeaseLost as error:
+        logger.warning("%s", error)
+    finally:
+        beat_stop.set()
+        beat.join(BEAT_SECONDS + 5)
+        MigrationRun.objects.filter(pk=run.pk, executor=executor).update(executor="", heartbeat_at=None)
+    run.refresh_from_db()
+    return run
+
+
+def _now_expression(value: DatabaseNow):
+    from django.db.models import DateTimeField
+    from django.db.models.expressions import RawSQL
+
+    return RawSQL(value.sql(connection), (), output_field=DateTimeField())
+
+
+def _run_phase(run, phase, function, user, executor, on_progress, on_log) -> None:
+    MigrationPhase.objects.filter(pk=phase.pk).update(
+        state=MigrationPhase.State.RUNNING, attempts=phase.attempts + 1, started_at=phase.started_at or timezone.now(),
+        finished_at=None, message="", actor=_person(user))
+    phase.refresh_from_db()
+    ctx = PhaseContext(run=run, phase=phase, actor=user, executor=executor, on_progress=on_progress, on_log=on_log)
+    if phase.attempts > 1:
+        ctx.log(f"phase started again (attempt {phase.attempts})", MigrationLogLine.Level.WARNING)
+    try:
+        counts = function(ctx)
+    except LeaseLost:
+        raise
+    except PhaseFailed as error:
+        _fail(run, phase, executor, str(error), ctx)
+        return
+    except Exception as error:  # a bug, or an outage in the middle of a phase: stop the run, keep the reason
+        logger.exception("run %s phase %s", run.pk, phase.name)
+        close_old_connections()
+        _fail(run, phase, executor, f"{type(error).__name__}: {error}", ctx)
+        return
+    state = MigrationPhase.State.SKIPPED if counts is None else MigrationPhase.State.DONE
+    MigrationPhase.objects.filter(pk=phase.pk).update(state=state, finished_at=timezone.now(),
+                                                      counts={**(phase.counts or {}), **(counts or {})})
+    phase.refresh_from_db()
+
+
+def _fail(run, phase, executor, reason: str, ctx: PhaseContext) -> None:
+    try:
+        ctx.log(reason, MigrationLogLine.Level.ERROR)
+    except Exception:
+        pass
+    MigrationPhase.objects.filter(pk=phase.pk).update(state=MigrationPhase.State.FAILED, finished_at=timezone.now(),
+                                                      message=reason[:5000])
+    MigrationRun.objects.filter(pk=run.pk, executor=executor).update(state=MigrationRun.State.FAILED,
+                                                                     failure_reason=reason[:5000])
+
+
+def _finish(run: MigrationRun, executor: str) -> None:
+    with transaction.atomic():
+        MigrationRun.objects.filter(pk=run.pk, executor=executor).update(state=MigrationRun.State.SUCCEEDED,
+                                                                         finished_at=timezone.now())
+        MigrationLogLine.objects.create(run=run, message=f"{run} succeeded")
+        if run.kind == MigrationRun.Kind.ROLLBACK and run.rollback_of_id:
+            MigrationRun.objects.filter(pk=run.rollback_of_id).update(state=MigrationRun.State.ROLLED_BACK,
+                                                                      finished_at=timezone.now())
+            MigrationLogLine.objects.create(run_id=run.rollback_of_id, message=f"rolled back by {run}")
+
+
+def _beat(run_id: int, executor: str, stop: threading.Event) -> None:
+    try:
+        while not stop.wait(BEAT_SECONDS):
+            try:
+                MigrationRun.objects.filter(pk=run_id, executor=executor).update(heartbeat_at=UtcNow())
+            except Exception:
+                logger.warning("could not renew the lease of run %s", run_id, exc_info=True)
+                connection.close()
+    finally:
+        connection.close()
+
+
+def _person(user):
+    return user if getattr(user, "pk", None) else None
+
+
+def run_status_lines(run: MigrationRun) -> list[str]:
+    """The run as text (``migrate_to_rq status``)."""
+    lines = [f"{run}: {run.get_state_display()}" + (f" -- {run.failure_reason}" if run.failure_reason else "")]
+    for phase in run.phases.order_by("order"):
+        progress = f" {phase.progress_done}/{phase.progress_total}" if phase.progress_total else ""
+        took = f" {phase.duration_seconds:.1f} s" if phase.duration_seconds is not None else ""
+        lines.append(f"  {phase.order + 1:>2}. {PHASE_TITLES.get(phase.name, phase.name):<38} {phase.state:<8}"
+                     f"{progress}{took}{(' -- ' + phase.message) if phase.message else ''}")
+    return lines
+
