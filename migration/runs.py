@@ -423,10 +423,7 @@ def phase_return_tasks(ctx: PhaseContext) -> dict:
         moved = dispatch.tasks_move(source=(Dispatch.RQ, Dispatch.FALLBACK), target=Dispatch.DATABASE,
                                     published=True)
         if moved:
-            try:
-                broker.jobs_delete(pk for pk, _ in moved)
-            except Exception:  # a stale entry claims nothing (RQ's claim expects dispatch rq)
-                ctx.log("could not delete some jobs from Redis; they claim nothing", MigrationLogLine.Level.WARNING)
+            broker.jobs_delete(pk for pk, _ in moved)  # best effort; a job left behind claims nothing
             moved_total += len(moved)
             ctx.phase.counts = {"returned": moved_total}
             MigrationPhase.objects.filter(pk=ctx.phase.pk).update(counts=ctx.phase.counts)
@@ -440,9 +437,15 @@ def phase_return_tasks(ctx: PhaseContext) -> dict:
                               "they have finished (or their workers are stopped)")
         ctx.progress(moved_total, moved_total + running)
         ctx.wait(0.5)
+    purged = 0
+    try:
+        for name in broker.QUEUE_NAMES:
+            purged += broker.queue_purge_missing(name)
+    except broker.BrokerUnavailable as error:
+        raise PhaseFailed(f"the jobs' queue entries could not be removed from Redis: {error}") from None
     ctx.progress(moved_total, moved_total, force=True)
-    ctx.log(f"{moved_total} task(s) returned to the database poller")
-    return {"returned": moved_total}
+    ctx.log(f"{moved_total} task(s) returned to the database poller; {purged} queue entr(y/ies) removed from Redis")
+    return {"returned": moved_total, "queue_entries_removed": purged}
 
 
 def _rq_active() -> int:

@@ -431,6 +431,34 @@ def jobs_delete(task_ids: Iterable[int]) -> None:
         pass
 
 
+# Removes the entries of a queue whose job hash is gone, in one atomic pass (the list is rebuilt only if something
+# is removed). O(length of the queue): an explicit maintenance step (a rollback), never a page or a scrape.
+PURGE_SCRIPT = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local keep, removed = {}, 0
+for _, id in ipairs(items) do
+  if redis.call('EXISTS', ARGV[1] .. id) == 1 then keep[#keep + 1] = id else removed = removed + 1 end
+end
+if removed > 0 then
+  redis.call('DEL', KEYS[1])
+  for start = 1, #keep, 5000 do
+    redis.call('RPUSH', KEYS[1], unpack(keep, start, math.min(start + 4999, #keep)))
+  end
+end
+return removed
+"""
+
+
+def queue_purge_missing(queue_name: str) -> int:
+    """Takes out of a queue's list the entries whose job was deleted (``jobs_delete``); returns how many."""
+    get_queue(queue_name)
+    try:
+        return int(get_connection().eval(PURGE_SCRIPT, 1, Queue.redis_queue_namespace_prefix + queue_name,
+                                         CaptionJob.redis_job_namespace_prefix))
+    except REDIS_ERRORS as error:
+        raise BrokerUnavailable(str(error)) from error
+
+
 def queue_drop(queue_name: str) -> None:
     """Removes a queue's list of waiting job ids at once (UNLINK frees it in the background)."""
     get_queue(queue_name)

@@ -1,0 +1,102 @@
+"""The database poller: claims only database tasks, once, with the RQ worker's attempt rules; stops gracefully."""
+
+import signal
+import subprocess
+import sys
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+
+from migration.legacy import LegacyPoller, task_claim_polled
+from migration.models import LegacyWorker
+from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
+from tests.conftest import subprocess_env
+from tests.processes import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_burst_runs_every_database_task_once_and_leaves_rq_tasks_alone(redis, database_tasks, media_image):
+    ids = database_tasks(6)
+    [rq_task] = CaptionTask.objects.insert_new([(media_image(), "normal", None)], publish_after=timezone.now())
+    result = LegacyPoller(name="poller.test", interval=0.01).work(burst=True)
+    assert (result.processed, result.completed) == (6, 6)
+    assert set(CaptionTask.objects.filter(pk__in=ids).values_list("status", flat=True)) == {TaskStatus.COMPLETED}
+    assert TaskEvent.objects.filter(task_id__in=ids, kind="completed", worker_name="poller.test").count() == 6
+    assert CaptionTask.objects.get(pk=rq_task).status == TaskStatus.QUEUED
+    poller = LegacyWorker.objects.get(name="poller.test")
+    assert poller.stopped_at is not None and poller.processed == 6
+
+
+def test_max_tasks_stops_after_n(redis, database_tasks):
+    database_tasks(5)
+    result = LegacyPoller(interval=0.01).work(max_tasks=2)
+    assert result.processed == 2
+    assert CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() == 2
+
+
+def test_a_transient_error_is_retried_with_backoff_then_dead_lettered(redis, database_tasks, settings):
+    settings.RQ_MAX_RETRIES, settings.RQ_RETRY_BACKOFF = 1, 0.0
+    [task_id] = database_tasks(1)
+    task = CaptionTask.objects.get(pk=task_id)
+    CaptionTask.objects.filter(pk=task.pk).update(image_ref="https://127.0.0.1:1/missing.png")
+    settings.IMAGE_FETCH_ALLOW_PRIVATE = True
+    LegacyPoller(interval=0.01).work(burst=True)
+    task.refresh_from_db()
+    assert task.status == TaskStatus.FAILED and task.attempts == 2
+    assert list(task.events.values_list("kind", flat=True)) == ["retry_scheduled", "failed"]
+    assert task.dispatch == Dispatch.DATABASE  # a retry stays with the poller
+
+
+def test_claims_are_exclusive(redis, database_tasks):
+    [task_id] = database_tasks(1)
+    first = task_claim_polled(worker_name="a")
+    assert first is not None and first.pk == task_id
+    assert task_claim_polled(worker_name="b") is None
+
+
+def test_sigterm_finishes_the_task_in_hand_then_exits(redis, database_tasks, http_server, png_bytes):
+    from tests.processes import slow_ollama
+
+    url = slow_ollama(http_server, png_bytes, delay=1.5)
+    ids = database_tasks(3)
+    CaptionTask.objects.filter(pk__in=ids).update(image_ref=url)
+    env = subprocess_env(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, IMAGE_FETCH_ALLOW_PRIVATE="true")
+    process = subprocess.Popen([sys.executable, "manage.py", "run_legacy_worker", "--name", "poller.sig",
+                                "--interval", "0.05"], cwd=settings.BASE_DIR, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: CaptionTask.objects.filter(status=TaskStatus.PROCESSING).exists(), 20, "a task started")
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    statuses = sorted(CaptionTask.objects.filter(pk__in=ids).values_list("status", flat=True))
+    assert statuses == [TaskStatus.COMPLETED, TaskStatus.QUEUED, TaskStatus.QUEUED]
+    assert LegacyWorker.objects.get(name="poller.sig").stopped_at is not None
+
+
+def test_the_command_refuses_bad_arguments(db):
+    with pytest.raises(CommandError, match="--max-tasks"):
+        call_command("run_legacy_worker", "--max-tasks", "0")
+    with pytest.raises(CommandError, match="--interval"):
+        call_command("run_legacy_worker", "--interval", "-1")
+
+
+def test_registers_while_running(redis, database_tasks):
+    poller = LegacyPoller(name="poller.reg", interval=0.05)
+    import threading
+
+    thread = threading.Thread(target=poller.work)
+    thread.start()
+    try:
+        wait_for(lambda: LegacyWorker.objects.filter(name="poller.reg", stopped_at__isnull=True).exists(), 10,
+                 "registered")
+    finally:
+        poller.stopping = True
+        thread.join(10)
+    assert LegacyWorker.objects.get(name="poller.reg").stopped_at is not None

@@ -1,0 +1,214 @@
+"""Migration runs end to end on a real Redis and database: phases, checkpoint repair, verification, rollback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db.models import Count
+from django.utils import timezone
+
+from migration import dispatch
+from migration.backup import BackupError, backup_restore, backup_write
+from migration.models import MigrationPhase, MigrationRun, Mode
+from migration.runs import RunError, rollback_create, run_create, run_execute
+from queues import broker
+from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
+from queues.worker import CaptionWorker
+from tests.conftest import subprocess_env
+from tests.processes import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUICK = {"validate_tasks": 0, "drain_timeout": 5}
+
+
+@pytest.fixture
+def registered_worker(redis):
+    """An RQ worker that is alive (registered, liveness key) but takes no jobs: tasks stay queued in Redis."""
+    worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection(), name="idle-worker")
+    worker.register_birth()
+    yield worker
+    worker.register_death()
+
+
+@pytest.fixture
+def rq_worker_process(redis, tmp_path):
+    process = subprocess.Popen([sys.executable, "manage.py", "rqworker", "urgent", "high", "normal", "low",
+                                "--name", "migration-test-worker", "--verbosity", "0"], cwd=settings.BASE_DIR,
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: any(w.name == "migration-test-worker" for w in broker.workers()), 30, "the RQ worker started")
+    yield process
+    process.terminate()
+    process.wait(60)
+
+
+def _phases(run):
+    return dict(run.phases.values_list("name", "state"))
+
+
+def _completions():
+    return dict(TaskEvent.objects.filter(kind="completed").values("task_id").annotate(n=Count("id"))
+                .values_list("task_id", "n"))
+
+
+def test_a_run_migrates_every_queued_database_task_and_proves_it(redis, mode, database_tasks, rq_worker_process,
+                                                                  settings, tmp_path):
+    settings.MIGRATION_BACKUP_DIR = tmp_path / "backups"
+    mode(mode=Mode.LEGACY)
+    queued = database_tasks(300)
+    done = database_tasks(20)
+    CaptionTask.objects.filter(pk__in=done).update(status=TaskStatus.COMPLETED, finished_at=timezone.now())
+    run = run_execute(run=run_create(user=None, options={**QUICK, "validate_tasks": 3}))
+    assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
+    assert set(_phases(run).values()) == {"done", "skipped"} and _phases(run)["hybrid"] == "skipped"
+    assert run.verification["ok"] and run.verification["left_behind"] == {"queued_for_database": 0}
+    row = dispatch.system_mode()
+    assert row.mode == Mode.RQ and not row.paused_now()
+    migrate = run.phases.get(name="migrate")
+    assert migrate.counts["migrated"] == 300 and migrate.progress_done == 300
+    backup = run.phases.get(name="backup").counts
+    assert backup["rows"] == 320 and (tmp_path / "backups").exists()
+    wait_for(lambda: CaptionTask.objects.filter(pk__in=queued, status=TaskStatus.COMPLETED).count() == 300, 60,
+             "the RQ worker completed the migrated tasks")
+    assert set(_completions().values()) == {1}  # nothing ran twice
+    assert run.log_lines.filter(level="error").count() == 0
+
+
+def test_preflight_stops_the_run_on_an_evicting_redis_and_the_run_resumes_once_fixed(
+        redis, mode, database_tasks, registered_worker, settings, tmp_path):
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    database_tasks(5)
+    redis.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        run = run_execute(run=run_create(user=None, options=QUICK))
+    finally:
+        redis.config_set("maxmemory-policy", "noeviction")
+    assert run.state == MigrationRun.State.FAILED and "noeviction" in run.failure_reason
+    assert _phases(run)["preflight"] == "failed" and _phases(run)["backup"] == "pending"
+    with pytest.raises(RunError, match="resume it or roll it back"):
+        run_create(user=None)
+    run = run_execute(run=run)
+    assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
+    assert run.phases.get(name="preflight").attempts == 2
+
+
+def test_an_interrupted_batch_is_published_when_the_run_resumes(redis, mode, database_tasks, registered_worker,
+                                                               settings, tmp_path):
+    """The state a SIGKILL leaves between the batch's commit and its MULTI/EXEC: moved, stamped, no jobs."""
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    ids = database_tasks(50)
+    run = run_create(user=None, options=QUICK)
+    run.phases.filter(order__lt=MigrationPhase.objects.get(run=run, name="migrate").order).update(state="done")
+    run.phases.filter(name="migrate").update(state="running", attempts=1)
+    from migration.verify import baseline_take
+
+    baseline = baseline_take(at=timezone.now())
+    stamp = timezone.now()
+    CaptionTask.objects.filter(pk__in=ids[:20]).update(dispatch=Dispatch.RQ, published_at=stamp, publish_after=stamp)
+    MigrationRun.objects.filter(pk=run.pk).update(state="running", baseline=baseline, checkpoint=ids[19],
+                                                  checkpoint_window={"after": 0, "upto": ids[19],
+                                                                     "stamp": stamp.isoformat()})
+    run = run_execute(run=MigrationRun.objects.get(pk=run.pk))
+    assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
+    assert run.phases.get(name="migrate").counts["republished_after_interruption"] == 20
+    assert broker.queued_task_ids("normal") == set(ids)
+    assert run.verification["jobs"]["duplicate_jobs"] == 0 and run.verification["jobs"]["missing_jobs"] == 0
+
+
+def test_rollback_after_cutover_returns_every_queued_task_to_the_poller(redis, mode, database_tasks,
+                                                                       registered_worker, settings, tmp_path):
+    from migration.legacy import LegacyPoller
+
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    ids = database_tasks(120)
+    migration = run_execute(run=run_create(user=None, options=QUICK))
+    assert migration.state == MigrationRun.State.SUCCEEDED, migration.failure_reason
+    assert broker.queued_task_ids("normal") == set(ids)
+
+    rollback = run_execute(run=rollback_create(user=None))
+    assert rollback.state == MigrationRun.State.SUCCEEDED, rollback.failure_reason
+    migration.refresh_from_db()
+    assert migration.state == MigrationRun.State.ROLLED_BACK and rollback.rollback_of == migration
+    assert dispatch.system_mode().mode == Mode.LEGACY
+    assert set(CaptionTask.objects.filter(pk__in=ids).values_list("dispatch", "published_at")) == {
+        (Dispatch.DATABASE, None)}
+    assert not any(redis.exists(f"rq:job:caption-{pk}") for pk in ids)
+    assert rollback.verification["ok"], rollback.verification["problems"]
+
+    LegacyPoller(interval=0.01).work(burst=True)
+    assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED).count() == 120
+    from tests.conftest import run_worker
+
+    run_worker()  # stale queue entries, if any, claim nothing
+    assert set(_completions().values()) == {1}
+
+
+def test_rollback_from_the_migrate_phase(redis, mode, database_tasks, registered_worker, settings, tmp_path):
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    mode(mode=Mode.LEGACY)
+    ids = database_tasks(40)
+    run = run_execute(run=run_create(user=None, options=QUICK), one_phase=True)
+    while _phases(run)["migrate"] == "pending":
+        run = run_execute(run=run, one_phase=True)
+    assert run.state == MigrationRun.State.STOPPED and _phases(run)["verify"] == "pending"
+    assert dispatch.system_mode().mode == Mode.LEGACY and dispatch.system_mode().paused_now()  # before cutover
+    assert broker.queued_task_ids("normal") == set(ids)
+    rollback = run_execute(run=rollback_create(user=None))
+    assert rollback.state == MigrationRun.State.SUCCEEDED, rollback.failure_reason
+    assert set(CaptionTask.objects.filter(pk__in=ids).values_list("dispatch", flat=True)) == {Dispatch.DATABASE}
+    assert sum(broker.queue_lengths().values()) == 0
+    assert not dispatch.system_mode().paused_now()
+
+
+def test_a_run_executed_elsewhere_is_not_taken_over(redis, mode, registered_worker):
+    run = run_create(user=None, options=QUICK)
+    MigrationRun.objects.filter(pk=run.pk).update(executor="other-host:1:abc", heartbeat_at=timezone.now(),
+                                                  state="running")
+    with pytest.raises(RunError, match="being executed by other-host"):
+        run_execute(run=run)
+
+
+def test_backup_round_trip_and_a_damaged_backup_is_refused(mode, database_tasks, tmp_path):
+    ids = database_tasks(30)
+    manifest = backup_write(directory=tmp_path)
+    assert manifest["rows"] == 30 and manifest["by_status"]["QUEUED"]["count"] == 30
+    CaptionTask.objects.filter(pk__in=ids[:10]).delete()
+    result = backup_restore(path=manifest["path"])
+    assert (result["inserted"], result["present"], result["differing"]) == (10, 20, 0)
+    assert CaptionTask.objects.count() == 30
+    data = tmp_path / manifest["path"].split("/")[-1] / "tasks.jsonl.gz"
+    data.write_bytes(data.read_bytes()[:-5] + b"XXXXX")
+    with pytest.raises(BackupError, match="damaged"):
+        backup_restore(path=manifest["path"])
+
+
+def test_the_command_verify_fails_when_a_job_is_missing(redis, mode, database_tasks, registered_worker, settings,
+                                                        tmp_path):
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    ids = database_tasks(10)
+    call_command("migrate_to_rq", "start", "--yes", "--validate-tasks", "0", "--drain-timeout", "5",
+                 "--no-progress", stdout=open("/dev/null", "w"))
+    call_command("migrate_to_rq", "verify", stdout=open("/dev/null", "w"))
+    redis.lrem("rq:queue:normal", 1, f"caption-{ids[3]}")
+    with pytest.raises(CommandError, match="1 queued RQ task"):
+        call_command("migrate_to_rq", "verify", stdout=open("/dev/null", "w"))
+
+
+def test_the_command_refuses_bad_input_clearly(mode, capsys):
+    with pytest.raises(CommandError, match="--for"):
+        call_command("migrate_to_rq", "pause-submission", "--reason", "x", "--for", "soon")
+    with pytest.raises(CommandError, match="--yes"):
+        call_command("migrate_to_rq", "start")
+    with pytest.raises(CommandError, match="No run is open"):
+        call_command("migrate_to_rq", "resume")
+    with pytest.raises(CommandError, match="batch_size"):
+        call_command("migrate_to_rq", "start", "--yes", "--batch-size", "0")
+    assert MigrationRun.objects.count() == 0
+    call_command("migrate_to_rq", "pause-submission", "--reason", "upgrade", "--for", "2h")
+    call_command("migrate_to_rq", "status", "--json")
+    status = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert status["dispatch"]["submission_paused"] and status["dispatch"]["paused_reason"] == "upgrade"
