@@ -33,8 +33,9 @@ from monitoring.recorder import (
     note_unavailable,
 )
 from queues import broker
+from queues.dispatch import DispatchStatus, get_policy
 from queues.errors import BrokerUnavailable
-from queues.models import CaptionTask, TaskStatus
+from queues.models import CaptionTask, Dispatch, TaskStatus
 from queues.worker import alive_key
 
 
@@ -82,11 +83,14 @@ class Snapshot:
     overdue_unpublished: bool = False  # queued tasks unpublished for longer than FALLBACK_AFTER_SECONDS
     oldest_processing_started: datetime | None = None  # the oldest PROCESSING task's start (few rows, indexed)
     captioner_problem: dict | None = None  # a captioner misconfiguration reported in the last minutes
+    dispatch: DispatchStatus = field(default_factory=DispatchStatus)  # mode, fallback, submission pause
+
 
     @property
     def publishing_fallback(self) -> bool:
-        """Tasks are waiting in the database because Redis is not taking them (the old system's fallback mode)."""
-        return self.overdue_unpublished or not self.redis_ok
+        """Tasks are waiting in the database because Redis is not taking them, or the fallback to the database
+        poller is on (migration.dispatch)."""
+        return self.overdue_unpublished or not self.redis_ok or self.dispatch.fallback_active
 
     @property
     def outages(self) -> dict[str, str]:
@@ -130,7 +134,9 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
                                             .annotate(count=Count("id")))
         overdue = timezone.now() - timedelta(seconds=FALLBACK_AFTER_SECONDS)
         snapshot.overdue_unpublished = CaptionTask.objects.filter(
-            status=TaskStatus.QUEUED, published_at__isnull=True, publish_after__lt=overdue).exists()
+            status=TaskStatus.QUEUED, dispatch=Dispatch.RQ, published_at__isnull=True,
+            publish_after__lt=overdue).exists()
+        snapshot.dispatch = get_policy().status()
         snapshot.oldest_processing_started = CaptionTask.objects.filter(status=TaskStatus.PROCESSING).order_by() \
             .aggregate(oldest=Min("started_at"))["oldest"]
         snapshot.database_ok = True
@@ -307,5 +313,8 @@ def families(snapshot: Snapshot):
     healthy = snapshot.redis_ok and snapshot.database_ok and bool(alive)
     yield GaugeMetricFamily("rq_system_health", "1 when Redis and the database answer and workers are alive",
                             value=1 if healthy else 0)
-    yield GaugeMetricFamily("rq_fallback_active", "1 while tasks cannot be published to Redis",
-                            value=1 if snapshot.publishing_fallback else 0)
+    yield GaugeMetricFamily("rq_fallback_active", "1 while tasks cannot be published to Redis or the database "
+                            "poller runs them in Redis' place", value=1 if snapshot.publishing_fallback else 0)
+    if snapshot.database_ok:
+        yield GaugeMetricFamily("rq_submission_paused", "1 while new submissions are held (maintenance)",
+                                value=1 if snapshot.dispatch.submission_paused else 0)

@@ -43,10 +43,21 @@ def health_report(snapshot: Snapshot) -> dict:
     problem = snapshot.captioner_problem  # read with the snapshot's first pipeline
     captioner = _component("unhealthy", f"work is held: {problem['message']}") if problem else \
         _component("healthy", "no configuration error reported")
-    components = {"redis": redis, "database": database, "workers": workers, "captioner": captioner}
+    state = snapshot.dispatch
+    if state.submission_paused:
+        submission = _component("warning", f"submission is paused: {state.paused_reason}"
+                                + (f" (until {state.paused_until})" if state.paused_until else ""))
+    else:
+        submission = _component("healthy", "tasks are accepted and dispatched")
+    if state.fallback_active:
+        dispatching = _component("warning", "Redis fallback: new tasks go to the database poller")
+    else:
+        dispatching = _component("healthy", f"mode {state.mode}")
+    components = {"redis": redis, "database": database, "workers": workers, "captioner": captioner,
+                  "submission": submission, "dispatch": dispatching}
     overall = max((component["status"] for component in components.values()), key=ORDER.__getitem__)
     return {"status": overall, "components": components, "worker_count": alive,
-            "fallback_active": snapshot.publishing_fallback}
+            "fallback_active": snapshot.publishing_fallback, "dispatch": state.as_dict()}
 
 
 def metrics_report(snapshot: Snapshot) -> dict:

@@ -1,11 +1,19 @@
 """Fixtures of the migration tests: the dispatch mode row in a chosen state, database-dispatched tasks."""
 
+import subprocess
+import sys
+
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from migration.dispatch import system_mode
 from migration.models import SystemMode
+from queues import broker
 from queues.models import CaptionTask, Dispatch
+from queues.worker import CaptionWorker
+from tests.conftest import subprocess_env
+from tests.processes import wait_for
 
 
 @pytest.fixture
@@ -30,3 +38,23 @@ def database_tasks(db, media_image):
                                               dispatch=[Dispatch.DATABASE] * count)
 
     return insert
+
+
+@pytest.fixture
+def registered_worker(redis):
+    """An RQ worker that is alive (registered, liveness key) but takes no jobs: tasks stay queued in Redis."""
+    worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection(), name="idle-worker")
+    worker.register_birth()
+    yield worker
+    worker.register_death()
+
+
+@pytest.fixture
+def rq_worker_process(redis, tmp_path):
+    process = subprocess.Popen([sys.executable, "manage.py", "rqworker", "urgent", "high", "normal", "low",
+                                "--name", "migration-test-worker", "--verbosity", "0"], cwd=settings.BASE_DIR,
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: any(w.name == "migration-test-worker" for w in broker.workers()), 30, "the RQ worker started")
+    yield process
+    process.terminate()
+    process.wait(60)

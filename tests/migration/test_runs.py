@@ -1,11 +1,8 @@
 """Migration runs end to end on a real Redis and database: phases, checkpoint repair, verification, rollback."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db.models import Count
@@ -17,33 +14,11 @@ from migration.models import MigrationPhase, MigrationRun, Mode
 from migration.runs import RunError, rollback_create, run_create, run_execute
 from queues import broker
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
-from queues.worker import CaptionWorker
-from tests.conftest import subprocess_env
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 QUICK = {"validate_tasks": 0, "drain_timeout": 5}
-
-
-@pytest.fixture
-def registered_worker(redis):
-    """An RQ worker that is alive (registered, liveness key) but takes no jobs: tasks stay queued in Redis."""
-    worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection(), name="idle-worker")
-    worker.register_birth()
-    yield worker
-    worker.register_death()
-
-
-@pytest.fixture
-def rq_worker_process(redis, tmp_path):
-    process = subprocess.Popen([sys.executable, "manage.py", "rqworker", "urgent", "high", "normal", "low",
-                                "--name", "migration-test-worker", "--verbosity", "0"], cwd=settings.BASE_DIR,
-                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: any(w.name == "migration-test-worker" for w in broker.workers()), 30, "the RQ worker started")
-    yield process
-    process.terminate()
-    process.wait(60)
 
 
 def _phases(run):

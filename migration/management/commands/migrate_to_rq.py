@@ -40,6 +40,8 @@ class Command(BaseCommand):
                            ("advance", "Execute only the next phase of the open run.")):
             sub = commands.add_parser(name, help=text)
             sub.add_argument("--run", type=int, default=None, help="The run's id (default: the open run).")
+            sub.add_argument("--actor", default=None, help="The user the phases are recorded for (the admin "
+                                                           "passes the person who clicked).")
         commands.add_parser("verify", help="Check jobs against tasks (and the open or latest run's baseline); "
                                            "exit 1 when anything does not match.")
         rollback = commands.add_parser("rollback", help="Return every task not yet completed to the database "
@@ -101,7 +103,7 @@ class Command(BaseCommand):
             return True
         return False
 
-    def _execute(self, run: MigrationRun, *, one_phase: bool = False) -> MigrationRun:
+    def _execute(self, run: MigrationRun, *, one_phase: bool = False, user=None) -> MigrationRun:
         quiet = self.options.get("no_progress") or self.options.get("verbosity", 1) == 0 or self.options.get("json")
         bars: dict[int, tqdm] = {}
 
@@ -128,7 +130,7 @@ class Command(BaseCommand):
             if not self.options.get("json"):
                 self.stdout.write(f"{runs.PHASE_TITLES.get(phase.name, phase.name)}: {phase.state}")
 
-        run = runs.run_execute(run=run, one_phase=one_phase, on_progress=on_progress, on_log=on_log,
+        run = runs.run_execute(run=run, user=user, one_phase=one_phase, on_progress=on_progress, on_log=on_log,
                                on_phase=on_phase)
         for bar in bars.values():
             bar.close()
@@ -193,11 +195,22 @@ class Command(BaseCommand):
         for line in runs.run_status_lines(run):
             self.stdout.write(line)
 
-    def do_resume(self, *, run=None, **options):
-        self._execute(self._open_or_given(run))
+    def do_resume(self, *, run=None, actor=None, **options):
+        self._execute(self._open_or_given(run), user=self._actor(actor))
 
-    def do_advance(self, *, run=None, **options):
-        self._execute(self._open_or_given(run), one_phase=True)
+    def do_advance(self, *, run=None, actor=None, **options):
+        self._execute(self._open_or_given(run), one_phase=True, user=self._actor(actor))
+
+    @staticmethod
+    def _actor(username):
+        if not username:
+            return None
+        from django.contrib.auth import get_user_model
+
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            raise CommandError(f"--actor: no user {username!r}")
+        return user
 
     def do_verify(self, **options):
         run = runs.open_run() or MigrationRun.objects.order_by("-pk").first()
