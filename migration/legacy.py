@@ -89,6 +89,7 @@ class LegacyPoller:
         self.stopping = False
         self.interrupted = False
         self._beat_stop = threading.Event()
+        self._asked_checked_at = 0.0
         self.result = PollerResult()
 
     # --- signals ---------------------------------------------------------------------------------------------
@@ -138,6 +139,9 @@ class LegacyPoller:
                     break
                 close_old_connections()
                 try:
+                    if self._stop_asked():
+                        self.result.reason = "asked to stop"
+                        break
                     task = task_claim_polled(worker_name=self.name)
                 except Exception:
                     logger.warning("%s: could not look for work (database away?)", self.name, exc_info=True)
@@ -161,6 +165,15 @@ class LegacyPoller:
                                                                processed=self.result.processed,
                                                                failed=self.result.failed)
         return self.result
+
+    def _stop_asked(self) -> bool:
+        """Whether the drain (or an admin) asked this poller to stop: read before claiming, at most every 0.5 s, so
+        a poller told to stop claims nothing more."""
+        now = time.monotonic()
+        if now - self._asked_checked_at >= 0.5:
+            self._asked_checked_at = now
+            self.stopping = self.stopping or LegacyWorker.objects.filter(name=self.name, stop_requested=True).exists()
+        return self.stopping
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -145,11 +145,9 @@ class MigrationRun(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
     # The executing process: its identity and heartbeat (database clock). A run whose heartbeat is older than
-    # LEASE_SECONDS has no live executor and may be resumed.
+    # settings.MIGRATION_RUN_LEASE_SECONDS has no live executor and may be resumed.
     executor = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-
-    LEASE_SECONDS = 30
 
     class Meta:
         ordering = ["-created_at", "-id"]

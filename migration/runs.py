@@ -44,6 +44,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -63,7 +64,6 @@ DEFAULT_OPTIONS = {"soak_seconds": 0, "batch_size": 1000, "drain_timeout": 120, 
                    "validate_timeout": 120, "rollback_timeout": 300}
 OPTION_LIMITS = {"soak_seconds": (0, 7 * 86400), "batch_size": (1, 10_000), "drain_timeout": (1, 86400),
                  "validate_tasks": (0, 1000), "validate_timeout": (1, 86400), "rollback_timeout": (1, 86400)}
-BEAT_SECONDS = 5
 
 
 class RunError(Exception):
@@ -173,27 +173,33 @@ def phase_drain(ctx: PhaseContext) -> dict:
     timeout = float(ctx.options["drain_timeout"])
     asked = LegacyWorker.objects.filter(stopped_at__isnull=True).update(stop_requested=True)
     ctx.log(f"{asked} database poller(s) asked to stop after their task in hand")
-    running = _polled_running()
     started = time.monotonic()
-    total = running
-    while running and time.monotonic() - started < timeout:
-        ctx.progress(total - running, total)
+    total = _drain_left()
+    while _drain_left() and time.monotonic() - started < timeout:
+        left = _drain_left()
+        total = max(total, left)
+        ctx.progress(total - left, total)
         ctx.wait(0.5)
-        running = _polled_running()
     forced = []
-    if running:
+    if _drain_left():
         forced = _stop_local_pollers(ctx)
         deadline = time.monotonic() + 15
-        while _polled_running() and time.monotonic() < deadline:
+        while _drain_left() and time.monotonic() < deadline:
             ctx.wait(0.5)
-        running = _polled_running()
-    if running:
+    running = _polled_running()
+    alive = list(dispatch.legacy_workers_alive().values_list("name", flat=True))
+    if running or alive:
         holders = sorted(set(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch__in=POLLED_DISPATCH)
-                             .values_list("worker_name", flat=True)))
-        raise PhaseFailed(f"{running} task(s) still run on database poller(s) {', '.join(holders)} after "
+                             .values_list("worker_name", flat=True)) | set(alive))
+        raise PhaseFailed(f"database poller(s) {', '.join(holders)} still run ({running} task(s) in hand) after "
                           f"{timeout:g} s; stop them on their hosts (SIGTERM), then resume the run")
     ctx.progress(total, total, force=True)
-    return {"running_at_start": total, "stopped_by_signal": forced}
+    return {"in_hand_at_start": total, "stopped_by_signal": forced}
+
+
+def _drain_left() -> int:
+    """Tasks the pollers still run, plus pollers still alive (they may claim one more before they stop)."""
+    return _polled_running() + dispatch.legacy_workers_alive().count()
 
 
 def _polled_running() -> int:
@@ -548,7 +554,7 @@ def rollback_create(*, user, of: MigrationRun | None = None, options: dict | Non
 def _lease_held(run: MigrationRun) -> bool:
     if not run.executor or run.heartbeat_at is None:
         return False
-    return (database_now(connection) - run.heartbeat_at).total_seconds() < MigrationRun.LEASE_SECONDS
+    return (database_now(connection) - run.heartbeat_at).total_seconds() < settings.MIGRATION_RUN_LEASE_SECONDS
 
 
 def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
@@ -557,7 +563,7 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
                 on_phase: Callable[[MigrationPhase], None] | None = None) -> MigrationRun:
     """Runs the run's remaining phases (``one_phase``: only the next one). Returns the run as it ended."""
     executor = f"{socket.gethostname()[:120]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    stale = DatabaseNow(-MigrationRun.LEASE_SECONDS)
+    stale = DatabaseNow(-settings.MIGRATION_RUN_LEASE_SECONDS)
     taken = MigrationRun.objects.filter(
         Q(executor="") | Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=_now_expression(stale)),
         pk=run.pk, state__in=(MigrationRun.State.STOPPED, MigrationRun.State.FAILED, MigrationRun.State.RUNNING),
@@ -567,10 +573,13 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
         if run.state in (MigrationRun.State.SUCCEEDED, MigrationRun.State.ROLLED_BACK):
             raise RunError(f"{run} has already {run.get_state_display().lower()}")
         raise RunError(f"{run} is being executed by {run.executor} (heartbeat {run.heartbeat_at:%H:%M:%S} UTC); "
-                       f"a run is taken over only after {MigrationRun.LEASE_SECONDS} s without a heartbeat")
+                       f"a run is taken over only after {settings.MIGRATION_RUN_LEASE_SECONDS} s without a "
+                       "heartbeat")
     run.refresh_from_db()
     beat_stop = threading.Event()
-    beat = threading.Thread(target=_beat, args=(run.pk, executor, beat_stop), daemon=True, name="run-lease")
+    beat_every = max(1.0, settings.MIGRATION_RUN_LEASE_SECONDS / 6)
+    beat = threading.Thread(target=_beat, args=(run.pk, executor, beat_stop, beat_every), daemon=True,
+                            name="run-lease")
     beat.start()
     functions = _phases_of(run.kind)
     try:
@@ -594,7 +603,7 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
         logger.warning("%s", error)
     finally:
         beat_stop.set()
-        beat.join(BEAT_SECONDS + 5)
+        beat.join(beat_every + 5)
         MigrationRun.objects.filter(pk=run.pk, executor=executor).update(executor="", heartbeat_at=None)
     run.refresh_from_db()
     return run
@@ -655,9 +664,9 @@ def _finish(run: MigrationRun, executor: str) -> None:
             MigrationLogLine.objects.create(run_id=run.rollback_of_id, message=f"rolled back by {run}")
 
 
-def _beat(run_id: int, executor: str, stop: threading.Event) -> None:
+def _beat(run_id: int, executor: str, stop: threading.Event, every: float) -> None:
     try:
-        while not stop.wait(BEAT_SECONDS):
+        while not stop.wait(every):
             try:
                 MigrationRun.objects.filter(pk=run_id, executor=executor).update(heartbeat_at=UtcNow())
             except Exception:

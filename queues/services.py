@@ -108,10 +108,10 @@ def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
             return existing, False
     try:
         with transaction.atomic():
+            system = get_policy().assign(1)[0]
             task = CaptionTask.objects.create(
                 image_ref=spec.image_ref, priority=spec.priority, idempotency_key=spec.idempotency_key,
-                publish_after=timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS),
-                dispatch=get_policy().assign(1)[0],
+                publish_after=_due_time(system), dispatch=system,
             )
             if task.dispatch == Dispatch.RQ:
                 transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)], fresh=True))
@@ -124,6 +124,14 @@ def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
             raise
         return existing, False
     return task, True
+
+
+def _due_time(system: str):
+    """When a new task becomes due: an RQ task after the relay's grace (its submitter publishes it first), a task for
+    the database poller at once."""
+    if system == Dispatch.RQ:
+        return timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS)
+    return timezone.now()
 
 
 def _existing_with_key(key: str) -> CaptionTask | None:
@@ -175,11 +183,14 @@ def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
                         continue
                     seen_keys.add(spec.idempotency_key)
                 new_rows.append((spec.image_ref, spec.priority, spec.idempotency_key))
-            publish_after = timezone.now() + timedelta(seconds=settings.RELAY_GRACE_SECONDS)
             systems = get_policy().assign(len(new_rows))
-            ids = CaptionTask.objects.insert_new(new_rows, publish_after=publish_after, dispatch=systems)
+            ids = CaptionTask.objects.insert_new(new_rows, publish_after=_due_time(Dispatch.RQ), dispatch=systems)
             to_publish = [(task_id, priority) for task_id, (_, priority, _), system in zip(ids, new_rows, systems)
                           if system == Dispatch.RQ]
+            if len(to_publish) < len(ids):
+                # Tasks for the database poller are due at once (the grace is the submitter's time to publish).
+                CaptionTask.objects.filter(pk__in=[task_id for task_id, system in zip(ids, systems)
+                                                   if system != Dispatch.RQ]).update(publish_after=timezone.now())
             if to_publish:
                 transaction.on_commit(lambda: tasks_publish(tasks=to_publish, fresh=True))
     except IntegrityError:

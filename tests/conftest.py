@@ -242,3 +242,18 @@ def _fresh_queue_control():
     control.clear_cache()
     yield
     control.clear_cache()
+
+
+@pytest.fixture
+def mode(db):
+    """Sets fields of the dispatch mode row: ``mode(mode="legacy", submission_paused=True, ...)``."""
+
+    from migration.dispatch import system_mode
+    from migration.models import SystemMode
+
+    def set_fields(**fields) -> SystemMode:
+        system_mode()
+        SystemMode.objects.filter(pk=1).update(**fields)
+        return SystemMode.objects.get(pk=1)
+
+    return set_fields

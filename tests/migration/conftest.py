@@ -1,4 +1,4 @@
-"""Fixtures of the migration tests: the dispatch mode row in a chosen state, database-dispatched tasks."""
+"""Fixtures of the migration tests: database-dispatched tasks, RQ workers alive or at work."""
 
 import subprocess
 import sys
@@ -7,25 +7,11 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from migration.dispatch import system_mode
-from migration.models import SystemMode
 from queues import broker
 from queues.models import CaptionTask, Dispatch
 from queues.worker import CaptionWorker
 from tests.conftest import subprocess_env
 from tests.processes import wait_for
-
-
-@pytest.fixture
-def mode(db):
-    """Sets fields of the dispatch mode row: ``mode(mode="legacy", submission_paused=True, ...)``."""
-
-    def set_fields(**fields) -> SystemMode:
-        system_mode()
-        SystemMode.objects.filter(pk=1).update(**fields)
-        return SystemMode.objects.get(pk=1)
-
-    return set_fields
 
 
 @pytest.fixture
