@@ -106,6 +106,14 @@ class ModePolicy(DispatchPolicy):
                               paused_until=row.paused_until.isoformat() if row.paused_until else None)
 
 
+    def pollers(self) -> list[dict]:
+        alive = set(legacy_workers_alive().values_list("pk", flat=True))
+        return [{"name": poller.name, "host": poller.host, "pid": poller.pid, "alive": poller.pk in alive,
+                 "fallback": poller.fallback, "task_id": poller.current_task_id, "processed": poller.processed,
+                 "failed": poller.failed, "started_at": poller.started_at, "heartbeat_at": poller.heartbeat_at}
+                for poller in LegacyWorker.objects.filter(stopped_at__isnull=True).order_by("name")[:200]]
+
+
 def _poller_arguments(name: str) -> list[str]:
     return ["run_legacy_worker", "--name", name, "--fallback"]
 
@@ -235,8 +243,9 @@ def tasks_move(*, source: tuple[str, ...], target: str, ids: list[int] | None = 
         return []
     moved_ids = [pk for pk, _ in rows]
     with transaction.atomic():
+        # publish_after stays: a retry moved to the other system still waits out its backoff there.
         CaptionTask.objects.filter(pk__in=moved_ids, status=TaskStatus.QUEUED, dispatch__in=source).update(
-            dispatch=target, published_at=None, publish_after=timezone.now())
+            dispatch=target, published_at=None)
         moved = list(CaptionTask.objects.filter(pk__in=moved_ids, dispatch=target, status=TaskStatus.QUEUED)
                      .values_list("pk", "priority"))
     return moved

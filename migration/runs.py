@@ -277,9 +277,10 @@ def phase_migrate(ctx: PhaseContext) -> dict:
         stamp = timezone.now()
         window = {"after": run.checkpoint, "upto": rows[-1], "stamp": stamp.isoformat()}
         with transaction.atomic():
-            moved_count = CaptionTask.objects.filter(pk__in=rows, status=TaskStatus.QUEUED,
-                                                     dispatch__in=POLLED_DISPATCH).update(
-                dispatch=Dispatch.RQ, published_at=stamp, publish_after=stamp)
+            batch = CaptionTask.objects.filter(pk__in=rows, status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH)
+            # A retry still in its backoff moves unpublished: the relay publishes it when it is due.
+            waiting = batch.filter(publish_after__gt=stamp).update(dispatch=Dispatch.RQ, published_at=None)
+            moved_count = waiting + batch.update(dispatch=Dispatch.RQ, published_at=stamp, publish_after=stamp)
             if MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(
                     checkpoint=rows[-1], checkpoint_window=window, heartbeat_at=UtcNow()) != 1:
                 raise LeaseLost(f"run {run.pk} was taken over by another process")
@@ -562,6 +563,10 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
                 on_log: Callable[[str, str], None] | None = None,
                 on_phase: Callable[[MigrationPhase], None] | None = None) -> MigrationRun:
     """Runs the run's remaining phases (``one_phase``: only the next one). Returns the run as it ended."""
+    if run.kind == MigrationRun.Kind.MIGRATION:
+        rollback = run.rollbacks.exclude(state=MigrationRun.State.SUCCEEDED).first()
+        if rollback is not None:
+            raise RunError(f"{run} is being rolled back by {rollback}: resume the rollback instead")
     executor = f"{socket.gethostname()[:120]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     stale = DatabaseNow(-settings.MIGRATION_RUN_LEASE_SECONDS)
     taken = MigrationRun.objects.filter(

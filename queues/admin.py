@@ -7,7 +7,8 @@ from queues import broker
 from queues.errors import BrokerUnavailable
 from queues.forms import TaskSubmitForm
 from queues.operations_admin import CappedCountPaginator, TaskActionsMixin
-from queues.models import CaptionTask, TaskEvent
+from queues.dispatch import get_policy
+from queues.models import CaptionTask, Dispatch, TaskEvent
 from queues.services import task_submit
 
 
@@ -79,7 +80,7 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     list_display = ["id", "status_badge", "priority", "image_short", "caption_short", "attempts",
                     "last_error_class", "created_at", "finished_at"]
     list_display_links = ["id"]
-    list_filter = ["status", "priority", ErrorClassFilter, ("created_at", admin.DateFieldListFilter),
+    list_filter = ["status", "priority", "dispatch", ErrorClassFilter, ("created_at", admin.DateFieldListFilter),
                    ("finished_at", admin.DateFieldListFilter), WorkerFilter]
     paginator = CappedCountPaginator
     search_fields = ["image_ref", "last_error_message", "idempotency_key"]
@@ -87,13 +88,14 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     list_per_page = 50
     show_full_result_count = False
     ordering = ["-id"]
-    readonly_fields = ["status", "attempts", "caption", "last_error_class", "last_error_message", "worker_name",
+    readonly_fields = ["status", "dispatch", "attempts", "caption", "last_error_class", "last_error_message", "worker_name",
                        "created_at", "published_at", "publish_after", "started_at", "finished_at", "updated_at",
                        "job_in_redis", "task_actions"]
     inlines = [TaskEventInline]
 
     fieldsets = [
-        (None, {"fields": ["image_ref", "priority", "idempotency_key", "status", "attempts", "task_actions"]}),
+        (None, {"fields": ["image_ref", "priority", "idempotency_key", "status", "dispatch", "attempts",
+                           "task_actions"]}),
         ("Result", {"fields": ["caption", "last_error_class", "last_error_message", "worker_name"]}),
         ("Timestamps", {"fields": ["created_at", "published_at", "publish_after", "started_at", "finished_at",
                                    "updated_at"]}),
@@ -133,6 +135,9 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
                            idempotency_key=form.cleaned_data.get("idempotency_key"))
         if obj.idempotency_key and task.created_at < obj.created_at:
             messages.info(request, f"A task with this idempotency key already exists: task {task.pk}.")
+        elif task.dispatch == Dispatch.HELD:
+            messages.warning(request, f"Task {task.pk} is held: submission is paused "
+                                      f"({get_policy().status().paused_reason}); it runs once submission resumes.")
         obj.pk = task.pk
         obj._state.adding = False
         obj.refresh_from_db()

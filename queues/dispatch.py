@@ -53,6 +53,11 @@ class DispatchPolicy:
     def status(self) -> DispatchStatus:
         return DispatchStatus()
 
+    def pollers(self) -> list[dict]:
+        """Workers of the other system, for the live workers page: dicts with name, host, pid, alive, fallback,
+        task_id, processed, failed, started_at, heartbeat_at."""
+        return []
+
 
 _policies: dict[str, DispatchPolicy] = {}
 

@@ -16,6 +16,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from queues import broker, control
+from queues.dispatch import get_policy
 from queues.errors import BrokerUnavailable
 from queues.fleet import (
     FleetError,
@@ -199,7 +200,8 @@ class LiveWorkerAdmin(ReadOnlyAdmin):
         rows = [(row, job_id_for(row.task_id) if row.task_id else None) for row in rows]
         context = {**self.admin_site.each_context(request), "title": "Live workers", "rows": rows,
                    "suspended": suspended, "can_manage": request.user.has_perm(MANAGE_FLEET),
-                   "pools": WorkerPool.objects.all(), "opts": self.model._meta}
+                   "pools": WorkerPool.objects.all(), "opts": self.model._meta,
+                   "pollers": get_policy().pollers()}
         return TemplateResponse(request, "admin/queues/liveworker/list.html", context)
 
     def _worker_action(self, request, worker_name, *, title, question, label, act, done):

@@ -187,3 +187,18 @@ def test_the_command_refuses_bad_input_clearly(mode, capsys):
     call_command("migrate_to_rq", "status", "--json")
     status = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert status["dispatch"]["submission_paused"] and status["dispatch"]["paused_reason"] == "upgrade"
+
+
+def test_a_retry_in_its_backoff_moves_to_rq_unpublished_and_keeps_its_wait(redis, mode, database_tasks,
+                                                                          registered_worker, settings, tmp_path):
+    from datetime import timedelta
+
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    due, waiting = database_tasks(2)
+    later = timezone.now() + timedelta(hours=1)
+    CaptionTask.objects.filter(pk=waiting).update(attempts=1, publish_after=later)
+    run = run_execute(run=run_create(user=None, options=QUICK))
+    assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
+    task = CaptionTask.objects.get(pk=waiting)
+    assert (task.dispatch, task.published_at, task.publish_after) == (Dispatch.RQ, None, later)
+    assert broker.queued_task_ids("normal") == {due}

@@ -2,6 +2,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
+from queues.dispatch import get_policy
 from queues.models import Priority
 from queues.samples import ensure_samples
 from queues.services import TaskSpec, tasks_submit_many
@@ -37,6 +38,10 @@ class Command(BaseCommand):
             + (f" (ids {first}..{last})" if first is not None else "")
             + (f" on {len(references)} sample image(s) under the media root" if not image else f" for {image}")
             + "."))
+        status = get_policy().status()
+        if status.submission_paused:
+            self.stdout.write(self.style.WARNING(f"Submission is paused ({status.paused_reason}): the tasks are held "
+                                                 "and run once submission resumes."))
 
 
 def _describe(error: ValidationError) -> str:
