@@ -13,16 +13,21 @@ def _admin_staff(request) -> bool:
 
 def operations_banner(request) -> dict:
     """Problems every operator should see on every admin page: the captioner is misconfigured and work is held,
-    and the alerts that fire (``alerts_banner``, included here so that settings list one processor)."""
+    submission is paused or the Redis fallback is on (queues.dispatch), and the alerts that fire (``alerts_banner``, included here so that settings list one processor)."""
     if not _admin_staff(request):
         return {}
     from queues import broker
+
+    from queues.dispatch import get_policy
 
     context = alerts_banner(request)
     try:
         context["captioner_problem"] = broker.captioner_problem()
     except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
         pass
+    status = get_policy().status()  # one primary-key read
+    if status.submission_paused or status.fallback_active:
+        context["dispatch_status"] = status
     return context
 
 

@@ -84,3 +84,12 @@ def test_a_run_started_from_the_admin_executes_in_its_own_process(login, admin_u
     page = client.get(reverse("admin:migration_migrationrun_change", args=[run.pk]))
     assert b"everything matches" in page.content
     assert client.post(reverse("admin:migration_act", args=[run.pk, "resume"])).status_code == 400  # finished
+
+
+@pytest.mark.django_db
+def test_every_admin_page_says_when_submission_is_paused(login, support_user, mode):
+    client = login(support_user)
+    assert b"dispatch-status" not in client.get(reverse("admin:index")).content
+    dispatch.submission_pause(reason="database upgrade", user=None)
+    page = client.get(reverse("admin:index")).content.decode()
+    assert 'id="dispatch-status"' in page and "Submission is paused: database upgrade" in page
