@@ -33,8 +33,7 @@ PAUSE_SUBMISSION = "migration.pause_submission"
 
 def _require(request, permission: str, what: str) -> None:
     if not request.user.has_perm(permission):
-        raise PermissionDenied(f"{what} needs the '{permission.split('.')[1].replace('_', ' ')}' permission "
-                               "(Admins).")
+        raise PermissionDenied(f"{what} needs the '{permission.split('.')[1].replace('_', ' ')}' permission.")
 
 
 def run_in_background(run: MigrationRun, *, user, one_phase: bool = False) -> None:
@@ -104,11 +103,21 @@ class MigrationRunAdmin(ReadOnly, admin.ModelAdmin):
         return TemplateResponse(request, "admin/migration/migrationrun/detail.html", context)
 
     def preflight_view(self, request):
+        """GET shows the last report a run recorded (a page must not cost more with more tasks); POST, for those who
+        may run migrations, runs the checks now (they count the tasks per status)."""
         if not self.has_view_permission(request):
             raise PermissionDenied
-        report = preflight_report()
+        report, checked_at = None, None
+        if request.method == "POST":
+            _require(request, RUN_MIGRATION, "Running the preflight checks")
+            report = preflight_report().as_dict()
+        else:
+            latest = MigrationRun.objects.exclude(preflight={}).order_by("-pk").first()
+            if latest is not None:
+                report, checked_at = latest.preflight, latest.created_at
         context = {**self.admin_site.each_context(request), "title": "Preflight checks", "report": report,
-                   "opts": self.model._meta}
+                   "checked_at": checked_at, "fresh": request.method == "POST",
+                   "can_run": request.user.has_perm(RUN_MIGRATION), "opts": self.model._meta}
         return TemplateResponse(request, "admin/migration/migrationrun/preflight.html", context)
 
     def _changelist(self):
@@ -170,6 +179,11 @@ class MigrationRunAdmin(ReadOnly, admin.ModelAdmin):
             return confirmation(request, self, title=act.capitalize(), question=question,
                                 action_label=act.capitalize(), cancel_url=back,
                                 error=f"{run} has {run.get_state_display().lower()}: nothing to {act}.")
+        rollback = run.rollbacks.exclude(state=MigrationRun.State.SUCCEEDED).first()
+        if rollback is not None:
+            return confirmation(request, self, title=act.capitalize(), question=question,
+                                action_label=act.capitalize(), cancel_url=back,
+                                error=f"{run} is being rolled back by {rollback}: {act} the rollback instead.")
         if runs._lease_held(run):
             return confirmation(request, self, title=act.capitalize(), question=question,
                                 action_label=act.capitalize(), cancel_url=back,
@@ -192,7 +206,6 @@ class SystemModeAdmin(admin.ModelAdmin):
         return False
 
     def changelist_view(self, request, extra_context=None):
-        dispatch.system_mode()
         return HttpResponseRedirect(reverse("admin:migration_systemmode_change", args=[1]))
 
     def get_urls(self):
@@ -201,6 +214,7 @@ class SystemModeAdmin(admin.ModelAdmin):
                 path("resume/", wrap(self.resume_view), name="migration_resume"), *super().get_urls()]
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
+        dispatch.system_mode_ensure()  # written at install (migration 0003); again if a test emptied the table
         row = dispatch.system_mode()
         extra = {"row": row, "can_pause": request.user.has_perm(PAUSE_SUBMISSION),
                  "events": MigrationEvent.objects.select_related("user")[:20],
@@ -209,8 +223,9 @@ class SystemModeAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         """Through the service, so that the change is an event and an audit entry like the command's."""
-        dispatch.mode_set(mode=obj.mode, user=request.user, hybrid_rq_percent=obj.hybrid_rq_percent,
-                          address=client_address(request))
+        if {"mode", "hybrid_rq_percent"} & set(form.changed_data):
+            dispatch.mode_set(mode=obj.mode, user=request.user, hybrid_rq_percent=obj.hybrid_rq_percent,
+                              address=client_address(request))
         changed = {name: form.cleaned_data[name] for name in ("fallback_enabled", "fallback_timeout")
                    if name in form.changed_data}
         if changed:

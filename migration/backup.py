@@ -20,7 +20,8 @@ from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -108,7 +109,8 @@ def backup_write(*, directory: Path | None = None, label: str = "",
             os.fsync(raw.fileno())
         manifest = {"format": FORMAT, "created_at": timezone.now().isoformat(), "rows": done,
                     "by_status": tally.as_dict(), "columns": columns, "data_file": data_path.name,
-                    "data_sha256": digest.hexdigest(), "database_vendor": CaptionTask.objects.db}
+                    "data_sha256": digest.hexdigest(),
+                    "database_vendor": connections[CaptionTask.objects.db].vendor}
         (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as error:
         raise BackupError(f"cannot write the backup in {target}: {error}") from None
@@ -164,58 +166,83 @@ def manifest_read(path: Path) -> tuple[dict, Path]:
 
 def backup_restore(*, path: Path, on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Inserts the backup's rows that the database lacks (by id); rows present are left as they are and counted
-    (``differing``: present with another fingerprint). The whole file is checked against the manifest before
-    anything is written, and each page is inserted in one transaction.
+    (``differing``: present with another fingerprint; ``conflicting``: absent, but their idempotency key belongs to
+    another row now, so they are skipped). The whole file is checked against the manifest before anything is
+    written, and the rows go in in one transaction: a restore that fails writes nothing.
 
     Restored rows keep their status and dispatch but have no job in Redis: ``published_at`` is cleared, so the relay
     publishes restored queued RQ tasks, and a restored PROCESSING task goes back to QUEUED (its worker is gone).
     """
     manifest, data_path = manifest_read(path)
+    try:
+        expected_rows, expected_tally = int(manifest["rows"]), manifest["by_status"]
+    except (KeyError, TypeError, ValueError):
+        raise BackupError(f"the manifest in {data_path.parent} lacks its row counts") from None
     rows_seen, tally = 0, Tally()
-    with gzip.open(data_path, "rb") as handle:
-        for line in handle:
-            row = json.loads(line)
-            tally.add(row["status"], {**row, "created_at": row["created_at"]})
-            rows_seen += 1
-    if rows_seen != manifest["rows"] or tally.as_dict() != manifest["by_status"]:
+    for row in _read_rows(data_path):
+        tally.add(row["status"], row)
+        rows_seen += 1
+    if rows_seen != expected_rows or tally.as_dict() != expected_tally:
         raise BackupError("the data file's rows do not match the manifest's counts and checksums")
     known_fields = {field.attname: field for field in CaptionTask._meta.concrete_fields}
-    inserted = present = differing = done = 0
+    counts = {"inserted": 0, "present": 0, "differing": 0, "conflicting": 0}
+    done = 0
     batch: list[dict] = []
 
     def flush():
-        nonlocal inserted, present, differing
         ids = [row["id"] for row in batch]
-        existing = {row["id"]: row for row in CaptionTask.objects.filter(pk__in=ids)
-                    .values(*FINGERPRINT_FIELDS)}
+        existing = {row["id"]: row for row in CaptionTask.objects.filter(pk__in=ids).values(*FINGERPRINT_FIELDS)}
+        keys = [row["idempotency_key"] for row in batch if row["id"] not in existing and row["idempotency_key"]]
+        taken_keys = set(CaptionTask.objects.filter(idempotency_key__in=keys).values_list("idempotency_key",
+                                                                                          flat=True)) if keys else set()
         new = []
         for row in batch:
             if row["id"] in existing:
-                present += 1
-                current = existing[row["id"]]
-                if fingerprint(current) != fingerprint({**row, "created_at": parse_datetime(row["created_at"])}):
-                    differing += 1
-                continue
-            new.append(_restored(row, known_fields))
-        with transaction.atomic():
-            CaptionTask.objects.bulk_create(new, batch_size=500)
-        inserted += len(new)
+                counts["present"] += 1
+                if fingerprint(existing[row["id"]]) != fingerprint({**row, "created_at":
+                                                                    parse_datetime(row["created_at"])}):
+                    counts["differing"] += 1
+            elif row["idempotency_key"] and row["idempotency_key"] in taken_keys:
+                counts["conflicting"] += 1
+            else:
+                new.append(_restored(row, known_fields))
+        CaptionTask.objects.bulk_create(new, batch_size=500)
+        counts["inserted"] += len(new)
         batch.clear()
 
-    with gzip.open(data_path, "rb") as handle:
-        for line in handle:
-            batch.append(json.loads(line))
-            done += 1
-            if len(batch) >= 1000:
+    try:
+        with transaction.atomic():
+            for row in _read_rows(data_path):
+                batch.append(row)
+                done += 1
+                if len(batch) >= 1000:
+                    flush()
+                    if on_rows:
+                        on_rows(done, rows_seen)
+            if batch:
                 flush()
-                if on_rows:
-                    on_rows(done, rows_seen)
-    if batch:
-        flush()
+    except (IntegrityError, ValidationError, ValueError) as error:
+        raise BackupError(f"the backup's rows cannot be inserted ({error}); nothing was restored") from None
     if on_rows:
         on_rows(done, rows_seen)
-    return {"rows": rows_seen, "inserted": inserted, "present": present, "differing": differing,
-            "path": str(data_path.parent)}
+    return {"rows": rows_seen, **counts, "path": str(data_path.parent)}
+
+
+def _read_rows(data_path: Path):
+    """The data file's rows, each checked to be an object with the fingerprint's fields."""
+    try:
+        with gzip.open(data_path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise BackupError(f"line {number} of {data_path.name} is not JSON: the backup is damaged") \
+                        from None
+                if not isinstance(row, dict) or not all(name in row for name in (*FINGERPRINT_FIELDS, "status")):
+                    raise BackupError(f"line {number} of {data_path.name} is not a task row")
+                yield row
+    except (OSError, EOFError) as error:
+        raise BackupError(f"cannot read {data_path}: {error}") from None
 
 
 def _restored(row: dict, fields: dict) -> CaptionTask:

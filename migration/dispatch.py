@@ -37,7 +37,7 @@ from django.utils import timezone
 from migration.models import LegacyWorker, MigrationEvent, Mode, SystemMode
 from queues.dispatch import DispatchPolicy, DispatchStatus
 from queues.fleet import audit
-from queues.models import CaptionTask, Dispatch, TaskStatus, UtcNow, database_now
+from queues.models import CaptionTask, Dispatch, TaskStatus, UtcNow, database_now, database_now_expression
 from queues.services import tasks_publish
 
 logger = logging.getLogger("migration.dispatch")
@@ -46,19 +46,28 @@ MOVE_BATCH = 1000
 
 
 def system_mode() -> SystemMode:
-    """The dispatch mode row, created from the old system's variables the first time."""
+    """The dispatch mode row; until someone first changes it, an unsaved row with the defaults from the old system's
+    variables (reading never writes: submissions, scrapes and the admin banner read this)."""
     row = SystemMode.objects.filter(pk=1).first()
     if row is not None:
         return row
     mode = Mode.LEGACY if not settings.RQ_ENABLED else (Mode.HYBRID if settings.RQ_HYBRID_MODE else Mode.RQ)
-    row, _ = SystemMode.objects.get_or_create(pk=1, defaults={
-        "mode": mode, "hybrid_rq_percent": settings.RQ_HYBRID_RQ_PERCENT,
-        "fallback_enabled": settings.RQ_FALLBACK_ENABLED, "fallback_timeout": settings.RQ_FALLBACK_TIMEOUT})
-    return row
+    return SystemMode(pk=1, mode=mode, hybrid_rq_percent=settings.RQ_HYBRID_RQ_PERCENT,
+                      fallback_enabled=settings.RQ_FALLBACK_ENABLED, fallback_timeout=settings.RQ_FALLBACK_TIMEOUT)
+
+
+def system_mode_ensure() -> None:
+    """Writes the row with the defaults if it is not there yet (before the first change of it)."""
+    if not SystemMode.objects.filter(pk=1).exists():
+        default = system_mode()
+        SystemMode.objects.get_or_create(pk=1, defaults={
+            field.attname: getattr(default, field.attname) for field in SystemMode._meta.concrete_fields
+            if field.attname != "id"})
 
 
 def _locked_mode() -> SystemMode:
-    system_mode()
+    """The row, locked for the caller's transaction."""
+    system_mode_ensure()
     return SystemMode.objects.select_for_update().get(pk=1)
 
 
@@ -84,12 +93,16 @@ class ModePolicy(DispatchPolicy):
         row = system_mode()
         if row.submission_paused and not row.paused_now():
             submission_resume(user=None, reason="the pause's end time has passed")
+        if redis_up:
+            stragglers_sweep(row)
 
     def processes(self, *, running: set[str]) -> dict[str, list[str]]:
         """A poller on this host while the fallback is on (the one already running, else a new one if no poller
         is alive anywhere). Once it is off, the supervisor stops its poller gracefully: the task in hand finishes
         there, the queued ones are back with RQ."""
-        if not system_mode().fallback_active:
+        from migration.runs import pollers_blocked
+
+        if not system_mode().fallback_active or pollers_blocked():
             return {}
         mine = sorted(name for name in running if name.startswith("poller."))
         if mine:
@@ -120,21 +133,18 @@ def _poller_arguments(name: str) -> list[str]:
 
 def legacy_workers_alive():
     """Pollers whose heartbeat is recent (database clock) and that have not stopped."""
-    from django.db.models import DateTimeField
-    from django.db.models.expressions import RawSQL
-    from django.db import connection
-
-    from queues.models import database_now_sql
-
-    recent = RawSQL(database_now_sql(connection, offset_seconds=-LegacyWorker.ALIVE_SECONDS), (),
-                    output_field=DateTimeField())
+    recent = database_now_expression(-LegacyWorker.ALIVE_SECONDS)
     return LegacyWorker.objects.filter(stopped_at__isnull=True, heartbeat_at__gte=recent)
 
 
 def legacy_workers_stale():
-    """Poller registrations not closed whose heartbeat has stopped (the process died without saying so)."""
-    alive = legacy_workers_alive().values("pk")
-    return LegacyWorker.objects.filter(stopped_at__isnull=True).exclude(pk__in=alive)
+    """Poller registrations not closed whose heartbeat has stopped (the process died without saying so). A plain
+    condition, not a subquery on the same table: MySQL refuses to update a table it selects from (error 1093)."""
+    from django.db.models import Q
+
+    recent = database_now_expression(-LegacyWorker.ALIVE_SECONDS)
+    return LegacyWorker.objects.filter(Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=recent),
+                                       stopped_at__isnull=True)
 
 
 # --- operator services -----------------------------------------------------------------------------------------
@@ -151,12 +161,12 @@ def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: 
         row.mode = mode
         if hybrid_rq_percent is not None:
             row.hybrid_rq_percent = hybrid_rq_percent
-        row.changed_at, row.changed_by = timezone.now(), _person(user)
+        row.changed_at, row.changed_by = timezone.now(), person(user)
         row.save()
         figures = {"from": previous[0], "to": mode, "hybrid_rq_percent": row.hybrid_rq_percent}
-        MigrationEvent.objects.create(kind=MigrationEvent.Kind.MODE_CHANGED, user=_person(user),
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.MODE_CHANGED, user=person(user),
                                       detail=f"{previous[0]} -> {mode}", figures=figures)
-        if _person(user):
+        if person(user):
             audit(user=user, action="dispatch_mode", target=mode, detail=figures, address=address)
     return row
 
@@ -174,11 +184,11 @@ def submission_pause(*, reason: str, user, duration: timedelta | None = None,
         now = timezone.now()
         row.submission_paused, row.paused_reason, row.paused_at = True, reason[:300], now
         row.paused_until = now + duration if duration else None
-        row.changed_at, row.changed_by = now, _person(user)
+        row.changed_at, row.changed_by = now, person(user)
         row.save()
         detail = reason[:300] + (f" (until {row.paused_until:%Y-%m-%d %H:%M:%S} UTC)" if row.paused_until else "")
-        MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_PAUSED, user=_person(user), detail=detail)
-        if _person(user):
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_PAUSED, user=person(user), detail=detail)
+        if person(user):
             audit(user=user, action="submission_pause", target=reason[:300],
                   detail={"until": row.paused_until.isoformat() if row.paused_until else None}, address=address)
     return row
@@ -190,13 +200,13 @@ def submission_resume(*, user, reason: str = "", address: str | None = None) -> 
         row = _locked_mode()
         was_paused = row.submission_paused
         row.submission_paused, row.paused_until = False, None
-        row.changed_at, row.changed_by = timezone.now(), _person(user)
+        row.changed_at, row.changed_by = timezone.now(), person(user)
         row.save()
     released = tasks_release_held()
     if was_paused or released:
-        MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_RESUMED, user=_person(user),
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_RESUMED, user=person(user),
                                       detail=reason or "resumed", figures={"released": released})
-        if _person(user):
+        if person(user):
             audit(user=user, action="submission_resume", count=released, address=address)
     return released
 
@@ -244,10 +254,31 @@ def tasks_move(*, source: tuple[str, ...], target: str, ids: list[int] | None = 
     moved_ids = [pk for pk, _ in rows]
     with transaction.atomic():
         # publish_after stays: a retry moved to the other system still waits out its backoff there.
-        CaptionTask.objects.filter(pk__in=moved_ids, status=TaskStatus.QUEUED, dispatch__in=source).update(
-            dispatch=target, published_at=None)
+        again = CaptionTask.objects.filter(pk__in=moved_ids, status=TaskStatus.QUEUED, dispatch__in=source)
+        if not published:
+            again = again.filter(published_at__isnull=True)  # published meanwhile: its job is in Redis, it stays
+        again.update(dispatch=target, published_at=None)
         moved = list(CaptionTask.objects.filter(pk__in=moved_ids, dispatch=target, status=TaskStatus.QUEUED)
                      .values_list("pk", "priority"))
+    return moved
+
+
+def stragglers_sweep(row: SystemMode) -> int:
+    """Outside migration runs, queued unpublished tasks of the system the mode no longer uses go to the one it uses:
+    in mode ``rq``, database tasks (a poller's retry after the drain, a restored backup) to RQ; in mode ``legacy``,
+    RQ tasks (a retry coming back after a rollback) to the database poller. During a run, the run moves them."""
+    if row.mode == Mode.HYBRID or row.fallback_active:
+        return 0
+    from migration.runs import open_run
+
+    source, target = ((Dispatch.DATABASE,), Dispatch.RQ) if row.mode == Mode.RQ else ((Dispatch.RQ,), Dispatch.DATABASE)
+    if not CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=source,
+                                      published_at__isnull=True).exists() or open_run() is not None:
+        return 0
+    moved = _move_all(source, target)
+    if moved:
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.TASKS_MOVED, detail=f"{source[0]} -> {target}",
+                                      figures={"moved": moved, "mode": row.mode})
     return moved
 
 
@@ -263,10 +294,11 @@ def fallback_maintain(*, redis_up: bool) -> None:
             _fallback_end(row)
         else:
             # Fallback tasks that came back to the queue after the fallback ended (a retry on the poller).
-            _move_all((Dispatch.FALLBACK,), Dispatch.RQ)
+            _move_all((Dispatch.FALLBACK,), _after_fallback())
         return
     now = database_now(connection)
     if row.redis_down_since is None:
+        system_mode_ensure()
         SystemMode.objects.filter(pk=1, redis_down_since__isnull=True).update(redis_down_since=UtcNow())
         return
     if row.fallback_active:
@@ -292,10 +324,16 @@ def _fallback_end(row: SystemMode) -> None:
             redis_down_since=None, fallback_active=False, fallback_since=None):
         return
     if was_active:
-        moved = _move_all((Dispatch.FALLBACK,), Dispatch.RQ)
+        target = _after_fallback()
+        moved = _move_all((Dispatch.FALLBACK,), target)
         MigrationEvent.objects.create(kind=MigrationEvent.Kind.FALLBACK_ENDED, detail="Redis answers again",
-                                      figures={"moved_back_to_rq": moved})
-        logger.warning("Redis answers again: fallback over, %d queued task(s) back to RQ", moved)
+                                      figures={"moved": moved, "to": target})
+        logger.warning("Redis answers again: fallback over, %d queued task(s) to %s", moved, target)
+
+
+def _after_fallback() -> str:
+    """Where fallback tasks go once Redis is back: RQ, unless the mode became legacy meanwhile (a rollback)."""
+    return Dispatch.DATABASE if system_mode().mode == Mode.LEGACY else Dispatch.RQ
 
 
 def _move_all(source: tuple[str, ...], target: str) -> int:
@@ -309,5 +347,6 @@ def _move_all(source: tuple[str, ...], target: str) -> int:
             tasks_publish(tasks=moved)
 
 
-def _person(user):
+def person(user):
+    """The user to record, or None for a command or the system."""
     return user if getattr(user, "pk", None) else None

@@ -31,46 +31,46 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
-from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+from rq.timeouts import JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
 from migration.models import LegacyWorker
 from queues import execution
 from queues.broker import job_timeout
 from queues.errors import WorkerInterrupted
 from queues.execution import TaskFailed, task_execute
-from queues.models import DATABASE_NOW, POLLED_DISPATCH, CaptionTask, TaskStatus, UtcNow
+from queues.models import POLLED_DISPATCH, CaptionTask, TaskStatus, UtcNow
 
 logger = logging.getLogger("migration.legacy")
 
 BEAT_SECONDS = 2.0
 SQLITE_CANDIDATES = 8
-CLAIMED_FIELDS = ("image_ref", "priority", "attempts", "worker_name", "started_at", "published_at", "claim_token")
 
 
 def task_claim_polled(*, worker_name: str) -> CaptionTask | None:
-    """Claims one due task dispatched to the database, or returns None when there is none."""
-    due = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH,
-                                     publish_after__lte=timezone.now()).order_by("publish_after", "pk")
-    if connection.features.has_select_for_update_skip_locked:
-        with transaction.atomic():
-            row = due.select_for_update(skip_locked=True).values_list("pk", "dispatch").first()
-            return _take(row, worker_name) if row else None
-    for row in list(due.values_list("pk", "dispatch")[:SQLITE_CANDIDATES]):
-        task = _take(row, worker_name)
+    """Claims one due task dispatched to the database, or returns None when there is none.
+
+    One dispatch value per query, ordered as the (dispatch, status, publish_after) index is: with both values in
+    one IN list MySQL sorts the rows instead, and ``FOR UPDATE`` would lock every due row it read, so the other
+    pollers would skip them all and wait."""
+    for dispatch in POLLED_DISPATCH:
+        due = CaptionTask.objects.filter(dispatch=dispatch, status=TaskStatus.QUEUED,
+                                         publish_after__lte=timezone.now()).order_by("publish_after", "pk")
+        if connection.features.has_select_for_update_skip_locked:
+            with transaction.atomic():
+                pk = due.select_for_update(skip_locked=True).values_list("pk", flat=True).first()
+                task = _take(pk, dispatch, worker_name) if pk else None
+        else:
+            task = next((claimed for claimed in (_take(pk, dispatch, worker_name)
+                                                 for pk in due.values_list("pk", flat=True)[:SQLITE_CANDIDATES])
+                         if claimed is not None), None)
         if task is not None:
             return task
     return None
 
 
-def _take(row: tuple[int, str], worker_name: str) -> CaptionTask | None:
-    pk, dispatch = row
-    now = timezone.now()
-    return CaptionTask.objects.transition(
-        pk, expect={"status": TaskStatus.QUEUED, "dispatch": dispatch}, increment_attempts=True,
-        changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,
-                 "worker_name": worker_name[:200], "updated_at": now, "claim_token": uuid.uuid4().hex,
-                 "heartbeat_at": DATABASE_NOW},
-        returning=CLAIMED_FIELDS)
+def _take(pk: int, dispatch: str, worker_name: str) -> CaptionTask | None:
+    return execution.task_claim_as(task_id=pk, worker_name=worker_name,
+                                   expect={"status": TaskStatus.QUEUED, "dispatch": dispatch})
 
 
 @dataclass
@@ -168,11 +168,18 @@ class LegacyPoller:
 
     def _stop_asked(self) -> bool:
         """Whether the drain (or an admin) asked this poller to stop: read before claiming, at most every 0.5 s, so
-        a poller told to stop claims nothing more."""
+        a poller told to stop claims nothing more. A poller started while a migration run has drained the pollers
+        (by hand, by a restart policy) stops the same way."""
+        from migration.runs import pollers_blocked
+
         now = time.monotonic()
         if now - self._asked_checked_at >= 0.5:
             self._asked_checked_at = now
-            self.stopping = self.stopping or LegacyWorker.objects.filter(name=self.name, stop_requested=True).exists()
+            asked = LegacyWorker.objects.filter(name=self.name, stop_requested=True).exists()
+            if not asked and pollers_blocked():
+                logger.warning("%s: a migration run has drained the database pollers; stopping", self.name)
+                asked = True
+            self.stopping = self.stopping or asked
         return self.stopping
 
     def _sleep(self, seconds: float) -> None:
@@ -184,8 +191,11 @@ class LegacyPoller:
         LegacyWorker.objects.filter(name=self.name).update(current_task_id=task.pk)
         outcome = "failed"
         try:
-            # The same backstop as rq's job timeout: the captioner enforces RQ_DEFAULT_TIMEOUT itself.
-            with UnixSignalDeathPenalty(job_timeout(), JobTimeoutException, job_id=task.job_id):
+            # The same backstop as rq's job timeout: the captioner enforces RQ_DEFAULT_TIMEOUT itself. SIGALRM works
+            # only in the main thread (a poller run in a thread, as tests do, gets rq's timer instead).
+            penalty = UnixSignalDeathPenalty if threading.current_thread() is threading.main_thread() \
+                else TimerDeathPenalty
+            with penalty(job_timeout(), JobTimeoutException, job_id=task.job_id):
                 outcome = task_execute(task_id=task.pk, worker_name=self.name, claimed=task).status
         except TaskFailed as error:
             logger.warning("%s: %s", self.name, error)

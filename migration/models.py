@@ -33,7 +33,7 @@ class SystemMode(models.Model):
     paused_reason = models.CharField(max_length=300, blank=True)
     paused_until = models.DateTimeField(null=True, blank=True, help_text="Empty: paused until resumed.")
     paused_at = models.DateTimeField(null=True, blank=True)
-    # Fallback state, kept by the relay (migration.dispatch.DatabasePolicy.maintain) on the database's clock.
+    # Fallback state, kept by the relay (migration.dispatch.ModePolicy.maintain) on the database's clock.
     redis_down_since = models.DateTimeField(null=True, blank=True)
     fallback_active = models.BooleanField(default=False)
     fallback_since = models.DateTimeField(null=True, blank=True)

@@ -50,12 +50,14 @@ from django.db.models import Q
 from django.utils import timezone
 
 from migration import dispatch
+from migration.dispatch import person
 from migration.backup import BackupError, backup_write
 from migration.models import (LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode)
 from migration.preflight import preflight_report
 from migration.verify import baseline_take, verification
 from queues import broker
-from queues.models import POLLED_DISPATCH, CaptionTask, DatabaseNow, Dispatch, TaskStatus, UtcNow, database_now
+from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
+                           database_now_expression)
 from queues.reconcile import tasks_recover_from_worker
 
 logger = logging.getLogger("migration.runs")
@@ -207,13 +209,14 @@ def _polled_running() -> int:
 
 
 def _stop_local_pollers(ctx: PhaseContext) -> list[str]:
-    """Pollers on this host still running a task after the drain timeout: a second SIGTERM gives the attempt back,
-    then SIGKILL; their tasks are re-driven by name (queued again for the poller, which the migration moves)."""
+    """Pollers on this host that overran the drain timeout. Two SIGTERMs: the second gives the attempt in hand back
+    without using a retry. One still alive 10 s later gets SIGKILL, and its task is re-driven by name like any
+    crashed worker's (that attempt counts as a retry). Only a process whose command line is that poller's is
+    signalled: a pid from a registration may have been reused."""
     host = socket.gethostname()[:200]
     stopped = []
-    for poller in LegacyWorker.objects.filter(stopped_at__isnull=True, host=host):
-        holding = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, worker_name=poller.name).exists()
-        if not holding:
+    for poller in dispatch.legacy_workers_alive().filter(host=host):
+        if not _is_poller_process(poller.pid, poller.name):
             continue
         for signum in (signal.SIGTERM, signal.SIGTERM):
             try:
@@ -233,6 +236,15 @@ def _stop_local_pollers(ctx: PhaseContext) -> list[str]:
                 MigrationLogLine.Level.WARNING)
         stopped.append(poller.name)
     return stopped
+
+
+def _is_poller_process(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            arguments = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return b"run_legacy_worker" in arguments and (name.encode() in arguments or b"--name" not in arguments)
 
 
 def _alive(pid: int) -> bool:
@@ -327,14 +339,14 @@ def _republish_window(ctx: PhaseContext) -> int:
     if not window:
         return 0
     tasks = _window_tasks(window)
-    connection_ = broker.get_connection()
-    pipe = connection_.pipeline(transaction=False)
-    for pk, _ in tasks:
-        pipe.exists(broker.CaptionJob.redis_job_namespace_prefix + f"caption-{pk}")
-    present = pipe.execute() if tasks else []
-    missing = [task for task, exists in zip(tasks, present) if not exists]
+    try:
+        present = broker.jobs_exist([pk for pk, _ in tasks])
+        missing = [task for task, exists in zip(tasks, present) if not exists]
+        if missing:
+            broker.publish(missing, atomic=True)
+    except broker.BrokerUnavailable as error:
+        raise PhaseFailed(f"Redis is unreachable while checking the interrupted batch: {error}") from None
     if missing:
-        broker.publish(missing, atomic=True)
         ctx.log(f"the interrupted batch {window['after'] + 1}..{window['upto']}: {len(missing)} job(s) were "
                 "missing and are published now", MigrationLogLine.Level.WARNING)
     MigrationRun.objects.filter(pk=ctx.run.pk, executor=ctx.executor).update(checkpoint_window=None)
@@ -350,6 +362,11 @@ def phase_verify(ctx: PhaseContext) -> dict:
     for problem in report["problems"]:
         ctx.log(problem, MigrationLogLine.Level.ERROR)
     if not report["ok"]:
+        # What a mover can fix (tasks left behind, jobs missing) is fixed by moving again: resume runs the move phase
+        # again (safe), then this one.
+        mover = "return_tasks" if run.kind == MigrationRun.Kind.ROLLBACK else "migrate"
+        MigrationPhase.objects.filter(run=run, name=mover).update(state=MigrationPhase.State.PENDING)
+        ctx.log(f"{mover} will run again when the run resumes", MigrationLogLine.Level.WARNING)
         raise PhaseFailed("verification failed: " + "; ".join(report["problems"]))
     ctx.log("verified: every queued task has exactly one job, nothing is left behind"
             + (", counts and checksums match the baseline" if baseline else ""))
@@ -379,7 +396,8 @@ def phase_validate(ctx: PhaseContext) -> dict | None:
         return None
     references = ensure_samples()
     specs = [TaskSpec(image_ref=references[index % len(references)], priority="high",
-                      idempotency_key=f"migration-{ctx.run.pk}-validate-{index}") for index in range(count)]
+                      idempotency_key=f"migration-{ctx.run.pk}-validate-{ctx.phase.attempts}-{index}")
+             for index in range(count)]
     result = tasks_submit_many(specs=specs)
     ids = result.created + result.existing
     dispatched = dict(CaptionTask.objects.filter(pk__in=ids).values_list("pk", "dispatch"))
@@ -427,6 +445,9 @@ def phase_return_tasks(ctx: PhaseContext) -> dict:
     moved_total = int((ctx.phase.counts or {}).get("returned", 0))
     started = time.monotonic()
     while True:
+        # Counted before moving: a retry that comes back to the queue after the count is caught by the move below or,
+        # if it comes back after the move too, by the next pass (the loop ends only when both were zero in turn).
+        running = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch=Dispatch.RQ).count()
         moved = dispatch.tasks_move(source=(Dispatch.RQ, Dispatch.FALLBACK), target=Dispatch.DATABASE,
                                     published=True)
         if moved:
@@ -436,7 +457,6 @@ def phase_return_tasks(ctx: PhaseContext) -> dict:
             MigrationPhase.objects.filter(pk=ctx.phase.pk).update(counts=ctx.phase.counts)
             ctx.progress(moved_total, moved_total + _rq_active())
             continue
-        running = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch=Dispatch.RQ).count()
         if not running:
             break
         if time.monotonic() - started > timeout:
@@ -493,6 +513,14 @@ def _phases_of(kind: str) -> dict[str, Callable]:
 
 # --- runs -----------------------------------------------------------------------------------------------------------
 
+def pollers_blocked() -> bool:
+    """Whether a migration run has drained the pollers and not yet finished: a poller started meanwhile (by hand,
+    after the drain) must claim nothing, or it would take tasks the run is moving or has verified."""
+    return MigrationPhase.objects.filter(
+        name="drain", state=MigrationPhase.State.DONE, run__kind=MigrationRun.Kind.MIGRATION,
+        run__state__in=(MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED)).exists()
+
+
 def open_run() -> MigrationRun | None:
     """The run that is not finished (running, stopped or failed), if any: at most one at a time."""
     return MigrationRun.objects.filter(state__in=(MigrationRun.State.RUNNING, MigrationRun.State.STOPPED,
@@ -520,7 +548,12 @@ def run_create(*, user, options: dict | None = None, kind: str = MigrationRun.Ki
         current = open_run()
         if current is not None and not (kind == MigrationRun.Kind.ROLLBACK and rollback_of == current):
             raise RunError(f"{current} is {current.get_state_display().lower()}: resume it or roll it back first")
-        run = MigrationRun.objects.create(kind=kind, options=cleaned, started_by=_person(user),
+        if rollback_of is not None:
+            rollback_of.refresh_from_db()
+            if _lease_held(rollback_of):  # under the same lock run_execute takes a lease with
+                raise RunError(f"{rollback_of} is being executed by {rollback_of.executor}; wait for its phase to "
+                               "end or stop that process first")
+        run = MigrationRun.objects.create(kind=kind, options=cleaned, started_by=person(user),
                                           rollback_of=rollback_of)
         MigrationPhase.objects.bulk_create([MigrationPhase(run=run, name=name, order=index)
                                             for index, (name, _) in enumerate(
@@ -533,7 +566,7 @@ def run_create(*, user, options: dict | None = None, kind: str = MigrationRun.Ki
                 state=MigrationRun.State.STOPPED)
         from queues.fleet import audit
 
-        if _person(user):
+        if person(user):
             audit(user=user, action="migration_run_create", target=str(run), detail={"options": cleaned})
     return run
 
@@ -546,9 +579,6 @@ def rollback_create(*, user, of: MigrationRun | None = None, options: dict | Non
         if target.is_open or target.state == MigrationRun.State.FAILED:
             raise RunError(f"{target} is itself a rollback that has not finished: resume it")
         target = None
-    if target is not None and _lease_held(target):
-        raise RunError(f"{target} is being executed by {target.executor}; wait for its phase to end or stop that "
-                       "process first")
     return run_create(user=user, kind=MigrationRun.Kind.ROLLBACK, rollback_of=target, options=options)
 
 
@@ -563,16 +593,18 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
                 on_log: Callable[[str, str], None] | None = None,
                 on_phase: Callable[[MigrationPhase], None] | None = None) -> MigrationRun:
     """Runs the run's remaining phases (``one_phase``: only the next one). Returns the run as it ended."""
-    if run.kind == MigrationRun.Kind.MIGRATION:
-        rollback = run.rollbacks.exclude(state=MigrationRun.State.SUCCEEDED).first()
-        if rollback is not None:
-            raise RunError(f"{run} is being rolled back by {rollback}: resume the rollback instead")
     executor = f"{socket.gethostname()[:120]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    stale = DatabaseNow(-settings.MIGRATION_RUN_LEASE_SECONDS)
-    taken = MigrationRun.objects.filter(
-        Q(executor="") | Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=_now_expression(stale)),
-        pk=run.pk, state__in=(MigrationRun.State.STOPPED, MigrationRun.State.FAILED, MigrationRun.State.RUNNING),
-    ).update(executor=executor, heartbeat_at=UtcNow(), state=MigrationRun.State.RUNNING, failure_reason="")
+    stale = database_now_expression(-settings.MIGRATION_RUN_LEASE_SECONDS)
+    with transaction.atomic():
+        dispatch._locked_mode()  # the lock run_create takes: a rollback cannot be created between check and lease
+        if run.kind == MigrationRun.Kind.MIGRATION:
+            rollback = run.rollbacks.exclude(state=MigrationRun.State.SUCCEEDED).first()
+            if rollback is not None:
+                raise RunError(f"{run} is being rolled back by {rollback}: resume the rollback instead")
+        taken = MigrationRun.objects.filter(
+            Q(executor="") | Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale),
+            pk=run.pk, state__in=(MigrationRun.State.STOPPED, MigrationRun.State.FAILED, MigrationRun.State.RUNNING),
+        ).update(executor=executor, heartbeat_at=UtcNow(), state=MigrationRun.State.RUNNING, failure_reason="")
     if not taken:
         run.refresh_from_db()
         if run.state in (MigrationRun.State.SUCCEEDED, MigrationRun.State.ROLLED_BACK):
@@ -606,6 +638,7 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
         _finish(run, executor)
     except LeaseLost as error:
         logger.warning("%s", error)
+        raise RunError(f"{error}; this process stopped without writing more") from None
     finally:
         beat_stop.set()
         beat.join(beat_every + 5)
@@ -614,17 +647,16 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
     return run
 
 
-def _now_expression(value: DatabaseNow):
-    from django.db.models import DateTimeField
-    from django.db.models.expressions import RawSQL
-
-    return RawSQL(value.sql(connection), (), output_field=DateTimeField())
+def _holds(run, executor) -> None:
+    if not MigrationRun.objects.filter(pk=run.pk, executor=executor).exists():
+        raise LeaseLost(f"{run} was taken over by another process")
 
 
 def _run_phase(run, phase, function, user, executor, on_progress, on_log) -> None:
+    _holds(run, executor)
     MigrationPhase.objects.filter(pk=phase.pk).update(
         state=MigrationPhase.State.RUNNING, attempts=phase.attempts + 1, started_at=phase.started_at or timezone.now(),
-        finished_at=None, message="", actor=_person(user))
+        finished_at=None, message="", actor=person(user))
     phase.refresh_from_db()
     ctx = PhaseContext(run=run, phase=phase, actor=user, executor=executor, on_progress=on_progress, on_log=on_log)
     if phase.attempts > 1:
@@ -642,12 +674,14 @@ def _run_phase(run, phase, function, user, executor, on_progress, on_log) -> Non
         _fail(run, phase, executor, f"{type(error).__name__}: {error}", ctx)
         return
     state = MigrationPhase.State.SKIPPED if counts is None else MigrationPhase.State.DONE
+    _holds(run, executor)
     MigrationPhase.objects.filter(pk=phase.pk).update(state=state, finished_at=timezone.now(),
                                                       counts={**(phase.counts or {}), **(counts or {})})
     phase.refresh_from_db()
 
 
 def _fail(run, phase, executor, reason: str, ctx: PhaseContext) -> None:
+    _holds(run, executor)
     try:
         ctx.log(reason, MigrationLogLine.Level.ERROR)
     except Exception:
@@ -660,8 +694,9 @@ def _fail(run, phase, executor, reason: str, ctx: PhaseContext) -> None:
 
 def _finish(run: MigrationRun, executor: str) -> None:
     with transaction.atomic():
-        MigrationRun.objects.filter(pk=run.pk, executor=executor).update(state=MigrationRun.State.SUCCEEDED,
-                                                                         finished_at=timezone.now())
+        if not MigrationRun.objects.filter(pk=run.pk, executor=executor).update(state=MigrationRun.State.SUCCEEDED,
+                                                                                finished_at=timezone.now()):
+            raise LeaseLost(f"{run} was taken over by another process")
         MigrationLogLine.objects.create(run=run, message=f"{run} succeeded")
         if run.kind == MigrationRun.Kind.ROLLBACK and run.rollback_of_id:
             MigrationRun.objects.filter(pk=run.rollback_of_id).update(state=MigrationRun.State.ROLLED_BACK,
@@ -681,8 +716,6 @@ def _beat(run_id: int, executor: str, stop: threading.Event, every: float) -> No
         connection.close()
 
 
-def _person(user):
-    return user if getattr(user, "pk", None) else None
 
 
 def run_status_lines(run: MigrationRun) -> list[str]:

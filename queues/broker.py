@@ -237,6 +237,19 @@ def ping() -> bool:
         return False
 
 
+def jobs_exist(task_ids: list[int]) -> list[bool]:
+    """Whether each task's job hash is in Redis (one pipeline of EXISTS). Raises BrokerUnavailable."""
+    if not task_ids:
+        return []
+    try:
+        pipe = get_connection().pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.exists(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id))
+        return [bool(found) for found in pipe.execute()]
+    except REDIS_ERRORS as error:
+        raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
+
+
 def fetch_job(task_id: int) -> CaptionJob | None:
     try:
         return CaptionJob.fetch(job_id_for(task_id), connection=get_connection())

@@ -98,17 +98,23 @@ def task_claim(*, task_id: int, worker_name: str, queue: str | None = None) -> C
     the new queue; the entry left in the old one no longer matches the row's priority and claims nothing.
 
     Only a task dispatched to RQ can be claimed here (the database poller claims its own, in migration.legacy), so
-    a task moved between the systems runs in at most one of them. Only a published task can be claimed. Publication is what makes a task due (the relay publishes a retry only
-    once its backoff is over), so a stale copy of a job (pushed twice, or left behind when the task went back to
+    a task moved between the systems runs in at most one of them. Only a published task can be claimed.
+    Publication is what makes a task due (the relay publishes a retry only once its backoff is over), so a stale copy of a job (pushed twice, or left behind when the task went back to
     waiting for a retry or was unpublished by the reconciler) cannot start the task early.
 
     The claim itself is recorded on the row (status, attempts, started_at, worker_name); the attempt's event row
     is written when it ends, with its duration, in the same transaction as its outcome. An attempt that never
     ends (its worker died) is recorded by whoever re-drives the task.
     """
-    now = timezone.now()
     expect = {"status": TaskStatus.QUEUED, "dispatch": Dispatch.RQ, "published_at": NOT_NULL,
               **({"priority": queue} if queue else {})}
+    return task_claim_as(task_id=task_id, worker_name=worker_name, expect=expect)
+
+
+def task_claim_as(*, task_id: int, worker_name: str, expect: dict) -> CaptionTask | None:
+    """The claim itself, if the row has the values in ``expect``: RQ's (above) and the database poller's
+    (migration.legacy) differ only in what they expect."""
+    now = timezone.now()
     return CaptionTask.objects.transition(
         task_id, expect=expect, increment_attempts=True,
         changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,

@@ -44,6 +44,14 @@ def database_now_sql(connection, *, offset_seconds: int = 0) -> str:
     return "STATEMENT_TIMESTAMP()" + (f" + INTERVAL '{offset} seconds'" if offset else "")
 
 
+def database_now_expression(offset_seconds: int = 0, *, using: str = "default"):
+    """``database_now_sql`` as an expression for ``filter()`` (lease and heartbeat ages on the database's clock)."""
+    from django.db.models.expressions import RawSQL
+
+    return RawSQL(database_now_sql(connections[using], offset_seconds=offset_seconds), (),
+                  output_field=models.DateTimeField())
+
+
 class UtcNow(Now):
     """``database_now_sql`` as an ORM expression (Django's Now is the server's local time on MySQL), for
     ``filter()``/``update()`` where the heartbeats of background operations are written and judged."""

@@ -31,6 +31,7 @@ from django.db.models.sql.where import WhereNode
 from django.utils import timezone
 
 from queues import broker, control
+from queues.dispatch import get_policy
 from queues.fleet import audit
 from queues.models import BulkOperation, CaptionTask, Priority, TaskEvent, TaskStatus, UtcNow
 from queues.services import tasks_publish
@@ -92,9 +93,14 @@ def _requeue(rows, result, user):
     if not eligible:
         return []
     pks = [pk for pk, _ in eligible]
-    CaptionTask.objects.filter(pk__in=pks, status__in=REQUEUEABLE).update(
-        status=TaskStatus.QUEUED, attempts=0, published_at=None, publish_after=now, started_at=None,
-        finished_at=None, last_error_class="", last_error_message="", updated_at=now)
+    # A requeued task goes where new tasks go now (queues.dispatch): the system that ran it before may be gone.
+    by_system: dict[str, list[int]] = {}
+    for pk, system in zip(pks, get_policy().assign(len(pks))):
+        by_system.setdefault(system, []).append(pk)
+    for system, ids in by_system.items():
+        CaptionTask.objects.filter(pk__in=ids, status__in=REQUEUEABLE).update(
+            status=TaskStatus.QUEUED, attempts=0, published_at=None, publish_after=now, started_at=None,
+            finished_at=None, last_error_class="", last_error_message="", updated_at=now, dispatch=system)
     _events(pks, TaskEvent.Kind.REQUEUED, user, "requeued; retry count reset", now)
     result.changed += len(pks)
     transaction.on_commit(lambda: broker.dead_letters_forget(eligible))

@@ -248,11 +248,11 @@ def _fresh_queue_control():
 def mode(db):
     """Sets fields of the dispatch mode row: ``mode(mode="legacy", submission_paused=True, ...)``."""
 
-    from migration.dispatch import system_mode
+    from migration.dispatch import system_mode_ensure
     from migration.models import SystemMode
 
     def set_fields(**fields) -> SystemMode:
-        system_mode()
+        system_mode_ensure()
         SystemMode.objects.filter(pk=1).update(**fields)
         return SystemMode.objects.get(pk=1)
 

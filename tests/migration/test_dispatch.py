@@ -18,8 +18,13 @@ pytestmark = pytest.mark.django_db
 def test_mode_row_defaults_from_the_old_systems_variables(settings):
     settings.RQ_ENABLED, settings.RQ_HYBRID_MODE, settings.RQ_HYBRID_RQ_PERCENT = True, True, 30
     settings.RQ_FALLBACK_ENABLED, settings.RQ_FALLBACK_TIMEOUT = False, 45
+    SystemMode.objects.all().delete()  # as before the first change of it
     row = dispatch.system_mode()
     assert (row.mode, row.hybrid_rq_percent, row.fallback_enabled, row.fallback_timeout) == ("hybrid", 30, False, 45)
+    assert not SystemMode.objects.exists()  # reading writes nothing
+    dispatch.mode_set(mode=Mode.HYBRID, user=None)
+    row = SystemMode.objects.get()
+    assert (row.hybrid_rq_percent, row.fallback_enabled, row.fallback_timeout) == (30, False, 45)
 
 
 def test_legacy_mode_sends_new_tasks_to_the_database_and_publishes_nothing(redis, mode, media_image,

@@ -57,6 +57,36 @@ def test_claims_are_exclusive(redis, database_tasks):
     assert task_claim_polled(worker_name="b") is None
 
 
+def test_two_pollers_at_once_run_every_task_exactly_once(redis, database_tasks, settings):
+    """Two pollers in threads, each with its own database connection (SKIP LOCKED on MariaDB, conditional updates
+    over candidates on SQLite)."""
+    import threading
+
+    from django.db import connection
+    from django.db.models import Count
+
+    settings.CAPTION_BACKEND = "noop"
+    ids = database_tasks(300)
+    pollers = [LegacyPoller(name=f"poller.thread.{index}", interval=0.01) for index in range(2)]
+
+    def work(poller):
+        try:
+            poller.work(burst=True)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(poller,)) for poller in pollers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    completions = dict(TaskEvent.objects.filter(kind="completed").values("task_id").annotate(n=Count("id"))
+                       .values_list("task_id", "n"))
+    assert {completions.get(pk) for pk in ids} == {1}
+    assert sum(poller.result.completed for poller in pollers) == 300
+    assert all(poller.result.completed > 0 for poller in pollers)  # both worked: neither waited the other out
+
+
 def test_sigterm_finishes_the_task_in_hand_then_exits(redis, database_tasks, http_server, png_bytes):
     from tests.processes import slow_ollama
 
@@ -87,7 +117,7 @@ def test_the_command_refuses_bad_arguments(db):
         call_command("run_legacy_worker", "--interval", "-1")
 
 
-def test_registers_while_running(redis, database_tasks):
+def test_registers_while_running(redis):
     poller = LegacyPoller(name="poller.reg", interval=0.05)
     import threading
 

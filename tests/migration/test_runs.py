@@ -1,6 +1,7 @@
 """Migration runs end to end on a real Redis and database: phases, checkpoint repair, verification, rollback."""
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
@@ -191,8 +192,6 @@ def test_the_command_refuses_bad_input_clearly(mode, capsys):
 
 def test_a_retry_in_its_backoff_moves_to_rq_unpublished_and_keeps_its_wait(redis, mode, database_tasks,
                                                                           registered_worker, settings, tmp_path):
-    from datetime import timedelta
-
     settings.MIGRATION_BACKUP_DIR = tmp_path
     due, waiting = database_tasks(2)
     later = timezone.now() + timedelta(hours=1)
@@ -202,3 +201,77 @@ def test_a_retry_in_its_backoff_moves_to_rq_unpublished_and_keeps_its_wait(redis
     task = CaptionTask.objects.get(pk=waiting)
     assert (task.dispatch, task.published_at, task.publish_after) == (Dispatch.RQ, None, later)
     assert broker.queued_task_ids("normal") == {due}
+
+
+def test_a_failed_verify_moves_again_when_the_run_resumes(redis, mode, database_tasks, registered_worker, settings,
+                                                          tmp_path):
+    """A task queued for the poller behind the migrate phase (a poller's retry landing after the drain) fails the
+    verification; resuming runs the migrate phase again, then verifies."""
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    mode(mode=Mode.LEGACY)
+    ids = database_tasks(30)
+    run = run_create(user=None, options=QUICK)
+    while _phases(run)["verify"] == "pending" and _phases(run)["migrate"] != "done":
+        run = run_execute(run=run, one_phase=True)
+    [straggler] = database_tasks(1)
+    run = run_execute(run=run)
+    assert run.state == MigrationRun.State.FAILED and "queued for database" in run.failure_reason
+    assert _phases(run)["migrate"] == "pending"
+    run = run_execute(run=run)
+    assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
+    assert broker.queued_task_ids("normal") == {*ids, straggler}
+
+
+def test_a_process_that_lost_the_run_stops_without_writing(redis, mode, registered_worker, settings, tmp_path):
+    import threading
+
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    run = run_create(user=None, options={**QUICK, "soak_seconds": 3})
+    outcome = {}
+
+    def execute():
+        from django.db import connection
+
+        try:
+            run_execute(run=run)
+        except RunError as error:
+            outcome["error"] = str(error)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=execute)
+    thread.start()
+    wait_for(lambda: MigrationPhase.objects.filter(run=run, name="hybrid", state="running").exists(), 30,
+             "the soak began")
+    MigrationRun.objects.filter(pk=run.pk).update(executor="another-host:1:abcdef")  # taken over
+    thread.join(30)
+    assert "taken over" in outcome.get("error", "")
+    assert MigrationPhase.objects.get(run=run, name="hybrid").state == "running"  # not written by the old process
+    assert MigrationPhase.objects.get(run=run, name="pause_submission").state == "pending"
+
+
+def test_requeue_sends_a_task_where_new_tasks_go(redis, mode, database_tasks, admin_user,
+                                                 django_capture_on_commit_callbacks):
+    from queues.operations import tasks_requeue
+
+    [task_id] = database_tasks(1)
+    CaptionTask.objects.filter(pk=task_id).update(status=TaskStatus.FAILED, finished_at=timezone.now())
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks_requeue(task_ids=[task_id], user=admin_user)
+    task = CaptionTask.objects.get(pk=task_id)
+    assert (task.status, task.dispatch) == (TaskStatus.QUEUED, Dispatch.RQ)  # mode rq: the poller may be long gone
+    assert broker.queued_task_ids("normal") == {task_id}
+
+
+def test_outside_runs_the_relay_sends_stragglers_to_the_modes_system(redis, mode, database_tasks, media_image):
+    from queues.services import tasks_relay_once
+
+    [task_id] = database_tasks(1)
+    tasks_relay_once()
+    assert CaptionTask.objects.get(pk=task_id).dispatch == Dispatch.RQ  # mode rq
+    assert broker.queued_task_ids("normal") == {task_id}
+    mode(mode=Mode.LEGACY)
+    [rq_task] = CaptionTask.objects.insert_new([(media_image(), "normal", None)],
+                                               publish_after=timezone.now() + timedelta(hours=1))
+    tasks_relay_once()
+    assert CaptionTask.objects.get(pk=rq_task).dispatch == Dispatch.DATABASE

@@ -44,10 +44,11 @@ def test_changelist_filters_search_and_shows_caption_and_error(client, admin_use
                                                        last_error_message="HTTP 404")
     client.force_login(admin_user)
     url = reverse("admin:queues_captiontask_changelist")
-    with django_assert_max_num_queries(8):
+    # 8, and the dispatch mode row the admin banner reads (whether submission is paused)
+    with django_assert_max_num_queries(9):
         response = client.get(url)
     assert response.status_code == 200
-    with django_assert_max_num_queries(8):
+    with django_assert_max_num_queries(9):
         failed = client.get(url, {"status__exact": "FAILED"})
     assert failed.context["cl"].result_count == 3
     assert "PermanentCaptionError: HTTP 404" in failed.content.decode()

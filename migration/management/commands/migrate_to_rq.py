@@ -238,11 +238,13 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS("Verified: everything matches."))
 
     def do_rollback(self, *, yes, timeout, **options):
+        if timeout is not None and timeout < 1:
+            raise CommandError("--timeout must be at least 1 second")
         target = runs.open_run()
         self._confirm("This sets the mode to legacy and returns every queued RQ task to the database poller "
                       "(their jobs are removed from Redis).", yes)
         run = runs.rollback_create(user=None, of=target if target and target.kind == "migration" else None,
-                                   options={"rollback_timeout": timeout} if timeout else None)
+                                   options={"rollback_timeout": timeout} if timeout is not None else None)
         self.stdout.write(f"{run} created.")
         self._execute(run)
 
