@@ -1,8 +1,14 @@
 """``python -m portal.testing [pytest args]``: the test command's second half (``dev.py test`` runs it).
 
-Starts a throw-away real Redis server on a free loopback port (unless TEST_REDIS_URL names one to use), points
-REDIS_URL at it, runs pytest and stops the server. pytest's exit code is returned, so no tests run (exit code 5)
+Starts throw-away real Redis servers on free loopback ports (unless TEST_REDIS_URL names one to use), points
+REDIS_URL at them, runs pytest and stops the servers. pytest's exit code is returned, so no tests run (exit code 5)
 or any failure fails the command.
+
+The suite runs in ``TEST_PROCESSES`` pytest-xdist workers (default: 2, or 1 on a single CPU), each with a Redis
+server of its own (``TEST_REDIS_URLS``; tests/conftest.py points each worker at its own, or at its own database
+number of TEST_REDIS_URL) and a database of its own (pytest-django's per-worker suffix). Most of the suite's time is
+spent waiting on real processes, so two workers nearly halve it even on two cores. ``TEST_PROCESSES=1`` (or ``-n``
+given explicitly, or ``-p no:xdist``) runs it as one process.
 """
 
 import os
@@ -18,19 +24,31 @@ def main(argv: list[str]) -> int:
     environment.setdefault("IMAGE_FETCH_ALLOW_PRIVATE", "true")
     environment.setdefault("PORTAL_LOCAL", "true")
     environment.pop("RQ_REDIS_URL", None)
+    processes = int(environment.get("TEST_PROCESSES") or (2 if (os.cpu_count() or 1) > 1 else 1))
+    explicit = any(arg == "-n" or arg.startswith("--numprocesses") or arg.startswith("-n") and arg[2:].isdigit()
+                   or arg == "no:xdist" for arg in argv)
+    if processes > 1 and not explicit:
+        argv = ["-n", str(processes), *argv]
+    else:
+        processes = 1
     with tempfile.TemporaryDirectory(prefix="portal-test-") as directory:
         environment.setdefault("PORTAL_VAR_DIR", os.path.join(directory, "var"))
-        server = None
+        servers = []
         if environment.get("TEST_REDIS_URL"):
-            environment["REDIS_URL"] = environment["TEST_REDIS_URL"]
+            base = environment["TEST_REDIS_URL"].rstrip("/")
+            base = base.rsplit("/", 1)[0] if base.rsplit("/", 1)[-1].isdigit() else base
+            urls = [f"{base}/{index}" for index in range(processes)]
         else:
-            server = RedisServer(os.path.join(directory, "redis"), port=free_port(), appendonly=False).start()
-            environment["REDIS_URL"] = server.url
-            print(f"Test Redis: {server.url} ({server.command()[0]})", flush=True)
+            servers = [RedisServer(os.path.join(directory, f"redis-{index}"), port=free_port(),
+                                   appendonly=False).start() for index in range(processes)]
+            urls = [server.url for server in servers]
+            print(f"Test Redis: {', '.join(urls)} ({servers[0].command()[0]})", flush=True)
+        environment["REDIS_URL"] = urls[0]
+        environment["TEST_REDIS_URLS"] = ",".join(urls)
         try:
             return subprocess.call([sys.executable, "-m", "pytest", *argv], env=environment)
         finally:
-            if server is not None:
+            for server in servers:
                 server.stop()
 
 

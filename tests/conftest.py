@@ -14,6 +14,27 @@ from queues import broker
 from queues.worker import CaptionWorker
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker uses a Redis server of its own (portal.testing starts one per worker and lists
+    them in TEST_REDIS_URLS): tests flush Redis and read its command statistics, which another worker's tests would
+    disturb. Child processes the tests start get the worker's address through REDIS_URL."""
+    import os
+
+    worker, urls = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("TEST_REDIS_URLS", "")
+    if not worker or not urls:
+        return
+    from django.conf import settings
+
+    choices = urls.split(",")
+    url = choices[int(worker.removeprefix("gw")) % len(choices)]
+    os.environ["REDIS_URL"] = settings.REDIS_URL = url
+    settings.RQ_QUEUES = {name: {**queue, "URL": url} for name, queue in settings.RQ_QUEUES.items()}
+    settings.CHANNEL_LAYERS = {**settings.CHANNEL_LAYERS, "default": {
+        **settings.CHANNEL_LAYERS["default"],
+        "CONFIG": {**settings.CHANNEL_LAYERS["default"]["CONFIG"], "hosts": [url]}}}
+    broker.reset_connection()
+
+
 @pytest.fixture
 def redis(settings):
     """The test run's Redis server, emptied before the test. Tests that use it talk to a real server."""
