@@ -73,15 +73,6 @@ def iterate_rows(queryset=None, *, fields: tuple[str, ...] | None = None):
         last = page[-1]["id"]
 
 
-def tasks_tally(*, upto: int | None = None) -> dict:
-    """Counts and checksums of the task rows per status (``upto``: ids up to this one only)."""
-    tally = Tally()
-    queryset = CaptionTask.objects.all() if upto is None else CaptionTask.objects.filter(pk__lte=upto)
-    for row in iterate_rows(queryset, fields=(*FINGERPRINT_FIELDS, "status")):
-        tally.add(row["status"], row)
-    return tally.as_dict()
-
-
 def backup_write(*, directory: Path | None = None, label: str = "",
                  on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Writes a backup of every task row; returns its manifest (with ``path``). ``on_rows(done, total)``."""

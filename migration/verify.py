@@ -7,14 +7,17 @@
   running in RQ.
 - **Counts and checksums** (migration.backup) against the baseline taken before the tasks moved: tasks that were
   finished then are unchanged; tasks that were queued or running then are still queued or running, or were
-  processed since (started or finished after the baseline), and their fingerprints add up to the baseline's.
+  processed since, and their fingerprints add up to the baseline's. Tasks active around the baseline (``RECENT``:
+  started or finished less than a minute before it, or since) count with the queued and running ones on both sides,
+  so a task finishing while the baseline is read cannot show as a difference.
 - **Ran twice**: no task of the baseline has two completions.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db.models import Count
 from django.utils.dateparse import parse_datetime
@@ -27,12 +30,32 @@ ACTIVE = (TaskStatus.QUEUED, TaskStatus.PROCESSING)
 FINISHED = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
+# Tasks with a start or an end less than this before the baseline, or any time after it, are compared as one group
+# with the queued and running ones. Their status may change while the baseline is being read (a worker finishing as
+# its row is read), and their times come from the workers' clocks; the margin covers both.
+RECENT_MARGIN = timedelta(seconds=60)
+RECENT = "RECENT"
+
+
+def _classified_tally(*, upto: int, cutoff: datetime) -> dict:
+    """Counts and checksums per status of the tasks up to ``upto``, tasks active since ``cutoff`` under RECENT. The
+    baseline and the check classify the same way, so a task can only move from an active status to RECENT."""
+    tally = Tally()
+    for row in iterate_rows(CaptionTask.objects.filter(pk__lte=upto),
+                            fields=("id", "image_ref", "priority", "idempotency_key", "created_at", "status",
+                                    "started_at", "finished_at")):
+        recent = (row["started_at"] and row["started_at"] >= cutoff) or \
+            (row["finished_at"] and row["finished_at"] >= cutoff)
+        tally.add(RECENT if recent else row["status"], row)
+    return tally.as_dict()
+
+
 def baseline_take(*, at: datetime) -> dict:
     """The counts and checksums per status of every task now (the verification compares against it)."""
-    from migration.backup import tasks_tally
-
     last = CaptionTask.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
-    return {"at": at.isoformat(), "max_id": last, "by_status": tasks_tally(upto=last)}
+    cutoff = at - RECENT_MARGIN
+    return {"at": at.isoformat(), "cutoff": cutoff.isoformat(), "max_id": last,
+            "by_status": _classified_tally(upto=last, cutoff=cutoff)}
 
 
 def jobs_check(*, sample_limit: int = 20) -> dict:
@@ -53,8 +76,13 @@ def jobs_check(*, sample_limit: int = 20) -> dict:
     listed = {pk for counter in entries.values() for pk in counter}
     foreign = [(name, pk) for name, counter in entries.items() for pk in counter
                if pk not in waiting or waiting[pk] != name]
-    # Second looks: a worker may have popped and claimed a task between our list read and our row read.
-    missing = [pk for pk in missing if _still_missing(connection, pk)]
+    # Second looks: a worker may have popped and claimed a task between our list read and our row read. A job popped
+    # but not yet claimed is in neither place for a moment; what is still missing after a pause is really missing.
+    for pause in (0.0, 1.0, 2.0):
+        if not missing:
+            break
+        time.sleep(pause)
+        missing = [pk for pk in missing if _still_missing(connection, pk)]
     foreign = [(name, pk) for name, pk in foreign if _still_foreign(connection, name, pk)]
     duplicated = [pk for pk in duplicated if _entries_now(connection, waiting[pk], pk) > 1]
     return {"waiting_tasks": len(waiting), "queue_entries": sum(sum(c.values()) for c in entries.values()),
@@ -115,20 +143,14 @@ def left_behind(*, direction: str) -> dict:
 
 def tally_check(baseline: dict) -> dict:
     """Compares the tasks of the baseline (ids up to its ``max_id``) with it, per the module docstring."""
-    at = parse_datetime(baseline["at"])
-    unchanged, processed = Tally(), Tally()
-    for row in iterate_rows(CaptionTask.objects.filter(pk__lte=baseline["max_id"]),
-                            fields=("id", "image_ref", "priority", "idempotency_key", "created_at", "status",
-                                    "started_at", "finished_at")):
-        moved = (row["started_at"] and row["started_at"] >= at) or (row["finished_at"] and row["finished_at"] >= at)
-        (processed if moved else unchanged).add("processed" if moved else row["status"], row)
-    before, after = baseline["by_status"], unchanged.as_dict()
-    groups = []
-    for status in FINISHED:
-        groups.append(_compare(status, [before.get(status)], [after.get(status)]))
-    groups.append(_compare("QUEUED+PROCESSING", [before.get(s) for s in ACTIVE],
-                           [after.get(s) for s in ACTIVE] + [processed.as_dict().get("processed")],
-                           processed=processed.as_dict().get("processed", {}).get("count", 0)))
+    cutoff = parse_datetime(baseline.get("cutoff") or baseline["at"])
+    before = baseline["by_status"]
+    after = _classified_tally(upto=baseline["max_id"], cutoff=cutoff)
+    groups = [_compare(status, [before.get(status)], [after.get(status)]) for status in FINISHED]
+    active = (*ACTIVE, RECENT)
+    processed = (after.get(RECENT) or {}).get("count", 0) - (before.get(RECENT) or {}).get("count", 0)
+    groups.append(_compare("QUEUED+PROCESSING", [before.get(s) for s in active], [after.get(s) for s in active],
+                           processed=processed))
     return {"groups": groups, "ok": all(group["ok"] for group in groups)}
 
 
