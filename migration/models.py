@@ -136,8 +136,8 @@ class MigrationRun(models.Model):
                                 help_text="Counts and checksums per status before the tasks were migrated.")
     verification = models.JSONField(default=dict, blank=True)
     checkpoint = models.BigIntegerField(default=0, help_text="The last task id migrated.")
-    # The batch being published: {"after": id, "upto": id, "stamp": iso}. Set in the transaction that moves a batch
-    # to RQ, cleared once its jobs are in Redis; a resumed run republishes such a batch if its jobs are missing.
+    # The last batch moved: {"ids": [...], "stamp": iso}. Set in the transaction that moves a batch to RQ (with the
+    # checkpoint), replaced by the next; a resumed run publishes that batch's jobs if they are missing.
     checkpoint_window = models.JSONField(null=True, blank=True)
     failure_reason = models.TextField(blank=True)
     started_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,

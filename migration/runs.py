@@ -21,10 +21,11 @@ validate            ``validate_tasks`` test tasks must complete through RQ withi
 cleanup             poller registrations of stopped pollers are closed; what remains is reported
 ==================  =============================================================================================
 
-**The migrate checkpoint.** Each batch is one transaction that moves the tasks (``dispatch`` database -> rq,
-conditional on still being queued there, ``published_at`` stamped), advances ``checkpoint`` and records the batch as
-``checkpoint_window``; then the batch's jobs go to Redis in one MULTI/EXEC (all or none, deterministic ids
-``caption-<id>``), and the window is cleared. A process killed at any point leaves either a batch not moved (it is
+**The migrate checkpoint.** The phase walks the task table by primary key from ``checkpoint``, a batch of
+``batch_size`` rows at a time. Each batch is one transaction that moves the batch's queued database tasks
+(``dispatch`` database -> rq, conditional on still being queued there, ``published_at`` stamped), advances
+``checkpoint`` and records the moved ids as ``checkpoint_window``; then their jobs go to Redis in one MULTI/EXEC (all
+or none, deterministic ids ``caption-<id>``). A process killed at any point leaves either a batch not moved (it is
 taken again), or a batch moved with its window recorded: the resumed phase looks at the window's jobs and publishes
 them if they are missing. Nothing is published twice and nothing is lost.
 
@@ -275,35 +276,45 @@ def phase_migrate(ctx: PhaseContext) -> dict:
     total = done + remaining
     ctx.progress(done, total, force=True)
     while True:
-        rows = list(CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH,
-                                               pk__gt=run.checkpoint).order_by("pk")
-                    .values_list("pk", flat=True)[:batch_size])
-        if not rows:
-            # Tasks behind the checkpoint that came back to the database queue (a poller's retry before the drain,
-            # a restore) are taken from the start again.
-            if run.checkpoint and CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH,
-                                                             pk__lte=run.checkpoint).exists():
-                run.checkpoint = 0
-                continue
-            break
+        # The next rows by primary key, whatever their state: a range read that costs the same at any depth of the
+        # backlog (a query for "queued database tasks after the checkpoint" made SQLite walk the dispatch index over
+        # every remaining task, each batch). Rows not queued for the poller are passed over.
+        rows = list(CaptionTask.objects.filter(pk__gt=run.checkpoint).order_by("pk")
+                    .values_list("pk", "status", "dispatch")[:batch_size])
+        if rows:
+            ids = [pk for pk, status, system in rows if status == TaskStatus.QUEUED and system in POLLED_DISPATCH]
+            upto = rows[-1][0]
+        else:
+            # At the end: tasks behind the checkpoint that came back to the database queue (a poller's retry that
+            # landed late, a restore) are taken by id.
+            ids = list(CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH,
+                                                  pk__lte=run.checkpoint).order_by("pk")
+                       .values_list("pk", flat=True)[:batch_size])
+            if not ids:
+                break
+            upto = run.checkpoint
         stamp = timezone.now()
-        window = {"after": run.checkpoint, "upto": rows[-1], "stamp": stamp.isoformat()}
+        window = {"ids": ids, "stamp": stamp.isoformat()}
+        moved_count = 0
         with transaction.atomic():
-            batch = CaptionTask.objects.filter(pk__in=rows, status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH)
-            # A retry still in its backoff moves unpublished: the relay publishes it when it is due.
-            waiting = batch.filter(publish_after__gt=stamp).update(dispatch=Dispatch.RQ, published_at=None)
-            moved_count = waiting + batch.update(dispatch=Dispatch.RQ, published_at=stamp, publish_after=stamp)
+            if ids:
+                batch = CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.QUEUED,
+                                                   dispatch__in=POLLED_DISPATCH)
+                # A retry still in its backoff moves unpublished: the relay publishes it when it is due.
+                moved_count = batch.filter(publish_after__gt=stamp).update(dispatch=Dispatch.RQ, published_at=None)
+                moved_count += batch.update(dispatch=Dispatch.RQ, published_at=stamp, publish_after=stamp)
             if MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(
-                    checkpoint=rows[-1], checkpoint_window=window, heartbeat_at=UtcNow()) != 1:
+                    checkpoint=upto, checkpoint_window=window if moved_count else None,
+                    heartbeat_at=UtcNow()) != 1:
                 raise LeaseLost(f"run {run.pk} was taken over by another process")
-        run.checkpoint = rows[-1]
+            done += moved_count
+            ctx.phase.counts = {**(ctx.phase.counts or {}), "migrated": done}
+            MigrationPhase.objects.filter(pk=ctx.phase.pk).update(counts=ctx.phase.counts)
+        run.checkpoint = upto
         if moved_count:
             _publish_window(window)
-        MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(checkpoint_window=None)
-        done += moved_count
-        ctx.phase.counts = {**(ctx.phase.counts or {}), "migrated": done}
-        MigrationPhase.objects.filter(pk=ctx.phase.pk).update(counts=ctx.phase.counts)
         ctx.progress(done, max(total, done))
+    MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(checkpoint_window=None)
     ctx.progress(done, max(total, done), force=True)
     ctx.log(f"{done} task(s) moved to RQ" + (f"; {repaired} republished from an interrupted batch" if repaired
                                              else ""))
@@ -311,10 +322,10 @@ def phase_migrate(ctx: PhaseContext) -> dict:
 
 
 def _window_tasks(window: dict) -> list[tuple[int, str]]:
+    """The tasks of a batch this run moved and stamped: still queued for RQ with that publication."""
     from django.utils.dateparse import parse_datetime
 
-    return list(CaptionTask.objects.filter(pk__gt=window["after"], pk__lte=window["upto"],
-                                           status=TaskStatus.QUEUED, dispatch=Dispatch.RQ,
+    return list(CaptionTask.objects.filter(pk__in=window["ids"], status=TaskStatus.QUEUED, dispatch=Dispatch.RQ,
                                            published_at=parse_datetime(window["stamp"]))
                 .values_list("pk", "priority"))
 
@@ -329,7 +340,7 @@ def _publish_window(window: dict) -> None:
 
         CaptionTask.objects.filter(pk__in=[pk for pk, _ in tasks], published_at=parse_datetime(window["stamp"])) \
             .update(published_at=None)
-        raise PhaseFailed(f"Redis refused the jobs of tasks {window['after'] + 1}..{window['upto']}: {error}") \
+        raise PhaseFailed(f"Redis refused the jobs of {len(tasks)} task(s) from {window['ids'][0]}: {error}") \
             from None
 
 
@@ -347,8 +358,8 @@ def _republish_window(ctx: PhaseContext) -> int:
     except broker.BrokerUnavailable as error:
         raise PhaseFailed(f"Redis is unreachable while checking the interrupted batch: {error}") from None
     if missing:
-        ctx.log(f"the interrupted batch {window['after'] + 1}..{window['upto']}: {len(missing)} job(s) were "
-                "missing and are published now", MigrationLogLine.Level.WARNING)
+        ctx.log(f"the interrupted batch from task {window['ids'][0]}: {len(missing)} job(s) were missing and are "
+                "published now", MigrationLogLine.Level.WARNING)
     MigrationRun.objects.filter(pk=ctx.run.pk, executor=ctx.executor).update(checkpoint_window=None)
     return len(missing)
 

@@ -86,8 +86,7 @@ def test_an_interrupted_batch_is_published_when_the_run_resumes(redis, mode, dat
     stamp = timezone.now()
     CaptionTask.objects.filter(pk__in=ids[:20]).update(dispatch=Dispatch.RQ, published_at=stamp, publish_after=stamp)
     MigrationRun.objects.filter(pk=run.pk).update(state="running", baseline=baseline, checkpoint=ids[19],
-                                                  checkpoint_window={"after": 0, "upto": ids[19],
-                                                                     "stamp": stamp.isoformat()})
+                                                  checkpoint_window={"ids": ids[:20], "stamp": stamp.isoformat()})
     run = run_execute(run=MigrationRun.objects.get(pk=run.pk))
     assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
     assert run.phases.get(name="migrate").counts["republished_after_interruption"] == 20
