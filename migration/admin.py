@@ -25,7 +25,7 @@ from migration.models import LegacyWorker, MigrationEvent, MigrationRun, SystemM
 from migration.preflight import preflight_report
 from queues.fleet import audit
 from queues.models import CaptionTask, Dispatch, TaskStatus
-from queues.fleet_admin import client_address, confirmation
+from queues.fleet_admin import ReadOnlyAdmin, client_address, confirmation
 
 RUN_MIGRATION = "migration.run_migration"
 PAUSE_SUBMISSION = "migration.pause_submission"
@@ -49,19 +49,8 @@ def run_in_background(run: MigrationRun, *, user, one_phase: bool = False) -> No
                          start_new_session=True, cwd=settings.BASE_DIR)
 
 
-class ReadOnly:
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-
 @admin.register(MigrationRun)
-class MigrationRunAdmin(ReadOnly, admin.ModelAdmin):
+class MigrationRunAdmin(ReadOnlyAdmin):
     list_display = ["__str__", "state", "current_phase", "created_at", "finished_at", "started_by"]
     list_filter = ["kind", "state"]
     change_list_template = "admin/migration/migrationrun/change_list.html"
@@ -267,7 +256,7 @@ class SystemModeAdmin(admin.ModelAdmin):
 
 
 @admin.register(LegacyWorker)
-class LegacyWorkerAdmin(ReadOnly, admin.ModelAdmin):
+class LegacyWorkerAdmin(ReadOnlyAdmin):
     list_display = ["name", "host", "pid", "fallback", "alive", "current_task_id", "processed", "failed",
                     "started_at", "heartbeat_at", "stopped_at"]
     list_filter = ["fallback", "host"]
@@ -282,7 +271,7 @@ class LegacyWorkerAdmin(ReadOnly, admin.ModelAdmin):
 
 
 @admin.register(MigrationEvent)
-class MigrationEventAdmin(ReadOnly, admin.ModelAdmin):
+class MigrationEventAdmin(ReadOnlyAdmin):
     list_display = ["at", "kind", "detail", "user", "figures_text"]
     list_filter = ["kind"]
 
