@@ -294,7 +294,7 @@ def fallback_maintain(*, redis_up: bool) -> None:
             _fallback_end(row)
         else:
             # Fallback tasks that came back to the queue after the fallback ended (a retry on the poller).
-            _move_all((Dispatch.FALLBACK,), _after_fallback())
+            _move_all((Dispatch.FALLBACK,), _after_fallback(row))
         return
     now = database_now(connection)
     if row.redis_down_since is None:
@@ -324,16 +324,16 @@ def _fallback_end(row: SystemMode) -> None:
             redis_down_since=None, fallback_active=False, fallback_since=None):
         return
     if was_active:
-        target = _after_fallback()
+        target = _after_fallback(row)
         moved = _move_all((Dispatch.FALLBACK,), target)
         MigrationEvent.objects.create(kind=MigrationEvent.Kind.FALLBACK_ENDED, detail="Redis answers again",
                                       figures={"moved": moved, "to": target})
         logger.warning("Redis answers again: fallback over, %d queued task(s) to %s", moved, target)
 
 
-def _after_fallback() -> str:
+def _after_fallback(row: SystemMode) -> str:
     """Where fallback tasks go once Redis is back: RQ, unless the mode became legacy meanwhile (a rollback)."""
-    return Dispatch.DATABASE if system_mode().mode == Mode.LEGACY else Dispatch.RQ
+    return Dispatch.DATABASE if row.mode == Mode.LEGACY else Dispatch.RQ
 
 
 def _move_all(source: tuple[str, ...], target: str) -> int:

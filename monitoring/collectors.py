@@ -85,7 +85,6 @@ class Snapshot:
     captioner_problem: dict | None = None  # a captioner misconfiguration reported in the last minutes
     dispatch: DispatchStatus = field(default_factory=DispatchStatus)  # mode, fallback, submission pause
 
-
     @property
     def publishing_fallback(self) -> bool:
         """Tasks are waiting in the database because Redis is not taking them, or the fallback to the database

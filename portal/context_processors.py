@@ -13,11 +13,11 @@ def _admin_staff(request) -> bool:
 
 def operations_banner(request) -> dict:
     """Problems every operator should see on every admin page: the captioner is misconfigured and work is held,
-    submission is paused or the Redis fallback is on (queues.dispatch), and the alerts that fire (``alerts_banner``, included here so that settings list one processor)."""
+    submission is paused or the Redis fallback is on (queues.dispatch), and the alerts that fire (``alerts_banner``,
+    included here so that settings list one processor)."""
     if not _admin_staff(request):
         return {}
     from queues import broker
-
     from queues.dispatch import get_policy
 
     context = alerts_banner(request)

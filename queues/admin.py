@@ -88,8 +88,8 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     list_per_page = 50
     show_full_result_count = False
     ordering = ["-id"]
-    readonly_fields = ["status", "dispatch", "attempts", "caption", "last_error_class", "last_error_message", "worker_name",
-                       "created_at", "published_at", "publish_after", "started_at", "finished_at", "updated_at",
+    readonly_fields = ["status", "dispatch", "attempts", "caption", "last_error_class", "last_error_message",
+                       "worker_name", "created_at", "published_at", "publish_after", "started_at", "finished_at", "updated_at",
                        "job_in_redis", "task_actions"]
     inlines = [TaskEventInline]
 

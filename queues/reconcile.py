@@ -33,14 +33,13 @@ from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.models import DateTimeField, Q
-from django.db.models.expressions import RawSQL
+from django.db.models import Q
 from django.utils import timezone
 
 from queues import broker
 from queues.execution import retry_delay
 from queues.models import (AtMost, CaptionTask, DatabaseNow, FleetEvent, TaskEvent, TaskStatus, database_now,
-                           database_now_sql)
+                           database_now_expression)
 from queues.operations import bulk_operations_recover
 from queues.services import tasks_publish
 from queues.signals import attempt_ended
@@ -173,8 +172,7 @@ def _redrive_orphans(result: ReconcileResult, *, interval: float) -> None:
     previous_at, previous_healthy = _previous_pass()
     gap = (judged_at - previous_at).total_seconds() if previous_at else 0.0
     trusted = previous_healthy and gap <= 2 * interval + 5
-    lease_start = RawSQL(database_now_sql(connection, offset_seconds=-TASK_LEASE_SECONDS), (),
-                         output_field=DateTimeField())
+    lease_start = database_now_expression(-TASK_LEASE_SECONDS, using=CaptionTask.objects.db)
     expired = list(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, heartbeat_at__lt=lease_start)
                    .only(*REDRIVE_FIELDS)[:10_000])
     if expired and trusted and time.monotonic() - started <= 1.0:
