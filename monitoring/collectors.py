@@ -148,6 +148,12 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
 
 def _read_redis(snapshot: Snapshot) -> None:
     connection = broker.get_connection()
+    with BUFFER.writing:  # after a flush under way: its increments are part of what this process reports
+        values = _read_redis_once(connection)
+    _fill(snapshot, connection, values)
+
+
+def _read_redis_once(connection) -> list:
     pipe = connection.pipeline(transaction=False)
     pending = flush_pending(pipe)  # first: this process's buffered increments are part of what it reports
     for name in broker.QUEUE_NAMES:
@@ -165,7 +171,10 @@ def _read_redis(snapshot: Snapshot) -> None:
     except Exception:
         BUFFER.give_back(pending)
         raise
-    values = values[len(pending):]
+    return values[len(pending):]
+
+
+def _fill(snapshot: Snapshot, connection, values: list) -> None:
     for index, name in enumerate(broker.QUEUE_NAMES):
         length, dead, processing, wait = values[index * 4:index * 4 + 4]
         snapshot.queue_lengths[name] = length

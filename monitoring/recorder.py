@@ -59,6 +59,9 @@ class Buffer:
 
     def __init__(self):
         self._lock = threading.Lock()
+        # Held from taking increments until Redis has them (a flush, or a scrape's pipeline): a scrape that ran
+        # while the flusher held taken increments in hand would report counters without them.
+        self.writing = threading.Lock()
         self._amounts: dict[tuple[str, str], float] = defaultdict(float)
         self._flusher_pid: int | None = None
 
@@ -85,17 +88,18 @@ class Buffer:
                 pipe.hincrbyfloat(key, field, amount)
 
     def flush(self) -> bool:
-        amounts = self.take()
-        if not amounts:
-            return True
-        try:
-            pipe = broker.get_connection().pipeline(transaction=False)
-            self.write(pipe, amounts)
-            pipe.execute()
-        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
-            self.give_back(amounts)
-            note_unavailable(service="redis", where="metrics flush")
-            return False
+        with self.writing:
+            amounts = self.take()
+            if not amounts:
+                return True
+            try:
+                pipe = broker.get_connection().pipeline(transaction=False)
+                self.write(pipe, amounts)
+                pipe.execute()
+            except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+                self.give_back(amounts)
+                note_unavailable(service="redis", where="metrics flush")
+                return False
         note_available(service="redis")
         return True
 
@@ -181,7 +185,8 @@ connection_created.connect(_database_connected, dispatch_uid="monitoring.recorde
 
 
 def flush_pending(pipe) -> dict:
-    """Adds this process's buffered increments to ``pipe`` (a scrape reads them in the same round trip)."""
+    """Adds this process's buffered increments to ``pipe`` (a scrape reads them in the same round trip). Call it
+    holding ``BUFFER.writing`` until the pipeline has run."""
     amounts = BUFFER.take()
     BUFFER.write(pipe, amounts)
     return amounts

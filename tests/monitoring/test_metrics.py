@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import pytest
 from django.core.cache import cache
@@ -325,3 +326,29 @@ def test_server_error_answer_is_json_on_machine_paths(rf):
     assert response.status_code == 500 and response["Content-Type"] == "application/json"
     assert json.loads(response.content) == {"error": "internal error; the portal's log has the details"}
     assert server_error(rf.get("/admin/")).status_code == 500
+
+
+@pytest.mark.django_db
+def test_scrape_waits_for_a_flush_under_way(staff_client, redis):
+    """The process's background flusher takes the buffered increments and then writes them; a scrape in between
+    must not report the counters without them (it saw 0 completed tasks right after a worker ended 3 in CI)."""
+    import threading
+
+    from monitoring.recorder import BUFFER, record_attempt
+
+    BUFFER.take()
+    before = value(samples(staff_client), "rq_tasks_total", status="completed")
+    for _ in range(3):
+        record_attempt(queue="low", outcome="completed", processing_seconds=0.2, wait_seconds=0.01)
+    redis.execute_command("CLIENT", "PAUSE", 700, "WRITE")  # the flush's HINCRBYs wait; reads are served
+    flusher = threading.Thread(target=BUFFER.flush)
+    flusher.start()
+    try:
+        deadline = time.monotonic() + 5
+        while BUFFER._amounts and time.monotonic() < deadline:  # the flush has taken the increments
+            time.sleep(0.005)
+        values = samples(staff_client)
+    finally:
+        flusher.join()
+    assert value(values, "rq_tasks_total", status="completed") == before + 3
+    assert value(values, "rq_task_processing_seconds_count", queue="low") >= 3
