@@ -11,3 +11,7 @@ class MonitoringConfig(AppConfig):
 
         attempt_ended.connect(record_attempt, dispatch_uid="monitoring.record_attempt")
         service_unavailable.connect(note_unavailable, dispatch_uid="monitoring.note_unavailable")
+
+        from monitoring.live import connect_signals
+
+        connect_signals()

@@ -18,7 +18,7 @@ from django.db.models import Count, Min
 from django.utils import timezone
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from rq.registry import FailedJobRegistry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.worker import Worker
 
 from monitoring.recorder import (
@@ -74,6 +74,7 @@ class Snapshot:
     database_error: str = ""
     queue_lengths: dict[str, int] = field(default_factory=dict)
     dead_letters: dict[str, int] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)  # jobs in each queue's started registry
     counters: dict[str, float] = field(default_factory=dict)
     histograms: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     redis_info: dict = field(default_factory=dict)
@@ -159,6 +160,7 @@ def _read_redis_once(connection) -> list:
     for name in broker.QUEUE_NAMES:
         pipe.llen(f"rq:queue:{name}")
         pipe.zcard(FailedJobRegistry(name, connection=connection).key)
+        pipe.zcard(StartedJobRegistry(name, connection=connection).key)
         pipe.hgetall(histogram_key("processing", name))
         pipe.hgetall(histogram_key("wait", name))
     pipe.hgetall(COUNTERS_KEY)
@@ -176,9 +178,10 @@ def _read_redis_once(connection) -> list:
 
 def _fill(snapshot: Snapshot, connection, values: list) -> None:
     for index, name in enumerate(broker.QUEUE_NAMES):
-        length, dead, processing, wait = values[index * 4:index * 4 + 4]
+        length, dead, running, processing, wait = values[index * 5:index * 5 + 5]
         snapshot.queue_lengths[name] = length
         snapshot.dead_letters[name] = dead
+        snapshot.running[name] = running
         snapshot.histograms[("processing", name)] = {k: float(v) for k, v in _decode(processing).items()}
         snapshot.histograms[("wait", name)] = {k: float(v) for k, v in _decode(wait).items()}
     counters, memory, clients, problem, worker_keys = values[-5:]

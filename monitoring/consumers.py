@@ -1,30 +1,88 @@
-"""Live dashboard updates over WebSockets, for users who may view the queues overview (the same check as /metrics);
-everyone else's connection is closed with code 4403 ("forbidden", in the 4000-4999 range for applications)."""
+"""The live dashboards' WebSocket, ``/ws/metrics/``, for users who may view the queues overview (the check /metrics
+makes for sessions).
 
+portal/asgi.py wraps it in ``AllowedHostsOriginValidator(AuthMiddlewareStack(...))``: a page from another origin
+is refused before the handshake, and the session cookie gives the user. Close codes (4000-4999 are the
+application's own; the page shows the reason and does not reconnect):
+
+- ``4401``: not logged in, or the session ended (logged out, password changed, user deactivated).
+- ``4403``: logged in, but not staff with the ``queues.view_queueoverview`` permission.
+
+The user is looked up again from the session every ``RECHECK_SECONDS``: a user removed from staff, or whose
+permission was taken away, stops receiving within that time. Every message is sent as text the sampler encoded
+once for all consumers.
+"""
+
+import asyncio
+import logging
+
+from channels.auth import get_user
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
 
 from monitoring.access import may_view_metrics
-from monitoring.live import watcher_join, watcher_leave
-from monitoring.selectors import queue_snapshot
+from monitoring.live import METRICS_GROUP, UNAVAILABLE, last_sample, watcher_join, watcher_leave
 
-METRICS_GROUP = "metrics"
+logger = logging.getLogger(__name__)
+
+NOT_AUTHENTICATED = 4401
 FORBIDDEN = 4403
+RECHECK_SECONDS = 30.0
+
+__all__ = ["METRICS_GROUP", "MetricsConsumer", "NOT_AUTHENTICATED", "FORBIDDEN"]
 
 
-class MetricsConsumer(AsyncJsonWebsocketConsumer):
+def refusal(user) -> int | None:
+    """The close code for this user, or None if they may watch."""
+    if user is None or not user.is_authenticated:
+        return NOT_AUTHENTICATED
+    return None if may_view_metrics(user) else FORBIDDEN
+
+
+class MetricsConsumer(AsyncWebsocketConsumer):
+    recheck_seconds = RECHECK_SECONDS  # the tests shorten it
+
     async def connect(self):
-        if not await database_sync_to_async(may_view_metrics)(self.scope.get("user")):
-            await self.close(code=FORBIDDEN)
+        code = await database_sync_to_async(refusal)(self.scope.get("user"))
+        if code is not None:
+            await self.close(code=code)
             return
         await self.channel_layer.group_add(METRICS_GROUP, self.channel_name)
         await self.accept()
-        await watcher_join(self)  # the sampler pushes only while someone watches
-        await self.send_json({"type": "snapshot", "data": await database_sync_to_async(queue_snapshot)()})
+        await watcher_join(self)  # the sampler samples only while someone watches
+        self.recheck = asyncio.ensure_future(self._recheck_forever())
+        try:
+            text = await database_sync_to_async(last_sample)()
+        except UNAVAILABLE:
+            text = None
+        if text:
+            await self.send(text_data=text)
 
     async def disconnect(self, code):
+        recheck = getattr(self, "recheck", None)
+        if recheck is not None:
+            recheck.cancel()
         await watcher_leave(self)
         await self.channel_layer.group_discard(METRICS_GROUP, self.channel_name)
 
+    async def receive(self, text_data=None, bytes_data=None):
+        """The page sends nothing; anything it does send is ignored."""
+
     async def metrics_update(self, event):
-        await self.send_json({"type": "snapshot", "data": event["data"]})
+        if not getattr(self, "refused", False):
+            await self.send(text_data=event["text"])
+
+    async def _recheck_forever(self):
+        while True:
+            await asyncio.sleep(self.recheck_seconds)
+            try:
+                user = await get_user(self.scope)  # from the session again: a logout or demotion shows here
+                code = await database_sync_to_async(refusal)(user)
+            except Exception:  # the database is away: keep the connection, try again next time
+                logger.debug("could not re-check a dashboard user", exc_info=True)
+                continue
+            if code is not None:
+                self.refused = True  # nothing more is sent, even what the group delivers before the close completes
+                await self.channel_layer.group_discard(METRICS_GROUP, self.channel_name)
+                await self.close(code=code)
+                return

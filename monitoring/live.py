@@ -1,32 +1,37 @@
-"""Who watches the live dashboards, so that the sampler computes and pushes live figures only while someone does.
+"""Who watches the live dashboards, and the pushes that are not samples: fleet events and alert changes.
 
-The sampler used to compute ``queue_snapshot()`` and send it to the dashboards' channel group every 2 s whether
-or not anyone was connected. Channels cannot say how many members a group has, and channels-redis keeps a member
-for a day after its process dies, so the consumers keep their own presence: each connected ``MetricsConsumer``
-is a member of a Redis sorted set scored by the time it last renewed its entry. ``watcher_join`` adds it and starts
-a task that renews it every ``WATCHER_REFRESH`` seconds while the WebSocket is open; ``watcher_leave`` stops the
-task and removes it. The sampler counts entries renewed within ``WATCHER_TTL``: a consumer whose process died
-stops renewing and stops counting within a minute, without anyone cleaning up after it.
+Presence: the live sampler (monitoring.dashboard) computes and sends samples only while someone watches. Channels
+cannot say how many members a group has, and channels-redis keeps a member for a day after its process dies, so
+the consumers keep their own presence: each connected ``MetricsConsumer`` is a member of a Redis sorted set scored
+by the time it last renewed its entry. ``watcher_join`` adds it and starts a task that renews it every
+``WATCHER_REFRESH`` seconds while the WebSocket is open; ``watcher_leave`` stops the task and removes it. The
+sampler counts entries renewed within ``WATCHER_TTL``: a consumer whose process died stops renewing and stops
+counting within a minute, without anyone cleaning up after it.
 
-The consumer needs two lines: ``await watcher_join(self)`` in ``connect()`` once accepted, and
-``await watcher_leave(self)`` in ``disconnect()``.
+Events: a FleetEvent or AlertEvent row announces itself when its transaction commits (``events_announce``, from a
+post_save receiver and AlertEvent's bulk_create), whichever process wrote it: supervisor, evaluator, admin.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
+from django.db import transaction
+from django.urls import reverse
 
-from monitoring.selectors import queue_snapshot
 from queues import broker
 from queues.errors import BrokerUnavailable
 
 logger = logging.getLogger(__name__)
 
+METRICS_GROUP = "metrics"  # the channel group of every connected dashboard
+LAST_SAMPLE_KEY = "portal:metrics:live:last"
+LAST_SAMPLE_TTL = 10  # seconds: a dashboard connecting later than this after the last sample waits for the next
 WATCHERS_KEY = "portal:metrics:watchers"
 WATCHER_REFRESH = 20.0  # seconds between renewals of a connected consumer's entry
 WATCHER_TTL = 60.0  # an entry not renewed for this long belongs to a consumer that is gone
@@ -83,11 +88,84 @@ async def _renew(channel_name: str) -> None:
             logger.debug("could not renew a dashboard watcher", exc_info=True)
 
 
-def dashboards_push(*, group: str, layer=None) -> bool:
-    """Sends the live figures to the dashboards' channel group if anyone watches; returns whether it sent.
-    While nobody watches this costs one Redis command and no database query."""
-    if not watchers_count():
-        return False
-    layer = layer or get_channel_layer()
-    async_to_sync(layer.group_send)(group, {"type": "metrics.update", "data": queue_snapshot()})
-    return True
+def last_sample() -> str | None:
+    """The live sampler's newest sample as the JSON text it sent, if it sent one in the last LAST_SAMPLE_TTL s."""
+    raw = broker.get_connection().get(LAST_SAMPLE_KEY)
+    return raw.decode() if raw else None
+
+
+# --- fleet events and alert changes, pushed when they happen ---------------------------------------------------
+
+def _fleet_payload(event) -> dict:
+    subject = event.worker_name or (event.pool.name if event.pool_id and event.pool else "") or event.host
+    level = "error" if event.kind == "worker_crashed" else "info"
+    text = event.get_kind_display() + (f": {subject}" if subject else "") + (f" ({event.reason})" if event.reason
+                                                                             else "")
+    return {"source": "fleet", "id": event.pk, "at": event.at.isoformat(), "kind": event.kind, "level": level,
+            "text": text[:300], "url": reverse("admin:queues_fleetevent_change", args=[event.pk])}
+
+
+ALERT_LEVELS = {"firing": "error", "returned": "error", "escalated": "error", "notification_failed": "warning",
+                "pending": "warning", "resolved": "ok", "cleared": "ok"}
+
+
+def _alert_payload(event) -> dict:
+    alert = event.alert
+    text = f"{event.get_kind_display()}: [{alert.severity}] {alert.summary or alert.name}"
+    return {"source": "alert", "id": event.pk, "at": event.at.isoformat(), "kind": event.kind,
+            "level": ALERT_LEVELS.get(event.kind, "info"), "text": text[:300],
+            "url": reverse("admin:monitoring_alert_change", args=[event.alert_id])}
+
+
+def event_payloads(rows) -> list[dict]:
+    """Ticker lines of FleetEvent and AlertEvent rows (alert events need their alert: select_related it, or it
+    is read here in one query)."""
+    from monitoring.models import Alert, AlertEvent
+
+    rows = [row for row in rows if row.pk is not None]
+    missing = {row.alert_id for row in rows if isinstance(row, AlertEvent) and "alert" not in row._state.fields_cache}
+    if missing:
+        alerts = Alert.objects.in_bulk(list(missing))
+        for row in rows:
+            if isinstance(row, AlertEvent) and row.alert_id in alerts:
+                row.alert = alerts[row.alert_id]
+    return [(_alert_payload if isinstance(row, AlertEvent) else _fleet_payload)(row) for row in rows]
+
+
+def events_announce(rows, *, group: str = METRICS_GROUP) -> None:
+    """Pushes new FleetEvent/AlertEvent rows to the dashboards once their transaction commits, if anyone watches
+    (otherwise this costs one Redis command). Never fails its caller: the rows are the record, the push a
+    courtesy (a dashboard that missed one reads it from the history on its next load)."""
+    rows = list(rows)
+    if not rows:
+        return
+
+    def send():
+        try:
+            if not watchers_count():
+                return
+            payloads = event_payloads(rows)
+            if payloads:
+                text = json.dumps({"type": "events", "data": payloads}, separators=(",", ":"))
+                async_to_sync(get_channel_layer().group_send)(group, {"type": "metrics.update", "text": text})
+        except Exception:  # Redis down, the channel layer full: the rows stay, the push is skipped
+            logger.debug("could not push dashboard events", exc_info=True)
+
+    transaction.on_commit(send)
+
+
+def _saved(sender, instance, created, **kwargs) -> None:
+    if created and not kwargs.get("raw"):
+        events_announce([instance])
+
+
+def connect_signals() -> None:
+    """From monitoring's AppConfig.ready(): fleet events (written by queues) and alert events announce themselves.
+    AlertEvent's manager announces its bulk_create()s too (bulk_create sends no post_save)."""
+    from django.db.models.signals import post_save
+
+    from monitoring.models import AlertEvent
+    from queues.models import FleetEvent
+
+    post_save.connect(_saved, sender=FleetEvent, dispatch_uid="monitoring.live.fleet_event")
+    post_save.connect(_saved, sender=AlertEvent, dispatch_uid="monitoring.live.alert_event")

@@ -231,6 +231,16 @@ class Alert(models.Model):
         return self.resolved_at - start if self.resolved_at and start else None
 
 
+class AlertEventManager(models.Manager):
+    def bulk_create(self, objs, *args, **kwargs):
+        """Also pushes the new rows to the live dashboards (monitoring.live), as post_save does for single rows."""
+        created = super().bulk_create(objs, *args, **kwargs)
+        from monitoring.live import events_announce
+
+        events_announce(created)
+        return created
+
+
 class AlertEvent(models.Model):
     """One line of an alert's timeline."""
 
@@ -259,6 +269,8 @@ class AlertEvent(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                              related_name="+")
     detail = models.JSONField(default=dict, blank=True)
+
+    objects = AlertEventManager()
 
     class Meta:
         ordering = ["at", "id"]

@@ -20,7 +20,10 @@ def operations_banner(request) -> dict:
     from queues import broker
     from queues.dispatch import get_policy
 
+    from django.conf import settings
+
     context = alerts_banner(request)
+    context["live_websocket_url"] = settings.LIVE_WEBSOCKET_URL  # pages that update live open their socket there
     try:
         context["captioner_problem"] = broker.captioner_problem()
     except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):

@@ -186,6 +186,12 @@ MIGRATION_RUN_LEASE_SECONDS = env_int("MIGRATION_RUN_LEASE_SECONDS", 30, minimum
 # /metrics and /api/rq/*: a session with queues.view_queueoverview, or "Authorization: Bearer <METRICS_TOKEN>"
 # (for Prometheus).
 METRICS_TOKEN = env_str("METRICS_TOKEN")
+# Where the dashboard pages open their WebSocket. Empty: the page's own host at /ws/metrics/ (the local runner, or
+# a load balancer routing /ws/ to the ASGI server). Set it when the ASGI server has an address of its own, for
+# example ws://ops.example.org:8001/ws/metrics/ (its host must be in ALLOWED_HOSTS and receive the session cookie).
+LIVE_WEBSOCKET_URL = env_str("LIVE_WEBSOCKET_URL", "")
+if LIVE_WEBSOCKET_URL and not LIVE_WEBSOCKET_URL.startswith(("ws://", "wss://")):
+    raise ImproperlyConfigured("LIVE_WEBSOCKET_URL must start with ws:// or wss://")
 if METRICS_TOKEN is not None and len(METRICS_TOKEN) < 16:
     raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters long")
 
@@ -262,6 +268,9 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
+# WhiteNoise also serves the apps' static files without collectstatic (the dashboards' scripts and the vendored
+# charting library): the test servers and a fresh checkout have no collected files.
+WHITENOISE_USE_FINDERS = True
 STATIC_ROOT = Path(env_str("STATIC_ROOT", str(VAR_DIR / "static")))
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing directory before collectstatic
 MEDIA_URL = "media/"

@@ -2,12 +2,10 @@ import logging
 import signal
 import time
 
-from channels.layers import get_channel_layer
 from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
-from monitoring.consumers import METRICS_GROUP
-from monitoring.live import dashboards_push
+from monitoring.dashboard import LiveSampler
 from monitoring.sampler import sample_take, samples_compact
 from queues import broker
 from queues.errors import BrokerUnavailable
@@ -17,17 +15,17 @@ logger = logging.getLogger("monitoring.sampler")
 
 class Command(BaseCommand):
     help = ("Records per-minute metric samples (one writer per minute however many of these run), folds old ones "
-            "into hourly samples, and pushes live figures to the dashboards' WebSockets every few seconds while any "
-            "is open.")
+            "into hourly samples, and sends a live sample to the dashboards' WebSockets every second while any is "
+            "open (one sampler of the deployment does, holding a lock in Redis; the others stand by).")
 
     def add_arguments(self, parser):
         parser.add_argument("--once", action="store_true", help="Take one sample (if this minute has none) and exit.")
-        parser.add_argument("--live-interval", type=float, default=2.0,
-                            help="Seconds between live dashboard updates (default 2).")
+        parser.add_argument("--live-interval", type=float, default=1.0,
+                            help="Seconds between live dashboard samples (default 1).")
 
-    def handle(self, *args, once=False, live_interval=2.0, **options):
-        if live_interval <= 0:
-            raise CommandError("--live-interval must be a positive number of seconds")
+    def handle(self, *args, once=False, live_interval=1.0, **options):
+        if not 0 < live_interval <= 60:
+            raise CommandError("--live-interval must be a number of seconds above 0 and at most 60")
         if once:
             try:
                 rows = sample_take()
@@ -38,9 +36,10 @@ class Command(BaseCommand):
         stopping = []
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.append(True))
-        layer = get_channel_layer()
+        live = LiveSampler()
         last_minute = last_compact = None
         self.stdout.write("Sampler running; Ctrl-C stops it.")
+        next_pass = time.monotonic()
         while not stopping:
             close_old_connections()
             now = time.time()
@@ -52,11 +51,18 @@ class Command(BaseCommand):
                 if last_compact is None or now - last_compact > 3600:
                     samples_compact()
                     last_compact = now
-                dashboards_push(group=METRICS_GROUP, layer=layer)  # only while a dashboard is open
+                live.step()  # only the lock holder, and only while a dashboard is open
             except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
                 logger.warning("sampler: Redis unreachable: %s", error)
             except Exception:
                 logger.exception("sampler pass failed")
-            deadline = time.monotonic() + live_interval
-            while not stopping and time.monotonic() < deadline:
-                time.sleep(0.1)
+            # On a fixed schedule (a slow pass does not push the next one later), skipping passes that were missed.
+            next_pass += live_interval
+            if next_pass < time.monotonic():
+                next_pass = time.monotonic() + live_interval
+            while not stopping and time.monotonic() < next_pass:
+                time.sleep(min(0.05, max(0.0, next_pass - time.monotonic())))
+        try:
+            live.release()
+        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+            pass
