@@ -16,7 +16,6 @@ once for all consumers.
 import asyncio
 import logging
 
-from channels.auth import get_user
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
@@ -30,6 +29,24 @@ FORBIDDEN = 4403
 RECHECK_SECONDS = 30.0
 
 __all__ = ["METRICS_GROUP", "MetricsConsumer", "NOT_AUTHENTICATED", "FORBIDDEN"]
+
+
+def user_now(scope):
+    """The scope's user as the database has it now, from a fresh read of its session: AnonymousUser once the session
+    is gone (logout), its password changed or the user was deactivated (django.contrib.auth.get_user's checks).
+    Channels' own get_user() would read the session loaded at connect, which never learns of a logout."""
+    from importlib import import_module
+    from types import SimpleNamespace
+
+    from django.conf import settings
+    from django.contrib import auth
+    from django.contrib.auth.models import AnonymousUser
+
+    session = scope.get("session")
+    if session is None or not session.session_key:
+        return AnonymousUser()
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session.session_key)
+    return auth.get_user(SimpleNamespace(session=store))
 
 
 def refusal(user) -> int | None:
@@ -76,8 +93,7 @@ class MetricsConsumer(AsyncWebsocketConsumer):
         while True:
             await asyncio.sleep(self.recheck_seconds)
             try:
-                user = await get_user(self.scope)  # from the session again: a logout or demotion shows here
-                code = await database_sync_to_async(refusal)(user)
+                code = await database_sync_to_async(lambda: refusal(user_now(self.scope)))()
             except Exception:  # the database is away: keep the connection, try again next time
                 logger.debug("could not re-check a dashboard user", exc_info=True)
                 continue

@@ -1,10 +1,12 @@
 """Live figures cost nothing while nobody watches, and never a count over the whole task table."""
 
+import json
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -14,8 +16,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from monitoring import live, selectors
-from monitoring.consumers import METRICS_GROUP
+from monitoring import dashboard, live, selectors
+from monitoring.dashboard import LiveSampler
+from monitoring.live import METRICS_GROUP
 from monitoring.sampler import LAST_KEY
 from queues.models import CaptionTask, TaskStatus
 from tests.conftest import subprocess_env
@@ -41,8 +44,12 @@ def receive(channel: str, timeout: float = 0.5):
 @pytest.fixture
 def dashboard_channel(redis):
     """A real channel in the dashboards' group, as a connected consumer's is."""
+    import uuid
+
     layer = get_channel_layer()
-    channel = async_to_sync(layer.new_channel)()
+    # A plain channel name (no "!"): channels-redis reads it straight from Redis, so each receive() may run on an
+    # event loop of its own (a process-specific channel's buffer is bound to the first loop that read it).
+    channel = f"dashboard-test-{uuid.uuid4().hex}"
     async_to_sync(layer.group_add)(METRICS_GROUP, channel)
     yield channel
     async_to_sync(layer.group_discard)(METRICS_GROUP, channel)
@@ -50,24 +57,191 @@ def dashboard_channel(redis):
 
 @pytest.mark.django_db
 def test_nothing_is_computed_or_sent_while_nobody_watches(dashboard_channel, django_assert_num_queries):
+    sampler = LiveSampler()
     with django_assert_num_queries(0):
-        assert live.dashboards_push(group=METRICS_GROUP) is False
+        assert sampler.step() is None
+    assert sampler.holding  # it holds the lock all the same, and is ready when someone connects
     assert receive(dashboard_channel) is None
 
 
-@pytest.mark.django_db
-def test_a_watcher_gets_pushes_until_it_leaves_or_stops_renewing(dashboard_channel, monkeypatch):
-    make_tasks(3)
-    live.watcher_add(dashboard_channel)
-    assert live.dashboards_push(group=METRICS_GROUP) is True
-    message = receive(dashboard_channel)
+def sample_of(message) -> dict:
     assert message["type"] == "metrics.update"
-    assert {row["status"]: row["count"] for row in message["data"]["tasks"]}[TaskStatus.QUEUED] == 3
+    payload = json.loads(message["text"])
+    assert payload["type"] == "sample"
+    return payload["data"]
+
+
+@pytest.mark.django_db
+def test_a_watcher_gets_samples_until_it_leaves_or_stops_renewing(dashboard_channel, redis):
+    redis.rpush("rq:queue:high", "probe-1")  # a job id waiting in the high queue
+    sampler = LiveSampler()
+    live.watcher_add(dashboard_channel)
+    sent = sampler.step()
+    data = sample_of(receive(dashboard_channel))
+    assert data == json.loads(json.dumps(sent))
+    assert data["queues"]["high"]["depth"] == 1 and data["queues"]["low"]["depth"] == 0
+    assert data["redis"]["ok"] is True and data["redis"]["used_memory"] > 0
+    assert data["health"]["status"] in ("healthy", "warning", "unhealthy")
+    assert abs(data["at"] / 1000 - time.time()) < 5
+    assert json.loads(live.last_sample())["data"] == data  # what a dashboard connecting now gets first
     live.watcher_remove(dashboard_channel)
-    assert live.dashboards_push(group=METRICS_GROUP) is False
+    assert sampler.step() is None and receive(dashboard_channel) is None
     # A watcher whose process died stops renewing its entry and no longer counts once it is older than the TTL.
     live.watcher_add(dashboard_channel, now=time.time() - live.WATCHER_TTL - 1)
-    assert live.watchers_count() == 0 and live.dashboards_push(group=METRICS_GROUP) is False
+    assert live.watchers_count() == 0 and sampler.step() is None
+
+
+@pytest.mark.django_db
+def test_one_sampler_of_the_deployment_samples_and_a_standby_takes_over(dashboard_channel, redis, monkeypatch):
+    live.watcher_add(dashboard_channel)
+    first, second = LiveSampler(), LiveSampler()
+    assert first.step() is not None
+    assert second.step() is None  # standing by: the lock is the first one's
+    assert sample_of(receive(dashboard_channel)) and receive(dashboard_channel) is None
+    assert first.step() is not None and second.step() is None  # renewing keeps it
+    receive(dashboard_channel)
+    redis.pexpire(dashboard.LIVE_LOCK_KEY, 1)  # the holder stopped renewing (killed, paused) and its lock ran out
+    time.sleep(0.01)
+    assert second.step() is not None
+    assert first.step() is None and not first.holding  # the old holder does not take it back
+    receive(dashboard_channel)
+    second.release()
+    assert first.step() is not None  # a clean stop hands over at the next pass
+
+
+@pytest.mark.django_db
+def test_a_sample_reads_no_more_than_a_scrape_and_never_counts_the_task_table(dashboard_channel, redis):
+    make_tasks(50)
+    live.watcher_add(dashboard_channel)
+    sampler = LiveSampler()
+    sampler.step()  # the first reads the slow figures (bounded counts per status, pools) too
+    with CaptureQueriesContext(connection) as queries:
+        sampler.step()
+    tables = [query["sql"] for query in queries]
+    assert len(tables) <= 4, tables  # overdue unpublished, dispatch mode, oldest processing, firing alerts
+    assert not any("COUNT(" in sql.upper() for sql in tables)
+
+
+def test_rates_and_percentiles_come_from_the_counters_a_minute_apart():
+    from collections import deque
+
+    from monitoring.collectors import Snapshot
+
+    snapshot = Snapshot(redis_ok=True, database_ok=True, queue_lengths={"normal": 4})
+    before = {"tasks:completed": 100.0, "tasks:failed": 1.0, "retries": 0.0, "queue:normal:completed": 100.0}
+    now = {"tasks:completed": 130.0, "tasks:failed": 4.0, "retries": 2.0, "queue:normal:completed": 130.0}
+    histograms_before = {"processing:normal": {"b3": 10.0, "count": 10.0}}
+    histograms_now = {"processing:normal": {"b3": 40.0, "count": 40.0}}  # 30 attempts between 0.5 s and 1 s
+    ring = deque([(1000.0, before, histograms_before), (1060.0, now, histograms_now)])
+    sample = dashboard.build_sample(snapshot, at=1060.0, ring=ring, slow={}, alerts={"alerts": []})
+    assert sample["throughput"] == {"completed": 30.0, "failed": 3.0, "retried": 2.0}
+    assert sample["queues"]["normal"]["completed_per_minute"] == 30.0
+    assert sample["queues"]["normal"]["completed_5m"] == 30
+    assert 0.5 < sample["processing"]["p50"] < sample["processing"]["p95"] <= 1.0
+    assert sample["wait"] == {"p50": None, "p95": None}  # no attempt waited in the window: nothing to say
+    assert sample["queues"]["normal"]["depth"] == 4 and sample["at"] == 1060000.0
+    # Half a minute of history is scaled to a rate per minute.
+    ring = deque([(1030.0, before, {}), (1060.0, now, {})])
+    sample = dashboard.build_sample(snapshot, at=1060.0, ring=ring, slow={}, alerts={"alerts": []})
+    assert sample["throughput"]["completed"] == 60.0 and sample["rate_window_seconds"] == 30.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fleet_events_and_alert_changes_are_pushed_when_they_are_committed(dashboard_channel, redis):
+    from django.db import transaction
+    from django.utils import timezone
+
+    from monitoring.models import Alert, AlertEvent
+    from queues.models import FleetEvent
+
+    FleetEvent.objects.create(kind=FleetEvent.Kind.WORKER_STARTED, worker_name="w-unwatched")
+    assert receive(dashboard_channel) is None  # nobody watches: nothing is sent
+    live.watcher_add(dashboard_channel)
+    with transaction.atomic():
+        event = FleetEvent.objects.create(kind=FleetEvent.Kind.WORKER_CRASHED, worker_name="w-1", reason="SIGKILL")
+        assert receive(dashboard_channel, timeout=0.2) is None  # not before the commit
+    message = receive(dashboard_channel)
+    payload = json.loads(message["text"])
+    assert payload["type"] == "events"
+    assert payload["data"] == [{"source": "fleet", "id": event.pk, "at": event.at.isoformat(),
+                                "kind": "worker_crashed", "level": "error",
+                                "text": "Worker crashed: w-1 (SIGKILL)",
+                                "url": reverse("admin:queues_fleetevent_change", args=[event.pk])}]
+    alert = Alert.objects.create(name="queue-backlog", fingerprint="f" * 16, severity="critical",
+                                 summary="Backlog above 100", state=Alert.State.FIRING, started_at=timezone.now(),
+                                 holding_since=timezone.now(), last_seen_at=timezone.now())
+    AlertEvent.objects.bulk_create([AlertEvent(alert_id=alert.pk, kind=AlertEvent.Kind.FIRING),
+                                    AlertEvent(alert_id=alert.pk, kind=AlertEvent.Kind.NOTIFIED)])
+    payload = json.loads(receive(dashboard_channel)["text"])
+    assert [(line["source"], line["kind"], line["level"]) for line in payload["data"]] == [
+        ("alert", "firing", "error"), ("alert", "notified", "info")]
+    assert payload["data"][0]["text"] == "Firing: [critical] Backlog above 100"
+    with transaction.atomic():
+        FleetEvent.objects.create(kind=FleetEvent.Kind.POOL_SCALED, reason="rolled back")
+        transaction.set_rollback(True)
+    assert receive(dashboard_channel, timeout=0.3) is None  # a rolled-back row is never announced
+
+
+@pytest.mark.django_db
+def test_history_holds_the_last_hour_and_the_newest_ticker_lines(client, redis, support_user, django_user_model,
+                                                                 django_assert_max_num_queries):
+    from django.utils import timezone
+
+    from monitoring.models import MetricSample
+    from queues.models import FleetEvent
+
+    now = timezone.now().replace(second=0, microsecond=0)
+    for minutes_ago in (90, 30, 2):
+        at = now - timedelta(minutes=minutes_ago)
+        MetricSample.objects.create(at=at, queue="", completed=120, failed=6, workers=4, busy_ratio=0.5,
+                                    processing_p95=1.5)
+        MetricSample.objects.create(at=at, queue="high", depth=minutes_ago)
+    FleetEvent.objects.create(kind=FleetEvent.Kind.WORKER_STARTED, worker_name="w-9")
+    client.force_login(support_user)
+    with django_assert_max_num_queries(8):
+        response = client.get(reverse("admin:dashboard_history"))
+    assert response.status_code == 200
+    history = response.json()
+    assert len(history["times"]) == 2  # 90 minutes ago is outside the hour
+    assert history["times"][0] == (now - timedelta(minutes=29)).timestamp()  # drawn at the end of its minute
+    assert history["series"]["depth:high"] == [30, 2] and history["series"]["depth:urgent"] == [None, None]
+    assert history["series"]["completed"] == [120, 120] and history["series"]["processing_p95"] == [1.5, 1.5]
+    assert history["events"][0]["text"] == "Worker started: w-9"
+
+    staff_only = django_user_model.objects.create_user(username="stan-staff", password="pw", is_staff=True)
+    client.force_login(staff_only)
+    assert client.get(reverse("admin:dashboard_history")).status_code == 403
+    assert client.get(reverse("admin:dashboard")).status_code == 403
+    client.logout()
+    assert client.get(reverse("admin:dashboard")).status_code == 302  # to the login page
+
+
+@pytest.mark.django_db
+def test_the_dashboard_page_loads_its_scripts_from_the_portal(client, redis, support_user):
+    client.force_login(support_user)
+    page = client.get(reverse("admin:dashboard")).content.decode()
+    for name in ("monitoring/vendor/uplot/uPlot.iife.min.js", "monitoring/vendor/uplot/uPlot.min.css",
+                 "monitoring/live.js", "monitoring/dashboard.js"):
+        assert f"/static/{name}" in page
+    assert "http://" not in page.split("<body")[1].split('id="footer"')[0].replace(
+        "http://www.w3.org", "")  # no CDN: every script and style is the portal's own
+    assert 'id="chart-depth"' in page and 'id="figure-completed"' in page and 'id="ticker"' in page
+
+
+def test_the_vendored_chart_library_is_the_version_its_note_names():
+    import hashlib
+    import re
+    from pathlib import Path
+
+    folder = Path(settings.BASE_DIR) / "monitoring/static/monitoring/vendor/uplot"
+    note = (folder / "VENDORED.md").read_text()
+    assert "MIT" in (folder / "LICENSE").read_text()
+    for name in ("uPlot.iife.min.js", "uPlot.min.css"):
+        digest = re.search(rf"`{re.escape(name)}` sha256 `([0-9a-f]{{64}})`", note).group(1)
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    version = re.search(r"^# uPlot (\S+)", note, re.M).group(1)
+    template = (Path(settings.BASE_DIR) / "templates/admin/monitoring/dashboard.html").read_text()
+    assert f"uPlot {version}" in template
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -12,12 +14,18 @@ def test_admin_index_shows_queue_lengths_and_task_counts(client, admin_user, red
         tasks_submit_many(specs=[TaskSpec(media_image(), priority="high") for _ in range(7)])
     client.force_login(admin_user)
     page = client.get(reverse("admin:index")).content.decode()
-    assert '<td data-queue="high">7</td>' in page
-    assert '<td data-queue="urgent">0</td>' in page
+    assert re.search(r'data-queue="high"><div class="tile-label">[^<]*</div><div class="tile-figure">7</div>', page)
+    assert re.search(r'data-queue="urgent"><div class="tile-label">[^<]*</div><div class="tile-figure">0</div>', page)
     assert 'status__exact=QUEUED">7</a>' in page
+    # The figures are tiles that wrap as a whole (the table they replace squeezed its headers to one letter a
+    # line), and the page updates them live.
+    assert "<th>" not in page.split('id="queue-snapshot"')[1].split("</div>\n<script")[0]
+    assert 'id="live-status"' in page and "monitoring/live-pages" in page
+    assert reverse("admin:dashboard") in page  # the dashboard is listed first among the apps
 
 
 def test_admin_index_says_when_redis_is_unreachable(client, admin_user, unreachable_redis):
     client.force_login(admin_user)
     page = client.get(reverse("admin:index")).content.decode()
-    assert "Redis unreachable" in page and '<td data-queue="high">–</td>' in page
+    assert 'id="snapshot-redis-warning" style="color: #ba2121;">Redis is unreachable' in page
+    assert re.search(r'data-queue="high"><div class="tile-label">[^<]*</div><div class="tile-figure">–</div>', page)
