@@ -1,0 +1,160 @@
+"""The live dashboard in a real browser (Debian's Chromium through Playwright) against the real ASGI server
+(uvicorn serving portal.asgi: pages and WebSockets) and a real sampler process: the charts and figures move as
+tasks are submitted and run, without a reload; the page reconnects after the server restarts and pauses while its
+tab is hidden."""
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+from django.conf import settings
+
+from monitoring.live import WATCHERS_KEY
+from portal.embedded_redis import free_port
+from queues.services import TaskSpec, tasks_submit_many
+from tests.browser.test_admin_browser import browser_page, log_in  # noqa: F401  (fixture)
+from tests.conftest import run_worker, subprocess_env
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+class Server:
+    """uvicorn serving portal.asgi on a port of its own (the local runner's web process)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = None
+        self.log = tempfile.TemporaryFile()
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1", "--port",
+             str(self.port), "--log-level", "warning"],
+            cwd=settings.BASE_DIR, env=subprocess_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, self.output()
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2):
+                    return self
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn did not start: " + self.output()
+                time.sleep(0.1)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+
+@pytest.fixture
+def asgi_server(redis):
+    server = Server(free_port()).start()
+    sampler = subprocess.Popen([sys.executable, "manage.py", "run_sampler", "--live-interval", "0.5"],
+                               cwd=settings.BASE_DIR, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        yield server
+    finally:
+        sampler.send_signal(signal.SIGTERM)
+        try:
+            sampler.wait(20)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+        server.stop()
+        print(server.output())
+
+
+DEPTH_NOW = """() => {
+  const data = window.portalDashboard.data.depth;
+  return data.slice(1).reduce((total, column) => total + (column[column.length - 1] || 0), 0);
+}"""
+
+
+def test_the_dashboard_moves_with_the_work_reconnects_and_pauses(browser_page, asgi_server, support_user,  # noqa: F811
+                                                                   media_image, redis):
+    page = browser_page
+    log_in(page, asgi_server, support_user)
+    page.goto(f"{asgi_server.url}/admin/dashboard/")
+    page.wait_for_selector("#live-status[data-state=live]")
+    page.wait_for_function("() => window.portalDashboard.samples >= 2")
+    page.evaluate("() => { window.loadedOnce = true; }")  # gone if the page reloads
+    assert page.evaluate(DEPTH_NOW) == 0
+    assert page.locator("#chart-depth canvas").count() == 1  # uPlot drew it
+    completed_before = page.get_attribute("#figure-completed", "data-value")
+
+    tasks_submit_many(specs=[TaskSpec(media_image(), priority="high") for _ in range(6)])
+    page.wait_for_function(f"() => ({DEPTH_NOW})() === 6")
+    assert page.inner_text("#figure-depth") == "6"
+    assert page.inner_text("#queue-table tr[data-queue=high] td:nth-child(2)") == "6"
+
+    run_worker()  # the six complete; the worker's counters reach Redis within a second
+    page.wait_for_function(f"() => ({DEPTH_NOW})() === 0")
+    page.wait_for_function("() => Number(document.getElementById('figure-completed').dataset.value) > 0")
+    assert page.get_attribute("#figure-completed", "data-value") != completed_before
+    throughput = page.evaluate("() => window.portalDashboard.data.throughput[1].filter(v => v > 0).length")
+    assert throughput > 0  # the throughput chart has the completions too
+    assert page.evaluate("() => window.loadedOnce") is True
+
+    # The server restarts: the page says it is disconnected, comes back by itself and carries on.
+    asgi_server.stop()
+    page.wait_for_selector("#live-status[data-state=disconnected]", timeout=10_000)
+    asgi_server.start()
+    received = page.evaluate("() => window.portalDashboard.samples")
+    page.wait_for_selector("#live-status[data-state=live]", timeout=30_000)
+    page.wait_for_function(f"() => window.portalDashboard.samples > {received}")
+    assert page.evaluate("() => window.loadedOnce") is True
+
+    # A hidden tab closes its socket (the sampler stops when nobody else watches) and opens it again when shown.
+    page.evaluate("""() => {
+      Object.defineProperty(document, "hidden", {value: true, configurable: true});
+      document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    page.wait_for_selector("#live-status[data-state=paused]")
+    deadline = time.monotonic() + 10
+    while redis.zcard(WATCHERS_KEY) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert redis.zcard(WATCHERS_KEY) == 0
+    page.evaluate("""() => {
+      Object.defineProperty(document, "hidden", {value: false, configurable: true});
+      document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    page.wait_for_selector("#live-status[data-state=live]")
+    assert redis.zcard(WATCHERS_KEY) == 1
+
+
+def test_the_index_and_the_queues_overview_update_live(browser_page, asgi_server, support_user, media_image,  # noqa: F811
+                                                       redis):
+    page = browser_page
+    log_in(page, asgi_server, support_user)
+    page.wait_for_selector("#live-status[data-state=live]")
+    page.wait_for_function("() => PortalLive.connection().samplesReceived >= 1")
+    tasks_submit_many(specs=[TaskSpec(media_image(), priority="low") for _ in range(3)])
+    page.wait_for_function(
+        "() => document.querySelector('#snapshot-queues [data-queue=low] .tile-figure').textContent === '3'")
+    page.wait_for_function(  # the tasks per status come with the slower figures (every 10 s)
+        "() => document.querySelector('#snapshot-tasks [data-status=QUEUED] a').textContent === '3'",
+        timeout=20_000)
+
+    page.goto(f"{asgi_server.url}/admin/queues/queueoverview/")
+    page.wait_for_selector("#live-status[data-state=live]")
+    assert page.inner_text("tr[data-queue=low] td.waiting") == "3"
+    run_worker()
+    page.wait_for_function("() => document.querySelector('tr[data-queue=low] td.waiting').textContent === '0'")
+    # The database's columns follow from a re-read of the page once attempts ended: 3 completed in 5 minutes.
+    page.wait_for_function(
+        "() => document.querySelector('tr[data-queue=low] td.completed-5m').textContent.trim() === '3'",
+        timeout=20_000)
