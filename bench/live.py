@@ -3,15 +3,17 @@ number of dashboards polling a JSON endpoint over HTTP, in the same run.
 
     python bench/live.py [--clients 200] [--seconds 60] [--peer-seconds 20] [--single-seconds 15] [--load 5]
 
-Push: ``uvicorn portal.asgi:application`` (one process) and ``manage.py run_sampler`` (one live sample a second while
-anyone watches). --clients WebSocket connections to /ws/metrics/ from this one asyncio process, each with a staff
-session cookie and the server's Origin, stay connected for --seconds. Staleness of a sample = the moment a client
+Push: ``uvicorn portal.asgi:application`` (one process, as the README runs it) and ``manage.py run_sampler`` (one
+live sample a second while anyone watches). --clients WebSocket connections to /ws/metrics/ from this one asyncio
+process, each with a staff session cookie and the server's Origin, opened --connect-concurrency at a time, stay
+connected for --seconds. Staleness of a sample = the moment a client
 received it - its ``at`` (when the sampler began reading the figures), both from this machine's clock. Messages a
 client receives in its first 2 s are left out (the consumer first sends the last sample kept in Redis, up to 10 s
 old), as are messages other than samples. CPU (utime + stime from /proc/<pid>/stat over the measured window, as a
 percent of one core) of the sampler, the ASGI server, Redis and this client process. The same again with one client
 for --single-seconds: the sampler's cost should not depend on how many watch. Then the sampler's cost with nobody
-watching (--idle-seconds).
+watching (--idle-seconds). Last, unless --no-burst: all --clients connect at once, as every open dashboard does
+when the ASGI server restarts; how many were accepted and why the others were refused.
 
 Peer: how polling dashboards work (rq-dashboard, Flower's HTTP API): the same number of clients, each sending
 ``GET /api/rq/health`` with the same session cookie once a second (a fixed schedule, each client at its own phase; a
@@ -105,7 +107,7 @@ class CpuWindow:
         self.wall = time.monotonic()
 
     def stop(self) -> dict:
-        wall = time.monotonic() - self.wall
+        wall = max(1e-6, time.monotonic() - self.wall)
         figures = {name: round((sum(cpu_seconds(pid) for pid in pids) - self.started[name]) * 100 / wall, 2)
                    for name, pids in self.groups.items()}
         times = os.times()
@@ -225,16 +227,17 @@ class PushRun:
             self.all_settled.set()
 
 
-async def push_client(run: PushRun, index: int, uri: str, origin: str, cookie: str, compression):
-    begun = time.time() * 1000
-    try:
-        websocket = await ws_connect(uri, origin=origin, additional_headers={"Cookie": cookie}, open_timeout=60,
-                                     max_size=None, compression=compression, ping_interval=None)
-    except Exception as error:  # noqa: BLE001  (refused handshakes, timeouts: counted by kind)
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        run.connect_errors[f"{type(error).__name__}" + (f" {status}" if status else "")] += 1
-        run._settle()
-        return
+async def push_client(run: PushRun, index: int, uri: str, origin: str, cookie: str, compression, handshakes):
+    async with handshakes:
+        begun = time.time() * 1000
+        try:
+            websocket = await ws_connect(uri, origin=origin, additional_headers={"Cookie": cookie}, open_timeout=60,
+                                         max_size=None, compression=compression, ping_interval=None)
+        except Exception as error:  # noqa: BLE001  (refused handshakes, timeouts: counted by kind)
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            run.connect_errors[f"{type(error).__name__}" + (f" {status}" if status else "")] += 1
+            run._settle()
+            return
     connected = time.time() * 1000
     run.connected[index] = connected
     run.connect_ms.append(connected - begun)
@@ -267,10 +270,13 @@ async def loop_lag(lags: list[float], stopping: asyncio.Event):
         lags.append((time.monotonic() - started - 0.05) * 1000)
 
 
-async def push_phase(clients: int, seconds: float, port: int, cookie: str, cpu_groups: dict, compression) -> dict:
+async def push_phase(clients: int, seconds: float, port: int, cookie: str, cpu_groups: dict, compression,
+                     concurrency: int | None) -> dict:
+    """``concurrency``: how many handshakes may be under way at once (None: all clients at once)."""
     run = PushRun(clients)
     uri, origin = f"ws://127.0.0.1:{port}/ws/metrics/", f"http://127.0.0.1:{port}"
-    tasks = [asyncio.ensure_future(push_client(run, index, uri, origin, cookie, compression))
+    handshakes = asyncio.Semaphore(concurrency or clients)
+    tasks = [asyncio.ensure_future(push_client(run, index, uri, origin, cookie, compression, handshakes))
              for index in range(clients)]
     started = time.monotonic()
     await asyncio.wait_for(run.all_settled.wait(), timeout=120)
@@ -306,7 +312,7 @@ def figures_push(run: PushRun, usage: dict, seconds: float, watching: int, lags:
         "connect_ms_p50": round(common.percentile(run.connect_ms, 0.5), 1) if run.connect_ms else None,
         "connect_ms_p95": round(common.percentile(run.connect_ms, 0.95), 1) if run.connect_ms else None,
         "samples_received": len(staleness), "samples_sent": len(by_sample),
-        "samples_per_client_per_second": round(len(staleness) / max(1, connected) / seconds, 3),
+        "samples_per_client_per_second": round(len(staleness) / max(1, connected) / seconds, 3) if seconds else None,
         # deliveries missing: a client that was connected for the whole window should have every sample
         "deliveries_missing": sum(max(0, watching - len(times)) for times in by_sample.values()),
         "other_messages": run.other_messages,
@@ -419,7 +425,8 @@ def run(args) -> dict:
     load = Load(args.load) if args.load > 0 else None
     compression = None if args.compression == "none" else "deflate"
     figures = {"benchmark": "live", "clients": args.clients, "seconds": args.seconds, "interval_s": args.interval,
-               "ws": args.ws, "compression": args.compression, "load_tasks_per_s": args.load}
+               "ws": args.ws, "compression": args.compression, "connect_concurrency": args.connect_concurrency,
+               "load_tasks_per_s": args.load}
     try:
         if load is not None:
             processes.start("worker", ["manage.py", "rqworker", "--verbosity", "0"], CAPTION_BACKEND="local")
@@ -435,12 +442,13 @@ def run(args) -> dict:
         groups = {"sampler": [sampler.pid], "asgi": [asgi.pid], "redis": redis_pids()}
 
         log(f"push: {args.clients} WebSocket clients for {args.seconds:g} s")
-        many = asyncio.run(push_phase(args.clients, args.seconds, asgi_port, cookie, groups, compression))
+        many = asyncio.run(push_phase(args.clients, args.seconds, asgi_port, cookie, groups, compression,
+                                      args.connect_concurrency))
         log(f"push: {json.dumps(many)}")
         figures.update(many)
         if args.single_seconds > 0:
             log(f"push: 1 WebSocket client for {args.single_seconds:g} s")
-            single = asyncio.run(push_phase(1, args.single_seconds, asgi_port, cookie, groups, compression))
+            single = asyncio.run(push_phase(1, args.single_seconds, asgi_port, cookie, groups, compression, 1))
             log(f"push (1 client): {json.dumps(single)}")
             for key in ("staleness_p50_ms", "staleness_p95_ms", "samples_per_client_per_second", "sampler_cpu_pct",
                         "asgi_cpu_pct", "redis_cpu_pct", "client_cpu_pct"):
@@ -454,6 +462,16 @@ def run(args) -> dict:
             idle = cpu.stop()
             figures.update({"idle_sampler_cpu_pct": idle["sampler"], "idle_asgi_cpu_pct": idle["asgi"],
                             "idle_seconds": args.idle_seconds})
+        if args.burst:
+            # Last, so that what a failed burst leaves behind cannot touch the figures above.
+            log(f"push: {args.clients} WebSocket clients connecting at once (a restart: every dashboard reconnects)")
+            burst = asyncio.run(push_phase(args.clients, 0, asgi_port, cookie, groups, compression, None))
+            log(f"push (burst): connected {burst['clients_connected']}, refused {burst['connect_errors']}")
+            figures.update({"burst_clients_connected": burst["clients_connected"],
+                            "burst_connect_errors": burst["connect_errors"],
+                            "burst_connect_ms_p95": burst["connect_ms_p95"]})
+            if burst["connect_errors"]:
+                log(f"the ASGI server's log ({common.WORKDIR / 'asgi.log'}) has the refusals' tracebacks")
         processes.check("sampler")
         processes.check("asgi")
         processes.stop("sampler")
@@ -514,7 +532,11 @@ def main():
                         help="the sampler's --live-interval and the polling interval, seconds")
     parser.add_argument("--load", type=float, default=5.0,
                         help="tasks submitted per second throughout, run by one worker (0: no load)")
-    parser.add_argument("--ws", default="websockets", choices=["auto", "websockets", "websockets-sansio", "wsproto"],
+    parser.add_argument("--connect-concurrency", type=int, default=20,
+                        help="WebSocket handshakes under way at once while the clients connect")
+    parser.add_argument("--no-burst", dest="burst", action="store_false",
+                        help="skip the check that connects all --clients at once")
+    parser.add_argument("--ws", default="auto", choices=["auto", "websockets", "websockets-sansio", "wsproto"],
                         help="uvicorn's WebSocket implementation")
     parser.add_argument("--compression", default="deflate", choices=["deflate", "none"],
                         help="what the clients offer (browsers offer permessage-deflate)")
