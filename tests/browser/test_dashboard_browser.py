@@ -158,3 +158,24 @@ def test_the_index_and_the_queues_overview_update_live(browser_page, asgi_server
     page.wait_for_function(
         "() => document.querySelector('tr[data-queue=low] td.completed-5m').textContent.trim() === '3'",
         timeout=20_000)
+
+
+def test_the_live_workers_page_follows_workers_coming_and_going(browser_page, asgi_server, support_user,  # noqa: F811
+                                                                 redis):
+    from queues import broker
+    from queues.worker import CaptionWorker
+
+    page = browser_page
+    log_in(page, asgi_server, support_user)
+    page.goto(f"{asgi_server.url}/admin/queues/liveworker/")
+    page.wait_for_selector("#live-status[data-state=live]")
+    assert page.locator("#live-workers tr[data-worker]").count() == 0
+    worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection(), name="watched-worker",
+                           pool="default")
+    worker.register_birth()  # as a worker process starts: registered in Redis, liveness key set
+    try:
+        page.wait_for_selector("#live-workers tr[data-worker=watched-worker]")
+        assert page.inner_text("#live-workers tr[data-worker=watched-worker] td:nth-child(4)") == "default"
+    finally:
+        worker.register_death()
+    page.wait_for_selector("#live-workers tr[data-worker=watched-worker]", state="detached")
