@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import queue
+import threading
 import time
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -132,9 +135,42 @@ def event_payloads(rows) -> list[dict]:
     return [(_alert_payload if isinstance(row, AlertEvent) else _fleet_payload)(row) for row in rows]
 
 
+class _Announcer:
+    """Sends event pushes from a daemon thread of this process, so that writing a fleet event or an alert change
+    never waits for Redis (a frozen Redis would hold a supervisor for a socket timeout per event otherwise)."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue(maxsize=1000)
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def put(self, payloads: list[dict], group: str) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # one sender per process, started again in a forked child
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="dashboard-events", daemon=True).start()
+        try:
+            self._queue.put_nowait((payloads, group))
+        except queue.Full:  # Redis has been away for a while: these lines stay in the history only
+            logger.debug("dashboard event pushes dropped: the queue is full")
+
+    def _run(self) -> None:
+        while True:
+            payloads, group = self._queue.get()
+            try:
+                if watchers_count():
+                    text = json.dumps({"type": "events", "data": payloads}, separators=(",", ":"))
+                    async_to_sync(get_channel_layer().group_send)(group, {"type": "metrics.update", "text": text})
+            except Exception:  # Redis down, the channel layer full: the rows stay, the push is skipped
+                logger.debug("could not push dashboard events", exc_info=True)
+
+
+ANNOUNCER = _Announcer()
+
+
 def events_announce(rows, *, group: str = METRICS_GROUP) -> None:
-    """Pushes new FleetEvent/AlertEvent rows to the dashboards once their transaction commits, if anyone watches
-    (otherwise this costs one Redis command). Never fails its caller: the rows are the record, the push a
+    """Pushes new FleetEvent/AlertEvent rows to the dashboards once their transaction commits, if anyone watches.
+    The caller never waits for Redis and never fails because of the push: the rows are the record, the push a
     courtesy (a dashboard that missed one reads it from the history on its next load)."""
     rows = list(rows)
     if not rows:
@@ -142,14 +178,12 @@ def events_announce(rows, *, group: str = METRICS_GROUP) -> None:
 
     def send():
         try:
-            if not watchers_count():
-                return
             payloads = event_payloads(rows)
-            if payloads:
-                text = json.dumps({"type": "events", "data": payloads}, separators=(",", ":"))
-                async_to_sync(get_channel_layer().group_send)(group, {"type": "metrics.update", "text": text})
-        except Exception:  # Redis down, the channel layer full: the rows stay, the push is skipped
-            logger.debug("could not push dashboard events", exc_info=True)
+        except Exception:
+            logger.debug("could not describe dashboard events", exc_info=True)
+            return
+        if payloads:
+            ANNOUNCER.put(payloads, group)
 
     transaction.on_commit(send)
 

@@ -351,3 +351,26 @@ def test_the_running_sampler_pushes_only_while_someone_watches(redis):
         log.close()
     assert unwatched is None
     assert watched is not None and watched["type"] == "metrics.update"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_writing_a_fleet_event_never_waits_for_a_frozen_redis(redis_server_factory):
+    """A supervisor writes fleet events while Redis hangs (SIGSTOP: connections neither answer nor fail); the push
+    to the dashboards must not hold it for a socket timeout per event (it did when the commit hook asked Redis
+    whether anyone watched)."""
+    import os
+
+    from queues.models import FleetEvent
+
+    server = redis_server_factory("frozen-events")
+    live.watcher_add("someone-watching")  # so the push is really tried
+    pid = server.running_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        FleetEvent.objects.create(kind=FleetEvent.Kind.WORKER_CRASHED, worker_name="w-frozen")
+        waited = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert waited < 2, f"writing the event waited {waited:.1f} s for Redis"  # the socket timeout is 10 s
+    assert FleetEvent.objects.filter(worker_name="w-frozen").exists()
