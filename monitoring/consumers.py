@@ -82,6 +82,15 @@ class MetricsConsumer(AsyncWebsocketConsumer):
         await watcher_leave(self)
         await self.channel_layer.group_discard(METRICS_GROUP, self.channel_name)
 
+    async def dispatch(self, message):
+        """Samples go straight to the socket: Channels' dispatch first hands every message to the single thread of
+        database work to close stale connections, which with 200 pages meant 200 hops in a row per sample
+        (bench/live.py: staleness p95 220 -> 77 ms without it). Passing the text on touches no database."""
+        if message["type"] == "metrics.update":
+            await self.metrics_update(message)
+            return
+        await super().dispatch(message)
+
     async def receive(self, text_data=None, bytes_data=None):
         """The page sends nothing; anything it does send is ignored."""
 

@@ -251,7 +251,10 @@ RQ_ALLOWED_CALLABLES = frozenset({"queues.jobs.caption_task", "queues.jobs.bulk_
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "portal:channels"},
+        # redis-py's asyncio pool holds 100 connections by default and raises MaxConnectionsError (it does not
+        # wait) when they are all in use: 200 dashboards connecting or closing at once (a server restart) had half
+        # of their group_add/group_discard calls fail (bench/live.py). The pool keeps what a burst opened.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "max_connections": 1000}], "prefix": "portal:channels"},
     }
 }
 

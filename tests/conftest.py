@@ -31,7 +31,9 @@ def pytest_configure(config):
     settings.RQ_QUEUES = {name: {**queue, "URL": url} for name, queue in settings.RQ_QUEUES.items()}
     settings.CHANNEL_LAYERS = {**settings.CHANNEL_LAYERS, "default": {
         **settings.CHANNEL_LAYERS["default"],
-        "CONFIG": {**settings.CHANNEL_LAYERS["default"]["CONFIG"], "hosts": [url]}}}
+        "CONFIG": {**settings.CHANNEL_LAYERS["default"]["CONFIG"], "hosts": [  # the settings' pool options kept
+            {**host, "address": url} if isinstance(host, dict) else url
+            for host in settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"]]}}}
     broker.reset_connection()
 
 

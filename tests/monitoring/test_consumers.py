@@ -145,3 +145,25 @@ def test_a_user_who_loses_access_while_watching_stops_receiving(redis, support_u
     assert before["data"] == {"probe": "before"}
     assert closed == {"type": "websocket.close", "code": code}
     assert after is True  # nothing arrives after the close
+
+
+def test_two_hundred_dashboards_connecting_at_once_are_all_let_in(redis, support_user):
+    """bench/live.py found 100 of 200 simultaneous connections refused (HTTP 500): the channel layer's Redis pool
+    held 100 connections (redis-py's default) and raised MaxConnectionsError in group_add instead of waiting."""
+    cookie = session_cookie(support_user)
+
+    async def run():
+        sockets = [communicator(cookie) for _ in range(200)]
+        results = await asyncio.gather(*(socket.connect(timeout=30) for socket in sockets),
+                                       return_exceptions=True)
+        await get_channel_layer().group_send(METRICS_GROUP, probe("everyone"))
+        received = await asyncio.gather(*(next_text(socket, timeout=30) for socket, result in zip(sockets, results)
+                                          if result is True or result == (True, None)), return_exceptions=True)
+        await asyncio.gather(*(socket.disconnect() for socket in sockets), return_exceptions=True)
+        return results, received
+
+    results, received = async_to_sync(run)()
+    assert [result for result in results if not (isinstance(result, tuple) and result[0])] == []
+    assert [message["data"] for message in received if isinstance(message, dict)] == [{"probe": "everyone"}] * 200
+    assert redis.zcard(WATCHERS_KEY) == 0
+    assert redis.zcard("portal:channels:group:metrics") == 0  # every consumer left the group as it closed
