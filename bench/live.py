@@ -5,15 +5,19 @@ number of dashboards polling a JSON endpoint over HTTP, in the same run.
 
 Push: ``uvicorn portal.asgi:application`` (one process, as the README runs it) and ``manage.py run_sampler`` (one
 live sample a second while anyone watches). --clients WebSocket connections to /ws/metrics/ from this one asyncio
-process, each with a staff session cookie and the server's Origin, opened --connect-concurrency at a time, stay
-connected for --seconds. Staleness of a sample = the moment a client
-received it - its ``at`` (when the sampler began reading the figures), both from this machine's clock. Messages a
-client receives in its first 2 s are left out (the consumer first sends the last sample kept in Redis, up to 10 s
-old), as are messages other than samples. CPU (utime + stime from /proc/<pid>/stat over the measured window, as a
+process, each with a staff session cookie and the server's Origin, opened (and at the end closed)
+--connect-concurrency at a time, stay connected for --seconds. Staleness of a sample = the moment a client received
+it - its ``at`` (when the sampler began reading the figures), both from this machine's clock; the clients keep
+listening 3 s after the window for its last samples. Messages a client receives in its first 2 s are left out (the
+consumer first sends the last sample kept in Redis, up to 10 s old), as are messages other than samples. CPU (utime + stime from /proc/<pid>/stat over the measured window, as a
 percent of one core) of the sampler, the ASGI server, Redis and this client process. The same again with one client
 for --single-seconds: the sampler's cost should not depend on how many watch. Then the sampler's cost with nobody
-watching (--idle-seconds). Last, unless --no-burst: all --clients connect at once, as every open dashboard does
-when the ASGI server restarts; how many were accepted and why the others were refused.
+watching (--idle-seconds). Last, unless --no-burst, two checks of what a restart does: all --clients connect at
+once, as every open dashboard does when the ASGI server comes back (how many were accepted, why the others were
+refused); and --clients connected gradually all close at once, as when the server stops (whether the channel group
+and the watcher set are empty afterwards). After every phase leftovers in both are counted and removed.
+``machine_cpu_pct`` is the whole machine's busy time (all processes, percent of one core), to tell other work on the
+machine from ours; ``machine_busy_before_pct`` the same before anything starts.
 
 Peer: how polling dashboards work (rq-dashboard, Flower's HTTP API): the same number of clients, each sending
 ``GET /api/rq/health`` with the same session cookie once a second (a fixed schedule, each client at its own phase; a
@@ -60,6 +64,7 @@ GOAL_STALENESS_P95_MS = 1500
 MOONSHOT_STALENESS_P95_MS = 250
 GOAL_SAMPLER_CPU_PCT = 5.0
 FIRST_MESSAGES_MS = 2000  # a client's receipts this soon after it connected are left out (the kept last sample)
+RECEIPT_GRACE_S = 3.0  # after the window, how long the clients keep listening for the window's samples
 
 
 def log(message: str) -> None:
@@ -95,15 +100,24 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent busy (not idle, not waiting for I/O), from /proc/stat."""
+    with open("/proc/stat") as handle:
+        values = [int(value) for value in handle.readline().split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / TICK
+
+
 class CpuWindow:
     """CPU of groups of processes over a wall-clock window, as a percent of one core. The pids of each group are
-    fixed when the window starts; this process's own CPU (all its threads) is the group ``client``."""
+    fixed when the window starts; this process's own CPU (all its threads) is the group ``client``, the whole
+    machine's (every process, all cores: up to cpus x 100) ``machine``."""
 
     def __init__(self, groups: dict[str, list[int]]):
         self.groups = groups
         self.started = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
         times = os.times()
         self.own = times.user + times.system
+        self.machine = machine_busy_seconds()
         self.wall = time.monotonic()
 
     def stop(self) -> dict:
@@ -112,6 +126,7 @@ class CpuWindow:
                    for name, pids in self.groups.items()}
         times = os.times()
         figures["client"] = round((times.user + times.system - self.own) * 100 / wall, 2)
+        figures["machine"] = round((machine_busy_seconds() - self.machine) * 100 / wall, 1)
         figures["wall_s"] = round(wall, 2)
         return figures
 
@@ -248,10 +263,11 @@ async def push_client(run: PushRun, index: int, uri: str, origin: str, cookie: s
             if not isinstance(message, str) or not message.startswith('{"type":"sample"'):
                 run.other_messages += 1
                 continue
-            if not run.window[0] <= received <= run.window[1] or received - connected < FIRST_MESSAGES_MS:
+            if received - connected < FIRST_MESSAGES_MS:
                 continue
             at = json.loads(message)["data"]["at"]
-            run.receipts.append((index, at, received, len(message)))
+            if run.window[0] <= at < run.window[1]:  # samples read in the window, each one to every client
+                run.receipts.append((index, at, received, len(message)))
     except websockets.ConnectionClosed:
         pass
     finally:
@@ -271,8 +287,9 @@ async def loop_lag(lags: list[float], stopping: asyncio.Event):
 
 
 async def push_phase(clients: int, seconds: float, port: int, cookie: str, cpu_groups: dict, compression,
-                     concurrency: int | None) -> dict:
-    """``concurrency``: how many handshakes may be under way at once (None: all clients at once)."""
+                     concurrency: int | None, dump: str | None = None, close_all_at_once: bool = False) -> dict:
+    """``concurrency``: how many handshakes may be under way at once (None: all clients at once); the clients close
+    as many at a time, or all at once."""
     run = PushRun(clients)
     uri, origin = f"ws://127.0.0.1:{port}/ws/metrics/", f"http://127.0.0.1:{port}"
     handshakes = asyncio.Semaphore(concurrency or clients)
@@ -290,14 +307,34 @@ async def push_phase(clients: int, seconds: float, port: int, cookie: str, cpu_g
     await asyncio.sleep(seconds)
     run.window = (run.window[0], time.time() * 1000)
     usage = cpu.stop()
+    await asyncio.sleep(RECEIPT_GRACE_S)  # the window's last samples reach the last clients
     watching = len(run.connected)
     run.ending = True
     stopping.set()
     await lag_task
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    step = clients if close_all_at_once else concurrency or clients
+    for first in range(0, clients, step):
+        for task in tasks[first:first + step]:
+            task.cancel()
+        await asyncio.gather(*tasks[first:first + step], return_exceptions=True)
+    if dump:
+        dump_samples(run, dump)
     return figures_push(run, usage, seconds, watching, lags)
+
+
+def dump_samples(run: PushRun, path: str) -> None:
+    """One JSON line per sample of the window: when it was read (s into the window), how many clients had it, and
+    its staleness at the first, the median and the last of them."""
+    by_sample: dict[float, list[float]] = collections.defaultdict(list)
+    for _, at, received, _ in run.receipts:
+        by_sample[at].append(received - at)
+    with open(path, "w") as handle:
+        for at in sorted(by_sample):
+            ages = sorted(by_sample[at])
+            handle.write(json.dumps({"offset_s": round((at - run.window[0]) / 1000, 3), "clients": len(ages),
+                                     "first_ms": round(ages[0], 1), "median_ms": round(common.median(ages), 1),
+                                     "last_ms": round(ages[-1], 1)}) + "\n")
+    log(f"per-sample figures written to {path}")
 
 
 def figures_push(run: PushRun, usage: dict, seconds: float, watching: int, lags: list[float]) -> dict:
@@ -318,7 +355,8 @@ def figures_push(run: PushRun, usage: dict, seconds: float, watching: int, lags:
         "other_messages": run.other_messages,
         "sample_bytes": int(common.median([size for *_, size in run.receipts])) if run.receipts else None,
         "sampler_cpu_pct": usage["sampler"], "asgi_cpu_pct": usage["asgi"], "redis_cpu_pct": usage["redis"],
-        "client_cpu_pct": usage["client"], "window_s": usage["wall_s"],
+        "load_worker_cpu_pct": usage["worker"],
+        "client_cpu_pct": usage["client"], "machine_cpu_pct": usage["machine"], "window_s": usage["wall_s"],
         "client_loop_lag_p95_ms": round(common.percentile(lags, 0.95), 1) if lags else None,
     }
     if staleness:
@@ -394,6 +432,7 @@ async def poll_phase(clients: int, seconds: float, port: int, cookie: str, cpu_g
                "requests_per_s": round(len(results) / seconds, 1),
                "target_per_s": round(clients / interval, 1), "errors": dict(errors),
                "server_cpu_pct": usage["server"], "redis_cpu_pct": usage["redis"], "client_cpu_pct": usage["client"],
+               "machine_cpu_pct": usage["machine"], "load_worker_cpu_pct": usage["worker"],
                "response_bytes": int(common.median([size for *_, size in results])) if results else None}
     if latency:
         figures.update({"latency_p50_ms": round(common.percentile(latency, 0.5), 1),
@@ -415,18 +454,53 @@ def session_cookie() -> str:
     return f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
 
 
+def group_members_left(settle: float = 3.0, limit: float = 20.0) -> dict:
+    """Once every client has closed: the channel group's members and the watchers still recorded (both should reach
+    0), read until both are 0 or neither has changed for ``settle`` seconds (the server runs the consumers'
+    disconnect handlers after the close handshakes). Leftovers are then removed so that they cannot weigh on the next
+    phase; the count is reported."""
+    from monitoring.live import METRICS_GROUP, WATCHERS_KEY
+    from queues import broker
+
+    group_key = f"{settings.CHANNEL_LAYERS['default']['CONFIG']['prefix']}:group:{METRICS_GROUP}"
+    connection = broker.get_connection()
+    started = changed = time.monotonic()
+    last = None
+    while True:
+        now = (connection.zcard(group_key), connection.zcard(WATCHERS_KEY))
+        if now != last:
+            last, changed = now, time.monotonic()
+        if now == (0, 0) or time.monotonic() - changed >= settle or time.monotonic() - started >= limit:
+            break
+        time.sleep(0.25)
+    connection.delete(group_key, WATCHERS_KEY)
+    return {"group_members_left": last[0], "watchers_left": last[1]}
+
+
 def redis_pids() -> list[int]:
     return [common.REDIS.process.pid] if common.REDIS is not None and common.REDIS.process else []
 
 
+def machine_busy_before(seconds: float = 2.0) -> float:
+    """How busy the machine is before this benchmark starts anything (percent of one core): other work running
+    alongside would show in the tails."""
+    started = machine_busy_seconds()
+    time.sleep(seconds)
+    busy = round((machine_busy_seconds() - started) * 100 / seconds, 1)
+    if busy > 25:
+        log(f"warning: the machine is already {busy:g} % busy (of one core) before the benchmark starts")
+    return busy
+
+
 def run(args) -> dict:
+    busy_before = machine_busy_before()
     cookie = session_cookie()
     processes = Processes()
     load = Load(args.load) if args.load > 0 else None
     compression = None if args.compression == "none" else "deflate"
     figures = {"benchmark": "live", "clients": args.clients, "seconds": args.seconds, "interval_s": args.interval,
                "ws": args.ws, "compression": args.compression, "connect_concurrency": args.connect_concurrency,
-               "load_tasks_per_s": args.load}
+               "load_tasks_per_s": args.load, "machine_busy_before_pct": busy_before}
     try:
         if load is not None:
             processes.start("worker", ["manage.py", "rqworker", "--verbosity", "0"], CAPTION_BACKEND="local")
@@ -439,16 +513,20 @@ def run(args) -> dict:
         sampler = processes.start("sampler", ["manage.py", "run_sampler", "--live-interval", str(args.interval)])
         time.sleep(1.5)
         processes.check("sampler")
-        groups = {"sampler": [sampler.pid], "asgi": [asgi.pid], "redis": redis_pids()}
+        worker = processes.running.get("worker")
+        groups = {"sampler": [sampler.pid], "asgi": [asgi.pid], "redis": redis_pids(),
+                  "worker": [worker.pid] if worker else []}
 
         log(f"push: {args.clients} WebSocket clients for {args.seconds:g} s")
         many = asyncio.run(push_phase(args.clients, args.seconds, asgi_port, cookie, groups, compression,
-                                      args.connect_concurrency))
+                                      args.connect_concurrency, args.dump))
+        many.update(group_members_left())
         log(f"push: {json.dumps(many)}")
         figures.update(many)
         if args.single_seconds > 0:
             log(f"push: 1 WebSocket client for {args.single_seconds:g} s")
             single = asyncio.run(push_phase(1, args.single_seconds, asgi_port, cookie, groups, compression, 1))
+            single.update(group_members_left())
             log(f"push (1 client): {json.dumps(single)}")
             for key in ("staleness_p50_ms", "staleness_p95_ms", "samples_per_client_per_second", "sampler_cpu_pct",
                         "asgi_cpu_pct", "redis_cpu_pct", "client_cpu_pct"):
@@ -466,12 +544,23 @@ def run(args) -> dict:
             # Last, so that what a failed burst leaves behind cannot touch the figures above.
             log(f"push: {args.clients} WebSocket clients connecting at once (a restart: every dashboard reconnects)")
             burst = asyncio.run(push_phase(args.clients, 0, asgi_port, cookie, groups, compression, None))
+            burst.update(group_members_left())
             log(f"push (burst): connected {burst['clients_connected']}, refused {burst['connect_errors']}")
+            log(f"push: {args.clients} WebSocket clients connected {args.connect_concurrency} at a time, closing at "
+                "once (every dashboard, when the ASGI server stops)")
+            mass = asyncio.run(push_phase(args.clients, 0, asgi_port, cookie, groups, compression,
+                                          args.connect_concurrency, close_all_at_once=True))
+            mass.update(group_members_left())
+            log(f"push (all closing at once): {mass['clients_connected']} connected; afterwards "
+                f"{mass['group_members_left']} left in the channel group, {mass['watchers_left']} in the watcher set")
             figures.update({"burst_clients_connected": burst["clients_connected"],
                             "burst_connect_errors": burst["connect_errors"],
-                            "burst_connect_ms_p95": burst["connect_ms_p95"]})
-            if burst["connect_errors"]:
-                log(f"the ASGI server's log ({common.WORKDIR / 'asgi.log'}) has the refusals' tracebacks")
+                            "burst_connect_ms_p95": burst["connect_ms_p95"],
+                            "close_burst_clients": mass["clients_connected"],
+                            "close_burst_group_members_left": mass["group_members_left"],
+                            "close_burst_watchers_left": mass["watchers_left"]})
+            if burst["connect_errors"] or mass["group_members_left"] or mass["watchers_left"]:
+                log(f"the ASGI server's log ({common.WORKDIR / 'asgi.log'}) has the failures' tracebacks")
         processes.check("sampler")
         processes.check("asgi")
         processes.stop("sampler")
@@ -482,7 +571,8 @@ def run(args) -> dict:
                                                 "-b", f"127.0.0.1:{wsgi_port}", "--log-level", "warning"])
         wait_http(wsgi_port, "gunicorn", processes)
         time.sleep(1.0)  # the workers have booted
-        peer_groups = {"server": process_tree(gunicorn.pid), "redis": redis_pids()}
+        peer_groups = {"server": process_tree(gunicorn.pid), "redis": redis_pids(),
+                       "worker": groups["worker"]}
         log(f"poll: {args.clients} HTTP clients once every {args.interval:g} s for {args.peer_seconds:g} s "
             f"(gunicorn pids {peer_groups['server']})")
         poll = asyncio.run(poll_phase(args.clients, args.peer_seconds, wsgi_port, cookie, peer_groups,
@@ -504,6 +594,12 @@ def run(args) -> dict:
     if load is not None:
         figures.update({"load_submitted": load.submitted, "load_completed": load.completed(),
                         "load_errors": load.errors})
+    if figures.get("samples_received"):  # all the ASGI server's work over the window, per message delivered
+        figures["asgi_cpu_ms_per_delivery"] = round(figures["asgi_cpu_pct"] * 10 * figures["window_s"]
+                                                    / figures["samples_received"], 3)
+    if figures.get("poll_requests"):
+        figures["poll_server_cpu_ms_per_request"] = round(figures["poll_server_cpu_pct"] * 10 * args.peer_seconds
+                                                          / figures["poll_requests"], 3)
     figures["push_server_cpu_pct"] = round(figures["sampler_cpu_pct"] + figures["asgi_cpu_pct"]
                                            + figures["redis_cpu_pct"], 2)
     figures["poll_total_server_cpu_pct"] = round(figures["poll_server_cpu_pct"] + figures["poll_redis_cpu_pct"], 2)
@@ -535,11 +631,12 @@ def main():
     parser.add_argument("--connect-concurrency", type=int, default=20,
                         help="WebSocket handshakes under way at once while the clients connect")
     parser.add_argument("--no-burst", dest="burst", action="store_false",
-                        help="skip the check that connects all --clients at once")
+                        help="skip the restart checks (all --clients connecting at once, closing at once)")
     parser.add_argument("--ws", default="auto", choices=["auto", "websockets", "websockets-sansio", "wsproto"],
                         help="uvicorn's WebSocket implementation")
     parser.add_argument("--compression", default="deflate", choices=["deflate", "none"],
                         help="what the clients offer (browsers offer permessage-deflate)")
+    parser.add_argument("--dump", metavar="PATH", help="write per-sample figures of the push window (JSON lines)")
     parser.add_argument("--peer-workers", type=int, default=2, help="gunicorn workers of the polling peer")
     args = parser.parse_args()
     try:
