@@ -8,6 +8,9 @@ application's own; the page shows the reason and does not reconnect):
 - ``4401``: not logged in, or the session ended (logged out, password changed, user deactivated).
 - ``4403``: logged in, but not staff with the ``queues.view_queueoverview`` permission.
 
+A refused socket is accepted and then closed with its code, so the browser sees the code (a refusal before the
+handshake reaches it as code 1006, like a network cut).
+
 The user is looked up again from the session every ``RECHECK_SECONDS``: a user removed from staff, or whose
 permission was taken away, stops receiving within that time. Every message is sent as text the sampler encoded
 once for all consumers.
@@ -16,6 +19,7 @@ once for all consumers.
 import asyncio
 import logging
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
@@ -62,14 +66,17 @@ class MetricsConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         code = await database_sync_to_async(refusal)(self.scope.get("user"))
         if code is not None:
+            # Accepted first: a close before the handshake completes reaches the browser as an HTTP 403 and close
+            # code 1006 (uvicorn, daphne), and the page could not tell a refusal from a network cut.
+            await self.accept()
             await self.close(code=code)
             return
         await self.channel_layer.group_add(METRICS_GROUP, self.channel_name)
         await self.accept()
         await watcher_join(self)  # the sampler samples only while someone watches
         self.recheck = asyncio.ensure_future(self._recheck_forever())
-        try:
-            text = await database_sync_to_async(last_sample)()
+        try:  # Redis only: not on the thread every database call shares (a frozen Redis would hold them all)
+            text = await sync_to_async(last_sample, thread_sensitive=False)()
         except UNAVAILABLE:
             text = None
         if text:
@@ -108,6 +115,10 @@ class MetricsConsumer(AsyncWebsocketConsumer):
                 continue
             if code is not None:
                 self.refused = True  # nothing more is sent, even what the group delivers before the close completes
-                await self.channel_layer.group_discard(METRICS_GROUP, self.channel_name)
-                await self.close(code=code)
+                try:
+                    await self.channel_layer.group_discard(METRICS_GROUP, self.channel_name)
+                except Exception:  # Redis away: the membership expires; the close must happen all the same
+                    logger.debug("could not leave the dashboards' group", exc_info=True)
+                finally:
+                    await self.close(code=code)
                 return

@@ -61,6 +61,15 @@ class Server:
 
 
 @pytest.fixture
+def server_without_sampler(redis):
+    server = Server(free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def asgi_server(redis):
     server = Server(free_port()).start()
     sampler = subprocess.Popen([sys.executable, "manage.py", "run_sampler", "--live-interval", "0.5"],
@@ -179,3 +188,25 @@ def test_the_live_workers_page_follows_workers_coming_and_going(browser_page, as
     finally:
         worker.register_death()
     page.wait_for_selector("#live-workers tr[data-worker=watched-worker]", state="detached")
+
+
+def test_a_page_without_samples_says_stale_and_a_refused_user_is_told_why(browser_page, server_without_sampler,  # noqa: F811
+                                                                           support_user, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    page = browser_page
+    log_in(page, server_without_sampler, support_user)
+    page.goto(f"{server_without_sampler.url}/admin/dashboard/")
+    page.wait_for_selector("#live-status[data-state=stale]", timeout=10_000)  # connected, but no sampler runs
+    assert "run_sampler" in page.inner_text("#live-status")
+
+    # May list tasks (so the index shows the queue figures and opens the socket), may not view the queues overview.
+    reader = django_user_model.objects.create_user(username="rita-reader", password="pw-rita-reader", is_staff=True)
+    reader.user_permissions.add(Permission.objects.get(codename="view_captiontask"))
+    page.context.clear_cookies()  # log the support user out
+    log_in(page, server_without_sampler, reader)
+    page.wait_for_selector("#live-status[data-state=refused]", timeout=10_000)
+    assert "queues.view_queueoverview" in page.inner_text("#live-status")
+    attempts = page.evaluate("() => PortalLive.connection().attempt")
+    time.sleep(2.5)
+    assert page.evaluate("() => PortalLive.connection().attempt") == attempts  # a refusal is final: no retrying

@@ -86,30 +86,37 @@ def test_one_group_message_reaches_every_connected_dashboard(redis, admin_user, 
     assert [message["data"] for message in received] == [{"probe": "fan-out"}] * 2
 
 
-def close_code_for(cookie: bytes | None, origin: bytes = ORIGIN):
+def handshake(cookie: bytes | None, origin: bytes = ORIGIN):
+    """(accepted, the close that followed or None): a refused user is accepted and closed at once, so that the
+    browser sees the code (a close before the handshake completes reaches it as an HTTP 403, code 1006)."""
     async def run():
         socket = communicator(cookie, origin)
         connected, code = await socket.connect()
+        if not connected:
+            return False, code
+        # receive_nothing leaves the consumer running when nothing comes (receive_output would cancel it).
+        message = None if await socket.receive_nothing(timeout=0.5) else await socket.receive_output(timeout=1)
         await socket.disconnect()
-        return connected, code
+        return True, message.get("code") if message and message["type"] == "websocket.close" else None
 
     return async_to_sync(run)()
 
 
 def test_not_logged_in_is_refused_with_4401(redis):
-    assert close_code_for(None) == (False, NOT_AUTHENTICATED)
+    assert handshake(None) == (True, NOT_AUTHENTICATED)
 
 
 def test_users_without_the_view_permission_are_refused_with_4403(redis, outsider_user, django_user_model):
-    assert close_code_for(session_cookie(outsider_user)) == (False, FORBIDDEN)  # not staff
+    assert handshake(session_cookie(outsider_user)) == (True, FORBIDDEN)  # not staff
     staff_only = django_user_model.objects.create_user(username="stan-staff", password="pw", is_staff=True)
-    assert close_code_for(session_cookie(staff_only)) == (False, FORBIDDEN)  # staff, no permission
+    assert handshake(session_cookie(staff_only)) == (True, FORBIDDEN)  # staff, no permission
+    assert redis.zcard(WATCHERS_KEY) == 0  # a refused socket never counts as watching
 
 
 def test_a_page_from_another_origin_is_refused_before_the_session_is_read(redis, admin_user):
     cookie = session_cookie(admin_user)
-    assert close_code_for(cookie, origin=b"http://evil.example") == (False, 1000)  # AllowedHostsOriginValidator
-    assert close_code_for(cookie)[0] is True
+    assert handshake(cookie, origin=b"http://evil.example") == (False, 1000)  # AllowedHostsOriginValidator
+    assert handshake(cookie) == (True, None)  # the same session from the portal's own origin stays open
 
 
 @pytest.mark.parametrize("change, code", [("demoted", FORBIDDEN), ("permission_removed", FORBIDDEN),

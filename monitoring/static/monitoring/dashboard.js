@@ -66,6 +66,7 @@
 
   function makeChart(name, data) {
     var container = document.getElementById("chart-" + name);
+    if (state.charts[name]) state.charts[name].destroy(); // uPlot keeps its instances for resize handling
     container.innerHTML = "";
     var options = {
       title: CHARTS[name].title, width: chartWidth(container), height: 200,
@@ -95,6 +96,8 @@
     };
   }
 
+  var historyRetry = 1000;
+
   function loadHistory() {
     return fetch(historyUrl, {credentials: "same-origin", headers: {"Accept": "application/json"}})
       .then(function (response) {
@@ -110,14 +113,27 @@
         state.historyLoads += 1;
         root.setAttribute("data-history-loaded", String(state.historyLoads));
       })
+      .then(function () {
+        historyRetry = 1000;
+        document.getElementById("dashboard-error").textContent = "";
+      })
       .catch(function (error) {
-        document.getElementById("dashboard-error").textContent = "Could not load the last hour: " + error.message;
+        // Draw empty charts so the pushed samples still show, and try the hour again later.
+        Object.keys(CHARTS).forEach(function (name) {
+          if (!state.charts[name]) makeChart(name, [[]].concat(CHARTS[name].series.map(function () { return []; })));
+        });
+        document.getElementById("dashboard-error").textContent = "Could not load the last hour (" + error.message +
+          "); trying again in " + Math.round(historyRetry / 1000) + " s.";
+        setTimeout(loadHistory, historyRetry);
+        historyRetry = Math.min(60000, historyRetry * 2);
       });
   }
 
   function append(name, x, values) {
     var data = state.data[name];
     if (!data) return;
+    var lastX = data[0].length ? data[0][data[0].length - 1] : null;
+    if (lastX !== null && x <= lastX) return; // a sample seen already (re-sent on connect), or out of order
     data[0].push(x);
     values.forEach(function (value, index) { data[index + 1].push(dash(value) ? null : value); });
     var cutoff = x - WINDOW_SECONDS;

@@ -28,6 +28,8 @@
     this.state = "connecting";
     this.detail = "";
     this.lastSampleReceived = null; // Date.now() when the newest sample arrived
+    this.openedAt = null; // Date.now() when the socket last opened (stale if no sample follows)
+    this.disconnectedSince = null; // Date.now() when the socket last went away, until it opens again
     this.lastSample = null;
     this.hiddenSince = null;
     this.samplesReceived = 0;
@@ -77,7 +79,11 @@
     this.socket = socket;
     socket.onopen = function () {
       self.attempt = 0;
+      self.openedAt = Date.now();
+      var away = self.disconnectedSince ? Date.now() - self.disconnectedSince : 0;
+      self.disconnectedSince = null;
       self.setState("live", "");
+      if (away) self.emit("resumed", away); // a server restart or a network cut: the page may redraw the gap
     };
     socket.onmessage = function (message) {
       var payload;
@@ -95,6 +101,7 @@
     };
     socket.onclose = function (event) {
       if (self.socket === socket) self.socket = null;
+      if (!self.disconnectedSince) self.disconnectedSince = Date.now();
       if (FINAL[event.code]) {
         self.setState("refused", FINAL[event.code]);
       } else if (document.hidden) {
@@ -123,29 +130,30 @@
       if (this.socket) this.socket.close(1000, "tab hidden");
       this.setState("paused", "tab hidden");
     } else if (this.state !== "refused") {
-      var away = this.hiddenSince ? Date.now() - this.hiddenSince : 0;
       this.hiddenSince = null;
       this.attempt = 0;
-      this.open();
-      this.emit("resumed", away);
+      this.open(); // "resumed" follows when it opens, with the time since the socket closed
     }
   };
 
   LiveConnection.prototype.stale = function () {
-    return this.lastSampleReceived !== null && Date.now() - this.lastSampleReceived > STALE_AFTER_MS;
+    var since = this.lastSampleReceived !== null ? this.lastSampleReceived : this.openedAt;
+    return since !== null && Date.now() - since > STALE_AFTER_MS;
   };
 
   LiveConnection.prototype.render = function () {
     var element = document.getElementById("live-status");
     if (!element) return;
     var age = this.lastSampleReceived === null ? null : Math.round((Date.now() - this.lastSampleReceived) / 1000);
+    var waited = this.openedAt === null ? 0 : Math.round((Date.now() - this.openedAt) / 1000);
     var text;
     var state = this.state;
     if (state === "live" && this.stale()) state = "stale";
     if (state === "live") {
       text = age === null ? "Live: waiting for the first sample" : "Live: updated " + age + " s ago";
     } else if (state === "stale") {
-      text = "Stale: no update for " + age + " s (the sampler may be stopped: manage.py run_sampler)";
+      text = "Stale: no update for " + (age === null ? waited : age) +
+        " s (the sampler may be stopped: manage.py run_sampler)";
     } else if (state === "disconnected") {
       var wait = this.reconnectAt ? Math.max(0, Math.round((this.reconnectAt - Date.now()) / 1000)) : 0;
       text = "Disconnected" + (age !== null ? ", figures " + age + " s old" : "") + "; reconnecting in " + wait + " s";
@@ -186,9 +194,11 @@
     var last = 0;
     var pending = null;
     var running = false;
+    var again = false; // asked while a fetch was under way: what it read may predate the change
     function run() {
       pending = null;
       running = true;
+      again = false;
       last = Date.now();
       fetch(window.location.href, {credentials: "same-origin", headers: {"X-Requested-With": "live-refresh"}})
         .then(function (response) { return response.ok ? response.text() : null; })
@@ -203,12 +213,17 @@
           document.dispatchEvent(new CustomEvent("portal:refreshed"));
         })
         .catch(function () {})
-        .then(function () { running = false; });
+        .then(function () {
+          running = false;
+          if (again) request();
+        });
     }
-    return function request() {
-      if (pending || running) return;
+    function request() {
+      if (running) { again = true; return; }
+      if (pending) return;
       var wait = Math.max(0, last + minInterval - Date.now());
       pending = setTimeout(run, wait);
-    };
+    }
+    return request;
   };
 })();
