@@ -1,8 +1,9 @@
 """The queue system's Prometheus metrics, computed at scrape time.
 
 Each scrape makes two pipelined Redis round trips (queue lengths, registries, shared counters and histograms, server
-INFO, the captioner problem flag; then one read per registered worker) and two indexed database reads (an overdue
-unpublished task; the oldest of the few PROCESSING tasks), whatever the number of jobs: no KEYS, no listing of job
+INFO, the captioner problem flag; then one read per registered worker) and four small database reads (an overdue
+unpublished task; the oldest of the few PROCESSING tasks, both indexed; the dispatch mode row; the worker pools),
+whatever the number of jobs: no KEYS, no listing of job
 ids, no registry cleanup. The alert evaluator judges its rules on the same snapshot. Metric names of the old system are kept so existing dashboards work.
 """
 
@@ -35,7 +36,7 @@ from monitoring.recorder import (
 from queues import broker
 from queues.dispatch import DispatchStatus, get_policy
 from queues.errors import BrokerUnavailable
-from queues.models import CaptionTask, Dispatch, TaskStatus
+from queues.models import CaptionTask, Dispatch, TaskStatus, WorkerPool
 from queues.worker import alive_key
 
 
@@ -84,6 +85,7 @@ class Snapshot:
     overdue_unpublished: bool = False  # queued tasks unpublished for longer than FALLBACK_AFTER_SECONDS
     oldest_processing_started: datetime | None = None  # the oldest PROCESSING task's start (few rows, indexed)
     captioner_problem: dict | None = None  # a captioner misconfiguration reported in the last minutes
+    pools: list[dict] = field(default_factory=list)  # name, desired, queue names: the worker pools' rows
     dispatch: DispatchStatus = field(default_factory=DispatchStatus)  # mode, fallback, submission pause
 
     @property
@@ -137,6 +139,8 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
             status=TaskStatus.QUEUED, dispatch=Dispatch.RQ, published_at__isnull=True,
             publish_after__lt=overdue).exists()
         snapshot.dispatch = get_policy().status()
+        snapshot.pools = [{"name": pool.name, "desired": pool.desired, "queues": pool.queue_names}
+                          for pool in WorkerPool.objects.only("name", "desired", "queues").order_by("name")]
         snapshot.oldest_processing_started = CaptionTask.objects.filter(status=TaskStatus.PROCESSING).order_by() \
             .aggregate(oldest=Min("started_at"))["oldest"]
         snapshot.database_ok = True
@@ -327,5 +331,16 @@ def families(snapshot: Snapshot):
     yield GaugeMetricFamily("rq_fallback_active", "1 while tasks cannot be published to Redis or the database "
                             "poller runs them in Redis' place", value=1 if snapshot.publishing_fallback else 0)
     if snapshot.database_ok:
+        # For a cluster's own scaler (deploy/kubernetes: HPA through the Prometheus adapter, or KEDA): the desired
+        # count our autoscaler decided, and the jobs waiting in the pool's queues.
+        desired = GaugeMetricFamily("rq_pool_desired_workers", "Workers the pool should run (the pool's desired "
+                                    "count, set by the autoscaler or an operator)", labels=["pool"])
+        backlog = GaugeMetricFamily("rq_pool_backlog", "Jobs waiting in Redis in the pool's queues", labels=["pool"])
+        for pool in snapshot.pools:
+            desired.add_metric([pool["name"]], pool["desired"])
+            if snapshot.redis_ok:
+                backlog.add_metric([pool["name"]], sum(snapshot.queue_lengths.get(name, 0) for name in pool["queues"]))
+        yield desired
+        yield backlog
         yield GaugeMetricFamily("rq_submission_paused", "1 while new submissions are held (maintenance)",
                                 value=1 if snapshot.dispatch.submission_paused else 0)

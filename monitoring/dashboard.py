@@ -8,7 +8,7 @@ How it fits together:
 - **Nothing while nobody watches.** The holder first counts the connected dashboards (``live.watchers_count``, one
   Redis command). With none it does nothing more: no snapshot, no query, no send.
 - **A sample costs what a Prometheus scrape costs.** It is built from ``take_snapshot()`` (two pipelined Redis round
-  trips and three indexed database reads), one query for the firing alerts (their index, at most
+  trips and four small database reads), one query for the firing alerts (their index, at most
   ``ALERTS_SHOWN + 1`` rows) and, every ``SLOW_FIGURES_SECONDS``, the bounded task counts per status and the pool
   list. It never counts or scans the task table per sample.
 - **Rates and percentiles over the last minute** come from the counters and histograms every worker adds to Redis

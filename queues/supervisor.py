@@ -125,8 +125,11 @@ class Slot:
 class Supervisor:
     def __init__(self, *, pool_names: list[str] | None = None, interval: float = 0.5, lease_ttl: float = 10.0,
                  reconcile_interval: float = 5.0, autoscale_interval: float = 2.0, worker_verbosity: int = 1,
-                 stop_timeout: float | None = None):
+                 stop_timeout: float | None = None, run_workers: bool = True):
         self.host = socket.gethostname()
+        # False: the fleet's duties only (relay, reconciler, autoscaler) while the cluster runs the workers (a
+        # Kubernetes Deployment of rqworker pods sized to the pools' desired counts); it serves no pool's slots.
+        self.run_workers = run_workers
         self.id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.pool_names = pool_names
         self.interval = interval
@@ -206,7 +209,7 @@ class Supervisor:
                 now = seconds + microseconds / 1e6
                 self._heartbeat(connection, now)
                 self._renew_or_release(connection, pools)
-                if time.monotonic() >= self._quiet_until:
+                if self.run_workers and time.monotonic() >= self._quiet_until:
                     live = self._live_supervisors(connection, now)
                     self._acquire(connection, pools, live)
                     self._rebalance(connection, pools, live)
@@ -291,7 +294,8 @@ class Supervisor:
         pipe.zadd(SUPERVISORS_KEY, {self.id: now + self.lease_ttl})
         pipe.zremrangebyscore(SUPERVISORS_KEY, "-inf", now - 60)
         pipe.hset(supervisor_key(self.id), mapping={"host": self.host, "pid": os.getpid(),
-                                                    "pools": json.dumps(self.pool_names)})
+                                                    "pools": json.dumps(self.pool_names if self.run_workers
+                                                                        else [])})
         pipe.pexpire(supervisor_key(self.id), int(self.lease_ttl * 1000))
         known = pipe.execute()[0]
         if known is None and self._registered:

@@ -223,3 +223,21 @@ def test_supervisor_autoscales_up_with_a_backlog_and_back_down(supervisors, pool
     steps = [(event.figures["from"], event.figures["to"])
              for event in FleetEvent.objects.filter(kind=FleetEvent.Kind.AUTOSCALE).order_by("at", "id")]
     assert steps == [(1, 2), (2, 3), (3, 2), (2, 1)]
+
+
+def test_a_supervisor_without_workers_keeps_the_duties_while_the_cluster_runs_the_workers(supervisors, pool,
+                                                                                         redis_server_factory):
+    """``runworkers --no-workers`` (deploy/kubernetes' duties Deployment): it starts no worker whatever the
+    pool's desired count, yet the relay publishes a task Redis never got, and a worker started by someone else
+    (a cluster's rqworker pod) runs it."""
+    from tests.conftest import run_worker
+
+    supervisor = supervisors.start("--no-workers")
+    task = CaptionTask.objects.create(image_ref="relay-probe.png", priority="high", published_at=None)
+    CaptionTask.objects.filter(pk=task.pk).update(publish_after=task.created_at)  # due at once
+    wait_for(lambda: broker.get_connection().llen("rq:queue:high") == 1, 20, "the relay to publish the task")
+    time.sleep(1.5)  # a few supervisor steps: long enough for a supervisor that runs workers to start one
+    assert live_workers() == [] and supervisor.poll() is None
+    assert not FleetEvent.objects.filter(kind=FleetEvent.Kind.WORKER_STARTED).exists()
+    run_worker()  # the cluster's worker
+    assert CaptionTask.objects.get(pk=task.pk).status in (TaskStatus.COMPLETED, TaskStatus.FAILED)

@@ -24,9 +24,12 @@ class Command(BaseCommand):
         parser.add_argument("--autoscale-interval", type=float, default=2.0)
         parser.add_argument("--worker-verbosity", type=int, default=1, choices=[0, 1, 2],
                             help="Log level of the workers (0 warnings, 1 each job, 2 debug).")
+        parser.add_argument("--no-workers", action="store_false", dest="run_workers",
+                            help="Start no workers: only the fleet's duties (relay, reconciler, autoscaler), for "
+                                 "clusters whose own scaler runs the workers (deploy/kubernetes).")
 
     def handle(self, *args, pools, interval, lease_ttl, reconcile_interval, autoscale_interval, worker_verbosity,
-               **options):
+               run_workers=True, **options):
         logging.getLogger("queues").setLevel(logging.INFO)
         for name, value in (("--interval", interval), ("--lease-ttl", lease_ttl),
                             ("--reconcile-interval", reconcile_interval), ("--autoscale-interval", autoscale_interval)):
@@ -42,8 +45,9 @@ class Command(BaseCommand):
             raise CommandError(f"Redis is unreachable at {settings.REDIS_URL}; start it (or set REDIS_URL) first")
         supervisor = Supervisor(pool_names=pools, interval=interval, lease_ttl=lease_ttl,
                                 reconcile_interval=reconcile_interval, autoscale_interval=autoscale_interval,
-                                worker_verbosity=worker_verbosity)
-        self.stdout.write(f"Supervisor {supervisor.id} running "
-                          f"({'pools ' + ', '.join(pools) if pools else 'all pools'}); Ctrl-C stops it.")
+                                worker_verbosity=worker_verbosity, run_workers=run_workers)
+        serving = ("no workers: the fleet's duties only" if not run_workers else
+                   "pools " + ", ".join(pools) if pools else "all pools")
+        self.stdout.write(f"Supervisor {supervisor.id} running ({serving}); Ctrl-C stops it.")
         supervisor.run()
         self.stdout.write("Supervisor stopped; its workers have exited.")

@@ -1,0 +1,224 @@
+"""deploy/: what can be checked on this machine. The Procfile runs under honcho and a task submitted to it
+completes; systemd verifies the units; the compose file and the Kubernetes manifests parse and carry what matters
+(health checks, grace periods long enough for a task, the autoscaler's metrics)."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from django.conf import settings
+
+from portal.embedded_redis import free_port
+from queues.models import CaptionTask, TaskStatus
+from queues.services import task_submit
+from tests.conftest import subprocess_env
+
+DEPLOY = Path(settings.BASE_DIR) / "deploy"
+# The supervisor's own stop timeout: it waits this long for the tasks in hand before it gives up on them.
+SUPERVISOR_STOP_SECONDS = settings.RQ_DEFAULT_TIMEOUT + 40
+
+
+def seconds(text: str) -> int:
+    match = re.fullmatch(r"(\d+)(s|m)?", str(text))
+    return int(match.group(1)) * (60 if match.group(2) == "m" else 1)
+
+
+def procfile() -> dict[str, str]:
+    lines = [line for line in (DEPLOY / "Procfile").read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def test_the_procfile_names_every_process_of_a_host():
+    processes = procfile()
+    assert set(processes) == {"web", "ws", "workers", "sampler", "alerts"}
+    assert processes["web"].startswith("gunicorn portal.wsgi")
+    assert processes["ws"].startswith("uvicorn portal.asgi:application")
+    assert processes["workers"] == "python manage.py runworkers"
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_procfile_under_honcho_serves_pages_and_websockets_and_runs_a_task(redis, media_image):
+    from queues.models import WorkerPool
+
+    WorkerPool.objects.update_or_create(name="default", defaults={  # a transactional test before may have emptied it
+        "queues": "urgent high normal low", "desired": 1, "minimum": 1, "maximum": 4})
+    honcho = shutil.which("honcho", path=str(Path(sys.executable).parent))
+    assert honcho, "honcho is in requirements.txt"
+    base = free_port()
+    environment = subprocess_env(BIND_HOST="127.0.0.1", WEB_CONCURRENCY="1", PYTHONUNBUFFERED="1")
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # the venv's python
+    log = open(Path(settings.MEDIA_ROOT).parent / f"honcho-{base}.log", "w+b")
+    process = subprocess.Popen([honcho, "-f", str(DEPLOY / "Procfile"), "-d", str(settings.BASE_DIR), "start",
+                                "--port", str(base), "web", "ws", "workers", "sampler"],
+                               env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for port in (base, base + 100):  # honcho's ports: web, then ws
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.poll() is None, "honcho exited early"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+                        assert answer.status == 200
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, f"nothing answered on port {port}"
+                    time.sleep(0.2)
+        task = task_submit(image_ref=media_image())
+        deadline = time.monotonic() + 60
+        while CaptionTask.objects.get(pk=task.pk).status != TaskStatus.COMPLETED:
+            assert time.monotonic() < deadline, "the task did not complete under honcho"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # honcho passes it on to every process, which stop gracefully
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.seek(0)
+        print(log.read().decode(errors="replace")[-4000:])
+        log.close()
+    assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.COMPLETED
+
+
+def units() -> dict[str, str]:
+    return {path.name: path.read_text() for path in sorted((DEPLOY / "systemd").glob("*.service"))}
+
+
+def unit_value(text: str, key: str) -> str:
+    return re.search(rf"^{key}=(.*)$", text, re.M).group(1)
+
+
+def test_the_systemd_units_stop_the_supervisor_gracefully_and_restart_on_failure():
+    found = units()
+    assert set(found) == {f"rq-ops-{name}.service" for name in ("web", "ws", "workers", "sampler", "alerts")}
+    for name, text in found.items():
+        assert unit_value(text, "KillMode") == "mixed", name
+        assert unit_value(text, "Restart") == "on-failure", name
+        assert unit_value(text, "EnvironmentFile") == "/etc/rq-ops-portal/env", name
+    workers = found["rq-ops-workers.service"]
+    assert unit_value(workers, "KillSignal") == "SIGTERM"
+    assert seconds(unit_value(workers, "TimeoutStopSec")) > SUPERVISOR_STOP_SECONDS
+    assert "manage.py runworkers" in unit_value(workers, "ExecStart")
+
+
+def test_systemd_analyze_verifies_the_units(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must verify the units: systemd-analyze is missing (apt-get install systemd)")
+        pytest.skip("systemd-analyze is not installed here")
+    # The units name the installed layout; here the checkout and its .venv stand in for /opt/rq-ops-portal.
+    environment_file = tmp_path / "env"
+    environment_file.write_text((DEPLOY / "systemd" / "rq-ops.env.example").read_text())
+    venv = Path(sys.executable).parent.parent
+    for name, text in units().items():
+        text = text.replace("/opt/rq-ops-portal/.venv", str(venv)).replace("/opt/rq-ops-portal",
+                                                                            str(settings.BASE_DIR))
+        text = text.replace("/etc/rq-ops-portal/env", str(environment_file))
+        text = re.sub(r"^(User|Group)=rqops$", r"\1=root", text, flags=re.M)
+        (tmp_path / name).write_text(text)
+    result = subprocess.run([analyze, "verify", "--man=no", *sorted(str(path) for path in tmp_path.glob("*.service"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr  # warnings count too
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_the_compose_file_runs_every_part_with_health_checks():
+    services = compose()["services"]
+    assert {"redis", "mariadb", "migrate", "web", "ws", "workers", "sampler", "alerts"} <= set(services)
+    for name in ("redis", "mariadb", "web", "ws", "workers"):
+        assert services[name]["healthcheck"]["test"], name
+    for name in ("web", "ws", "workers", "sampler", "alerts"):
+        depends = services[name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy"
+        assert depends["mariadb"]["condition"] == "service_healthy"
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert services[name]["environment"]["DATABASE_URL"].startswith("mysql://")
+    assert " ".join(services["workers"]["command"]) == procfile()["workers"]
+    assert seconds(services["workers"]["stop_grace_period"]) > SUPERVISOR_STOP_SECONDS
+    assert "noeviction" in services["redis"]["command"]  # rq's keys must never be evicted
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "requirements-mysql.txt" in dockerfile and "collectstatic" in dockerfile
+
+
+def manifests() -> dict[tuple[str, str], dict]:
+    found = {}
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            found[(document["kind"], document["metadata"]["name"])] = document
+    return found
+
+
+def containers(deployment: dict) -> list[dict]:
+    return deployment["spec"]["template"]["spec"]["containers"]
+
+
+def test_the_kubernetes_manifests_give_workers_time_to_finish_and_scale_on_our_metrics():
+    found = manifests()
+    deployments = {name: document for (kind, name), document in found.items() if kind == "Deployment"}
+    assert set(deployments) == {"rq-ops-web", "rq-ops-ws", "rq-ops-workers", "rq-ops-duties", "rq-ops-sampler",
+                                "rq-ops-alerts"}
+    for name, deployment in deployments.items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+        assert {source.get("secretRef", {}).get("name") for source in containers(deployment)[0]["envFrom"]} >= {
+            "rq-ops-portal"}, name
+    workers = deployments["rq-ops-workers"]
+    grace = workers["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > settings.RQ_DEFAULT_TIMEOUT + 30  # rq's hard limit on a job: the task in hand always fits
+    assert containers(workers)[0]["command"][:3] == ["python", "manage.py", "rqworker"]
+    assert containers(deployments["rq-ops-duties"])[0]["command"] == ["python", "manage.py", "runworkers",
+                                                                       "--no-workers"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert containers(deployments["rq-ops-web"])[0][probe]["httpGet"]["path"] in ("/readyz", "/healthz")
+
+    hpa = found[("HorizontalPodAutoscaler", "rq-ops-workers")]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rq-ops-workers"}
+    assert {metric["external"]["metric"]["name"] for metric in hpa["spec"]["metrics"]} == {
+        "rq_pool_desired_workers", "rq_pool_backlog"}
+    adapter = yaml.safe_load(found[("ConfigMap", "prometheus-adapter-rq-ops")]["data"]["config.yaml"])
+    assert {rule["name"]["as"] for rule in adapter["externalRules"]} == {"rq_pool_desired_workers", "rq_pool_backlog"}
+    keda = found[("ScaledObject", "rq-ops-workers")]
+    assert keda["spec"]["scaleTargetRef"]["name"] == "rq-ops-workers"
+    queries = " ".join(trigger["metadata"]["query"] for trigger in keda["spec"]["triggers"])
+    assert "rq_pool_desired_workers" in queries and "rq_pool_backlog" in queries
+    ingress = found[("Ingress", "rq-ops-portal")]
+    paths = {path["path"]: path["backend"]["service"]["name"]
+             for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]}
+    assert paths == {"/ws/": "rq-ops-ws", "/": "rq-ops-web"}
+
+
+@pytest.mark.django_db
+def test_the_scrape_has_the_metrics_the_cluster_scales_on(client, admin_user, redis):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from queues.models import WorkerPool
+
+    WorkerPool.objects.update_or_create(name="default", defaults={"queues": "urgent high normal low", "desired": 3,
+                                                                  "minimum": 1, "maximum": 6})
+    WorkerPool.objects.update_or_create(name="bulk", defaults={"queues": "low", "desired": 1, "minimum": 1,
+                                                               "maximum": 2})
+    for index in range(4):
+        redis.rpush("rq:queue:low", f"job-{index}")
+    redis.rpush("rq:queue:urgent", "job-u")
+    client.force_login(admin_user)
+    values = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+              for family in text_string_to_metric_families(client.get("/metrics").content.decode())
+              for sample in family.samples}
+    assert values[("rq_pool_desired_workers", (("pool", "default"),))] == 3
+    assert values[("rq_pool_desired_workers", (("pool", "bulk"),))] == 1
+    assert values[("rq_pool_backlog", (("pool", "default"),))] == 5
+    assert values[("rq_pool_backlog", (("pool", "bulk"),))] == 4
