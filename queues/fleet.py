@@ -6,6 +6,8 @@ Entry points (admin views, ``manage.py workers``, the supervisor) call these ser
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,10 +24,26 @@ class FleetError(Exception):
     """An operator's fleet action cannot be done (unknown worker, worker idle, ...); the message says why."""
 
 
+_VIA: contextvars.ContextVar[str] = contextvars.ContextVar("audit_via", default="")
+
+
+@contextlib.contextmanager
+def audit_via(channel: str):
+    """Audit entries written inside say how the action came (``detail["via"]``): the fleet API's token name."""
+    reset = _VIA.set(channel)
+    try:
+        yield
+    finally:
+        _VIA.reset(reset)
+
+
 def audit(*, user, action: str, target: str = "", count: int = 0, detail: dict | None = None,
           address: str | None = None) -> AuditEntry:
+    detail = dict(detail or {})
+    if _VIA.get():
+        detail["via"] = _VIA.get()
     return AuditEntry.objects.create(user=user if getattr(user, "pk", None) else None, action=action,
-                                     target=target[:300], count=count, detail=detail or {}, address=address)
+                                     target=target[:300], count=count, detail=detail, address=address)
 
 
 def pool_get(name: str) -> WorkerPool:

@@ -13,6 +13,7 @@ from django.http import HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from queues import broker, control
@@ -28,7 +29,7 @@ from queues.fleet import (
     worker_restart,
     worker_stop_job,
 )
-from queues.models import AuditEntry, FleetEvent, LiveWorker, WorkerPool, job_id_for
+from queues.models import ApiToken, AuditEntry, FleetEvent, LiveWorker, WorkerPool, job_id_for
 
 MANAGE_FLEET = "queues.manage_fleet"
 
@@ -287,3 +288,29 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     list_select_related = ["user"]
     show_full_result_count = False
     date_hierarchy = "at"
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(ReadOnlyAdmin):
+    """Tokens of the fleet API. They are issued by ``manage.py api_token create`` (the secret is printed once and
+    never stored); here Admins see them and revoke them."""
+
+    list_display = ["name", "user", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_select_related = ["user"]
+    actions = ["revoke"]
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if not request.user.has_perm("queues.change_apitoken"):
+            actions.pop("revoke", None)
+        return actions
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request, queryset):
+        if not request.user.has_perm("queues.change_apitoken"):
+            raise PermissionDenied
+        names = list(queryset.filter(revoked_at__isnull=True).values_list("name", flat=True))
+        queryset.filter(name__in=names).update(revoked_at=timezone.now())
+        for name in names:
+            audit(user=request.user, action="api_token_revoke", target=name, address=client_address(request))
+        messages.success(request, f"Revoked {len(names)} token(s); their calls are refused from now on.")

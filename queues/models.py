@@ -606,3 +606,54 @@ class QueueOverview(models.Model):
         verbose_name = "queue overview"
         verbose_name_plural = "queues overview"
         default_permissions = ("view",)
+
+
+class ApiTokenQuerySet(models.QuerySet):
+    def authenticate(self, raw: str):
+        """The live token ``raw`` is, with its user, or None. Compared by digest: the table holds no token."""
+        if not raw or len(raw) > 200:
+            return None
+        token = self.select_related("user").filter(digest=ApiToken.digest_of(raw), revoked_at__isnull=True).first()
+        if token is not None:
+            ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        return token
+
+
+class ApiToken(models.Model):
+    """A token for scripts calling the fleet API (``POST /api/rq/workers/scale`` and ``/restart``; queues/api.py).
+
+    It is not the metrics token: it acts as its user, with that user's permissions (the fleet API needs
+    ``queues.manage_fleet``), and every call is audited as that user via the token's name. Only the SHA-256 of the
+    token is stored; the token itself is shown once, when ``manage.py api_token create`` issues it."""
+
+    name = models.CharField(max_length=100, unique=True, help_text="What uses it, e.g. 'runbook cron on ops-1'.")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=12, editable=False, help_text="The token's first characters, to tell "
+                                                                          "tokens apart.")
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiTokenQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…, {self.user})"
+
+    @staticmethod
+    def digest_of(raw: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, *, name: str, user) -> tuple["ApiToken", str]:
+        """A new token for ``user``: the row and the token (to show once)."""
+        import secrets
+
+        raw = "rqo_" + secrets.token_urlsafe(32)
+        return cls.objects.create(name=name, user=user, digest=cls.digest_of(raw), prefix=raw[:10]), raw

@@ -1,0 +1,63 @@
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from queues.fleet import audit
+from queues.fleet_admin import MANAGE_FLEET
+from queues.models import ApiToken
+
+
+class Command(BaseCommand):
+    help = ("Tokens for the fleet API (POST /api/rq/workers/scale and /restart). A token acts as its user, who needs "
+            "the queues.manage_fleet permission (Operators and Admins have it). The token is shown once.")
+
+    def add_arguments(self, parser):
+        actions = parser.add_subparsers(dest="action", required=True, metavar="create|list|revoke")
+        create = actions.add_parser("create", help="Issue a token and print it (once).")
+        create.add_argument("name", help="What will use it, e.g. 'runbook on ops-1' (unique).")
+        create.add_argument("--user", required=True, help="The username the token acts as.")
+        actions.add_parser("list", help="The tokens, without their secret.")
+        revoke = actions.add_parser("revoke", help="Revoke a token by name: its calls are refused from now on.")
+        revoke.add_argument("name")
+
+    def handle(self, *args, action, **options):
+        getattr(self, f"_{action}")(**options)
+
+    def _create(self, *, name, user, **options):
+        name = name.strip()
+        if not name or len(name) > 100:
+            raise CommandError("name: give 1 to 100 characters")
+        try:
+            owner = get_user_model().objects.get(username=user)
+        except get_user_model().DoesNotExist:
+            raise CommandError(f"--user: no user named {user!r}") from None
+        if not owner.is_active or not owner.has_perm(MANAGE_FLEET):
+            raise CommandError(f"--user: {user!r} lacks the {MANAGE_FLEET} permission (make them an Operator or "
+                               "Admin), so the token could do nothing")
+        try:
+            with transaction.atomic():  # a savepoint: a taken name leaves the caller's transaction usable
+                token, raw = ApiToken.issue(name=name, user=owner)
+        except IntegrityError:
+            raise CommandError(f"name: a token named {name!r} exists already") from None
+        audit(user=owner, action="api_token_create", target=token.name)
+        self.stdout.write(raw)
+        self.stderr.write(f"Token {token.name!r} for {owner.username}: keep it now, it is not shown again. Send it as "
+                          "'Authorization: Bearer <token>'.")
+
+    def _list(self, **options):
+        tokens = list(ApiToken.objects.select_related("user"))
+        if not tokens:
+            self.stdout.write("No API tokens.")
+        for token in tokens:
+            state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
+            used = f"last used {token.last_used_at:%Y-%m-%d %H:%M}" if token.last_used_at else "never used"
+            self.stdout.write(f"{token.name}\t{token.prefix}…\t{token.user.username}\t{state}\t{used}")
+
+    def _revoke(self, *, name, **options):
+        updated = ApiToken.objects.filter(name=name, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        if not updated:
+            raise CommandError(f"no active token named {name!r} (manage.py api_token list)")
+        token = ApiToken.objects.select_related("user").get(name=name)
+        audit(user=token.user, action="api_token_revoke", target=name)
+        self.stdout.write(f"Revoked {name!r}.")
