@@ -3,7 +3,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
-from queues import broker
+from queues import broker, correlation
 from queues.errors import BrokerUnavailable
 from queues.forms import TaskSubmitForm
 from queues.operations_admin import CappedCountPaginator, TaskActionsMixin
@@ -19,7 +19,7 @@ class TaskEventInline(admin.TabularInline):
     extra = 0
     can_delete = False
     fields = ["at", "kind", "attempt", "started_at", "worker_name", "duration_ms", "error_class", "error_message",
-              "detail", "actor", "traceback_details"]
+              "detail", "actor", "correlation_id", "traceback_details"]
     readonly_fields = fields
     ordering = ["at", "id"]
     verbose_name_plural = "timeline"
@@ -90,12 +90,12 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     ordering = ["-id"]
     readonly_fields = ["status", "dispatch", "attempts", "caption", "last_error_class", "last_error_message",
                        "worker_name", "created_at", "published_at", "publish_after", "started_at", "finished_at", "updated_at",
-                       "job_in_redis", "task_actions"]
+                       "job_in_redis", "task_actions", "correlation_id"]
     inlines = [TaskEventInline]
 
     fieldsets = [
         (None, {"fields": ["image_ref", "priority", "idempotency_key", "status", "dispatch", "attempts",
-                           "task_actions"]}),
+                           "correlation_id", "task_actions"]}),
         ("Result", {"fields": ["caption", "last_error_class", "last_error_message", "worker_name"]}),
         ("Timestamps", {"fields": ["created_at", "published_at", "publish_after", "started_at", "finished_at",
                                    "updated_at"]}),
@@ -106,7 +106,11 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
         # A number is a task id: look it up by primary key instead of scanning text columns for it.
         if search_term.strip().isdigit():
             return queryset.filter(pk=int(search_term.strip())), False
-        return super().get_search_results(request, queryset, search_term)
+        results, duplicates = super().get_search_results(request, queryset, search_term)
+        term = search_term.strip()
+        if correlation.sane(term):  # a request's correlation id finds the tasks it submitted (an indexed match)
+            results = results | queryset.filter(correlation_id=term)
+        return results, duplicates
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         if obj is None:

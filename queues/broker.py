@@ -182,9 +182,12 @@ def job_timeout() -> int:
     return settings.RQ_DEFAULT_TIMEOUT + 30
 
 
-def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bool = False) -> int:
+def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bool = False,
+            correlation_id: str = "") -> int:
     """Enqueues ``caption-<id>`` jobs for (task id, priority) pairs in one pipeline round trip.
 
+    ``correlation_id``: the submitting request's, kept in each job's meta (the worker logs under it from the
+    moment it takes the job).
     ``fresh``: the tasks are new, so no earlier job with their ids exists (saves a command per job).
     ``atomic``: in one MULTI/EXEC, so that either every job is enqueued or none (the migration's batches: a
     process killed while sending leaves nothing half-published).
@@ -209,6 +212,7 @@ def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bo
                         CAPTION_CALLABLE, args=(task_id,), job_id=job_id_for(task_id),
                         timeout=job_timeout(), result_ttl=settings.RQ_RESULT_TTL,
                         failure_ttl=settings.RQ_FAILURE_TTL, description=f"caption task {task_id}",
+                        meta={"correlation_id": correlation_id} if correlation_id else None,
                     )
                     for task_id in task_ids
                 ],

@@ -25,6 +25,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
+from queues import correlation
 from queues.captioners import Captioner, get_captioner
 from queues.errors import CaptionError, CaptionerMisconfigured, JobStopped, WorkerInterrupted
 from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, Dispatch, TaskEvent, TaskStatus
@@ -120,7 +121,8 @@ def task_claim_as(*, task_id: int, worker_name: str, expect: dict) -> CaptionTas
         changes={"status": TaskStatus.PROCESSING, "started_at": now, "finished_at": None,
                  "worker_name": worker_name[:200], "updated_at": now, "claim_token": uuid.uuid4().hex,
                  "heartbeat_at": DATABASE_NOW},
-        returning=("image_ref", "priority", "attempts", "worker_name", "started_at", "published_at", "claim_token"),
+        returning=("image_ref", "priority", "attempts", "worker_name", "started_at", "published_at", "claim_token",
+                   "correlation_id"),
     )
 
 
@@ -137,10 +139,12 @@ def task_execute(*, task_id: int, worker_name: str, queue: str | None = None,
 
     started = time.monotonic()
     attempt_started(task)
-    try:
-        return _run_attempt(task, captioner, started)
-    finally:
-        attempt_finished(task)
+    # The task's correlation id is current for the attempt: its log lines and its TaskEvent rows carry it.
+    with correlation.bound(task.correlation_id or None, task_id=task.pk, worker=worker_name, queue=queue):
+        try:
+            return _run_attempt(task, captioner, started)
+        finally:
+            attempt_finished(task)
 
 
 def attempt_started(task: CaptionTask) -> None:

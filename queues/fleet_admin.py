@@ -282,9 +282,9 @@ class FleetEventAdmin(ReadOnlyAdmin):
 
 @admin.register(AuditEntry)
 class AuditEntryAdmin(ReadOnlyAdmin):
-    list_display = ["at", "user", "action", "target", "count", "address", "detail"]
+    list_display = ["at", "user", "action", "target", "count", "address", "correlation_id", "detail"]
     list_filter = ["action", "user"]
-    search_fields = ["target"]
+    search_fields = ["target", "=correlation_id"]
     list_select_related = ["user"]
     show_full_result_count = False
     date_hierarchy = "at"

@@ -11,6 +11,8 @@ from django.db import connections, models, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from queues import correlation
+
 
 def _update_returning(connection) -> bool:
     if connection.vendor == "postgresql":
@@ -149,7 +151,7 @@ class CaptionTaskQuerySet(models.QuerySet):
         connection = connections[self.db]
         if not connection.features.can_return_rows_from_bulk_insert:
             objects = [CaptionTask(image_ref=ref, priority=priority, idempotency_key=key, publish_after=publish_after,
-                                   dispatch=system)
+                                   dispatch=system, correlation_id=correlation.current())
                        for (ref, priority, key), system in zip(rows, dispatch)]
             for obj in objects:
                 obj.save(force_insert=True, using=self.db)
@@ -157,7 +159,7 @@ class CaptionTaskQuerySet(models.QuerySet):
         now = timezone.now()
         fixed = {
             "status": TaskStatus.QUEUED, "attempts": 0, "caption": "", "last_error_class": "",
-            "last_error_message": "", "worker_name": "", "claim_token": "",
+            "last_error_message": "", "worker_name": "", "claim_token": "", "correlation_id": correlation.current(),
             "created_at": connection.ops.adapt_datetimefield_value(now),
             "publish_after": connection.ops.adapt_datetimefield_value(publish_after),
             "updated_at": connection.ops.adapt_datetimefield_value(now),
@@ -169,7 +171,7 @@ class CaptionTaskQuerySet(models.QuerySet):
         constants = tuple(fixed.values())
         ids = []
         with connection.cursor() as cursor:
-            for start in range(0, len(rows), self.INSERT_BATCH):  # 12 parameters a row, well under the limits
+            for start in range(0, len(rows), self.INSERT_BATCH):  # 13 parameters a row, well under the limits
                 chunk = rows[start:start + self.INSERT_BATCH]
                 cursor.execute(head + ", ".join([row_sql] * len(chunk)) + f" RETURNING {quote('id')}",
                                [value for row, system in zip(chunk, dispatch[start:start + len(chunk)])
@@ -279,6 +281,10 @@ class CaptionTask(models.Model):
     last_error_class = models.CharField("error class", max_length=200, blank=True)
     last_error_message = models.TextField("error message", blank=True)
     idempotency_key = models.CharField(max_length=200, unique=True, null=True, blank=True)
+    correlation_id = models.CharField(
+        max_length=64, blank=True, default=correlation.current, db_index=True,
+        help_text="The submitting request's X-Correlation-ID (queues.correlation): in its job, log lines, attempts "
+                  "and audit entries too.")
     worker_name = models.CharField(max_length=200, blank=True, help_text="Worker of the latest attempt.")
     # The running attempt's identity and lease. A claim writes a fresh token; every later change of that attempt
     # (its outcome, a re-drive) expects the token, so a late worker can never end a newer attempt. The worker
@@ -381,6 +387,7 @@ class TaskEvent(models.Model):
     duration_ms = models.PositiveIntegerField("duration ms", null=True, blank=True)
     error_class = models.CharField(max_length=200, blank=True)
     error_message = models.TextField(blank=True)
+    correlation_id = models.CharField(max_length=64, blank=True, default=correlation.current)
     traceback = models.TextField(blank=True)
     detail = models.CharField(max_length=500, blank=True)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
@@ -504,6 +511,7 @@ class AuditEntry(models.Model):
     count = models.PositiveIntegerField(default=0)
     detail = models.JSONField(default=dict, blank=True)
     address = models.GenericIPAddressField(null=True, blank=True)
+    correlation_id = models.CharField(max_length=64, blank=True, default=correlation.current)
 
     class Meta:
         ordering = ["-at", "-id"]

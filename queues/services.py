@@ -19,7 +19,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from queues import broker
+from queues import broker, correlation
 from queues.captioners.fetch import ALLOWED_SCHEMES, is_remote, media_path
 from queues.errors import BrokerUnavailable, PermanentCaptionError
 from queues.dispatch import get_policy
@@ -114,7 +114,8 @@ def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
                 publish_after=_due_time(system), dispatch=system,
             )
             if task.dispatch == Dispatch.RQ:
-                transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)], fresh=True))
+                transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)], fresh=True,
+                                                            correlation_id=task.correlation_id))
     except IntegrityError:
         # Another submission with the same key committed between our lookup and our insert. Read it with a locking
         # read: under MySQL's REPEATABLE READ a plain SELECT inside the caller's transaction (the admin's add view
@@ -192,7 +193,9 @@ def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
                 CaptionTask.objects.filter(pk__in=[task_id for task_id, system in zip(ids, systems)
                                                    if system != Dispatch.RQ]).update(publish_after=timezone.now())
             if to_publish:
-                transaction.on_commit(lambda: tasks_publish(tasks=to_publish, fresh=True))
+                correlation_id = correlation.current()
+                transaction.on_commit(lambda: tasks_publish(tasks=to_publish, fresh=True,
+                                                            correlation_id=correlation_id))
     except IntegrityError:
         # A concurrent submission used one of our idempotency keys: fall back to one task at a time.
         for spec in batch:
@@ -203,7 +206,7 @@ def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
     result.existing.extend(known[spec.idempotency_key] for spec in batch if spec.idempotency_key in known)
 
 
-def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False) -> int:
+def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False, correlation_id: str = "") -> int:
     """Publishes the jobs of (task id, priority) pairs that are still queued and unpublished.
 
     ``fresh``: the tasks were just created, so no earlier job of theirs can linger in Redis.
@@ -226,7 +229,7 @@ def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False) -> i
         # Someone else (the relay, or a concurrent submitter) published part of these; ours carry our stamp.
         tasks = list(CaptionTask.objects.filter(pk__in=ids, published_at=stamp).values_list("pk", "priority"))
     try:
-        return broker.publish(tasks, fresh=fresh)
+        return broker.publish(tasks, fresh=fresh, correlation_id=correlation_id)
     except BrokerUnavailable as error:
         # These tasks were due (we were publishing them): the relay publishes them as soon as Redis takes writes
         # again, not after a fresh task's grace period.

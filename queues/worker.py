@@ -37,7 +37,7 @@ from rq.utils import now as rq_now
 from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
 
-from queues import control, execution
+from queues import control, correlation, execution
 from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
 
@@ -171,11 +171,19 @@ class CaptionWorker(SimpleWorker):
             self.log.info("Worker %s: %s was moved to %s; dropping its old entry in %s", self.name, job.id,
                           job.origin, queue.name)
             return
-        claimed = None
         try:
             is_caption = job.func_name == CAPTION_CALLABLE
         except Exception:
             is_caption = False  # not our JSON: rq runs it through CaptionJob, which refuses it without running it
+        # Log lines about this job carry its task, this worker, the queue and the submitting request's correlation
+        # id (from the job's meta; then from the claimed row, which also has it for jobs the relay published).
+        task_id = job.args[0] if is_caption and job.args else None
+        meta_id = (job.meta or {}).get("correlation_id") if is_caption else None
+        with correlation.bound(meta_id or "", task_id=task_id, worker=self.name, queue=queue.name):
+            return self._execute_caption_job(job, queue, is_caption)
+
+    def _execute_caption_job(self, job, queue, is_caption: bool):
+        claimed = None
         if is_caption:
             # Claim before rq's bookkeeping touches the job: a refused claim (the task ran already, was cancelled,
             # moved, or is waiting for a retry) then leaves the job hash as it is, which a live publication of the
@@ -186,7 +194,9 @@ class CaptionWorker(SimpleWorker):
             job.claimed_task = claimed  # read by queues.jobs.caption_task
         self._job_in_hand = True
         try:
-            return super().execute_job(job, queue)
+            with correlation.bound(claimed.correlation_id if claimed is not None and claimed.correlation_id
+                                   else None):
+                return super().execute_job(job, queue)
         finally:
             self._job_in_hand = False
             if claimed is not None:

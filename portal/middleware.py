@@ -1,0 +1,21 @@
+"""HTTP middleware of the portal."""
+
+from queues import correlation
+
+
+class CorrelationIdMiddleware:
+    """Gives every request a correlation id: the caller's ``X-Correlation-ID`` when it is a sane token (letters,
+    digits and ``._:-``, at most 64), otherwise a new one. The id is ``request.correlation_id``, is current while the
+    request is handled (tasks it submits and audit entries it writes take it) and comes back in the response's
+    ``X-Correlation-ID`` header."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        correlation_id = correlation.sane(request.headers.get(correlation.HEADER)) or correlation.new_id()
+        request.correlation_id = correlation_id
+        with correlation.bound(correlation_id):
+            response = self.get_response(request)
+        response[correlation.HEADER] = correlation_id
+        return response
