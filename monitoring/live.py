@@ -24,6 +24,7 @@ import time
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 from django.urls import reverse
 
@@ -55,10 +56,10 @@ def watcher_remove(channel_name: str) -> None:
     broker.get_connection().zrem(WATCHERS_KEY, channel_name)
 
 
-def watchers_count(*, now: float | None = None) -> int:
+def watchers_count(*, now: float | None = None, connection=None) -> int:
     """Consumers connected now (their entry renewed within WATCHER_TTL), on any ASGI server."""
     now = time.time() if now is None else now
-    return broker.get_connection().zcount(WATCHERS_KEY, now - WATCHER_TTL, "+inf")
+    return (connection or broker.get_connection()).zcount(WATCHERS_KEY, now - WATCHER_TTL, "+inf")
 
 
 async def watcher_join(consumer) -> None:
@@ -155,14 +156,19 @@ class _Announcer:
             logger.debug("dashboard event pushes dropped: the queue is full")
 
     def _run(self) -> None:
+        connection = url = None
         while True:
             payloads, group = self._queue.get()
             try:
-                if watchers_count():
+                # Its own connection with a short timeout: a frozen Redis holds the pushes behind it 2 s at most.
+                if connection is None or url != settings.REDIS_URL:
+                    connection, url = broker.dedicated_connection(socket_timeout=2), settings.REDIS_URL
+                if watchers_count(connection=connection):
                     text = json.dumps({"type": "events", "data": payloads}, separators=(",", ":"))
                     async_to_sync(get_channel_layer().group_send)(group, {"type": "metrics.update", "text": text})
             except Exception:  # Redis down, the channel layer full: the rows stay, the push is skipped
                 logger.debug("could not push dashboard events", exc_info=True)
+                connection = None  # connect afresh next time
 
 
 ANNOUNCER = _Announcer()

@@ -160,7 +160,7 @@ def test_fleet_events_and_alert_changes_are_pushed_when_they_are_committed(dashb
     with transaction.atomic():
         event = FleetEvent.objects.create(kind=FleetEvent.Kind.WORKER_CRASHED, worker_name="w-1", reason="SIGKILL")
         assert receive(dashboard_channel, timeout=0.2) is None  # not before the commit
-    message = receive(dashboard_channel)
+    message = receive(dashboard_channel, timeout=5)  # sent from the process' announcer thread
     payload = json.loads(message["text"])
     assert payload["type"] == "events"
     assert payload["data"] == [{"source": "fleet", "id": event.pk, "at": event.at.isoformat(),
@@ -172,7 +172,7 @@ def test_fleet_events_and_alert_changes_are_pushed_when_they_are_committed(dashb
                                  holding_since=timezone.now(), last_seen_at=timezone.now())
     AlertEvent.objects.bulk_create([AlertEvent(alert_id=alert.pk, kind=AlertEvent.Kind.FIRING),
                                     AlertEvent(alert_id=alert.pk, kind=AlertEvent.Kind.NOTIFIED)])
-    payload = json.loads(receive(dashboard_channel)["text"])
+    payload = json.loads(receive(dashboard_channel, timeout=5)["text"])
     assert [(line["source"], line["kind"], line["level"]) for line in payload["data"]] == [
         ("alert", "firing", "error"), ("alert", "notified", "info")]
     assert payload["data"][0]["text"] == "Firing: [critical] Backlog above 100"
