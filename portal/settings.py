@@ -147,6 +147,22 @@ else:
 
 # Task settings, with the old system's names and defaults.
 RQ_DEFAULT_TIMEOUT = env_int("RQ_DEFAULT_TIMEOUT", 90, minimum=1)
+# The old system's autoscaling variables seed the default pool's row when it is created (the first migrate); from
+# then on the admin (Worker pools) is the place to change them.
+DEFAULT_POOL_SEED = {
+    "autoscale": env_bool("RQ_AUTO_SCALING_ENABLED", False),
+    "minimum": env_int("RQ_MIN_WORKERS", 2, minimum=0),
+    "maximum": env_int("RQ_MAX_WORKERS", 10, minimum=1),
+    "scale_up_threshold": env_int("RQ_SCALE_UP_THRESHOLD", 100, minimum=1),
+    "scale_down_threshold": env_int("RQ_SCALE_DOWN_THRESHOLD", 20, minimum=0),
+    "scale_up_cooldown": env_int("RQ_SCALE_UP_COOLDOWN", 300, minimum=0),
+    "scale_down_cooldown": env_int("RQ_SCALE_DOWN_COOLDOWN", 600, minimum=0),
+}
+if DEFAULT_POOL_SEED["minimum"] > DEFAULT_POOL_SEED["maximum"]:
+    raise ImproperlyConfigured(f"RQ_MIN_WORKERS ({DEFAULT_POOL_SEED['minimum']}) must not be above RQ_MAX_WORKERS "
+                               f"({DEFAULT_POOL_SEED['maximum']})")
+if DEFAULT_POOL_SEED["scale_down_threshold"] >= DEFAULT_POOL_SEED["scale_up_threshold"]:
+    raise ImproperlyConfigured("RQ_SCALE_DOWN_THRESHOLD must be below RQ_SCALE_UP_THRESHOLD, or the pool would flap")
 RQ_RESULT_TTL = env_int("RQ_RESULT_TTL", 3600, minimum=0)
 RQ_FAILURE_TTL = env_int("RQ_FAILURE_TTL", 30 * 24 * 3600, minimum=60)
 RQ_MAX_RETRIES = env_int("RQ_MAX_RETRIES", 3, minimum=0, maximum=50)

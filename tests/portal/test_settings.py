@@ -50,6 +50,9 @@ def load_settings(tmp_path, **variables):
      "SECURE_PROXY_SSL_HEADER must be an HTTP header name such as X-Forwarded-Proto"),
     ("TRUSTED_PROXY_HEADER", "X-Forwarded-For, X-Real-IP", "TRUSTED_PROXY_HEADER must be an HTTP header name"),
     ("TRUSTED_PROXY_COUNT", "0", "TRUSTED_PROXY_COUNT must be at least 1"),
+    ("RQ_MIN_WORKERS", "12", "RQ_MIN_WORKERS (12) must not be above RQ_MAX_WORKERS (10)"),
+    ("RQ_SCALE_DOWN_THRESHOLD", "150", "RQ_SCALE_DOWN_THRESHOLD must be below RQ_SCALE_UP_THRESHOLD"),
+    ("RQ_AUTO_SCALING_ENABLED", "yes please", "RQ_AUTO_SCALING_ENABLED must be one of true/false"),
     ("CSRF_TRUSTED_ORIGINS", "ops.example.com",
      "CSRF_TRUSTED_ORIGINS must list origins with their scheme, e.g. https://ops.example.com; got 'ops.example.com'"),
     ("CSRF_TRUSTED_ORIGINS", "https://ops.example.com/admin/",
@@ -157,3 +160,25 @@ def test_trusted_proxy_settings(tmp_path):
     assert settings_values(tmp_path, names) == {"TRUSTED_PROXY_HEADER": None, "TRUSTED_PROXY_COUNT": 1}
     assert settings_values(tmp_path, names, TRUSTED_PROXY_HEADER="X-Forwarded-For", TRUSTED_PROXY_COUNT="2") == {
         "TRUSTED_PROXY_HEADER": "HTTP_X_FORWARDED_FOR", "TRUSTED_PROXY_COUNT": 2}
+
+
+@pytest.mark.django_db
+def test_the_old_autoscaling_variables_seed_the_default_pool_when_it_is_created(settings):
+    import importlib
+
+    from django.apps import apps
+
+    from queues.models import WorkerPool
+
+    seed = importlib.import_module("queues.migrations.0003_default_pool")
+    WorkerPool.objects.filter(name="default").delete()
+    settings.DEFAULT_POOL_SEED = {"autoscale": True, "minimum": 3, "maximum": 8, "scale_up_threshold": 40,
+                                  "scale_down_threshold": 5, "scale_up_cooldown": 60, "scale_down_cooldown": 120}
+    seed.create_default_pool(apps, None)
+    pool = WorkerPool.objects.get(name="default")
+    assert (pool.autoscale, pool.desired, pool.minimum, pool.maximum, pool.scale_up_threshold,
+            pool.scale_down_threshold, pool.scale_up_cooldown, pool.scale_down_cooldown) == (
+        True, 3, 3, 8, 40, 5, 60, 120)
+    settings.DEFAULT_POOL_SEED = {**settings.DEFAULT_POOL_SEED, "maximum": 20}
+    seed.create_default_pool(apps, None)  # a second start leaves the row (and the admin's changes) alone
+    assert WorkerPool.objects.get(name="default").maximum == 8
