@@ -9,8 +9,8 @@ How it fits together:
   Redis command). With none it does nothing more: no snapshot, no query, no send.
 - **A sample costs what a Prometheus scrape costs.** It is built from ``take_snapshot()`` (two pipelined Redis round
   trips and four small database reads), one query for the firing alerts (their index, at most
-  ``ALERTS_SHOWN + 1`` rows) and, every ``SLOW_FIGURES_SECONDS``, the bounded task counts per status and the pool
-  list. It never counts or scans the task table per sample.
+  ``ALERTS_SHOWN + 1`` rows) and, every ``SLOW_FIGURES_SECONDS``, the task counts per status
+  (bounded, on the status index). It never counts or scans the task table per sample.
 - **Rates and percentiles over the last minute** come from the counters and histograms every worker adds to Redis
   (monitoring.recorder): the sampler keeps the last ``RING_SECONDS`` of them in memory and subtracts. When it starts
   (or someone connects after nobody watched) the ring is seeded with the per-minute sampler's baseline
@@ -42,14 +42,14 @@ from monitoring.collectors import Snapshot, take_snapshot
 from monitoring.health import health_report
 from monitoring.live import LAST_SAMPLE_KEY, LAST_SAMPLE_TTL, METRICS_GROUP, event_payloads, watchers_count
 from monitoring.recorder import PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
-from monitoring.sampler import LAST_KEY, quantile
+from monitoring.sampler import LAST_KEY, _delta, quantile
 from queues import broker
 
 LIVE_LOCK_KEY = "portal:metrics:live:sampler"
 LIVE_LOCK_SECONDS = 5.0  # a standby sampler takes over this long after the holder stopped renewing
 RING_SECONDS = 300  # the overview's "last 5 minutes" figures; rates and percentiles use the last 60
 RATE_SECONDS = 60
-SLOW_FIGURES_SECONDS = 10.0  # task counts per status and the pool list change slowly and cost more to read
+SLOW_FIGURES_SECONDS = 10.0  # task counts per status change slowly and cost more to read
 ALERTS_SHOWN = 5
 TICKER_ROWS = 30
 
@@ -61,10 +61,6 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def _delta(now: dict, before: dict) -> dict:
-    return {key: max(0.0, value - before.get(key, 0.0)) for key, value in now.items()}
 
 
 class LiveSampler:
@@ -162,13 +158,11 @@ def _entry_at_or_before(ring, moment: float):
 
 def _slow_figures() -> dict:
     from monitoring.selectors import task_counts_by_status
-    from queues.models import WorkerPool
 
     try:
-        return {"tasks": task_counts_by_status(),
-                "pools": list(WorkerPool.objects.order_by("name").values("name", "desired", "minimum", "maximum"))}
+        return {"tasks": task_counts_by_status()}
     except DatabaseError:
-        return {"tasks": [], "pools": []}
+        return {"tasks": []}
 
 
 def _firing_alerts() -> dict:
@@ -224,7 +218,7 @@ def build_sample(snapshot: Snapshot, *, at: float, ring, slow: dict, alerts: dic
         return None if value is None else round(value, 4)
 
     pools: dict[str, dict] = {pool["name"]: {"busy": 0, "idle": 0, "desired": pool["desired"]}
-                              for pool in slow.get("pools", [])}
+                              for pool in snapshot.pools}  # the scrape's read of the pool rows
     workers = []
     for worker in snapshot.workers:
         if worker["alive"]:
