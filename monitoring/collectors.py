@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import DatabaseError
 from django.db.models import Count, Min
 from django.utils import timezone
@@ -26,12 +27,14 @@ from monitoring.recorder import (
     BUFFER,
     COUNTERS_KEY,
     OUTCOME_STATUS,
+    POOLS_KEY,
     PROCESSING_BUCKETS,
     WAIT_BUCKETS,
     flush_pending,
     histogram_key,
     note_available,
     note_unavailable,
+    pool_use,
 )
 from queues import broker
 from queues.dispatch import DispatchStatus, get_policy
@@ -86,6 +89,7 @@ class Snapshot:
     oldest_processing_started: datetime | None = None  # the oldest PROCESSING task's start (few rows, indexed)
     captioner_problem: dict | None = None  # a captioner misconfiguration reported in the last minutes
     pools: list[dict] = field(default_factory=list)  # name, desired, queue names: the worker pools' rows
+    redis_pools: dict[str, dict] = field(default_factory=dict)  # process kind -> Redis pool use (recorder.pool_use)
     dispatch: DispatchStatus = field(default_factory=DispatchStatus)  # mode, fallback, submission pause
 
     @property
@@ -172,6 +176,7 @@ def _read_redis_once(connection) -> list:
     pipe.info("clients")
     pipe.get(broker.CAPTIONER_PROBLEM_KEY)
     pipe.smembers(Worker.redis_workers_keys)
+    pipe.hgetall(POOLS_KEY)
     try:
         values = pipe.execute()
     except Exception:
@@ -188,7 +193,10 @@ def _fill(snapshot: Snapshot, connection, values: list) -> None:
         snapshot.running[name] = running
         snapshot.histograms[("processing", name)] = {k: float(v) for k, v in _decode(processing).items()}
         snapshot.histograms[("wait", name)] = {k: float(v) for k, v in _decode(wait).items()}
-    counters, memory, clients, problem, worker_keys = values[-5:]
+    counters, memory, clients, problem, worker_keys, pools = values[-6:]
+    snapshot.redis_pools, gone = pool_use(pools, time.time())
+    if gone:
+        connection.hdel(POOLS_KEY, *gone)
     snapshot.captioner_problem = json.loads(problem) if problem else None
     snapshot.counters = {k: float(v) for k, v in _decode(counters).items()}
     snapshot.redis_info = {**memory, **clients}
@@ -315,6 +323,17 @@ def families(snapshot: Snapshot):
                                 value=info.get("connected_clients", 0))
         if snapshot.maxclients is not None:
             yield GaugeMetricFamily("rq_redis_maxclients", "Redis maxclients", value=snapshot.maxclients)
+        in_use = GaugeMetricFamily(
+            "rq_redis_pool_connections_in_use", "Most Redis connections in use at once in one process of the kind "
+            "over its last 5 s (each process' pool holds at most rq_redis_pool_max_connections)", labels=["kind"])
+        for kind, use in sorted(snapshot.redis_pools.items()):
+            in_use.add_metric([kind], use["in_use"])
+        yield in_use
+    yield GaugeMetricFamily("rq_redis_pool_max_connections", "REDIS_MAX_CONNECTIONS: the most Redis connections one "
+                            "process' pool opens", value=settings.REDIS_MAX_CONNECTIONS)
+    yield CounterMetricFamily("rq_redis_pool_exhausted", "Times a caller found all of its process' Redis "
+                              "connections in use for REDIS_POOL_TIMEOUT and got an error",
+                              value=snapshot.counters.get("redis_pool_exhausted", 0.0))
     yield GaugeMetricFamily("rq_redis_up", "1 when Redis answers", value=1 if snapshot.redis_ok else 0)
     yield GaugeMetricFamily("rq_database_up", "1 when the database answers", value=1 if snapshot.database_ok else 0)
     from monitoring.health import ORDER, health_report  # health builds on this module

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import json
 import logging
 import os
+import socket
 import threading
+import time
 from collections import defaultdict
 
 from django.db.backends.signals import connection_created
 
+from portal import redis_pools
 from queues import broker
 from queues.errors import BrokerUnavailable
 
@@ -37,6 +41,11 @@ PROCESSING_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OUTCOME_STATUS = {"completed": "completed", "failed": "failed", "retry": "retried", "worker_lost": "worker_lost"}
 FLUSH_INTERVAL = 1.0
+# Each process' Redis pool use: {"<host>:<pid>": {"kind", "peak", "max", "at"}}, written every POOL_REPORT_INTERVAL
+# by the process' flusher; reports older than POOL_REPORT_STALE are a process that is gone.
+POOLS_KEY = PREFIX + "redis_pools"
+POOL_REPORT_INTERVAL = 5.0
+POOL_REPORT_STALE = 30.0
 
 
 def histogram_key(name: str, queue: str) -> str:
@@ -108,18 +117,70 @@ class Buffer:
             return
         self._flusher_pid = os.getpid()  # one flusher per process, started again in a forked child
         threading.Thread(target=self._flush_forever, name="metrics-flusher", daemon=True).start()
-        atexit.register(self.flush)
+        atexit.register(self._at_exit)
 
     def _flush_forever(self) -> None:
         stop = threading.Event()
+        next_report = 0.0
         while not stop.wait(FLUSH_INTERVAL):
             try:
+                if time.monotonic() >= next_report:
+                    next_report = time.monotonic() + POOL_REPORT_INTERVAL
+                    report_pool_use()
                 self.flush()
             except Exception:  # never let the flusher die
                 logger.debug("metrics flush failed", exc_info=True)
 
+    def _at_exit(self) -> None:
+        self.flush()
+        try:
+            broker.get_connection().hdel(POOLS_KEY, process_id())
+        except Exception:
+            pass  # Redis is gone: the report goes stale and is ignored
+
 
 BUFFER = Buffer()
+# Every process that opens its Redis pool runs the flusher, so every process reports its pool's use.
+broker.CONNECTION_HOOKS.append(BUFFER._ensure_flusher)
+
+
+def process_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def report_pool_use() -> None:
+    """Puts this process' Redis pool use (the most connections in use at once since the last report) where the
+    scrape reads it, and counts the times a caller waited out REDIS_POOL_TIMEOUT."""
+    pool = broker.get_connection().connection_pool
+    if not isinstance(pool, redis_pools.CappedPool | redis_pools.CappedSentinelPool):
+        return
+    _, peak, exhausted = pool.take_use()
+    if exhausted:
+        BUFFER.add(COUNTERS_KEY, "redis_pool_exhausted", exhausted)
+    report = {"kind": redis_pools.process_kind(), "peak": peak, "max": pool.max_connections, "at": time.time()}
+    try:
+        broker.get_connection().hset(POOLS_KEY, process_id(), json.dumps(report))
+    except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+        pass  # the next report, once Redis answers
+
+
+def pool_use(raw: dict, now: float) -> tuple[dict[str, dict], list]:
+    """From POOLS_KEY: {kind: {"in_use": the highest peak among its live processes, "processes": how many}}, and
+    the fields of processes that stopped reporting (to delete)."""
+    kinds: dict[str, dict] = {}
+    gone = []
+    for field, value in raw.items():
+        try:
+            report = json.loads(value)
+            if now - float(report["at"]) > POOL_REPORT_STALE:
+                gone.append(field)
+                continue
+            kind = kinds.setdefault(str(report["kind"]), {"in_use": 0, "processes": 0})
+            kind["in_use"] = max(kind["in_use"], int(report["peak"]))
+            kind["processes"] += 1
+        except (ValueError, KeyError, TypeError):
+            gone.append(field)  # not a report this version writes
+    return kinds, gone
 
 
 class Reachability:

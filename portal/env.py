@@ -83,6 +83,22 @@ def env_list(name: str, default: list[str], *, environ=os.environ) -> list[str]:
     return items
 
 
+def env_host_ports(name: str, *, environ=os.environ) -> list[tuple[str, int]]:
+    """A comma-separated ``host:port`` list (``REDIS_SENTINELS=10.0.0.1:26379,10.0.0.2:26379``); empty when unset."""
+    value = env_str(name, environ=environ)
+    if value is None:
+        return []
+    result = []
+    for item in env_list(name, [], environ=environ):
+        host, colon, port = item.rpartition(":")
+        host = host.strip("[]")  # [::1]:26379
+        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ImproperlyConfigured(f"{name} must be a comma-separated list of host:port pairs, e.g. "
+                                       f"10.0.0.1:26379,10.0.0.2:26379; {item!r} is not one")
+        result.append((host, int(port)))
+    return result
+
+
 HEADER_NAME = re.compile(r"[A-Za-z0-9]+(-[A-Za-z0-9]+)*")
 
 

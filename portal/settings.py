@@ -16,6 +16,7 @@ from portal.env import (
     env_choice,
     env_float,
     env_header,
+    env_host_ports,
     env_http_url,
     env_int,
     env_list,
@@ -32,7 +33,8 @@ if not VAR_DIR.is_absolute():
 DEBUG = env_bool("DEBUG", False)
 # Local mode: the embedded database and Redis (nothing else configured), as the README's run command uses them.
 # A deployment that names its own database or Redis is production: it must bring its own SECRET_KEY.
-LOCAL_MODE = env_bool("PORTAL_LOCAL", not any(env_str(name) for name in ("DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL")))
+LOCAL_MODE = env_bool("PORTAL_LOCAL", not any(env_str(name) for name in (
+    "DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "REDIS_SENTINELS")))
 
 
 def _secret_key() -> str:
@@ -43,7 +45,7 @@ def _secret_key() -> str:
         return explicit
     if not (DEBUG or LOCAL_MODE):
         raise ImproperlyConfigured(
-            "SECRET_KEY must be set when DATABASE_URL or REDIS_URL is (a deployment); for local use with embedded "
+            "SECRET_KEY must be set when DATABASE_URL, REDIS_URL or REDIS_SENTINELS is (a deployment); for local use with embedded "
             "defaults leave them unset, or set PORTAL_LOCAL=true")
     key_file = VAR_DIR / "secret_key"
     if not key_file.exists():
@@ -133,15 +135,32 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# Redis. REDIS_URL wins; RQ_REDIS_URL is the old system's name for the same thing. Unset: the embedded server.
+# Redis: one server (REDIS_URL; RQ_REDIS_URL is the old system's name for it), or the master that Redis Sentinel
+# names (REDIS_SENTINELS), or neither: the embedded server. portal/redis_pools.py opens every connection from these.
 _redis_variable = "REDIS_URL" if env_str("REDIS_URL") else "RQ_REDIS_URL"
 _configured_redis = env_str(_redis_variable)
-EMBEDDED_REDIS = _configured_redis is None
+REDIS_SENTINELS = env_host_ports("REDIS_SENTINELS")
+REDIS_SENTINEL_MASTER = env_str("REDIS_SENTINEL_MASTER", "mymaster")
+REDIS_SENTINEL_PASSWORD = env_str("REDIS_SENTINEL_PASSWORD")  # the sentinels' own (requirepass in sentinel.conf)
+REDIS_PASSWORD = env_str("REDIS_PASSWORD")  # the data servers'; a password inside REDIS_URL wins
+REDIS_DB = env_int("REDIS_DB", 0, minimum=0)  # with Sentinel (REDIS_URL names its database itself)
+# Each process' pool holds at most this many connections; a caller finding them all in use waits up to
+# REDIS_POOL_TIMEOUT seconds, then gets an error that names the setting (redis_pools.PoolExhausted), never a hang.
+REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 50, minimum=2)
+REDIS_POOL_TIMEOUT = env_float("REDIS_POOL_TIMEOUT", 5.0, minimum=0.1)
+if REDIS_SENTINELS and _configured_redis:
+    raise ImproperlyConfigured(f"{_redis_variable} and REDIS_SENTINELS are both set; set one: REDIS_URL names one "
+                               "server, REDIS_SENTINELS the sentinels that name the master")
+EMBEDDED_REDIS = _configured_redis is None and not REDIS_SENTINELS
 EMBEDDED_REDIS_PORT = env_int("EMBEDDED_REDIS_PORT", 6390, minimum=1, maximum=65535)
 if EMBEDDED_REDIS:
     from portal.embedded_redis import embedded_server
 
     REDIS_URL = embedded_server(VAR_DIR, EMBEDDED_REDIS_PORT).url
+elif REDIS_SENTINELS:
+    # Not a URL any client opens: it names the Redis in messages and tells processes that the setting changed.
+    REDIS_URL = "sentinel://{}/{}/{}".format(",".join(f"{host}:{port}" for host, port in REDIS_SENTINELS),
+                                            REDIS_SENTINEL_MASTER, REDIS_DB)
 else:
     REDIS_URL = check_redis_url(_redis_variable, _configured_redis)
 
@@ -243,9 +262,15 @@ CAPTION_QUEUES = ("urgent", "high", "normal", "low")
 # Per-process cache (the health report's one-second cache); django-prometheus' backend counts hits and misses.
 CACHES = {"default": {"BACKEND": "django_prometheus.cache.backends.locmem.LocMemCache", "LOCATION": "portal"}}
 
+# django-rq's own configuration (its views and classes); our workers and the broker connect through
+# portal/redis_pools.py, which reads the same settings.
+_RQ_CONNECTION = {"URL": REDIS_URL} if not REDIS_SENTINELS else {
+    "SENTINELS": REDIS_SENTINELS, "MASTER_NAME": REDIS_SENTINEL_MASTER, "DB": REDIS_DB, "PASSWORD": REDIS_PASSWORD,
+    "SENTINEL_KWARGS": {"password": REDIS_SENTINEL_PASSWORD, "socket_timeout": 2}, "SOCKET_TIMEOUT": 10,
+}
 RQ_QUEUES = {
     name: {
-        "URL": REDIS_URL,
+        **_RQ_CONNECTION,
         "DEFAULT_TIMEOUT": RQ_DEFAULT_TIMEOUT,
         "DEFAULT_RESULT_TTL": RQ_RESULT_TTL,
         "SERIALIZER": "rq.serializers.JSONSerializer",
@@ -267,11 +292,11 @@ RQ_ALLOWED_CALLABLES = frozenset({"queues.jobs.caption_task", "queues.jobs.bulk_
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        # redis-py's asyncio pool holds 100 connections by default and raises MaxConnectionsError (it does not
-        # wait) when they are all in use: 200 dashboards connecting or closing at once (a server restart) had half
-        # of their group_add/group_discard calls fail (bench/live.py). The pool keeps what a burst opened.
-        "CONFIG": {"hosts": [{"address": REDIS_URL, "max_connections": 1000}], "prefix": "portal:channels"},
+        # channels-redis with its connection pool from portal/redis_pools.py: Sentinel when configured, and at most
+        # REDIS_MAX_CONNECTIONS connections that a burst waits for (channels-redis' own pool raises at once when
+        # all are in use: 200 dashboards connecting together had half of their group_add calls fail).
+        "BACKEND": "portal.redis_pools.ChannelLayer",
+        "CONFIG": {"hosts": [{"address": REDIS_URL}], "prefix": "portal:channels"},
     }
 }
 

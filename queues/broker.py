@@ -23,6 +23,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import import_attribute
 
+from portal import redis_pools
 from queues.errors import BrokerUnavailable
 from queues.models import job_id_for
 
@@ -124,41 +125,53 @@ class CaptionQueue(DjangoRQ):
         return cls.lpop([queue_key], timeout, connection=connection)
 
 
-_local = threading.local()
+class _ProcessConnection:
+    client: redis.Redis | None = None
+    pid: int | None = None
+    lock = threading.Lock()
+
+
+_process = _ProcessConnection()
+# Called when this process opens its connection pool (monitoring.recorder starts its flusher, which reports the
+# pool's use): a hook rather than an import, since monitoring builds on this module.
+CONNECTION_HOOKS: list = []
 
 
 def get_connection() -> redis.Redis:
-    """This process's Redis connection (one pool per process, created again after a fork)."""
-    connection = getattr(_local, "connection", None)
-    if connection is None or getattr(_local, "pid", None) != os.getpid():
-        if settings.EMBEDDED_REDIS:
-            from portal.embedded_redis import ensure_embedded_running
+    """This process's Redis client: one pool for all of its threads (capped at REDIS_MAX_CONNECTIONS), created
+    again after a fork."""
+    connection = _process.client
+    if connection is not None and _process.pid == os.getpid():
+        return connection
+    with _process.lock:
+        if _process.client is None or _process.pid != os.getpid():
+            if settings.EMBEDDED_REDIS:
+                from portal.embedded_redis import ensure_embedded_running
 
-            try:
-                ensure_embedded_running(settings.VAR_DIR, settings.EMBEDDED_REDIS_PORT)
-            except Exception as error:
-                raise BrokerUnavailable(f"the embedded Redis server could not start: {error}") from error
-        connection = redis.Redis.from_url(
-            settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30,
-        )
-        _local.connection, _local.pid = connection, os.getpid()
-    return connection
+                try:
+                    ensure_embedded_running(settings.VAR_DIR, settings.EMBEDDED_REDIS_PORT)
+                except Exception as error:
+                    raise BrokerUnavailable(f"the embedded Redis server could not start: {error}") from error
+            _process.client = redis_pools.client(socket_timeout=10, health_check_interval=30)
+            _process.pid = os.getpid()
+            for hook in CONNECTION_HOOKS:
+                hook()
+        return _process.client
 
 
 def dedicated_connection(*, socket_timeout: float) -> redis.Redis:
     """A connection of its own with a short timeout, for a loop that must never wait long on Redis (the
     supervisor's lease renewal: a frozen or unreachable Redis must not hold it past the lease)."""
     get_connection()  # starts the embedded server if this portal uses one
-    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=min(socket_timeout, 2),
-                                socket_timeout=socket_timeout)
+    return redis_pools.client(socket_timeout=socket_timeout, max_connections=2)
 
 
 def reset_connection() -> None:
     """Forget this process's connection (tests point REDIS_URL at another server)."""
-    connection = getattr(_local, "connection", None)
-    if connection is not None:
+    with _process.lock:
+        connection, _process.client = _process.client, None
+    if connection is not None and _process.pid == os.getpid():
         connection.close()
-    _local.connection = None
 
 
 def get_queue(name: str, connection: redis.Redis | None = None) -> Queue:

@@ -23,6 +23,8 @@ from rq.registry import (
 )
 from rq.worker import Worker
 
+from monitoring.recorder import POOLS_KEY
+
 from queues import broker
 from queues.models import AuditEntry, job_id_for
 from queues.services import TaskSpec, tasks_submit_many
@@ -34,9 +36,12 @@ QUEUE_INDEX = 2  # "normal" in RQ_QUEUES' order (urgent, high, normal, low): whe
 
 
 def redis_dump(connection) -> dict:
-    """Every key with its type and whole content (SCAN is fine in a test's small database, never in the portal)."""
+    """Every key with its type and whole content (SCAN is fine in a test's small database, never in the portal),
+    but for this process' own Redis pool report (monitoring.recorder writes it every few seconds)."""
     dump = {}
     for key in connection.scan_iter(count=1000):
+        if key == POOLS_KEY.encode():
+            continue
         kind = connection.type(key).decode()
         if kind == "string":
             content = connection.get(key)

@@ -15,11 +15,12 @@ from portal.env import check_redis_url, env_bool, env_choice, env_int, env_list,
 def load_settings(tmp_path, **variables):
     """Imports portal.settings in a fresh interpreter with exactly these variables; returns (ok, output)."""
     environment = {key: value for key, value in os.environ.items()
-                   if key not in {"DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "SECRET_KEY", "DEBUG", "PORTAL_LOCAL"}}
+                   if key not in {"DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "SECRET_KEY", "DEBUG", "PORTAL_LOCAL",
+                                 "REDIS_SENTINELS"}}
     environment.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), "SECRET_KEY": "s" * 40, **variables})
     code = ("import portal.settings as s; "
             "print(s.DATABASES['default']['ENGINE'], s.REDIS_URL, s.RQ_DEFAULT_TIMEOUT, s.RQ_MAX_RETRIES, "
-            "s.CAPTION_BACKEND, s.RQ_QUEUES['low']['URL'])")
+            "s.CAPTION_BACKEND, s.RQ_QUEUES['low'].get('URL'))")
     result = subprocess.run([sys.executable, "-c", code], cwd=django_settings.BASE_DIR, env=environment,
                             capture_output=True, text=True, timeout=60)
     return result.returncode == 0, (result.stdout + result.stderr).strip()
@@ -30,6 +31,12 @@ def load_settings(tmp_path, **variables):
     ("DATABASE_URL", "mysql://user@/", "DATABASE_URL must look like mysql://"),
     ("REDIS_URL", "http://localhost:6379", "REDIS_URL must start with redis://"),
     ("RQ_REDIS_URL", "localhost:6379", "RQ_REDIS_URL must start with redis://"),
+    ("REDIS_SENTINELS", "10.0.0.1", "REDIS_SENTINELS must be a comma-separated list of host:port pairs, e.g. "
+     "10.0.0.1:26379,10.0.0.2:26379; '10.0.0.1' is not one"),
+    ("REDIS_SENTINELS", "a:26379,b:263790", "'b:263790' is not one"),
+    ("REDIS_SENTINELS", " , ", "REDIS_SENTINELS must be a comma-separated list with at least one entry"),
+    ("REDIS_MAX_CONNECTIONS", "1", "REDIS_MAX_CONNECTIONS must be at least 2"),
+    ("REDIS_POOL_TIMEOUT", "soon", "REDIS_POOL_TIMEOUT must be a number"),
     ("RQ_DEFAULT_TIMEOUT", "ninety", "RQ_DEFAULT_TIMEOUT must be a whole number; got 'ninety'"),
     ("RQ_DEFAULT_TIMEOUT", "0", "RQ_DEFAULT_TIMEOUT must be at least 1"),
     ("RQ_MAX_RETRIES", "-1", "RQ_MAX_RETRIES must be at least 0"),
@@ -87,12 +94,31 @@ def test_legacy_redis_variable_and_database_url_are_accepted(tmp_path):
 
 def test_production_refuses_to_start_without_secret_key(tmp_path):
     ok, output = load_settings(tmp_path, SECRET_KEY="", DATABASE_URL="mysql://portal:pw@db:3306/portal")
-    assert not ok and "SECRET_KEY must be set when DATABASE_URL or REDIS_URL is" in output
+    assert not ok and "SECRET_KEY must be set when DATABASE_URL, REDIS_URL or REDIS_SENTINELS is" in output
     ok, output = load_settings(tmp_path, SECRET_KEY="", REDIS_URL="redis://r:6379/0")
     assert not ok and "SECRET_KEY must be set" in output
     ok, output = load_settings(tmp_path, DEBUG="false", SECRET_KEY="x" * 40, REDIS_URL="redis://r:6379/0")
     assert ok, output
     assert not (tmp_path / "var" / "secret_key").exists()
+
+
+def test_sentinel_settings_replace_redis_url(tmp_path):
+    ok, output = load_settings(tmp_path, SECRET_KEY="", REDIS_SENTINELS="10.0.0.1:26379")
+    assert not ok and "SECRET_KEY must be set" in output  # a deployment, like REDIS_URL
+    ok, output = load_settings(tmp_path, REDIS_SENTINELS="10.0.0.1:26379", REDIS_URL="redis://r:6379/0")
+    assert not ok and "REDIS_URL and REDIS_SENTINELS are both set; set one" in output
+    code = ("import portal.settings as s; print(s.REDIS_URL, s.EMBEDDED_REDIS, s.REDIS_SENTINELS, "
+            "s.RQ_QUEUES['low']['SENTINELS'], s.RQ_QUEUES['low']['MASTER_NAME'], s.RQ_QUEUES['low']['PASSWORD'])")
+    environment = {key: value for key, value in os.environ.items() if key not in {"REDIS_URL", "RQ_REDIS_URL"}}
+    environment.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), "SECRET_KEY": "s" * 40,
+                        "REDIS_SENTINELS": "10.0.0.1:26379, [::1]:26380", "REDIS_SENTINEL_MASTER": "captions",
+                        "REDIS_DB": "3", "REDIS_PASSWORD": "data-secret"})
+    result = subprocess.run([sys.executable, "-c", code], cwd=django_settings.BASE_DIR, env=environment,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "sentinel://10.0.0.1:26379,::1:26380/captions/3", "False", "[('10.0.0.1',", "26379),", "('::1',", "26380)]",
+        "[('10.0.0.1',", "26379),", "('::1',", "26380)]", "captions", "data-secret"]
 
 
 def test_env_helpers_parse_strictly():

@@ -1,10 +1,18 @@
 """django-rq's ``rqworker``, restricted to the portal's worker class so only allow-listed JSON jobs ever run."""
 
+import os
+import sys
+
 from django.conf import settings
 from django.core.management.base import CommandError
 from django_rq.management.commands.rqworker import Command as DjangoRQWorkerCommand
+from django_rq.utils import reset_db_connections
+from redis.exceptions import ConnectionError
+from rq.logutils import setup_loghandlers
+from rq.serializers import JSONSerializer
 from rq.utils import import_attribute
 
+from queues import broker
 from queues.broker import QUEUE_NAMES
 from queues.worker import CaptionWorker
 
@@ -29,13 +37,31 @@ class Command(DjangoRQWorkerCommand):
                                    f"{worker_class!r} would run jobs without the allow-list")
         if options.get("job_class") not in (None, "queues.broker.CaptionJob"):
             raise CommandError("--job-class cannot be changed: caption workers always use queues.broker.CaptionJob")
+        if options.get("queue_class") not in (None, "queues.broker.CaptionQueue"):
+            raise CommandError("--queue-class cannot be changed: caption workers always use queues.broker.CaptionQueue")
         if options.get("serializer") not in ("rq.serializers.JSONSerializer", "json"):
             raise CommandError("--serializer cannot be changed: caption jobs are always JSON")
         unknown = [name for name in args if name not in settings.RQ_QUEUES]
         if unknown:
             raise CommandError(f"Unknown queue(s): {', '.join(unknown)}. Queues are {', '.join(QUEUE_NAMES)}.")
-        if settings.EMBEDDED_REDIS:
-            from portal.embedded_redis import ensure_embedded_running
-
-            ensure_embedded_running(settings.VAR_DIR, settings.EMBEDDED_REDIS_PORT)
-        return super().handle(*(args or QUEUE_NAMES), **options)
+        worker_class = chosen if worker_class else CaptionWorker
+        # django-rq's handle, with the connection from queues.broker (REDIS_URL or Sentinel, this process' capped
+        # pool) instead of one django-rq would build from RQ_QUEUES.
+        if options.get("pid"):
+            with open(os.path.expanduser(options["pid"]), "w") as pid_file:
+                pid_file.write(str(os.getpid()))
+        level = {0: "WARNING", 1: "INFO"}.get(options["verbosity"], "DEBUG")
+        setup_loghandlers(level)
+        try:
+            connection = broker.get_connection()
+            worker = worker_class(
+                [broker.get_queue(name, connection) for name in (args or QUEUE_NAMES)], connection=connection,
+                name=options["name"], worker_ttl=options["worker_ttl"], serializer=JSONSerializer,
+                job_class=broker.CaptionJob, queue_class=broker.CaptionQueue,
+            )
+            reset_db_connections()  # no database connection crosses a fork
+            worker.work(burst=options.get("burst", False), with_scheduler=options.get("with_scheduler", False),
+                        logging_level=level, max_jobs=options["max_jobs"], max_idle_time=options["max_idle_time"])
+        except (ConnectionError, broker.BrokerUnavailable) as error:
+            self.stderr.write(f"Redis is unreachable at {settings.REDIS_URL}: {error}")
+            sys.exit(1)
