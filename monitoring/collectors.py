@@ -1,11 +1,11 @@
 """The queue system's Prometheus metrics, computed at scrape time.
 
 Each scrape makes two pipelined Redis round trips (queue lengths, registries, shared counters and histograms, server
-INFO, the captioner problem flag; then one read per registered worker) and four small database reads (an overdue
-unpublished task; the oldest of the few PROCESSING tasks, both indexed; the dispatch mode row; the worker pools),
-whatever the number of jobs: no KEYS, no listing of job
-ids, no registry cleanup. The alert evaluator judges its rules on the same snapshot. Metric names of the old system are kept so existing dashboards work.
-"""
+INFO, the captioner problem flag, the processes' Redis pool reports; then one read per registered worker) and four
+small database reads (an overdue unpublished task; the oldest of the few PROCESSING tasks, both indexed; the dispatch
+mode row; the worker pools), whatever the number of jobs: no KEYS, no listing of job ids, no registry cleanup. The
+alert evaluator judges its rules on the same snapshot. Metric names of the old system are kept so existing
+dashboards work."""
 
 from __future__ import annotations
 

@@ -195,12 +195,16 @@ def job_timeout() -> int:
     return settings.RQ_DEFAULT_TIMEOUT + 30
 
 
+def _correlation_meta(correlation_id: str) -> dict | None:
+    return {"correlation_id": correlation_id} if correlation_id else None
+
+
 def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bool = False,
-            correlation_id: str = "") -> int:
+            correlation_id: str = "", correlation_ids: dict[int, str] | None = None) -> int:
     """Enqueues ``caption-<id>`` jobs for (task id, priority) pairs in one pipeline round trip.
 
     ``correlation_id``: the submitting request's, kept in each job's meta (the worker logs under it from the
-    moment it takes the job).
+    moment it takes the job); ``correlation_ids``: {task id: its own} instead, for tasks published again.
     ``fresh``: the tasks are new, so no earlier job with their ids exists (saves a command per job).
     ``atomic``: in one MULTI/EXEC, so that either every job is enqueued or none (the migration's batches: a
     process killed while sending leaves nothing half-published).
@@ -225,7 +229,7 @@ def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bo
                         CAPTION_CALLABLE, args=(task_id,), job_id=job_id_for(task_id),
                         timeout=job_timeout(), result_ttl=settings.RQ_RESULT_TTL,
                         failure_ttl=settings.RQ_FAILURE_TTL, description=f"caption task {task_id}",
-                        meta={"correlation_id": correlation_id} if correlation_id else None,
+                        meta=_correlation_meta((correlation_ids or {}).get(task_id, correlation_id)),
                     )
                     for task_id in task_ids
                 ],

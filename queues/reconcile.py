@@ -75,7 +75,7 @@ class ReconcileResult:
         return bool(self.redriven or self.dead_lettered or self.republished)
 
 
-REDRIVE_FIELDS = ("pk", "priority", "attempts", "worker_name", "started_at", "claim_token")
+REDRIVE_FIELDS = ("pk", "priority", "attempts", "worker_name", "started_at", "claim_token", "correlation_id")
 
 
 def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | None = None,
@@ -112,6 +112,7 @@ def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | No
                 task_id=task.pk, kind=TaskEvent.Kind.FAILED if exhausted else TaskEvent.Kind.WORKER_LOST,
                 attempt=task.attempts, at=now, started_at=task.started_at, worker_name=task.worker_name,
                 duration_ms=duration, error_class="WorkerLost", error_message=message, detail=detail,
+                correlation_id=task.correlation_id,  # the submitter's, not the supervisor's (it has none)
             )
     if not changed:
         return False
@@ -356,11 +357,12 @@ def _publish_again(lost: list[tuple[int, str, datetime]], now, result: Reconcile
     tasks_publish(tasks=unpublished)
     # Events only for what really went back to Redis; the rest the relay publishes when Redis takes writes again.
     published = list(CaptionTask.objects.filter(pk__in=[pk for pk, _ in unpublished], status=TaskStatus.QUEUED,
-                                                published_at__isnull=False).values_list("pk", "priority"))
+                                                published_at__isnull=False)
+                     .values_list("pk", "priority", "correlation_id"))
     TaskEvent.objects.bulk_create([TaskEvent(task_id=pk, kind=TaskEvent.Kind.REPUBLISHED, at=now,
-                                             detail=f"job missing from queue {priority}")
-                                   for pk, priority in published])
-    result.republished.extend(pk for pk, _ in published)
+                                             detail=f"job missing from queue {priority}", correlation_id=correlation_id)
+                                   for pk, priority, correlation_id in published])
+    result.republished.extend(pk for pk, _, _ in published)
     logger.warning("published %d lost job(s) again", len(published))
 
 

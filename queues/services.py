@@ -225,11 +225,19 @@ def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False, corr
         published_at=stamp, publish_after=stamp)
     if claimed == 0:
         return 0
-    if claimed < len(ids):
+    correlation_ids = None
+    if not fresh:
+        # Published again (the relay, a retry, a requeue, a lost job): each job carries its task's own correlation
+        # id. The same read keeps only ours if someone else (a concurrent relay) published part of these.
+        rows = CaptionTask.objects.filter(pk__in=ids, published_at=stamp) \
+            .values_list("pk", "priority", "correlation_id")
+        tasks = [(pk, priority) for pk, priority, _ in rows]
+        correlation_ids = {pk: value for pk, _, value in rows if value}
+    elif claimed < len(ids):
         # Someone else (the relay, or a concurrent submitter) published part of these; ours carry our stamp.
         tasks = list(CaptionTask.objects.filter(pk__in=ids, published_at=stamp).values_list("pk", "priority"))
     try:
-        return broker.publish(tasks, fresh=fresh, correlation_id=correlation_id)
+        return broker.publish(tasks, fresh=fresh, correlation_id=correlation_id, correlation_ids=correlation_ids)
     except BrokerUnavailable as error:
         # These tasks were due (we were publishing them): the relay publishes them as soon as Redis takes writes
         # again, not after a fresh task's grace period.

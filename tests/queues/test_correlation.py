@@ -4,6 +4,7 @@ rows and audit entries; the admin shows and finds them."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from django.conf import settings
@@ -92,3 +93,53 @@ def test_audit_entries_carry_the_id_and_the_admin_finds_tasks_and_entries_by_it(
     assert CALLER_ID in detail
     entries = client.get(reverse("admin:queues_auditentry_changelist"), {"q": CALLER_ID})
     assert [entry.action for entry in entries.context["cl"].result_list] == ["pool_scale"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_jobs_published_again_and_reconciler_rows_keep_the_submitters_id(redis, media_image):
+    """The relay (after Redis was down), the reconciler's lost-job check and its re-drive of a dead worker's task
+    act in a supervisor, which has no request: the job and the rows they write carry the task's own id."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from queues import correlation
+    from queues.execution import task_claim
+    from queues.reconcile import CONFIRM_AFTER, tasks_reconcile
+    from queues.services import TaskSpec, task_submit, tasks_relay_once, tasks_submit_many
+    from tests.queues.test_reconcile import age_jobs
+
+    reference = media_image()
+    with correlation.bound("req-relay"):
+        relayed = tasks_submit_many(specs=[TaskSpec(reference) for _ in range(3)]).created
+    with correlation.bound("req-lost"):
+        lost = task_submit(image_ref=reference)
+    with correlation.bound("req-dead-worker"):
+        running = task_submit(image_ref=reference)
+    assert correlation.current() == ""  # from here on, like a supervisor
+
+    # Redis lost the first three jobs before anyone ran them; the tasks are due again (e.g. after a retry).
+    redis.delete(*[f"rq:job:caption-{pk}" for pk in relayed])
+    for pk in relayed:
+        redis.lrem("rq:queue:normal", 0, f"caption-{pk}")
+    CaptionTask.objects.filter(pk__in=relayed).update(published_at=None, publish_after=timezone.now())
+    assert tasks_relay_once() == 3
+    assert {broker.fetch_job(pk).meta.get("correlation_id") for pk in relayed} == {"req-relay"}
+
+    # A job popped by a worker that died before claiming it: found missing and published again.
+    age_jobs(redis, [lost.pk], minutes_ago_first=40)
+    CaptionTask.objects.filter(pk=lost.pk).update(published_at=timezone.now() - timedelta(minutes=5))
+    redis.lrem("rq:queue:normal", 0, f"caption-{lost.pk}")
+    redis.delete(f"rq:job:caption-{lost.pk}")
+    tasks_reconcile()
+    time.sleep(CONFIRM_AFTER)
+    assert lost.pk in tasks_reconcile().republished
+    assert broker.fetch_job(lost.pk).meta["correlation_id"] == "req-lost"
+    assert TaskEvent.objects.get(task=lost, kind=TaskEvent.Kind.REPUBLISHED).correlation_id == "req-lost"
+
+    # A worker that took a task and died: the reconciler's WORKER_LOST row.
+    task_claim(task_id=running.pk, worker_name="worker-gone")
+    long_ago = timezone.now() - timedelta(minutes=5)
+    CaptionTask.objects.filter(pk=running.pk).update(started_at=long_ago, heartbeat_at=long_ago)
+    assert running.pk in tasks_reconcile().redriven
+    assert TaskEvent.objects.get(task=running, kind=TaskEvent.Kind.WORKER_LOST).correlation_id == "req-dead-worker"
