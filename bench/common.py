@@ -1,10 +1,18 @@
-"""Shared set-up for benchmarks: a private real Redis server, a fresh SQLite database, Django configured.
+"""Shared set-up for benchmarks: a private real Redis server, a fresh database, Django configured.
 
 Each benchmark imports this first. It must run before Django is imported by anything else.
+
+The database is a fresh SQLite file unless BENCH_DATABASE_URL names a MySQL/MariaDB one, e.g.
+``BENCH_DATABASE_URL=mysql://portal:portal-ci@127.0.0.1:3308/bench``. That database is reused between runs, so
+every table in it is DROPPED and the migrations run afresh before each benchmark (each run starts from the same
+empty schema as with SQLite): point it at a benchmark database only. A DATABASE_URL in the environment is ignored,
+so a benchmark never empties the database the portal uses. The private Redis server is stopped at exit, also when
+a benchmark fails.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
@@ -23,8 +31,9 @@ WORKDIR = Path(tempfile.mkdtemp(prefix="portal-bench-"))
 REDIS = None
 if not os.environ.get("BENCH_REDIS_URL"):
     REDIS = RedisServer(WORKDIR / "redis", port=free_port(), appendonly=False).start()
+    atexit.register(REDIS.stop)  # also after a crash, a timeout or --help
 os.environ["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL") or REDIS.url
-os.environ.setdefault("DATABASE_URL", f"sqlite:///{WORKDIR / 'bench.sqlite3'}")
+os.environ["DATABASE_URL"] = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{WORKDIR / 'bench.sqlite3'}"
 os.environ["PORTAL_VAR_DIR"] = str(WORKDIR / "var")
 os.environ["MEDIA_ROOT"] = str(WORKDIR / "media")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
@@ -36,6 +45,39 @@ import django  # noqa: E402
 django.setup()
 from django.core.management import call_command  # noqa: E402
 
+
+def _drop_all_tables() -> None:
+    """Empties a reused MySQL/MariaDB database: every table dropped, so ``migrate`` builds the schema afresh."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        tables = connection.introspection.table_names(cursor, include_views=False)
+        if tables:
+            cursor.execute("SET FOREIGN_KEY_CHECKS = 0")
+            try:
+                cursor.execute("DROP TABLE " + ", ".join(connection.ops.quote_name(name) for name in tables))
+            finally:
+                cursor.execute("SET FOREIGN_KEY_CHECKS = 1")
+
+
+def _database_info() -> dict:
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        return {"database_server": "SQLite", "database_version": sqlite3.sqlite_version}
+    if connection.vendor == "mysql":
+        connection.ensure_connection()
+        return {"database_server": "MariaDB" if connection.mysql_is_mariadb else "MySQL",
+                "database_version": connection.mysql_server_info}
+    return {"database_server": connection.vendor, "database_version": None}
+
+
+from django.db import connection as _connection  # noqa: E402
+
+if _connection.vendor == "mysql":
+    _drop_all_tables()
 call_command("migrate", verbosity=0)
 
 
@@ -49,6 +91,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "redis": info.get("redis_version"),
         "database": os.environ["DATABASE_URL"].split(":")[0],
+        **_database_info(),
     }
 
 

@@ -1,13 +1,28 @@
-"""One worker process: our full caption path against raw rq's SimpleWorker on trivial jobs, same Redis, same run.
+"""Worker throughput and pickup: our full caption path against raw rq's SimpleWorker, same Redis, same run.
 
-    python bench/worker.py [--n 2000] [--rounds 3] [--pickups 100]
+    python bench/worker.py [--n 2000] [--rounds 3] [--pickups 100]            # one worker process (default)
+    python bench/worker.py --procs 2 [--n 2000] [--rounds 3]                  # N worker processes
 
-Throughput: N tasks through ``CaptionWorker`` with the no-op captioner (claim by conditional update, attempt and
-completion rows, status updates) against N trivial JSON jobs through rq's ``SimpleWorker``; both in burst mode in
-this process, logging at WARNING. Pickup latency: an idle worker process (``manage.py rqworker``) and, one at a time,
-a task submitted (row committed, job published); latency = the worker's recorded start - the moment submission
-began. Raw rq's pickup is measured the same way with an idle SimpleWorker process. Last line: JSON with ``ratio``
-(ours / raw tasks per second, goal >= 0.7) and pickup p50/p95 in ms (goal p95 <= 20 ms).
+One process (``--procs 1``, the default). Throughput: N tasks through ``CaptionWorker`` with the no-op captioner
+(claim by conditional update, attempt and completion rows, status updates) against N trivial JSON jobs through rq's
+``SimpleWorker``; both in burst mode in this process, logging at WARNING. Pickup latency: an idle worker process
+(``manage.py rqworker``) and, one at a time, a task submitted (row committed, job published); latency = the worker's
+recorded start - the moment submission began. Raw rq's pickup is measured the same way with an idle SimpleWorker
+process. Last line: JSON with ``ratio`` (ours / raw tasks per second, goal >= 0.7) and pickup p50/p95 in ms (goal
+p95 <= 20 ms).
+
+N processes (``--procs N``, N > 1). Each round measures, one after the other on the same Redis and the same number
+of tasks: N raw ``SimpleWorker`` processes, 1 and N processes of ours, and 1 raw process. Ours are real
+``manage.py rqworker`` processes (the command the supervisor spawns, not in burst mode, logging at WARNING) with
+the no-op captioner; raw ones are ``python -c`` processes running ``SimpleWorker.work()`` on a queue of their own.
+Start-up is excluded on both sides: the rows (ours) are written unpublished first, the workers are started and
+the clock starts once every one of them is registered and idle (blocked on its queues); then the jobs are
+published in batches of 1,000 (ours: ``tasks_publish``, which marks the rows published and pipelines the jobs;
+raw: ``enqueue_many``), so publishing is inside the measured time on both sides. The clock stops at the last
+completion: the latest ``finished_at`` of the COMPLETED rows for ours, the latest ``ended_at`` of the jobs (all in
+the finished registry) for raw. Medians over the rounds. Last line: JSON with ``ours_1_per_s``, ``ours_n_per_s``,
+``raw_n_per_s``, ``raw_1_per_s``, ``scaling`` = ours_n / ours_1 (goal >= 1.8 for N = 2), ``ratio`` =
+ours_n / raw_n (goal >= 0.8), ``raw_scaling`` and the warnings our workers logged (e.g. "database is locked").
 """
 
 import argparse
@@ -15,11 +30,13 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta, timezone as dt_timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench.common as common  # noqa: E402
 from django.conf import settings  # noqa: E402
+from django.db.models import Max  # noqa: E402
 from django.utils import timezone  # noqa: E402
 from rq import Queue, SimpleWorker  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
@@ -27,7 +44,7 @@ from rq.serializers import JSONSerializer  # noqa: E402
 from queues import broker  # noqa: E402
 from queues.models import CaptionTask, TaskStatus  # noqa: E402
 from queues.samples import ensure_samples  # noqa: E402
-from queues.services import TaskSpec, task_submit, tasks_submit_many  # noqa: E402
+from queues.services import TaskSpec, task_submit, tasks_publish, tasks_submit_many  # noqa: E402
 from queues.worker import CaptionWorker  # noqa: E402
 
 RAW_QUEUE = "bench-raw"
@@ -116,13 +133,146 @@ def pickups_raw(count: int) -> list[float]:
         worker.wait(30)
 
 
+# --- N processes ---------------------------------------------------------------------------------------------------
+PUBLISH_BATCH = 1000
+OURS_CHILD = ("import sys; sys.path.insert(0, %r); import django; django.setup(); "
+              "from django.conf import settings; settings.CAPTION_BACKEND = 'noop'; "
+              "from django.core.management import call_command; "
+              "call_command('rqworker', '--name', sys.argv[1], '--verbosity', '0')")
+RAW_CHILD = ("import sys; sys.path.insert(0, %r); import redis; from rq import SimpleWorker, Queue; "
+             "from rq.serializers import JSONSerializer; c = redis.Redis.from_url(%r); "
+             "SimpleWorker([Queue(%r, connection=c, serializer=JSONSerializer)], connection=c, name=sys.argv[1], "
+             "serializer=JSONSerializer).work(logging_level='WARNING')")
+
+
+class Workers:
+    """``count`` idle worker processes of one kind; their stderr is kept to count what they logged."""
+
+    def __init__(self, kind: str, count: int, run: int):
+        code = (OURS_CHILD % str(settings.BASE_DIR) if kind == "ours"
+                else RAW_CHILD % (str(settings.BASE_DIR), settings.REDIS_URL, RAW_QUEUE))
+        self.names = [f"bench-{kind}-{run}-{index}" for index in range(count)]
+        self.logs = [common.WORKDIR / f"{name}.log" for name in self.names]
+        self.processes = []
+        for name, log in zip(self.names, self.logs):
+            with open(log, "wb") as handle:
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-c", code, name], cwd=settings.BASE_DIR, env=child_environment(),
+                    stdout=subprocess.DEVNULL, stderr=handle))
+
+    def wait_idle(self, timeout: float = 120.0) -> None:
+        connection = broker.get_connection()
+
+        def idle():
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"a worker exited with {process.returncode}: see {self.logs}")
+            pipe = connection.pipeline(transaction=False)
+            for name in self.names:
+                pipe.hget(f"rq:worker:{name}", "state")
+            return all(state == b"idle" for state in pipe.execute())
+
+        common.wait_for(idle, timeout=timeout, interval=0.05)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+    def logged(self) -> list[str]:
+        return [line for log in self.logs for line in log.read_text(errors="replace").splitlines() if line.strip()]
+
+
+def run_ours_procs(n: int, procs: int, reference: str, run: int) -> tuple[float, list[str]]:
+    reset()
+    ids = CaptionTask.objects.insert_new([(reference, "normal", None)] * n,
+                                         publish_after=timezone.now() + timedelta(hours=1))  # unpublished
+    workers = Workers("ours", procs, run)
+    try:
+        workers.wait_idle()
+        begun = timezone.now()
+        for start in range(0, n, PUBLISH_BATCH):
+            tasks_publish(tasks=[(task_id, "normal") for task_id in ids[start:start + PUBLISH_BATCH]], fresh=True)
+        done = CaptionTask.objects.filter(status=TaskStatus.COMPLETED)
+        common.wait_for(lambda: done.count() == n, timeout=600, interval=0.1)
+        ended = done.aggregate(last=Max("finished_at"))["last"]
+    finally:
+        workers.stop()
+    assert CaptionTask.objects.exclude(status=TaskStatus.COMPLETED).count() == 0
+    return (ended - begun).total_seconds(), workers.logged()
+
+
+def run_raw_procs(n: int, procs: int, run: int) -> float:
+    reset()
+    connection = broker.get_connection()
+    queue = Queue(RAW_QUEUE, connection=connection, serializer=JSONSerializer)
+    jobs = [Queue.prepare_data("bench.trivial.noop", args=(index,), job_id=f"raw-{index}") for index in range(n)]
+    workers = Workers("raw", procs, run)
+    try:
+        workers.wait_idle()
+        begun = timezone.now()
+        for start in range(0, n, PUBLISH_BATCH):
+            queue.enqueue_many(jobs[start:start + PUBLISH_BATCH])
+        registry = queue.finished_job_registry
+        common.wait_for(lambda: registry.get_job_count(cleanup=False) == n, timeout=600, interval=0.1)
+    finally:
+        workers.stop()
+    from rq.utils import utcparse
+
+    pipe = connection.pipeline(transaction=False)
+    for index in range(n):
+        pipe.hget(f"rq:job:raw-{index}", "ended_at")
+    ended = max(utcparse(value.decode()) for value in pipe.execute())
+    return (ended - begun.astimezone(dt_timezone.utc)).total_seconds()
+
+
+def main_procs(args, reference: str) -> None:
+    settings.CAPTION_BACKEND = "noop"
+    timings = {"raw_n": [], "ours_1": [], "ours_n": [], "raw_1": []}
+    logged = []
+    for round_index in range(args.rounds):
+        timings["raw_n"].append(run_raw_procs(args.n, args.procs, run=round_index))
+        seconds, lines = run_ours_procs(args.n, 1, reference, run=round_index)
+        timings["ours_1"].append(seconds)
+        logged += lines
+        seconds, lines = run_ours_procs(args.n, args.procs, reference, run=round_index)
+        timings["ours_n"].append(seconds)
+        logged += lines
+        timings["raw_1"].append(run_raw_procs(args.n, 1, run=round_index))
+    reset()
+    per_s = {key: args.n / common.median(values) for key, values in timings.items()}
+    common.finish({
+        "benchmark": "worker", "procs": args.procs, "n": args.n, "rounds": args.rounds,
+        "timing": "idle workers -> last completion (start-up excluded, publishing included)",
+        "ours_1_per_s": round(per_s["ours_1"], 1), "ours_n_per_s": round(per_s["ours_n"], 1),
+        "raw_n_per_s": round(per_s["raw_n"], 1), "raw_1_per_s": round(per_s["raw_1"], 1),
+        "scaling": round(per_s["ours_n"] / per_s["ours_1"], 3),
+        "ratio": round(per_s["ours_n"] / per_s["raw_n"], 3),
+        "raw_scaling": round(per_s["raw_n"] / per_s["raw_1"], 3),
+        "ours_n_rounds_s": [round(value, 3) for value in timings["ours_n"]],
+        "raw_n_rounds_s": [round(value, 3) for value in timings["raw_n"]],
+        "ours_warnings": len(logged),
+        "ours_database_locked": sum("database is locked" in line for line in logged),
+        "ours_warning_sample": logged[:3],
+    })
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pickups", type=int, default=100)
+    parser.add_argument("--procs", type=int, default=1, help="worker processes per side (default 1: in-process)")
     args = parser.parse_args()
     reference = ensure_samples()[0]
+    if args.procs > 1:
+        return main_procs(args, reference)
     settings.CAPTION_BACKEND = "noop"
     ours, raw = [], []
     for _ in range(args.rounds):
