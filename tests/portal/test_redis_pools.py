@@ -48,8 +48,9 @@ def test_an_exhausted_pool_raises_a_clear_error_after_the_wait_and_recovers(smal
         thread.join()
     assert small_pool.ping()  # the connections came back
     in_use, peak, exhausted = small_pool.connection_pool.take_use()
-    assert (in_use, peak, exhausted) == (0, 3, 1)
-    assert small_pool.connection_pool.take_use() == (0, 0, 0)  # the peak and count restart at each report
+    # Ours, and maybe the metrics flusher's (a thread of this process on the same pool, every second).
+    assert (in_use, peak) == (0, 3) and exhausted >= 1
+    assert small_pool.connection_pool.take_use()[:2] == (0, 0)  # the peak and count restart at each report
 
 
 def test_the_pool_never_opens_more_than_its_cap(small_pool, redis):
