@@ -13,7 +13,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, action, **options):
         if not settings.EMBEDDED_REDIS:
-            raise CommandError(f"REDIS_URL is set ({settings.REDIS_URL}); the embedded server is not in use.")
+            variable = "REDIS_SENTINELS" if settings.REDIS_SENTINELS else "REDIS_URL"
+            raise CommandError(f"{variable} is set ({settings.REDIS_URL}); the embedded server is not in use.")
         server = embedded_server(settings.VAR_DIR, settings.EMBEDDED_REDIS_PORT)
         if action == "start":
             try:
