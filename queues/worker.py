@@ -123,6 +123,14 @@ class CaptionWorker(SimpleWorker):
         if execution.captioning_now():
             raise JobStopped("stopped by an operator")
 
+    def request_stop(self, signum, frame):
+        """The first SIGTERM/SIGINT. rq records the request only when a job runs; idle, it raises StopRequested
+        wherever the main thread is, and a handler that catches broadly on that path (rq's own job error handling
+        is a bare ``except``) would swallow it and the worker would go on taking jobs. The flag is set first, so the
+        work loop stops at its next turn whatever happens to the exception."""
+        self._stop_requested = True
+        return super().request_stop(signum, frame)
+
     def request_force_stop(self, signum, frame):
         """A second SIGTERM/SIGINT. rq would raise SystemExit wherever the job is, file a dead letter for it and
         exit 0 with its task still PROCESSING; here the task in hand is always given back first."""

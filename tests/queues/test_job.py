@@ -164,3 +164,31 @@ def test_claim_returns_the_claimed_row(redis, media_image, monkeypatch, one_stat
     assert task_claim(task_id=task.pk, worker_name="w-2", queue="high") is None  # already claimed
     task.refresh_from_db()
     assert task.worker_name == "w-1" and task.attempts == 1
+
+
+def test_a_stop_signal_while_idle_is_kept_even_if_its_exception_is_swallowed(redis, media_image):
+    """rq answers a first SIGTERM on an idle worker by raising StopRequested wherever the main thread is; code that
+    catches broadly there (rq's job error handling is a bare except) swallowed it once in CI and the worker kept
+    taking jobs for the rest of the run. The request is now a flag the work loop reads at its next turn."""
+    import signal
+
+    from rq.worker import WorkerStatus
+
+    from queues.worker import CaptionWorker
+
+    worker = CaptionWorker(broker.get_queues(), connection=redis)
+    assert worker.get_state() != WorkerStatus.BUSY  # rq's idle branch: StopRequested, and no flag of its own
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            worker.request_stop(signal.SIGTERM, None)
+        except Exception:  # what a broad handler on the main thread's path does with StopRequested
+            pass
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert worker._stop_requested
+    # The work loop stops at its first turn: no job is taken although one waits.
+    task = task_submit(image_ref=media_image())
+    worker.work(burst=True)
+    assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.QUEUED

@@ -113,8 +113,15 @@ def test_priority_change_moves_jobs_without_losing_or_duplicating(redis, media_i
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
+        stuck = []
         for worker in workers:
-            worker.wait(60)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()  # a worker left running would take the next tests' jobs
+                worker.wait(10)
+                stuck.append(worker.pid)
+    assert not stuck, f"worker(s) {stuck} did not stop within 60 s of SIGTERM"
     assert CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() == 300
     completions = TaskEvent.objects.filter(kind=TaskEvent.Kind.COMPLETED)
     assert completions.count() == 300 and completions.values("task").distinct().count() == 300
