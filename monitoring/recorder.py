@@ -151,7 +151,8 @@ def process_id() -> str:
 def report_pool_use() -> None:
     """Puts this process' Redis pool use (the most connections in use at once since the last report) where the
     scrape reads it, and counts the times a caller waited out REDIS_POOL_TIMEOUT."""
-    pool = broker.get_connection().connection_pool
+    connection = broker.get_connection()
+    pool = connection.connection_pool
     if not isinstance(pool, redis_pools.CappedPool | redis_pools.CappedSentinelPool):
         return
     _, peak, exhausted = pool.take_use()
@@ -159,7 +160,7 @@ def report_pool_use() -> None:
         BUFFER.add(COUNTERS_KEY, "redis_pool_exhausted", exhausted)
     report = {"kind": redis_pools.process_kind(), "peak": peak, "max": pool.max_connections, "at": time.time()}
     try:
-        broker.get_connection().hset(POOLS_KEY, process_id(), json.dumps(report))
+        connection.hset(POOLS_KEY, process_id(), json.dumps(report))
     except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
         pass  # the next report, once Redis answers
 
