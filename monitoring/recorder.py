@@ -71,6 +71,9 @@ class Buffer:
         # Held from taking increments until Redis has them (a flush, or a scrape's pipeline): a scrape that ran
         # while the flusher held taken increments in hand would report counters without them.
         self.writing = threading.Lock()
+        # Held by the flusher for each round (pool report, then flush): a caller that must read the pool's counters
+        # without the flusher taking them first, or using a connection meanwhile, holds it.
+        self.cycle = threading.Lock()
         self._amounts: dict[tuple[str, str], float] = defaultdict(float)
         self._flusher_pid: int | None = None
 
@@ -123,13 +126,14 @@ class Buffer:
         stop = threading.Event()
         next_report = 0.0
         while not stop.wait(FLUSH_INTERVAL):
-            try:
-                if time.monotonic() >= next_report:
-                    next_report = time.monotonic() + POOL_REPORT_INTERVAL
-                    report_pool_use()
-                self.flush()
-            except Exception:  # never let the flusher die
-                logger.debug("metrics flush failed", exc_info=True)
+            with self.cycle:
+                try:
+                    if time.monotonic() >= next_report:
+                        next_report = time.monotonic() + POOL_REPORT_INTERVAL
+                        report_pool_use()
+                    self.flush()
+                except Exception:  # never let the flusher die
+                    logger.debug("metrics flush failed", exc_info=True)
 
     def _at_exit(self) -> None:
         self.flush()
