@@ -75,6 +75,20 @@ class CaptionJob(Job):
     def send_webhooks(self, *args, **kwargs):
         return None
 
+    persisted = False  # the worker cleared the hash's expiry in its start-of-job pipeline
+
+    def perform(self):
+        if not self.persisted:
+            return super().perform()
+        from rq.job import _job_stack
+
+        _job_stack.push(self)  # get_current_job() inside the job
+        try:
+            self._result = self._execute()
+        finally:
+            _job_stack.pop()
+        return self._result
+
 
 ALIVE_PREFIX = "portal:fleet:alive:"
 

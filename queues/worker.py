@@ -18,6 +18,11 @@ Additions to rq's worker, relied on by the fleet (queues.fleet, queues.reconcile
 - A job entry popped from a queue that is no longer the job's queue (its task's priority changed, so the job was
   published on another queue) is dropped without running and without touching the job.
 - Queue pauses and suspension come from the database through ``queues.control`` (Redis only caches them).
+- rq's per-job bookkeeping is trimmed for caption jobs (``_perform_caption``): the task row holds the outcome, so
+  a successful caption job keeps no result, no finished-registry entry and no job hash; the worker's and the job's
+  state go out in one pipeline when the job starts and one when it ends (rq spends about 12 round trips). What
+  operators see stays: the started-job registry and the worker's current job while it runs (django-rq's views),
+  rq's own failure path and failed-job registry for a job that raises, and the worker's counts.
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 
 from datetime import timedelta
 
 from django.db import DatabaseError, close_old_connections, connection as database_connection
+from rq.executions import Execution
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
-from rq.utils import now as rq_now
+from rq.timeouts import JobTimeoutException
+from rq.utils import now as rq_now, utcformat
 from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -45,6 +55,9 @@ ALIVE_TTL = 10  # seconds a liveness key outlives its last refresh
 ALIVE_INTERVAL = 2.0
 # rq's idle heartbeat TTL for our workers: a worker that died idle leaves the list within this many seconds.
 WORKER_TTL = 30
+# rq renews the worker's key (TTL WORKER_TTL + 60 s) before and after every dequeue and after every job, two round
+# trips each time; between jobs once in this many seconds is plenty.
+HEARTBEAT_EVERY = 5.0
 
 
 def resident_memory_bytes(pid: int | None = None) -> int | None:
@@ -68,6 +81,7 @@ class CaptionWorker(SimpleWorker):
         self.pool_name = pool or os.environ.get("PORTAL_WORKER_POOL", "")
         self._alive_stop = threading.Event()
         self._job_in_hand = False
+        self._idle_written = False  # the end-of-job pipeline has just written state=idle
 
     # --- liveness --------------------------------------------------------------------------------------------
     def _alive_payload(self) -> str:
@@ -202,13 +216,85 @@ class CaptionWorker(SimpleWorker):
             job.claimed_task = claimed  # read by queues.jobs.caption_task
         self._job_in_hand = True
         try:
-            with correlation.bound(claimed.correlation_id if claimed is not None and claimed.correlation_id
-                                   else None):
-                return super().execute_job(job, queue)
+            if claimed is None:
+                return super().execute_job(job, queue)  # not a caption job: rq's own path, results and all
+            with correlation.bound(claimed.correlation_id or None):
+                return self._perform_caption(job, queue)
         finally:
             self._job_in_hand = False
             if claimed is not None:
                 execution.attempt_finished(claimed)
+
+    def _perform_caption(self, job, queue) -> bool:
+        """rq's ``prepare_execution``, ``prepare_job_execution``, ``perform_job`` and ``handle_job_success`` for a
+        claimed caption job, in two pipelines. A job that raises goes through rq's own failure handling."""
+        heartbeat_ttl = self.get_heartbeat_ttl(job)
+        with self.connection.pipeline() as pipe:
+            # What rq writes when a job starts: the execution (in the started-job registry, which django-rq's
+            # "started" view and rq's abandoned-job cleanup read), the worker's state and current job, the job's.
+            self.execution = Execution.create(job, heartbeat_ttl, pipeline=pipe, worker_name=self.name)
+            self._state = WorkerStatus.BUSY
+            self.last_heartbeat = rq_now()
+            self.current_job_working_time = 0
+            pipe.hset(self.key, mapping={"state": WorkerStatus.BUSY, "current_job": job.id,
+                                         "current_job_working_time": 0,
+                                         "last_heartbeat": utcformat(self.last_heartbeat)})
+            pipe.expire(self.key, heartbeat_ttl)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            pipe.persist(job.key)  # rq's Job.perform does this on its own round trip
+            if len(self.queues) == 1:  # popped with BLMOVE into the queue's intermediate list
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            pipe.execute()
+        job.persisted = True
+        job.started_at = rq_now()
+        try:
+            with self.death_penalty_class(job.timeout or self.queue_class.DEFAULT_TIMEOUT, JobTimeoutException,
+                                          job_id=job.id):
+                job.perform()
+            job.ended_at = rq_now()
+        except:  # noqa: E722 (rq's own perform_job catches everything here too)
+            # rq's failure path, as its perform_job runs it: status, failed-job registry, result, counts.
+            job._status = JobStatus.FAILED
+            self.handle_execution_ended(job, queue, job.failure_callback_timeout)
+            exc_info = sys.exc_info()
+            self.handle_exception(job, *exc_info)
+            self.handle_job_failure(job=job, exc_string="".join(traceback.format_exception(*exc_info)), queue=queue,
+                                    started_job_registry=queue.started_job_registry)
+            self.set_state(WorkerStatus.IDLE)
+            return False
+        job._status = JobStatus.FINISHED
+        with self.connection.pipeline() as pipe:
+            # The task row has the outcome: the job, its executions and its result go (rq's result_ttl=0), and the
+            # worker is idle again with its counts up.
+            pipe.hincrby(self.key, "successful_job_count", 1)
+            pipe.hincrbyfloat(self.key, "total_working_time", (job.ended_at - job.started_at).total_seconds())
+            pipe.hdel(self.key, "current_job")
+            pipe.hset(self.key, "state", WorkerStatus.IDLE)
+            self.execution.delete(job=job, pipeline=pipe)
+            self.execution = None
+            pipe.delete(job.key, job.execution_registry.key)
+            pipe.execute()
+        self._state, self._idle_written = WorkerStatus.IDLE, True
+        self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)  # rq's line
+        return True
+
+    def set_state(self, state, pipeline=None):
+        if pipeline is None and state == WorkerStatus.IDLE and self._idle_written:
+            # rq's dequeue loop writes "idle" again right after the end-of-job pipeline did
+            self._idle_written = False
+            self._state = state
+            return
+        self._idle_written = False
+        return super().set_state(state, pipeline)
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        if pipeline is not None or timeout is not None:
+            return super().heartbeat(timeout, pipeline)
+        if self.last_heartbeat is not None and (rq_now() - self.last_heartbeat).total_seconds() < HEARTBEAT_EVERY:
+            return None
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(None, pipeline=pipe)
+            pipe.execute()
 
     def _claim(self, job, queue):
         close_old_connections()
@@ -243,8 +329,9 @@ class CaptionWorker(SimpleWorker):
             os.kill(os.getpid(), signal.SIGUSR1)
 
     def perform_job(self, job, queue):
-        # The database may have closed an idle connection while we waited for this job (MySQL wait_timeout):
-        # drop stale connections before the job and after it, as Django does around each request.
+        # rq's path (jobs other than captions). The database may have closed an idle connection while we waited for
+        # this job (MySQL wait_timeout): drop stale connections before the job and after it, as Django does around
+        # each request. Caption jobs do it once, before their claim.
         close_old_connections()
         try:
             return super().perform_job(job, queue)

@@ -4,6 +4,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
 
 from queues import broker
 from queues.models import CaptionTask, TaskEvent, TaskStatus
@@ -59,9 +61,25 @@ def test_errors(redis, arguments, message):
         call_command("tasks", *arguments)
 
 
+def run_with_rq_worker() -> None:
+    """Runs the queues with rq's own SimpleWorker, which keeps a finished job's hash and result (as the portal's
+    worker did before it trimmed them, and still does for jobs that are not captions)."""
+    SimpleWorker(broker.get_queues(), connection=broker.get_connection(), job_class=broker.CaptionJob,
+                 serializer=JSONSerializer).work(burst=True, logging_level="WARNING")
+
+
+def test_our_worker_leaves_no_finished_caption_jobs_to_clean_up(redis, media_image, capsys):
+    ids = tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(3)]).created
+    run_worker()
+    assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED).count() == 3
+    assert all(broker.fetch_job(task_id) is None for task_id in ids)
+    call_command("tasks", "cleanup", "--older-than", "0s", "--yes")
+    assert "Deleted 3 task row(s) and 0 finished job(s)" in capsys.readouterr().out
+
+
 def test_cleanup_deletes_old_finished_rows_and_jobs_in_batches(redis, media_image, capsys):
     ids = tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(5)]).created
-    run_worker()
+    run_with_rq_worker()
     old, recent = ids[:3], ids[3:]
     CaptionTask.objects.filter(pk__in=old).update(finished_at=timezone.now() - timedelta(days=10))
     long_ago = (timezone.now() - timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -85,7 +103,7 @@ def test_cleanup_with_retries_in_flight_keeps_their_jobs(redis, http_server, cap
                                                                    request.end_headers()))
     settings.RQ_RETRY_BACKOFF = 60
     ids = tasks_submit_many(specs=[TaskSpec(image) for _ in range(3)]).created
-    run_worker()  # each attempt meets a 503: a retry is scheduled, and rq files the job as finished
+    run_with_rq_worker()  # each attempt meets a 503: a retry is scheduled, and rq files the job as finished
     assert CaptionTask.objects.filter(status=TaskStatus.QUEUED, attempts=1).count() == 3
     tasks_retry_now(task_ids=ids)  # published again under the same job ids: queued, no end time
     assert all(broker.fetch_job(task_id).get_status() == "queued" for task_id in ids)
