@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
-from queues import correlation
+from queues import cancel, correlation
 from queues.captioners import Captioner, get_captioner
 from queues.errors import CaptionError, CaptionerMisconfigured, JobStopped, WorkerInterrupted
 from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, Dispatch, TaskEvent, TaskStatus
@@ -38,7 +38,8 @@ _captioning = threading.Event()
 
 
 def captioning_now() -> bool:
-    """Whether this process is inside a captioner call (the only place an operator's stop may interrupt)."""
+    """Whether this process' main thread is inside a captioner call (the only place an operator's stop may
+    interrupt a one-slot worker). Caption slot threads are stopped through their ``queues.cancel`` scope."""
     return _captioning.is_set()
 
 
@@ -159,27 +160,38 @@ def attempt_finished(task: CaptionTask) -> None:
 
 
 def _run_attempt(task: CaptionTask, captioner: Captioner | None, started: float) -> Outcome:
+    scope = cancel.current_slot_scope()  # a worker's caption slot thread: stopped through its scope
+    error: BaseException | None = None
     try:
-        try:
-            _captioning.set()
-            caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
-        finally:
-            _captioning.clear()
-    except WorkerInterrupted as error:
+        if scope is None:
+            # The main thread (a one-slot worker): stopped by a signal whose handler raises during the caption.
+            try:
+                _captioning.set()
+                caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
+            finally:
+                _captioning.clear()
+        else:
+            with scope:
+                caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
+    except BaseException as raised:
+        error = raised
+    if scope is not None and scope.reason is not None:
+        error = scope.reason  # the stop, not what the captioner raised when its connection was shut down
+    if error is None:
+        return _record_success(task, caption, started=started)
+    if isinstance(error, WorkerInterrupted):
         # The worker was told to stop at once (a second stop signal): the attempt is given back and the job ends
         # normally, so rq files no dead letter and the worker exits after it.
         return _give_back(task, error, started)
-    except BaseException as error:
-        if isinstance(error, Exception):
-            return _caption_error(task, error, started)
-        # SystemExit, KeyboardInterrupt: the process is going away. Give the attempt back first, so the row never
-        # stays PROCESSING behind a worker that exited.
-        try:
-            _give_back(task, error, started)
-        except Exception:
-            logger.exception("caption-%s: could not give the interrupted attempt back", task.pk)
-        raise
-    return _record_success(task, caption, started=started)
+    if isinstance(error, Exception):
+        return _caption_error(task, error, started)
+    # SystemExit, KeyboardInterrupt: the process is going away. Give the attempt back first, so the row never
+    # stays PROCESSING behind a worker that exited.
+    try:
+        _give_back(task, error, started)
+    except Exception:
+        logger.exception("caption-%s: could not give the interrupted attempt back", task.pk)
+    raise error
 
 
 def _caption_error(task: CaptionTask, error: Exception, started: float) -> Outcome:

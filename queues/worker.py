@@ -23,12 +23,19 @@ Additions to rq's worker, relied on by the fleet (queues.fleet, queues.reconcile
   state go out in one pipeline when the job starts and one when it ends (rq spends about 12 round trips). What
   operators see stays: the started-job registry and the worker's current job while it runs (django-rq's views),
   rq's own failure path and failed-job registry for a job that raises, and the worker's counts.
+- Caption slots (``slots`` > 1, ``manage.py rqworker --slots N``): N jobs at once in one process, for captioners
+  that mostly wait on a server. The main thread dequeues only while a slot is free and hands each job to a slot
+  thread, which claims, captions and records it exactly as a one-slot worker does (each with its own claim, its
+  own database connection, rq execution and timeout). Stop-job and a second stop signal reach one slot's caption
+  through its ``queues.cancel`` scope; a first stop signal lets every slot finish. One rq worker registration per
+  process: its current job is one of those running; the liveness key lists every slot.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue as queue_module
 import signal
 import socket
 import sys
@@ -42,12 +49,12 @@ from django.db import DatabaseError, close_old_connections, connection as databa
 from rq.executions import Execution
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
-from rq.timeouts import JobTimeoutException
+from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 from rq.utils import now as rq_now, utcformat
 from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
 
-from queues import control, correlation, execution
+from queues import cancel, control, correlation, execution
 from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
 
@@ -58,6 +65,7 @@ WORKER_TTL = 30
 # rq renews the worker's key (TTL WORKER_TTL + 60 s) before and after every dequeue and after every job, two round
 # trips each time; between jobs once in this many seconds is plenty.
 HEARTBEAT_EVERY = 5.0
+MAX_SLOTS = 64  # caption slots in one process (each a thread with a database connection)
 
 
 def resident_memory_bytes(pid: int | None = None) -> int | None:
@@ -72,21 +80,62 @@ class CaptionWorker(SimpleWorker):
     job_class = CaptionJob
     queue_class = CaptionQueue
 
-    def __init__(self, queues, *args, pool: str = "", **kwargs):
+    def __init__(self, queues, *args, pool: str = "", slots: int = 1, **kwargs):
         kwargs["serializer"] = JSONSerializer
         kwargs["job_class"] = CaptionJob
         kwargs["queue_class"] = CaptionQueue  # pausing queues works through its dequeue
         kwargs.setdefault("worker_ttl", WORKER_TTL)
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be between 1 and {MAX_SLOTS}, not {slots}")
+        self.slot_count = slots
+        self._local = threading.local()  # per slot thread: rq's execution, the slot
+        self._stopped_jobs: set[str] = set()  # with slots: jobs an operator stopped
         super().__init__(queues, *args, **kwargs)
         self.pool_name = pool or os.environ.get("PORTAL_WORKER_POOL", "")
         self._alive_stop = threading.Event()
         self._job_in_hand = False
         self._idle_written = False  # the end-of-job pipeline has just written state=idle
+        self._slots: list[CaptionSlot] = []
+        self._slots_changed = threading.Condition()
+        self._main_waiting = False  # the main thread waits for a free slot or a job (a stop may interrupt it)
+        if slots > 1:
+            self.death_penalty_class = TimerDeathPenalty  # SIGALRM reaches the main thread only
+
+    # --- rq's per-job attributes, per slot thread ---------------------------------------------------------------
+    @property
+    def execution(self):
+        return getattr(self._local, "execution", None)
+
+    @execution.setter
+    def execution(self, value):
+        self._local.execution = value
+
+    @property
+    def _stopped_job_id(self):
+        """rq's "this job was stopped by stop-job" mark, read when it files the failure. With slots, per slot."""
+        if self.slot_count == 1:
+            return self.__dict__.get("_stopped_one")
+        slot = getattr(self._local, "slot", None)
+        return slot.job_id if slot is not None and slot.job_id in self._stopped_jobs else None
+
+    @_stopped_job_id.setter
+    def _stopped_job_id(self, value):
+        if self.slot_count == 1:
+            self.__dict__["_stopped_one"] = value
+            return
+        slot = getattr(self._local, "slot", None)
+        if value is None and slot is not None:
+            self._stopped_jobs.discard(slot.job_id)
+        elif value is not None:
+            self._stopped_jobs.add(value)
 
     # --- liveness --------------------------------------------------------------------------------------------
     def _alive_payload(self) -> str:
-        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "pool": self.pool_name,
-                           "rss": resident_memory_bytes(), "job": self.get_current_job_id()})
+        payload = {"pid": os.getpid(), "host": socket.gethostname(), "pool": self.pool_name,
+                   "rss": resident_memory_bytes(), "job": self.get_current_job_id(), "slots": self.slot_count}
+        if self.slot_count > 1:
+            payload["running"] = [slot.describe() for slot in self._slots]
+        return json.dumps(payload)
 
     def _refresh_alive(self) -> None:
         try:
@@ -115,9 +164,19 @@ class CaptionWorker(SimpleWorker):
 
     def register_birth(self, *args, **kwargs):
         super().register_birth(*args, **kwargs)
+        if self.slot_count > 1 and not self._slots:
+            self._slots = [CaptionSlot(self, index) for index in range(self.slot_count)]
         self._refresh_alive()
         for target, name in ((self._alive_loop, "liveness"), (self._lease_loop, "task-lease")):
             threading.Thread(target=target, name=name, daemon=True).start()
+
+    def teardown(self):
+        # With slots: every slot finishes its job (a stop signal lets them) before the worker says it is gone.
+        for slot in self._slots:
+            slot.close()
+        for slot in self._slots:
+            slot.thread.join()
+        return super().teardown()
 
     def register_death(self, *args, **kwargs):
         self._alive_stop.set()
@@ -145,12 +204,29 @@ class CaptionWorker(SimpleWorker):
         self._stop_requested = True
         return super().request_stop(signum, frame)
 
+    def _shutdown(self):
+        if self.slot_count == 1:
+            return super()._shutdown()
+        # With slots rq's test (is the worker busy?) is the wrong one: the main thread only dispatches. It may be
+        # interrupted while it waits for a free slot or a job; the slots finish their jobs in teardown.
+        self.set_shutdown_requested_date()
+        if self._main_waiting:
+            raise StopRequested()
+
     def request_force_stop(self, signum, frame):
         """A second SIGTERM/SIGINT. rq would raise SystemExit wherever the job is, file a dead letter for it and
         exit 0 with its task still PROCESSING; here the task in hand is always given back first."""
         requested = getattr(self, "_shutdown_requested_date", None)
         if requested is not None and (rq_now() - requested) < timedelta(seconds=1):
             return  # one signal delivered twice (to the process group and by the supervisor): rq's own rule
+        if self.slot_count > 1:
+            stopped = sum(slot.scope.stop(WorkerInterrupted("the worker was told to stop at once"))
+                          for slot in self._slots if slot.scope is not None)
+            self.log.warning("Worker %s: stopping at once; %d task(s) in hand go back to their queues", self.name,
+                             stopped)
+            if self._main_waiting:
+                raise StopRequested()
+            return
         if execution.captioning_now():
             self.log.warning("Worker %s: stopping at once; the task in hand goes back to its queue", self.name)
             raise WorkerInterrupted("the worker was told to stop at once")
@@ -184,9 +260,49 @@ class CaptionWorker(SimpleWorker):
         if payload.get("command") == "shutdown" and self._stop_requested:
             self.log.info("Worker %s: already stopping after its job; shutdown request ignored", self.name)
             return
+        if payload.get("command") == "stop-job" and self.slot_count > 1:
+            job_id = payload.get("job_id")
+            for slot in self._slots:
+                if slot.job_id == job_id and slot.scope is not None:
+                    self._stopped_jobs.add(job_id)
+                    if not slot.scope.stop(JobStopped("stopped by an operator")):
+                        self._stopped_jobs.discard(job_id)  # not captioning (any more): nothing to stop
+                    return
+            self.log.info("Worker %s: stop-job for %s, which no slot runs; ignored", self.name, job_id)
+            return
         return super().handle_payload(message)
 
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        if self.slot_count == 1:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        self._main_waiting = True
+        try:
+            with self._slots_changed:
+                # Never pop a job no slot can take: it would exist only in this process' memory.
+                while not self._stop_requested and self._free_slot() is None:
+                    self._slots_changed.wait(1.0)
+            if self._stop_requested:
+                return None
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        finally:
+            self._main_waiting = False
+
+    def _free_slot(self) -> CaptionSlot | None:
+        return next((slot for slot in self._slots if slot.free), None)
+
     def execute_job(self, job, queue):
+        if self.slot_count > 1:
+            if self._stop_requested:  # popped as the stop came: back to the front of its queue, untouched
+                self.connection.lpush(queue.key, job.id)
+                return
+            with self._slots_changed:
+                slot = self._free_slot()
+                slot.take(job)
+            slot.inbox.put((job, queue))
+            return
+        return self._execute_one(job, queue)
+
+    def _execute_one(self, job, queue):
         if job.origin and job.origin != queue.name:
             # Left behind in this queue when the task's job was published on another one (a priority change):
             # the job belongs to that queue now. Running it here would skip the other queue's pause and order.
@@ -268,17 +384,29 @@ class CaptionWorker(SimpleWorker):
             # worker is idle again with its counts up.
             pipe.hincrby(self.key, "successful_job_count", 1)
             pipe.hincrbyfloat(self.key, "total_working_time", (job.ended_at - job.started_at).total_seconds())
-            pipe.hdel(self.key, "current_job")
-            pipe.hset(self.key, "state", WorkerStatus.IDLE)
+            other = self._other_running_job()
+            if other is None:
+                pipe.hdel(self.key, "current_job")
+                pipe.hset(self.key, "state", WorkerStatus.IDLE)
+            else:
+                pipe.hset(self.key, "current_job", other)  # another slot's job: the worker is still busy
             self.execution.delete(job=job, pipeline=pipe)
             self.execution = None
             pipe.delete(job.key, job.execution_registry.key)
             pipe.execute()
-        self._state, self._idle_written = WorkerStatus.IDLE, True
+        if other is None:
+            self._state, self._idle_written = WorkerStatus.IDLE, True
         self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)  # rq's line
         return True
 
+    def _other_running_job(self) -> str | None:
+        """With slots: the job of another busy slot than this thread's (it becomes the worker's current job)."""
+        mine = getattr(self._local, "slot", None)
+        return next((slot.job_id for slot in self._slots if slot is not mine and slot.job_id), None)
+
     def set_state(self, state, pipeline=None):
+        if self.slot_count > 1 and state == WorkerStatus.IDLE and self._other_running_job() is not None:
+            return  # the worker stays busy while any slot runs a job
         if pipeline is None and state == WorkerStatus.IDLE and self._idle_written:
             # rq's dequeue loop writes "idle" again right after the end-of-job pipeline did
             self._idle_written = False
@@ -337,3 +465,59 @@ class CaptionWorker(SimpleWorker):
             return super().perform_job(job, queue)
         finally:
             close_old_connections()
+
+
+class CaptionSlot:
+    """One caption slot of a worker with several: a thread that runs the jobs the main thread hands it, one at a
+    time, with its own database connection and its own ``queues.cancel`` scope."""
+
+    def __init__(self, worker: CaptionWorker, index: int):
+        self.worker, self.index = worker, index
+        self.job_id: str | None = None
+        self.since: float | None = None
+        self.scope: cancel.Scope | None = None
+        self.inbox: queue_module.SimpleQueue = queue_module.SimpleQueue()
+        self._closed = False
+        self.thread = threading.Thread(target=self._run, name=f"caption-slot-{index}", daemon=True)
+        self.thread.start()
+
+    @property
+    def free(self) -> bool:
+        return self.job_id is None and not self._closed
+
+    def take(self, job) -> None:
+        """Called by the main thread, holding the worker's slot condition."""
+        self.job_id, self.since = job.id, time.time()
+
+    def describe(self) -> dict:
+        job_id, since = self.job_id, self.since
+        return {"slot": self.index, "job": job_id, "since": since if job_id else None}
+
+    def close(self) -> None:
+        self._closed = True
+        self.inbox.put(None)
+
+    def _run(self) -> None:
+        worker = self.worker
+        worker._local.slot = self
+        self.scope = cancel.make_slot_thread_scope()
+        try:
+            while True:
+                item = self.inbox.get()
+                if item is None:
+                    return
+                job, queue = item
+                try:
+                    worker._execute_one(job, queue)
+                except Exception:
+                    worker.log.exception("Worker %s: slot %d: job %s failed outside its bookkeeping", worker.name,
+                                         self.index, job.id)
+                finally:
+                    with worker._slots_changed:
+                        self.job_id = self.since = None
+                        worker._slots_changed.notify_all()
+        finally:
+            try:
+                database_connection.close()  # this thread's own connection
+            except Exception:
+                pass

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 
+from queues import cancel
 from queues.errors import PermanentCaptionError, TransientCaptionError
 
 ALLOWED_SCHEMES = ("http", "https")
@@ -99,13 +100,39 @@ class _CheckedHTTPConnection(http.client.HTTPConnection):
     def connect(self):
         self.sock = connect_checked(self.host, self.port, self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cancel.watch_socket(self.sock)  # a stop of this caption slot shuts it down
 
 
 class _CheckedHTTPSConnection(http.client.HTTPSConnection):
     def connect(self):
         sock = connect_checked(self.host, self.port, self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cancel.watch_socket(sock)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the name
+
+
+class StoppableHTTPConnection(http.client.HTTPConnection):
+    """A plain connection (to a configured server such as Ollama) that a stop of its caption slot shuts down."""
+
+    def connect(self):
+        super().connect()
+        cancel.watch_socket(self.sock)
+
+
+class StoppableHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        super().connect()
+        cancel.watch_socket(self.sock)
+
+
+class StoppableHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(StoppableHTTPConnection, req)
+
+
+class StoppableHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(StoppableHTTPSConnection, req, context=self._context)
 
 
 class _CheckedHTTPHandler(urllib.request.HTTPHandler):

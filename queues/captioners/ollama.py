@@ -12,9 +12,12 @@ import urllib.request
 from django.conf import settings
 
 from queues.captioners import Captioner
-from queues.captioners.fetch import classify_http_status, fetch_image
+from queues.captioners.fetch import StoppableHTTPHandler, StoppableHTTPSHandler, classify_http_status, fetch_image
 from queues.captioners.local import open_image
 from queues.errors import CaptionerMisconfigured, PermanentCaptionError, TransientCaptionError
+
+# urllib's default opener (proxies from the environment, redirects), with connections a caption slot's stop can shut.
+_opener = urllib.request.build_opener(StoppableHTTPHandler, StoppableHTTPSHandler)
 
 PROMPT = ("Write one or two sentences of alt text for this image: what it shows, for someone who cannot see it. "
           "Answer with the alt text only.")
@@ -45,7 +48,7 @@ class OllamaCaptioner(Captioner):
             headers={"Content-Type": "application/json", "Accept": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=remaining) as response:
+            with _opener.open(request, timeout=remaining) as response:
                 payload = json.loads(response.read())
         except urllib.error.HTTPError as error:
             detail = error.read(500).decode(errors="replace")

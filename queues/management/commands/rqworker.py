@@ -14,7 +14,7 @@ from rq.utils import import_attribute
 
 from queues import broker
 from queues.broker import QUEUE_NAMES
-from queues.worker import CaptionWorker
+from queues.worker import MAX_SLOTS, CaptionWorker
 
 
 class Command(DjangoRQWorkerCommand):
@@ -24,6 +24,9 @@ class Command(DjangoRQWorkerCommand):
     def add_arguments(self, parser):
         super().add_arguments(parser)
         parser.set_defaults(serializer="rq.serializers.JSONSerializer")
+        parser.add_argument("--slots", type=int, default=1,
+                            help=f"Caption slots: jobs this process runs at once, each in a thread of its own "
+                                 f"(default 1; at most {MAX_SLOTS}). For captioners that mostly wait on a server.")
 
     def handle(self, *args, **options):
         worker_class = options.get("worker_class")
@@ -41,6 +44,8 @@ class Command(DjangoRQWorkerCommand):
             raise CommandError("--queue-class cannot be changed: caption workers always use queues.broker.CaptionQueue")
         if options.get("serializer") not in ("rq.serializers.JSONSerializer", "json"):
             raise CommandError("--serializer cannot be changed: caption jobs are always JSON")
+        if not 1 <= options["slots"] <= MAX_SLOTS:
+            raise CommandError(f"--slots must be between 1 and {MAX_SLOTS}; got {options['slots']}")
         unknown = [name for name in args if name not in settings.RQ_QUEUES]
         if unknown:
             raise CommandError(f"Unknown queue(s): {', '.join(unknown)}. Queues are {', '.join(QUEUE_NAMES)}.")
@@ -57,7 +62,7 @@ class Command(DjangoRQWorkerCommand):
             worker = worker_class(
                 [broker.get_queue(name, connection) for name in (args or QUEUE_NAMES)], connection=connection,
                 name=options["name"], worker_ttl=options["worker_ttl"], serializer=JSONSerializer,
-                job_class=broker.CaptionJob, queue_class=broker.CaptionQueue,
+                job_class=broker.CaptionJob, queue_class=broker.CaptionQueue, slots=options["slots"],
             )
             reset_db_connections()  # no database connection crosses a fork
             worker.work(burst=options.get("burst", False), with_scheduler=options.get("with_scheduler", False),

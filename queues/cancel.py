@@ -1,0 +1,98 @@
+"""Stopping one caption among several running in one process (a worker with several caption slots).
+
+A worker with one slot runs its caption in the main thread and interrupts it with a signal (``queues.worker``):
+the handler raises in the main thread, and a blocking socket call returns with EINTR first. A slot thread cannot
+be reached that way: Python runs signal handlers in the main thread only, and an exception set on another thread
+(``PyThreadState_SetAsyncExc``) waits until that thread runs Python code again, which a thread blocked in
+``recv`` on a captioning server may not do for minutes.
+
+So each slot thread captions inside a ``Scope``. Stopping it records the reason, then shuts down the sockets the
+captioner opened in that thread (the HTTP connections of ``queues.captioners``, which call ``watch_socket``): the
+blocked call returns at once, the captioner raises, and the attempt ends with the recorded reason instead of the
+captioner's error. A captioner that opens no socket is stopped when it returns. The reason is only ever recorded
+while the scope is active, under its lock, and read after it ends, so a stop never lands in the bookkeeping
+around a caption.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class Scope:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = False
+        self._sockets: list[socket.socket] = []
+        self.reason: BaseException | None = None
+
+    def __enter__(self) -> Scope:
+        with self._lock:
+            self._active, self.reason, self._sockets = True, None, []
+        _current.scope = self
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _current.scope = None
+        with self._lock:
+            self._active = False
+            self._sockets = []
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def stop(self, reason: BaseException) -> bool:
+        """Ends the caption in progress with ``reason``. False if none is in progress (or one was stopped)."""
+        with self._lock:
+            if not self._active or self.reason is not None:
+                return False
+            self.reason = reason
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+        return True
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self._active:
+                return
+            if self.reason is None:
+                self._sockets.append(sock)
+                return
+        _shut(sock)  # stopped while connecting
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
+
+
+_current = threading.local()
+
+
+def current() -> Scope | None:
+    """The scope of the caption in progress in this thread, if any."""
+    return getattr(_current, "scope", None)
+
+
+def current_slot_scope() -> Scope | None:
+    """The scope a caption slot thread captions in (set by the worker when it starts the thread), or None in a
+    thread that is not a slot (the main thread of a one-slot worker, a test, the database poller)."""
+    return getattr(_current, "slot_scope", None)
+
+
+def make_slot_thread_scope() -> Scope:
+    """Called in a slot thread once: its captions run in the returned scope."""
+    _current.slot_scope = Scope()
+    return _current.slot_scope
+
+
+def watch_socket(sock: socket.socket) -> None:
+    """Called by the captioners' HTTP connections: a stop of this thread's caption shuts this socket down."""
+    scope = current()
+    if scope is not None:
+        scope.watch(sock)

@@ -1,0 +1,95 @@
+"""Caption slots: one worker process running several captions at once, each attempt claimed, recorded and stopped
+on its own. In this process (the worker's main thread is the test's); the process-level drills are in
+tests/drills/test_slot_drills.py."""
+
+import threading
+import time
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from queues import broker
+from queues.models import CaptionTask, TaskEvent, TaskStatus
+from queues.services import TaskSpec, tasks_submit_many
+from queues.worker import CaptionWorker
+from tests.processes import slow_ollama
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def slot_worker(slots: int, **kwargs) -> CaptionWorker:
+    return CaptionWorker(broker.get_queues(), connection=broker.get_connection(), slots=slots, **kwargs)
+
+
+def test_eight_slots_run_eight_waiting_captions_at_once_each_recorded_once(redis, settings, http_server, png_bytes):
+    settings.CAPTION_BACKEND, settings.OLLAMA_URL = "ollama", http_server.url
+    image = slow_ollama(http_server, png_bytes, delay=1.0)
+    ids = tasks_submit_many(specs=[TaskSpec(image) for _ in range(8)]).created
+    worker = slot_worker(8)
+    worker.work(burst=True, logging_level="WARNING")
+    tasks = list(CaptionTask.objects.filter(pk__in=ids))
+    assert {task.status for task in tasks} == {TaskStatus.COMPLETED} and {task.attempts for task in tasks} == {1}
+    # All eight were running at the same time: each started before any of them finished.
+    assert max(task.started_at for task in tasks) < min(task.finished_at for task in tasks)
+    assert {task.worker_name for task in tasks} == {worker.name}
+    assert TaskEvent.objects.filter(task_id__in=ids, kind=TaskEvent.Kind.COMPLETED).count() == 8
+    assert int(redis.hget(worker.key, "successful_job_count")) == 8
+    assert not redis.exists(*[f"rq:job:caption-{task_id}" for task_id in ids])
+
+
+def test_more_tasks_than_slots_never_pops_a_job_no_slot_can_take(redis, settings, http_server, png_bytes):
+    settings.CAPTION_BACKEND, settings.OLLAMA_URL = "ollama", http_server.url
+    image = slow_ollama(http_server, png_bytes, delay=1.0)
+    ids = tasks_submit_many(specs=[TaskSpec(image) for _ in range(6)]).created
+    waiting = []
+
+    def watch():  # while the first two run, the other four are still in Redis
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.PROCESSING).count() == 2:
+                waiting.append(redis.llen("rq:queue:normal"))
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    slot_worker(2).work(burst=True, logging_level="WARNING")
+    thread.join()
+    assert waiting == [4]
+    assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED).count() == 6
+
+
+def test_the_liveness_key_lists_every_slot(redis, settings, http_server, png_bytes):
+    import json
+
+    settings.CAPTION_BACKEND, settings.OLLAMA_URL = "ollama", http_server.url
+    image = slow_ollama(http_server, png_bytes, delay=1.5)
+    ids = tasks_submit_many(specs=[TaskSpec(image) for _ in range(2)]).created
+    worker = slot_worker(3, name="three-slots")
+    seen = []
+
+    def watch():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.PROCESSING).count() == 2:
+                worker._refresh_alive()
+                seen.append(json.loads(redis.get(broker.alive_key("three-slots"))))
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    worker.work(burst=True, logging_level="WARNING")
+    thread.join()
+    payload = seen[0]
+    assert payload["slots"] == 3
+    running = sorted(entry["job"] or "" for entry in payload["running"])
+    assert running == ["", *sorted(f"caption-{task_id}" for task_id in ids)]
+    assert all(entry["since"] for entry in payload["running"] if entry["job"])
+
+
+@pytest.mark.parametrize("slots", ["0", "65", "x"])
+def test_rqworker_refuses_a_bad_slot_count(redis, slots):
+    with pytest.raises((CommandError, SystemExit)):
+        call_command("rqworker", "--burst", "--slots", slots)
