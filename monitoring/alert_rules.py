@@ -214,7 +214,7 @@ SIGNALS: dict[str, Signal] = {signal.key: signal for signal in [
            f'sum(rate(rq_tasks_total{{status=~"failed|retried|worker_lost"}}[5m])) / ({_ALL_ENDED} > 0)'),
     Signal("success_rate", "Completed / (completed + failed) tasks, 5 minutes", "ratio",
            lambda r, rule: _window(r, _success_rate), f"{_SUCCESS} / ({_ENDED} > 0)"),
-    Signal("busy_ratio", "Share of alive workers running a task", "ratio",
+    Signal("busy_ratio", "Share of the alive workers' caption slots running a task", "ratio",
            lambda r, rule: _redis(r, lambda s: s.busy_ratio) if r.snapshot.alive_workers else
            (None if not r.snapshot.redis_ok else Reading.not_applicable("no worker")), "rq_worker_busy_ratio"),
     Signal("fallback_active", "Tasks wait in the database because Redis does not take them (1) or not (0)", "",

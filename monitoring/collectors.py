@@ -114,8 +114,10 @@ class Snapshot:
 
     @property
     def busy_ratio(self) -> float:
+        """Busy caption slots over all caption slots of the alive workers (a one-slot worker: busy or not)."""
         alive = self.alive_workers
-        return sum(1 for worker in alive if worker["state"] == "busy") / len(alive) if alive else 0.0
+        slots = sum(worker["slots"] for worker in alive)
+        return sum(worker["busy_slots"] for worker in alive) / slots if slots else 0.0
 
 
 def _decode(mapping: dict) -> dict:
@@ -213,12 +215,16 @@ def _fill(snapshot: Snapshot, connection, values: list) -> None:
     for index, key in enumerate(keys):
         (state, done, failed, host), alive = values[index * 2], values[index * 2 + 1]
         payload = json.loads(alive) if alive else {}
+        state_text = state.decode() if state else "unknown"
+        slots = int(payload.get("slots") or 1)
+        busy = (sum(1 for entry in payload.get("running") or [] if entry.get("job")) if slots > 1
+                else int(state_text == "busy"))
         snapshot.workers.append({
             "name": key.removeprefix(Worker.redis_worker_namespace_prefix),
             "state": state.decode() if state else "unknown", "alive": bool(alive),
             "successful": int(done or 0), "failed": int(failed or 0),
             "host": host.decode() if host else payload.get("host", ""), "pool": payload.get("pool", ""),
-            "rss": payload.get("rss"),
+            "rss": payload.get("rss"), "slots": slots, "busy_slots": busy,
         })
 
 
@@ -272,7 +278,7 @@ def families(snapshot: Snapshot):
 
     alive = snapshot.alive_workers
     yield GaugeMetricFamily("rq_workers_active", "Workers alive (liveness key present)", value=len(alive))
-    yield GaugeMetricFamily("rq_worker_busy_ratio", "Share of alive workers running a task",
+    yield GaugeMetricFamily("rq_worker_busy_ratio", "Share of the alive workers' caption slots running a task",
                             value=snapshot.busy_ratio)
     # Per pool and host, not per worker: worker names carry a random suffix, so a label per worker would start new
     # series at every restart (and Prometheus keeps each for its whole retention).
@@ -281,20 +287,31 @@ def families(snapshot: Snapshot):
         "worker counts from zero when it starts)", labels=["pool", "host", "outcome"])
     memory = GaugeMetricFamily("rq_worker_memory_bytes", "Resident memory of the alive workers of a pool on a host",
                                labels=["pool", "host"])
+    slots = GaugeMetricFamily("rq_worker_slots", "Caption slots of the alive workers of a pool on a host (jobs they "
+                              "can run at once)", labels=["pool", "host"])
+    busy_slots = GaugeMetricFamily("rq_worker_slots_busy", "Caption slots of the alive workers of a pool on a host "
+                                   "that are running a task", labels=["pool", "host"])
     groups: dict[tuple[str, str], dict] = {}
     for worker in alive:
-        group = groups.setdefault((worker["pool"], worker["host"]), {"successful": 0, "failed": 0, "rss": None})
+        group = groups.setdefault((worker["pool"], worker["host"]),
+                                  {"successful": 0, "failed": 0, "rss": None, "slots": 0, "busy_slots": 0})
         group["successful"] += worker["successful"]
         group["failed"] += worker["failed"]
+        group["slots"] += worker["slots"]
+        group["busy_slots"] += worker["busy_slots"]
         if worker["rss"]:
             group["rss"] = (group["rss"] or 0) + worker["rss"]
     for (pool, host), group in sorted(groups.items()):
         finished.add_metric([pool, host, "successful"], group["successful"])
         finished.add_metric([pool, host, "failed"], group["failed"])
+        slots.add_metric([pool, host], group["slots"])
+        busy_slots.add_metric([pool, host], group["busy_slots"])
         if group["rss"] is not None:
             memory.add_metric([pool, host], group["rss"])
     yield finished
     yield memory
+    yield slots
+    yield busy_slots
 
     yield _histogram("rq_task_processing_seconds", "Time a caption attempt took", PROCESSING_BUCKETS, snapshot,
                      "processing")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.core.exceptions import ValidationError
@@ -149,6 +150,20 @@ class WorkerRow:
     successful: int
     failed: int
     memory_bytes: int | None
+    slots: int = 1  # caption slots of the process
+    running: list[SlotRow] = field(default_factory=list)  # with several slots: each slot's task
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(1 for slot in self.running if slot.job_id) if self.slots > 1 else int(self.task_id is not None)
+
+
+@dataclass
+class SlotRow:
+    index: int
+    job_id: str | None
+    task_id: int | None
+    running_seconds: float | None
 
 
 def fleet_workers() -> list[WorkerRow]:
@@ -164,6 +179,10 @@ def fleet_workers() -> list[WorkerRow]:
         state = alive.get(worker.name)
         task = running.get(worker.name)
         heartbeat = worker.last_heartbeat
+        slot_rows = [SlotRow(index=entry.get("slot", index), job_id=entry.get("job"),
+                             task_id=_task_of(entry.get("job")),
+                             running_seconds=max(0.0, time.time() - entry["since"]) if entry.get("since") else None)
+                     for index, entry in enumerate((state or {}).get("running") or [])]
         rows.append(WorkerRow(
             name=worker.name, host=worker.hostname or (state or {}).get("host", ""), pid=worker.pid,
             pool=(state or {}).get("pool", ""), queues=worker.queue_names(),
@@ -172,9 +191,24 @@ def fleet_workers() -> list[WorkerRow]:
             task_running_seconds=(now - task[1]).total_seconds() if task and task[1] else None,
             heartbeat_age_seconds=(now - heartbeat).total_seconds() if heartbeat else None,
             successful=worker.successful_job_count, failed=worker.failed_job_count,
-            memory_bytes=(state or {}).get("rss"),
+            memory_bytes=(state or {}).get("rss"), slots=int((state or {}).get("slots") or 1), running=slot_rows,
         ))
     return sorted(rows, key=lambda row: (row.pool, row.host, row.name))
+
+
+def _task_of(job_id: str | None) -> int | None:
+    prefix = "caption-"
+    if job_id and job_id.startswith(prefix) and job_id[len(prefix):].isdigit():
+        return int(job_id[len(prefix):])
+    return None
+
+
+def worker_running_jobs(worker) -> set[str]:
+    """The jobs a worker runs now: its current job, and with several caption slots each slot's."""
+    state = broker.alive_states([worker.name]).get(worker.name) or {}
+    jobs = {entry["job"] for entry in state.get("running") or [] if entry.get("job")}
+    current = worker.get_current_job_id()
+    return jobs | ({current} if current else set())
 
 
 def _find_worker(worker_name: str):
@@ -210,11 +244,12 @@ def worker_stop_job(*, worker_name: str, job_id: str, user=None, address: str | 
     a stop never lands on a task nobody looked at. rq's stop command names the job too, and the worker ignores it
     if it has moved on in the moment between this check and the command. Returns the job id."""
     worker = _find_worker(worker_name)
-    current = worker.get_current_job_id()
-    if not current:
+    running = worker_running_jobs(worker)
+    if not running:
         raise FleetError(f"Worker {worker_name!r} is not running a job; nothing stopped")
-    if current != job_id:
-        raise FleetError(f"Worker {worker_name} is now running {current}, not {job_id}; nothing stopped")
+    if job_id not in running:
+        raise FleetError(f"Worker {worker_name} is now running {', '.join(sorted(running))}, not {job_id}; "
+                         "nothing stopped")
     broker.send_stop_job(job_id)
     FleetEvent.objects.create(kind=FleetEvent.Kind.JOB_STOP_REQUESTED, worker_name=worker.name,
                               host=worker.hostname or "", pid=worker.pid, user=_user(user), reason=f"stop {job_id}")

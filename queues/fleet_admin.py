@@ -80,11 +80,11 @@ def fleet_rows_or_message(request):
 
 @admin.register(WorkerPool)
 class WorkerPoolAdmin(admin.ModelAdmin):
-    list_display = ["name", "queues", "desired", "minimum", "maximum", "running", "autoscale", "last_scaled_at",
-                    "pool_actions"]
+    list_display = ["name", "queues", "desired", "minimum", "maximum", "slots", "running", "autoscale",
+                    "last_scaled_at", "pool_actions"]
     readonly_fields = ["desired", "last_scaled_at", "updated_at"]
     fieldsets = [
-        (None, {"fields": ["name", "queues", "desired", "minimum", "maximum"]}),
+        (None, {"fields": ["name", "queues", "desired", "minimum", "maximum", "slots"]}),
         ("Autoscaling", {"fields": ["autoscale", "scale_up_threshold", "scale_down_threshold", "scale_up_cooldown",
                                     "scale_down_cooldown", "last_scaled_at"]}),
     ]
@@ -95,7 +95,8 @@ class WorkerPoolAdmin(admin.ModelAdmin):
 
     @admin.display(description="running")
     def running(self, pool):
-        return sum(1 for row in getattr(self, "_rows", []) if row.pool == pool.name and row.alive)
+        """Caption slots of the pool's live workers (processes × their slots), the unit of "desired"."""
+        return sum(row.slots for row in getattr(self, "_rows", []) if row.pool == pool.name and row.alive)
 
     @admin.display(description="actions")
     def pool_actions(self, pool):
@@ -123,7 +124,8 @@ class WorkerPoolAdmin(admin.ModelAdmin):
         require_fleet_permission(request)
         pool = get_object_or_404(WorkerPool, pk=pool_id)
         cancel = reverse("admin:queues_workerpool_changelist")
-        field = {"name": "desired", "label": f"Workers ({pool.minimum} to {pool.maximum})", "value": pool.desired}
+        unit = "Workers" if pool.slots == 1 else f"Caption slots ({pool.slots} per process)"
+        field = {"name": "desired", "label": f"{unit} ({pool.minimum} to {pool.maximum})", "value": pool.desired}
         if request.method == "POST":
             raw = request.POST.get("desired", "").strip()
             try:

@@ -7,6 +7,7 @@ from datetime import datetime, timezone as dt_timezone
 
 from django.conf import settings
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import connections, models, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -423,15 +424,24 @@ def validate_queue_list(value: str) -> None:
         raise ValidationError("A queue is listed twice.")
 
 
+MAX_SLOTS = 64  # caption slots in one worker process (each a thread with a database connection)
+
+
 class WorkerPool(models.Model):
     """A named set of identical workers: which queues they drain, in order, and how many should run."""
 
     name = models.SlugField(max_length=50, unique=True)
     queues = models.CharField(max_length=100, default="urgent high normal low", validators=[validate_queue_list],
                               help_text="Space-separated, drained in this order.")
-    desired = models.PositiveIntegerField("desired workers", default=2)
+    desired = models.PositiveIntegerField("desired workers", default=2, help_text=(
+        "Counted in caption slots, like minimum and maximum: with 4 slots per process, 8 desired run 2 processes."))
     minimum = models.PositiveIntegerField("minimum", default=2)
     maximum = models.PositiveIntegerField("maximum", default=10)
+    slots = models.PositiveSmallIntegerField(
+        "caption slots per process", default=1, validators=[MinValueValidator(1), MaxValueValidator(MAX_SLOTS)],
+        help_text=(f"Captions one worker process runs at once (1 to {MAX_SLOTS}). More than 1 suits a captioner that "
+                   "mostly waits on a server (Ollama): each slot costs a thread and a database connection instead "
+                   "of a whole process."))
     autoscale = models.BooleanField(default=False)
     scale_up_threshold = models.PositiveIntegerField(default=100, help_text="Scale up when more jobs than this wait.")
     scale_down_threshold = models.PositiveIntegerField(default=20, help_text="Scale down when fewer jobs wait.")
@@ -448,6 +458,7 @@ class WorkerPool(models.Model):
             models.CheckConstraint(
                 condition=models.Q(desired__gte=models.F("minimum"), desired__lte=models.F("maximum")),
                 name="pool_desired_within_bounds"),
+            models.CheckConstraint(condition=models.Q(slots__gte=1, slots__lte=MAX_SLOTS), name="pool_slots_in_range"),
         ]
 
     def __str__(self) -> str:

@@ -1,11 +1,13 @@
 """The per-host supervisor behind ``manage.py runworkers``: keeps each pool's desired workers running.
 
-Several supervisors (one per host) share a pool through leases in Redis. A pool with ``desired = N`` has N slots,
-``portal:fleet:pool:<name>:slot:<i>`` for i < N; a supervisor runs one worker process per slot it holds. A slot is
-taken with ``SET NX PX`` and renewed every step by its holder only (compare-and-expire), so no slot is ever run
-twice and together the supervisors run exactly N workers. Each supervisor takes at most its fair share
-(ceil(N / live supervisors of the pool)); when a host dies, its leases and its registration expire after
-``lease_ttl`` seconds and the others take over its slots.
+Several supervisors (one per host) share a pool through leases in Redis. A pool's desired count is in caption
+slots: with ``desired = N`` and ``slots = S`` caption slots per process it runs P = ceil(N / S) worker processes
+(``rqworker --slots S``; the last one gets what is left of N), so it has P process slots,
+``portal:fleet:pool:<name>:slot:<i>`` for i < P; a supervisor runs one worker process per process slot it holds.
+A slot is taken with ``SET NX PX`` and renewed every step by its holder only (compare-and-expire), so no slot is
+ever run twice and together the supervisors run exactly P processes with N caption slots. Each supervisor takes at
+most its fair share (ceil(P / live supervisors of the pool)); when a host dies, its leases and its registration
+expire after ``lease_ttl`` seconds and the others take over its slots.
 
 Two threads, so that nothing can delay the leases:
 
@@ -101,8 +103,17 @@ class PoolSettings:
     """What the main loop needs of a pool, copied from its row by the duties thread."""
 
     name: str
-    desired: int
+    desired: int  # caption slots
     queue_names: list[str] = field(default_factory=list)
+    slots: int = 1  # caption slots per process
+
+    @property
+    def processes(self) -> int:
+        return math.ceil(self.desired / self.slots)
+
+    def caption_slots(self, index: int) -> int:
+        """How many caption slots the process in process slot ``index`` runs (the last one: what is left)."""
+        return max(0, min(self.slots, self.desired - index * self.slots))
 
 
 @dataclass
@@ -110,6 +121,7 @@ class Slot:
     pool: str
     index: int
     queues: list[str]
+    caption_slots: int = 1  # rqworker --slots
     process: subprocess.Popen | None = None
     worker_name: str = ""
     started_at: float = 0.0
@@ -249,7 +261,7 @@ class Supervisor:
             pass
 
     def _read_pools(self) -> None:
-        self.pools = {pool.name: PoolSettings(pool.name, pool.desired, pool.queue_names)
+        self.pools = {pool.name: PoolSettings(pool.name, pool.desired, pool.queue_names, pool.slots)
                       for pool in WorkerPool.objects.all()
                       if self.pool_names is None or pool.name in self.pool_names}
 
@@ -324,9 +336,12 @@ class Supervisor:
     def _renew_or_release(self, connection, pools: dict[str, PoolSettings]) -> None:
         for key, slot in list(self.slots.items()):
             pool = pools.get(slot.pool)
-            if pool is None or slot.index >= pool.desired or slot.queues != pool.queue_names:
+            if (pool is None or slot.index >= pool.processes or slot.queues != pool.queue_names
+                    or slot.caption_slots != pool.caption_slots(slot.index)):
                 reason = ("pool removed" if pool is None else
-                          "pool scaled down" if slot.index >= pool.desired else "pool queues changed")
+                          "pool scaled down" if slot.index >= pool.processes else
+                          "pool queues changed" if slot.queues != pool.queue_names else
+                          "caption slots per process changed")
                 connection.eval(RELEASE_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id)
                 self._retire(slot, reason)
                 del self.slots[key]
@@ -339,15 +354,16 @@ class Supervisor:
         if self.stopping:
             return
         for pool in pools.values():
-            fair_share = math.ceil(pool.desired / len(self._serving(live, pool.name)))
+            fair_share = math.ceil(pool.processes / len(self._serving(live, pool.name)))
             held = sum(1 for slot in self.slots.values() if slot.pool == pool.name)
-            for index in range(pool.desired):
+            for index in range(pool.processes):
                 if held >= fair_share:
                     break
                 if (pool.name, index) in self.slots:
                     continue
                 if connection.set(slot_key(pool.name, index), self.id, nx=True, px=int(self.lease_ttl * 1000)):
-                    self.slots[(pool.name, index)] = Slot(pool=pool.name, index=index, queues=pool.queue_names)
+                    self.slots[(pool.name, index)] = Slot(pool=pool.name, index=index, queues=pool.queue_names,
+                                                          caption_slots=pool.caption_slots(index))
                     held += 1
 
     def _rebalance(self, connection, pools: dict[str, PoolSettings], live: dict[str, list[str]]) -> None:
@@ -361,10 +377,10 @@ class Supervisor:
             if not mine or any(slot.handoff for slot in mine):
                 continue
             serving = self._serving(live, pool.name)
-            fair_share = math.ceil(pool.desired / len(serving))
+            fair_share = math.ceil(pool.processes / len(serving))
             if len(mine) <= fair_share:
                 continue
-            owners = connection.mget([slot_key(pool.name, index) for index in range(pool.desired)])
+            owners = connection.mget([slot_key(pool.name, index) for index in range(pool.processes)])
             held = {supervisor_id: 0 for supervisor_id in serving}
             for owner in owners:
                 if owner is not None and owner.decode() in held:
@@ -380,7 +396,8 @@ class Supervisor:
         # At most 200 characters (the task and event columns): a long host name is cut, never the unique tail.
         slot.worker_name = f"{slot.pool[:50]}.{self.host[:120]}.{slot.index}.{uuid.uuid4().hex[:6]}"
         command = [sys.executable, str(settings.BASE_DIR / "manage.py"), "rqworker", *slot.queues,
-                   "--name", slot.worker_name, "--verbosity", str(self.worker_verbosity)]
+                   "--name", slot.worker_name, "--verbosity", str(self.worker_verbosity),
+                   "--slots", str(slot.caption_slots)]
         slot.process = subprocess.Popen(command, env={**os.environ, "PORTAL_WORKER_POOL": slot.pool},
                                         start_new_session=True, preexec_fn=_die_with_parent)
         slot.started_at = time.monotonic()

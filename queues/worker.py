@@ -57,6 +57,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from queues import cancel, control, correlation, execution
 from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
+from queues.models import MAX_SLOTS
 
 ALIVE_TTL = 10  # seconds a liveness key outlives its last refresh
 ALIVE_INTERVAL = 2.0
@@ -65,7 +66,6 @@ WORKER_TTL = 30
 # rq renews the worker's key (TTL WORKER_TTL + 60 s) before and after every dequeue and after every job, two round
 # trips each time; between jobs once in this many seconds is plenty.
 HEARTBEAT_EVERY = 5.0
-MAX_SLOTS = 64  # caption slots in one process (each a thread with a database connection)
 
 
 def resident_memory_bytes(pid: int | None = None) -> int | None:

@@ -27,7 +27,7 @@ def only(*names):
 
 def worker(state="idle"):
     return {"name": f"w-{state}", "state": state, "alive": True, "successful": 0, "failed": 0, "host": "h",
-            "pool": "default", "rss": None}
+            "pool": "default", "rss": None, "slots": 1, "busy_slots": int(state == "busy")}
 
 
 def snapshot(*, redis=True, database=True, lengths=None, workers=2, busy=0):
