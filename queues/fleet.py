@@ -18,6 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from queues import broker, control
+from queues.broker import CaptionJob
 from queues.models import AuditEntry, CaptionTask, FleetEvent, TaskStatus, WorkerPool
 
 
@@ -203,12 +204,14 @@ def _task_of(job_id: str | None) -> int | None:
     return None
 
 
-def worker_running_jobs(worker) -> set[str]:
-    """The jobs a worker runs now: its current job, and with several caption slots each slot's."""
-    state = broker.alive_states([worker.name]).get(worker.name) or {}
-    jobs = {entry["job"] for entry in state.get("running") or [] if entry.get("job")}
-    current = worker.get_current_job_id()
-    return jobs | ({current} if current else set())
+def worker_runs_job(worker, job_id: str) -> bool:
+    """Whether ``worker`` is running ``job_id`` now: its current job, or (with several caption slots) the job's own
+    hash says it started on this worker and has not ended (written when a slot starts it)."""
+    if worker.get_current_job_id() == job_id:
+        return True
+    status, worker_name = broker.get_connection().hmget(CaptionJob.redis_job_namespace_prefix + job_id, "status",
+                                                        "worker_name")
+    return status == b"started" and worker_name is not None and worker_name.decode() == worker.name
 
 
 def _find_worker(worker_name: str):
@@ -244,12 +247,11 @@ def worker_stop_job(*, worker_name: str, job_id: str, user=None, address: str | 
     a stop never lands on a task nobody looked at. rq's stop command names the job too, and the worker ignores it
     if it has moved on in the moment between this check and the command. Returns the job id."""
     worker = _find_worker(worker_name)
-    running = worker_running_jobs(worker)
-    if not running:
+    current = worker.get_current_job_id()
+    if not current:
         raise FleetError(f"Worker {worker_name!r} is not running a job; nothing stopped")
-    if job_id not in running:
-        raise FleetError(f"Worker {worker_name} is now running {', '.join(sorted(running))}, not {job_id}; "
-                         "nothing stopped")
+    if not worker_runs_job(worker, job_id):
+        raise FleetError(f"Worker {worker_name} is now running {current}, not {job_id}; nothing stopped")
     broker.send_stop_job(job_id)
     FleetEvent.objects.create(kind=FleetEvent.Kind.JOB_STOP_REQUESTED, worker_name=worker.name,
                               host=worker.hostname or "", pid=worker.pid, user=_user(user), reason=f"stop {job_id}")

@@ -1,0 +1,158 @@
+"""Drills for caption slots: one real worker process running eight captions at once, against a slow captioning
+server. SIGKILL with eight in flight, stop-job of one slot, SIGTERM (and a second one), a timeout in one slot."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from django.conf import settings
+
+from queues import broker
+from queues.fleet import worker_stop_job
+from queues.models import CaptionTask, TaskEvent, TaskStatus, WorkerPool
+from queues.services import TaskSpec, tasks_submit_many
+from tests.conftest import respond, subprocess_env
+from tests.processes import Supervisors, live_workers, slow_ollama, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+SLOTS = 8
+
+
+def submit(image: str, count: int = SLOTS) -> list[int]:
+    return tasks_submit_many(specs=[TaskSpec(image) for _ in range(count)]).created
+
+
+def all_processing(ids: list[int], timeout: float = 30) -> list[CaptionTask]:
+    return wait_for(lambda: (lambda rows: rows if len(rows) == len(ids) else None)(
+        list(CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.PROCESSING))), timeout,
+        f"{len(ids)} tasks running at once")
+
+
+def events(task_id: int) -> list[str]:
+    return list(TaskEvent.objects.filter(task_id=task_id).order_by("id").values_list("kind", flat=True))
+
+
+def slot_worker(http_server, *extra, **environment) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "rqworker", "--slots", str(SLOTS), "--verbosity", "0", *extra],
+        cwd=settings.BASE_DIR, env=subprocess_env(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url,
+                                                  **environment),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def stop(process: subprocess.Popen) -> str:
+    if process.poll() is None:
+        process.kill()
+    return process.communicate(timeout=30)[0].decode(errors="replace")
+
+
+def test_sigkill_with_eight_in_flight_recovers_all_eight_once(redis, pool, http_server, png_bytes):
+    WorkerPool.objects.filter(pk=pool.pk).update(slots=SLOTS, desired=SLOTS, minimum=1, maximum=16)
+    image = slow_ollama(http_server, png_bytes, delay=3)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        group.start()
+        # Eight caption slots desired, eight per process: the supervisor runs one process.
+        wait_for(lambda: [row for row in live_workers() if row.slots == SLOTS], 30, "one eight-slot worker")
+        assert len(live_workers()) == 1
+        ids = submit(image)
+        running = all_processing(ids)
+        assert len({task.worker_name for task in running}) == 1
+        pid = broker.alive_states([running[0].worker_name])[running[0].worker_name]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED).count() == SLOTS, 60,
+                 "all eight to complete after the kill")
+        time.sleep(2)  # whatever would run one a second time has had its chance
+        for task in CaptionTask.objects.filter(pk__in=ids):
+            assert task.attempts == 2 and task.worker_name != running[0].worker_name
+            assert events(task.pk) == [TaskEvent.Kind.WORKER_LOST, TaskEvent.Kind.COMPLETED]
+        wait_for(lambda: len(live_workers()) == 1, 20, "the pool back at one eight-slot worker")
+    except AssertionError:
+        print(group.output()[-20000:])
+        raise
+    finally:
+        group.stop_all()
+
+
+def test_stop_job_of_one_slot_leaves_the_other_seven_running(redis, http_server, png_bytes):
+    image = slow_ollama(http_server, png_bytes, delay=6)
+    process = slot_worker(http_server, "--name", "eight-slots")
+    try:
+        ids = submit(image)
+        all_processing(ids)
+        stopped = ids[3]
+        started = time.monotonic()
+        worker_stop_job(worker_name="eight-slots", job_id=f"caption-{stopped}")
+        wait_for(lambda: CaptionTask.objects.filter(pk=stopped, status=TaskStatus.FAILED).exists(), 5,
+                 "the stopped task to end")
+        assert time.monotonic() - started < 4  # its caption was interrupted, not waited for (6 s)
+        assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.PROCESSING).count() == SLOTS - 1
+        wait_for(lambda: CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED).count() == SLOTS - 1,
+                 30, "the other seven to complete")
+        task = CaptionTask.objects.get(pk=stopped)
+        assert task.last_error_class == "JobStopped" and task.attempts == 1
+        assert events(stopped) == [TaskEvent.Kind.FAILED]
+        assert broker.fetch_job(stopped).get_status() == "stopped"
+        assert all(events(task_id) == [TaskEvent.Kind.COMPLETED] for task_id in ids if task_id != stopped)
+        assert process.poll() is None  # the worker runs on
+    finally:
+        print(stop(process)[-5000:])
+
+
+def test_sigterm_lets_all_eight_finish_then_a_second_one_gives_them_back(redis, http_server, png_bytes):
+    image = slow_ollama(http_server, png_bytes, delay=3)
+    process = slot_worker(http_server)
+    try:
+        ids = submit(image)
+        all_processing(ids)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED, attempts=1).count() == SLOTS
+    finally:
+        print(stop(process)[-5000:])
+
+    image = slow_ollama(http_server, png_bytes, delay=20)
+    process = slot_worker(http_server)
+    try:
+        ids = submit(image)
+        all_processing(ids)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # rq ignores a second signal within a second of the first
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        assert time.monotonic() - started < 10  # the 20 s captions were interrupted
+        for task in CaptionTask.objects.filter(pk__in=ids):
+            # Given back without using an attempt: waiting to be published again, nothing recorded as failed.
+            assert task.status == TaskStatus.QUEUED and task.attempts == 0
+            assert events(task.pk) == [TaskEvent.Kind.RETRY_SCHEDULED]
+    finally:
+        print(stop(process)[-5000:])
+
+
+def test_a_timeout_in_one_slot_ends_only_that_attempt(redis, http_server, png_bytes):
+    slow_ollama(http_server, png_bytes, delay=1)
+    fast = http_server.route("/fast.png", respond(200, png_bytes(), "image/png"))
+    slow = http_server.route("/slow.png", respond(200, png_bytes(), "image/png", delay=15))
+    ids = submit(fast, SLOTS - 1)
+    [late] = submit(slow, 1)
+    process = slot_worker(http_server, "--burst", RQ_DEFAULT_TIMEOUT="3", IMAGE_FETCH_TIMEOUT="3",
+                          RQ_RETRY_BACKOFF="60")
+    try:
+        assert process.wait(60) == 0
+        task = CaptionTask.objects.get(pk=late)
+        assert task.status == TaskStatus.QUEUED and task.attempts == 1 and task.waiting_to_retry
+        assert task.last_error_class == "TransientCaptionError"
+        assert events(late) == [TaskEvent.Kind.RETRY_SCHEDULED]
+        done = CaptionTask.objects.filter(pk__in=ids)
+        assert {row.status for row in done} == {TaskStatus.COMPLETED} and {row.attempts for row in done} == {1}
+        # The seven ran beside the slow one: they finished before its timeout did.
+        assert max(row.finished_at for row in done) < task.updated_at
+    finally:
+        print(stop(process)[-5000:])
