@@ -93,3 +93,37 @@ def test_the_liveness_key_lists_every_slot(redis, settings, http_server, png_byt
 def test_rqworker_refuses_a_bad_slot_count(redis, slots):
     with pytest.raises((CommandError, SystemExit)):
         call_command("rqworker", "--burst", "--slots", slots)
+
+
+def test_live_workers_page_and_metrics_show_each_slot(redis, settings, http_server, png_bytes, client, admin_user):
+    from django.urls import reverse
+
+    settings.CAPTION_BACKEND, settings.OLLAMA_URL = "ollama", http_server.url
+    image = slow_ollama(http_server, png_bytes, delay=2.0)
+    [task_id] = tasks_submit_many(specs=[TaskSpec(image)]).created
+    worker = slot_worker(3, name="three-slot-page", pool="default")
+    client.force_login(admin_user)
+    seen = {}
+
+    def look():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if CaptionTask.objects.filter(pk=task_id, status=TaskStatus.PROCESSING).exists():
+                worker._refresh_alive()
+                seen["page"] = client.get(reverse("admin:queues_liveworker_changelist")).content.decode()
+                seen["metrics"] = client.get(reverse("metrics")).content.decode()
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=look)
+    thread.start()
+    worker.work(burst=True, logging_level="WARNING")
+    thread.join()
+    page = seen["page"]
+    assert "1 of 3 caption slots busy" in page
+    assert page.count('class="caption-slot"') == 3 and page.count(">idle<") == 2
+    assert f"task {task_id}</a>" in page and f"job_id=caption-{task_id}" in page  # its own Stop job button
+    import re
+
+    assert re.search(r'^rq_worker_slots\{host="[^"]*",pool="default"\} 3\.0$', seen["metrics"], re.M)
+    assert re.search(r'^rq_worker_slots_busy\{host="[^"]*",pool="default"\} 1\.0$', seen["metrics"], re.M)
