@@ -156,3 +156,25 @@ def test_a_timeout_in_one_slot_ends_only_that_attempt(redis, http_server, png_by
         assert max(row.finished_at for row in done) < task.updated_at
     finally:
         print(stop(process)[-5000:])
+
+
+def test_the_supervisor_runs_desired_caption_slots_in_as_few_processes_and_follows_a_change(redis, pool):
+    WorkerPool.objects.filter(pk=pool.pk).update(slots=2, desired=5, minimum=1, maximum=16)
+    group = Supervisors()
+    try:
+        group.start()
+
+        def shape():
+            return sorted(row.slots for row in live_workers())
+
+        # Five caption slots, two per process: three processes of 2, 2 and 1.
+        wait_for(lambda: shape() == [1, 2, 2], 30, "processes of 2, 2 and 1 slots")
+        WorkerPool.objects.filter(pk=pool.pk).update(slots=4)
+        wait_for(lambda: shape() == [1, 4], 30, "processes of 4 and 1 slots")
+        time.sleep(2)
+        assert shape() == [1, 4]  # settled: nothing more started
+    except AssertionError:
+        print(group.output()[-20000:])
+        raise
+    finally:
+        group.stop_all()
