@@ -371,8 +371,9 @@ def main_procs(args, reference: str) -> None:
         logged += lines
         timings["raw_1"].append(run_raw_procs(args.n, 1, run=round_index))
     reset()
+    slots = slots_figures(args, reference) if args.slots else {}
     per_s = {key: args.n / common.median(values) for key, values in timings.items()}
-    common.finish({
+    common.finish({**slots,
         "benchmark": "worker", "procs": args.procs, "n": args.n, "rounds": args.rounds,
         "timing": "idle workers -> last completion (start-up excluded, publishing included)",
         "ours_1_per_s": round(per_s["ours_1"], 1), "ours_n_per_s": round(per_s["ours_n"], 1),

@@ -10,6 +10,7 @@ dashboards work."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -145,7 +146,7 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
             status=TaskStatus.QUEUED, dispatch=Dispatch.RQ, published_at__isnull=True,
             publish_after__lt=overdue).exists()
         snapshot.dispatch = get_policy().status()
-        snapshot.pools = [{"name": pool.name, "desired": pool.desired, "queues": pool.queue_names}
+        snapshot.pools = [{"name": pool.name, "desired": pool.desired, "queues": pool.queue_names, "slots": pool.slots}
                           for pool in WorkerPool.objects.only("name", "desired", "queues").order_by("name")]
         snapshot.oldest_processing_started = CaptionTask.objects.filter(status=TaskStatus.PROCESSING).order_by() \
             .aggregate(oldest=Min("started_at"))["oldest"]
@@ -371,12 +372,16 @@ def families(snapshot: Snapshot):
         # count our autoscaler decided, and the jobs waiting in the pool's queues.
         desired = GaugeMetricFamily("rq_pool_desired_workers", "Workers the pool should run (the pool's desired "
                                     "count, set by the autoscaler or an operator)", labels=["pool"])
+        processes = GaugeMetricFamily("rq_pool_desired_processes", "Worker processes the pool should run: its desired "
+                                      "caption slots over the slots per process, rounded up", labels=["pool"])
         backlog = GaugeMetricFamily("rq_pool_backlog", "Jobs waiting in Redis in the pool's queues", labels=["pool"])
         for pool in snapshot.pools:
             desired.add_metric([pool["name"]], pool["desired"])
+            processes.add_metric([pool["name"]], math.ceil(pool["desired"] / pool["slots"]))
             if snapshot.redis_ok:
                 backlog.add_metric([pool["name"]], sum(snapshot.queue_lengths.get(name, 0) for name in pool["queues"]))
         yield desired
+        yield processes
         yield backlog
         yield GaugeMetricFamily("rq_submission_paused", "1 while new submissions are held (maintenance)",
                                 value=1 if snapshot.dispatch.submission_paused else 0)

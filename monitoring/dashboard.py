@@ -223,7 +223,9 @@ def build_sample(snapshot: Snapshot, *, at: float, ring, slow: dict, alerts: dic
     for worker in snapshot.workers:
         if worker["alive"]:
             pool = pools.setdefault(worker["pool"] or "(none)", {"busy": 0, "idle": 0, "desired": None})
-            pool["busy" if worker["state"] == "busy" else "idle"] += 1
+            # Caption slots, the unit of "desired" (a one-slot worker is one slot).
+            pool["busy"] += worker["busy_slots"]
+            pool["idle"] += worker["slots"] - worker["busy_slots"]
         workers.append({key: worker[key] for key in ("name", "state", "alive", "successful", "failed", "rss",
                                                      "pool", "host")})
     info = snapshot.redis_info

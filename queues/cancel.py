@@ -25,11 +25,15 @@ class Scope:
         self._lock = threading.Lock()
         self._active = False
         self._sockets: list[socket.socket] = []
+        self._pending: BaseException | None = None
         self.reason: BaseException | None = None
 
     def __enter__(self) -> Scope:
+        """A stop asked for before the caption began (``stop(..., pending=True)``) is its reason at once: the
+        caller checks ``reason`` and does not start the caption."""
         with self._lock:
-            self._active, self.reason, self._sockets = True, None, []
+            self._active, self.reason, self._sockets = True, self._pending, []
+            self._pending = None
         _current.scope = self
         return self
 
@@ -43,16 +47,27 @@ class Scope:
     def active(self) -> bool:
         return self._active
 
-    def stop(self, reason: BaseException) -> bool:
-        """Ends the caption in progress with ``reason``. False if none is in progress (or one was stopped)."""
+    def stop(self, reason: BaseException, *, pending: bool = False) -> bool:
+        """Ends the caption in progress with ``reason``. With ``pending``, a caption that has not begun yet ends
+        with it as it begins (until ``clear_pending``). False if nothing was stopped or marked."""
         with self._lock:
-            if not self._active or self.reason is not None:
+            if not self._active:
+                if pending and self._pending is None:
+                    self._pending = reason
+                    return True
+                return False
+            if self.reason is not None:
                 return False
             self.reason = reason
             sockets = list(self._sockets)
         for sock in sockets:
             _shut(sock)
         return True
+
+    def clear_pending(self) -> None:
+        """The job is over: a stop meant for it must not end the next one."""
+        with self._lock:
+            self._pending = None
 
     def watch(self, sock: socket.socket) -> None:
         with self._lock:

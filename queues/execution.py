@@ -172,7 +172,9 @@ def _run_attempt(task: CaptionTask, captioner: Captioner | None, started: float)
                 _captioning.clear()
         else:
             with scope:
-                caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
+                if scope.reason is None:  # not stopped before it began
+                    caption = (captioner or get_captioner()).caption(task.image_ref,
+                                                                     timeout=settings.RQ_DEFAULT_TIMEOUT)
     except BaseException as raised:
         error = raised
     if scope is not None and scope.reason is not None:

@@ -99,21 +99,24 @@ class AutoscaleDecision:
 
 
 def pool_autoscale(*, pool: WorkerPool, queued: int, now: datetime | None = None) -> AutoscaleDecision | None:
-    """Applies the pool's autoscaling policy to the current backlog: one worker up when more than
-    ``scale_up_threshold`` jobs wait, one down when fewer than ``scale_down_threshold`` do, never outside
+    """Applies the pool's autoscaling policy to the current backlog: one worker process (its caption slots) up when
+    more than ``scale_up_threshold`` jobs wait, one down when fewer than ``scale_down_threshold`` do, never outside
     minimum..maximum, and never sooner than the cooldown after the previous change. Records each change."""
     if not pool.autoscale:
         return None
     now = now or timezone.now()
     since = (now - pool.last_scaled_at).total_seconds() if pool.last_scaled_at else math.inf
+    # One step is one worker process: its caption slots (a step of one slot would restart the last process, whose
+    # slot count changes, at every decision).
+    step = pool.slots
     target, reason = pool.desired, ""
     if pool.desired < pool.minimum or pool.desired > pool.maximum:
         target = min(max(pool.desired, pool.minimum), pool.maximum)
         reason = "back within minimum..maximum"
     elif queued > pool.scale_up_threshold and pool.desired < pool.maximum and since >= pool.scale_up_cooldown:
-        target, reason = pool.desired + 1, f"{queued} jobs waiting > {pool.scale_up_threshold}"
+        target, reason = min(pool.desired + step, pool.maximum), f"{queued} jobs waiting > {pool.scale_up_threshold}"
     elif queued < pool.scale_down_threshold and pool.desired > pool.minimum and since >= pool.scale_down_cooldown:
-        target, reason = pool.desired - 1, f"{queued} jobs waiting < {pool.scale_down_threshold}"
+        target, reason = max(pool.desired - step, pool.minimum), f"{queued} jobs waiting < {pool.scale_down_threshold}"
     if target == pool.desired:
         return None
     with transaction.atomic():

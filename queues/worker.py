@@ -33,6 +33,7 @@ Additions to rq's worker, relied on by the fleet (queues.fleet, queues.reconcile
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue as queue_module
@@ -45,13 +46,14 @@ import traceback
 
 from datetime import timedelta
 
+import redis
 from django.db import DatabaseError, close_old_connections, connection as database_connection
 from rq.executions import Execution
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 from rq.utils import now as rq_now, utcformat
-from rq.exceptions import StopRequested
+from rq.exceptions import DequeueTimeout, StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
 
 from queues import cancel, control, correlation, execution
@@ -97,9 +99,12 @@ class CaptionWorker(SimpleWorker):
         self._idle_written = False  # the end-of-job pipeline has just written state=idle
         self._slots: list[CaptionSlot] = []
         self._slots_changed = threading.Condition()
-        self._main_waiting = False  # the main thread waits for a free slot or a job (a stop may interrupt it)
+        self._main_waiting = False  # the main thread waits for a free slot (a stop signal may interrupt it there)
+        # With slots: the worker hash's state and current job are computed from the slots and written under this
+        # lock, so two slots starting or ending at once never leave it naming a finished job or "idle" while one runs.
+        self._state_lock = threading.Lock() if slots > 1 else contextlib.nullcontext()
         if slots > 1:
-            self.death_penalty_class = TimerDeathPenalty  # SIGALRM reaches the main thread only
+            self.death_penalty_class = SlotDeathPenalty  # SIGALRM reaches the main thread only
 
     # --- rq's per-job attributes, per slot thread ---------------------------------------------------------------
     @property
@@ -207,9 +212,12 @@ class CaptionWorker(SimpleWorker):
     def _shutdown(self):
         if self.slot_count == 1:
             return super()._shutdown()
-        # With slots rq's test (is the worker busy?) is the wrong one: the main thread only dispatches. It may be
-        # interrupted while it waits for a free slot or a job; the slots finish their jobs in teardown.
+        # With slots rq's test (is the worker busy?) is the wrong one: the main thread only dispatches. It is
+        # interrupted only while it waits for a free slot (never in a pop, which would drop the popped job); the
+        # dequeue loop sees the flag within a second; the slots finish their jobs in teardown.
         self.set_shutdown_requested_date()
+        if self.scheduler:
+            self.stop_scheduler()
         if self._main_waiting:
             raise StopRequested()
 
@@ -220,8 +228,10 @@ class CaptionWorker(SimpleWorker):
         if requested is not None and (rq_now() - requested) < timedelta(seconds=1):
             return  # one signal delivered twice (to the process group and by the supervisor): rq's own rule
         if self.slot_count > 1:
-            stopped = sum(slot.scope.stop(WorkerInterrupted("the worker was told to stop at once"))
-                          for slot in self._slots if slot.scope is not None)
+            # Every slot's caption, in progress or about to start (claimed, not begun), ends at once and its task
+            # goes back to its queue; what is being recorded is recorded.
+            stopped = sum(slot.scope.stop(WorkerInterrupted("the worker was told to stop at once"), pending=True)
+                          for slot in self._slots if slot.scope is not None and slot.job_id)
             self.log.warning("Worker %s: stopping at once; %d task(s) in hand go back to their queues", self.name,
                              stopped)
             if self._main_waiting:
@@ -264,9 +274,10 @@ class CaptionWorker(SimpleWorker):
             job_id = payload.get("job_id")
             for slot in self._slots:
                 if slot.job_id == job_id and slot.scope is not None:
+                    # Stopped now if captioning, or as its caption begins if the job is still being claimed; a job
+                    # whose caption is over is recorded as it ended (the mark is dropped with the job).
                     self._stopped_jobs.add(job_id)
-                    if not slot.scope.stop(JobStopped("stopped by an operator")):
-                        self._stopped_jobs.discard(job_id)  # not captioning (any more): nothing to stop
+                    slot.scope.stop(JobStopped("stopped by an operator"), pending=True)
                     return
             self.log.info("Worker %s: stop-job for %s, which no slot runs; ignored", self.name, job_id)
             return
@@ -275,17 +286,41 @@ class CaptionWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         if self.slot_count == 1:
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        self._main_waiting = True
-        try:
-            with self._slots_changed:
-                # Never pop a job no slot can take: it would exist only in this process' memory.
+        with self._slots_changed:
+            # Never pop a job no slot can take: it would exist only in this process' memory.
+            self._main_waiting = True
+            try:
                 while not self._stop_requested and self._free_slot() is None:
                     self._slots_changed.wait(1.0)
-            if self._stop_requested:
-                return None
-            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        finally:
-            self._main_waiting = False
+                    self.heartbeat()
+            finally:
+                self._main_waiting = False
+        # rq's loop, with pops of at most a second and the stop flag read between them (a stop signal never raises
+        # in here, so a popped job is never dropped).
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + ",".join(self.queue_names()))
+        idle_since, wait = time.monotonic(), 1.0
+        while not self._stop_requested:
+            self.heartbeat()
+            try:
+                result = self.queue_class.dequeue_any(
+                    self._ordered_queues, None if timeout is None else 1, connection=self.connection,
+                    job_class=self.job_class, serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+            except DequeueTimeout:
+                if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                    return None
+                continue
+            except redis.exceptions.ConnectionError as error:
+                self.log.error("Worker %s: could not connect to Redis: %s; retrying in %g s", self.name, error, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 60)
+                continue
+            if result is not None:
+                job, queue = result
+                self.reorder_queues(reference_queue=queue)
+                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+            return result
+        return None
 
     def _free_slot(self) -> CaptionSlot | None:
         return next((slot for slot in self._slots if slot.free), None)
@@ -345,7 +380,7 @@ class CaptionWorker(SimpleWorker):
         """rq's ``prepare_execution``, ``prepare_job_execution``, ``perform_job`` and ``handle_job_success`` for a
         claimed caption job, in two pipelines. A job that raises goes through rq's own failure handling."""
         heartbeat_ttl = self.get_heartbeat_ttl(job)
-        with self.connection.pipeline() as pipe:
+        with self._state_lock, self.connection.pipeline() as pipe:
             # What rq writes when a job starts: the execution (in the started-job registry, which django-rq's
             # "started" view and rq's abandoned-job cleanup read), the worker's state and current job, the job's.
             self.execution = Execution.create(job, heartbeat_ttl, pipeline=pipe, worker_name=self.name)
@@ -357,6 +392,7 @@ class CaptionWorker(SimpleWorker):
                                          "last_heartbeat": utcformat(self.last_heartbeat)})
             pipe.expire(self.key, heartbeat_ttl)
             job.prepare_for_execution(self.name, pipeline=pipe)
+            started_text = utcformat(job.started_at)  # what the end compares, to delete only this run's hash
             pipe.persist(job.key)  # rq's Job.perform does this on its own round trip
             if len(self.queues) == 1:  # popped with BLMOVE into the queue's intermediate list
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
@@ -374,16 +410,19 @@ class CaptionWorker(SimpleWorker):
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             exc_info = sys.exc_info()
             self.handle_exception(job, *exc_info)
-            self.handle_job_failure(job=job, exc_string="".join(traceback.format_exception(*exc_info)), queue=queue,
-                                    started_job_registry=queue.started_job_registry)
-            self.set_state(WorkerStatus.IDLE)
+            with self._state_lock:
+                self._slot_ending()
+                self.handle_job_failure(job=job, exc_string="".join(traceback.format_exception(*exc_info)),
+                                        queue=queue, started_job_registry=queue.started_job_registry)
+                self.set_state(WorkerStatus.IDLE)
             return False
         job._status = JobStatus.FINISHED
-        with self.connection.pipeline() as pipe:
+        with self._state_lock, self.connection.pipeline() as pipe:
             # The task row has the outcome: the job, its executions and its result go (rq's result_ttl=0), and the
             # worker is idle again with its counts up.
             pipe.hincrby(self.key, "successful_job_count", 1)
             pipe.hincrbyfloat(self.key, "total_working_time", (job.ended_at - job.started_at).total_seconds())
+            self._slot_ending()
             other = self._other_running_job()
             if other is None:
                 pipe.hdel(self.key, "current_job")
@@ -392,17 +431,33 @@ class CaptionWorker(SimpleWorker):
                 pipe.hset(self.key, "current_job", other)  # another slot's job: the worker is still busy
             self.execution.delete(job=job, pipeline=pipe)
             self.execution = None
-            pipe.delete(job.key, job.execution_registry.key)
+            # Only if the hash is still this run's: a give-back or retry may have been published again (same job id)
+            # before this pipeline ran, and that publication's hash must stay.
+            # EVAL, not EVALSHA: a pipeline with a registered script asks SCRIPT EXISTS first, one more round trip.
+            pipe.eval(DELETE_IF_OURS_SCRIPT, 2, job.key, job.execution_registry.key, self.name, started_text)
             pipe.execute()
         if other is None:
             self._state, self._idle_written = WorkerStatus.IDLE, True
         self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)  # rq's line
         return True
 
+    def _slot_ending(self) -> None:
+        slot = getattr(self._local, "slot", None)
+        if slot is not None:
+            slot.ending = True
+
     def _other_running_job(self) -> str | None:
         """With slots: the job of another busy slot than this thread's (it becomes the worker's current job)."""
         mine = getattr(self._local, "slot", None)
-        return next((slot.job_id for slot in self._slots if slot is not mine and slot.job_id), None)
+        return next((slot.job_id for slot in self._slots if slot is not mine and slot.job_id and not slot.ending),
+                    None)
+
+    def set_current_job_id(self, job_id=None, pipeline=None):
+        if job_id is None and self.slot_count > 1:
+            other = self._other_running_job()  # rq's failure path clears it; another slot may still run one
+            if other is not None:
+                return super().set_current_job_id(other, pipeline)
+        return super().set_current_job_id(job_id, pipeline)
 
     def set_state(self, state, pipeline=None):
         if self.slot_count > 1 and state == WorkerStatus.IDLE and self._other_running_job() is not None:
@@ -475,6 +530,7 @@ class CaptionSlot:
         self.worker, self.index = worker, index
         self.job_id: str | None = None
         self.since: float | None = None
+        self.ending = False  # its job's outcome is being written: not the worker's current job any more
         self.scope: cancel.Scope | None = None
         self.inbox: queue_module.SimpleQueue = queue_module.SimpleQueue()
         self._closed = False
@@ -483,11 +539,11 @@ class CaptionSlot:
 
     @property
     def free(self) -> bool:
-        return self.job_id is None and not self._closed
+        return self.job_id is None and not self._closed and self.thread.is_alive()
 
     def take(self, job) -> None:
         """Called by the main thread, holding the worker's slot condition."""
-        self.job_id, self.since = job.id, time.time()
+        self.job_id, self.since, self.ending = job.id, time.time(), False
 
     def describe(self) -> dict:
         job_id, since = self.job_id, self.since
@@ -509,15 +565,52 @@ class CaptionSlot:
                 job, queue = item
                 try:
                     worker._execute_one(job, queue)
-                except Exception:
+                except BaseException:  # also a timer's exception arriving late: a slot thread never dies of a job
                     worker.log.exception("Worker %s: slot %d: job %s failed outside its bookkeeping", worker.name,
                                          self.index, job.id)
-                finally:
-                    with worker._slots_changed:
-                        self.job_id = self.since = None
-                        worker._slots_changed.notify_all()
+                while True:
+                    try:
+                        self._done(job)
+                        break
+                    except BaseException:  # noqa: S112 (a late asynchronous exception; the slot must be freed)
+                        continue
         finally:
             try:
                 database_connection.close()  # this thread's own connection
             except Exception:
                 pass
+
+    def _done(self, job) -> None:
+        worker = self.worker
+        self.scope.clear_pending()
+        worker._stopped_jobs.discard(job.id)
+        with worker._slots_changed:
+            self.job_id = self.since = None
+            self.ending = False
+            worker._slots_changed.notify_all()
+
+
+class SlotDeathPenalty(TimerDeathPenalty):
+    """rq's time limit on a job, for a slot thread. When it runs out during the caption, the caption is stopped
+    through the slot's scope (a blocked socket call returns at once; rq's own way, an exception set on the thread,
+    waits until the thread runs Python again); otherwise it raises in the thread as rq does."""
+
+    def __init__(self, timeout, exception=JobTimeoutException, **kwargs):
+        super().__init__(timeout, exception, **kwargs)
+        self._scope = cancel.current_slot_scope()
+
+    def handle_death_penalty(self):
+        if self._scope is not None and self._scope.stop(self._exception()):
+            return
+        super().handle_death_penalty()
+
+
+# Deletes a finished job's hash and executions only while the hash is still the run that finished (status started,
+# this worker, this start time): a job published again under the same id meanwhile keeps its hash.
+DELETE_IF_OURS_SCRIPT = """
+local fields = redis.call('HMGET', KEYS[1], 'status', 'worker_name', 'started_at')
+if fields[1] == 'started' and fields[2] == ARGV[1] and fields[3] == ARGV[2] then
+    return redis.call('DEL', KEYS[1], KEYS[2])
+end
+return 0
+"""

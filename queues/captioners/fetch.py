@@ -107,8 +107,9 @@ class _CheckedHTTPSConnection(http.client.HTTPSConnection):
     def connect(self):
         sock = connect_checked(self.host, self.port, self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cancel.watch_socket(sock)
+        cancel.watch_socket(sock)  # during the handshake
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the name
+        cancel.watch_socket(self.sock)  # the wrapped socket: wrapping detached the first one
 
 
 class StoppableHTTPConnection(http.client.HTTPConnection):

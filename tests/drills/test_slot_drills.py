@@ -109,11 +109,17 @@ def test_sigterm_lets_all_eight_finish_then_a_second_one_gives_them_back(redis, 
     image = slow_ollama(http_server, png_bytes, delay=3)
     process = slot_worker(http_server)
     try:
-        ids = submit(image)
-        all_processing(ids)
+        ids = submit(image, 2 * SLOTS)  # eight run, eight wait in Redis
+        wait_for(lambda: CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.PROCESSING).count() == SLOTS, 30,
+                 "eight tasks running")
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
-        assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED, attempts=1).count() == SLOTS
+        done = CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED, attempts=1)
+        assert done.count() == SLOTS
+        # The other eight were never touched: still waiting in the queue, unclaimed.
+        waiting = CaptionTask.objects.filter(pk__in=ids).exclude(pk__in=done.values("pk"))
+        assert {(task.status, task.attempts) for task in waiting} == {(TaskStatus.QUEUED, 0)}
+        assert sorted(broker.queued_task_ids("normal")) == sorted(task.pk for task in waiting)
     finally:
         print(stop(process)[-5000:])
 

@@ -188,13 +188,13 @@ def test_the_kubernetes_manifests_give_workers_time_to_finish_and_scale_on_our_m
     hpa = found[("HorizontalPodAutoscaler", "rq-ops-workers")]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rq-ops-workers"}
     assert {metric["external"]["metric"]["name"] for metric in hpa["spec"]["metrics"]} == {
-        "rq_pool_desired_workers", "rq_pool_backlog"}
+        "rq_pool_desired_processes", "rq_pool_backlog"}
     adapter = yaml.safe_load(found[("ConfigMap", "prometheus-adapter-rq-ops")]["data"]["config.yaml"])
-    assert {rule["name"]["as"] for rule in adapter["externalRules"]} == {"rq_pool_desired_workers", "rq_pool_backlog"}
+    assert {rule["name"]["as"] for rule in adapter["externalRules"]} == {"rq_pool_desired_processes", "rq_pool_backlog"}
     keda = found[("ScaledObject", "rq-ops-workers")]
     assert keda["spec"]["scaleTargetRef"]["name"] == "rq-ops-workers"
     queries = " ".join(trigger["metadata"]["query"] for trigger in keda["spec"]["triggers"])
-    assert "rq_pool_desired_workers" in queries and "rq_pool_backlog" in queries
+    assert "rq_pool_desired_processes" in queries and "rq_pool_backlog" in queries
     ingress = found[("Ingress", "rq-ops-portal")]
     paths = {path["path"]: path["backend"]["service"]["name"]
              for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]}

@@ -65,6 +65,19 @@ def test_autoscaler_steps_up_and_down_with_cooldowns_and_bounds(pool):
     assert decisions[0].reason == "150 jobs waiting > 100"
 
 
+def test_autoscaler_steps_by_one_process_of_caption_slots(pool):
+    pool.autoscale, pool.slots, pool.minimum, pool.maximum, pool.desired = True, 4, 4, 10, 4
+    pool.scale_up_cooldown = pool.scale_down_cooldown = 0
+    pool.save()
+    start = timezone.now()
+    assert [pool_autoscale(pool=pool, queued=500, now=start + timedelta(seconds=step)).desired
+            for step in (1, 2)] == [8, 10]  # the last step stops at the maximum
+    assert pool_autoscale(pool=pool, queued=500, now=start + timedelta(seconds=3)) is None
+    assert [pool_autoscale(pool=pool, queued=0, now=start + timedelta(seconds=step)).desired
+            for step in (4, 5)] == [6, 4]
+    assert pool_autoscale(pool=pool, queued=0, now=start + timedelta(seconds=6)) is None  # at the minimum
+
+
 def test_autoscaler_is_off_unless_enabled(pool):
     assert pool_autoscale(pool=pool, queued=10_000) is None
 

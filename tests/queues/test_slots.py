@@ -127,3 +127,34 @@ def test_live_workers_page_and_metrics_show_each_slot(redis, settings, http_serv
 
     assert re.search(r'^rq_worker_slots\{host="[^"]*",pool="default"\} 3\.0$', seen["metrics"], re.M)
     assert re.search(r'^rq_worker_slots_busy\{host="[^"]*",pool="default"\} 1\.0$', seen["metrics"], re.M)
+
+
+def test_a_stop_before_the_caption_begins_ends_it_as_it_begins_and_not_the_next_one():
+    from queues import cancel
+
+    scope = cancel.Scope()
+    assert scope.stop(RuntimeError("too late"), pending=False) is False  # nothing running, nothing marked
+    assert scope.stop(RuntimeError("stop"), pending=True) is True
+    with scope:
+        assert str(scope.reason) == "stop"
+    scope.clear_pending()
+    with scope:
+        assert scope.reason is None
+    assert scope.stop(RuntimeError("again"), pending=True) is True
+    scope.clear_pending()  # the job ended before its caption began
+    with scope:
+        assert scope.reason is None
+
+
+def test_a_finished_run_deletes_the_job_hash_only_while_it_is_still_its_own(redis):
+    from queues.worker import DELETE_IF_OURS_SCRIPT
+
+    def run(**fields):
+        redis.hset("rq:job:caption-1", mapping={"status": "started", "worker_name": "w", "started_at": "t1",
+                                                **fields})
+        redis.zadd("rq:executions:caption-1", {"x": 1})
+        return redis.eval(DELETE_IF_OURS_SCRIPT, 2, "rq:job:caption-1", "rq:executions:caption-1", "w", "t1")
+
+    assert run() == 2 and not redis.exists("rq:job:caption-1", "rq:executions:caption-1")
+    assert run(status="queued") == 0 and redis.exists("rq:job:caption-1")  # published again meanwhile
+    assert run(worker_name="other") == 0 and run(started_at="t2") == 0  # another worker or run has it
