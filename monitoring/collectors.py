@@ -147,7 +147,7 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
             publish_after__lt=overdue).exists()
         snapshot.dispatch = get_policy().status()
         snapshot.pools = [{"name": pool.name, "desired": pool.desired, "queues": pool.queue_names, "slots": pool.slots}
-                          for pool in WorkerPool.objects.only("name", "desired", "queues").order_by("name")]
+                          for pool in WorkerPool.objects.only("name", "desired", "queues", "slots").order_by("name")]
         snapshot.oldest_processing_started = CaptionTask.objects.filter(status=TaskStatus.PROCESSING).order_by() \
             .aggregate(oldest=Min("started_at"))["oldest"]
         snapshot.database_ok = True
