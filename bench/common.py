@@ -110,6 +110,35 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.01):
     raise TimeoutError(f"condition not reached within {timeout:g} s")
 
 
+def slow_ollama_server(delay: float):
+    """A local stand-in for an Ollama server: answers /api/generate after ``delay`` seconds, any number at once.
+    Its address: ``f"http://127.0.0.1:{server.server_address[1]}"``; stop it with shutdown() and server_close()."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            time.sleep(delay)
+            body = b'{"response": "A caption."}'
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the worker that asked was killed
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]

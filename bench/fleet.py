@@ -15,12 +15,10 @@ Last line: JSON.
 """
 
 import argparse
-import http.server
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,30 +35,6 @@ from queues.services import task_submit  # noqa: E402
 
 def alive_count() -> int:
     return sum(1 for row in fleet_workers() if row.alive and row.pool == "default")
-
-
-def slow_ollama_server(delay: float):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            time.sleep(delay)
-            body = b'{"response": "A caption."}'
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the worker that asked was killed
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def raw_worker_start(index: int) -> float:
@@ -85,7 +59,7 @@ def main():
     parser.add_argument("--kills", type=int, default=5)
     args = parser.parse_args()
 
-    ollama = slow_ollama_server(delay=2.0)
+    ollama = common.slow_ollama_server(delay=2.0)
     environment = {**os.environ, "CAPTION_BACKEND": "ollama", "OLLAMA_URL": f"http://127.0.0.1:{ollama.server_port}",
                    "IMAGE_FETCH_ALLOW_PRIVATE": "true"}
     pool = WorkerPool.objects.get(name="default")

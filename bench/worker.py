@@ -255,39 +255,6 @@ def run_raw_procs(n: int, procs: int, run: int) -> float:
     return (ended - begun.astimezone(dt_timezone.utc)).total_seconds()
 
 
-class CaptioningServer:
-    """A local stand-in for an Ollama server: answers /api/generate after ``delay`` seconds, any number at once."""
-
-    def __init__(self, delay: float):
-        import http.server
-        import threading
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                time.sleep(delay)
-                body = b'{"response": "A caption after a wait."}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def run_slots(n: int, procs: int, slots: int, reference: str, url: str, run: int) -> tuple[float, list[int]]:
     """``procs`` processes of ``slots`` caption slots each, the ollama captioner: seconds for n tasks and each
     process' peak memory."""
@@ -310,19 +277,21 @@ def run_slots(n: int, procs: int, slots: int, reference: str, url: str, run: int
 
 
 def slots_figures(args, reference: str) -> dict:
-    server = CaptioningServer(args.delay)
+    server = common.slow_ollama_server(args.delay)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
     n = 4 * args.slots  # each slot captions four times
     slot_times, slot_peaks, many_times, many_peaks = [], [], [], []
     try:
         for round_index in range(args.rounds):
-            seconds, peaks = run_slots(n, 1, args.slots, reference, server.url, round_index)
+            seconds, peaks = run_slots(n, 1, args.slots, reference, url, round_index)
             slot_times.append(seconds)
             slot_peaks += peaks
-            seconds, peaks = run_slots(n, args.slots, 1, reference, server.url, round_index)
+            seconds, peaks = run_slots(n, args.slots, 1, reference, url, round_index)
             many_times.append(seconds)
             many_peaks += peaks
     finally:
-        server.stop()
+        server.shutdown()
+        server.server_close()
     slot_rate, many_rate = n / common.median(slot_times), n / common.median(many_times)
     one_slot_peak = common.median(many_peaks)
     return {
