@@ -36,6 +36,8 @@ def test_eight_slots_run_eight_waiting_captions_at_once_each_recorded_once(redis
     assert TaskEvent.objects.filter(task_id__in=ids, kind=TaskEvent.Kind.COMPLETED).count() == 8
     assert int(redis.hget(worker.key, "successful_job_count")) == 8
     assert not redis.exists(*[f"rq:job:caption-{task_id}" for task_id in ids])
+    # The eight ended within milliseconds of each other; none left the worker naming a finished job or busy.
+    assert redis.hget(worker.key, "current_job") is None and redis.hget(worker.key, "state") == b"idle"
 
 
 def test_more_tasks_than_slots_never_pops_a_job_no_slot_can_take(redis, settings, http_server, png_bytes):
@@ -158,3 +160,42 @@ def test_a_finished_run_deletes_the_job_hash_only_while_it_is_still_its_own(redi
     assert run() == 2 and not redis.exists("rq:job:caption-1", "rq:executions:caption-1")
     assert run(status="queued") == 0 and redis.exists("rq:job:caption-1")  # published again meanwhile
     assert run(worker_name="other") == 0 and run(started_at="t2") == 0  # another worker or run has it
+
+
+def test_rqs_time_limit_in_a_slot_stops_a_caption_blocked_on_a_socket():
+    """SlotDeathPenalty: when the job's time runs out, the blocked read returns at once (its socket is shut down)
+    and the caption ends with rq's timeout exception; an exception set on the thread would wait for the read."""
+    import socket
+
+    from rq.timeouts import JobTimeoutException
+
+    from queues import cancel
+    from queues.worker import SlotDeathPenalty
+
+    server = socket.create_server(("127.0.0.1", 0))
+    outcome = {}
+
+    def slot_thread():
+        scope = cancel.make_slot_thread_scope()
+        client = socket.create_connection(server.getsockname())
+        client.settimeout(30)
+        started = time.monotonic()
+        with SlotDeathPenalty(1, JobTimeoutException):
+            with scope:
+                cancel.watch_socket(client)
+                try:
+                    outcome["read"] = client.recv(10)  # the server never writes
+                except OSError as error:
+                    outcome["read"] = error
+        outcome.update(seconds=time.monotonic() - started, reason=scope.reason)
+        client.close()
+
+    thread = threading.Thread(target=slot_thread)
+    thread.start()
+    accepted, _ = server.accept()
+    thread.join(10)
+    accepted.close()
+    server.close()
+    assert isinstance(outcome["reason"], JobTimeoutException)
+    assert outcome["read"] in (b"",) or isinstance(outcome["read"], OSError)
+    assert outcome["seconds"] < 5  # not the socket's own 30 s
