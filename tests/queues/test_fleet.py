@@ -158,7 +158,9 @@ def test_poison_pill_ends_in_dead_letters_not_a_crash_loop(redis, pool, http_ser
         assert len(killed) == 3
         assert list(failed.events.order_by("id").values_list("kind", flat=True)) == [
             TaskEvent.Kind.WORKER_LOST, TaskEvent.Kind.WORKER_LOST, TaskEvent.Kind.FAILED]
-        assert task.job_id in FailedJobRegistry("normal", connection=redis).get_job_ids(cleanup=False)
+        # The row is FAILED first (committed); the supervisor's duties thread files the job in Redis right after.
+        wait_for(lambda: task.job_id in FailedJobRegistry("normal", connection=redis).get_job_ids(cleanup=False), 10,
+                 "the job in the dead letters")
         wait_for(lambda: len(live_workers()) == 1, 30, "the pool back at its desired size")
         time.sleep(1)
         assert len(killed) == 3  # nothing ran it again
