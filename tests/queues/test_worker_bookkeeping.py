@@ -28,7 +28,9 @@ def watch_while_running(redis, queue: str) -> dict:
             job_ids = registry.get_job_ids(cleanup=False)
             if job_ids:
                 worker_key = next(key for key in redis.smembers("rq:workers"))
-                seen.update(job_ids=job_ids, worker=redis.hgetall(worker_key))
+                # Entries are "<job id>:<execution id>": the execution's own key is rq:execution:<entry>.
+                entries = [entry.decode() for entry in redis.zrange(registry.key, 0, -1)]
+                seen.update(job_ids=job_ids, worker=redis.hgetall(worker_key), executions=entries)
                 return
             time.sleep(0.02)
 
@@ -51,7 +53,7 @@ def test_a_running_caption_job_is_visible_and_a_finished_one_leaves_only_counts(
     assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.COMPLETED
     # Done: no job hash, no result stream, no execution, no registry entry anywhere.
     assert not redis.exists(f"rq:job:{job_id}", f"rq:results:{job_id}", f"rq:executions:{job_id}")
-    assert not redis.keys("rq:execution:*")
+    assert seen["executions"] and not redis.exists(*[f"rq:execution:{entry}" for entry in seen["executions"]])
     for registry in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry):
         assert registry(task.priority, connection=redis).get_job_count(cleanup=False) == 0
     counts = redis.hmget(worker.key, "successful_job_count", "failed_job_count", "total_working_time")
