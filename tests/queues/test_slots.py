@@ -22,6 +22,23 @@ def slot_worker(slots: int, **kwargs) -> CaptionWorker:
     return CaptionWorker(broker.get_queues(), connection=broker.get_connection(), slots=slots, **kwargs)
 
 
+def work_and_look(worker: CaptionWorker, ids: list[int], running: int, look) -> None:
+    """Runs ``worker`` in burst mode here; from another thread, calls ``look()`` once ``running`` of ``ids`` are
+    PROCESSING at the same time (within 10 s)."""
+    def watch():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.PROCESSING).count() == running:
+                look()
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    worker.work(burst=True, logging_level="WARNING")
+    thread.join()
+
+
 def test_eight_slots_run_eight_waiting_captions_at_once_each_recorded_once(redis, settings, http_server, png_bytes):
     settings.CAPTION_BACKEND, settings.OLLAMA_URL = "ollama", http_server.url
     image = slow_ollama(http_server, png_bytes, delay=1.0)
@@ -45,19 +62,8 @@ def test_more_tasks_than_slots_never_pops_a_job_no_slot_can_take(redis, settings
     image = slow_ollama(http_server, png_bytes, delay=1.0)
     ids = tasks_submit_many(specs=[TaskSpec(image) for _ in range(6)]).created
     waiting = []
-
-    def watch():  # while the first two run, the other four are still in Redis
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.PROCESSING).count() == 2:
-                waiting.append(redis.llen("rq:queue:normal"))
-                return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=watch)
-    thread.start()
-    slot_worker(2).work(burst=True, logging_level="WARNING")
-    thread.join()
+    # While the first two run, the other four are still in Redis.
+    work_and_look(slot_worker(2), ids, 2, lambda: waiting.append(redis.llen("rq:queue:normal")))
     assert waiting == [4]
     assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.COMPLETED).count() == 6
 
@@ -71,19 +77,11 @@ def test_the_liveness_key_lists_every_slot(redis, settings, http_server, png_byt
     worker = slot_worker(3, name="three-slots")
     seen = []
 
-    def watch():
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.PROCESSING).count() == 2:
-                worker._refresh_alive()
-                seen.append(json.loads(redis.get(broker.alive_key("three-slots"))))
-                return
-            time.sleep(0.02)
+    def look():
+        worker._refresh_alive()
+        seen.append(json.loads(redis.get(broker.alive_key("three-slots"))))
 
-    thread = threading.Thread(target=watch)
-    thread.start()
-    worker.work(burst=True, logging_level="WARNING")
-    thread.join()
+    work_and_look(worker, ids, 2, look)
     payload = seen[0]
     assert payload["slots"] == 3
     running = sorted(entry["job"] or "" for entry in payload["running"])
@@ -108,19 +106,11 @@ def test_live_workers_page_and_metrics_show_each_slot(redis, settings, http_serv
     seen = {}
 
     def look():
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if CaptionTask.objects.filter(pk=task_id, status=TaskStatus.PROCESSING).exists():
-                worker._refresh_alive()
-                seen["page"] = client.get(reverse("admin:queues_liveworker_changelist")).content.decode()
-                seen["metrics"] = client.get(reverse("metrics")).content.decode()
-                return
-            time.sleep(0.02)
+        worker._refresh_alive()
+        seen["page"] = client.get(reverse("admin:queues_liveworker_changelist")).content.decode()
+        seen["metrics"] = client.get(reverse("metrics")).content.decode()
 
-    thread = threading.Thread(target=look)
-    thread.start()
-    worker.work(burst=True, logging_level="WARNING")
-    thread.join()
+    work_and_look(worker, [task_id], 1, look)
     page = seen["page"]
     assert "1 of 3 caption slots busy" in page
     assert page.count('class="caption-slot"') == 3 and page.count(">idle<") == 2
