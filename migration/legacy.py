@@ -14,7 +14,10 @@ migration moving the task to RQ at the same moment.
 The poller registers as a ``LegacyWorker`` row and beats every couple of seconds (the database's clock); a beat also
 renews the lease of the attempt in hand, which is what the reconciler trusts. SIGTERM: finish the task in hand, then
 exit; a second SIGTERM gives the attempt back (without using a retry) and exits. ``stop_requested`` on its row (the
-migration's drain phase, the admin) has the effect of the first SIGTERM.
+migration's drain phase, the admin) has the effect of the first SIGTERM, ``stop_forced`` (the drain's timeout) that
+of the second: the poller reads its row at every beat, so the drain reaches pollers on any host. A poller whose main
+thread does not give the attempt back within FORCE_GRACE_SECONDS (stuck outside Python) kills itself; the drain then
+re-drives its task once the heartbeat is stale, as for any dead worker.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from queues.models import POLLED_DISPATCH, CaptionTask, TaskStatus, UtcNow
 logger = logging.getLogger("migration.legacy")
 
 BEAT_SECONDS = 2.0
+FORCE_GRACE_SECONDS = 10.0
 SQLITE_CANDIDATES = 8
 
 
@@ -90,12 +94,16 @@ class LegacyPoller:
         self.interrupted = False
         self._beat_stop = threading.Event()
         self._asked_checked_at = 0.0
+        self._own_process = False  # the poller is this process' main loop (the command): it may signal itself
+        self._forced_at: float | None = None
+        self._in_task = False
         self.result = PollerResult()
 
     # --- signals ---------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        self._own_process = True
 
     def _on_signal(self, signum, frame):
         if self.stopping and execution.captioning_now():
@@ -109,15 +117,19 @@ class LegacyPoller:
         LegacyWorker.objects.update_or_create(name=self.name, defaults={
             "host": socket.gethostname()[:200], "pid": os.getpid(), "fallback": self.fallback,
             "started_at": timezone.now(), "heartbeat_at": timezone.now(), "stopped_at": None,
-            "current_task_id": None, "stop_requested": False})
+            "current_task_id": None, "stop_requested": False, "stop_forced": False})
 
     def _beat_loop(self) -> None:
         try:
             while not self._beat_stop.wait(BEAT_SECONDS):
                 try:
                     execution.attempts_heartbeat()
-                    if LegacyWorker.objects.filter(name=self.name, stop_requested=True).exists():
+                    asked, forced = LegacyWorker.objects.filter(name=self.name).values_list(
+                        "stop_requested", "stop_forced").first() or (False, False)
+                    if asked:
                         self.stopping = True
+                    if forced:
+                        self._force()
                     LegacyWorker.objects.filter(name=self.name).update(
                         heartbeat_at=UtcNow(), processed=self.result.processed, failed=self.result.failed)
                 except Exception:  # the database is away: the next beat tries again
@@ -125,6 +137,23 @@ class LegacyPoller:
                     connection.close()
         finally:
             connection.close()  # this thread's own connection
+
+    def _force(self) -> None:
+        """The drain's timeout ran out: give the attempt in hand back and exit, as a second SIGTERM does (the signal
+        goes to the main thread whenever it is inside the captioner). Still in a task FORCE_GRACE_SECONDS later: the
+        main thread is stuck where no signal handler runs, so the process kills itself."""
+        self.stopping = True
+        if self._forced_at is None:
+            self._forced_at = time.monotonic()
+            logger.warning("%s: told to stop at once (the migration's drain timeout ran out)", self.name)
+        if not self._own_process or not self._in_task:
+            return
+        if time.monotonic() - self._forced_at > FORCE_GRACE_SECONDS:
+            logger.error("%s: the task in hand did not stop within %g s; killing this process (its task is "
+                         "re-driven once the heartbeat is stale)", self.name, FORCE_GRACE_SECONDS)
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif execution.captioning_now():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def work(self, *, burst: bool = False, max_tasks: int | None = None) -> PollerResult:
@@ -189,6 +218,7 @@ class LegacyPoller:
 
     def _run(self, task: CaptionTask) -> None:
         LegacyWorker.objects.filter(name=self.name).update(current_task_id=task.pk)
+        self._in_task = True
         outcome = "failed"
         try:
             # The same backstop as rq's job timeout: the captioner enforces RQ_DEFAULT_TIMEOUT itself. SIGALRM works
@@ -206,4 +236,5 @@ class LegacyPoller:
             self.result.completed += 1
         elif outcome == "failed":
             self.result.failed += 1
+        self._in_task = False
         LegacyWorker.objects.filter(name=self.name).update(current_task_id=None)

@@ -101,6 +101,9 @@ class LegacyWorker(models.Model):
     processed = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
     stop_requested = models.BooleanField(default=False, help_text="Asked to stop after its current task.")
+    stop_forced = models.BooleanField(
+        default=False, help_text="Told to give its task in hand back and exit at once (the drain's timeout ran out); "
+                                 "read by the poller itself, so it works on any host.")
 
     class Meta:
         ordering = ["-started_at"]

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -52,6 +51,7 @@ from django.utils import timezone
 
 from migration import dispatch
 from migration.dispatch import person
+from migration.legacy import FORCE_GRACE_SECONDS
 from migration.backup import BackupError, backup_write
 from migration.models import (LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode)
 from migration.preflight import preflight_report
@@ -183,21 +183,16 @@ def phase_drain(ctx: PhaseContext) -> dict:
         total = max(total, left)
         ctx.progress(total - left, total)
         ctx.wait(0.5)
-    forced = []
-    if _drain_left():
-        forced = _stop_local_pollers(ctx)
-        deadline = time.monotonic() + 15
-        while _drain_left() and time.monotonic() < deadline:
-            ctx.wait(0.5)
+    forced = _force_pollers(ctx) if _drain_left() else []
     running = _polled_running()
     alive = list(dispatch.legacy_workers_alive().values_list("name", flat=True))
     if running or alive:
         holders = sorted(set(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch__in=POLLED_DISPATCH)
                              .values_list("worker_name", flat=True)) | set(alive))
         raise PhaseFailed(f"database poller(s) {', '.join(holders)} still run ({running} task(s) in hand) after "
-                          f"{timeout:g} s; stop them on their hosts (SIGTERM), then resume the run")
+                          f"{timeout:g} s and a forced stop; stop them on their hosts (SIGKILL), then resume the run")
     ctx.progress(total, total, force=True)
-    return {"in_hand_at_start": total, "stopped_by_signal": forced}
+    return {"in_hand_at_start": total, "stopped_by_force": forced}
 
 
 def _drain_left() -> int:
@@ -209,57 +204,26 @@ def _polled_running() -> int:
     return CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch__in=POLLED_DISPATCH).count()
 
 
-def _stop_local_pollers(ctx: PhaseContext) -> list[str]:
-    """Pollers on this host that overran the drain timeout. Two SIGTERMs: the second gives the attempt in hand back
-    without using a retry. One still alive 10 s later gets SIGKILL, and its task is re-driven by name like any
-    crashed worker's (that attempt counts as a retry). Only a process whose command line is that poller's is
-    signalled: a pid from a registration may have been reused."""
-    host = socket.gethostname()[:200]
-    stopped = []
-    for poller in dispatch.legacy_workers_alive().filter(host=host):
-        if not _is_poller_process(poller.pid, poller.name):
-            continue
-        for signum in (signal.SIGTERM, signal.SIGTERM):
-            try:
-                os.kill(poller.pid, signum)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        deadline = time.monotonic() + 10
-        while _alive(poller.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _alive(poller.pid):
-            os.kill(poller.pid, signal.SIGKILL)
-            time.sleep(0.2)
-        tasks_recover_from_worker(worker_name=poller.name, reason="stopped by the migration's drain timeout")
-        LegacyWorker.objects.filter(pk=poller.pk).update(stopped_at=timezone.now())
-        ctx.log(f"poller {poller.name} (pid {poller.pid}) overran the drain timeout and was stopped",
-                MigrationLogLine.Level.WARNING)
-        stopped.append(poller.name)
-    return stopped
-
-
-def _is_poller_process(pid: int, name: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            arguments = handle.read().split(b"\0")
-    except OSError:
-        return False
-    return b"run_legacy_worker" in arguments and (name.encode() in arguments or b"--name" not in arguments)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours (tests start pollers as children) counts as gone
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+def _force_pollers(ctx: PhaseContext) -> list[str]:
+    """Pollers that overran the drain timeout, on whatever host: ``stop_forced`` on their rows, which each poller
+    reads at its next beat (migration.legacy). It gives its attempt back without using a retry and exits, or, stuck,
+    kills itself after FORCE_GRACE_SECONDS. A poller whose heartbeat has gone stale (killed, frozen, its host
+    gone) is dead to the lease as to the reconciler: its tasks are re-driven here (that attempt counts as a retry);
+    a frozen one that wakes finds its claim taken, writes nothing and stops."""
+    names = list(dispatch.legacy_workers_alive().values_list("name", flat=True))
+    LegacyWorker.objects.filter(name__in=names).update(stop_forced=True)
+    ctx.log(f"drain timeout: {len(names)} database poller(s) told to give their task back and exit at once: "
+            f"{', '.join(names) or '-'}", MigrationLogLine.Level.WARNING)
+    deadline = time.monotonic() + FORCE_GRACE_SECONDS + LegacyWorker.ALIVE_SECONDS + 10
+    while _drain_left() and time.monotonic() < deadline:
+        for poller in dispatch.legacy_workers_stale():
+            tasks_recover_from_worker(worker_name=poller.name, reason="its poller stopped answering during the "
+                                                                      "migration's drain")
+            LegacyWorker.objects.filter(pk=poller.pk).update(stopped_at=timezone.now())
+            ctx.log(f"poller {poller.name} on {poller.host} stopped answering; its task(s) were re-driven",
+                    MigrationLogLine.Level.WARNING)
+        ctx.wait(0.5)
+    return names
 
 
 def phase_migrate(ctx: PhaseContext) -> dict:
