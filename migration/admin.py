@@ -226,21 +226,31 @@ class SystemModeAdmin(admin.ModelAdmin):
 
     def pause_view(self, request):
         _require(request, PAUSE_SUBMISSION, "Pausing submission")
-        field = {"name": "reason", "label": "Reason (shown in the admin and /api/rq/health)", "type": "text",
-                 "value": request.POST.get("reason", "")}
+        fields = [{"name": "reason", "label": "Reason (shown in the admin and /api/rq/health)", "type": "text",
+                   "value": request.POST.get("reason", "")},
+                  {"name": "duration", "label": "For", "type": "text", "value": request.POST.get("duration", ""),
+                   "optional": True, "help": "90s, 30m, 2h or 1d; empty: until resumed by hand."}]
         question = ("Pause submission? New tasks are still accepted and committed, but held: no worker runs them "
                     "until submission resumes.")
+
+        def ask(error: str = ""):
+            return confirmation(request, self, title="Pause submission", question=question,
+                                action_label="Pause submission", cancel_url=self._back(), fields=fields, error=error)
+
         if request.method != "POST":
-            return confirmation(request, self, title="Pause submission", question=question,
-                                action_label="Pause submission", cancel_url=self._back(), field=field)
+            return ask()
+        text = request.POST.get("duration", "").strip()
         try:
-            dispatch.submission_pause(reason=request.POST.get("reason", ""), user=request.user,
-                                      address=client_address(request))
+            duration = dispatch.duration_parse(text) if text else None
+        except ValueError as error:
+            return ask(f"For: {error}.")
+        try:
+            row = dispatch.submission_pause(reason=request.POST.get("reason", ""), user=request.user,
+                                            duration=duration, address=client_address(request))
         except ValidationError as error:
-            return confirmation(request, self, title="Pause submission", question=question,
-                                action_label="Pause submission", cancel_url=self._back(), field=field,
-                                error=" ".join(error.message_dict.get("reason", error.messages)))
-        messages.success(request, "Submission paused: new tasks are held.")
+            return ask(" ".join(error.message_dict.get("reason", error.messages)))
+        until = f" until {row.paused_until:%Y-%m-%d %H:%M:%S} UTC" if row.paused_until else " until resumed"
+        messages.success(request, f"Submission paused{until}: new tasks are held.")
         return HttpResponseRedirect(self._back())
 
     def resume_view(self, request):

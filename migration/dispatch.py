@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
 import uuid
 from datetime import timedelta
@@ -34,9 +35,9 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from migration.models import LegacyWorker, MigrationEvent, Mode, SystemMode
+from migration.models import LegacyWorker, MigrationEvent, Mode, SystemMode, polling_errors
 from queues.dispatch import DispatchPolicy, DispatchStatus
-from queues.fleet import audit
+from queues.fleet import audit, audit_channel
 from queues.models import CaptionTask, Dispatch, TaskStatus, UtcNow, database_now, database_now_expression
 from queues.services import tasks_publish
 
@@ -155,6 +156,8 @@ def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: 
         raise ValidationError({"mode": f"Unknown mode {mode!r}: choose one of {', '.join(Mode.values)}."})
     if hybrid_rq_percent is not None and not 0 <= hybrid_rq_percent <= 100:
         raise ValidationError({"hybrid_rq_percent": "The RQ share must be between 0 and 100 percent."})
+    if errors := polling_errors(mode=mode):
+        raise ValidationError(errors)
     with transaction.atomic():
         row = _locked_mode()
         previous = row.mode, row.hybrid_rq_percent
@@ -166,9 +169,21 @@ def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: 
         figures = {"from": previous[0], "to": mode, "hybrid_rq_percent": row.hybrid_rq_percent}
         MigrationEvent.objects.create(kind=MigrationEvent.Kind.MODE_CHANGED, user=person(user),
                                       detail=f"{previous[0]} -> {mode}", figures=figures)
-        if person(user):
+        if person(user) or audit_channel():
             audit(user=user, action="dispatch_mode", target=mode, detail=figures, address=address)
     return row
+
+
+DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_parse(text: str) -> timedelta:
+    """A pause's length as operators write it: 90s, 30m, 2h or 1d. ValueError for anything else."""
+    match = DURATION.match(text.strip().lower())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r} is not a positive duration such as 90s, 30m, 2h or 1d")
+    return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
 
 
 def submission_pause(*, reason: str, user, duration: timedelta | None = None,
@@ -188,7 +203,7 @@ def submission_pause(*, reason: str, user, duration: timedelta | None = None,
         row.save()
         detail = reason[:300] + (f" (until {row.paused_until:%Y-%m-%d %H:%M:%S} UTC)" if row.paused_until else "")
         MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_PAUSED, user=person(user), detail=detail)
-        if person(user):
+        if person(user) or audit_channel():
             audit(user=user, action="submission_pause", target=reason[:300],
                   detail={"until": row.paused_until.isoformat() if row.paused_until else None}, address=address)
     return row
@@ -206,7 +221,7 @@ def submission_resume(*, user, reason: str = "", address: str | None = None) -> 
     if was_paused or released:
         MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_RESUMED, user=person(user),
                                       detail=reason or "resumed", figures={"released": released})
-        if person(user):
+        if person(user) or audit_channel():
             audit(user=user, action="submission_resume", count=released, address=address)
     return released
 
@@ -307,7 +322,8 @@ def fallback_maintain(*, redis_up: bool) -> None:
             logger.warning("fallback: %d more task(s) sent to the database poller", moved)
         return
     down_for = (now - row.redis_down_since).total_seconds()
-    if not row.fallback_enabled or row.mode == Mode.LEGACY or down_for < row.fallback_timeout:
+    if not (row.fallback_enabled and settings.DATABASE_POLLING_ENABLED) or row.mode == Mode.LEGACY \
+            or down_for < row.fallback_timeout:
         return
     if SystemMode.objects.filter(pk=1, fallback_active=False).update(fallback_active=True, fallback_since=UtcNow()):
         moved = _move_all((Dispatch.RQ,), Dispatch.FALLBACK)

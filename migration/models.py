@@ -8,6 +8,7 @@ submission is paused, and the state of the fallback to the database poller. Ever
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -16,6 +17,19 @@ class Mode(models.TextChoices):
     LEGACY = "legacy", "Legacy (database poller only)"
     HYBRID = "hybrid", "Hybrid (new tasks split between both)"
     RQ = "rq", "RQ only"
+
+
+def polling_errors(*, mode: str | None = None, fallback_enabled: bool = False) -> dict[str, str]:
+    """The fields that send tasks to a database poller where DATABASE_POLLING_ENABLED forbids one."""
+    if settings.DATABASE_POLLING_ENABLED:
+        return {}
+    why = "DATABASE_POLLING_ENABLED is false here: no database poller may run"
+    errors = {}
+    if mode in (Mode.LEGACY, Mode.HYBRID):
+        errors["mode"] = f"The {mode} mode dispatches to the database poller, and {why}."
+    if fallback_enabled:
+        errors["fallback_enabled"] = f"The fallback dispatches to the database poller, and {why}."
+    return errors
 
 
 class SystemMode(models.Model):
@@ -51,6 +65,13 @@ class SystemMode(models.Model):
 
     def __str__(self) -> str:
         return self.get_mode_display()
+
+    def clean(self) -> None:
+        """What this installation allows: with ``DATABASE_POLLING_ENABLED`` false no database poller may run, so
+        nothing may be dispatched to one."""
+        errors = polling_errors(mode=self.mode, fallback_enabled=self.fallback_enabled)
+        if errors:
+            raise ValidationError(errors)
 
     def paused_now(self, now=None) -> bool:
         now = now or timezone.now()

@@ -59,6 +59,7 @@ from migration.verify import baseline_take, verification
 from queues import broker
 from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
                            database_now_expression)
+from queues.fleet import audit_channel
 from queues.reconcile import tasks_recover_from_worker
 
 logger = logging.getLogger("migration.runs")
@@ -534,20 +535,23 @@ def run_create(*, user, options: dict | None = None, kind: str = MigrationRun.Ki
                                             for index, (name, _) in enumerate(
                                                 ROLLBACK_PHASES if kind == MigrationRun.Kind.ROLLBACK
                                                 else MIGRATION_PHASES)])
-        MigrationLogLine.objects.create(run=run, message=f"{run} created by {user or 'a command'}")
+        MigrationLogLine.objects.create(run=run, message=f"{run} created by {user or audit_channel() or 'a command'}")
         if rollback_of is not None:
             MigrationRun.objects.filter(pk=rollback_of.pk, state__in=(MigrationRun.State.STOPPED,
                                                                        MigrationRun.State.FAILED)).update(
                 state=MigrationRun.State.STOPPED)
         from queues.fleet import audit
 
-        if person(user):
+        if person(user) or audit_channel():
             audit(user=user, action="migration_run_create", target=str(run), detail={"options": cleaned})
     return run
 
 
 def rollback_create(*, user, of: MigrationRun | None = None, options: dict | None = None) -> MigrationRun:
     """A rollback run undoing ``of`` (default: the open run, or else the latest succeeded migration)."""
+    if not settings.DATABASE_POLLING_ENABLED:
+        raise RunError("DATABASE_POLLING_ENABLED is false here: a rollback returns the tasks to the database poller, "
+                       "which may not run; set it to true on every host first")
     target = of or open_run() or MigrationRun.objects.filter(kind=MigrationRun.Kind.MIGRATION,
                                                              state=MigrationRun.State.SUCCEEDED).first()
     if target is not None and target.kind == MigrationRun.Kind.ROLLBACK:

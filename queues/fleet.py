@@ -39,6 +39,11 @@ def audit_via(channel: str):
         _VIA.reset(reset)
 
 
+def audit_channel() -> str:
+    """The channel set by ``audit_via`` around this code, or "" (an action by a person in the admin)."""
+    return _VIA.get()
+
+
 def audit(*, user, action: str, target: str = "", count: int = 0, detail: dict | None = None,
           address: str | None = None) -> AuditEntry:
     detail = dict(detail or {})

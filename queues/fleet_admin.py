@@ -61,10 +61,12 @@ def require_fleet_permission(request) -> None:
 
 
 def confirmation(request, admin_instance, *, title: str, question: str, action_label: str, cancel_url: str,
-                 field: dict | None = None, error: str = "", danger: bool = False):
+                 field: dict | None = None, fields: list[dict] | None = None, error: str = "", danger: bool = False):
+    """A confirmation page; ``field``/``fields``: inputs ({name, label, type, value, optional, help}) it asks for."""
     context = {
         **admin_instance.admin_site.each_context(request), "title": title, "question": question,
-        "action_label": action_label, "cancel_url": cancel_url, "field": field, "error": error, "danger": danger,
+        "action_label": action_label, "cancel_url": cancel_url, "fields": fields or ([field] if field else []),
+        "error": error, "danger": danger,
         "opts": admin_instance.model._meta,
     }
     return TemplateResponse(request, "admin/queues/confirm_action.html", context, status=400 if error else 200)

@@ -1,6 +1,9 @@
 """The migration console in the admin: who may read and act, confirmations, and a run started from the admin."""
 
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 from django.urls import reverse
 
 from migration import dispatch
@@ -48,6 +51,20 @@ def test_operators_pause_with_a_reason_and_resume(login, operator_user, mode):
     assert not dispatch.system_mode().submission_paused
     assert list(AuditEntry.objects.values_list("action", flat=True)) == ["submission_resume", "submission_pause"]
     assert client.post(reverse("admin:migration_start")).status_code == 403  # runs are for Admins
+
+
+@pytest.mark.django_db
+def test_a_pause_from_the_admin_may_last_a_set_time(login, operator_user, mode):
+    client = login(operator_user)
+    assert b'name="duration"' in client.get(reverse("admin:migration_pause")).content
+    response = client.post(reverse("admin:migration_pause"), {"reason": "disk swap", "duration": "soon"})
+    assert response.status_code == 400 and b"For: &#x27;soon&#x27; is not a positive duration" in response.content
+    assert not dispatch.system_mode().submission_paused
+    before = timezone.now()
+    client.post(reverse("admin:migration_pause"), {"reason": "disk swap", "duration": "2h"})
+    row = dispatch.system_mode()
+    assert row.submission_paused and timedelta(hours=2) <= row.paused_until - before < timedelta(hours=2, minutes=1)
+    assert AuditEntry.objects.get().detail["until"] == row.paused_until.isoformat()
 
 
 @pytest.mark.django_db

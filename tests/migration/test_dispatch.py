@@ -27,6 +27,49 @@ def test_mode_row_defaults_from_the_old_systems_variables(settings):
     assert (row.hybrid_rq_percent, row.fallback_enabled, row.fallback_timeout) == (30, False, 45)
 
 
+def test_without_rq_the_mode_row_starts_in_legacy(settings):
+    settings.RQ_ENABLED, settings.RQ_HYBRID_MODE = False, False
+    SystemMode.objects.all().delete()
+    assert dispatch.system_mode().mode == Mode.LEGACY
+
+
+def test_database_polling_disabled_refuses_every_way_to_the_poller(settings, mode, admin_user, client):
+    from django.core.management import CommandError, call_command
+    from django.urls import reverse
+
+    from migration.runs import RunError, rollback_create
+
+    mode(mode=Mode.RQ, fallback_enabled=False)
+    settings.DATABASE_POLLING_ENABLED = False
+    for target in (Mode.LEGACY, Mode.HYBRID):
+        with pytest.raises(ValidationError, match="DATABASE_POLLING_ENABLED is false") as error:
+            dispatch.mode_set(mode=target, user=admin_user)
+        assert list(error.value.message_dict) == ["mode"]
+    with pytest.raises(CommandError, match="DATABASE_POLLING_ENABLED is false"):
+        call_command("run_legacy_worker", "--burst")
+    with pytest.raises(RunError, match="DATABASE_POLLING_ENABLED is false"):
+        rollback_create(user=admin_user)
+    client.force_login(admin_user)
+    response = client.post(reverse("admin:migration_systemmode_change", args=[1]),
+                           {"mode": "rq", "hybrid_rq_percent": "50", "fallback_enabled": "on", "fallback_timeout": "30"})
+    assert response.status_code == 200 and b"The fallback dispatches to the database poller" in response.content
+    row = dispatch.system_mode()
+    assert (row.mode, row.fallback_enabled) == (Mode.RQ, False)
+    assert not MigrationEvent.objects.exists() and not AuditEntry.objects.exists()
+
+
+def test_the_commands_changes_are_audited_as_the_command(mode, capsys):
+    from django.core.management import call_command
+
+    call_command("migrate_to_rq", "mode", "hybrid", "--rq-percent", "25")
+    call_command("migrate_to_rq", "pause-submission", "--reason", "index rebuild", "--for", "30m")
+    entries = list(AuditEntry.objects.order_by("pk").values_list("action", "user", "detail"))
+    assert [(action, user) for action, user, _ in entries] == [("dispatch_mode", None), ("submission_pause", None)]
+    assert all(detail["via"].startswith("manage.py migrate_to_rq ") and "(account " in detail["via"]
+               for _, _, detail in entries)
+    assert "until" in capsys.readouterr().out
+
+
 def test_legacy_mode_sends_new_tasks_to_the_database_and_publishes_nothing(redis, mode, media_image,
                                                                            django_capture_on_commit_callbacks):
     mode(mode=Mode.LEGACY)

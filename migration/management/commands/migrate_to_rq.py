@@ -1,5 +1,6 @@
+import getpass
 import json
-import re
+import os
 import sys
 from datetime import timedelta
 
@@ -12,16 +13,20 @@ from migration.backup import BackupError, backup_restore
 from migration.models import MigrationRun, Mode
 from migration.preflight import preflight_report
 from migration.verify import verification
+from queues.fleet import audit_via
 
-DURATION = re.compile(r"^(\d+)([smhd])$")
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+def _account() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (a container)
+        return f"uid {os.getuid()}"
 
 
 def parse_duration(text: str) -> timedelta:
-    match = DURATION.match(text.strip().lower())
-    if not match or int(match.group(1)) == 0:
-        raise CommandError(f"--for {text!r}: give a positive duration such as 90s, 30m, 2h or 1d")
-    return timedelta(seconds=int(match.group(1)) * UNITS[match.group(2)])
+    try:
+        return dispatch.duration_parse(text)
+    except ValueError as error:
+        raise CommandError(f"--for: {error}") from None
 
 
 class Command(BaseCommand):
@@ -79,7 +84,9 @@ class Command(BaseCommand):
         self.options = options
         handler = getattr(self, "do_" + action.replace("-", "_"))
         try:
-            return handler(**options)
+            # What it changes (mode, pauses, runs) is audited as coming from this command and the account running it.
+            with audit_via(f"manage.py migrate_to_rq {action} (account {_account()})"):
+                return handler(**options)
         except runs.RunError as error:
             raise CommandError(str(error)) from None
         except ValidationError as error:

@@ -20,6 +20,8 @@ class Command(BaseCommand):
                             help="Started by a supervisor for the Redis fallback (shown in the fleet views).")
 
     def handle(self, *args, burst=False, max_tasks=None, interval=None, name=None, fallback=False, **options):
+        if not settings.DATABASE_POLLING_ENABLED:
+            raise CommandError("DATABASE_POLLING_ENABLED is false here: the database poller may not run")
         if max_tasks is not None and max_tasks < 1:
             raise CommandError("--max-tasks must be at least 1")
         if interval is not None and interval <= 0:
