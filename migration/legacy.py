@@ -37,9 +37,9 @@ from django.utils import timezone
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
 from migration.models import LegacyWorker
-from queues import execution
+from queues import broker, execution
 from queues.broker import job_timeout
-from queues.errors import WorkerInterrupted
+from queues.errors import BrokerUnavailable, WorkerInterrupted
 from queues.execution import TaskFailed, task_execute
 from queues.models import POLLED_DISPATCH, CaptionTask, TaskStatus, UtcNow
 
@@ -216,6 +216,16 @@ class LegacyPoller:
         while not self.stopping and time.monotonic() < deadline:
             time.sleep(min(0.05, seconds))
 
+    def _file_dead_letter(self, task: CaptionTask, error: TaskFailed) -> None:
+        """Where an RQ worker's failed job goes to rq's failed-job registry, the poller files one the same way. With
+        Redis away (the fallback) the dead letter is the FAILED row alone: the dead-letter counts miss it."""
+        try:
+            broker.dead_letter_file(task.pk, task.priority, f"{type(error).__name__}: {error}",
+                                    correlation_id=task.correlation_id)
+        except BrokerUnavailable as unavailable:
+            logger.warning("%s: caption-%s failed for good; Redis is away (%s), so it is not in the failed-job "
+                           "registry", self.name, task.pk, unavailable)
+
     def _run(self, task: CaptionTask) -> None:
         LegacyWorker.objects.filter(name=self.name).update(current_task_id=task.pk)
         self._in_task = True
@@ -229,6 +239,7 @@ class LegacyPoller:
                 outcome = task_execute(task_id=task.pk, worker_name=self.name, claimed=task).status
         except TaskFailed as error:
             logger.warning("%s: %s", self.name, error)
+            self._file_dead_letter(task, error)
         except WorkerInterrupted:
             outcome = "retry"
         self.result.processed += 1

@@ -11,6 +11,8 @@ from django.utils import timezone
 
 from migration.legacy import LegacyPoller, task_claim_polled
 from migration.models import LegacyWorker
+from monitoring.collectors import take_snapshot
+from queues import broker
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
 from tests.conftest import subprocess_env
 from tests.processes import wait_for
@@ -48,6 +50,11 @@ def test_a_transient_error_is_retried_with_backoff_then_dead_lettered(redis, dat
     assert task.status == TaskStatus.FAILED and task.attempts == 2
     assert list(task.events.values_list("kind", flat=True)) == ["retry_scheduled", "failed"]
     assert task.dispatch == Dispatch.DATABASE  # a retry stays with the poller
+    # Its dead letter is where an RQ worker's would be: counted, alerted on, listed, requeued like any other.
+    assert broker.dead_letter_job_ids("normal") == [task.job_id]
+    job = broker.fetch_job(task_id)
+    assert job.get_status() == "failed" and job.args == [task_id]
+    assert take_snapshot().dead_letters["normal"] == 1
 
 
 def test_claims_are_exclusive(redis, database_tasks):
