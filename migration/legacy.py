@@ -37,7 +37,7 @@ from django.utils import timezone
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
 from migration.models import LegacyWorker
-from queues import broker, execution
+from queues import broker, correlation, execution
 from queues.broker import job_timeout
 from queues.errors import BrokerUnavailable, WorkerInterrupted
 from queues.execution import TaskFailed, task_execute
@@ -227,6 +227,11 @@ class LegacyPoller:
                            "registry", self.name, task.pk, unavailable)
 
     def _run(self, task: CaptionTask) -> None:
+        # Every line about the task, this poller's included, carries its correlation id, task, worker and queue.
+        with correlation.bound(task.correlation_id or None, task_id=task.pk, worker=self.name, queue=task.priority):
+            self._run_task(task)
+
+    def _run_task(self, task: CaptionTask) -> None:
         LegacyWorker.objects.filter(name=self.name).update(current_task_id=task.pk)
         self._in_task = True
         outcome = "failed"

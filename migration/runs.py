@@ -286,19 +286,26 @@ def phase_migrate(ctx: PhaseContext) -> dict:
     return {"migrated": done, "republished_after_interruption": repaired, "checkpoint": run.checkpoint}
 
 
-def _window_tasks(window: dict) -> list[tuple[int, str]]:
-    """The tasks of a batch this run moved and stamped: still queued for RQ with that publication."""
+def _window_tasks(window: dict) -> tuple[list[tuple[int, str]], dict[int, str]]:
+    """The tasks of a batch this run moved and stamped: still queued for RQ with that publication; and their
+    correlation ids (their jobs carry them, as every published job does)."""
     from django.utils.dateparse import parse_datetime
 
-    return list(CaptionTask.objects.filter(pk__in=window["ids"], status=TaskStatus.QUEUED, dispatch=Dispatch.RQ,
-                                           published_at=parse_datetime(window["stamp"]))
-                .values_list("pk", "priority"))
+    rows = CaptionTask.objects.filter(pk__in=window["ids"], status=TaskStatus.QUEUED, dispatch=Dispatch.RQ,
+                                      published_at=parse_datetime(window["stamp"])) \
+        .values_list("pk", "priority", "correlation_id")
+    tasks, correlation_ids = [], {}
+    for pk, priority, correlation_id in rows:
+        tasks.append((pk, priority))
+        if correlation_id:
+            correlation_ids[pk] = correlation_id
+    return tasks, correlation_ids
 
 
 def _publish_window(window: dict) -> None:
-    tasks = _window_tasks(window)
+    tasks, correlation_ids = _window_tasks(window)
     try:
-        broker.publish(tasks, atomic=True)
+        broker.publish(tasks, atomic=True, correlation_ids=correlation_ids)
     except broker.BrokerUnavailable as error:
         # Redis refused: these tasks stay with RQ, unpublished; the relay publishes them once Redis takes writes.
         from django.utils.dateparse import parse_datetime
@@ -314,12 +321,12 @@ def _republish_window(ctx: PhaseContext) -> int:
     window = MigrationRun.objects.filter(pk=ctx.run.pk).values_list("checkpoint_window", flat=True).first()
     if not window:
         return 0
-    tasks = _window_tasks(window)
+    tasks, correlation_ids = _window_tasks(window)
     try:
         present = broker.jobs_exist([pk for pk, _ in tasks])
         missing = [task for task, exists in zip(tasks, present) if not exists]
         if missing:
-            broker.publish(missing, atomic=True)
+            broker.publish(missing, atomic=True, correlation_ids=correlation_ids)
     except broker.BrokerUnavailable as error:
         raise PhaseFailed(f"Redis is unreachable while checking the interrupted batch: {error}") from None
     if missing:

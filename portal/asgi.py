@@ -14,7 +14,12 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app regi
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from django.conf import settings  # noqa: E402
+
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
+from portal.logs import adopt_server_loggers  # noqa: E402
+
+adopt_server_loggers(settings.LOG_FORMAT)  # uvicorn's or daphne's own lines in the portal's format
 
 application = ProtocolTypeRouter({
     "http": django_application,

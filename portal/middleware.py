@@ -1,5 +1,7 @@
 """HTTP middleware of the portal."""
 
+from django.utils.log import log_response
+
 from queues import correlation
 
 
@@ -17,5 +19,9 @@ class CorrelationIdMiddleware:
         request.correlation_id = correlation_id
         with correlation.bound(correlation_id):
             response = self.get_response(request)
+            if response.status_code >= 400:
+                # Django logs 4xx/5xx answers after the middleware returns, where the id is no longer current;
+                # logged here (the same line), the record carries it and Django does not log it again.
+                log_response("%s: %s", response.reason_phrase, request.path, response=response, request=request)
         response[correlation.HEADER] = correlation_id
         return response

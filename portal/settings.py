@@ -4,12 +4,14 @@ With nothing set the portal runs locally: a SQLite file and an embedded real Red
 generated secret key kept in ``var/secret_key``. With ``DEBUG=false`` (production) a ``SECRET_KEY`` is required.
 """
 
+import logging
 import os
 import secrets
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from portal import logs
 from portal.env import (
     check_redis_url,
     env_bool,
@@ -331,21 +333,10 @@ if not DEBUG and not LOCAL_MODE:
     CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
 
 # LOG_FORMAT=json: one JSON object per line (python-json-logger) with the correlation id, task, worker and queue
-# where known (queues.correlation); plain text otherwise, with " [correlation id]" after the message when there is
-# one. Web, workers, supervisor and commands all log through this.
+# where known; plain text otherwise. Web (gunicorn with portal.gunicorn_config, uvicorn), workers, supervisor and
+# commands all log through portal.logs.
 LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "filters": {"context": {"()": "queues.correlation.LogContextFilter"}},
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s%(context)s"},
-        "json": {"()": "pythonjsonlogger.json.JsonFormatter",
-                 "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s %(task_id)s %(worker)s "
-                        "%(queue)s",
-                 "rename_fields": {"asctime": "timestamp", "levelname": "level", "name": "logger"}},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}},
-    "root": {"handlers": ["console"], "level": env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
-}
+if LOG_FORMAT == "json":
+    logging.captureWarnings(True)  # a warning is a log record too, not a text line among the JSON
+LOGGING = logs.logging_config(LOG_FORMAT, env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+                              loggers={"django.db.backends": {"level": "INFO"}})

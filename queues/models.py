@@ -605,6 +605,9 @@ class BulkOperation(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     address = models.GenericIPAddressField(null=True, blank=True)
+    correlation_id = models.CharField(
+        max_length=64, blank=True, default=correlation.current,
+        help_text="The request that started it: its audit entries, task events and log lines carry this id.")
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -30,7 +30,7 @@ from django.db.models.lookups import Lookup
 from django.db.models.sql.where import WhereNode
 from django.utils import timezone
 
-from queues import broker, control
+from queues import broker, control, correlation
 from queues.dispatch import get_policy
 from queues.fleet import audit
 from queues.models import BulkOperation, CaptionTask, Priority, TaskEvent, TaskStatus, UtcNow
@@ -358,7 +358,13 @@ def _bulk_batches(operation: BulkOperation) -> Iterator[list[int]]:
 
 def bulk_operation_run(*, operation_id: int, worker_name: str = "") -> BulkOperation:
     """Runs (or, after a recovery, continues) a background operation. Only one run at a time: the claim and every
-    later write expect this run's number."""
+    later write expect this run's number. Under the correlation id of the request that started it."""
+    started_by = BulkOperation.objects.filter(pk=operation_id).values_list("correlation_id", flat=True).first()
+    with correlation.bound(started_by or None):
+        return _bulk_operation_run(operation_id=operation_id, worker_name=worker_name)
+
+
+def _bulk_operation_run(*, operation_id: int, worker_name: str) -> BulkOperation:
     claimed = BulkOperation.objects.filter(pk=operation_id, state=BulkOperation.State.PENDING).update(
         state=BulkOperation.State.RUNNING, runs=F("runs") + 1, worker_name=worker_name[:200],
         heartbeat_at=UtcNow())

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue as queue_module
 import signal
@@ -76,6 +77,25 @@ def resident_memory_bytes(pid: int | None = None) -> int | None:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _is_caption(job) -> bool:
+    try:
+        return job.func_name == CAPTION_CALLABLE
+    except Exception:
+        return False  # not our JSON: rq runs it through CaptionJob, which refuses it without running it
+
+
+class _RqDequeueLine(logging.Filter):
+    """Drops rq's own "queue: job" line at dequeue: CaptionWorker writes it instead, with the task, the worker,
+    the queue and the correlation id on the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.funcName == "dequeue_job_and_maintain_ttl" and record.levelno == logging.INFO
+                    and record.pathname != __file__)
+
+
+logging.getLogger("rq.worker").addFilter(_RqDequeueLine())
 
 
 class CaptionWorker(SimpleWorker):
@@ -285,7 +305,11 @@ class CaptionWorker(SimpleWorker):
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         if self.slot_count == 1:
-            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            if result is not None:  # rq's own line is dropped (_RqDequeueLine): this one says whose task it is
+                job, queue = result
+                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id, extra=self._job_log_fields(job, queue))
+            return result
         with self._slots_changed:
             # Never pop a job no slot can take: it would exist only in this process' memory.
             self._main_waiting = True
@@ -318,7 +342,7 @@ class CaptionWorker(SimpleWorker):
             if result is not None:
                 job, queue = result
                 self.reorder_queues(reference_queue=queue)
-                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id, extra=self._job_log_fields(job, queue))
             return result
         return None
 
@@ -344,16 +368,18 @@ class CaptionWorker(SimpleWorker):
             self.log.info("Worker %s: %s was moved to %s; dropping its old entry in %s", self.name, job.id,
                           job.origin, queue.name)
             return
-        try:
-            is_caption = job.func_name == CAPTION_CALLABLE
-        except Exception:
-            is_caption = False  # not our JSON: rq runs it through CaptionJob, which refuses it without running it
+        fields = self._job_log_fields(job, queue)
         # Log lines about this job carry its task, this worker, the queue and the submitting request's correlation
         # id (from the job's meta; then from the claimed row, which also has it for jobs the relay published).
-        task_id = job.args[0] if is_caption and job.args else None
-        meta_id = (job.meta or {}).get("correlation_id") if is_caption else None
-        with correlation.bound(meta_id or "", task_id=task_id, worker=self.name, queue=queue.name):
-            return self._execute_caption_job(job, queue, is_caption)
+        with correlation.bound(fields.pop("correlation_id") or "", **fields):
+            return self._execute_caption_job(job, queue, _is_caption(job))
+
+    def _job_log_fields(self, job, queue) -> dict:
+        """What a log line about ``job`` carries: its task, the correlation id in its meta, this worker, the queue."""
+        is_caption = _is_caption(job)
+        return {"correlation_id": (job.meta or {}).get("correlation_id") if is_caption else None,
+                "task_id": job.args[0] if is_caption and job.args else None, "worker": self.name,
+                "queue": queue.name}
 
     def _execute_caption_job(self, job, queue, is_caption: bool):
         claimed = None

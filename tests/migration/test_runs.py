@@ -77,6 +77,9 @@ def test_an_interrupted_batch_is_published_when_the_run_resumes(redis, mode, dat
     """The state a SIGKILL leaves between the batch's commit and its MULTI/EXEC: moved, stamped, no jobs."""
     settings.MIGRATION_BACKUP_DIR = tmp_path
     ids = database_tasks(50)
+    # Submitted through requests with ids: one in the interrupted batch, one moved by the resumed phase.
+    CaptionTask.objects.filter(pk=ids[3]).update(correlation_id="request-in-batch")
+    CaptionTask.objects.filter(pk=ids[30]).update(correlation_id="request-after")
     run = run_create(user=None, options=QUICK)
     run.phases.filter(order__lt=MigrationPhase.objects.get(run=run, name="migrate").order).update(state="done")
     run.phases.filter(name="migrate").update(state="running", attempts=1)
@@ -92,6 +95,9 @@ def test_an_interrupted_batch_is_published_when_the_run_resumes(redis, mode, dat
     assert run.phases.get(name="migrate").counts["republished_after_interruption"] == 20
     assert broker.queued_task_ids("normal") == set(ids)
     assert run.verification["jobs"]["duplicate_jobs"] == 0 and run.verification["jobs"]["missing_jobs"] == 0
+    assert broker.fetch_job(ids[3]).meta["correlation_id"] == "request-in-batch"
+    assert broker.fetch_job(ids[30]).meta["correlation_id"] == "request-after"
+    assert "correlation_id" not in broker.fetch_job(ids[0]).meta
 
 
 def test_rollback_after_cutover_returns_every_queued_task_to_the_poller(redis, mode, database_tasks,

@@ -2,6 +2,7 @@
 completes; systemd verifies the units; the compose file and the Kubernetes manifests parse and carry what matters
 (health checks, grace periods long enough for a task, the autoscaler's metrics)."""
 
+import json
 import os
 import re
 import shutil
@@ -39,7 +40,7 @@ def procfile() -> dict[str, str]:
 def test_the_procfile_names_every_process_of_a_host():
     processes = procfile()
     assert set(processes) == {"web", "ws", "workers", "sampler", "alerts"}
-    assert processes["web"].startswith("gunicorn portal.wsgi")
+    assert processes["web"].startswith("gunicorn -c python:portal.gunicorn_config portal.wsgi")
     assert processes["ws"].startswith("uvicorn portal.asgi:application")
     assert processes["workers"] == "python manage.py runworkers"
 
@@ -54,7 +55,7 @@ def test_the_procfile_under_honcho_serves_pages_and_websockets_and_runs_a_task(r
     honcho = shutil.which("honcho", path=str(Path(sys.executable).parent))
     assert honcho, "honcho is in requirements.txt"
     base = free_port()
-    environment = subprocess_env(BIND_HOST="127.0.0.1", WEB_CONCURRENCY="1", PYTHONUNBUFFERED="1")
+    environment = subprocess_env(BIND_HOST="127.0.0.1", WEB_CONCURRENCY="1", PYTHONUNBUFFERED="1", LOG_FORMAT="json")
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # the venv's python
     log = open(Path(settings.MEDIA_ROOT).parent / f"honcho-{base}.log", "w+b")
     process = subprocess.Popen([honcho, "-f", str(DEPLOY / "Procfile"), "-d", str(settings.BASE_DIR), "start",
@@ -66,7 +67,9 @@ def test_the_procfile_under_honcho_serves_pages_and_websockets_and_runs_a_task(r
             while True:
                 assert process.poll() is None, "honcho exited early"
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+                    request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz",
+                                                     headers={"X-Correlation-ID": f"probe-{port}"})
+                    with urllib.request.urlopen(request, timeout=2) as answer:
                         assert answer.status == 200
                         break
                 except OSError:
@@ -85,9 +88,25 @@ def test_the_procfile_under_honcho_serves_pages_and_websockets_and_runs_a_task(r
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.seek(0)
-        print(log.read().decode(errors="replace")[-4000:])
+        output = log.read().decode(errors="replace")
+        print(output[-4000:])
         log.close()
     assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.COMPLETED
+    # LOG_FORMAT=json: every line every process wrote (gunicorn's own, uvicorn's, the supervisor's, the workers',
+    # the sampler's) is one JSON object; honcho puts "time name | " in front and adds its own "system" lines.
+    lines = [line.split(" | ", 1) for line in output.splitlines() if " | " in line]
+    ours = [(name.split()[-1], text) for name, text in lines if name.split()[-1] != "system" and text.strip()]
+    assert {name.split(".")[0] for name, _ in ours} >= {"web", "ws", "workers", "sampler"}
+    records = []
+    for name, text in ours:
+        try:
+            records.append((name, json.loads(text)))
+        except ValueError:
+            raise AssertionError(f"{name} wrote a line that is not JSON: {text!r}") from None
+    assert all({"timestamp", "level", "logger", "message", "correlation_id", "task_id", "worker", "queue"}
+               <= set(record) and "context" not in record for _, record in records), records[:3]
+    access = [record for name, record in records if name.startswith("web") and "/healthz" in record["message"]]
+    assert access and access[0]["logger"] == "gunicorn.access" and access[0]["correlation_id"] == f"probe-{base}"
 
 
 def units() -> dict[str, str]:

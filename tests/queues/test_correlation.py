@@ -55,6 +55,10 @@ def test_the_id_travels_from_the_submitting_request_to_the_job_the_attempt_and_t
     assert {line["correlation_id"] for line in about_task} == {CALLER_ID}
     assert {line["worker"] for line in about_task} == {"json-logger"} and {line["queue"] for line in about_task} == {
         "high"}
+    naming_the_job = [line for line in lines if f"caption-{task.pk}" in line["message"]]
+    assert any("high: caption-" in line["message"] for line in naming_the_job)  # the dequeue line, too
+    assert all(line["task_id"] in (task.pk, str(task.pk)) and line["correlation_id"] == CALLER_ID
+               for line in naming_the_job), naming_the_job
     assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.COMPLETED
     attempt = TaskEvent.objects.get(task=task, kind=TaskEvent.Kind.COMPLETED)
     assert attempt.correlation_id == CALLER_ID
@@ -143,3 +147,28 @@ def test_jobs_published_again_and_reconciler_rows_keep_the_submitters_id(redis, 
     CaptionTask.objects.filter(pk=running.pk).update(started_at=long_ago, heartbeat_at=long_ago)
     assert running.pk in tasks_reconcile().redriven
     assert TaskEvent.objects.get(task=running, kind=TaskEvent.Kind.WORKER_LOST).correlation_id == "req-dead-worker"
+
+
+@pytest.mark.django_db
+def test_an_error_answer_is_logged_once_under_the_requests_id(client):
+    import logging
+
+    from queues import correlation
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    handler = Keep()
+    handler.addFilter(correlation.LogContextFilter())  # as the console handler has it
+    logger = logging.getLogger("django.request")
+    logger.addHandler(handler)
+    try:
+        response = client.get("/no-such-page/", HTTP_X_CORRELATION_ID="lost-page-1")
+    finally:
+        logger.removeHandler(handler)
+    assert response.status_code == 404
+    assert [(record.getMessage(), record.correlation_id) for record in seen] == [
+        ("Not Found: /no-such-page/", "lost-page-1")]

@@ -220,3 +220,23 @@ def test_task_browser_query_budget_and_filters(client, admin_user, tasks, django
     assert page.context["cl"].result_count == 7
     assert client.get(reverse(CHANGELIST), {"worker": "nobody"}).context["cl"].result_count == 0
     assert client.get(reverse(CHANGELIST), {"q": str(tasks[3])}).context["cl"].result_count == 1
+
+
+def test_a_background_operation_works_under_the_id_of_the_request_that_started_it(client, operator_user, redis,
+                                                                                     media_image):
+    ids = CaptionTask.objects.insert_new([(media_image(), "normal", None)] * (INLINE_LIMIT + 1),
+                                         publish_after=timezone.now())
+    CaptionTask.objects.update(status=TaskStatus.FAILED)
+    client.force_login(operator_user)
+    data = {"action": "requeue_tasks", "_selected_action": [str(ids[0])], "select_across": "1", "confirm": "yes"}
+    client.post(reverse(CHANGELIST), data, HTTP_X_CORRELATION_ID="operator-request-7")
+    operation = BulkOperation.objects.get()
+    assert operation.correlation_id == "operator-request-7"
+    bulk_operation_run(operation_id=operation.pk, worker_name="test")  # as the worker runs it, outside the request
+    entry = AuditEntry.objects.get(action="tasks_requeue")
+    assert entry.correlation_id == "operator-request-7"
+    from queues.models import TaskEvent
+
+    events = TaskEvent.objects.filter(task_id__in=ids, kind=TaskEvent.Kind.REQUEUED)
+    assert events.count() == INLINE_LIMIT + 1
+    assert set(events.values_list("correlation_id", flat=True)) == {"operator-request-7"}

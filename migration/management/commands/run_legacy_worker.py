@@ -1,7 +1,12 @@
+import logging
+
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from migration.legacy import LegacyPoller
+from portal.logs import announce
+
+logger = logging.getLogger("migration.legacy")
 
 
 class Command(BaseCommand):
@@ -31,9 +36,9 @@ class Command(BaseCommand):
         poller = LegacyPoller(name=name, interval=interval, fallback=fallback)
         poller.install_signal_handlers()
         if options["verbosity"] > 0:
-            self.stdout.write(f"Database poller {poller.name} running"
+            announce(self, logger, f"Database poller {poller.name} running"
                               + (" (burst)" if burst else "; Ctrl-C stops it after the task in hand."))
         result = poller.work(burst=burst, max_tasks=max_tasks)
         if options["verbosity"] > 0:
-            self.stdout.write(f"Database poller {poller.name} stopped ({result.reason}): {result.processed} task(s), "
+            announce(self, logger, f"Database poller {poller.name} stopped ({result.reason}): {result.processed} task(s), "
                               f"{result.completed} completed, {result.failed} failed.")

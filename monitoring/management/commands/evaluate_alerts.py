@@ -7,6 +7,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from monitoring.alerts import EvaluatorState, alerts_cycle, lease_release
+from portal.logs import announce
 
 logger = logging.getLogger("monitoring.alerts")
 
@@ -42,7 +43,7 @@ class Command(BaseCommand):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.append(True))
         if options["verbosity"]:
-            self.stdout.write(f"Alert evaluator {state.holder} running every {interval:g} s; Ctrl-C stops it.")
+            announce(self, logger, f"Alert evaluator {state.holder} running every {interval:g} s; Ctrl-C stops it.")
         was_holding = None
         while not stopping:
             started = time.monotonic()

@@ -7,6 +7,7 @@ from django.db import close_old_connections
 
 from monitoring.dashboard import LiveSampler
 from monitoring.sampler import sample_take, samples_compact
+from portal.logs import announce
 from queues import broker
 from queues.errors import BrokerUnavailable
 
@@ -38,7 +39,7 @@ class Command(BaseCommand):
             signal.signal(signum, lambda *_: stopping.append(True))
         live = LiveSampler()
         last_minute = last_compact = None
-        self.stdout.write("Sampler running; Ctrl-C stops it.")
+        announce(self, logger, "Sampler running; Ctrl-C stops it.")
         next_pass = time.monotonic()
         while not stopping:
             close_old_connections()

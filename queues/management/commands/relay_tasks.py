@@ -6,6 +6,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError, close_old_connections
 
+from portal.logs import announce
 from queues.errors import BrokerUnavailable
 from queues.services import tasks_relay_once
 from queues.signals import service_unavailable
@@ -37,7 +38,7 @@ class Command(BaseCommand):
         stopping = []
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.append(True))
-        self.stdout.write(f"Relay running (every {interval:g} s); Ctrl-C stops it.")
+        announce(self, logger, f"Relay running (every {interval:g} s); Ctrl-C stops it.")
         redis_down = False
         while not stopping:
             close_old_connections()
@@ -60,4 +61,4 @@ class Command(BaseCommand):
             deadline = time.monotonic() + interval
             while not stopping and time.monotonic() < deadline:
                 time.sleep(min(0.1, interval))
-        self.stdout.write("Relay stopped.")
+        announce(self, logger, "Relay stopped.")

@@ -3,9 +3,12 @@ import logging
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from portal.logs import announce
 from queues import broker
 from queues.models import WorkerPool
 from queues.supervisor import Supervisor
+
+logger = logging.getLogger("queues.supervisor")
 
 
 class Command(BaseCommand):
@@ -48,6 +51,6 @@ class Command(BaseCommand):
                                 worker_verbosity=worker_verbosity, run_workers=run_workers)
         serving = ("no workers: the fleet's duties only" if not run_workers else
                    "pools " + ", ".join(pools) if pools else "all pools")
-        self.stdout.write(f"Supervisor {supervisor.id} running ({serving}); Ctrl-C stops it.")
+        announce(self, logger, f"Supervisor {supervisor.id} running ({serving}); Ctrl-C stops it.")
         supervisor.run()
-        self.stdout.write("Supervisor stopped; its workers have exited.")
+        announce(self, logger, "Supervisor stopped; its workers have exited.")
