@@ -10,8 +10,10 @@ goes to the promoted replica. Nothing is restarted by hand.
 Each process' pool holds at most ``REDIS_MAX_CONNECTIONS`` connections. A caller that finds all of them in use waits
 up to ``REDIS_POOL_TIMEOUT`` seconds and then gets ``PoolExhausted`` (a redis ``ConnectionError``, so every caller
 that survives an outage survives this too) with a message naming the setting, never an unbounded wait. The channel
-layer's asyncio pool is capped the same way (``ChannelLayer``). Pool use is reported to the metrics by
-``monitoring.recorder`` (``rq_redis_pool_*``).
+layer's asyncio pool (one per event loop, in the processes that use the channel layer) is capped and raises the same
+way (``ChannelLayer``). A few loops that must never queue behind others (the supervisor's lease, the event
+announcer) have small pools of their own. The main pool's use is reported to the metrics by ``monitoring.recorder``
+(``rq_redis_pool_*``); the channel layer's is not.
 """
 
 from __future__ import annotations
@@ -88,7 +90,24 @@ class CappedSentinelPool(_Counted, SentinelConnectionPool, redis.BlockingConnect
     """Sentinel's pool (asks the sentinels for the master) with the blocking pool's cap and wait."""
 
 
-class AsyncCappedSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool):
+class _AsyncExhaustion:
+    """The asyncio pools' wait running out raises PoolExhausted, naming the setting, like the threaded pools."""
+
+    async def get_connection(self, *args, **kwargs):
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except redis.exceptions.ConnectionError as error:
+            if str(error) != NO_CONNECTION:
+                raise
+            raise exhausted(self) from None
+
+
+class AsyncCappedPool(_AsyncExhaustion, redis.asyncio.BlockingConnectionPool):
+    pass
+
+
+class AsyncCappedSentinelPool(_AsyncExhaustion, redis.asyncio.sentinel.SentinelConnectionPool,
+                              redis.asyncio.BlockingConnectionPool):
     pass
 
 
@@ -124,7 +143,7 @@ def async_pool(address: str):
     if settings.REDIS_SENTINELS:
         sentinel = redis.asyncio.sentinel.Sentinel(settings.REDIS_SENTINELS, sentinel_kwargs=_sentinel_options())
         return AsyncCappedSentinelPool(settings.REDIS_SENTINEL_MASTER, sentinel, db=settings.REDIS_DB, **options)
-    return redis.asyncio.BlockingConnectionPool.from_url(address, **options)
+    return AsyncCappedPool.from_url(address, **options)
 
 
 class ChannelLayer(RedisChannelLayer):

@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django.db.models import Q
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.text import Truncator
@@ -103,9 +104,14 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     ]
 
     def get_search_results(self, request, queryset, search_term):
-        # A number is a task id: look it up by primary key instead of scanning text columns for it.
+        # A number is a task id: look it up by primary key instead of scanning text columns for it (or a caller's
+        # all-digit correlation id: both are indexed matches).
         if search_term.strip().isdigit():
-            return queryset.filter(pk=int(search_term.strip())), False
+            term = search_term.strip()
+            match = Q(correlation_id=term)
+            if len(term) <= 18:  # beyond, no primary key (a 64-bit integer) can have it
+                match |= Q(pk=int(term))
+            return queryset.filter(match), False
         results, duplicates = super().get_search_results(request, queryset, search_term)
         term = search_term.strip()
         if correlation.sane(term):  # a request's correlation id finds the tasks it submitted (an indexed match)

@@ -528,7 +528,7 @@ class AuditEntry(models.Model):
     count = models.PositiveIntegerField(default=0)
     detail = models.JSONField(default=dict, blank=True)
     address = models.GenericIPAddressField(null=True, blank=True)
-    correlation_id = models.CharField(max_length=64, blank=True, default=correlation.current)
+    correlation_id = models.CharField(max_length=64, blank=True, default=correlation.current, db_index=True)
 
     class Meta:
         ordering = ["-at", "-id"]

@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import redis.asyncio as aioredis
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -109,3 +110,25 @@ def test_reports_of_processes_that_stopped_are_dropped():
     kinds, gone = recorder.pool_use(raw, now)
     assert kinds == {"worker": {"in_use": 9, "processes": 2}}
     assert sorted(gone) == [b"h:3", b"h:4"]
+
+
+def test_the_channel_layers_pool_is_capped_and_says_so_when_exhausted(settings, redis):
+    import asyncio
+
+    settings.REDIS_MAX_CONNECTIONS, settings.REDIS_POOL_TIMEOUT = 2, 0.5
+
+    async def scenario():
+        pool = redis_pools.async_pool(settings.REDIS_URL)
+        client = aioredis.Redis(connection_pool=pool)
+        holders = [asyncio.create_task(client.blpop(["test:pool:never"], timeout=2)) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(redis_pools.PoolExhausted, match="all 2 Redis connections of this process"):
+            await client.ping()
+        waited = time.monotonic() - started
+        await asyncio.gather(*holders)
+        assert await client.ping()  # free again
+        await pool.disconnect()
+        return waited
+
+    assert 0.4 <= asyncio.run(scenario()) < 1.5

@@ -97,6 +97,12 @@ def test_audit_entries_carry_the_id_and_the_admin_finds_tasks_and_entries_by_it(
     assert CALLER_ID in detail
     entries = client.get(reverse("admin:queues_auditentry_changelist"), {"q": CALLER_ID})
     assert [entry.action for entry in entries.context["cl"].result_list] == ["pool_scale"]
+    # A caller's id that is all digits finds its task, as a task id does.
+    digits = CaptionTask.objects.create(image_ref="digits.png", correlation_id="20261202051500123456")
+    page = client.get(reverse("admin:queues_captiontask_changelist"), {"q": digits.correlation_id})
+    assert [row.pk for row in page.context["cl"].result_list] == [digits.pk]
+    page = client.get(reverse("admin:queues_captiontask_changelist"), {"q": str(mine.pk)})
+    assert [row.pk for row in page.context["cl"].result_list] == [mine.pk]
 
 
 @pytest.mark.django_db(transaction=True)
