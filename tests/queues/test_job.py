@@ -6,7 +6,6 @@ from datetime import timedelta
 import pytest
 from django.db import connection
 from django.utils import timezone
-from rq.registry import FailedJobRegistry
 
 from queues import broker
 from queues.execution import retry_delay, task_claim, task_execute

@@ -1,6 +1,5 @@
 """Operator actions through the services, against real Redis and the database (and real workers where it matters)."""
 
-import os
 import signal
 import subprocess
 import sys
