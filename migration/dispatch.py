@@ -178,12 +178,18 @@ DURATION = re.compile(r"^(\d+)\s*([smhd])$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+PAUSE_LONGEST = timedelta(days=365)
+
+
 def duration_parse(text: str) -> timedelta:
-    """A pause's length as operators write it: 90s, 30m, 2h or 1d. ValueError for anything else."""
+    """A pause's length as operators write it: 90s, 30m, 2h or 1d, at most a year. ValueError for anything else."""
     match = DURATION.match(text.strip().lower())
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"{text!r} is not a positive duration such as 90s, 30m, 2h or 1d")
-    return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
+    seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds > PAUSE_LONGEST.total_seconds():
+        raise ValueError(f"{text!r} is longer than a year (365d); pause without a length to hold until resumed")
+    return timedelta(seconds=seconds)
 
 
 def submission_pause(*, reason: str, user, duration: timedelta | None = None,
@@ -322,8 +328,7 @@ def fallback_maintain(*, redis_up: bool) -> None:
             logger.warning("fallback: %d more task(s) sent to the database poller", moved)
         return
     down_for = (now - row.redis_down_since).total_seconds()
-    if not (row.fallback_enabled and settings.DATABASE_POLLING_ENABLED) or row.mode == Mode.LEGACY \
-            or down_for < row.fallback_timeout:
+    if not row.fallback_enabled or row.mode == Mode.LEGACY or down_for < row.fallback_timeout:
         return
     if SystemMode.objects.filter(pk=1, fallback_active=False).update(fallback_active=True, fallback_since=UtcNow()):
         moved = _move_all((Dispatch.RQ,), Dispatch.FALLBACK)

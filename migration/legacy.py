@@ -94,7 +94,7 @@ class LegacyPoller:
         self.interrupted = False
         self._beat_stop = threading.Event()
         self._asked_checked_at = 0.0
-        self._own_process = False  # the poller is this process' main loop (the command): it may signal itself
+        self._may_signal_itself = False  # the poller is this process' main loop (the command)
         self._forced_at: float | None = None
         self._in_task = False
         self.result = PollerResult()
@@ -103,7 +103,7 @@ class LegacyPoller:
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        self._own_process = True
+        self._may_signal_itself = True
 
     def _on_signal(self, signum, frame):
         if self.stopping and execution.captioning_now():
@@ -140,19 +140,20 @@ class LegacyPoller:
 
     def _force(self) -> None:
         """The drain's timeout ran out: give the attempt in hand back and exit, as a second SIGTERM does (the signal
-        goes to the main thread whenever it is inside the captioner). Still in a task FORCE_GRACE_SECONDS later: the
-        main thread is stuck where no signal handler runs, so the process kills itself."""
+        goes to the main thread whenever it is inside the captioner). Still inside the captioner
+        FORCE_GRACE_SECONDS later: the main thread is stuck where no signal handler runs, so the process kills
+        itself (only there: outside the captioner it is recording an outcome, which a kill could lose)."""
         self.stopping = True
         if self._forced_at is None:
             self._forced_at = time.monotonic()
             logger.warning("%s: told to stop at once (the migration's drain timeout ran out)", self.name)
-        if not self._own_process or not self._in_task:
+        if not self._may_signal_itself or not self._in_task or not execution.captioning_now():
             return
         if time.monotonic() - self._forced_at > FORCE_GRACE_SECONDS:
-            logger.error("%s: the task in hand did not stop within %g s; killing this process (its task is "
-                         "re-driven once the heartbeat is stale)", self.name, FORCE_GRACE_SECONDS)
+            logger.error("%s: the caption in hand did not stop within %g s; killing this process (the drain gives "
+                         "its task back once the lease has run out)", self.name, FORCE_GRACE_SECONDS)
             os.kill(os.getpid(), signal.SIGKILL)
-        elif execution.captioning_now():
+        else:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
     # --- the loop ----------------------------------------------------------------------------------------------
@@ -220,8 +221,8 @@ class LegacyPoller:
         """Where an RQ worker's failed job goes to rq's failed-job registry, the poller files one the same way. With
         Redis away (the fallback) the dead letter is the FAILED row alone: the dead-letter counts miss it."""
         try:
-            broker.dead_letter_file(task.pk, task.priority, f"{type(error).__name__}: {error}",
-                                    correlation_id=task.correlation_id)
+            broker.job_dead_letter(task.pk, task.priority, f"{type(error).__name__}: {error}",
+                                   correlation_id=task.correlation_id)
         except BrokerUnavailable as unavailable:
             logger.warning("%s: caption-%s failed for good; Redis is away (%s), so it is not in the failed-job "
                            "registry", self.name, task.pk, unavailable)
@@ -234,6 +235,18 @@ class LegacyPoller:
     def _run_task(self, task: CaptionTask) -> None:
         LegacyWorker.objects.filter(name=self.name).update(current_task_id=task.pk)
         self._in_task = True
+        try:
+            outcome = self._attempt(task)
+        finally:
+            self._in_task = False
+        self.result.processed += 1
+        if outcome == "completed":
+            self.result.completed += 1
+        elif outcome == "failed":
+            self.result.failed += 1
+        LegacyWorker.objects.filter(name=self.name).update(current_task_id=None)
+
+    def _attempt(self, task: CaptionTask) -> str:
         outcome = "failed"
         try:
             # The same backstop as rq's job timeout: the captioner enforces RQ_DEFAULT_TIMEOUT itself. SIGALRM works
@@ -247,10 +260,4 @@ class LegacyPoller:
             self._file_dead_letter(task, error)
         except WorkerInterrupted:
             outcome = "retry"
-        self.result.processed += 1
-        if outcome == "completed":
-            self.result.completed += 1
-        elif outcome == "failed":
-            self.result.failed += 1
-        self._in_task = False
-        LegacyWorker.objects.filter(name=self.name).update(current_task_id=None)
+        return outcome

@@ -19,17 +19,15 @@ class Mode(models.TextChoices):
     RQ = "rq", "RQ only"
 
 
-def polling_errors(*, mode: str | None = None, fallback_enabled: bool = False) -> dict[str, str]:
+POLLING_DISABLED = ("DATABASE_POLLING_ENABLED is false here: the database poller may not run outside the Redis "
+                    "fallback")
+
+
+def polling_errors(*, mode: str | None = None) -> dict[str, str]:
     """The fields that send tasks to a database poller where DATABASE_POLLING_ENABLED forbids one."""
-    if settings.DATABASE_POLLING_ENABLED:
+    if settings.DATABASE_POLLING_ENABLED or mode not in (Mode.LEGACY, Mode.HYBRID):
         return {}
-    why = "DATABASE_POLLING_ENABLED is false here: no database poller may run"
-    errors = {}
-    if mode in (Mode.LEGACY, Mode.HYBRID):
-        errors["mode"] = f"The {mode} mode dispatches to the database poller, and {why}."
-    if fallback_enabled:
-        errors["fallback_enabled"] = f"The fallback dispatches to the database poller, and {why}."
-    return errors
+    return {"mode": f"The {mode} mode dispatches to the database poller. {POLLING_DISABLED}."}
 
 
 class SystemMode(models.Model):
@@ -69,7 +67,7 @@ class SystemMode(models.Model):
     def clean(self) -> None:
         """What this installation allows: with ``DATABASE_POLLING_ENABLED`` false no database poller may run, so
         nothing may be dispatched to one."""
-        errors = polling_errors(mode=self.mode, fallback_enabled=self.fallback_enabled)
+        errors = polling_errors(mode=self.mode)
         if errors:
             raise ValidationError(errors)
 

@@ -53,14 +53,14 @@ from migration import dispatch
 from migration.dispatch import person
 from migration.legacy import FORCE_GRACE_SECONDS
 from migration.backup import BackupError, backup_write
-from migration.models import (LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode)
+from migration.models import (POLLING_DISABLED, LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode)
 from migration.preflight import preflight_report
 from migration.verify import baseline_take, verification
 from queues import broker
 from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
                            database_now_expression)
 from queues.fleet import audit_channel
-from queues.reconcile import tasks_recover_from_worker
+from queues.reconcile import TASK_LEASE_SECONDS, task_redrive
 
 logger = logging.getLogger("migration.runs")
 
@@ -191,7 +191,8 @@ def phase_drain(ctx: PhaseContext) -> dict:
         holders = sorted(set(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch__in=POLLED_DISPATCH)
                              .values_list("worker_name", flat=True)) | set(alive))
         raise PhaseFailed(f"database poller(s) {', '.join(holders)} still run ({running} task(s) in hand) after "
-                          f"{timeout:g} s and a forced stop; stop them on their hosts (SIGKILL), then resume the run")
+                          f"{timeout:g} s and a forced stop; stop them on their hosts (SIGTERM twice, SIGKILL if that does "
+                          "not end them), then resume the run")
     ctx.progress(total, total, force=True)
     return {"in_hand_at_start": total, "stopped_by_force": forced}
 
@@ -215,16 +216,29 @@ def _force_pollers(ctx: PhaseContext) -> list[str]:
     LegacyWorker.objects.filter(name__in=names).update(stop_forced=True)
     ctx.log(f"drain timeout: {len(names)} database poller(s) told to give their task back and exit at once: "
             f"{', '.join(names) or '-'}", MigrationLogLine.Level.WARNING)
-    deadline = time.monotonic() + FORCE_GRACE_SECONDS + LegacyWorker.ALIVE_SECONDS + 10
+    deadline = time.monotonic() + FORCE_GRACE_SECONDS + max(LegacyWorker.ALIVE_SECONDS, TASK_LEASE_SECONDS) + 15
     while _drain_left() and time.monotonic() < deadline:
         for poller in dispatch.legacy_workers_stale():
-            tasks_recover_from_worker(worker_name=poller.name, reason="its poller stopped answering during the "
-                                                                      "migration's drain")
-            LegacyWorker.objects.filter(pk=poller.pk).update(stopped_at=timezone.now())
-            ctx.log(f"poller {poller.name} on {poller.host} stopped answering; its task(s) were re-driven",
-                    MigrationLogLine.Level.WARNING)
+            _give_back_stale(ctx, poller)
         ctx.wait(0.5)
     return names
+
+
+def _give_back_stale(ctx: PhaseContext, poller: LegacyWorker) -> None:
+    """A poller that stopped answering (killed, frozen, its host gone): each attempt it held goes back to the queue
+    without using a retry (the drain stopped it, not the task) once the attempt's own lease has run out, as the
+    reconciler judges it; then the registration is closed."""
+    from queues.reconcile import REDRIVE_FIELDS
+
+    held = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, worker_name=poller.name).only(*REDRIVE_FIELDS)
+    for task in held:
+        task_redrive(task=task, reason="its poller stopped answering during the migration's drain", give_back=True,
+                     lease_expired_only=True, judged_at=database_now(connection))
+    if CaptionTask.objects.filter(status=TaskStatus.PROCESSING, worker_name=poller.name).exists():
+        return  # a lease still runs: judged again on the next pass
+    LegacyWorker.objects.filter(pk=poller.pk, stopped_at__isnull=True).update(stopped_at=timezone.now())
+    ctx.log(f"poller {poller.name} on {poller.host} stopped answering; its task(s) were given back",
+            MigrationLogLine.Level.WARNING)
 
 
 def phase_migrate(ctx: PhaseContext) -> dict:
@@ -497,10 +511,12 @@ def _phases_of(kind: str) -> dict[str, Callable]:
 # --- runs -----------------------------------------------------------------------------------------------------------
 
 def pollers_blocked() -> bool:
-    """Whether a migration run has drained the pollers and not yet finished: a poller started meanwhile (by hand,
-    after the drain) must claim nothing, or it would take tasks the run is moving or has verified."""
+    """Whether a migration run is draining the pollers or has drained them and not yet finished: a poller started
+    meanwhile (by hand, by a restart policy) must claim nothing, or it would take tasks the run is waiting out,
+    moving or has verified."""
     return MigrationPhase.objects.filter(
-        name="drain", state=MigrationPhase.State.DONE, run__kind=MigrationRun.Kind.MIGRATION,
+        name="drain", state__in=(MigrationPhase.State.RUNNING, MigrationPhase.State.DONE),
+        run__kind=MigrationRun.Kind.MIGRATION,
         run__state__in=(MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED)).exists()
 
 
@@ -557,8 +573,8 @@ def run_create(*, user, options: dict | None = None, kind: str = MigrationRun.Ki
 def rollback_create(*, user, of: MigrationRun | None = None, options: dict | None = None) -> MigrationRun:
     """A rollback run undoing ``of`` (default: the open run, or else the latest succeeded migration)."""
     if not settings.DATABASE_POLLING_ENABLED:
-        raise RunError("DATABASE_POLLING_ENABLED is false here: a rollback returns the tasks to the database poller, "
-                       "which may not run; set it to true on every host first")
+        raise RunError(f"A rollback returns the tasks to the database poller. {POLLING_DISABLED}; set it to true on "
+                       "every host first")
     target = of or open_run() or MigrationRun.objects.filter(kind=MigrationRun.Kind.MIGRATION,
                                                              state=MigrationRun.State.SUCCEEDED).first()
     if target is not None and target.kind == MigrationRun.Kind.ROLLBACK:

@@ -11,8 +11,11 @@ from portal.env import env_choice
 from portal.logs import server_logging
 from queues import correlation
 
+# Read here as well as in portal.settings: gunicorn's master process logs before (and without) loading Django.
 LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
-logconfig_dict = server_logging(LOG_FORMAT) if LOG_FORMAT == "json" else {}
+LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+loglevel = LOG_LEVEL.lower()
+logconfig_dict = server_logging(LOG_FORMAT, LOG_LEVEL) if LOG_FORMAT == "json" else {}
 access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(L)ss' + \
     ("" if LOG_FORMAT == "json" else " [%({x-correlation-id}o)s]")
 logger_class = "portal.gunicorn_config.Logger"

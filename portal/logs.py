@@ -40,7 +40,7 @@ def server_logging(log_format: str, level: str = "INFO") -> dict:
     """gunicorn's ``logconfig_dict``: its error and access loggers through the portal's handler, so that with
     ``LOG_FORMAT=json`` its start-up, worker and access lines are JSON like the application's."""
     return logging_config(log_format, level, loggers={
-        name: {"level": "INFO", "handlers": ["console"], "propagate": False}
+        name: {"level": level, "handlers": ["console"], "propagate": False}
         for name in ("gunicorn.error", "gunicorn.access")})
 
 

@@ -206,18 +206,15 @@ TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 30, minimum=1)
 # time it is read; from then on the admin (Admins) and ``manage.py migrate_to_rq mode`` change it.
 RQ_ENABLED = env_bool("RQ_ENABLED", True)
 RQ_HYBRID_MODE = env_bool("RQ_HYBRID_MODE", False)
-# Whether the database poller may run here at all: it is what the legacy and hybrid modes and the Redis fallback
-# dispatch to, so false also seeds the fallback off.
+# Whether the database poller may run here for normal dispatch (the legacy and hybrid modes, a rollback, pollers
+# started by hand). The Redis fallback's pollers are governed by RQ_FALLBACK_ENABLED alone.
 DATABASE_POLLING_ENABLED = env_bool("DATABASE_POLLING_ENABLED", True)
 if not RQ_ENABLED and not DATABASE_POLLING_ENABLED:
     raise ImproperlyConfigured("RQ_ENABLED and DATABASE_POLLING_ENABLED are both false: nothing would run tasks")
 if RQ_HYBRID_MODE and not (RQ_ENABLED and DATABASE_POLLING_ENABLED):
     raise ImproperlyConfigured("RQ_HYBRID_MODE needs both RQ_ENABLED and DATABASE_POLLING_ENABLED")
 RQ_HYBRID_RQ_PERCENT = env_int("RQ_HYBRID_RQ_PERCENT", 50, minimum=0, maximum=100)
-if env_bool("RQ_FALLBACK_ENABLED", False) and not DATABASE_POLLING_ENABLED:
-    raise ImproperlyConfigured("RQ_FALLBACK_ENABLED needs DATABASE_POLLING_ENABLED: the fallback dispatches to the "
-                               "database poller")
-RQ_FALLBACK_ENABLED = env_bool("RQ_FALLBACK_ENABLED", DATABASE_POLLING_ENABLED)
+RQ_FALLBACK_ENABLED = env_bool("RQ_FALLBACK_ENABLED", True)
 RQ_FALLBACK_TIMEOUT = env_int("RQ_FALLBACK_TIMEOUT", 30, minimum=1)
 # Seconds between the database poller's looks for work when it found none.
 LEGACY_POLL_INTERVAL = env_float("LEGACY_POLL_INTERVAL", 1.0, minimum=0.01)

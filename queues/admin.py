@@ -109,7 +109,7 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
         if search_term.strip().isdigit():
             term = search_term.strip()
             match = Q(correlation_id=term)
-            if len(term) <= 18:  # beyond, no primary key (a 64-bit integer) can have it
+            if int(term) < 2 ** 63:  # beyond, no primary key (a signed 64-bit integer) can have it
                 match |= Q(pk=int(term))
             return queryset.filter(match), False
         results, duplicates = super().get_search_results(request, queryset, search_term)

@@ -323,34 +323,24 @@ def job_forget_execution(task_id: int, queue_name: str) -> None:
         registry.remove_executions(job)
 
 
-def job_dead_letter(task_id: int, queue_name: str, reason: str) -> None:
-    """Files ``caption-<id>`` in its queue's failed-job registry (the dead-letter place) with ``reason``."""
-    from rq.job import JobStatus
-
-    job = fetch_job(task_id)
-    if job is None:
-        return
-    pipe = get_connection().pipeline()
-    job.set_status(JobStatus.FAILED, pipeline=pipe)
-    FailedJobRegistry(queue_name, connection=get_connection(), job_class=CaptionJob,
-                      serializer=JSONSerializer).add(job, ttl=settings.RQ_FAILURE_TTL, exc_string=reason, pipeline=pipe)
-    pipe.execute()
-
-
-def dead_letter_file(task_id: int, queue_name: str, reason: str, *, correlation_id: str = "") -> None:
-    """Files a dead letter for a task that failed for good with no job of it in Redis (the database poller ran it):
-    the job publish would have written, saved as failed in its queue's failed-job registry. Dead letters then look
-    the same whichever system ran the task: the counts and alerts, the dead-letter pages, requeue. One MULTI/EXEC.
-    Raises BrokerUnavailable."""
+def job_dead_letter(task_id: int, queue_name: str, reason: str, *, correlation_id: str = "") -> None:
+    """Files ``caption-<id>`` in its queue's failed-job registry (the dead-letter place) with ``reason``. A task
+    with no job in Redis (the database poller ran it, or its job vanished) gets the job publish would have written,
+    saved as failed: dead letters look the same whichever system ran the task (the counts and alerts, the
+    dead-letter pages, requeue). One MULTI/EXEC. Raises BrokerUnavailable."""
     from rq.job import JobStatus
 
     try:
         connection = get_connection()
-        job = get_queue(queue_name, connection).create_job(
-            CAPTION_CALLABLE, args=(task_id,), job_id=job_id_for(task_id), timeout=job_timeout(),
-            result_ttl=settings.RQ_RESULT_TTL, failure_ttl=settings.RQ_FAILURE_TTL,
-            description=f"caption task {task_id}", meta=_correlation_meta(correlation_id), status=JobStatus.FAILED)
         pipe = connection.pipeline()
+        job = fetch_job(task_id)
+        if job is None:
+            job = get_queue(queue_name, connection).create_job(
+                CAPTION_CALLABLE, args=(task_id,), job_id=job_id_for(task_id), timeout=job_timeout(),
+                result_ttl=settings.RQ_RESULT_TTL, failure_ttl=settings.RQ_FAILURE_TTL,
+                description=f"caption task {task_id}", meta=_correlation_meta(correlation_id))
+            job.save(pipeline=pipe)  # the registry's own save leaves the meta out
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
         FailedJobRegistry(queue_name, connection=connection, job_class=CaptionJob, serializer=JSONSerializer).add(
             job, ttl=settings.RQ_FAILURE_TTL, exc_string=reason, pipeline=pipe)
         pipe.execute()

@@ -79,13 +79,14 @@ REDRIVE_FIELDS = ("pk", "priority", "attempts", "worker_name", "started_at", "cl
 
 
 def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | None = None,
-                 lease_expired_only: bool = False, judged_at: datetime | None = None) -> bool:
+                 lease_expired_only: bool = False, judged_at: datetime | None = None, give_back: bool = False) -> bool:
     """Ends a ``PROCESSING`` attempt whose worker is gone. Returns False if the attempt had already ended (or, with
     ``lease_expired_only``, if its worker renewed the lease meanwhile, or if the statement only ran more than a
     second after ``judged_at``, the database's time of the judgement: it waited on a lock, and the workers' own
-    renewals were waiting behind the same lock)."""
+    renewals were waiting behind the same lock). ``give_back``: the worker was stopped on purpose (not the task's
+    fault): the task is queued again at once without using a retry, as a worker's own give-back does."""
     now = timezone.now()
-    exhausted = task.attempts > settings.RQ_MAX_RETRIES
+    exhausted = task.attempts > settings.RQ_MAX_RETRIES and not give_back
     message = f"worker {task.worker_name or '?'} stopped while running the task ({reason})"
     expect = {"status": TaskStatus.PROCESSING, "claim_token": task.claim_token}
     if lease_expired_only:
@@ -98,6 +99,12 @@ def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | No
                 changes={"status": TaskStatus.FAILED, "finished_at": now, "last_error_class": "WorkerLost",
                          "last_error_message": message, "updated_at": now})
             detail = f"worker lost on attempt {task.attempts}; no retries left"
+        elif give_back:
+            changed = CaptionTask.objects.transition(
+                task.pk, expect=expect, database_now_at_most=not_after,
+                changes={"status": TaskStatus.QUEUED, "published_at": None, "publish_after": now,
+                         "attempts": max(0, task.attempts - 1), "updated_at": now})
+            detail = "worker stopped; the attempt is given back without using a retry"
         else:
             delay = retry_delay(task.attempts)
             changed = CaptionTask.objects.transition(
@@ -119,7 +126,8 @@ def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | No
     try:
         broker.job_forget_execution(task.pk, task.priority)
         if exhausted:
-            broker.job_dead_letter(task.pk, task.priority, f"WorkerLost: {message}")
+            broker.job_dead_letter(task.pk, task.priority, f"WorkerLost: {message}",
+                                   correlation_id=task.correlation_id)
     except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
         logger.warning("task %s re-driven, but Redis could not be tidied now", task.pk)
     attempt_ended.send(sender=CaptionTask, queue=task.priority, outcome="failed" if exhausted else "worker_lost",

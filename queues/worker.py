@@ -88,11 +88,11 @@ def _is_caption(job) -> bool:
 
 class _RqDequeueLine(logging.Filter):
     """Drops rq's own "queue: job" line at dequeue: CaptionWorker writes it instead, with the task, the worker,
-    the queue and the correlation id on the record."""
+    the queue and the correlation id on the record (which rq's line lacks: ``extra`` puts ``worker`` there)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.funcName == "dequeue_job_and_maintain_ttl" and record.levelno == logging.INFO
-                    and record.pathname != __file__)
+                    and not hasattr(record, "worker"))
 
 
 logging.getLogger("rq.worker").addFilter(_RqDequeueLine())

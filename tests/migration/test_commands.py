@@ -123,7 +123,7 @@ def test_health_and_metrics_say_when_submission_is_paused_and_the_fallback_is_on
     assert value(values, "rq_submission_paused") == 0 and value(values, "rq_fallback_active") == 1
 
 
-def test_the_live_workers_page_lists_the_database_pollers(redis, staff_client, database_tasks):
+def test_the_live_workers_page_lists_the_database_pollers(redis, staff_client):
     import threading
 
     from django.urls import reverse

@@ -33,13 +33,14 @@ def test_without_rq_the_mode_row_starts_in_legacy(settings):
     assert dispatch.system_mode().mode == Mode.LEGACY
 
 
-def test_database_polling_disabled_refuses_every_way_to_the_poller(settings, mode, admin_user, client):
+def test_database_polling_disabled_refuses_every_way_to_the_poller_but_the_fallback(settings, mode, admin_user,
+                                                                                      client):
     from django.core.management import CommandError, call_command
     from django.urls import reverse
 
     from migration.runs import RunError, rollback_create
 
-    mode(mode=Mode.RQ, fallback_enabled=False)
+    mode(mode=Mode.RQ)
     settings.DATABASE_POLLING_ENABLED = False
     for target in (Mode.LEGACY, Mode.HYBRID):
         with pytest.raises(ValidationError, match="DATABASE_POLLING_ENABLED is false") as error:
@@ -51,11 +52,14 @@ def test_database_polling_disabled_refuses_every_way_to_the_poller(settings, mod
         rollback_create(user=admin_user)
     client.force_login(admin_user)
     response = client.post(reverse("admin:migration_systemmode_change", args=[1]),
-                           {"mode": "rq", "hybrid_rq_percent": "50", "fallback_enabled": "on", "fallback_timeout": "30"})
-    assert response.status_code == 200 and b"The fallback dispatches to the database poller" in response.content
-    row = dispatch.system_mode()
-    assert (row.mode, row.fallback_enabled) == (Mode.RQ, False)
+                           {"mode": "legacy", "hybrid_rq_percent": "50", "fallback_timeout": "30"})
+    assert response.status_code == 200 and b"The legacy mode dispatches to the database poller" in response.content
+    assert dispatch.system_mode().mode == Mode.RQ
     assert not MigrationEvent.objects.exists() and not AuditEntry.objects.exists()
+    # The supervisor's fallback poller is not refused (the fallback is RQ_FALLBACK_ENABLED's to allow): it gets as
+    # far as checking its other arguments.
+    with pytest.raises(CommandError, match="--max-tasks must be at least 1"):
+        call_command("run_legacy_worker", "--fallback", "--max-tasks", "0")
 
 
 def test_the_commands_changes_are_audited_as_the_command(mode, capsys):
@@ -138,6 +142,10 @@ def test_pause_and_mode_refuse_bad_input_naming_the_field(mode):
     with pytest.raises(ValidationError) as error:
         dispatch.mode_set(mode="hybrid", user=None, hybrid_rq_percent=140)
     assert "hybrid_rq_percent" in error.value.message_dict
+    for text in ("soon", "0h", "99999999d", "366d"):
+        with pytest.raises(ValueError, match="positive duration|longer than a year"):
+            dispatch.duration_parse(text)
+    assert dispatch.duration_parse("365d") == timedelta(days=365)
     row = dispatch.system_mode()
     assert not row.submission_paused and row.mode == Mode.RQ
 

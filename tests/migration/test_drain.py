@@ -78,10 +78,12 @@ def test_a_frozen_poller_is_drained_by_its_stale_heartbeat_and_writes_nothing_wh
     os.kill(process.pid, signal.SIGSTOP)
     run = _migrate(drain_timeout=1)
     assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
-    assert run.log_lines.filter(message__contains="poller.far on another-host stopped answering").exists()
+    assert run.log_lines.filter(message__contains="poller.far on another-host stopped answering; its task(s) were "
+                                                  "given back").exists()
     moved = _moved_to_rq(task_id)
+    assert moved.attempts == 0  # given back without using a retry: the drain stopped the poller, not the task
     lost = TaskEvent.objects.get(task_id=task_id, kind=TaskEvent.Kind.WORKER_LOST)
-    assert lost.worker_name == "poller.far"
+    assert lost.worker_name == "poller.far" and "without using a retry" in lost.detail
     events = set(TaskEvent.objects.filter(task_id=task_id).values_list("pk", flat=True))
     os.kill(process.pid, signal.SIGCONT)  # it wakes inside its old attempt, told to stop at once
     output = process.communicate(timeout=CAPTION_SECONDS + 15)[0].decode()

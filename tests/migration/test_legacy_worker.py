@@ -43,7 +43,8 @@ def test_a_transient_error_is_retried_with_backoff_then_dead_lettered(redis, dat
     settings.RQ_MAX_RETRIES, settings.RQ_RETRY_BACKOFF = 1, 0.0
     [task_id] = database_tasks(1)
     task = CaptionTask.objects.get(pk=task_id)
-    CaptionTask.objects.filter(pk=task.pk).update(image_ref="https://127.0.0.1:1/missing.png")
+    CaptionTask.objects.filter(pk=task.pk).update(image_ref="https://127.0.0.1:1/missing.png",
+                                                  correlation_id="submitted-by-request")
     settings.IMAGE_FETCH_ALLOW_PRIVATE = True
     LegacyPoller(interval=0.01).work(burst=True)
     task.refresh_from_db()
@@ -54,6 +55,7 @@ def test_a_transient_error_is_retried_with_backoff_then_dead_lettered(redis, dat
     assert broker.dead_letter_job_ids("normal") == [task.job_id]
     job = broker.fetch_job(task_id)
     assert job.get_status() == "failed" and job.args == [task_id]
+    assert job.meta["correlation_id"] == "submitted-by-request"
     assert take_snapshot().dead_letters["normal"] == 1
 
 

@@ -4,6 +4,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from migration.legacy import LegacyPoller
+from migration.models import POLLING_DISABLED
 from portal.logs import announce
 
 logger = logging.getLogger("migration.legacy")
@@ -25,8 +26,8 @@ class Command(BaseCommand):
                             help="Started by a supervisor for the Redis fallback (shown in the fleet views).")
 
     def handle(self, *args, burst=False, max_tasks=None, interval=None, name=None, fallback=False, **options):
-        if not settings.DATABASE_POLLING_ENABLED:
-            raise CommandError("DATABASE_POLLING_ENABLED is false here: the database poller may not run")
+        if not settings.DATABASE_POLLING_ENABLED and not fallback:
+            raise CommandError(POLLING_DISABLED + " (the supervisor starts it with --fallback while that is on)")
         if max_tasks is not None and max_tasks < 1:
             raise CommandError("--max-tasks must be at least 1")
         if interval is not None and interval <= 0:
