@@ -135,10 +135,12 @@ def test_django_rq_pages_change_nothing_in_redis(client, request, queue_state, r
     assert {"rq:failed:normal", "rq:wip:normal", "rq:finished:normal", "rq:scheduled:normal", "rq:deferred:normal",
             "rq:queue:normal"} <= set(before)
     answered = []
-    for method, path, data in every_django_rq_request(queue_state):
+    requests = list(every_django_rq_request(queue_state))
+    for index, (method, path, data) in enumerate(requests):
         response = getattr(client, method)(path, data)
         answered.append((method, path, response.status_code))
-        assert redis_dump(redis) == before, f"{method.upper()} {path} {data} as {user_fixture} changed Redis"
+        if index + 1 == len(requests) or requests[index + 1][1] != path:  # Redis read back once per URL
+            assert redis_dump(redis) == before, f"a GET or POST of {path} as {user_fixture} changed Redis"
     assert answered and all(status == 404 for _, _, status in answered), [
         entry for entry in answered if entry[2] != 404][:5]
     assert broker.queue_lengths()["normal"] == 2
