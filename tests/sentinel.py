@@ -22,26 +22,36 @@ def _binary(name: str) -> str:
 
 
 class DataServer(RedisServer):
-    """A master, or a replica of ``replica_of`` (a port on 127.0.0.1)."""
+    """A master, or a replica of ``replica_of`` (a port on 127.0.0.1); ``password``: its ``requirepass``."""
 
-    def __init__(self, directory: Path, *, port: int, replica_of: int | None = None):
+    def __init__(self, directory: Path, *, port: int, replica_of: int | None = None, password: str | None = None):
         super().__init__(directory, port=port, appendonly=True)
-        self.replica_of = replica_of
+        self.replica_of, self.password = replica_of, password
 
     def command(self) -> list[str]:
         args = super().command()
         args[0] = _binary("redis-server")
         if self.replica_of:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        if self.password:
+            args += ["--requirepass", self.password]
         return args
+
+    def client(self, **kwargs):
+        return super().client(password=self.password, **kwargs)
 
 
 class SentinelServer(RedisServer):
-    """One sentinel watching the master on ``master_port`` (quorum 2, down after 1 s)."""
+    """One sentinel watching the master on ``master_port`` (quorum 2, down after 1 s). ``password``: the sentinel's
+    own ``requirepass``; ``master_password``: the data servers' (``sentinel auth-pass``)."""
 
-    def __init__(self, directory: Path, *, port: int, master_port: int):
+    def __init__(self, directory: Path, *, port: int, master_port: int, password: str | None = None,
+                 master_password: str | None = None):
         super().__init__(directory, port=port, appendonly=False)
-        self.master_port = master_port
+        self.master_port, self.password, self.master_password = master_port, password, master_password
+
+    def client(self, **kwargs):
+        return super().client(password=self.password, **kwargs)
 
     def command(self) -> list[str]:
         config = self.directory / "sentinel.conf"
@@ -52,7 +62,9 @@ class SentinelServer(RedisServer):
                 f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
                 f"sentinel failover-timeout {MASTER_NAME} 10000\n"
-                f"sentinel parallel-syncs {MASTER_NAME} 1\n")
+                f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+                + (f"requirepass {self.password}\n" if self.password else "")
+                + (f"sentinel auth-pass {MASTER_NAME} {self.master_password}\n" if self.master_password else ""))
         sentinel = shutil.which("redis-sentinel")
         return [sentinel, str(config)] if sentinel else [_binary("redis-server"), str(config), "--sentinel"]
 
