@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.db import DatabaseError, connection
 
 from monitoring.collectors import Snapshot
@@ -51,6 +52,9 @@ def health_report(snapshot: Snapshot) -> dict:
         submission = _component("healthy", "tasks are accepted and dispatched")
     if state.fallback_active:
         dispatching = _component("warning", "Redis fallback: new tasks go to the database poller")
+    elif state.mode in ("legacy", "hybrid") and not settings.DATABASE_POLLING_ENABLED:
+        dispatching = _component("unhealthy", f"mode {state.mode} sends tasks to the database poller, but "
+                                              "DATABASE_POLLING_ENABLED is false here: no poller may run for them")
     else:
         dispatching = _component("healthy", f"mode {state.mode}")
     components = {"redis": redis, "database": database, "workers": workers, "captioner": captioner,

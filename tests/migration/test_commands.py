@@ -142,3 +142,14 @@ def test_the_live_workers_page_lists_the_database_pollers(redis, staff_client):
         poller.stopping = True
         thread.join(10)
     assert "poller.page" not in staff_client.get(reverse("admin:queues_liveworker_changelist")).content.decode()
+
+
+def test_health_says_when_the_mode_needs_pollers_this_installation_forbids(redis, mode, staff_client, settings):
+    mode(mode=Mode.LEGACY)  # set before DATABASE_POLLING_ENABLED was turned off
+    settings.DATABASE_POLLING_ENABLED = False
+    cache.delete(HEALTH_CACHE_KEY)
+    response = staff_client.get("/api/rq/health")
+    dispatching = response.json()["components"]["dispatch"]
+    assert response.status_code == 503 and dispatching["status"] == "unhealthy"
+    assert "DATABASE_POLLING_ENABLED is false" in dispatching["reason"]
+
