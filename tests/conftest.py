@@ -37,30 +37,6 @@ def pytest_configure(config):
     broker.reset_connection()
 
 
-# Tests that take tens of seconds to minutes (drills with thousands of tasks, real process fleets). They run first
-# within their group, so that pytest-xdist's two workers share them and finish together instead of one running a
-# long drill alone at the end. The order is the same in every worker, as xdist requires.
-SLOW_FIRST = ("tests/drills/test_migration_drill.py", "tests/queues/test_operations.py::test_bulk_requeue_of_100000",
-              "tests/drills/test_supervisor_duties.py", "tests/drills/", "tests/queues/test_bulk_recovery.py",
-              "tests/migration/test_commands.py", "tests/migration/test_drain.py",
-              "tests/portal/test_django_rq_urls.py::test_django_rq_pages_change_nothing",
-              "tests/portal/test_runportal.py")
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_collection_modifyitems(config, items):
-    """Before pytest-django's own (stable) sort into Django's order: tests in a rolled-back transaction first, then
-    transactional ones (which empty the tables, seeded rows included), then those without a database. The slow
-    tests lead within each of those groups."""
-
-    def rank(item) -> int:
-        return next((index for index, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)),
-                    len(SLOW_FIRST))
-
-    items.sort(key=rank)  # stable: within a rank, and for every other test, the collection order stays
-    yield
-
-
 @pytest.fixture
 def redis(settings):
     """The test run's Redis server, emptied before the test. Tests that use it talk to a real server."""
