@@ -44,3 +44,24 @@ def rq_worker_process(redis, tmp_path):
     yield process
     process.terminate()
     process.wait(60)
+
+
+@pytest.fixture
+def slow_poller(database_tasks, http_server, png_bytes):
+    """``start(name, count, delay)``: ``count`` database tasks whose captions take ``delay`` s (a local Ollama
+    stand-in) and a ``manage.py run_legacy_worker --name NAME`` process on them; returns (process, task ids). The
+    test stops the process."""
+    from tests.processes import slow_ollama
+
+    def start(name: str, count: int, delay: float) -> tuple[subprocess.Popen, list[int]]:
+        url = slow_ollama(http_server, png_bytes, delay=delay)
+        ids = database_tasks(count)
+        CaptionTask.objects.filter(pk__in=ids).update(image_ref=url)
+        env = subprocess_env(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, IMAGE_FETCH_ALLOW_PRIVATE="true")
+        process = subprocess.Popen([sys.executable, "manage.py", "run_legacy_worker", "--name", name,
+                                    "--interval", "0.05"], cwd=settings.BASE_DIR, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return process, ids
+
+    return start
+

@@ -3,8 +3,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -12,8 +10,7 @@ from migration.models import LegacyWorker, MigrationRun, Mode
 from migration.runs import run_create, run_execute
 from queues import broker
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
-from tests.conftest import subprocess_env
-from tests.processes import slow_ollama, wait_for
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -21,17 +18,11 @@ CAPTION_SECONDS = 20  # far longer than the drain's timeout: the poller cannot f
 
 
 @pytest.fixture
-def busy_poller(redis, mode, database_tasks, http_server, png_bytes, settings, tmp_path):
+def busy_poller(redis, mode, slow_poller, settings, tmp_path):
     """A poller process in the middle of a 20 s caption, registered as if on another host; yields (process, task id)."""
     settings.MIGRATION_BACKUP_DIR = tmp_path
     mode(mode=Mode.LEGACY)
-    url = slow_ollama(http_server, png_bytes, delay=CAPTION_SECONDS)
-    [task_id] = database_tasks(1)
-    CaptionTask.objects.filter(pk=task_id).update(image_ref=url)
-    env = subprocess_env(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, IMAGE_FETCH_ALLOW_PRIVATE="true")
-    process = subprocess.Popen([sys.executable, "manage.py", "run_legacy_worker", "--name", "poller.far",
-                                "--interval", "0.05"], cwd=settings.BASE_DIR, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process, [task_id] = slow_poller("poller.far", 1, CAPTION_SECONDS)
     try:
         wait_for(lambda: CaptionTask.objects.filter(pk=task_id, status=TaskStatus.PROCESSING).exists(), 20,
                  "the poller took the task")

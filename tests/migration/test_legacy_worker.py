@@ -1,10 +1,8 @@
 """The database poller: claims only database tasks, once, with the RQ worker's attempt rules; stops gracefully."""
 
 import signal
-import subprocess
-import sys
+
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
@@ -14,7 +12,6 @@ from migration.models import LegacyWorker
 from monitoring.collectors import take_snapshot
 from queues import broker
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
-from tests.conftest import subprocess_env
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -96,16 +93,8 @@ def test_two_pollers_at_once_run_every_task_exactly_once(redis, database_tasks, 
     assert all(poller.result.completed > 0 for poller in pollers)  # both worked: neither waited the other out
 
 
-def test_sigterm_finishes_the_task_in_hand_then_exits(redis, database_tasks, http_server, png_bytes):
-    from tests.processes import slow_ollama
-
-    url = slow_ollama(http_server, png_bytes, delay=1.5)
-    ids = database_tasks(3)
-    CaptionTask.objects.filter(pk__in=ids).update(image_ref=url)
-    env = subprocess_env(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, IMAGE_FETCH_ALLOW_PRIVATE="true")
-    process = subprocess.Popen([sys.executable, "manage.py", "run_legacy_worker", "--name", "poller.sig",
-                                "--interval", "0.05"], cwd=settings.BASE_DIR, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def test_sigterm_finishes_the_task_in_hand_then_exits(redis, slow_poller):
+    process, ids = slow_poller("poller.sig", 3, 1.5)
     try:
         wait_for(lambda: CaptionTask.objects.filter(status=TaskStatus.PROCESSING).exists(), 20, "a task started")
         process.send_signal(signal.SIGTERM)
