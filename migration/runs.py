@@ -210,8 +210,8 @@ def _force_pollers(ctx: PhaseContext) -> list[str]:
     """Pollers that overran the drain timeout, on whatever host: ``stop_forced`` on their rows, which each poller
     reads at its next beat (migration.legacy). It gives its attempt back without using a retry and exits, or, stuck,
     kills itself after FORCE_GRACE_SECONDS. A poller whose heartbeat has gone stale (killed, frozen, its host
-    gone) is dead to the lease as to the reconciler: its tasks are re-driven here (that attempt counts as a retry);
-    a frozen one that wakes finds its claim taken, writes nothing and stops."""
+    gone) has its attempts given back here once their leases have run out (_give_back_stale); a frozen one that
+    wakes finds its claim taken, writes nothing and stops."""
     names = list(dispatch.legacy_workers_alive().values_list("name", flat=True))
     LegacyWorker.objects.filter(name__in=names).update(stop_forced=True)
     ctx.log(f"drain timeout: {len(names)} database poller(s) told to give their task back and exit at once: "

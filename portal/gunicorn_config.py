@@ -7,13 +7,10 @@ plain line. Command-line options still apply on top (workers, bind, ``--access-l
 
 from gunicorn import glogging
 
-from portal.env import env_choice
-from portal.logs import server_logging
+from portal.logs import log_settings, server_logging
 from queues import correlation
 
-# Read here as well as in portal.settings: gunicorn's master process logs before (and without) loading Django.
-LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
-LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+LOG_FORMAT, LOG_LEVEL = log_settings()  # gunicorn's master process logs before (and without) loading Django
 loglevel = LOG_LEVEL.lower()
 logconfig_dict = server_logging(LOG_FORMAT, LOG_LEVEL) if LOG_FORMAT == "json" else {}
 access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(L)ss' + \

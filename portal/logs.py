@@ -13,6 +13,15 @@ import logging
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 
+def log_settings() -> tuple[str, str]:
+    """LOG_FORMAT and LOG_LEVEL from the environment, checked (read by portal.settings, and by gunicorn's config,
+    whose master process logs without loading Django)."""
+    from portal.env import env_choice
+
+    return (env_choice("LOG_FORMAT", "plain", ("plain", "json")),
+            env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")))
+
+
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s %(task_id)s %(worker)s %(queue)s"
 SERVER_LOGGERS = ("gunicorn.error", "gunicorn.access", "uvicorn", "uvicorn.error", "uvicorn.access", "daphne")
 

@@ -332,8 +332,7 @@ if not DEBUG and not LOCAL_MODE:
 # LOG_FORMAT=json: one JSON object per line (python-json-logger) with the correlation id, task, worker and queue
 # where known; plain text otherwise. Web (gunicorn with portal.gunicorn_config, uvicorn), workers, supervisor and
 # commands all log through portal.logs.
-LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
+LOG_FORMAT, LOG_LEVEL = logs.log_settings()
 if LOG_FORMAT == "json":
     logging.captureWarnings(True)  # a warning is a log record too, not a text line among the JSON
-LOGGING = logs.logging_config(LOG_FORMAT, env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-                              loggers={"django.db.backends": {"level": "INFO"}})
+LOGGING = logs.logging_config(LOG_FORMAT, LOG_LEVEL, loggers={"django.db.backends": {"level": "INFO"}})

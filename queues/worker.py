@@ -308,7 +308,7 @@ class CaptionWorker(SimpleWorker):
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
             if result is not None:  # rq's own line is dropped (_RqDequeueLine): this one says whose task it is
                 job, queue = result
-                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id, extra=self._job_log_fields(job, queue))
+                self._log_dequeued(job, queue)
             return result
         with self._slots_changed:
             # Never pop a job no slot can take: it would exist only in this process' memory.
@@ -342,7 +342,7 @@ class CaptionWorker(SimpleWorker):
             if result is not None:
                 job, queue = result
                 self.reorder_queues(reference_queue=queue)
-                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id, extra=self._job_log_fields(job, queue))
+                self._log_dequeued(job, queue)
             return result
         return None
 
@@ -373,6 +373,10 @@ class CaptionWorker(SimpleWorker):
         # id (from the job's meta; then from the claimed row, which also has it for jobs the relay published).
         with correlation.bound(fields.pop("correlation_id") or "", **fields):
             return self._execute_caption_job(job, queue, _is_caption(job))
+
+    def _log_dequeued(self, job, queue) -> None:
+        """rq's "queue: job" line (its own is dropped by _RqDequeueLine), with the job's task, worker, queue and id."""
+        self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id, extra=self._job_log_fields(job, queue))
 
     def _job_log_fields(self, job, queue) -> dict:
         """What a log line about ``job`` carries: its task, the correlation id in its meta, this worker, the queue."""
