@@ -69,6 +69,12 @@ WORKER_TTL = 30
 # rq renews the worker's key (TTL WORKER_TTL + 60 s) before and after every dequeue and after every job, two round
 # trips each time; between jobs once in this many seconds is plenty.
 HEARTBEAT_EVERY = 5.0
+# Seconds the command listener's thread waits per poll (a local select on its subscribed connection, no round trip):
+# the longest an idle worker's exit can wait for it if Redis does not answer UNSUBSCRIBE.
+COMMAND_POLL = 0.5
+# Seconds a worker with slots blocks in one pop before it reads its stop flag again (BLPOP takes fractions since
+# Redis 6): how long an idle one waits to leave after a stop signal.
+SLOTS_POP = 0.5
 
 
 def resident_memory_bytes(pid: int | None = None) -> int | None:
@@ -203,6 +209,48 @@ class CaptionWorker(SimpleWorker):
             slot.thread.join()
         return super().teardown()
 
+    # --- the command listener (stop-job, shutdown, kill-horse over Redis pub/sub) -------------------------------
+    # rq's listener is redis-py's PubSubWorkerThread polling every 60 s, and rq's unsubscribe() sends UNSUBSCRIBE
+    # before it clears the thread's run flag: when the thread reads the reply first, it waits out a whole poll
+    # unsubscribed, and redis-py 8.2's stop() joins it without a limit, so an idle worker took 60 s to exit (every
+    # retire, scale-down, hand-over and deploy waited for it; tests/drills/test_exit_drill.py). This listener is a
+    # thread of our own: its flag is cleared before UNSUBSCRIBE is sent, so the reply that wakes it also ends it, and
+    # it polls every COMMAND_POLL seconds in any case. No private attribute of redis-py is touched.
+    def subscribe(self):
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self._commands_stop = threading.Event()
+        self.pubsub_thread = threading.Thread(target=self._listen, args=(self.pubsub, self._commands_stop),
+                                              name="commands", daemon=True)
+        self.pubsub_thread.start()
+
+    def _listen(self, pubsub, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                pubsub.get_message(ignore_subscribe_messages=True, timeout=COMMAND_POLL)
+            except Exception as error:
+                if stop.is_set():
+                    break  # the connection was closed under a poll at shutdown
+                if isinstance(error, redis.exceptions.ConnectionError):  # redis-py subscribes again on reconnect
+                    self.log.error("Worker %s: command listener cannot reach Redis: %s; retrying in 2 s", self.name,
+                                   error)
+                else:
+                    self.log.exception("Worker %s: command listener failed; it goes on", self.name)
+                stop.wait(2.0)
+
+    def unsubscribe(self):
+        thread = self.pubsub_thread
+        if thread is None:
+            return
+        self._commands_stop.set()
+        try:
+            self.pubsub.unsubscribe()  # its reply wakes the thread, which then sees the flag
+        except Exception:  # Redis gone: the thread ends at its next poll
+            pass
+        thread.join(timeout=COMMAND_POLL + 1)
+        self.pubsub.close()
+        self.pubsub_thread = None
+
     def register_death(self, *args, **kwargs):
         self._alive_stop.set()
         try:
@@ -319,8 +367,8 @@ class CaptionWorker(SimpleWorker):
                     self.heartbeat()
             finally:
                 self._main_waiting = False
-        # rq's loop, with pops of at most a second and the stop flag read between them (a stop signal never raises
-        # in here, so a popped job is never dropped).
+        # rq's loop, with pops of at most SLOTS_POP seconds and the stop flag read between them (a stop signal never
+        # raises in here, so a popped job is never dropped).
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
         idle_since, wait = time.monotonic(), 1.0
@@ -328,7 +376,7 @@ class CaptionWorker(SimpleWorker):
             self.heartbeat()
             try:
                 result = self.queue_class.dequeue_any(
-                    self._ordered_queues, None if timeout is None else 1, connection=self.connection,
+                    self._ordered_queues, None if timeout is None else SLOTS_POP, connection=self.connection,
                     job_class=self.job_class, serializer=self.serializer, death_penalty_class=self.death_penalty_class)
             except DequeueTimeout:
                 if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:

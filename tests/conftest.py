@@ -258,6 +258,28 @@ def subprocess_env(**extra) -> dict:
 
 
 @pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """Marks every process the test starts (tests/processes.py) and fails the test if one outlives it: whatever is
+    still running a few seconds after the test's own teardown is SIGKILLed and named in the failure."""
+    import os
+    import time
+    import uuid
+
+    from tests.processes import MARK, kill_all, marked_processes
+
+    mark = os.environ[MARK] = uuid.uuid4().hex
+    yield
+    deadline = time.monotonic() + 5  # workers told to stop by a parent-death signal may still be on their way out
+    while (left := marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    del os.environ[MARK]
+    if left:
+        kill_all(left)
+        pytest.fail("processes started by this test were still running after it (now killed):\n"
+                    + "\n".join(f"  {pid} {command[:200]}" for pid, command in left.items()), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_queue_control():
     """Queue pauses are cached for a second per process; each test starts from what its database says."""
     from queues import control

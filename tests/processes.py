@@ -1,13 +1,21 @@
-"""Real processes for fleet tests and drills: supervisors (``manage.py runworkers``) with short intervals, and
-helpers to watch them. Shared by tests/queues/test_fleet.py and tests/drills/."""
+"""Real processes for tests: how every test stops what it started, supervisors (``manage.py runworkers``) with short
+intervals, and helpers to watch them. Shared by every test that starts a process.
+
+Every process a test starts carries ``PORTAL_TEST_PROCESS=<the test's mark>`` in its environment (tests/conftest.py
+sets it in ``os.environ`` for the length of each test, and children inherit it: workers the supervisor starts in
+sessions of their own too). After the test, anything still carrying the mark is SIGKILLed and the test fails, so a
+leak is blamed on the test that made it, never on the next one.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 
 from django.conf import settings
 from django.db import close_old_connections
@@ -25,6 +33,68 @@ def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s: {message}")
+
+
+MARK = "PORTAL_TEST_PROCESS"
+
+
+def marked_processes(mark: str) -> dict[int, str]:
+    """Live processes whose environment carries ``PORTAL_TEST_PROCESS=mark``, with their command lines."""
+    wanted = f"{MARK}={mark}".encode()
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                if wanted not in handle.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                found[int(entry.name)] = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or a zombie (whose environment cannot be read)
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children, their children...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            parent = parent_pid(int(entry.name))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_all(pids: Iterable[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_process(process: subprocess.Popen, *, grace: float = 10.0, sig: int = signal.SIGTERM) -> bool:
+    """Stops a process a test started: ``sig`` (SIGTERM), up to ``grace`` seconds for it to exit, then SIGKILL of it
+    and of everything it started. Returns whether it exited by itself. Workers that a supervisor started in sessions
+    of their own are found through /proc either way, and anything orphaned earlier through the test's mark."""
+    if process.poll() is None:
+        try:
+            process.send_signal(sig)
+            process.wait(grace)
+            return True
+        except subprocess.TimeoutExpired:
+            pass
+        kill_all([*descendants(process.pid), process.pid])
+        process.wait(10)
+        return False
+    return True
 
 
 def parent_pid(pid: int) -> int | None:
@@ -66,19 +136,21 @@ class Supervisors:
             texts.append(log.read().decode(errors="replace"))
         return "\n---\n".join(texts)
 
-    def stop_all(self):
+    def stop_all(self, grace: float = 30.0):
+        """SIGTERM to every supervisor, ``grace`` seconds for them all to exit (an idle fleet leaves in about a
+        second), then SIGKILL of whatever is left with its workers. Prints what they wrote: pytest shows it for a
+        failing test only."""
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        deadline = time.monotonic() + grace
+        stuck = [process.pid for process in self.processes
+                 if not stop_process(process, grace=max(0.0, deadline - time.monotonic()))]
+        print(self.output()[-30000:])
         for log in self.logs:
             log.close()
         self.logs.clear()
+        assert not stuck, f"supervisor(s) {stuck} had not exited {grace} s after SIGTERM: killed with their workers"
 
 
 def slow_ollama(http_server, png_bytes, delay: float) -> str:
