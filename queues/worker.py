@@ -121,6 +121,7 @@ class CaptionWorker(SimpleWorker):
         super().__init__(queues, *args, **kwargs)
         self.pool_name = pool or os.environ.get("PORTAL_WORKER_POOL", "")
         self._alive_stop = threading.Event()
+        self._starting = False  # in bootstrap: a stop signal is recorded, not raised
         self._job_in_hand = False
         self._idle_written = False  # the end-of-job pipeline has just written state=idle
         self._slots: list[CaptionSlot] = []
@@ -259,8 +260,23 @@ class CaptionWorker(SimpleWorker):
             pass
         return super().register_death(*args, **kwargs)
 
+    def bootstrap(self, *args, **kwargs):
+        """rq installs its stop-signal handlers only after bootstrap has registered the worker and subscribed it: a
+        SIGTERM in between (a scale-down or deploy just after a start) ended the process outright and left it in
+        ``rq:workers`` with its key for minutes (tests/drills/test_exit_drill.py). Here the handlers come first; a
+        stop during start-up is only recorded (nothing raises inside a Redis call) and the work loop, at its first
+        turn, ends through teardown like any stop."""
+        self._starting = True
+        self._install_signal_handlers()
+        try:
+            return super().bootstrap(*args, **kwargs)
+        finally:
+            self._starting = False
+
     # --- jobs --------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self):
+        if self._stop_requested:
+            return  # stopped during start-up: a further signal is already a second one (request_force_stop)
         super()._install_signal_handlers()
         signal.signal(signal.SIGUSR1, self._stop_current_job)
 
@@ -278,6 +294,8 @@ class CaptionWorker(SimpleWorker):
         return super().request_stop(signum, frame)
 
     def _shutdown(self):
+        if self._starting:
+            return  # the flag is set: the work loop stops at its first turn
         if self.slot_count == 1:
             return super()._shutdown()
         # With slots rq's test (is the worker busy?) is the wrong one: the main thread only dispatches. It is

@@ -80,21 +80,40 @@ def kill_all(pids: Iterable[int]) -> None:
             pass
 
 
+def start_command(*arguments: str, **environment: str) -> subprocess.Popen:
+    """``manage.py ARGUMENTS`` with this test's Redis and database (and ``environment``), its output kept in a file
+    that ``stop_process`` prints (pytest shows it for a failing test)."""
+    from tests.conftest import subprocess_env
+
+    log = tempfile.TemporaryFile()  # a pipe nobody reads would block the process once full
+    process = subprocess.Popen([sys.executable, "manage.py", *arguments], cwd=settings.BASE_DIR,
+                               env=subprocess_env(**environment), stdout=log, stderr=subprocess.STDOUT)
+    process.log = log
+    return process
+
+
 def stop_process(process: subprocess.Popen, *, grace: float = 10.0, sig: int = signal.SIGTERM) -> bool:
     """Stops a process a test started: ``sig`` (SIGTERM), up to ``grace`` seconds for it to exit, then SIGKILL of it
     and of everything it started. Returns whether it exited by itself. Workers that a supervisor started in sessions
-    of their own are found through /proc either way, and anything orphaned earlier through the test's mark."""
+    of their own are found through /proc either way, and anything orphaned earlier through the test's mark. Prints
+    what a process of ``start_command`` wrote."""
+    exited = True
     if process.poll() is None:
         try:
             process.send_signal(sig)
             process.wait(grace)
-            return True
         except subprocess.TimeoutExpired:
-            pass
-        kill_all([*descendants(process.pid), process.pid])
-        process.wait(10)
-        return False
-    return True
+            kill_all([*descendants(process.pid), process.pid])
+            process.wait(10)
+            exited = False
+    log = getattr(process, "log", None)
+    if log is not None and not log.closed:
+        log.seek(0)
+        print(f"--- {' '.join(map(str, process.args))[:200]} (exit code {process.returncode}"
+              f"{'' if exited else f', killed {grace} s after signal {sig}'}):")
+        print(log.read().decode(errors="replace")[-20000:])
+        log.close()
+    return exited
 
 
 def parent_pid(pid: int) -> int | None:

@@ -6,18 +6,27 @@ Slack and webhook receivers are real local HTTP servers."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
-from django.conf import settings
 
-from monitoring.models import Alert, AlertRule, DeliveryAttempt, Notification, NotificationChannel, NotificationRoute
+from monitoring.models import (
+    Alert,
+    AlertRule,
+    DeliveryAttempt,
+    Notification,
+    NotificationChannel,
+    NotificationRoute,
+)
 from queues.fleet import pool_scale
-from tests.conftest import respond, subprocess_env
-from tests.processes import Supervisors, live_workers, wait_for
+from tests.conftest import respond
+from tests.processes import (
+    Supervisors,
+    live_workers,
+    start_command,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow,
               pytest.mark.usefixtures("seeded_alert_rules")]
@@ -59,15 +68,12 @@ def test_redis_stopped_pages_once_per_route_and_its_consequences_page_nobody(red
     everything.channels.add(slack)
 
     group = Supervisors()
-    log = tempfile.TemporaryFile()
     evaluator = None
     try:
         group.start()
         pool_scale(pool=pool, desired=2)
         wait_for(lambda: len(live_workers()) == 2, 30, "two workers")
-        evaluator = subprocess.Popen([sys.executable, "manage.py", "evaluate_alerts", "--interval", "0.5"],
-                                     cwd=settings.BASE_DIR, env=subprocess_env(), stdout=log,
-                                     stderr=subprocess.STDOUT)
+        evaluator = start_command("evaluate_alerts", "--interval", "0.5")
         time.sleep(3)
         assert not Alert.objects.filter(state=Alert.State.FIRING).exists(), list(Alert.objects.values("summary"))
 
@@ -102,14 +108,7 @@ def test_redis_stopped_pages_once_per_route_and_its_consequences_page_nobody(red
         resolved_by = set(DeliveryAttempt.objects.filter(notification__kind="resolved").values_list("worker",
                                                                                                     flat=True))
         assert resolved_by and "evaluator" not in resolved_by, "Redis is back: the workers delivered the resolution"
-    except AssertionError:
-        log.seek(0)
-        print(log.read().decode(errors="replace")[-10000:])
-        print(group.output()[-10000:])
-        raise
     finally:
         if evaluator is not None:
-            evaluator.terminate()
-            evaluator.wait(20)
+            stop_process(evaluator, grace=20)
         group.stop_all()
-        log.close()

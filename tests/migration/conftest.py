@@ -11,7 +11,7 @@ from queues import broker
 from queues.models import CaptionTask, Dispatch
 from queues.worker import CaptionWorker
 from tests.conftest import subprocess_env
-from tests.processes import wait_for
+from tests.processes import start_command, stop_process, wait_for
 
 
 @pytest.fixture
@@ -37,13 +37,13 @@ def registered_worker(redis):
 
 @pytest.fixture
 def rq_worker_process(redis, tmp_path):
-    process = subprocess.Popen([sys.executable, "manage.py", "rqworker", "urgent", "high", "normal", "low",
-                                "--name", "migration-test-worker", "--verbosity", "0"], cwd=settings.BASE_DIR,
-                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: any(w.name == "migration-test-worker" for w in broker.workers()), 30, "the RQ worker started")
-    yield process
-    process.terminate()
-    process.wait(60)
+    process = start_command("rqworker", "urgent", "high", "normal", "low", "--name", "migration-test-worker",
+                            "--verbosity", "0")
+    try:
+        wait_for(lambda: any(w.name == "migration-test-worker" for w in broker.workers()), 30, "the RQ worker started")
+        yield process
+    finally:
+        stop_process(process, grace=30)
 
 
 @pytest.fixture

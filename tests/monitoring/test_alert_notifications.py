@@ -290,18 +290,11 @@ def test_a_notification_no_worker_started_is_sent_by_the_evaluator_once(redis, w
 
 
 def test_a_live_worker_delivers_notifications(redis, webhook):
-    import subprocess
-    import sys
-
-    from django.conf import settings
-
-    from tests.conftest import subprocess_env
-    from tests.processes import wait_for
+    from tests.processes import start_command, stop_process, wait_for
 
     only("few-workers")
     AlertRule.objects.update(for_seconds=0)
-    worker = subprocess.Popen([sys.executable, "manage.py", "rqworker", "urgent"], cwd=settings.BASE_DIR,
-                              env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = start_command("rqworker", "urgent")
     try:
         from monitoring.notifications import workers_take_notifications
 
@@ -314,8 +307,7 @@ def test_a_live_worker_delivers_notifications(redis, webhook):
         attempt = DeliveryAttempt.objects.get()
         assert attempt.worker not in ("", "evaluator") and len(posted(webhook.server)) == 1
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop_process(worker, grace=30)
 
 
 def test_with_urgent_paused_the_evaluator_sends_itself(redis, webhook, admin_user):

@@ -2,9 +2,6 @@
 
 import json
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from datetime import timedelta
 
@@ -21,7 +18,7 @@ from monitoring.dashboard import LiveSampler
 from monitoring.live import METRICS_GROUP
 from monitoring.sampler import LAST_KEY
 from queues.models import CaptionTask, TaskStatus
-from tests.conftest import subprocess_env
+from tests.processes import start_command, stop_process
 
 
 def make_tasks(count: int, status: str = TaskStatus.QUEUED) -> None:
@@ -334,9 +331,7 @@ def test_the_running_sampler_pushes_only_while_someone_watches(redis):
             await layer.group_discard(METRICS_GROUP, channel)
         return unwatched, watched
 
-    log = tempfile.TemporaryFile()
-    sampler = subprocess.Popen([sys.executable, "manage.py", "run_sampler", "--live-interval", "0.2"],
-                               cwd=settings.BASE_DIR, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+    sampler = start_command("run_sampler", "--live-interval", "0.2")
     try:
         deadline = time.monotonic() + 60
         while not redis.exists(LAST_KEY):  # its first pass has run
@@ -344,11 +339,7 @@ def test_the_running_sampler_pushes_only_while_someone_watches(redis):
             time.sleep(0.05)
         unwatched, watched = async_to_sync(listen)()
     finally:
-        sampler.send_signal(signal.SIGTERM)
-        sampler.wait(30)
-        log.seek(0)
-        print(log.read().decode(errors="replace"))
-        log.close()
+        stop_process(sampler, grace=30)
     assert unwatched is None
     assert watched is not None and watched["type"] == "metrics.update"
 

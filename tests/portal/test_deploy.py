@@ -170,7 +170,7 @@ def test_the_compose_file_runs_every_part_with_health_checks():
     assert seconds(services["workers"]["stop_grace_period"]) > SUPERVISOR_STOP_SECONDS
     assert "noeviction" in services["redis"]["command"]  # rq's keys must never be evicted
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert "requirements-mysql.txt" in dockerfile and "collectstatic" in dockerfile
+    assert "requirements-mysql.lock" in dockerfile and "collectstatic" in dockerfile
 
 
 def manifests() -> dict[tuple[str, str], dict]:

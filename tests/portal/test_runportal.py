@@ -14,6 +14,7 @@ import pytest
 from django.conf import settings
 
 from portal.embedded_redis import free_port
+from tests.processes import descendants, kill_all
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ def test_run_command_serves_processes_tasks_and_stops_everything(tmp_path):
         try:
             runner.wait(60)
         except subprocess.TimeoutExpired:
-            runner.kill()
+            kill_all([*descendants(runner.pid), runner.pid])
             raise
     rest = runner.stdout.read()
     assert runner.returncode == 0, rest
