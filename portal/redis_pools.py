@@ -27,7 +27,7 @@ import redis.asyncio
 import redis.asyncio.sentinel
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 NO_CONNECTION = "No connection available."  # what redis-py's blocking pools raise when their wait times out
 
@@ -86,8 +86,22 @@ class CappedPool(_Counted, redis.BlockingConnectionPool):
     pass
 
 
+class ClosingSentinelConnection(SentinelManagedConnection):
+    """A Sentinel connection that is closed when a read is interrupted, like every other redis-py connection.
+    Before redis-py 8.2 Sentinel's own kept it open (``disconnect_on_error=False``): a stop signal raised in a
+    worker's blocking pop left the pop's reply pending on the connection, and the worker's next command at exit
+    waited behind it for socket timeouts and retries (tests/drills/test_sentinel_failover.py)."""
+
+    def read_response(self, *args, disconnect_on_error: bool = True, **kwargs):
+        return super().read_response(*args, disconnect_on_error=disconnect_on_error, **kwargs)
+
+
 class CappedSentinelPool(_Counted, SentinelConnectionPool, redis.BlockingConnectionPool):
     """Sentinel's pool (asks the sentinels for the master) with the blocking pool's cap and wait."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("connection_class", ClosingSentinelConnection)
+        super().__init__(*args, **kwargs)
 
 
 class _AsyncExhaustion:
