@@ -18,8 +18,10 @@ what gets installed. tests/portal/test_lock.py fails when a lock and its ranges 
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -75,12 +77,15 @@ def ensure_venv() -> None:
         sys.exit("Installing the locked requirements failed (see above).")
     # A lock that lacks a dependency installs (--no-deps) but leaves it missing: say so now, not at an import.
     if subprocess.run([str(PYTHON), "-m", "pip", "check", "--disable-pip-version-check"]).returncode != 0:
-        sys.exit("The locked requirements are incomplete (see above): run `python3 dev.py lock`.")
+        sys.exit(f"The installed packages do not fit together (see above). If a package the locks no longer name "
+                 f"is left in {VENV}, remove that folder and run again; if a lock lacks a dependency, run "
+                 f"`python3 dev.py lock`.")
     stamp.write_text(digest)
 
 
-def floor_constraints() -> str:
-    """``name==floor`` for FLOOR_PACKAGES, read from requirements.txt's ranges."""
+def floor_constraints(main_lock: Path) -> str:
+    """The floors lock's constraints: ``name==floor`` for FLOOR_PACKAGES, read from requirements.txt's ranges, and
+    every other pin of the main lock, so the two locks differ only where the floors make them."""
     text = (ROOT / "requirements.txt").read_text()
     lines = []
     for name in FLOOR_PACKAGES:
@@ -88,32 +93,44 @@ def floor_constraints() -> str:
         if not match:
             sys.exit(f"requirements.txt declares no floor (>=) for {name}")
         lines.append(f"{name}=={match.group(1)}")
+    for line in main_lock.read_text().splitlines():
+        pin = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\]+)(\s*;[^\\]+)?", line)
+        if pin and pin.group(1).lower().replace("_", "-") not in FLOOR_PACKAGES:
+            lines.append(pin.group(0).strip())
     return "\n".join(lines) + "\n"
 
 
 def lock(arguments: list[str]) -> int:
-    """Compiles every lock with uv: universal (any platform, Python 3.11+), with hashes."""
+    """Compiles every lock with uv (UV, pinned; no user or project uv configuration): universal (any platform,
+    Python 3.11+), with hashes. The locks change together or not at all."""
     create_venv()
     uv = VENV / "bin" / "uv"
-    if not uv.exists():
-        subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", UV], check=True)
-    floors = ROOT / ".floors-constraints.txt"
-    floors.write_text(floor_constraints())
-    try:
+    version = subprocess.run([str(uv), "--version"], capture_output=True, text=True).stdout if uv.exists() else ""
+    if version.split()[1:2] != [UV.split("==")[1]]:
+        subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", UV],
+                       check=True, env={**os.environ, "PIP_CONSTRAINT": ""})
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("UV_")}
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)  # the ranges and the current locks are copied here; the locks' comments name them
+        for path in {source for sources in LOCKS.values() for source in sources} | set(LOCKS):
+            if (ROOT / path).exists():  # uv keeps what it can of a current lock
+                shutil.copy(ROOT / path, directory / path)
         for output, sources in LOCKS.items():
             constraints = []
             if output in ("requirements-mysql.lock", "requirements-browser.lock"):
                 constraints = ["--constraint", "requirements.lock"]
             elif output == "requirements-floors.lock":
-                constraints = ["--constraint", floors.name]
-            command = [str(uv), "pip", "compile", "--quiet", "--universal", "--python-version", "3.11",
+                (directory / "floors.txt").write_text(floor_constraints(directory / "requirements.lock"))
+                constraints = ["--constraint", "floors.txt"]
+            command = [str(uv), "pip", "compile", "--quiet", "--no-config", "--universal", "--python-version", "3.11",
                        "--generate-hashes", "--no-header", "--output-file", output, *constraints, *sources,
                        *arguments]
             print("Locking", output, "from", ", ".join(sources), flush=True)
-            if subprocess.run(command, cwd=ROOT).returncode != 0:
+            if subprocess.run(command, cwd=directory, env=environment).returncode != 0:
+                print("Nothing was changed.")
                 return 1
-    finally:
-        floors.unlink()
+        for output in LOCKS:
+            shutil.copy(directory / output, ROOT / output)
     return 0
 
 

@@ -100,7 +100,8 @@ class CappedSentinelPool(_Counted, SentinelConnectionPool, redis.BlockingConnect
     """Sentinel's pool (asks the sentinels for the master) with the blocking pool's cap and wait."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("connection_class", ClosingSentinelConnection)
+        if not kwargs.get("ssl"):  # with ssl Sentinel's pool picks its own TLS connection class
+            kwargs.setdefault("connection_class", ClosingSentinelConnection)
         super().__init__(*args, **kwargs)
 
 

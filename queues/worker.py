@@ -226,18 +226,21 @@ class CaptionWorker(SimpleWorker):
         self.pubsub_thread.start()
 
     def _listen(self, pubsub, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                pubsub.get_message(ignore_subscribe_messages=True, timeout=COMMAND_POLL)
-            except Exception as error:
-                if stop.is_set():
-                    break  # the connection was closed under a poll at shutdown
-                if isinstance(error, redis.exceptions.ConnectionError):  # redis-py subscribes again on reconnect
-                    self.log.error("Worker %s: command listener cannot reach Redis: %s; retrying in 2 s", self.name,
-                                   error)
-                else:
-                    self.log.exception("Worker %s: command listener failed; it goes on", self.name)
-                stop.wait(2.0)
+        try:
+            while not stop.is_set():
+                try:
+                    pubsub.get_message(ignore_subscribe_messages=True, timeout=COMMAND_POLL)
+                except Exception as error:
+                    if stop.is_set():
+                        break
+                    if isinstance(error, redis.exceptions.ConnectionError):  # redis-py subscribes again on reconnect
+                        self.log.error("Worker %s: command listener cannot reach Redis: %s; retrying in 2 s",
+                                       self.name, error)
+                    else:
+                        self.log.exception("Worker %s: command listener failed; it goes on", self.name)
+                    stop.wait(2.0)
+        finally:
+            pubsub.close()  # here, not in unsubscribe(): never under a read still in progress
 
     def unsubscribe(self):
         thread = self.pubsub_thread
@@ -246,10 +249,9 @@ class CaptionWorker(SimpleWorker):
         self._commands_stop.set()
         try:
             self.pubsub.unsubscribe()  # its reply wakes the thread, which then sees the flag
-        except Exception:  # Redis gone: the thread ends at its next poll
+        except Exception:  # Redis gone (the attempt costs a connect timeout): the thread ends at its next poll
             pass
         thread.join(timeout=COMMAND_POLL + 1)
-        self.pubsub.close()
         self.pubsub_thread = None
 
     def register_death(self, *args, **kwargs):
@@ -261,22 +263,25 @@ class CaptionWorker(SimpleWorker):
         return super().register_death(*args, **kwargs)
 
     def bootstrap(self, *args, **kwargs):
-        """rq installs its stop-signal handlers only after bootstrap has registered the worker and subscribed it: a
-        SIGTERM in between (a scale-down or deploy just after a start) ended the process outright and left it in
-        ``rq:workers`` with its key for minutes (tests/drills/test_exit_drill.py). Here the handlers come first; a
-        stop during start-up is only recorded (nothing raises inside a Redis call) and the work loop, at its first
-        turn, ends through teardown like any stop."""
+        """rq installs its stop-signal handlers only after bootstrap has registered the worker and subscribed it, and
+        its work loop catches a stop only inside its ``try``: a SIGTERM before (a scale-down or deploy just after a
+        start) ended the process outright and left it in ``rq:workers`` with its key for minutes
+        (tests/drills/test_exit_drill.py). Here the handlers come first, and until rq installs them again just
+        before its loop (``_install_signal_handlers``) a stop is only recorded, never raised: the loop ends at its
+        first turn, through teardown, like any stop."""
         self._starting = True
-        self._install_signal_handlers()
-        try:
-            return super().bootstrap(*args, **kwargs)
-        finally:
-            self._starting = False
+        self._install_handlers()
+        return super().bootstrap(*args, **kwargs)
 
     # --- jobs --------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self):
+        """Called by rq's ``work()`` right before its loop's ``try``: from here on a stop may raise."""
+        self._starting = False
         if self._stop_requested:
-            return  # stopped during start-up: a further signal is already a second one (request_force_stop)
+            return  # stopped during start-up: the handlers are already the second stop's (request_force_stop)
+        self._install_handlers()
+
+    def _install_handlers(self):
         super()._install_signal_handlers()
         signal.signal(signal.SIGUSR1, self._stop_current_job)
 
@@ -313,6 +318,9 @@ class CaptionWorker(SimpleWorker):
         requested = getattr(self, "_shutdown_requested_date", None)
         if requested is not None and (rq_now() - requested) < timedelta(seconds=1):
             return  # one signal delivered twice (to the process group and by the supervisor): rq's own rule
+        if self._starting:  # nothing in hand yet; raising here would skip teardown (outside rq's try)
+            self.log.warning("Worker %s: told again to stop; stopping as soon as start-up ends", self.name)
+            return
         if self.slot_count > 1:
             # Every slot's caption, in progress or about to start (claimed, not begun), ends at once and its task
             # goes back to its queue; what is being recorded is recorded.

@@ -92,15 +92,17 @@ def start_command(*arguments: str, **environment: str) -> subprocess.Popen:
     return process
 
 
-def stop_process(process: subprocess.Popen, *, grace: float = 10.0, sig: int = signal.SIGTERM) -> bool:
-    """Stops a process a test started: ``sig`` (SIGTERM), up to ``grace`` seconds for it to exit, then SIGKILL of it
-    and of everything it started. Returns whether it exited by itself. Workers that a supervisor started in sessions
-    of their own are found through /proc either way, and anything orphaned earlier through the test's mark. Prints
-    what a process of ``start_command`` wrote."""
+def stop_process(process: subprocess.Popen, *, grace: float = 10.0,
+                 sig: int | None = signal.SIGTERM) -> bool:
+    """Stops a process a test started: ``sig`` (SIGTERM; None: the caller has signalled it already), up to ``grace``
+    seconds for it to exit, then SIGKILL of it and of everything it started. Returns whether it exited by itself.
+    Workers that a supervisor started in sessions of their own are found through /proc either way, and anything
+    orphaned earlier through the test's mark. Prints what a process of ``start_command`` wrote."""
     exited = True
     if process.poll() is None:
         try:
-            process.send_signal(sig)
+            if sig is not None:
+                process.send_signal(sig)
             process.wait(grace)
         except subprocess.TimeoutExpired:
             kill_all([*descendants(process.pid), process.pid])
@@ -110,7 +112,7 @@ def stop_process(process: subprocess.Popen, *, grace: float = 10.0, sig: int = s
     if log is not None and not log.closed:
         log.seek(0)
         print(f"--- {' '.join(map(str, process.args))[:200]} (exit code {process.returncode}"
-              f"{'' if exited else f', killed {grace} s after signal {sig}'}):")
+              f"{'' if exited else f', killed {grace} s after its stop signal'}):")
         print(log.read().decode(errors="replace")[-20000:])
         log.close()
     return exited
@@ -163,8 +165,9 @@ class Supervisors:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
+        # No second signal: to a supervisor it means "stop now" (its workers' attempts are given back at once).
         stuck = [process.pid for process in self.processes
-                 if not stop_process(process, grace=max(0.0, deadline - time.monotonic()))]
+                 if not stop_process(process, grace=max(0.0, deadline - time.monotonic()), sig=None)]
         print(self.output()[-30000:])
         for log in self.logs:
             log.close()

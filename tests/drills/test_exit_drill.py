@@ -58,6 +58,8 @@ def test_fifty_sigterms_to_idle_workers_each_exit_within_three_seconds_beside_tw
         try:
             wait_for(lambda: listening(redis, names) or any(w.poll() is not None for w in workers.values()), 60,
                      "the workers to start listening")
+            early = [name for name, worker in workers.items() if worker.poll() is not None]
+            assert not early, f"exited before the signal: {early}"
             signalled = time.monotonic()
             for worker in workers.values():
                 worker.send_signal(signal.SIGTERM)
@@ -71,6 +73,8 @@ def test_fifty_sigterms_to_idle_workers_each_exit_within_three_seconds_beside_tw
                 time.sleep(0.01)
             for name in waiting:
                 exits.append((f"{name} ({slots} slots)", float("inf")))
+            failed = {name: worker.returncode for name, worker in workers.items() if worker.returncode not in (0, None)}
+            assert not failed, f"a stop is not a failure: exit codes {failed}"
         finally:
             for name, worker in workers.items():
                 stop_process(worker, grace=0.5)

@@ -1,8 +1,9 @@
 """The lock files (what dev.py installs) agree with the ranges in requirements*.txt (what the project declares).
 
-A range changed without `python3 dev.py lock`, or a lock edited by hand, fails here: each declared package is pinned
-in its lock at a version inside its range, every pin carries hashes, and the floors lock holds rq, redis-py and
-django-rq at exactly the floors requirements.txt declares.
+A range changed without `python3 dev.py lock` fails here: each declared package is pinned in its lock at a version
+inside its range, every pin carries hashes, and the floors lock holds rq, redis-py and django-rq at exactly the
+floors requirements.txt declares and everything else as the main lock does. (pip checks the hashes themselves at
+install, and `pip check` that nothing a package needs is missing.)
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def test_every_declared_package_is_locked_inside_its_range_with_hashes(lock):
             assert hashes, f"{lock}: {name}=={version} has no hash"
 
 
-def test_the_extras_locks_add_only_what_the_main_lock_lacks():
-    """pip installs requirements.lock beside an extra's lock: a package in both would have to be the same pin."""
+def test_a_package_in_an_extras_lock_and_the_main_lock_is_pinned_alike():
+    """pip installs requirements.lock beside an extra's lock: a package in both must be the same pin."""
     main = pins(ROOT / "requirements.lock")
     for lock in ("requirements-mysql.lock", "requirements-browser.lock"):
         for name, entries in pins(ROOT / lock).items():
@@ -82,3 +83,12 @@ def test_the_floors_lock_pins_the_declared_floors_of_the_worker_stack():
         floor = next(spec.version for spec in floors[canonicalize_name(package)].specifier if spec.operator == ">=")
         assert [version for version, _, _ in locked[canonicalize_name(package)]] == [Version(floor)], (
             f"requirements-floors.lock must pin {package} at its declared floor {floor}: run `python3 dev.py lock`")
+
+
+def test_the_floors_lock_differs_from_the_main_lock_only_in_the_floor_packages():
+    floor_names = {canonicalize_name(package) for package in dev.FLOOR_PACKAGES}
+    main, floors = pins(ROOT / "requirements.lock"), pins(ROOT / "requirements-floors.lock")
+    versions = {name: sorted(str(version) for version, _, _ in entries) for name, entries in main.items()
+                if name not in floor_names}
+    assert {name: sorted(str(version) for version, _, _ in entries) for name, entries in floors.items()
+            if name not in floor_names} == versions, "run `python3 dev.py lock`"
