@@ -215,7 +215,7 @@ class CaptionWorker(SimpleWorker):
     # before it clears the thread's run flag: when the thread reads the reply first, it waits out a whole poll
     # unsubscribed, and redis-py 8.2's stop() joins it without a limit, so an idle worker took 60 s to exit (every
     # retire, scale-down, hand-over and deploy waited for it; tests/drills/test_exit_drill.py). This listener is a
-    # thread of our own: its flag is cleared before UNSUBSCRIBE is sent, so the reply that wakes it also ends it, and
+    # thread of our own: its stop flag is set before UNSUBSCRIBE is sent, so the reply that wakes it also ends it, and
     # it polls every COMMAND_POLL seconds in any case. No private attribute of redis-py is touched.
     def subscribe(self):
         self.pubsub = self.connection.pubsub()
