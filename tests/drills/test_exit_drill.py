@@ -15,11 +15,9 @@ import sys
 import time
 
 import pytest
-from django.conf import settings
 
 from queues import broker
-from tests.conftest import subprocess_env
-from tests.processes import stop_process, wait_for
+from tests.processes import start_command, stop_process, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -37,10 +35,8 @@ def cpu_burners():
 
 
 def start_worker(name: str, slots: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "rqworker", "urgent", "high", "normal", "low", "--name", name,
-         "--slots", str(slots), "--verbosity", "0"],
-        cwd=settings.BASE_DIR, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return start_command("rqworker", "urgent", "high", "normal", "low", "--name", name, "--slots", str(slots),
+                         "--verbosity", "0")
 
 
 def listening(redis, names: list[str]) -> bool:
@@ -76,12 +72,8 @@ def test_fifty_sigterms_to_idle_workers_each_exit_within_three_seconds_beside_tw
             failed = {name: worker.returncode for name, worker in workers.items() if worker.returncode not in (0, None)}
             assert not failed, f"a stop is not a failure: exit codes {failed}"
         finally:
-            for name, worker in workers.items():
-                stop_process(worker, grace=0.5)
-                output = worker.stdout.read().decode(errors="replace")
-                worker.stdout.close()
-                if output.strip():
-                    print(f"--- {name} (exit code {worker.returncode}):\n{output[-5000:]}")
+            for worker in workers.values():
+                stop_process(worker, grace=0.5)  # prints what it wrote
     slowest = max(exits, key=lambda exit: exit[1])
     figures = {"sigterms": len(exits), "slowest_exit_s": round(slowest[1], 3), "slowest_worker": slowest[0],
                "median_exit_s": round(sorted(seconds for _, seconds in exits)[len(exits) // 2], 3)}
