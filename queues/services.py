@@ -16,9 +16,10 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 
+from portal.db import retry_lock_conflicts
 from queues import broker, correlation
 from queues.captioners.fetch import ALLOWED_SCHEMES, is_remote, media_path
 from queues.errors import BrokerUnavailable, PermanentCaptionError
@@ -220,9 +221,18 @@ def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False, corr
     ids = [task_id for task_id, _ in tasks]
     stamp = timezone.now()
     # Publication makes a task due: a fresh task's relay grace no longer applies once its job is in Redis.
-    claimed = CaptionTask.objects.filter(
-        pk__in=ids, status=TaskStatus.QUEUED, dispatch=Dispatch.RQ, published_at__isnull=True).update(
-        published_at=stamp, publish_after=stamp)
+    # On MariaDB this claim can lose a lock cycle to a poller's claim or a worker's update of the same rows: it is
+    # one statement, so it runs again. A submitter whose claim still fails has nonetheless submitted (the rows are
+    # committed): the relay publishes them after the grace period, so the submitter is not told it failed.
+    try:
+        claimed = retry_lock_conflicts(lambda: CaptionTask.objects.filter(
+            pk__in=ids, status=TaskStatus.QUEUED, dispatch=Dispatch.RQ, published_at__isnull=True).update(
+            published_at=stamp, publish_after=stamp))
+    except DatabaseError as error:
+        if not fresh:
+            raise
+        logger.warning("Could not claim %d new task(s) for publishing, left for the relay: %s", len(ids), error)
+        return 0
     if claimed == 0:
         return 0
     correlation_ids = None

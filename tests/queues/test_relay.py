@@ -86,3 +86,70 @@ def test_tasks_whose_submitter_saw_redis_down_are_due_at_once(redis, media_image
     broker.reset_connection()
     assert tasks_relay_once() == 50
     assert broker.queue_lengths()["normal"] == 50
+
+
+def test_a_publication_that_loses_a_deadlock_runs_again_and_publishes_every_task(redis, media_image):
+    """MariaDB rolls back the cheaper side of a lock cycle. The submitter's claim (one statement, after its commit)
+    is that side when a heavier transaction holds the last of its rows and then wants the first: it must run again,
+    not raise into a submission that has already succeeded."""
+    import threading
+
+    from django.db import connection, connections, transaction
+
+    from queues.models import Dispatch, job_id_for
+    from queues.services import tasks_publish
+
+    if connection.vendor != "mysql":
+        pytest.skip("SQLite locks the whole database: no lock cycle between two statements")
+    reference = media_image()
+    heavy = CaptionTask.objects.insert_new([(reference, "normal", None)] * 300, publish_after=timezone.now())
+    targets = CaptionTask.objects.insert_new([(reference, "normal", None)] * 5,
+                                             publish_after=timezone.now() + timedelta(minutes=5))
+    assert CaptionTask.objects.filter(pk__in=targets, dispatch=Dispatch.RQ, published_at__isnull=True).count() == 5
+    holding, release, outcome = threading.Event(), threading.Event(), {}
+
+    def heavy_transaction():
+        try:
+            with transaction.atomic():
+                CaptionTask.objects.filter(pk__in=heavy).update(priority="low")  # the heavier side of the cycle
+                CaptionTask.objects.filter(pk=targets[-1]).update(priority="low")
+                holding.set()
+                release.wait(30)
+                CaptionTask.objects.filter(pk=targets[0]).update(priority="low")  # closes the cycle
+                outcome["heavy"] = "committed"
+        except Exception as error:
+            outcome["heavy"] = repr(error)
+        finally:
+            connections.close_all()
+
+    def publish():
+        try:
+            outcome["published"] = tasks_publish(tasks=[(pk, "normal") for pk in targets], fresh=True)
+        except Exception as error:
+            outcome["published"] = repr(error)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=heavy_transaction)
+    holder.start()
+    assert holding.wait(30)
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    with connection.cursor() as cursor:  # the publisher holds targets[:-1] and waits for targets[-1]
+        for _ in range(300):
+            # (the process list shows a user its own statements without the PROCESS privilege)
+            cursor.execute("SELECT COUNT(*) FROM information_schema.processlist "
+                           "WHERE info LIKE 'UPDATE %%published_at%%' AND time_ms > 200")
+            if cursor.fetchone()[0]:
+                break
+            threading.Event().wait(0.05)
+        else:
+            pytest.fail("the publisher never waited for the held row")
+    release.set()
+    holder.join(60)
+    publisher.join(60)
+
+    assert outcome == {"heavy": "committed", "published": 5}
+    assert CaptionTask.objects.filter(pk__in=targets, published_at__isnull=True).count() == 0
+    queued = {job_id.decode() for job_id in broker.get_connection().lrange("rq:queue:normal", 0, -1)}
+    assert {job_id_for(pk) for pk in targets} <= queued
