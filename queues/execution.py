@@ -43,6 +43,17 @@ def captioning_now() -> bool:
     return _captioning.is_set()
 
 
+_interrupt_next = threading.Event()
+
+
+def interrupt_next_caption() -> None:
+    """A one-slot worker told to stop at once between its pop and its caption: the caption about to start is given
+    back instead of run. Called from the signal handler, which runs in the main thread between two of its bytecodes,
+    so it comes either before ``_run_attempt`` reads this (the attempt is given back) or during the caption (the
+    handler raises there instead). The worker exits after this attempt."""
+    _interrupt_next.set()
+
+
 # The attempts this process is running: task id -> claim token. Read by the liveness thread (attempts_heartbeat).
 _in_flight: dict[int, str] = {}
 _in_flight_lock = threading.Lock()
@@ -167,6 +178,9 @@ def _run_attempt(task: CaptionTask, captioner: Captioner | None, started: float)
             # The main thread (a one-slot worker): stopped by a signal whose handler raises during the caption.
             try:
                 _captioning.set()
+                if _interrupt_next.is_set():
+                    _interrupt_next.clear()
+                    raise WorkerInterrupted("the worker was told to stop at once")
                 caption = (captioner or get_captioner()).caption(task.image_ref, timeout=settings.RQ_DEFAULT_TIMEOUT)
             finally:
                 _captioning.clear()

@@ -33,8 +33,11 @@ database poller while Redis has been away long enough for the fallback. The duti
 when Redis is down and the relay cannot run, lets it keep its state); the main loop starts what is wanted and stops
 gracefully what is no longer wanted.
 
-Retiring a worker is idempotent: a worker that was asked to stop is never signalled again (rq turns a second SIGTERM
-into a cold shutdown). Whenever a worker exits, for whatever reason and with whatever exit code, the task it was
+Retiring a worker is idempotent: a worker that was asked to stop is never signalled again by a retire (to a worker a
+second SIGTERM means "stop now"). A second stop signal to the supervisor itself (a second Ctrl-C, systemd or
+Kubernetes signalling again) is passed on as exactly that: each retiring worker gets its second SIGTERM, gives the
+task in hand back to its queue without using a retry, and exits; only one still running FORCED_GRACE seconds later
+is killed. Whenever a worker exits, for whatever reason and with whatever exit code, the task it was
 running (if any) is re-driven at once. Under systemd use ``KillMode=mixed`` so a stop signals only the supervisor,
 which then stops its workers gracefully (see the README).
 """
@@ -81,6 +84,10 @@ RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.cal
 STABLE_AFTER = 60.0  # seconds a worker must run before its crash counter resets
 PENDING_TRIES = 120  # a record refused this many times in a row (about a minute) is dropped, with a log line
 MAX_RESTART_DELAY = 60.0
+# Seconds a worker has, after the supervisor passed a second stop on to it, to give its task back and exit.
+FORCED_GRACE = 10.0
+# A worker takes a second SIGTERM within a second of the first for the same one delivered twice (rq's rule).
+SECOND_SIGNAL_AFTER = 1.1
 
 
 def slot_key(pool: str, index: int) -> str:
@@ -128,6 +135,8 @@ class Slot:
     crashes: int = 0
     restart_at: float = 0.0
     kill_at: float = math.inf
+    signalled_at: float = 0.0  # when the retire's SIGTERM was sent
+    forced: bool = False  # the supervisor's second stop was passed on (a second SIGTERM)
     restarting_after_crash: bool = False
     retiring: bool = False
     retire_reason: str = ""
@@ -202,7 +211,7 @@ class Supervisor:
 
     def _request_stop(self, signum, frame):
         if self.stopping:
-            self.forced = True  # a second Ctrl-C: stop workers now
+            self.forced = True  # a second Ctrl-C: workers stop now, their tasks given back (_manage_processes)
         self.stopping = True
 
     def _redis(self):
@@ -424,7 +433,8 @@ class Supervisor:
         slot.retiring = True
         if slot.process is not None and slot.process.poll() is None:
             slot.process.send_signal(signal.SIGTERM)
-            slot.kill_at = time.monotonic() + self.stop_timeout
+            slot.signalled_at = time.monotonic()
+            slot.kill_at = slot.signalled_at + self.stop_timeout
             slot.retire_reason = reason
             self.retiring.append(slot)
         elif slot.worker_name:
@@ -452,7 +462,14 @@ class Supervisor:
                 self._recover(slot, f"worker stopped ({slot.retire_reason})")
                 if slot.handoff and not self.stopping:
                     self._release_slot(slot)
-            elif self.forced or now >= slot.kill_at:
+            elif self.forced and not slot.forced:
+                if now - slot.signalled_at >= SECOND_SIGNAL_AFTER:
+                    slot.forced = True
+                    slot.process.send_signal(signal.SIGTERM)  # the worker's "stop now": its attempt is given back
+                    logger.warning("%s: told to stop at once; the task in hand goes back to its queue (killed in %g s "
+                                   "if still running)", slot.worker_name, FORCED_GRACE)
+                    slot.kill_at = min(slot.kill_at, now + FORCED_GRACE)
+            elif now >= slot.kill_at:
                 slot.process.kill()
                 slot.process.wait(10)
                 self.retiring.remove(slot)

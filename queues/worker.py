@@ -127,6 +127,8 @@ class CaptionWorker(SimpleWorker):
         self._slots: list[CaptionSlot] = []
         self._slots_changed = threading.Condition()
         self._main_waiting = False  # the main thread waits for a free slot (a stop signal may interrupt it there)
+        self._popping = False  # the main thread pops (only a second stop signal interrupts it there)
+        self._shutdown_date_written = False
         # With slots: the worker hash's state and current job are computed from the slots and written under this
         # lock, so two slots starting or ending at once never leave it naming a finished job or "idle" while one runs.
         self._state_lock = threading.Lock() if slots > 1 else contextlib.nullcontext()
@@ -174,7 +176,12 @@ class CaptionWorker(SimpleWorker):
             pipe = self.connection.pipeline(transaction=False)
             pipe.exists(self.key)
             pipe.set(alive_key(self.name), self._alive_payload(), ex=ALIVE_TTL)
+            requested = getattr(self, "_shutdown_requested_date", None)
+            if requested is not None and not self._shutdown_date_written:
+                # rq's signal handler writes it; ours does no I/O (``_shutdown``)
+                pipe.hset(self.key, "shutdown_requested_date", utcformat(requested))
             registered = pipe.execute()[0]
+            self._shutdown_date_written = requested is not None
             if not registered and not self._stop_requested:
                 # Redis restarted empty or was flushed: register again so the fleet pages and rq see this worker.
                 SimpleWorker.register_birth(self)
@@ -299,14 +306,16 @@ class CaptionWorker(SimpleWorker):
         return super().request_stop(signum, frame)
 
     def _shutdown(self):
+        """After the first stop signal (``request_stop`` has set the flag and the date). rq raises StopRequested
+        wherever the main thread is unless the worker's state is busy, which it becomes only as the caption starts:
+        a stop between the pop and the caption dropped the popped job or abandoned the claimed task, whose recovery
+        then used a retry (tests/drills/test_stop_signals.py). Here nothing raises outside a wait: the dequeue loop
+        pops for at most SLOTS_POP seconds and reads the flag between pops, a job popped as the stop came goes back
+        to the front of its queue, and a job in hand runs to its end. With slots the main thread is interrupted
+        while it waits for a free slot. No Redis here: a handler that does I/O can land inside the connection pool's
+        lock on the same thread (the liveness thread writes the date, ``_refresh_alive``)."""
         if self._starting:
             return  # the flag is set: the work loop stops at its first turn
-        if self.slot_count == 1:
-            return super()._shutdown()
-        # With slots rq's test (is the worker busy?) is the wrong one: the main thread only dispatches. It is
-        # interrupted only while it waits for a free slot (never in a pop, which would drop the popped job); the
-        # dequeue loop sees the flag within a second; the slots finish their jobs in teardown.
-        self.set_shutdown_requested_date()
         if self.scheduler:
             self.stop_scheduler()
         if self._main_waiting:
@@ -328,17 +337,17 @@ class CaptionWorker(SimpleWorker):
                           for slot in self._slots if slot.scope is not None and slot.job_id)
             self.log.warning("Worker %s: stopping at once; %d task(s) in hand go back to their queues", self.name,
                              stopped)
-            if self._main_waiting:
-                raise StopRequested()
-            return
-        if execution.captioning_now():
+        elif execution.captioning_now():
             self.log.warning("Worker %s: stopping at once; the task in hand goes back to its queue", self.name)
             raise WorkerInterrupted("the worker was told to stop at once")
-        if self._job_in_hand:
-            self.log.warning("Worker %s: second stop signal; exiting as soon as the job's outcome is recorded",
+        else:
+            # Between the pop and the caption (the claim, rq's bookkeeping): the caption about to start is given back
+            # instead of run; a job's outcome being recorded is recorded.
+            execution.interrupt_next_caption()
+            self.log.warning("Worker %s: second stop signal; the task in hand, if any, goes back to its queue",
                              self.name)
-            return
-        super().request_force_stop(signum, frame)
+        if self._main_waiting or self._popping:
+            raise StopRequested()  # a Redis that does not answer the pop must not hold the worker
 
     def check_for_suspension(self, burst: bool):
         """Suspension lives in the database (queues.control), so a Redis flush cannot resume processing."""
@@ -378,56 +387,65 @@ class CaptionWorker(SimpleWorker):
         return super().handle_payload(message)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
-        if self.slot_count == 1:
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            if result is not None:  # rq's own line is dropped (_RqDequeueLine): this one says whose task it is
-                job, queue = result
-                self._log_dequeued(job, queue)
-            return result
-        with self._slots_changed:
-            # Never pop a job no slot can take: it would exist only in this process' memory.
-            self._main_waiting = True
-            try:
-                while not self._stop_requested and self._free_slot() is None:
-                    self._slots_changed.wait(1.0)
-                    self.heartbeat()
-            finally:
-                self._main_waiting = False
-        # rq's loop, with pops of at most SLOTS_POP seconds and the stop flag read between them (a stop signal never
-        # raises in here, so a popped job is never dropped).
+        """rq's loop, with pops of at most SLOTS_POP seconds and the stop flag read between them: a first stop signal
+        never raises in here, so a popped job is never dropped (``_shutdown``). With slots, it pops only while a slot
+        is free."""
+        if self.slot_count > 1:
+            with self._slots_changed:
+                # Never pop a job no slot can take: it would exist only in this process' memory.
+                self._main_waiting = True
+                try:
+                    while not self._stop_requested and self._free_slot() is None:
+                        self._slots_changed.wait(1.0)
+                        with contextlib.suppress(redis.exceptions.ConnectionError):  # the pop loop reports it
+                            self.heartbeat()
+                finally:
+                    self._main_waiting = False
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
         idle_since, wait = time.monotonic(), 1.0
         while not self._stop_requested:
-            self.heartbeat()
             try:
-                result = self.queue_class.dequeue_any(
-                    self._ordered_queues, None if timeout is None else SLOTS_POP, connection=self.connection,
-                    job_class=self.job_class, serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+                self.heartbeat()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                self._popping = True
+                try:
+                    result = self.queue_class.dequeue_any(
+                        self._ordered_queues, None if timeout is None else SLOTS_POP, connection=self.connection,
+                        job_class=self.job_class, serializer=self.serializer,
+                        death_penalty_class=self.death_penalty_class)
+                finally:
+                    self._popping = False
             except DequeueTimeout:
                 if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
                     return None
                 continue
             except redis.exceptions.ConnectionError as error:
                 self.log.error("Worker %s: could not connect to Redis: %s; retrying in %g s", self.name, error, wait)
-                time.sleep(wait)
+                self._sleep_unless_stopped(wait)
                 wait = min(wait * 2, 60)
                 continue
             if result is not None:
                 job, queue = result
                 self.reorder_queues(reference_queue=queue)
-                self._log_dequeued(job, queue)
+                self._log_dequeued(job, queue)  # rq's own line is dropped (_RqDequeueLine): this one names the task
             return result
         return None
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stop_requested and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _free_slot(self) -> CaptionSlot | None:
         return next((slot for slot in self._slots if slot.free), None)
 
     def execute_job(self, job, queue):
+        if self._stop_requested:  # popped as the stop came: back to the front of its queue, untouched
+            self.connection.lpush(queue.key, job.id)
+            return
         if self.slot_count > 1:
-            if self._stop_requested:  # popped as the stop came: back to the front of its queue, untouched
-                self.connection.lpush(queue.key, job.id)
-                return
             with self._slots_changed:
                 slot = self._free_slot()
                 slot.take(job)

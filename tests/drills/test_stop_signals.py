@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ from queues.fleet import worker_restart
 from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.services import task_submit
 from queues.supervisor import Slot, Supervisor
-from tests.processes import Supervisors, live_workers, slow_ollama, wait_for
+from tests.processes import Supervisors, live_workers, slow_ollama, start_command, stop_process, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -75,7 +77,6 @@ def test_retiring_a_slot_twice_signals_its_worker_once(tmp_path, db):
 def test_a_worker_signalled_twice_on_the_last_attempt_gives_the_task_back(redis, pool, http_server, png_bytes,
                                                                           settings):
     import os
-    import signal
 
     from queues import broker
 
@@ -100,5 +101,107 @@ def test_a_worker_signalled_twice_on_the_last_attempt_gives_the_task_back(redis,
         assert list(done.events.order_by("id").values_list("kind", flat=True)) == [
             TaskEvent.Kind.RETRY_SCHEDULED, TaskEvent.Kind.COMPLETED]
         assert redis.zcard(FailedJobRegistry("normal", connection=redis).key) == 0
+    finally:
+        group.stop_all()
+
+
+@contextlib.contextmanager
+def row_held(task_id: int):
+    """Another connection holds the task's row, so a worker's claim of it waits (a slow claim: a busy database, a
+    network round trip). SQLite: the database's write lock (reads go on). MariaDB: the row's lock."""
+    import sqlite3
+
+    from django.db import connection, connections
+
+    if connection.vendor == "sqlite":
+        holder = sqlite3.connect(connection.settings_dict["NAME"], timeout=30, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    holder = connections.create_connection("default")
+    holder.set_autocommit(False)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT id FROM queues_captiontask WHERE id = %s FOR UPDATE", [task_id])
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_a_first_sigterm_while_a_one_slot_worker_claims_lets_it_run_the_task_once(redis, media_image):
+    """A first stop lets the task in hand run to its end, also when it lands between the pop and the caption (the
+    default one-slot worker used to raise there: the popped job was dropped, or the claimed task abandoned and
+    re-driven with a retry, a dead letter on its last attempt)."""
+    task = task_submit(image_ref=media_image())
+    assert redis.llen("rq:queue:normal") == 1
+    worker = None
+    try:
+        with row_held(task.pk):
+            worker = start_command("rqworker", "normal", "--name", "claim-drill", "--verbosity", "0")
+            wait_for(lambda: redis.llen("rq:queue:normal") == 0, 60, "the worker to pop the job")
+            time.sleep(0.5)  # in its claim, waiting for the row
+            worker.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+        assert worker.wait(30) == 0
+    finally:
+        if worker is not None:
+            stop_process(worker)
+    task.refresh_from_db()
+    assert (task.status, task.attempts) == (TaskStatus.COMPLETED, 1)
+    assert list(task.events.values_list("kind", flat=True)) == [TaskEvent.Kind.COMPLETED]
+    assert redis.zcard(FailedJobRegistry("normal", connection=redis).key) == 0
+    assert not redis.sismember("rq:workers", "rq:worker:claim-drill")
+
+
+def test_a_second_stop_before_the_caption_gives_the_claimed_attempt_back(redis, media_image):
+    """What a one-slot worker's second stop signal does between its claim and its caption (a signal handler cannot
+    be made to run there from outside: it runs when the claim's database call returns)."""
+    from queues import execution
+    from queues.services import tasks_relay_once
+    from tests.conftest import run_worker
+
+    task = task_submit(image_ref=media_image())
+    claimed = execution.task_claim(task_id=task.pk, worker_name="w-1", queue="normal")
+    execution.interrupt_next_caption()
+    outcome = execution.task_execute(task_id=task.pk, worker_name="w-1", claimed=claimed)
+    task.refresh_from_db()
+    assert outcome.status == "retry"
+    assert (task.status, task.attempts) == (TaskStatus.QUEUED, 0)
+    assert list(task.events.values_list("kind", flat=True)) == [TaskEvent.Kind.RETRY_SCHEDULED]
+    assert tasks_relay_once() == 1
+    run_worker()  # the interruption was for one caption, not for good
+    task.refresh_from_db()
+    assert (task.status, task.attempts) == (TaskStatus.COMPLETED, 1)
+
+
+def test_a_second_stop_to_the_supervisor_gives_the_task_in_flight_back_on_its_last_attempt(redis, pool, http_server,
+                                                                                           png_bytes, settings):
+    """Operators, ``dev.py run``, systemd and Kubernetes signal the supervisor, not its workers: its second stop is
+    the workers' second stop (the attempt given back, never a dead letter), not a SIGKILL of them."""
+    image = slow_ollama(http_server, png_bytes, delay=30)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, RQ_MAX_RETRIES="0")
+    settings.RQ_MAX_RETRIES = 0  # one attempt: a worker lost would be a dead letter
+    try:
+        supervisor = group.start()
+        wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+        task = task_submit(image_ref=image)
+        wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).exists(), 20,
+                 "the task to start")
+        time.sleep(0.5)
+        supervisor.send_signal(signal.SIGTERM)
+        time.sleep(2)  # the first stop lets the caption run on
+        assert supervisor.poll() is None
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(15) == 0
+        task.refresh_from_db()
+        assert (task.status, task.attempts) == (TaskStatus.QUEUED, 0)
+        assert list(task.events.values_list("kind", flat=True)) == [TaskEvent.Kind.RETRY_SCHEDULED]
+        assert redis.zcard(FailedJobRegistry("normal", connection=redis).key) == 0
+        assert "killed after not stopping in time" not in group.output()
     finally:
         group.stop_all()
