@@ -55,10 +55,11 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 from rq.utils import now as rq_now, utcformat
 from rq.exceptions import DequeueTimeout, StopRequested
+from rq import worker_registration
 from rq.worker import SimpleWorker, WorkerStatus
 
 from queues import cancel, control, correlation, execution
-from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key  # noqa: F401 (alive_key: re-exported)
+from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key, job_timeout  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
 from queues.models import MAX_SLOTS
 
@@ -129,6 +130,8 @@ class CaptionWorker(SimpleWorker):
         self._main_waiting = False  # the main thread waits for a free slot (a stop signal may interrupt it there)
         self._popping = False  # the main thread pops (only a second stop signal interrupts it there)
         self._shutdown_date_written = False
+        self._registration_lock = threading.Lock()  # _register_again against register_death
+        self._death_registered = False
         # With slots: the worker hash's state and current job are computed from the slots and written under this
         # lock, so two slots starting or ending at once never leave it naming a finished job or "idle" while one runs.
         self._state_lock = threading.Lock() if slots > 1 else contextlib.nullcontext()
@@ -174,19 +177,38 @@ class CaptionWorker(SimpleWorker):
     def _refresh_alive(self) -> None:
         try:
             pipe = self.connection.pipeline(transaction=False)
-            pipe.exists(self.key)
+            pipe.sismember(worker_registration.REDIS_WORKER_KEYS, self.key)
+            pipe.hexists(self.key, "birth")
             pipe.set(alive_key(self.name), self._alive_payload(), ex=ALIVE_TTL)
             requested = getattr(self, "_shutdown_requested_date", None)
             if requested is not None and not self._shutdown_date_written:
                 # rq's signal handler writes it; ours does no I/O (``_shutdown``)
                 pipe.hset(self.key, "shutdown_requested_date", utcformat(requested))
-            registered = pipe.execute()[0]
+            listed, born = pipe.execute()[:2]
             self._shutdown_date_written = requested is not None
-            if not registered and not self._stop_requested:
-                # Redis restarted empty or was flushed: register again so the fleet pages and rq see this worker.
-                SimpleWorker.register_birth(self)
+            if not (listed and born):
+                self._register_again()
         except Exception:  # Redis briefly unreachable: the next refresh tries again
             self.log.debug("could not refresh liveness key", exc_info=True)
+
+    def _register_again(self) -> None:
+        """Redis restarted empty, was flushed or failed over: this worker is registered again, so rq, the live
+        workers page and rq_workers_active see it. Not by key existence: a busy worker's next write (its end-of-job
+        pipeline, its heartbeat) makes a partial hash of its key, without its birth and outside rq's worker set,
+        before this thread looks (tests/drills/test_liveness.py). What that hash holds (state, current job, counts)
+        is kept. Never after ``register_death``: the lock orders the two."""
+        with self._registration_lock:
+            if self._death_registered:
+                return
+            self.birth_date = self.birth_date or rq_now()
+            self.last_heartbeat = self.last_heartbeat or rq_now()
+            with self.connection.pipeline() as pipe:
+                pipe.hset(self.key, mapping={**self.serialize(), "state": self._state})
+                worker_registration.register(self, pipe)
+                # A busy one-slot worker writes its key only between jobs: it must outlive a whole caption.
+                pipe.expire(self.key, max(self.worker_ttl, job_timeout()) + 60)
+                pipe.execute()
+        self.log.warning("Worker %s: registered again (Redis had lost its registration)", self.name)
 
     def _alive_loop(self) -> None:
         while not self._alive_stop.wait(ALIVE_INTERVAL):
@@ -263,6 +285,8 @@ class CaptionWorker(SimpleWorker):
 
     def register_death(self, *args, **kwargs):
         self._alive_stop.set()
+        with self._registration_lock:
+            self._death_registered = True
         try:
             self.connection.delete(alive_key(self.name))
         except Exception:

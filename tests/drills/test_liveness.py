@@ -95,3 +95,30 @@ def test_task_of_a_worker_killed_with_its_supervisor_is_recovered_within_30_s(re
             (TaskEvent.Kind.WORKER_LOST, 1), (TaskEvent.Kind.COMPLETED, 2)]
     finally:
         group.stop_all()
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_busy_worker_registers_again_after_redis_is_flushed(redis, media_image, slots):
+    """Redis loses its data while a worker works a backlog: the worker's next write (its end-of-job pipeline, its
+    heartbeat) makes a partial hash of its key before the liveness thread looks. The worker must still be in rq's
+    registry again within a liveness period, or rq, the live workers page and rq_workers_active lose a live worker
+    (and the no-active-workers alert fires while everything works)."""
+    from queues import broker
+    from queues.services import TaskSpec, tasks_submit_many
+    from tests.processes import start_command, stop_process
+
+    reference = media_image()
+    tasks_submit_many(specs=[TaskSpec(reference) for _ in range(3000)])
+    name = f"flushed-{slots}"
+    worker = start_command("rqworker", "normal", "--name", name, "--slots", str(slots), "--verbosity", "0")
+    try:
+        wait_for(lambda: CaptionTask.objects.filter(status=TaskStatus.COMPLETED).count() >= 20, 60,
+                 "20 tasks completed")
+        redis.flushdb()
+        time.sleep(6)  # three liveness refreshes
+        assert redis.sismember("rq:workers", f"rq:worker:{name}")
+        assert redis.hexists(f"rq:worker:{name}", "birth")
+        assert name in [registered.name for registered in broker.workers()]
+    finally:
+        stop_process(worker)
+    assert not redis.sismember("rq:workers", f"rq:worker:{name}")  # and its death is registered all the same

@@ -189,3 +189,17 @@ def test_rqs_time_limit_in_a_slot_stops_a_caption_blocked_on_a_socket():
     assert isinstance(outcome["reason"], JobTimeoutException)
     assert outcome["read"] in (b"",) or isinstance(outcome["read"], OSError)
     assert outcome["seconds"] < 5  # not the socket's own 30 s
+
+
+def test_rqworker_registers_with_the_portal_worker_ttl_not_django_rqs(redis):
+    """django-rq's command passes its own --worker-ttl default (420 s) to every worker: a worker that died idle
+    stayed in rq's list for 8 minutes. The portal's is WORKER_TTL."""
+    from queues.worker import WORKER_TTL
+    from tests.processes import start_command, stop_process, wait_for
+
+    worker = start_command("rqworker", "normal", "--name", "ttl-check", "--verbosity", "0")
+    try:
+        wait_for(lambda: redis.sismember("rq:workers", "rq:worker:ttl-check"), 30, "the worker to register")
+        assert 0 < redis.ttl("rq:worker:ttl-check") <= WORKER_TTL + 60
+    finally:
+        stop_process(worker)

@@ -14,7 +14,7 @@ from rq.utils import import_attribute
 
 from queues import broker
 from queues.broker import QUEUE_NAMES
-from queues.worker import MAX_SLOTS, CaptionWorker
+from queues.worker import MAX_SLOTS, WORKER_TTL, CaptionWorker
 
 
 class Command(DjangoRQWorkerCommand):
@@ -23,7 +23,9 @@ class Command(DjangoRQWorkerCommand):
 
     def add_arguments(self, parser):
         super().add_arguments(parser)
-        parser.set_defaults(serializer="rq.serializers.JSONSerializer")
+        # django-rq's default worker TTL is 420 s: a worker that died idle would stay in rq's list (and rq info) for
+        # 8 minutes when nobody unregisters it. Ours renew every few seconds, so a short one costs nothing.
+        parser.set_defaults(serializer="rq.serializers.JSONSerializer", worker_ttl=WORKER_TTL)
         parser.add_argument("--slots", type=int, default=1,
                             help=f"Caption slots: jobs this process runs at once, each in a thread of its own "
                                  f"(default 1; at most {MAX_SLOTS}). For captioners that mostly wait on a server.")
