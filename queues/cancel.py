@@ -27,6 +27,18 @@ class Scope:
         self._sockets: list[socket.socket] = []
         self._pending: BaseException | None = None
         self.reason: BaseException | None = None
+        self.job_id: str | None = None  # the job this scope's thread has in hand (``begin``/``end``)
+
+    def begin(self, job_id: str) -> None:
+        """The slot has been handed ``job_id``: from now on a stop meant for it can land, and none meant for an
+        earlier job can."""
+        with self._lock:
+            self.job_id, self._pending = job_id, None
+
+    def end(self) -> None:
+        """The job is over: a stop meant for it must not end the next one (also a pending stop: cleared)."""
+        with self._lock:
+            self.job_id, self._pending = None, None
 
     def __enter__(self) -> Scope:
         """A stop asked for before the caption began (``stop(..., pending=True)``) is its reason at once: the
@@ -47,10 +59,15 @@ class Scope:
     def active(self) -> bool:
         return self._active
 
-    def stop(self, reason: BaseException, *, pending: bool = False) -> bool:
+    def stop(self, reason: BaseException, *, pending: bool = False, job_id: str | None = None) -> bool:
         """Ends the caption in progress with ``reason``. With ``pending``, a caption that has not begun yet ends
-        with it as it begins (until ``clear_pending``). False if nothing was stopped or marked."""
+        with it as it begins (until ``end``). With ``job_id``, only while that job is the one in hand: an
+        operator's stop of a job that ended as the stop arrived must not end the next job of the same slot (the
+        check and the mark are under the lock that ``begin`` and ``end`` take). False if nothing was stopped or
+        marked."""
         with self._lock:
+            if job_id is not None and job_id != self.job_id:
+                return False
             if not self._active:
                 if pending and self._pending is None:
                     self._pending = reason
@@ -63,11 +80,6 @@ class Scope:
         for sock in sockets:
             _shut(sock)
         return True
-
-    def clear_pending(self) -> None:
-        """The job is over: a stop meant for it must not end the next one."""
-        with self._lock:
-            self._pending = None
 
     def watch(self, sock: socket.socket) -> None:
         with self._lock:
@@ -100,9 +112,9 @@ def current_slot_scope() -> Scope | None:
     return getattr(_current, "slot_scope", None)
 
 
-def make_slot_thread_scope() -> Scope:
-    """Called in a slot thread once: its captions run in the returned scope."""
-    _current.slot_scope = Scope()
+def make_slot_thread_scope(scope: Scope | None = None) -> Scope:
+    """Called in a slot thread once: its captions run in ``scope`` (a new one by default), which it returns."""
+    _current.slot_scope = scope or Scope()
     return _current.slot_scope
 
 

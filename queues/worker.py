@@ -358,7 +358,7 @@ class CaptionWorker(SimpleWorker):
             # Every slot's caption, in progress or about to start (claimed, not begun), ends at once and its task
             # goes back to its queue; what is being recorded is recorded.
             stopped = sum(slot.scope.stop(WorkerInterrupted("the worker was told to stop at once"), pending=True)
-                          for slot in self._slots if slot.scope is not None and slot.job_id)
+                          for slot in self._slots if slot.job_id)
             self.log.warning("Worker %s: stopping at once; %d task(s) in hand go back to their queues", self.name,
                              stopped)
         elif execution.captioning_now():
@@ -400,11 +400,14 @@ class CaptionWorker(SimpleWorker):
         if payload.get("command") == "stop-job" and self.slot_count > 1:
             job_id = payload.get("job_id")
             for slot in self._slots:
-                if slot.job_id == job_id and slot.scope is not None:
+                if slot.job_id == job_id:
                     # Stopped now if captioning, or as its caption begins if the job is still being claimed; a job
-                    # whose caption is over is recorded as it ended (the mark is dropped with the job).
+                    # whose caption is over is recorded as it ended (the mark is dropped with the job). The scope
+                    # refuses a stop for a job that is no longer the slot's (it ended since the check above).
                     self._stopped_jobs.add(job_id)
-                    slot.scope.stop(JobStopped("stopped by an operator"), pending=True)
+                    if not slot.scope.stop(JobStopped("stopped by an operator"), pending=True, job_id=job_id):
+                        self._stopped_jobs.discard(job_id)
+                        self.log.info("Worker %s: stop-job for %s, which has just ended; ignored", self.name, job_id)
                     return
             self.log.info("Worker %s: stop-job for %s, which no slot runs; ignored", self.name, job_id)
             return
@@ -677,7 +680,7 @@ class CaptionSlot:
         self.job_id: str | None = None
         self.since: float | None = None
         self.ending = False  # its job's outcome is being written: not the worker's current job any more
-        self.scope: cancel.Scope | None = None
+        self.scope = cancel.Scope()
         self.inbox: queue_module.SimpleQueue = queue_module.SimpleQueue()
         self._closed = False
         self.thread = threading.Thread(target=self._run, name=f"caption-slot-{index}", daemon=True)
@@ -690,6 +693,7 @@ class CaptionSlot:
     def take(self, job) -> None:
         """Called by the main thread, holding the worker's slot condition."""
         self.job_id, self.since, self.ending = job.id, time.time(), False
+        self.scope.begin(job.id)
 
     def describe(self) -> dict:
         job_id, since = self.job_id, self.since
@@ -702,7 +706,7 @@ class CaptionSlot:
     def _run(self) -> None:
         worker = self.worker
         worker._local.slot = self
-        self.scope = cancel.make_slot_thread_scope()
+        cancel.make_slot_thread_scope(self.scope)
         try:
             while True:
                 item = self.inbox.get()
@@ -728,7 +732,7 @@ class CaptionSlot:
 
     def _done(self, job) -> None:
         worker = self.worker
-        self.scope.clear_pending()
+        self.scope.end()
         worker._stopped_jobs.discard(job.id)
         with worker._slots_changed:
             self.job_id = self.since = None

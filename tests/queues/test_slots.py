@@ -125,17 +125,60 @@ def test_a_stop_before_the_caption_begins_ends_it_as_it_begins_and_not_the_next_
     from queues import cancel
 
     scope = cancel.Scope()
+    scope.begin("caption-1")
     assert scope.stop(RuntimeError("too late"), pending=False) is False  # nothing running, nothing marked
     assert scope.stop(RuntimeError("stop"), pending=True) is True
     with scope:
         assert str(scope.reason) == "stop"
-    scope.clear_pending()
+    scope.end()
+    scope.begin("caption-2")
     with scope:
         assert scope.reason is None
     assert scope.stop(RuntimeError("again"), pending=True) is True
-    scope.clear_pending()  # the job ended before its caption began
+    scope.end()  # the job ended before its caption began
+    scope.begin("caption-3")
     with scope:
         assert scope.reason is None
+    assert scope.stop(RuntimeError("for caption-2"), pending=True, job_id="caption-2") is False
+    with scope:
+        assert scope.reason is None
+
+
+def test_a_stop_job_that_arrives_as_its_job_ends_never_stops_the_next_job_of_the_slot(redis):
+    """The command listener checks that a slot runs X, then stops the slot. If the slot moves on from X to Y in
+    between (X ended; a GIL switch or the heartbeat's round trip is enough), the stop must not land on Y."""
+    from rq.serializers import JSONSerializer
+
+    from queues.broker import CAPTION_CALLABLE, CaptionJob
+
+    worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection(), slots=2)
+    worker.register_birth()
+    slot = worker._slots[0]
+    first, second = (CaptionJob.create(CAPTION_CALLABLE, args=(task_id,), id=f"caption-{task_id}", connection=redis,
+                                       serializer=JSONSerializer) for task_id in (1, 2))
+
+    class MovesOnAsTheStopIsMarked(set):
+        """The listener descheduled between its check and its stop: meanwhile the slot ends X and takes Y."""
+
+        def add(self, job_id):
+            super().add(job_id)
+            slot._done(first)
+            with worker._slots_changed:
+                slot.take(second)
+
+    try:
+        with worker._slots_changed:
+            slot.take(first)
+        worker._stopped_jobs = MovesOnAsTheStopIsMarked()
+        worker.handle_payload({"data": b'{"command": "stop-job", "job_id": "caption-1"}'})
+        with slot.scope:  # Y's caption begins
+            assert slot.scope.reason is None
+        assert worker._stopped_jobs == set()
+    finally:
+        worker._stopped_jobs = set()
+        for each in worker._slots:
+            each.close()
+        worker.register_death()
 
 
 def test_a_finished_run_deletes_the_job_hash_only_while_it_is_still_its_own(redis):
