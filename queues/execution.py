@@ -166,8 +166,11 @@ def attempt_started(task: CaptionTask) -> None:
 
 
 def attempt_finished(task: CaptionTask) -> None:
+    """Only this attempt's entry goes: another slot of this process may hold a newer attempt of the same task (this
+    one's lease lapsed and the task was run again), whose lease must go on being renewed."""
     with _in_flight_lock:
-        _in_flight.pop(task.pk, None)
+        if _in_flight.get(task.pk) == task.claim_token:
+            del _in_flight[task.pk]
 
 
 def _run_attempt(task: CaptionTask, captioner: Captioner | None, started: float) -> Outcome:

@@ -476,7 +476,7 @@ class CaptionWorker(SimpleWorker):
             with self._slots_changed:
                 slot = self._free_slot()
                 slot.take(job)
-            slot.inbox.put((job, queue))
+            slot.hand(job, queue)
             return
         return self._execute_one(job, queue)
 
@@ -681,7 +681,8 @@ class CaptionSlot:
         self.since: float | None = None
         self.ending = False  # its job's outcome is being written: not the worker's current job any more
         self.scope = cancel.Scope()
-        self.inbox: queue_module.SimpleQueue = queue_module.SimpleQueue()
+        self.handed: tuple | None = None  # (job, queue) until the slot is done with it
+        self._wake: queue_module.SimpleQueue = queue_module.SimpleQueue()  # a hand-over or close wakes the thread
         self._closed = False
         self.thread = threading.Thread(target=self._run, name=f"caption-slot-{index}", daemon=True)
         self.thread.start()
@@ -699,31 +700,42 @@ class CaptionSlot:
         job_id, since = self.job_id, self.since
         return {"slot": self.index, "job": job_id, "since": since if job_id else None}
 
+    def hand(self, job, queue) -> None:
+        """Called by the main thread after ``take``: the slot thread runs the job."""
+        self.handed = (job, queue)
+        self._wake.put(True)
+
     def close(self) -> None:
         self._closed = True
-        self.inbox.put(None)
+        self._wake.put(True)
 
     def _run(self) -> None:
+        """Runs what it is handed until it is closed. The job in hand stays in ``handed`` until ``_done``: an
+        exception arriving late from rq's timer (``TimerDeathPenalty`` sets it on the thread, and it lands wherever
+        the thread next runs Python) can neither end the thread nor lose the job; at worst the job is offered to
+        ``_execute_one`` again, whose claim refuses a task already run."""
         worker = self.worker
         worker._local.slot = self
         cancel.make_slot_thread_scope(self.scope)
         try:
             while True:
-                item = self.inbox.get()
-                if item is None:
-                    return
-                job, queue = item
                 try:
-                    worker._execute_one(job, queue)
-                except BaseException:  # also a timer's exception arriving late: a slot thread never dies of a job
-                    worker.log.exception("Worker %s: slot %d: job %s failed outside its bookkeeping", worker.name,
-                                         self.index, job.id)
-                while True:
-                    try:
-                        self._done(job)
-                        break
-                    except BaseException:  # noqa: S112 (a late asynchronous exception; the slot must be freed)
+                    if self.handed is None:
+                        if self._closed:
+                            return
+                        self._wake.get()
                         continue
+                    job, queue = self.handed
+                    try:
+                        worker._execute_one(job, queue)
+                    except BaseException:  # also a timer's exception arriving late: a slot never dies of a job
+                        worker.log.exception("Worker %s: slot %d: job %s failed outside its bookkeeping",
+                                             worker.name, self.index, job.id)
+                    self._done(job)
+                except BaseException:  # noqa: S112 (a late asynchronous exception between two jobs)
+                    worker.log.warning("Worker %s: slot %d: exception outside a job; the slot goes on",
+                                       worker.name, self.index, exc_info=True)
+                    continue
         finally:
             try:
                 database_connection.close()  # this thread's own connection
@@ -735,7 +747,7 @@ class CaptionSlot:
         self.scope.end()
         worker._stopped_jobs.discard(job.id)
         with worker._slots_changed:
-            self.job_id = self.since = None
+            self.job_id = self.since = self.handed = None
             self.ending = False
             worker._slots_changed.notify_all()
 

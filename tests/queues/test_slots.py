@@ -13,7 +13,7 @@ from queues import broker
 from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.services import TaskSpec, tasks_submit_many
 from queues.worker import CaptionWorker
-from tests.processes import slow_ollama
+from tests.processes import slow_ollama, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -246,3 +246,56 @@ def test_rqworker_registers_with_the_portal_worker_ttl_not_django_rqs(redis):
         assert 0 < redis.ttl("rq:worker:ttl-check") <= WORKER_TTL + 60
     finally:
         stop_process(worker)
+
+
+def test_a_late_timer_exception_in_an_idle_slot_neither_ends_the_slot_nor_loses_the_job_handed_to_it(redis,
+                                                                                                      media_image):
+    """rq's TimerDeathPenalty sets its exception on the thread (PyThreadState_SetAsyncExc) and it lands wherever the
+    thread next runs Python: in an idle slot, as it wakes for the next job. The slot used to die there, dropping that
+    job and staying "busy" for good."""
+    import ctypes
+
+    from rq.timeouts import JobTimeoutException
+
+    from queues.services import task_submit
+
+    task = task_submit(image_ref=media_image())
+    worker = slot_worker(2)
+    worker.register_birth()
+    slot = worker._slots[0]
+    try:
+        assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(slot.thread.ident),
+                                                          ctypes.py_object(JobTimeoutException)) == 1
+        job, queue = worker.dequeue_job_and_maintain_ttl(1)
+        worker.execute_job(job, queue)  # handed to slot 0, the first free one
+        wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.COMPLETED).exists(), 10,
+                 "the handed job to complete")
+        wait_for(lambda: slot.free, 5, "the slot to be free again")
+        assert slot.thread.is_alive()
+    finally:
+        for each in worker._slots:
+            each.close()
+        for each in worker._slots:
+            each.thread.join(10)
+        worker.register_death()
+
+
+def test_a_stale_attempt_that_ends_leaves_a_newer_attempt_of_its_task_leased(redis, media_image):
+    """Two slots of one process can hold two attempts of one task: a stale one (its lease lapsed, the task ran
+    again) and the newer one. The stale one's end must not stop the renewal of the newer one's lease."""
+    from queues import execution
+    from queues.services import task_submit
+
+    task = task_submit(image_ref=media_image())
+    stale = execution.task_claim(task_id=task.pk, worker_name="w-1", queue="normal")
+    execution.attempt_started(stale)
+    CaptionTask.objects.filter(pk=task.pk).update(status=TaskStatus.QUEUED)  # re-driven after the lapse
+    newer = execution.task_claim(task_id=task.pk, worker_name="w-1", queue="normal")
+    assert newer is not None and newer.claim_token != stale.claim_token
+    execution.attempt_started(newer)
+    try:
+        execution.attempt_finished(stale)
+        assert execution.attempts_in_flight() == {task.pk: newer.claim_token}
+    finally:
+        execution.attempt_finished(newer)
+    assert execution.attempts_in_flight() == {}
