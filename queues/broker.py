@@ -429,10 +429,13 @@ def send_worker_shutdown(worker_name: str) -> None:
     send_shutdown_command(get_connection(), worker_name)
 
 
-def send_stop_job(job_id: str) -> None:
-    from rq.command import send_stop_job_command
+def send_stop_job(worker_name: str, job_id: str) -> None:
+    """rq's stop-job command, sent to the worker the operator saw running the job (which ignores it if the job is
+    no longer its own). Not through rq's ``send_stop_job_command``: that reads the worker from the job's hash, which a
+    successful caption deletes as it ends, so a stop arriving as the job finished raised NoSuchJobError."""
+    from rq.command import send_command
 
-    send_stop_job_command(get_connection(), job_id, serializer=JSONSerializer)
+    send_command(get_connection(), worker_name, "stop-job", job_id=job_id)
 
 
 def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:

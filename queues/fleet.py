@@ -260,7 +260,7 @@ def worker_stop_job(*, worker_name: str, job_id: str, user=None, address: str | 
         raise FleetError(f"Worker {worker_name!r} is not running a job; nothing stopped")
     if not worker_runs_job(worker, job_id):
         raise FleetError(f"Worker {worker_name} is now running {current}, not {job_id}; nothing stopped")
-    broker.send_stop_job(job_id)
+    broker.send_stop_job(worker.name, job_id)
     FleetEvent.objects.create(kind=FleetEvent.Kind.JOB_STOP_REQUESTED, worker_name=worker.name,
                               host=worker.hostname or "", pid=worker.pid, user=_user(user), reason=f"stop {job_id}")
     audit(user=user, action="job_stop", target=job_id, count=1, detail={"worker": worker.name}, address=address)

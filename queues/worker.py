@@ -48,7 +48,7 @@ import traceback
 from datetime import timedelta
 
 import redis
-from django.db import DatabaseError, close_old_connections, connection as database_connection
+from django.db import Error as DatabaseDriverError, close_old_connections, connection as database_connection
 from rq.executions import Execution
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
@@ -636,7 +636,7 @@ class CaptionWorker(SimpleWorker):
             return None  # not one of ours: rq files it as failed through CaptionJob's checks when it runs
         try:
             claimed = execution.task_claim(task_id=task_id, worker_name=self.name, queue=queue.name)
-        except DatabaseError:
+        except DatabaseDriverError:  # DatabaseError, and InterfaceError (a connection the driver has closed)
             # The database is away: put the job back at the front of its queue and wait, rather than burn through
             # the queue filing every job as failed.
             self.log.warning("Worker %s: database unreachable; %s goes back to the front of %s", self.name, job.id,

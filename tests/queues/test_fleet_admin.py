@@ -223,6 +223,22 @@ def test_stop_job_stops_the_job_shown_on_the_live_worker_page(client, operator_u
     assert (entry.user, entry.target) == (operator_user, task.job_id)
 
 
+def test_stop_job_of_a_job_whose_hash_is_gone_still_reaches_the_worker(client, operator_user, registered_worker,
+                                                                      running_task, worker_commands, redis):
+    """A successful caption deletes its job hash as it ends: a stop sent in that moment used to read the worker
+    from the hash and fail with NoSuchJobError (HTTP 500). It goes to the worker, which ignores a job it no longer
+    runs."""
+    task = running_task()
+    client.force_login(operator_user)
+    link = stop_job_link(client.get(reverse("admin:queues_liveworker_changelist")).content.decode(),
+                         registered_worker.name)
+    redis.delete(f"rq:job:{task.job_id}")  # the caption ended between the page and the click
+    done = client.post(link, {"job_id": task.job_id}, follow=True)
+    assert done.status_code == 200
+    assert f"Asked worker {registered_worker.name} to stop {task.job_id}." in done.content.decode()
+    assert worker_commands() == [{"command": "stop-job", "job_id": task.job_id}]
+
+
 def test_stop_job_refuses_when_the_worker_has_moved_on_to_another_job(client, operator_user, registered_worker,
                                                                        running_task, worker_commands):
     seen = running_task()

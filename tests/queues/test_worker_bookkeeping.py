@@ -75,3 +75,24 @@ def test_a_failed_caption_job_goes_to_rqs_failed_registry(redis, settings, http_
     assert StartedJobRegistry(task.priority, connection=redis).get_job_count(cleanup=False) == 0
     assert int(redis.hget(worker.key, "failed_job_count")) == 1
     assert redis.hget(worker.key, "current_job") is None
+
+
+def test_a_claim_on_a_connection_the_driver_closed_puts_the_job_back_and_runs_it(redis, media_image):
+    """The database connection died under the worker (MySQL's wait_timeout, a proxy, a closed driver connection):
+    the job goes back to its queue and runs on a fresh connection, never escapes to rq's loop (which quits and drops
+    the popped job). Here the driver reports an OperationalError; the worker also takes Django's InterfaceError, which
+    is not a DatabaseError, the same way."""
+    from django.db import connection
+
+    from queues.models import CaptionTask, TaskStatus
+    from queues.services import task_submit
+    from tests.conftest import run_worker
+
+    from queues import control
+
+    task = task_submit(image_ref=media_image())
+    control.processing_suspended_cached()  # read now: the worker's first database statement is its claim
+    connection.connection.close()  # the driver's connection, under Django's feet
+    run_worker()
+    task.refresh_from_db()
+    assert (task.status, task.attempts) == (TaskStatus.COMPLETED, 1)
