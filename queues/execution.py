@@ -138,6 +138,15 @@ def task_claim_as(*, task_id: int, worker_name: str, expect: dict) -> CaptionTas
     )
 
 
+def task_dead_letter_error(task_id: int) -> str | None:
+    """The last error of a task that has failed for good (a dead letter), or None if it has not."""
+    row = CaptionTask.objects.filter(pk=task_id, status=TaskStatus.FAILED) \
+        .values_list("last_error_class", "last_error_message").first()
+    if row is None:
+        return None
+    return ": ".join(part for part in row if part) or "failed"
+
+
 def task_execute(*, task_id: int, worker_name: str, queue: str | None = None,
                  captioner: Captioner | None = None, claimed: CaptionTask | None = None) -> Outcome:
     """Runs one attempt. ``claimed``: the task as the worker already claimed it (queues.worker claims before rq's

@@ -58,7 +58,7 @@ from rq.exceptions import DequeueTimeout, StopRequested
 from rq import worker_registration
 from rq.worker import SimpleWorker, WorkerStatus
 
-from queues import cancel, control, correlation, execution
+from queues import broker, cancel, control, correlation, execution
 from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key, job_timeout  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
 from queues.models import MAX_SLOTS
@@ -651,9 +651,27 @@ class CaptionWorker(SimpleWorker):
         if claimed is None:
             self.log.info("Worker %s: %s is not claimable (done, cancelled, moved or not due); skipped", self.name,
                           job.id)
+            self._keep_dead_letter(task_id, job, queue)
             return None
         execution.attempt_started(claimed)
         return claimed
+
+    def _keep_dead_letter(self, task_id: int, job, queue) -> None:
+        """A job whose task has failed for good was popped: rq's own ``rq requeue`` (or django-rq's requeue) took it
+        out of the failed-job registry. Its task stays FAILED (a caption dead letter is requeued through the portal,
+        which resets the task and republishes it), so the job goes back to the registry instead of vanishing from
+        ``rq info``, ``rq_dead_letter_size`` and the dead-letter alert while the task is still dead."""
+        try:
+            error = execution.task_dead_letter_error(task_id)
+            if error is None:
+                return
+            broker.job_dead_letter(task_id, queue.name, f"{error} (requeued with rq's own tools, which cannot run a "
+                                                       f"caption dead letter again: use manage.py tasks requeue or "
+                                                       f"the dead letters page)")
+            self.log.warning("Worker %s: %s is a dead letter requeued outside the portal; filed again as failed "
+                             "(use manage.py tasks requeue)", self.name, job.id)
+        except Exception:
+            self.log.warning("Worker %s: could not file %s again as a dead letter", self.name, job.id, exc_info=True)
 
     def kill_horse(self, sig=None):
         """rq's stop-job command lands here (from the command thread); interrupt the job in the main thread."""

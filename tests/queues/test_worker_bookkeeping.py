@@ -77,6 +77,32 @@ def test_a_failed_caption_job_goes_to_rqs_failed_registry(redis, settings, http_
     assert redis.hget(worker.key, "current_job") is None
 
 
+def test_rqs_own_requeue_of_a_caption_dead_letter_leaves_it_a_dead_letter(redis, settings, http_server):
+    """``rq requeue`` moves a failed job back to its queue. Its task is FAILED, so the claim refuses it: the job used
+    to vanish (rq info, rq_dead_letter_size and the dead-letter alert said 0 while the task was still dead). It goes
+    back to the failed-job registry (and the worker's log names the portal's requeue)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    settings.CAPTION_BACKEND, settings.OLLAMA_URL = "ollama", http_server.url
+    http_server.route("/gone.png", lambda request, body: (request.send_response(404),
+                                                          request.send_header("Content-Length", "0"),
+                                                          request.end_headers()))
+    task = task_submit(image_ref=http_server.url + "/gone.png")
+    run_worker()
+    failed = FailedJobRegistry(task.priority, connection=redis)
+    assert failed.get_job_ids(cleanup=False) == [f"caption-{task.pk}"]
+    requeue = subprocess.run([str(Path(sys.executable).parent / "rq"), "requeue", "--all", "--queue", task.priority,
+                              "-u", settings.REDIS_URL, "-S", "json"], capture_output=True, text=True, timeout=60)
+    assert requeue.returncode == 0, requeue.stderr
+    assert failed.get_job_ids(cleanup=False) == [] and redis.llen(f"rq:queue:{task.priority}") == 1
+    run_worker()
+    assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.FAILED
+    assert failed.get_job_ids(cleanup=False) == [f"caption-{task.pk}"]
+    assert broker.fetch_job(task.pk).get_status() == "failed"
+
+
 def test_a_claim_on_a_connection_the_driver_closed_puts_the_job_back_and_runs_it(redis, media_image):
     """The database connection died under the worker (MySQL's wait_timeout, a proxy, a closed driver connection):
     the job goes back to its queue and runs on a fresh connection, never escapes to rq's loop (which quits and drops
