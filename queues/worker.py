@@ -76,6 +76,8 @@ COMMAND_POLL = 0.5
 # Seconds a worker with slots blocks in one pop before it reads its stop flag again (BLPOP takes fractions since
 # Redis 6): how long an idle one waits to leave after a stop signal.
 SLOTS_POP = 0.5
+# Seconds a worker keeps sending the end of a successful job to a Redis that does not answer (a restart, a failover).
+END_RETRY_SECONDS = 60
 
 
 def resident_memory_bytes(pid: int | None = None) -> int | None:
@@ -566,6 +568,34 @@ class CaptionWorker(SimpleWorker):
                 self.set_state(WorkerStatus.IDLE)
             return False
         job._status = JobStatus.FINISHED
+        # The task row already says COMPLETED. If Redis is away now, the job's hash (persisted, "started") and its
+        # entry in the started-job registry would stay, and rq's abandoned-job cleanup would file a dead letter for
+        # a completed task a few minutes later; a one-slot worker would also quit (rq's loop exits on an error it
+        # does not know). So the pipeline is sent again until Redis takes it (END_RETRY_SECONDS at most).
+        deadline, wait = time.monotonic() + END_RETRY_SECONDS, 0.5
+        while True:
+            try:
+                other = self._send_job_end(job, started_text)
+                break
+            except redis.exceptions.RedisError as error:
+                if time.monotonic() >= deadline:
+                    self.log.error("Worker %s: could not record the end of %s in Redis for %d s (%s); the task is "
+                                   "completed, the job's entries stay until rq's cleanup", self.name, job.id,
+                                   END_RETRY_SECONDS, error)
+                    other = self._other_running_job()
+                    break
+                self.log.warning("Worker %s: Redis unreachable as %s ended (%s); trying again in %g s", self.name,
+                                 job.id, error, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
+        self.execution = None
+        if other is None:
+            self._state, self._idle_written = WorkerStatus.IDLE, True
+        self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)  # rq's line
+        return True
+
+    def _send_job_end(self, job, started_text: str) -> str | None:
+        """The end of a successful caption job in one pipeline. Returns the job another slot runs, if any."""
         with self._state_lock, self.connection.pipeline() as pipe:
             # The task row has the outcome: the job, its executions and its result go (rq's result_ttl=0), and the
             # worker is idle again with its counts up.
@@ -579,16 +609,12 @@ class CaptionWorker(SimpleWorker):
             else:
                 pipe.hset(self.key, "current_job", other)  # another slot's job: the worker is still busy
             self.execution.delete(job=job, pipeline=pipe)
-            self.execution = None
             # Only if the hash is still this run's: a give-back or retry may have been published again (same job id)
             # before this pipeline ran, and that publication's hash must stay.
             # EVAL, not EVALSHA: a pipeline with a registered script asks SCRIPT EXISTS first, one more round trip.
             pipe.eval(DELETE_IF_OURS_SCRIPT, 2, job.key, job.execution_registry.key, self.name, started_text)
             pipe.execute()
-        if other is None:
-            self._state, self._idle_written = WorkerStatus.IDLE, True
-        self.log.info("Worker %s: %s: Job OK (%s)", self.name, queue.name, job.id)  # rq's line
-        return True
+        return other
 
     def _slot_ending(self) -> None:
         slot = getattr(self._local, "slot", None)

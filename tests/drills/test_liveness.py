@@ -122,3 +122,40 @@ def test_a_busy_worker_registers_again_after_redis_is_flushed(redis, media_image
     finally:
         stop_process(worker)
     assert not redis.sismember("rq:workers", f"rq:worker:{name}")  # and its death is registered all the same
+
+
+def test_a_caption_that_ends_while_redis_is_down_is_recorded_once_and_leaves_no_job_behind(redis_server_factory,
+                                                                                            http_server, png_bytes):
+    """Redis is stopped during a caption and back a few seconds after it ended: the task is COMPLETED in the
+    database, and the end of the job reaches Redis once it is back. A one-slot worker used to quit on the error and
+    leave the job's hash "started" and its started-registry entry, which rq's cleanup later filed as a dead letter
+    of a completed task."""
+    from rq.registry import StartedJobRegistry
+
+    from queues import broker
+    from tests.processes import start_command, stop_process
+
+    server = redis_server_factory("ending")
+    image = slow_ollama(http_server, png_bytes, delay=4)
+    task = task_submit(image_ref=image)
+    worker = start_command("rqworker", "normal", "--name", "ends-offline", "--verbosity", "1",
+                           CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).exists(), 30,
+                 "the caption to start")
+        time.sleep(1)
+        server.stop()
+        wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.COMPLETED).exists(), 20,
+                 "the caption to be recorded")
+        time.sleep(2)  # the end of the job fails against the stopped Redis
+        server.start()
+        broker.reset_connection()
+        connection = broker.get_connection()
+        wait_for(lambda: not connection.exists(f"rq:job:caption-{task.pk}"), 30, "the job's end to reach Redis")
+        assert StartedJobRegistry("normal", connection=connection).get_job_count(cleanup=False) == 0
+        assert worker.poll() is None  # still working
+        assert connection.hget("rq:worker:ends-offline", "successful_job_count") == b"1"
+    finally:
+        stop_process(worker)
+    task.refresh_from_db()
+    assert task.attempts == 1 and list(task.events.values_list("kind", flat=True)) == [TaskEvent.Kind.COMPLETED]
