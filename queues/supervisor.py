@@ -345,20 +345,21 @@ class Supervisor:
     def _renew_or_release(self, connection, pools: dict[str, PoolSettings]) -> None:
         for key, slot in list(self.slots.items()):
             pool = pools.get(slot.pool)
-            if pool is None or slot.index >= pool.processes or slot.queues != pool.queue_names:
-                reason = ("pool removed" if pool is None else
-                          "pool scaled down" if slot.index >= pool.processes else "pool queues changed")
+            if pool is None or slot.index >= pool.processes:
                 connection.eval(RELEASE_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id)
-                self._retire(slot, reason)
+                self._retire(slot, "pool removed" if pool is None else "pool scaled down")
                 del self.slots[key]
                 continue
-            if slot.caption_slots != pool.caption_slots(slot.index) and not slot.retiring:
-                # The process runs another number of caption slots now (the pool's slots or desired count changed).
-                # Like a hand-off: the lease is kept until the worker has finished its tasks and exited, then the
-                # slot is taken again with the new count, so the pool never runs more caption slots than desired.
+            if not slot.retiring and (slot.queues != pool.queue_names
+                                      or slot.caption_slots != pool.caption_slots(slot.index)):
+                # The process must run other queues or another number of caption slots now. Like a hand-off: the
+                # lease is kept until the worker has finished its tasks and exited, then the slot is taken again
+                # with the new settings, so the pool never runs more processes or caption slots than desired (a
+                # released lease was taken again at once, and the new worker ran beside the old one's last caption).
                 slot.handoff = True
-                self._retire(slot, f"caption slots of the process change from {slot.caption_slots} to "
-                                   f"{pool.caption_slots(slot.index)}")
+                self._retire(slot, "pool queues changed" if slot.queues != pool.queue_names else
+                             f"caption slots of the process change from {slot.caption_slots} to "
+                             f"{pool.caption_slots(slot.index)}")
             if not connection.eval(RENEW_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id,
                                    int(self.lease_ttl * 1000)):
                 self._retire(slot, "lease lost (another supervisor holds the slot)")

@@ -545,8 +545,7 @@ class CaptionWorker(SimpleWorker):
             job.prepare_for_execution(self.name, pipeline=pipe)
             started_text = utcformat(job.started_at)  # what the end compares, to delete only this run's hash
             pipe.persist(job.key)  # rq's Job.perform does this on its own round trip
-            if len(self.queues) == 1:  # popped with BLMOVE into the queue's intermediate list
-                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            # (no LREM of rq's intermediate list: CaptionQueue pops without one, whatever the number of queues)
             pipe.execute()
         job.persisted = True
         job.started_at = rq_now()

@@ -161,3 +161,36 @@ def test_a_task_running_through_a_database_outage_runs_once(redis, pool, http_se
         assert list(done.events.values_list("kind", flat=True)) == [TaskEvent.Kind.COMPLETED]
     finally:
         group.stop_all()
+
+
+def test_a_queue_change_never_runs_a_second_worker_beside_the_one_finishing_its_caption(redis, pool, http_server,
+                                                                                         png_bytes):
+    """A pool of one whose queues change while its worker runs a caption: the worker finishes it, then one with the
+    new queues starts in its slot. The slot's lease used to be released at once and taken again in the same step, so
+    two processes ran for the length of the caption."""
+    from queues.services import task_submit
+    from tests.processes import slow_ollama
+
+    image = slow_ollama(http_server, png_bytes, delay=6)
+    supervisors = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+    try:
+        supervisors.start()
+        first = wait_for(lambda: worker_pids(supervisors) if len(worker_pids(supervisors)) == 1 else None, 30,
+                         "one worker")
+        task = task_submit(image_ref=image)
+        wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status="PROCESSING").exists(), 20, "the caption")
+        pool.queues = "urgent high normal"
+        pool.save()
+        most = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pids = worker_pids(supervisors)
+            most = max(most, len(pids))
+            if pids and pids != first:
+                break
+            time.sleep(0.05)
+        assert most == 1
+        assert CaptionTask.objects.get(pk=task.pk).status == "COMPLETED"
+        assert FleetEvent.objects.filter(reason="pool queues changed").exists()
+    finally:
+        supervisors.stop_all()
