@@ -299,3 +299,43 @@ def test_a_stale_attempt_that_ends_leaves_a_newer_attempt_of_its_task_leased(red
     finally:
         execution.attempt_finished(newer)
     assert execution.attempts_in_flight() == {}
+
+
+HANDLER_IN_POOL_LOCK = """
+import os, signal, django
+django.setup()
+from rq.worker import WorkerStatus
+from queues import broker
+from queues.worker import CaptionWorker
+
+worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection(), name="handler-check", slots={slots})
+worker._state = WorkerStatus.BUSY  # a job in hand
+worker._install_handlers()
+pool = broker.get_connection().connection_pool
+with pool._counters():  # the main thread is inside the pool's bookkeeping, as on every Redis call
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(3):
+        pass  # the handler runs here
+print("stop requested:", worker._stop_requested, flush=True)
+"""
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_stop_signal_landing_inside_the_redis_pools_lock_does_not_deadlock_the_worker(redis, slots):
+    """Python runs a signal handler in the main thread between two bytecodes, also inside a non-reentrant lock the
+    thread holds. The stop handlers used to write the shutdown date to Redis, which takes the connection pool's
+    lock again: the main thread, and with it every thread's Redis use, hung until the supervisor's SIGKILL."""
+    import subprocess
+    import sys
+
+    from django.conf import settings as django_settings
+
+    from tests.conftest import subprocess_env
+
+    try:
+        result = subprocess.run([sys.executable, "-c", HANDLER_IN_POOL_LOCK.replace("{slots}", str(slots))],
+                                cwd=django_settings.BASE_DIR, env=subprocess_env(), capture_output=True, text=True,
+                                timeout=20)
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"the stop handler deadlocked: {expired.stderr}")
+    assert "stop requested: True" in result.stdout, result.stderr
