@@ -12,9 +12,16 @@ Additions to rq's worker, relied on by the fleet (queues.fleet, queues.reconcile
   with a Redis restart or flush; nothing decides on its absence.
 - ``stop-job`` works without a work horse: rq's command sets the stopped job and calls ``kill_horse``; here that
   raises ``JobStopped`` inside the running job, which records the task as stopped by an operator.
+- A first stop signal never raises: the handler sets a flag (and does no I/O), the worker pops for at most
+  SLOTS_POP seconds at a time and reads the flag between pops, a job popped as the stop came goes back to the front
+  of its queue, and a job in hand (being claimed or captioned) runs to its end. rq raised StopRequested wherever the
+  main thread was unless the caption had begun, which dropped a popped job or abandoned a claimed one.
 - A second stop signal (rq's "cold shutdown") never abandons the task in hand: during the caption it raises
-  ``WorkerInterrupted``, which gives the attempt back as a retry; during rq's own bookkeeping of a job it is
-  ignored (that takes milliseconds); only an idle worker exits at once.
+  ``WorkerInterrupted``, which gives the attempt back as a retry; between the claim and the caption it marks the
+  caption to be given back as it begins; during rq's own bookkeeping of a job it waits for it (milliseconds); an
+  idle worker leaves its pop at once.
+- Registration survives Redis losing its data: the liveness thread registers the worker again when it is missing
+  from rq's worker set or its hash has no birth.
 - A job entry popped from a queue that is no longer the job's queue (its task's priority changed, so the job was
   published on another queue) is dropped without running and without touching the job.
 - Queue pauses and suspension come from the database through ``queues.control`` (Redis only caches them).
