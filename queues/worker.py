@@ -132,7 +132,6 @@ class CaptionWorker(SimpleWorker):
         self.pool_name = pool or os.environ.get("PORTAL_WORKER_POOL", "")
         self._alive_stop = threading.Event()
         self._starting = False  # in bootstrap: a stop signal is recorded, not raised
-        self._job_in_hand = False
         self._idle_written = False  # the end-of-job pipeline has just written state=idle
         self._slots: list[CaptionSlot] = []
         self._slots_changed = threading.Condition()
@@ -331,10 +330,8 @@ class CaptionWorker(SimpleWorker):
             raise JobStopped("stopped by an operator")
 
     def request_stop(self, signum, frame):
-        """The first SIGTERM/SIGINT. rq records the request only when a job runs; idle, it raises StopRequested
-        wherever the main thread is, and a handler that catches broadly on that path (rq's own job error handling
-        is a bare ``except``) would swallow it and the worker would go on taking jobs. The flag is set first, so the
-        work loop stops at its next turn whatever happens to the exception."""
+        """The first SIGTERM/SIGINT: the flag is set first, then rq's handler records the date, installs the second
+        stop's handler and calls ``_shutdown`` (which raises only while a slotted worker waits for a free slot)."""
         self._stop_requested = True
         return super().request_stop(signum, frame)
 
@@ -523,14 +520,12 @@ class CaptionWorker(SimpleWorker):
             if claimed is None:
                 return
             job.claimed_task = claimed  # read by queues.jobs.caption_task
-        self._job_in_hand = True
         try:
             if claimed is None:
                 return super().execute_job(job, queue)  # not a caption job: rq's own path, results and all
             with correlation.bound(claimed.correlation_id or None):
                 return self._perform_caption(job, queue)
         finally:
-            self._job_in_hand = False
             if claimed is not None:
                 execution.attempt_finished(claimed)
 

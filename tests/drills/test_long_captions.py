@@ -17,7 +17,7 @@ import time
 import pytest
 
 from queues.fleet import pool_scale
-from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus
+from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.services import task_submit
 from tests.processes import Supervisors, live_workers, parent_pid, slow_ollama, wait_for
 
