@@ -110,10 +110,6 @@ def test_a_claim_on_a_connection_the_driver_closed_puts_the_job_back_and_runs_it
     is not a DatabaseError, the same way."""
     from django.db import connection
 
-    from queues.models import CaptionTask, TaskStatus
-    from queues.services import task_submit
-    from tests.conftest import run_worker
-
     from queues import control
 
     task = task_submit(image_ref=media_image())
