@@ -138,12 +138,13 @@ def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | No
     return True
 
 
-def tasks_recover_from_worker(*, worker_name: str, reason: str) -> ReconcileResult:
-    """Re-drives the tasks a known-dead worker was running (the supervisor calls this whenever its child exits)."""
+def tasks_recover_from_worker(*, worker_name: str, reason: str, give_back: bool = False) -> ReconcileResult:
+    """Re-drives the tasks a known-dead worker was running (the supervisor calls this whenever its child exits).
+    ``give_back``: the supervisor killed it after being told to stop at once (see ``task_redrive``)."""
     result = ReconcileResult()
     for task in CaptionTask.objects.filter(status=TaskStatus.PROCESSING, worker_name=worker_name) \
             .only(*REDRIVE_FIELDS):
-        task_redrive(task=task, reason=reason, result=result)
+        task_redrive(task=task, reason=reason, result=result, give_back=give_back)
     return result
 
 

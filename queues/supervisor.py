@@ -287,7 +287,8 @@ class Supervisor:
             self._pending_tries += 1
             try:
                 if kind == "recover":
-                    tasks_recover_from_worker(worker_name=payload["worker_name"], reason=payload["reason"])
+                    tasks_recover_from_worker(worker_name=payload["worker_name"], reason=payload["reason"],
+                                              give_back=payload.get("give_back", False))
                     try:
                         broker.worker_unregister(payload["worker_name"])
                     except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
@@ -360,6 +361,8 @@ class Supervisor:
                 self._retire(slot, "pool queues changed" if slot.queues != pool.queue_names else
                              f"caption slots of the process change from {slot.caption_slots} to "
                              f"{pool.caption_slots(slot.index)}")
+                if key not in self.slots:  # no worker was running: released already, to be taken again
+                    continue
             if not connection.eval(RENEW_SCRIPT, 1, slot_key(slot.pool, slot.index), self.id,
                                    int(self.lease_ttl * 1000)):
                 self._retire(slot, "lease lost (another supervisor holds the slot)")
@@ -438,10 +441,15 @@ class Supervisor:
             slot.kill_at = slot.signalled_at + self.stop_timeout
             slot.retire_reason = reason
             self.retiring.append(slot)
-        elif slot.worker_name:
-            self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=reason)
-            if slot.process is not None:
-                self._recover(slot, f"worker exited ({reason})")
+        else:
+            if slot.worker_name:
+                self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=reason)
+                if slot.process is not None:
+                    self._recover(slot, f"worker exited ({reason})")
+            if slot.handoff and not self.stopping:
+                # No worker to wait for (it had crashed and waited for its restart): the slot goes at once, or it
+                # would stay retiring, leased and empty for good.
+                self._release_slot(slot)
 
     def _manage_processes(self) -> None:
         now = time.monotonic()
@@ -463,20 +471,27 @@ class Supervisor:
                 self._recover(slot, f"worker stopped ({slot.retire_reason})")
                 if slot.handoff and not self.stopping:
                     self._release_slot(slot)
-            elif self.forced and not slot.forced:
-                if now - slot.signalled_at >= SECOND_SIGNAL_AFTER:
+            elif self.forced and now < slot.kill_at and now - slot.signalled_at >= SECOND_SIGNAL_AFTER:
+                # The worker's "stop now": its attempt is given back. Sent again every SECOND_SIGNAL_AFTER seconds
+                # until it exits: a worker whose main thread was in a long C call (a claim waiting on a lock) runs
+                # its handlers late, so two signals can reach it as one, or within a second of each other (which
+                # it takes for one signal delivered twice).
+                if not slot.forced:
                     slot.forced = True
-                    slot.process.send_signal(signal.SIGTERM)  # the worker's "stop now": its attempt is given back
+                    slot.kill_at = min(slot.kill_at, now + FORCED_GRACE)
                     logger.warning("%s: told to stop at once; the task in hand goes back to its queue (killed in %g s "
                                    "if still running)", slot.worker_name, FORCED_GRACE)
-                    slot.kill_at = min(slot.kill_at, now + FORCED_GRACE)
+                slot.process.send_signal(signal.SIGTERM)
+                slot.signalled_at = now
             elif now >= slot.kill_at:
                 slot.process.kill()
                 slot.process.wait(10)
                 self.retiring.remove(slot)
                 self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=f"{slot.retire_reason}; killed after "
                                                                          "not stopping in time")
-                self._recover(slot, "killed by its supervisor")
+                # Told to stop at once (the operator's second stop) and still running: its task was not its fault,
+                # so it goes back without using a retry, as the worker itself would have given it back.
+                self._recover(slot, "killed by its supervisor", give_back=slot.forced)
                 if slot.handoff and not self.stopping:
                     self._release_slot(slot)
 
@@ -498,10 +513,10 @@ class Supervisor:
                     figures={"exit_code": code, "crashes_in_a_row": slot.crashes, "restart_delay": delay})
         self._recover(slot, f"worker died ({how})")
 
-    def _recover(self, slot: Slot, reason: str) -> None:
+    def _recover(self, slot: Slot, reason: str, *, give_back: bool = False) -> None:
         """A worker of ours has exited: the duties thread re-drives what it was running (within a step) and removes
         its rq registration."""
-        self._outbox.put(("recover", {"worker_name": slot.worker_name, "reason": reason}))
+        self._outbox.put(("recover", {"worker_name": slot.worker_name, "reason": reason, "give_back": give_back}))
 
     def _event(self, kind, slot: Slot, *, reason: str, figures: dict | None = None) -> None:
         pid = slot.process.pid if slot.process is not None else None

@@ -138,6 +138,8 @@ class CaptionWorker(SimpleWorker):
         self._main_waiting = False  # the main thread waits for a free slot (a stop signal may interrupt it there)
         self._popping = False  # the main thread pops (only a second stop signal interrupts it there)
         self._shutdown_date_written = False
+        self._stop_target: str | None = None  # one slot: the job the last stop-job named
+        self._captioning: str | None = None  # one slot: the job whose caption the main thread runs
         self._registration_lock = threading.Lock()  # _register_again against register_death
         self._death_registered = False
         # With slots: the worker hash's state and current job are computed from the slots and written under this
@@ -210,7 +212,7 @@ class CaptionWorker(SimpleWorker):
                 return
             self.birth_date = self.birth_date or rq_now()
             self.last_heartbeat = self.last_heartbeat or rq_now()
-            with self.connection.pipeline() as pipe:
+            with self._state_lock, self.connection.pipeline() as pipe:  # slots write the state under it too
                 pipe.hset(self.key, mapping={**self.serialize(), "state": self._state})
                 worker_registration.register(self, pipe)
                 # A busy one-slot worker writes its key only between jobs: it must outlive a whole caption.
@@ -325,8 +327,10 @@ class CaptionWorker(SimpleWorker):
         signal.signal(signal.SIGUSR1, self._stop_current_job)
 
     def _stop_current_job(self, signum, frame):
-        # Only while the captioner runs: raising inside rq's own bookkeeping would leave its registries half-updated.
-        if execution.captioning_now():
+        # Only while the captioner runs (raising inside rq's own bookkeeping would leave its registries half-updated),
+        # and only the job the stop names: rq's command checked the worker's current job in Redis, and the signal
+        # arrives a moment later, when the next job's caption may have begun.
+        if execution.captioning_now() and self._stop_target is not None and self._stop_target == self._captioning:
             raise JobStopped("stopped by an operator")
 
     def request_stop(self, signum, frame):
@@ -400,6 +404,8 @@ class CaptionWorker(SimpleWorker):
         from rq.command import parse_payload
 
         payload = parse_payload(message)
+        if payload.get("command") == "stop-job" and self.slot_count == 1:
+            self._stop_target = payload.get("job_id")  # read by the SIGUSR1 handler rq's kill_horse leads to
         if payload.get("command") == "shutdown" and self._stop_requested:
             self.log.info("Worker %s: already stopping after its job; shutdown request ignored", self.name)
             return
@@ -551,12 +557,15 @@ class CaptionWorker(SimpleWorker):
             pipe.execute()
         job.persisted = True
         job.started_at = rq_now()
+        if self.slot_count == 1:
+            self._captioning = job.id
         try:
             with self.death_penalty_class(job.timeout or self.queue_class.DEFAULT_TIMEOUT, JobTimeoutException,
                                           job_id=job.id):
                 job.perform()
             job.ended_at = rq_now()
         except:  # noqa: E722 (rq's own perform_job catches everything here too)
+            self._captioning = None
             # rq's failure path, as its perform_job runs it: status, failed-job registry, result, counts.
             job._status = JobStatus.FAILED
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
@@ -568,11 +577,13 @@ class CaptionWorker(SimpleWorker):
                                         queue=queue, started_job_registry=queue.started_job_registry)
                 self.set_state(WorkerStatus.IDLE)
             return False
+        self._captioning = None
         job._status = JobStatus.FINISHED
         # The task row already says COMPLETED. If Redis is away now, the job's hash (persisted, "started") and its
         # entry in the started-job registry would stay, and rq's abandoned-job cleanup would file a dead letter for
         # a completed task a few minutes later; a one-slot worker would also quit (rq's loop exits on an error it
-        # does not know). So the pipeline is sent again until Redis takes it (END_RETRY_SECONDS at most).
+        # does not know). So the pipeline is sent again until Redis takes it (for about END_RETRY_SECONDS). Should
+        # an attempt have run with its reply lost, the counts go up twice; the deletions are the same either way.
         deadline, wait = time.monotonic() + END_RETRY_SECONDS, 0.5
         while True:
             try:

@@ -74,6 +74,23 @@ def test_retiring_a_slot_twice_signals_its_worker_once(tmp_path, db):
         process.wait()
 
 
+@pytest.mark.parametrize("change", ["queues", "caption slots"])
+def test_a_pool_change_while_the_slots_worker_waits_for_its_restart_lets_the_slot_go(redis, db, change):
+    """A hand-off waits for the slot's worker to exit; a slot whose worker had crashed and waited for its restart has
+    none to wait for, and used to stay retiring, leased and empty until the supervisor restarted."""
+    from queues.supervisor import PoolSettings, slot_key
+
+    supervisor = Supervisor(pool_names=["default"], stop_timeout=30)
+    slot = Slot(pool="default", index=0, queues=["normal"], worker_name="default.test.0")  # no process running
+    supervisor.slots[("default", 0)] = slot
+    redis.set(slot_key("default", 0), supervisor.id)
+    pool = PoolSettings("default", 2, ["urgent", "normal"] if change == "queues" else ["normal"],
+                        1 if change == "queues" else 2)
+    supervisor._renew_or_release(redis, {"default": pool})
+    assert ("default", 0) not in supervisor.slots and not redis.exists(slot_key("default", 0))
+    assert supervisor.retiring == []
+
+
 def test_a_worker_signalled_twice_on_the_last_attempt_gives_the_task_back(redis, pool, http_server, png_bytes,
                                                                           settings):
     import os
@@ -179,10 +196,17 @@ def test_a_second_stop_before_the_caption_gives_the_claimed_attempt_back(redis, 
     assert (task.status, task.attempts) == (TaskStatus.COMPLETED, 1)
 
 
-def test_a_second_stop_to_the_supervisor_gives_the_task_in_flight_back_on_its_last_attempt(redis, pool, http_server,
-                                                                                           png_bytes, settings):
+@pytest.mark.parametrize("worker_state", ["answering", "frozen"])
+def test_a_second_stop_to_the_supervisor_gives_the_task_in_flight_back_on_its_last_attempt(
+        redis, pool, http_server, png_bytes, settings, worker_state):
     """Operators, ``dev.py run``, systemd and Kubernetes signal the supervisor, not its workers: its second stop is
-    the workers' second stop (the attempt given back, never a dead letter), not a SIGKILL of them."""
+    the workers' second stop (the attempt given back, never a dead letter), not a SIGKILL of them. A worker that
+    cannot answer (frozen here) is killed FORCED_GRACE seconds later, and its task still goes back without using a
+    retry."""
+    import os
+
+    from queues import broker
+
     image = slow_ollama(http_server, png_bytes, delay=30)
     group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, RQ_MAX_RETRIES="0")
     settings.RQ_MAX_RETRIES = 0  # one attempt: a worker lost would be a dead letter
@@ -190,15 +214,56 @@ def test_a_second_stop_to_the_supervisor_gives_the_task_in_flight_back_on_its_la
         supervisor = group.start()
         wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
         task = task_submit(image_ref=image)
-        wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).exists(), 20,
-                 "the task to start")
+        running = wait_for(lambda: CaptionTask.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).first(), 20,
+                           "the task to start")
         time.sleep(0.5)
+        if worker_state == "frozen":
+            os.kill(broker.alive_states([running.worker_name])[running.worker_name]["pid"], signal.SIGSTOP)
         supervisor.send_signal(signal.SIGTERM)
         time.sleep(2)  # the first stop lets the caption run on
         assert supervisor.poll() is None
         supervisor.send_signal(signal.SIGTERM)
-        assert supervisor.wait(15) == 0
+        assert supervisor.wait(25) == 0
         task.refresh_from_db()
+        assert (task.status, task.attempts) == (TaskStatus.QUEUED, 0)
+        # given back by the worker itself, or by its supervisor's recovery after the kill
+        given_back = TaskEvent.Kind.WORKER_LOST if worker_state == "frozen" else TaskEvent.Kind.RETRY_SCHEDULED
+        assert list(task.events.values_list("kind", flat=True)) == [given_back]
+        assert redis.zcard(FailedJobRegistry("normal", connection=redis).key) == 0
+        killed = "killed after not stopping in time" in group.output()
+        assert killed == (worker_state == "frozen")
+    finally:
+        group.stop_all()
+
+
+def test_a_second_stop_to_the_supervisor_reaches_a_worker_whose_handlers_ran_late(redis, pool, http_server,
+                                                                                  png_bytes, settings):
+    """The worker's main thread is in a claim that waits on the database when both of the supervisor's signals
+    arrive: its handlers run only when the claim returns, both at once, and it takes the second for the first one
+    delivered twice. The supervisor sends its second stop again until the worker exits, so the attempt is still
+    given back (and were the worker killed after all, its task would go back without using a retry)."""
+    from django.utils import timezone
+
+    from queues import broker
+
+    image = slow_ollama(http_server, png_bytes, delay=30)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, RQ_MAX_RETRIES="0")
+    settings.RQ_MAX_RETRIES = 0
+    try:
+        supervisor = group.start()
+        wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+        task_id = CaptionTask.objects.insert_new([(image, "normal", None)], publish_after=timezone.now())[0]
+        CaptionTask.objects.filter(pk=task_id).update(published_at=timezone.now())
+        with row_held(task_id):
+            broker.publish([(task_id, "normal")], fresh=True)
+            wait_for(lambda: redis.llen("rq:queue:normal") == 0, 20, "the worker to pop the job")
+            time.sleep(0.5)  # in its claim
+            supervisor.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            supervisor.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+        assert supervisor.wait(20) == 0
+        task = CaptionTask.objects.get(pk=task_id)
         assert (task.status, task.attempts) == (TaskStatus.QUEUED, 0)
         assert list(task.events.values_list("kind", flat=True)) == [TaskEvent.Kind.RETRY_SCHEDULED]
         assert redis.zcard(FailedJobRegistry("normal", connection=redis).key) == 0

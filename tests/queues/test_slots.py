@@ -339,3 +339,30 @@ def test_a_stop_signal_landing_inside_the_redis_pools_lock_does_not_deadlock_the
     except subprocess.TimeoutExpired as expired:
         pytest.fail(f"the stop handler deadlocked: {expired.stderr}")
     assert "stop requested: True" in result.stdout, result.stderr
+
+
+def test_a_one_slot_workers_stop_job_for_a_job_that_just_ended_does_not_stop_the_next_caption(redis):
+    """rq's stop-job command checks the worker's current job in Redis, then signals the worker's main thread: when
+    the named job ended in between and the next one's caption began, the signal used to stop that next caption."""
+    import signal
+
+    from queues import execution
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    worker = slot_worker(1, name="one-slot-stop")
+    worker.register_birth()
+    try:
+        worker._install_handlers()
+        worker.set_current_job_id("caption-1")  # what rq's command reads: the job the operator saw
+        worker._captioning = "caption-2"  # the main thread has moved on to the next caption
+        execution._captioning.set()
+        try:
+            worker.handle_payload({"data": b'{"command": "stop-job", "job_id": "caption-1"}'})
+            for _ in range(3):
+                pass  # the SIGUSR1 handler runs here, between two bytecodes
+        finally:
+            execution._captioning.clear()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        worker.register_death()
