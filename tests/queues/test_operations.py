@@ -282,6 +282,7 @@ def test_paused_queue_keeps_its_tasks_until_resumed(redis, media_image):
     assert CaptionTask.objects.get(pk=paused_task.pk).status == TaskStatus.COMPLETED
 
 
+@pytest.mark.slow
 def test_bulk_requeue_of_100000_tasks_in_the_background(redis, media_image, admin_user):
     reference = media_image()
     ids = CaptionTask.objects.insert_new([(reference, "normal", None)] * 100_000, publish_after=timezone.now())
