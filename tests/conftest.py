@@ -37,13 +37,6 @@ def pytest_configure(config):
     broker.reset_connection()
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked slow (the drills, the real-process and 100,000-row tests: most of the suite's time) run first,
-    each group in its usual order. pytest-xdist hands tests out in this order, so the long ones start at once and
-    the short ones fill the gaps, instead of a long one starting last and the other worker waiting for it."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
-
-
 @pytest.fixture
 def redis(settings):
     """The test run's Redis server, emptied before the test. Tests that use it talk to a real server."""
