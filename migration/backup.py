@@ -80,7 +80,10 @@ def backup_write(*, directory: Path | None = None, label: str = "",
     stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
     target = base / f"tasks-{stamp}{('-' + label) if label else ''}"
     try:
-        target.mkdir(parents=True, exist_ok=False)
+        # Only the portal's user may read a backup: it holds every task's image reference (URLs may carry signatures
+        # or credentials), caption and correlation id. Modes are set, not left to the process' umask.
+        target.mkdir(parents=True, exist_ok=False, mode=0o700)
+        target.chmod(0o700)
     except OSError as error:
         raise BackupError(f"cannot create the backup directory {target}: {error}") from None
     total = CaptionTask.objects.count()
@@ -88,7 +91,7 @@ def backup_write(*, directory: Path | None = None, label: str = "",
     tally, digest, done = Tally(), hashlib.sha256(), 0
     data_path = target / "tasks.jsonl.gz"
     try:
-        with open(data_path, "wb") as raw:
+        with _private_file(data_path) as raw:
             with gzip.GzipFile(fileobj=_Hashing(raw, digest), mode="wb", compresslevel=5, mtime=0) as handle:
                 for row in iterate_rows():
                     handle.write(json.dumps(row, default=_json_value, separators=(",", ":")).encode() + b"\n")
@@ -102,12 +105,18 @@ def backup_write(*, directory: Path | None = None, label: str = "",
                     "by_status": tally.as_dict(), "columns": columns, "data_file": data_path.name,
                     "data_sha256": digest.hexdigest(),
                     "database_vendor": connections[CaptionTask.objects.db].vendor}
-        (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        with _private_file(target / "manifest.json") as handle:
+            handle.write((json.dumps(manifest, indent=2) + "\n").encode())
     except OSError as error:
         raise BackupError(f"cannot write the backup in {target}: {error}") from None
     if on_rows:
         on_rows(done, total)
     return {**manifest, "path": str(target)}
+
+
+def _private_file(path: Path):
+    """A new file only its owner can read or write (0600 whatever the umask), opened for binary writing."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
 class _Hashing:

@@ -167,6 +167,26 @@ def test_backup_round_trip_and_a_damaged_backup_is_refused(mode, database_tasks,
         backup_restore(path=manifest["path"])
 
 
+def test_a_backup_is_readable_by_its_owner_only_whatever_the_umask(mode, database_tasks, tmp_path):
+    """A backup holds every task's image reference (URLs may carry credentials), caption and correlation id: its
+    directory is 0700 and its files 0600. They were made with the process' umask (0755 and 0644 here)."""
+    import os
+    import stat
+    from pathlib import Path
+
+    database_tasks(3)
+    previous = os.umask(0o022)
+    try:
+        manifest = backup_write(directory=tmp_path / "backups")
+    finally:
+        os.umask(previous)
+    target = Path(manifest["path"])
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert {entry.name: stat.S_IMODE(entry.stat().st_mode) for entry in target.iterdir()} == {
+        "tasks.jsonl.gz": 0o600, "manifest.json": 0o600}
+    assert backup_restore(path=manifest["path"])["present"] == 3  # and it still restores
+
+
 def test_the_command_verify_fails_when_a_job_is_missing(redis, mode, database_tasks, registered_worker, settings,
                                                         tmp_path):
     settings.MIGRATION_BACKUP_DIR = tmp_path
