@@ -4,11 +4,10 @@ Starts throw-away real Redis servers on free loopback ports (unless TEST_REDIS_U
 REDIS_URL at them, runs pytest and stops the servers. pytest's exit code is returned, so no tests run (exit code 5)
 or any failure fails the command.
 
-The suite runs in ``TEST_PROCESSES`` pytest-xdist workers (default: one more than the CPUs, at most 4; 1 on a
-single CPU), each with a Redis server of its own (``TEST_REDIS_URLS``; tests/conftest.py points each worker at its
-own, or at its own database number of TEST_REDIS_URL) and a database of its own (pytest-django's per-worker suffix).
-Most of the suite's time is spent waiting on real processes (captions that take seconds, Redis stopped for 20 s), so
-on two cores three workers finish it in about 9 minutes where two took about 12. ``TEST_PROCESSES=1`` (or ``-n``
+The suite runs in ``TEST_PROCESSES`` pytest-xdist workers (default: 2, or 1 on a single CPU), each with a Redis
+server of its own (``TEST_REDIS_URLS``; tests/conftest.py points each worker at its own, or at its own database
+number of TEST_REDIS_URL) and a database of its own (pytest-django's per-worker suffix). Most of the suite's time is
+spent waiting on real processes, so two workers nearly halve it even on two cores. ``TEST_PROCESSES=1`` (or ``-n``
 given explicitly, or ``-p no:xdist``) runs it as one process.
 """
 
@@ -25,8 +24,7 @@ def main(argv: list[str]) -> int:
     environment.setdefault("IMAGE_FETCH_ALLOW_PRIVATE", "true")
     environment.setdefault("PORTAL_LOCAL", "true")
     environment.pop("RQ_REDIS_URL", None)
-    cpus = os.cpu_count() or 1
-    processes = int(environment.get("TEST_PROCESSES") or (min(cpus + 1, 4) if cpus > 1 else 1))
+    processes = int(environment.get("TEST_PROCESSES") or (2 if (os.cpu_count() or 1) > 1 else 1))
     explicit = any(arg == "-n" or arg.startswith("--numprocesses") or arg.startswith("-n") and arg[2:].isdigit()
                    or arg == "no:xdist" for arg in argv)
     if processes > 1 and not explicit:
