@@ -19,7 +19,9 @@ import pytest
 from queues import broker
 from tests.processes import start_command, stop_process, wait_for
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+# alone: its load is the two CPU burners the issue names, not the rest of the suite beside it (portal.testing runs it
+# after the others, by itself).
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.alone]
 
 SIGTERMS = 50  # half to one-slot workers, half to 8-slot workers
 AT_ONCE = 5  # workers started, then signalled, together
