@@ -25,7 +25,8 @@ from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from queues.models import CaptionTask, TaskStatus
+from migration.dispatch import system_mode, targets_for
+from queues.models import CaptionTask, Dispatch, TaskStatus
 
 PAGE = 5000
 MASK = (1 << 64) - 1
@@ -171,7 +172,9 @@ def backup_restore(*, path: Path, on_rows: Callable[[int, int], None] | None = N
     written, and the rows go in in one transaction: a restore that fails writes nothing.
 
     Restored rows keep their status and dispatch but have no job in Redis: ``published_at`` is cleared, so the relay
-    publishes restored queued RQ tasks, and a restored PROCESSING task goes back to QUEUED (its worker is gone).
+    publishes restored queued RQ tasks, and a restored PROCESSING task goes back to QUEUED (its worker is gone). A row
+    held by a pause when the backup was taken is dispatched the way a submission would be now: held only if
+    submission is paused now (the resume releases it), else to the mode's systems.
     """
     manifest, data_path = manifest_read(path)
     try:
@@ -206,6 +209,10 @@ def backup_restore(*, path: Path, on_rows: Callable[[int, int], None] | None = N
                 counts["conflicting"] += 1
             else:
                 new.append(_restored(row, known_fields))
+        held = [task for task in new if task.dispatch == Dispatch.HELD and task.status == TaskStatus.QUEUED]
+        if held:  # held while the backup was taken: dispatched as a submission now would be (held if paused now)
+            for task, target in zip(held, targets_for(system_mode(), len(held))):
+                task.dispatch = target
         CaptionTask.objects.bulk_create(new, batch_size=500)
         counts["inserted"] += len(new)
         batch.clear()

@@ -12,7 +12,11 @@ conditional update changes one row. Either way exactly one claimant wins, agains
 migration moving the task to RQ at the same moment.
 
 The poller registers as a ``LegacyWorker`` row and beats every couple of seconds (the database's clock); a beat also
-renews the lease of the attempt in hand, which is what the reconciler trusts. SIGTERM: finish the task in hand, then
+renews the lease of the attempt in hand, which is what the reconciler trusts. Pollers also look after each other and
+after the pause, since they may be all that runs (legacy mode with pollers only, the rollback's procedure; the
+fallback, with Redis away): every few seconds a poller re-drives polled attempts whose lease ran out (their poller
+died), with the reconciler's guards, and before claiming it ends a pause whose end time has passed and releases
+tasks held with submission open (migration.dispatch.held_release). SIGTERM: finish the task in hand, then
 exit; a second SIGTERM gives the attempt back (without using a retry) and exits. ``stop_requested`` on its row (the
 migration's drain phase, the admin) has the effect of the first SIGTERM, ``stop_forced`` (the drain's timeout) that
 of the second: the poller reads its row at every beat, so the drain reaches pollers on any host. A poller whose main
@@ -36,18 +40,46 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
+from migration.dispatch import held_release
 from migration.models import LegacyWorker
 from queues import broker, correlation, execution
 from queues.broker import job_timeout
 from queues.errors import BrokerUnavailable, WorkerInterrupted
 from queues.execution import TaskFailed, task_execute
-from queues.models import POLLED_DISPATCH, CaptionTask, TaskStatus, UtcNow
+from queues.models import (POLLED_DISPATCH, CaptionTask, TaskStatus, UtcNow, database_now,
+                           database_now_expression)
+from queues.reconcile import REDRIVE_FIELDS, TASK_LEASE_SECONDS, task_redrive
 
 logger = logging.getLogger("migration.legacy")
 
 BEAT_SECONDS = 2.0
 FORCE_GRACE_SECONDS = 10.0
 SQLITE_CANDIDATES = 8
+RECOVER_EVERY = 5.0  # seconds between a poller's looks for polled attempts whose poller died
+HOUSEKEEPING_EVERY = 1.0  # seconds between a poller's looks at the pause (held tasks, an expired end time)
+
+
+def polled_attempts_recover(*, worker_name: str) -> list[int]:
+    """Re-drives polled attempts (``database`` or ``fallback``) whose lease ran out: their poller died (SIGKILL, OOM,
+    its host gone). The reconciler does this for every task, but it runs in ``runworkers`` and needs Redis; in legacy
+    mode with pollers only, or during the fallback, the pollers must do it for each other. The reconciler's guards:
+    the lease is judged on the database's clock, the re-drive is conditional on the attempt's claim token and on the
+    lease still being expired, and refused if it runs more than a second after the judgement. RQ attempts are left
+    to the reconciler. Returns the ids re-driven."""
+    judged_at = database_now(connection)
+    started = time.monotonic()
+    lease_start = database_now_expression(-TASK_LEASE_SECONDS)
+    expired = list(CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch__in=POLLED_DISPATCH,
+                                              heartbeat_at__lt=lease_start).only(*REDRIVE_FIELDS)[:100])
+    if time.monotonic() - started > 1.0:
+        return []  # the database was slow: its pollers' renewals may be waiting too; judged on a later look
+    redriven = []
+    for task in expired:
+        if task_redrive(task=task, reason=f"its poller {task.worker_name} stopped renewing the lease for over "
+                                          f"{TASK_LEASE_SECONDS} s (seen by {worker_name})",
+                        lease_expired_only=True, judged_at=judged_at):
+            redriven.append(task.pk)
+    return redriven
 
 
 def task_claim_polled(*, worker_name: str) -> CaptionTask | None:
@@ -97,6 +129,8 @@ class LegacyPoller:
         self._may_signal_itself = False  # the poller is this process' main loop (the command)
         self._forced_at: float | None = None
         self._in_task = False
+        self._housekeeping_at = 0.0
+        self._recovered_at: float | None = None  # monotonic time of this poller's last look that reached the database
         self.result = PollerResult()
 
     # --- signals ---------------------------------------------------------------------------------------------
@@ -132,11 +166,29 @@ class LegacyPoller:
                         self._force()
                     LegacyWorker.objects.filter(name=self.name).update(
                         heartbeat_at=UtcNow(), processed=self.result.processed, failed=self.result.failed)
+                    self._recover()
                 except Exception:  # the database is away: the next beat tries again
                     logger.warning("%s: heartbeat failed", self.name, exc_info=True)
+                    self._recovered_at = None  # after an outage every lease looks expired: judge none at once
                     connection.close()
         finally:
             connection.close()  # this thread's own connection
+
+    def _recover(self) -> None:
+        """Every RECOVER_EVERY seconds, the attempts of dead pollers (``polled_attempts_recover``). As the
+        reconciler, only on a look that follows one that reached the database shortly before: right after an outage
+        every lease looks expired, and the other pollers' renewals are still on their way."""
+        now = time.monotonic()
+        previous = self._recovered_at
+        if previous is not None and now - previous < RECOVER_EVERY:
+            return
+        self._recovered_at = now
+        if previous is None or now - previous > 2 * RECOVER_EVERY + BEAT_SECONDS + 5:
+            return
+        redriven = polled_attempts_recover(worker_name=self.name)
+        if redriven:
+            logger.warning("%s: re-drove %d task(s) of pollers that stopped renewing their lease: %s", self.name,
+                           len(redriven), redriven)
 
     def _force(self) -> None:
         """The drain's timeout ran out: give the attempt in hand back and exit, as a second SIGTERM does (the signal
@@ -210,6 +262,12 @@ class LegacyPoller:
                 logger.warning("%s: a migration run has drained the database pollers; stopping", self.name)
                 asked = True
             self.stopping = self.stopping or asked
+        if not self.stopping and now - self._housekeeping_at >= HOUSEKEEPING_EVERY:
+            self._housekeeping_at = now
+            try:
+                held_release()  # no relay may run here (legacy mode, pollers only): a pause still ends
+            except Exception:
+                logger.warning("%s: could not release held tasks now", self.name, exc_info=True)
         return self.stopping
 
     def _sleep(self, seconds: float) -> None:

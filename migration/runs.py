@@ -32,6 +32,8 @@ them if they are missing. Nothing is published twice and nothing is lost.
 **Rollback** is a run of its own (kind ``rollback``, ``rollback_of`` the run it undoes): pause submission, mode
 ``legacy``, every queued RQ task back to the database poller (jobs deleted from Redis), wait for RQ workers to finish
 what they run (a retry coming back is moved too), verify, resume submission. The undone run ends ``rolled_back``.
+Creating the rollback fences the run it undoes: its lease is taken away in the same transaction, so a process still
+executing it (frozen past its lease) stops at its next check instead of carrying on after the rollback.
 """
 
 from __future__ import annotations
@@ -113,8 +115,7 @@ class PhaseContext:
             self.on_progress(self.phase)
 
     def check(self) -> None:
-        if not MigrationRun.objects.filter(pk=self.run.pk, executor=self.executor).exists():
-            raise LeaseLost(f"run {self.run.pk} was taken over by another process")
+        _holds(self.run, self.executor)
 
     def wait(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -285,7 +286,7 @@ def phase_migrate(ctx: PhaseContext) -> dict:
             if MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(
                     checkpoint=upto, checkpoint_window=window if moved_count else None,
                     heartbeat_at=UtcNow()) != 1:
-                raise LeaseLost(f"run {run.pk} was taken over by another process")
+                raise LeaseLost(_lease_lost(run))
             done += moved_count
             ctx.phase.counts = {**(ctx.phase.counts or {}), "migrated": done}
             MigrationPhase.objects.filter(pk=ctx.phase.pk).update(counts=ctx.phase.counts)
@@ -560,9 +561,12 @@ def run_create(*, user, options: dict | None = None, kind: str = MigrationRun.Ki
                                                 else MIGRATION_PHASES)])
         MigrationLogLine.objects.create(run=run, message=f"{run} created by {user or audit_channel() or 'a command'}")
         if rollback_of is not None:
-            MigrationRun.objects.filter(pk=rollback_of.pk, state__in=(MigrationRun.State.STOPPED,
-                                                                       MigrationRun.State.FAILED)).update(
-                state=MigrationRun.State.STOPPED)
+            # The fence: the run being undone loses its lease in the same transaction. A process still executing it
+            # (frozen, partitioned: its lease went stale, so the rollback was allowed) finds its executor gone at its
+            # next check and stops without writing; it cannot finish the run or cut over after the rollback.
+            MigrationRun.objects.filter(pk=rollback_of.pk, state__in=(
+                MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED)).update(
+                state=MigrationRun.State.STOPPED, executor="", heartbeat_at=None)
         from queues.fleet import audit
 
         if person(user) or audit_channel():
@@ -651,7 +655,16 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
 
 def _holds(run, executor) -> None:
     if not MigrationRun.objects.filter(pk=run.pk, executor=executor).exists():
-        raise LeaseLost(f"{run} was taken over by another process")
+        raise LeaseLost(_lease_lost(run))
+
+
+def _lease_lost(run: MigrationRun) -> str:
+    """Why this process no longer executes ``run``: a rollback of it was created, or another process took it over."""
+    rollback = MigrationRun.objects.filter(rollback_of_id=run.pk).order_by("-pk").first()
+    if rollback is not None:
+        return (f"{run} is being rolled back by {rollback} (created while this process was not heard from for over "
+                f"{settings.MIGRATION_RUN_LEASE_SECONDS} s)")
+    return f"{run} was taken over by another process"
 
 
 def _run_phase(run, phase, function, user, executor, on_progress, on_log) -> None:
@@ -696,9 +709,9 @@ def _fail(run, phase, executor, reason: str, ctx: PhaseContext) -> None:
 
 def _finish(run: MigrationRun, executor: str) -> None:
     with transaction.atomic():
-        if not MigrationRun.objects.filter(pk=run.pk, executor=executor).update(state=MigrationRun.State.SUCCEEDED,
-                                                                                finished_at=timezone.now()):
-            raise LeaseLost(f"{run} was taken over by another process")
+        if not MigrationRun.objects.filter(pk=run.pk, executor=executor, state=MigrationRun.State.RUNNING).update(
+                state=MigrationRun.State.SUCCEEDED, finished_at=timezone.now()):
+            raise LeaseLost(_lease_lost(run))
         MigrationLogLine.objects.create(run=run, message=f"{run} succeeded")
         if run.kind == MigrationRun.Kind.ROLLBACK and run.rollback_of_id:
             MigrationRun.objects.filter(pk=run.rollback_of_id).update(state=MigrationRun.State.ROLLED_BACK,

@@ -4,7 +4,7 @@
   task queued for RQ. The lists are read in pages (an explicit operation, never done by a page view); workers keep
   popping meanwhile, so each discrepancy is checked again (``LPOS``, the row) before it counts.
 - **Left behind**: after a migration no task is queued for the database poller; after a rollback none is queued or
-  running in RQ.
+  running in RQ. Either way no task is held while submission is open (nothing would dispatch it).
 - **Counts and checksums** (migration.backup) against the baseline taken before the tasks moved: tasks that were
   finished then are unchanged; tasks that were queued or running then are still queued or running, or were
   processed since, and their fingerprints add up to the baseline's. Tasks active around the baseline (``RECENT``:
@@ -23,6 +23,7 @@ from django.db.models import Count
 from django.utils.dateparse import parse_datetime
 
 from migration.backup import MASK, Tally, iterate_rows
+from migration.dispatch import tasks_held_open
 from queues import broker
 from queues.models import POLLED_DISPATCH, CaptionTask, Dispatch, TaskEvent, TaskStatus
 
@@ -133,12 +134,13 @@ def _still_foreign(connection, queue: str, pk: int) -> bool:
 def left_behind(*, direction: str) -> dict:
     """Tasks still with the system being left: ``to_rq`` counts queued database tasks; ``to_database`` queued or
     running RQ tasks."""
+    held = {"held_with_submission_open": tasks_held_open()}
     if direction == "to_rq":
         count = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH).count()
-        return {"queued_for_database": count}
+        return {"queued_for_database": count, **held}
     queued = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch=Dispatch.RQ).count()
     running = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch=Dispatch.RQ).count()
-    return {"queued_for_rq": queued, "running_in_rq": running}
+    return {"queued_for_rq": queued, "running_in_rq": running, **held}
 
 
 def tally_check(baseline: dict) -> dict:
