@@ -38,7 +38,8 @@ from django.utils import timezone
 from migration.models import LegacyWorker, MigrationEvent, Mode, SystemMode, polling_errors
 from queues.dispatch import DispatchPolicy, DispatchStatus
 from queues.fleet import audit, audit_channel
-from queues.models import CaptionTask, Dispatch, TaskStatus, UtcNow, database_now, database_now_expression
+from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
+                           database_now_expression)
 from queues.services import tasks_publish
 
 logger = logging.getLogger("migration.dispatch")
@@ -113,10 +114,18 @@ class ModePolicy(DispatchPolicy):
         return {name: _poller_arguments(name)}
 
     def status(self) -> DispatchStatus:
+        from migration.runs import blocking_run
+
         row = system_mode()
+        waiting = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH).count()
+        blocking = blocking_run()
         return DispatchStatus(mode=row.mode, fallback_active=row.fallback_active,
                               submission_paused=row.paused_now(), paused_reason=row.paused_reason,
-                              paused_until=row.paused_until.isoformat() if row.paused_until else None)
+                              paused_until=row.paused_until.isoformat() if row.paused_until else None,
+                              needs_pollers=bool(waiting) or row.mode != Mode.RQ or row.fallback_active,
+                              pollers_alive=legacy_workers_alive().count(), polled_waiting=waiting,
+                              pollers_blocked_by=_blocked_by(blocking),
+                              pollers_blocked_for_now=bool(blocking and blocking.state == blocking.State.RUNNING))
 
 
     def pollers(self) -> list[dict]:
@@ -125,6 +134,15 @@ class ModePolicy(DispatchPolicy):
                  "fallback": poller.fallback, "task_id": poller.current_task_id, "processed": poller.processed,
                  "failed": poller.failed, "started_at": poller.started_at, "heartbeat_at": poller.heartbeat_at}
                 for poller in LegacyWorker.objects.filter(stopped_at__isnull=True).order_by("name")[:200]]
+
+
+def _blocked_by(run) -> str:
+    if run is None:
+        return ""
+    if run.state == run.State.RUNNING:
+        return f"{run} has drained the pollers and is moving their tasks to RQ"
+    return (f"{run} is {run.get_state_display().lower()} after draining the pollers: resume it (or roll it back) "
+            "for its tasks to run")
 
 
 def _poller_arguments(name: str) -> list[str]:

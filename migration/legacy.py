@@ -222,7 +222,7 @@ class LegacyPoller:
                 close_old_connections()
                 try:
                     if self._stop_asked():
-                        self.result.reason = "asked to stop"
+                        self.result.reason = self.result.reason or "asked to stop"
                         break
                     task = task_claim_polled(worker_name=self.name)
                 except Exception:
@@ -252,14 +252,18 @@ class LegacyPoller:
         """Whether the drain (or an admin) asked this poller to stop: read before claiming, at most every 0.5 s, so
         a poller told to stop claims nothing more. A poller started while a migration run has drained the pollers
         (by hand, by a restart policy) stops the same way."""
-        from migration.runs import pollers_blocked
+        from migration.runs import blocking_run
 
         now = time.monotonic()
         if now - self._asked_checked_at >= 0.5:
             self._asked_checked_at = now
             asked = LegacyWorker.objects.filter(name=self.name, stop_requested=True).exists()
-            if not asked and pollers_blocked():
-                logger.warning("%s: a migration run has drained the database pollers; stopping", self.name)
+            run = None if asked else blocking_run()
+            if run is not None:
+                logger.warning("%s: %s has drained the database pollers and not yet cut over to RQ; stopping. "
+                               "Pollers run again once it is resumed to its end or rolled back "
+                               "(manage.py migrate_to_rq resume, or rollback)", self.name, run)
+                self.result.reason = f"{run} has drained the database pollers"
                 asked = True
             self.stopping = self.stopping or asked
         if not self.stopping and now - self._housekeeping_at >= HOUSEKEEPING_EVERY:

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from migration import dispatch
@@ -511,14 +511,21 @@ def _phases_of(kind: str) -> dict[str, Callable]:
 
 # --- runs -----------------------------------------------------------------------------------------------------------
 
+def blocking_run() -> MigrationRun | None:
+    """The migration run that is draining the pollers, or has drained them and not yet cut over to RQ (running,
+    stopped or failed in between): a poller started meanwhile (by hand, by a restart policy, the fallback) must
+    claim nothing, or it would take tasks the run is waiting out, moving or has verified. From the cutover on, the
+    run no longer needs the pollers idle: a run that failed later (at validate, say) leaves the fallback working."""
+    cut_over = MigrationPhase.objects.filter(run=OuterRef("pk"), name="cutover", state=MigrationPhase.State.DONE)
+    return MigrationRun.objects.filter(
+        ~Exists(cut_over), kind=MigrationRun.Kind.MIGRATION,
+        state__in=(MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED),
+        phases__name="drain", phases__state__in=(MigrationPhase.State.RUNNING, MigrationPhase.State.DONE),
+    ).order_by("-pk").first()
+
+
 def pollers_blocked() -> bool:
-    """Whether a migration run is draining the pollers or has drained them and not yet finished: a poller started
-    meanwhile (by hand, by a restart policy) must claim nothing, or it would take tasks the run is waiting out,
-    moving or has verified."""
-    return MigrationPhase.objects.filter(
-        name="drain", state__in=(MigrationPhase.State.RUNNING, MigrationPhase.State.DONE),
-        run__kind=MigrationRun.Kind.MIGRATION,
-        run__state__in=(MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED)).exists()
+    return blocking_run() is not None
 
 
 def open_run() -> MigrationRun | None:

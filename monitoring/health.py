@@ -33,8 +33,12 @@ def health_report(snapshot: Snapshot) -> dict:
     database = _component("unhealthy", outages["database"]) if "database" in outages else \
         _component("healthy", "answers")
     alive = len(snapshot.alive_workers)
+    state = snapshot.dispatch
     if not snapshot.redis_ok:
         workers = _component("unhealthy", "unknown: Redis is unreachable")
+    elif state.mode == "legacy" and not state.fallback_active:
+        # The old system runs the tasks: RQ workers are optional (the dispatch component judges the pollers).
+        workers = _component("healthy", f"mode legacy: {alive} RQ worker(s) alive, none needed")
     elif alive == 0:
         workers = _component("unhealthy", "no worker is alive")
     elif alive < 2:
@@ -44,19 +48,29 @@ def health_report(snapshot: Snapshot) -> dict:
     problem = snapshot.captioner_problem  # read with the snapshot's first pipeline
     captioner = _component("unhealthy", f"work is held: {problem['message']}") if problem else \
         _component("healthy", "no configuration error reported")
-    state = snapshot.dispatch
     if state.submission_paused:
         submission = _component("warning", f"submission is paused: {state.paused_reason}"
                                 + (f" (until {state.paused_until})" if state.paused_until else ""))
     else:
         submission = _component("healthy", "tasks are accepted and dispatched")
-    if state.fallback_active:
-        dispatching = _component("warning", "Redis fallback: new tasks go to the database poller")
-    elif state.mode in ("legacy", "hybrid") and not settings.DATABASE_POLLING_ENABLED:
+    waiting = state.polled_waiting
+    if state.pollers_blocked_by and waiting:
+        dispatching = _component("warning" if state.pollers_blocked_for_now else "unhealthy",
+                                 f"{waiting} task(s) wait for the database poller, which may not claim now: "
+                                 f"{state.pollers_blocked_by}")
+    elif state.mode in ("legacy", "hybrid") and not settings.DATABASE_POLLING_ENABLED and not state.fallback_active:
         dispatching = _component("unhealthy", f"mode {state.mode} sends tasks to the database poller, but "
                                               "DATABASE_POLLING_ENABLED is false here: no poller may run for them")
+    elif state.needs_pollers and not state.pollers_alive and (waiting or state.mode != "rq"):
+        during = " during the Redis fallback" if state.fallback_active else ""
+        dispatching = _component("unhealthy", f"mode {state.mode}{during}: {waiting} task(s) wait for the database "
+                                              "poller and no poller is alive (manage.py run_legacy_worker)")
+    elif state.fallback_active:
+        dispatching = _component("warning", "Redis fallback: new tasks go to the database poller "
+                                            f"({state.pollers_alive} alive)")
     else:
-        dispatching = _component("healthy", f"mode {state.mode}")
+        pollers = f"; {state.pollers_alive} database poller(s) alive" if state.needs_pollers else ""
+        dispatching = _component("healthy", f"mode {state.mode}{pollers}")
     components = {"redis": redis, "database": database, "workers": workers, "captioner": captioner,
                   "submission": submission, "dispatch": dispatching}
     overall = max((component["status"] for component in components.values()), key=ORDER.__getitem__)

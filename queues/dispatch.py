@@ -28,11 +28,17 @@ class DispatchStatus:
     submission_paused: bool = False
     paused_reason: str = ""
     paused_until: str | None = None  # ISO time, or None for "until resumed"
+    needs_pollers: bool = False  # the other system (the database poller) has work or gets new tasks
+    pollers_alive: int = 0
+    polled_waiting: int = 0  # tasks queued for the database poller
+    pollers_blocked_by: str = ""  # why no poller may claim now (a migration run that drained them)
+    pollers_blocked_for_now: bool = False  # ... and that run is executing: it moves their tasks itself
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "fallback_active": self.fallback_active,
                 "submission_paused": self.submission_paused, "paused_reason": self.paused_reason,
-                "paused_until": self.paused_until}
+                "paused_until": self.paused_until, "pollers_alive": self.pollers_alive,
+                "polled_waiting": self.polled_waiting}
 
 
 class DispatchPolicy:
