@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 
 from queues import broker
-from queues.fleet import worker_stop_job
+from queues.fleet import worker_runs_job, worker_stop_job
 from queues.models import CaptionTask, TaskEvent, TaskStatus, WorkerPool
 from queues.services import TaskSpec, tasks_submit_many
 from tests.conftest import respond, subprocess_env
@@ -84,6 +84,10 @@ def test_stop_job_of_one_slot_leaves_the_other_seven_running(redis, http_server,
         ids = submit(image)
         all_processing(ids)
         stopped = ids[3]
+        # What the operator's page shows: the job started on the worker (a slot claims the task, then marks the job
+        # started; a stop between the two is refused as "not running it").
+        wait_for(lambda: worker_runs_job(next(w for w in broker.workers() if w.name == "eight-slots"),
+                                         f"caption-{stopped}"), 10, "the worker reports the job started")
         started = time.monotonic()
         worker_stop_job(worker_name="eight-slots", job_id=f"caption-{stopped}")
         wait_for(lambda: CaptionTask.objects.filter(pk=stopped, status=TaskStatus.FAILED).exists(), 5,
