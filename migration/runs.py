@@ -338,7 +338,8 @@ def _republish_window(ctx: PhaseContext) -> int:
         return 0
     tasks, correlation_ids = _window_tasks(window)
     try:
-        present = broker.jobs_exist([pk for pk, _ in tasks])
+        # A live job, not any hash: the task's earlier life may have left one (a dead letter requeued since).
+        present = broker.jobs_waiting(tasks)
         missing = [task for task, exists in zip(tasks, present) if not exists]
         if missing:
             broker.publish(missing, atomic=True, correlation_ids=correlation_ids)
@@ -449,7 +450,11 @@ def phase_return_tasks(ctx: PhaseContext) -> dict:
         moved = dispatch.tasks_move(source=(Dispatch.RQ, Dispatch.FALLBACK), target=Dispatch.DATABASE,
                                     published=True)
         if moved:
-            broker.jobs_delete(pk for pk, _ in moved)  # best effort; a job left behind claims nothing
+            try:
+                broker.jobs_delete((pk for pk, _ in moved), strict=True)
+            except broker.BrokerUnavailable as error:
+                raise PhaseFailed(f"{len(moved)} task(s) are back with the database poller, but their jobs could not "
+                                  f"be deleted from Redis ({error}); resume the rollback once Redis answers") from None
             moved_total += len(moved)
             ctx.phase.counts = {"returned": moved_total}
             MigrationPhase.objects.filter(pk=ctx.phase.pk).update(counts=ctx.phase.counts)
@@ -466,11 +471,30 @@ def phase_return_tasks(ctx: PhaseContext) -> dict:
     try:
         for name in broker.QUEUE_NAMES:
             purged += broker.queue_purge_missing(name)
-    except broker.BrokerUnavailable as error:
+        # Entries of tasks no longer queued for RQ on that queue: jobs of tasks moved by an attempt of this phase
+        # that was killed (or whose deletion Redis refused) before it deleted them. A resumed phase no longer finds
+        # those tasks among RQ's, so it goes by the queues instead.
+        purged += _queues_purge_foreign()
+    except (broker.BrokerUnavailable, *broker.REDIS_ERRORS) as error:
         raise PhaseFailed(f"the jobs' queue entries could not be removed from Redis: {error}") from None
     ctx.progress(moved_total, moved_total, force=True)
     ctx.log(f"{moved_total} task(s) returned to the database poller; {purged} queue entr(y/ies) removed from Redis")
     return {"returned": moved_total, "queue_entries_removed": purged}
+
+
+def _queues_purge_foreign() -> int:
+    removed = 0
+    for name in broker.QUEUE_NAMES:
+        listed = sorted(broker.queued_task_ids(name))
+        waiting: set[int] = set()
+        for start in range(0, len(listed), 5000):
+            waiting.update(CaptionTask.objects.filter(
+                pk__in=listed[start:start + 5000], status=TaskStatus.QUEUED, dispatch=Dispatch.RQ,
+                published_at__isnull=False, priority=name).values_list("pk", flat=True))
+        foreign = [pk for pk in listed if pk not in waiting]
+        if foreign:
+            removed += broker.queue_entries_remove(name, foreign)
+    return removed
 
 
 def _rq_active() -> int:

@@ -285,6 +285,49 @@ def jobs_exist(task_ids: list[int]) -> list[bool]:
         raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
 
 
+def jobs_waiting(tasks: list[tuple[int, str]]) -> list[bool]:
+    """Whether each (task id, queue) has a live job: its hash says ``queued`` and its id is in the queue's list, or
+    says ``started`` (a worker has just popped it). A hash left from the task's earlier life (a dead letter, a
+    finished job) does not count. One pipeline of HGET and LPOS. Raises BrokerUnavailable."""
+    if not tasks:
+        return []
+    try:
+        pipe = get_connection().pipeline(transaction=False)
+        for task_id, queue in tasks:
+            pipe.hget(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id), "status")
+            pipe.execute_command("LPOS", Queue.redis_queue_namespace_prefix + queue, job_id_for(task_id))
+        answers = pipe.execute()
+    except REDIS_ERRORS as error:
+        raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
+    return [status == b"started" or (status == b"queued" and position is not None)
+            for status, position in zip(answers[::2], answers[1::2])]
+
+
+def queue_entries_remove(queue_name: str, task_ids: list[int]) -> int:
+    """Takes these tasks' entries out of a queue's list (LREM), and deletes their job hashes where they still say
+    ``queued`` (a dead letter's hash, ``failed``, stays in its registry). Returns how many entries were removed.
+    Raises BrokerUnavailable."""
+    get_queue(queue_name)
+    key = Queue.redis_queue_namespace_prefix + queue_name
+    removed = 0
+    try:
+        connection = get_connection()
+        for start in range(0, len(task_ids), 1000):
+            chunk = task_ids[start:start + 1000]
+            pipe = connection.pipeline(transaction=False)
+            for task_id in chunk:
+                pipe.lrem(key, 0, job_id_for(task_id))
+                pipe.hget(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id), "status")
+            answers = pipe.execute()
+            removed += sum(int(count) for count in answers[::2])
+            queued = [task_id for task_id, status in zip(chunk, answers[1::2]) if status == b"queued"]
+            if queued:
+                connection.unlink(*(CaptionJob.redis_job_namespace_prefix + job_id_for(pk) for pk in queued))
+    except REDIS_ERRORS as error:
+        raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
+    return removed
+
+
 def fetch_job(task_id: int) -> CaptionJob | None:
     try:
         return CaptionJob.fetch(job_id_for(task_id), connection=get_connection())
@@ -439,8 +482,8 @@ def send_stop_job(worker_name: str, job_id: str) -> None:
 
 
 def queued_task_ids(queue_name: str, *, page: int = 1000) -> set[int]:
-    """Task ids of the caption jobs waiting in a queue, read in pages of ``page``. O(jobs): for tests and one-off
-    inspection only; the reconciler checks job hashes directly and never walks a list."""
+    """Task ids of the caption jobs waiting in a queue, read in pages of ``page``. O(jobs): for tests and explicit
+    operations (a rollback's last sweep); the reconciler checks job hashes directly and never walks a list."""
     connection = get_connection()
     key = Queue.redis_queue_namespace_prefix + queue_name
     ids, start = set(), 0
@@ -478,9 +521,9 @@ def dead_letters_forget(tasks: Iterable[tuple[int, str]]) -> None:
         pass  # the registry entries expire with RQ_FAILURE_TTL; the database already says QUEUED
 
 
-def jobs_delete(task_ids: Iterable[int]) -> None:
+def jobs_delete(task_ids: Iterable[int], *, strict: bool = False) -> None:
     """Deletes the job hashes of cancelled tasks (UNLINK, one pipeline); queue entries pointing at them are
-    skipped by workers."""
+    skipped by workers. Best effort, unless ``strict``: then a Redis error raises BrokerUnavailable."""
     ids = list(task_ids)
     if not ids:
         return
@@ -489,8 +532,9 @@ def jobs_delete(task_ids: Iterable[int]) -> None:
         for task_id in ids:
             pipe.unlink(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id))
         pipe.execute()
-    except REDIS_ERRORS:
-        pass
+    except REDIS_ERRORS as error:
+        if strict:
+            raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
 
 
 # Removes the entries of a queue whose job hash is gone, in one atomic pass (the list is rebuilt only if something

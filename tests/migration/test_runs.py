@@ -301,3 +301,49 @@ def test_outside_runs_the_relay_sends_stragglers_to_the_modes_system(redis, mode
                                                publish_after=timezone.now() + timedelta(hours=1))
     tasks_relay_once()
     assert CaptionTask.objects.get(pk=rq_task).dispatch == Dispatch.DATABASE
+
+
+def test_a_rollback_killed_between_its_move_and_the_job_deletion_verifies_when_resumed(
+        redis, mode, database_tasks, registered_worker, settings, tmp_path):
+    """The state a kill (or a Redis error on the deletion) leaves in return_tasks: the tasks moved back to the
+    poller and committed, their jobs still queued in Redis. The resumed phase finds no RQ task to move: it must go
+    by the queues."""
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    ids = database_tasks(30)
+    migration = run_execute(run=run_create(user=None, options=QUICK))
+    assert migration.state == MigrationRun.State.SUCCEEDED, migration.failure_reason
+    rollback = rollback_create(user=None, options={"rollback_timeout": 10})
+    while not rollback.phases.filter(name="switch_to_legacy", state="done").exists():
+        rollback = run_execute(run=rollback, one_phase=True)
+    moved = dispatch.tasks_move(source=(Dispatch.RQ, Dispatch.FALLBACK), target=Dispatch.DATABASE, published=True)
+    assert len(moved) == 30 and broker.queued_task_ids("normal") == set(ids)  # the process dies here
+
+    rollback = run_execute(run=rollback)
+    assert rollback.state == MigrationRun.State.SUCCEEDED, rollback.failure_reason
+    assert sum(broker.queue_lengths().values()) == 0
+    assert not any(redis.exists(f"rq:job:caption-{pk}") for pk in ids)
+    assert rollback.phases.get(name="return_tasks").counts["queue_entries_removed"] == 30
+
+
+def test_resume_republishes_an_interrupted_batch_whose_task_has_a_job_hash_from_its_earlier_life(
+        redis, mode, database_tasks, registered_worker, settings, tmp_path):
+    """A dead letter of the poller, requeued: its failed job hash is still in Redis. Then a batch holding it is
+    moved and stamped, and the process is killed before its MULTI/EXEC. The hash is not a published job."""
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    ids = database_tasks(10)
+    broker.job_dead_letter(ids[4], "normal", "CaptionError: an earlier attempt")  # the poller's dead letter
+    assert redis.hget(f"rq:job:caption-{ids[4]}", "status") == b"failed"
+    run = run_create(user=None, options=QUICK)
+    run.phases.filter(order__lt=MigrationPhase.objects.get(run=run, name="migrate").order).update(state="done")
+    run.phases.filter(name="migrate").update(state="running", attempts=1)
+    from migration.verify import baseline_take
+
+    baseline = baseline_take(at=timezone.now())
+    stamp = timezone.now()
+    CaptionTask.objects.filter(pk__in=ids).update(dispatch=Dispatch.RQ, published_at=stamp, publish_after=stamp)
+    MigrationRun.objects.filter(pk=run.pk).update(state="running", baseline=baseline, checkpoint=ids[-1],
+                                                  checkpoint_window={"ids": ids, "stamp": stamp.isoformat()})
+    run = run_execute(run=MigrationRun.objects.get(pk=run.pk))
+    assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
+    assert run.phases.get(name="migrate").counts["republished_after_interruption"] == 10
+    assert broker.queued_task_ids("normal") == set(ids)
