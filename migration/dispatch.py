@@ -128,6 +128,16 @@ class ModePolicy(DispatchPolicy):
                               pollers_blocked_for_now=bool(blocking and blocking.state == blocking.State.RUNNING))
 
 
+    def tasks_pinned(self) -> tuple[int, str]:
+        from migration.runs import open_run
+
+        run = open_run()
+        if run is None or not run.baseline:
+            return 0, ""
+        return int(run.baseline["max_id"]), (f"{run} verifies tasks up to #{run.baseline['max_id']} against the "
+                                              "baseline it took; requeue, reprioritise or clean them up once it has "
+                                              "ended (resume it, or roll it back)")
+
     def pollers(self) -> list[dict]:
         alive = set(legacy_workers_alive().values_list("pk", flat=True))
         return [{"name": poller.name, "host": poller.host, "pid": poller.pid, "alive": poller.pk in alive,

@@ -552,10 +552,12 @@ def pollers_blocked() -> bool:
     return blocking_run() is not None
 
 
+OPEN_STATES = (MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED)
+
+
 def open_run() -> MigrationRun | None:
     """The run that is not finished (running, stopped or failed), if any: at most one at a time."""
-    return MigrationRun.objects.filter(state__in=(MigrationRun.State.RUNNING, MigrationRun.State.STOPPED,
-                                                  MigrationRun.State.FAILED)).order_by("-pk").first()
+    return MigrationRun.objects.filter(state__in=OPEN_STATES).order_by("-pk").first()
 
 
 def options_clean(options: dict | None) -> dict:

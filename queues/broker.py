@@ -272,19 +272,6 @@ def ping() -> bool:
         return False
 
 
-def jobs_exist(task_ids: list[int]) -> list[bool]:
-    """Whether each task's job hash is in Redis (one pipeline of EXISTS). Raises BrokerUnavailable."""
-    if not task_ids:
-        return []
-    try:
-        pipe = get_connection().pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.exists(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id))
-        return [bool(found) for found in pipe.execute()]
-    except REDIS_ERRORS as error:
-        raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
-
-
 def jobs_waiting(tasks: list[tuple[int, str]]) -> list[bool]:
     """Whether each (task id, queue) has a live job: its hash says ``queued`` and its id is in the queue's list, or
     says ``started`` (a worker has just popped it). A hash left from the task's earlier life (a dead letter, a

@@ -59,6 +59,12 @@ class DispatchPolicy:
     def status(self) -> DispatchStatus:
         return DispatchStatus()
 
+    def tasks_pinned(self) -> tuple[int, str]:
+        """Tasks operators may not requeue, move to another priority or delete now: ids up to the first value (0:
+        none), and why. A migration run compares them with the baseline it took, so such a change would fail its
+        verification for good."""
+        return 0, ""
+
     def pollers(self) -> list[dict]:
         """Workers of the other system, for the live workers page: dicts with name, host, pid, alive, fallback,
         task_id, processed, failed, started_at, heartbeat_at."""

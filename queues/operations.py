@@ -63,6 +63,8 @@ class BulkResult:
     action: str
     changed: int = 0
     refused: Counter = field(default_factory=Counter)
+    pinned: int = 0  # eligible, but left unchanged: a migration run verifies them (queues.dispatch, tasks_pinned)
+    pinned_reason: str = ""
 
     @property
     def refused_count(self) -> int:
@@ -74,7 +76,21 @@ class BulkResult:
         if self.refused:
             parts = ", ".join(f"{count} {status.lower()}" for status, count in sorted(self.refused.items()))
             text += f" Refused {self.refused_count} ({parts}): {WHY_NOT[self.action]}."
+        if self.pinned:
+            text += f" Left {self.pinned} unchanged: {self.pinned_reason}."
         return text
+
+
+def _unpinned(rows, result):
+    """The rows an operator may change now; the others are counted as pinned (see ``BulkResult.pinned``)."""
+    upto, reason = get_policy().tasks_pinned()
+    if not upto:
+        return rows
+    free = [row for row in rows if row[0] > upto]
+    if len(free) < len(rows):
+        result.pinned += len(rows) - len(free)
+        result.pinned_reason = reason
+    return free
 
 
 # --- what each action does to one batch of locked rows ------------------------------------------------------------
@@ -88,6 +104,8 @@ def _events(pks, kind, user, detail, now):
 
 def _requeue(rows, result, user):
     now = timezone.now()
+    rows = _unpinned([row for row in rows if row[1] in REQUEUEABLE], result) + \
+        [row for row in rows if row[1] not in REQUEUEABLE]
     eligible = [(pk, priority) for pk, status, priority, *_ in rows if status in REQUEUEABLE]
     result.refused.update(status for _, status, *_ in rows if status not in REQUEUEABLE)
     if not eligible:
@@ -124,6 +142,8 @@ def _cancel(rows, result, user, detail: str = "cancelled"):
 
 def _change_priority(rows, result, user, priority: str):
     now = timezone.now()
+    rows = _unpinned([row for row in rows if row[1] == TaskStatus.QUEUED and row[2] != priority], result) + \
+        [row for row in rows if not (row[1] == TaskStatus.QUEUED and row[2] != priority)]
     queued = [(pk, old, published) for pk, status, old, published, _ in rows if status == TaskStatus.QUEUED]
     result.refused.update(status for _, status, *_ in rows if status != TaskStatus.QUEUED)
     moving = [(pk, old, published) for pk, old, published in queued if old != priority]
@@ -528,8 +548,12 @@ def tasks_cleanup(*, cutoff, dry_run: bool = False, on_batch=None) -> dict:
     statement, and the finished jobs in Redis that ended before it. Failed tasks stay: they are dead letters."""
     old = CaptionTask.objects.filter(status__in=[TaskStatus.COMPLETED, TaskStatus.CANCELLED],
                                      finished_at__lt=cutoff)
+    upto, reason = get_policy().tasks_pinned()
+    kept = {"kept": old.filter(pk__lte=upto).count(), "why_kept": reason} if upto else {"kept": 0, "why_kept": ""}
+    if upto:
+        old = old.filter(pk__gt=upto)
     if dry_run:
-        return {"rows": old.count(), "jobs": broker.finished_jobs_cleanup(cutoff=cutoff, dry_run=True)}
+        return {"rows": old.count(), "jobs": broker.finished_jobs_cleanup(cutoff=cutoff, dry_run=True), **kept}
     rows = 0
     while True:
         batch = list(old.order_by("pk").values_list("pk", flat=True)[:BATCH])
@@ -542,4 +566,4 @@ def tasks_cleanup(*, cutoff, dry_run: bool = False, on_batch=None) -> dict:
         if on_batch:
             on_batch(len(batch))
     jobs = broker.finished_jobs_cleanup(cutoff=cutoff, on_batch=on_batch)
-    return {"rows": rows, "jobs": jobs}
+    return {"rows": rows, "jobs": jobs, **kept}

@@ -128,9 +128,13 @@ class Command(BaseCommand):
             plan = tasks_cleanup(cutoff=cutoff, dry_run=True)
             self.stdout.write(f"Would delete {plan['rows']} task row(s) finished before {cutoff:%Y-%m-%d %H:%M} "
                               f"and {plan['jobs']} finished job(s) from Redis (dry run).")
+            if plan["kept"]:
+                self.stdout.write(f"Would keep {plan['kept']} older row(s): {plan['why_kept']}.")
             return
         self._confirm(f"Delete completed and cancelled tasks finished before {cutoff:%Y-%m-%d %H:%M}?", yes)
         with tqdm(unit="row", desc="Cleaning up", file=self.stderr._out) as bar:
             done = tasks_cleanup(cutoff=cutoff, on_batch=bar.update)
         self.stdout.write(self.style.SUCCESS(f"Deleted {done['rows']} task row(s) and {done['jobs']} finished "
                                              "job(s) from Redis."))
+        if done["kept"]:
+            self.stdout.write(self.style.WARNING(f"Kept {done['kept']} older row(s): {done['why_kept']}."))
