@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from django.conf import settings
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpResponseRedirect
@@ -183,8 +184,21 @@ class MigrationRunAdmin(ReadOnlyAdmin):
         return HttpResponseRedirect(back)
 
 
+class SystemModeForm(forms.ModelForm):
+    class Meta:
+        model = SystemMode
+        fields = ["mode", "hybrid_rq_percent", "fallback_enabled", "fallback_timeout"]
+
+    def clean(self):
+        cleaned = super().clean()
+        if {"mode", "hybrid_rq_percent"} & set(self.changed_data):
+            dispatch.refuse_during_run("sets the mode", "mode")  # a field error on the form, not a failed save
+        return cleaned
+
+
 @admin.register(SystemMode)
 class SystemModeAdmin(admin.ModelAdmin):
+    form = SystemModeForm
     fields = ["mode", "hybrid_rq_percent", "fallback_enabled", "fallback_timeout"]
     change_form_template = "admin/migration/systemmode/change_form.html"
 
@@ -260,7 +274,13 @@ class SystemModeAdmin(admin.ModelAdmin):
             return confirmation(request, self, title="Resume submission",
                                 question=f"Resume submission and release the {held} held task(s)?",
                                 action_label="Resume submission", cancel_url=self._back())
-        released = dispatch.submission_resume(user=request.user, address=client_address(request))
+        try:
+            released = dispatch.submission_resume(user=request.user, address=client_address(request))
+        except ValidationError as error:
+            return confirmation(request, self, title="Resume submission",
+                                question=f"Resume submission and release the {held} held task(s)?",
+                                action_label="Resume submission", cancel_url=self._back(),
+                                error=" ".join(error.messages))
         messages.success(request, f"Submission resumed; {released} held task(s) released.")
         return HttpResponseRedirect(self._back())
 

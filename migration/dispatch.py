@@ -177,8 +177,30 @@ def legacy_workers_stale():
 
 # --- operator services -----------------------------------------------------------------------------------------
 
-def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: str | None = None) -> SystemMode:
-    """Sets where new tasks go. Tasks already dispatched stay where they are (the migration run moves them)."""
+def run_in_charge(*, exclude=None):
+    """The open migration or rollback run (if any, other than ``exclude``): while one is open, the mode and the
+    submission pause are its to change. Its phases set the mode, pause submission (taking over a pause already in
+    force, end time removed, so that it cannot lapse mid-run) and resume it; anyone else is refused until the run
+    ends (resumed to its end, or rolled back)."""
+    from migration.runs import open_run
+
+    run = open_run()
+    return None if run is None or (exclude is not None and run.pk == exclude.pk) else run
+
+
+def refuse_during_run(what: str, field: str, run=None) -> None:
+    """ValidationError (on ``field``) while a run other than ``run`` is open: it ``what`` itself."""
+    current = run_in_charge(exclude=run)
+    if current is not None:
+        raise ValidationError({field: f"{current} is {current.get_state_display().lower()}: it {what} itself. Resume "
+                                      "it to its end, or roll it back, first."})
+
+
+def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: str | None = None,
+             run=None) -> SystemMode:
+    """Sets where new tasks go. Tasks already dispatched stay where they are (the migration run moves them).
+    Refused while a run other than ``run`` is open (``run_in_charge``)."""
+    refuse_during_run("sets the mode", "mode", run)
     if mode not in Mode.values:
         raise ValidationError({"mode": f"Unknown mode {mode!r}: choose one of {', '.join(Mode.values)}."})
     if hybrid_rq_percent is not None and not 0 <= hybrid_rq_percent <= 100:
@@ -220,8 +242,10 @@ def duration_parse(text: str) -> timedelta:
 
 
 def submission_pause(*, reason: str, user, duration: timedelta | None = None,
-                     address: str | None = None) -> SystemMode:
-    """Holds new submissions (accepted and committed, dispatched to nobody) until resumed or ``duration`` ends."""
+                     address: str | None = None, run=None) -> SystemMode:
+    """Holds new submissions (accepted and committed, dispatched to nobody) until resumed or ``duration`` ends.
+    Refused while a run other than ``run`` is open (``run_in_charge``)."""
+    refuse_during_run("pauses and resumes submission", "reason", run)
     reason = (reason or "").strip()
     if not reason:
         raise ValidationError({"reason": "Say why submission is paused (it is shown in the admin and in health)."})
@@ -242,8 +266,10 @@ def submission_pause(*, reason: str, user, duration: timedelta | None = None,
     return row
 
 
-def submission_resume(*, user, reason: str = "", address: str | None = None) -> int:
-    """Ends a pause and releases the held tasks to the mode's systems. Returns how many were released."""
+def submission_resume(*, user, reason: str = "", address: str | None = None, run=None) -> int:
+    """Ends a pause and releases the held tasks to the mode's systems. Returns how many were released. Refused
+    while a run other than ``run`` is open (``run_in_charge``)."""
+    refuse_during_run("pauses and resumes submission", "submission", run)
     with transaction.atomic():
         row = _locked_mode()
         was_paused = row.submission_paused
@@ -259,6 +285,31 @@ def submission_resume(*, user, reason: str = "", address: str | None = None) -> 
     return released
 
 
+def submission_take_over(*, run, user) -> str:
+    """The run's own pause: submission paused (or a pause already in force kept, its end time removed so that it
+    cannot lapse mid-run, its reason recorded). Returns what was done, for the run's log."""
+    with transaction.atomic():
+        row = _locked_mode()
+        if not row.paused_now():
+            was = ""
+        else:
+            was = row.paused_reason + (f" (until {row.paused_until:%Y-%m-%d %H:%M:%S} UTC)" if row.paused_until
+                                       else "")
+        now = timezone.now()
+        reason = f"{run} in progress" + (f"; paused before it: {was}" if was else "")
+        row.submission_paused, row.paused_reason, row.paused_until = True, reason[:300], None
+        row.paused_at = row.paused_at if was else now
+        row.changed_at, row.changed_by = now, person(user)
+        row.save()
+        MigrationEvent.objects.create(kind=MigrationEvent.Kind.SUBMISSION_PAUSED, user=person(user),
+                                      detail=reason[:500])
+        if person(user) or audit_channel():
+            audit(user=user, action="submission_pause", target=reason[:300], detail={"until": None, "run": run.pk})
+    if was:
+        return f"submission was already paused ({was}); {run} holds that pause now, with no end time"
+    return "submission paused: new tasks are held until the run resumes it"
+
+
 def held_release(row: SystemMode | None = None) -> int:
     """Whenever submission is open, tasks still held go to the mode's systems: a pause whose end time has passed is
     ended here (the relay's pass, and the database poller's, which may be all that runs in legacy mode); and held
@@ -268,8 +319,8 @@ def held_release(row: SystemMode | None = None) -> int:
     row = row or system_mode()
     if row.paused_now():
         return 0
-    if row.submission_paused:
-        return submission_resume(user=None, reason="the pause's end time has passed")
+    if row.submission_paused:  # a pause's own end, even with a run open (a run's own pause has no end time)
+        return submission_resume(user=None, reason="the pause's end time has passed", run=run_in_charge())
     if not CaptionTask.objects.filter(dispatch=Dispatch.HELD, status=TaskStatus.QUEUED).exists():
         return 0
     released = tasks_release_held()

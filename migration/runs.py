@@ -150,7 +150,7 @@ def phase_hybrid(ctx: PhaseContext) -> dict | None:
     soak = int(ctx.options["soak_seconds"])
     if soak <= 0:
         return None  # skipped
-    dispatch.mode_set(mode=Mode.HYBRID, user=ctx.actor)
+    dispatch.mode_set(mode=Mode.HYBRID, user=ctx.actor, run=ctx.run)
     started = timezone.now()
     ctx.log(f"hybrid mode for {soak} s: new tasks split between RQ and the database poller")
     for elapsed in range(soak):
@@ -165,12 +165,7 @@ def phase_hybrid(ctx: PhaseContext) -> dict | None:
 
 
 def phase_pause_submission(ctx: PhaseContext) -> dict:
-    row = dispatch.system_mode()
-    if row.paused_now():
-        ctx.log(f"submission was already paused ({row.paused_reason})")
-    else:
-        dispatch.submission_pause(reason=f"{ctx.run} in progress", user=ctx.actor)
-        ctx.log("submission paused: new tasks are held until the run resumes it")
+    ctx.log(dispatch.submission_take_over(run=ctx.run, user=ctx.actor))
     return {}
 
 
@@ -375,13 +370,13 @@ def phase_verify(ctx: PhaseContext) -> dict:
 
 
 def phase_cutover(ctx: PhaseContext) -> dict:
-    dispatch.mode_set(mode=Mode.RQ, user=ctx.actor)
+    dispatch.mode_set(mode=Mode.RQ, user=ctx.actor, run=ctx.run)
     ctx.log("mode is rq: new tasks go to RQ only")
     return {"mode": Mode.RQ}
 
 
 def phase_resume_submission(ctx: PhaseContext) -> dict:
-    released = dispatch.submission_resume(user=ctx.actor, reason=f"{ctx.run}")
+    released = dispatch.submission_resume(user=ctx.actor, reason=f"{ctx.run}", run=ctx.run)
     ctx.log(f"submission resumed; {released} held task(s) released")
     return {"released": released}
 
@@ -432,7 +427,7 @@ def phase_cleanup(ctx: PhaseContext) -> dict:
 # --- phases of a rollback ------------------------------------------------------------------------------------------
 
 def phase_switch_to_legacy(ctx: PhaseContext) -> dict:
-    dispatch.mode_set(mode=Mode.LEGACY, user=ctx.actor)
+    dispatch.mode_set(mode=Mode.LEGACY, user=ctx.actor, run=ctx.run)
     ctx.log("mode is legacy: new tasks go to the database poller")
     return {"mode": Mode.LEGACY}
 
