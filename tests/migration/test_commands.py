@@ -10,11 +10,11 @@ import pytest
 from django.conf import settings
 from django.core.cache import cache
 
-from migration import dispatch
+from migration import dispatch, runs
 from migration.models import MigrationRun, Mode
 from monitoring.views import HEALTH_CACHE_KEY
 from queues import broker
-from queues.models import CaptionTask, Dispatch, TaskStatus
+from queues.models import AuditEntry, CaptionTask, Dispatch, TaskStatus
 from tests.conftest import subprocess_env
 from tests.monitoring.test_metrics import samples, value
 
@@ -86,6 +86,10 @@ def test_the_procedure_and_the_rollback_through_manage_py(redis, mode, database_
     restored = manage("migrate_to_rq", "restore", str(backup), "--yes")
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert CaptionTask.objects.filter(pk__in=ids).count() == 30
+    # Queued when the backup was taken, they come back queued for the system of the mode (legacy): the poller.
+    assert _statuses(ids[:5]) == {(Dispatch.DATABASE, TaskStatus.QUEUED)}
+    entry = AuditEntry.objects.get(action="migration_restore")
+    assert entry.count == 5 and entry.detail["via"].startswith("manage.py migrate_to_rq restore")
     damaged = tmp_path / "damaged"
     shutil.copytree(backup, damaged)
     (damaged / "manifest.json").write_text("{")
@@ -153,3 +157,32 @@ def test_health_says_when_the_mode_needs_pollers_this_installation_forbids(redis
     assert response.status_code == 503 and dispatching["status"] == "unhealthy"
     assert "DATABASE_POLLING_ENABLED is false" in dispatching["reason"]
 
+
+
+def test_a_restore_that_skips_rows_says_so_and_fails_and_resume_is_audited(redis, mode, media_image, manage,
+                                                                           tmp_path):
+    from django.utils import timezone
+
+    from migration.backup import backup_write
+
+    ids = CaptionTask.objects.insert_new([(media_image(), "normal", f"order-{index}") for index in range(3)],
+                                         publish_after=timezone.now(), dispatch=[Dispatch.DATABASE] * 3)
+    backup = backup_write(directory=tmp_path / "kept")["path"]
+    CaptionTask.objects.filter(pk__in=ids[:2]).delete()
+    CaptionTask.objects.insert_new([(media_image(), "normal", "order-0")], publish_after=timezone.now(),
+                                   dispatch=[Dispatch.DATABASE])  # resubmitted since: its key is taken
+    restored = manage("migrate_to_rq", "restore", str(backup), "--yes")
+    assert restored.returncode == 1, restored.stdout + restored.stderr
+    assert "1 task(s) restored" in restored.stdout
+    assert "1 task(s) of the backup were not restored: their idempotency key belongs to another task" \
+        in restored.stderr and "Traceback" not in restored.stderr
+    assert CaptionTask.objects.filter(pk=ids[1]).exists() and not CaptionTask.objects.filter(pk=ids[0]).exists()
+    assert AuditEntry.objects.get(action="migration_restore").detail["conflicting"] == 1
+
+    refused = manage("migrate_to_rq", "resume")
+    assert refused.returncode == 1 and "No run is open" in refused.stderr
+    run = runs.run_create(user=None, options={"validate_tasks": 0})
+    advanced = manage("migrate_to_rq", "advance")  # one phase: preflight (it fails: no RQ worker is alive)
+    assert "Preflight checks" in advanced.stdout, advanced.stdout + advanced.stderr
+    entry = AuditEntry.objects.get(action="migration_run_advance")
+    assert entry.target == str(run) and entry.detail["via"].startswith("manage.py migrate_to_rq advance")

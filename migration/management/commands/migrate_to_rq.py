@@ -13,7 +13,7 @@ from migration.backup import BackupError, backup_restore
 from migration.models import MigrationRun, Mode
 from migration.preflight import preflight_report
 from migration.verify import verification
-from queues.fleet import audit_via
+from queues.fleet import audit, audit_via
 
 def _account() -> str:
     try:
@@ -203,10 +203,14 @@ class Command(BaseCommand):
             self.stdout.write(line)
 
     def do_resume(self, *, run=None, actor=None, **options):
-        self._execute(self._open_or_given(run), user=self._actor(actor))
+        target, user = self._open_or_given(run), self._actor(actor)
+        audit(user=user, action="migration_run_resume", target=str(target))
+        self._execute(target, user=user)
 
     def do_advance(self, *, run=None, actor=None, **options):
-        self._execute(self._open_or_given(run), one_phase=True, user=self._actor(actor))
+        target, user = self._open_or_given(run), self._actor(actor)
+        audit(user=user, action="migration_run_advance", target=str(target))
+        self._execute(target, one_phase=True, user=user)
 
     @staticmethod
     def _actor(username):
@@ -300,7 +304,12 @@ class Command(BaseCommand):
         from migration.models import MigrationEvent
 
         MigrationEvent.objects.create(kind=MigrationEvent.Kind.RESTORED, detail=result["path"][:500], figures=result)
+        audit(user=None, action="migration_restore", target=result["path"][:300], count=result["inserted"],
+              detail={name: result[name] for name in ("rows", "inserted", "present", "differing", "conflicting")})
         if not self._json(result):
             self.stdout.write(f"{result['inserted']} task(s) restored; {result['present']} already present"
                               + (f" ({result['differing']} differ from the backup)" if result["differing"] else "")
                               + ".")
+        if result["conflicting"]:
+            raise CommandError(f"{result['conflicting']} task(s) of the backup were not restored: their idempotency "
+                               "key belongs to another task in the database now (the others were restored)")
