@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -112,7 +113,23 @@ def backup_write(*, directory: Path | None = None, label: str = "",
         raise BackupError(f"cannot write the backup in {target}: {error}") from None
     if on_rows:
         on_rows(done, total)
-    return {**manifest, "path": str(target)}
+    pruned = backups_prune(base, keep=settings.MIGRATION_BACKUP_KEEP)
+    return {**manifest, "path": str(target), "pruned": [str(path) for path in pruned]}
+
+
+def backups_prune(base: Path, *, keep: int) -> list[Path]:
+    """Deletes the oldest complete backups in ``base`` beyond the newest ``keep`` (a backup is a ``tasks-*``
+    directory with a manifest; nothing else there is touched). Returns what was deleted."""
+    complete = sorted((path for path in base.glob("tasks-*") if (path / "manifest.json").is_file()),
+                      key=lambda path: (path / "manifest.json").stat().st_mtime_ns)  # written last
+    deleted = []
+    for path in complete[:-keep] if len(complete) > keep else []:
+        try:
+            shutil.rmtree(path)
+            deleted.append(path)
+        except OSError:
+            pass  # left for the next backup to try again
+    return deleted
 
 
 def _private_file(path: Path):

@@ -142,7 +142,9 @@ def phase_backup(ctx: PhaseContext) -> dict:
         manifest = backup_write(label=f"run{ctx.run.pk}", on_rows=lambda done, total: ctx.progress(done, total))
     except BackupError as error:
         raise PhaseFailed(str(error)) from None
-    ctx.log(f"backup of {manifest['rows']} task(s) written to {manifest['path']}")
+    ctx.log(f"backup of {manifest['rows']} task(s) written to {manifest['path']}"
+            + (f"; {len(manifest['pruned'])} older backup(s) deleted (MIGRATION_BACKUP_KEEP="
+               f"{settings.MIGRATION_BACKUP_KEEP})" if manifest["pruned"] else ""))
     return {"rows": manifest["rows"], "path": manifest["path"], "by_status": manifest["by_status"]}
 
 

@@ -220,6 +220,8 @@ RQ_FALLBACK_TIMEOUT = env_int("RQ_FALLBACK_TIMEOUT", 30, minimum=1)
 LEGACY_POLL_INTERVAL = env_float("LEGACY_POLL_INTERVAL", 1.0, minimum=0.01)
 TASK_DISPATCH_POLICY = "migration.dispatch.ModePolicy"
 MIGRATION_BACKUP_DIR = Path(env_str("MIGRATION_BACKUP_DIR", str(VAR_DIR / "backups")))
+# Backups a new one leaves in MIGRATION_BACKUP_DIR (the newest; older ones of ours are deleted after it is written).
+MIGRATION_BACKUP_KEEP = env_int("MIGRATION_BACKUP_KEEP", 5, minimum=1)
 # Seconds without a heartbeat after which a migration run's executor is taken as dead and the run may be resumed.
 MIGRATION_RUN_LEASE_SECONDS = env_int("MIGRATION_RUN_LEASE_SECONDS", 30, minimum=2)
 

@@ -1,6 +1,7 @@
 """Migration runs end to end on a real Redis and database: phases, checkpoint repair, verification, rollback."""
 
 import json
+from pathlib import Path
 from datetime import timedelta
 
 import pytest
@@ -166,6 +167,21 @@ def test_backup_round_trip_and_a_damaged_backup_is_refused(mode, database_tasks,
     data.write_bytes(data.read_bytes()[:-5] + b"XXXXX")
     with pytest.raises(BackupError, match="damaged"):
         backup_restore(path=manifest["path"])
+
+
+def test_a_new_backup_keeps_the_newest_and_deletes_older_ones_of_ours_only(mode, database_tasks, tmp_path,
+                                                                          settings):
+    settings.MIGRATION_BACKUP_KEEP = 2
+    database_tasks(3)
+    backups = tmp_path / "backups"
+    (backups / "operator-notes").mkdir(parents=True)
+    (backups / "tasks-19990101T000000Z-incomplete").mkdir()  # no manifest: not a backup we finished
+    written = []
+    for label in ("one", "two", "three"):
+        written.append(backup_write(directory=backups, label=label))
+    assert written[2]["pruned"] == [written[0]["path"]]
+    assert sorted(path.name for path in backups.iterdir()) == sorted(
+        ["operator-notes", "tasks-19990101T000000Z-incomplete", *(Path(w["path"]).name for w in written[1:])])
 
 
 def test_a_backup_is_readable_by_its_owner_only_whatever_the_umask(mode, database_tasks, tmp_path):

@@ -241,3 +241,24 @@ def test_the_scrape_has_the_metrics_the_cluster_scales_on(client, admin_user, re
     assert values[("rq_pool_desired_workers", (("pool", "bulk"),))] == 1
     assert values[("rq_pool_backlog", (("pool", "default"),))] == 5
     assert values[("rq_pool_backlog", (("pool", "bulk"),))] == 4
+
+
+def test_the_migrations_backups_live_on_a_volume_that_outlives_the_containers():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    web = compose["services"]["web"]
+    backups = web["environment"]["MIGRATION_BACKUP_DIR"]
+    assert any(mount.split(":")[1] == backups and mount.split(":")[0] in compose["volumes"]
+               for mount in web["volumes"]), "a named volume, not the container's own disk"
+
+    documents = [document for document in yaml.safe_load_all((DEPLOY / "kubernetes" / "portal.yaml").read_text())
+                 if document]
+    config = next(document for document in documents if document["kind"] == "ConfigMap")["data"]
+    claims = {document["metadata"]["name"]: document for document in documents
+              if document["kind"] == "PersistentVolumeClaim"}
+    web = next(document for document in documents if document["kind"] == "Deployment"
+               and document["metadata"]["name"] == "rq-ops-web")
+    volumes = {volume["name"]: volume for volume in web["spec"]["template"]["spec"]["volumes"]}
+    [mount] = [mount for mount in containers(web)[0]["volumeMounts"]
+               if mount["mountPath"] == config["MIGRATION_BACKUP_DIR"]]
+    claim = claims[volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]  # every web replica may start a run
