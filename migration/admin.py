@@ -11,8 +11,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from django.conf import settings
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpResponseRedirect
@@ -83,10 +83,15 @@ class MigrationRunAdmin(ReadOnlyAdmin):
         for phase in phases:
             phase.title = runs.PHASE_TITLES.get(phase.name, phase.name)
         lines = list(run.log_lines.select_related("phase").order_by("-at", "-id")[:300])
+        heartbeat_age = runs.lease_age(run)
         context = {
             **self.admin_site.each_context(request), "title": str(run), "run": run, "phases": phases,
             "log_lines": lines, "opts": self.model._meta, "can_run": request.user.has_perm(RUN_MIGRATION),
-            "live": run.state == MigrationRun.State.RUNNING, "mode": dispatch.system_mode(),
+            # Live only while its executor's lease runs: a process killed without a word leaves RUNNING behind.
+            "live": run.state == MigrationRun.State.RUNNING and runs._lease_held(run),
+            "gone": run.state == MigrationRun.State.RUNNING and not runs._lease_held(run),
+            "heartbeat_age": heartbeat_age, "lease_seconds": settings.MIGRATION_RUN_LEASE_SECONDS,
+            "mode": dispatch.system_mode(),
             "preflight": run.preflight.get("checks", []) if run.preflight else [],
             "verification": run.verification or None,
         }
@@ -140,7 +145,11 @@ class MigrationRunAdmin(ReadOnlyAdmin):
         open_run = runs.open_run()
         question = ("Roll back to the database poller? The mode becomes legacy and every task not yet completed "
                     "goes back to the database poller; its job is removed from Redis. The rollback is a run of its "
-                    "own" + (f" and ends {open_run}." if open_run else "."))
+                    "own" + (f" and ends {open_run}." if open_run else ".")
+                    + (f" {open_run} is marked running, but its process has not been heard from for over "
+                       f"{settings.MIGRATION_RUN_LEASE_SECONDS} s: the rollback takes the run from it, and if it is "
+                       "only stalled it stops without writing when it wakes." if open_run and
+                       open_run.state == MigrationRun.State.RUNNING else ""))
         if request.method != "POST":
             return confirmation(request, self, title="Roll back", question=question, action_label="Roll back",
                                 cancel_url=self._changelist(), danger=True)

@@ -11,8 +11,9 @@ preflight           Redis, eviction policy, memory, database, counts, backup dis
 backup              every task row to a portable file with a manifest of counts and checksums (migration.backup)
 hybrid              optional soak: mode ``hybrid`` for ``soak_seconds``; skipped when 0
 pause_submission    new submissions are held (committed, dispatched to nobody)
-drain               pollers are asked to stop after their task in hand; waits until no polled task runs; pollers on
-                    this host that overrun ``drain_timeout`` are stopped by signal, their attempts given back
+drain               pollers are asked to stop after their task in hand; waits until no polled task runs; pollers
+                    (on any host, through their rows) that overrun ``drain_timeout`` are told to give their attempt
+                    back and exit; a dead poller's attempts are given back once their lease has run out
 migrate             queued database tasks to RQ in batches of ``batch_size``, from the checkpoint (below)
 verify              jobs against tasks, nothing left behind, counts and checksums against the baseline (migration.verify)
 cutover             mode ``rq``
@@ -158,6 +159,7 @@ def phase_hybrid(ctx: PhaseContext) -> dict | None:
     for elapsed in range(soak):
         ctx.progress(elapsed, soak)
         ctx.wait(1)
+    ctx.progress(soak, soak, force=True)
     counts = {system: CaptionTask.objects.filter(dispatch=system, created_at__gte=started).count()
               for system in (Dispatch.RQ, Dispatch.DATABASE)}
     failed = CaptionTask.objects.filter(created_at__gte=started, status=TaskStatus.FAILED).count()
@@ -218,8 +220,25 @@ def _force_pollers(ctx: PhaseContext) -> list[str]:
     while _drain_left() and time.monotonic() < deadline:
         for poller in dispatch.legacy_workers_stale():
             _give_back_stale(ctx, poller)
+        _give_back_orphans(ctx)
         ctx.wait(0.5)
     return names
+
+
+def _give_back_orphans(ctx: PhaseContext) -> None:
+    """Polled attempts whose poller has no open registration (it exited on an error and closed its row with the
+    task still in hand): given back once their lease has run out, as a stale poller's are."""
+    from queues.reconcile import REDRIVE_FIELDS
+
+    alive = dispatch.legacy_workers_alive().values_list("name", flat=True)
+    stale = dispatch.legacy_workers_stale().values_list("name", flat=True)
+    orphans = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, dispatch__in=POLLED_DISPATCH) \
+        .exclude(worker_name__in=list(alive)).exclude(worker_name__in=list(stale)).only(*REDRIVE_FIELDS)
+    for task in orphans:
+        if task_redrive(task=task, reason="its poller had exited with it in hand", give_back=True,
+                        lease_expired_only=True, judged_at=database_now(connection)):
+            ctx.log(f"task {task.pk} of poller {task.worker_name}, which had exited with it in hand, was given back",
+                    MigrationLogLine.Level.WARNING)
 
 
 def _give_back_stale(ctx: PhaseContext, poller: LegacyWorker) -> None:
@@ -250,6 +269,7 @@ def phase_migrate(ctx: PhaseContext) -> dict:
     batch_size = int(ctx.options["batch_size"])
     remaining = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH).count()
     done = int(ctx.phase.counts.get("migrated", 0)) if ctx.phase.counts else 0
+    earlier = done  # moved by earlier attempts of this phase
     total = done + remaining
     ctx.progress(done, total, force=True)
     while True:
@@ -293,8 +313,8 @@ def phase_migrate(ctx: PhaseContext) -> dict:
         ctx.progress(done, max(total, done))
     MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(checkpoint_window=None)
     ctx.progress(done, max(total, done), force=True)
-    ctx.log(f"{done} task(s) moved to RQ" + (f"; {repaired} republished from an interrupted batch" if repaired
-                                             else ""))
+    ctx.log(f"{done - earlier} task(s) moved to RQ" + (f" ({done} in all, with earlier attempts)" if earlier else "")
+            + (f"; {repaired} republished from an interrupted batch" if repaired else ""))
     return {"migrated": done, "republished_after_interruption": repaired, "checkpoint": run.checkpoint}
 
 
@@ -616,6 +636,13 @@ def rollback_create(*, user, of: MigrationRun | None = None, options: dict | Non
             raise RunError(f"{target} is itself a rollback that has not finished: resume it")
         target = None
     return run_create(user=user, kind=MigrationRun.Kind.ROLLBACK, rollback_of=target, options=options)
+
+
+def lease_age(run: MigrationRun) -> float | None:
+    """Seconds since the run's executor last renewed its lease (the database's clock), or None without one."""
+    if not run.executor or run.heartbeat_at is None:
+        return None
+    return max(0.0, (database_now(connection) - run.heartbeat_at).total_seconds())
 
 
 def _lease_held(run: MigrationRun) -> bool:

@@ -110,3 +110,26 @@ def test_every_admin_page_says_when_submission_is_paused(login, support_user, mo
     dispatch.submission_pause(reason="database upgrade", user=None)
     page = client.get(reverse("admin:index")).content.decode()
     assert 'id="dispatch-status"' in page and "Submission is paused: database upgrade" in page
+
+
+@pytest.mark.django_db
+def test_a_run_whose_process_is_gone_is_not_shown_live_and_offers_resume(login, admin_user, mode, settings):
+    """A run's process SIGKILLed (or its host lost) leaves the run RUNNING: its page must say so once the lease has
+    run out, stop refreshing, and offer Resume; a run whose process beats is shown live with its heartbeat's age."""
+    settings.MIGRATION_RUN_LEASE_SECONDS = 30
+    run = run_create(user=None, options={"validate_tasks": 0})
+    client = login(admin_user)
+    page = reverse("admin:migration_migrationrun_change", args=[run.pk])
+    resume = reverse("admin:migration_act", args=[run.pk, "resume"]).encode()
+
+    MigrationRun.objects.filter(pk=run.pk).update(state="running", executor="lost-host:4242:abcdef",
+                                                  heartbeat_at=timezone.now() - timedelta(seconds=95))
+    gone = client.get(page).content
+    assert b'http-equiv="refresh"' not in gone
+    assert b"has not been heard from for 95 s" in gone or b"has not been heard from for 96 s" in gone
+    assert resume in gone
+
+    MigrationRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
+    live = client.get(page).content
+    assert b'http-equiv="refresh"' in live and b"executed by lost-host:4242:abcdef (heartbeat 0 s ago)" in live
+    assert resume not in live

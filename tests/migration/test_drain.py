@@ -83,3 +83,30 @@ def test_a_frozen_poller_is_drained_by_its_stale_heartbeat_and_writes_nothing_wh
     assert (after.attempts, after.claim_token, after.publish_after) == (moved.attempts, moved.claim_token,
                                                                         moved.publish_after)
     assert set(TaskEvent.objects.filter(task_id=task_id).values_list("pk", flat=True)) == events
+
+
+def test_an_attempt_left_by_a_poller_that_exited_on_an_error_is_given_back_by_the_drain(
+        redis, mode, database_tasks, registered_worker, settings, tmp_path):
+    """A poller whose loop ended on an exception closes its row with the task still in hand: no stale registration
+    points at it, yet its attempt must go back once its lease has run out."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from queues.execution import task_claim_as
+
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    mode(mode=Mode.LEGACY)
+    [task_id] = database_tasks(1)
+    assert task_claim_as(task_id=task_id, worker_name="poller.crashed",
+                         expect={"status": TaskStatus.QUEUED, "dispatch": Dispatch.DATABASE}) is not None
+    long_ago = timezone.now() - timedelta(minutes=5)
+    LegacyWorker.objects.create(name="poller.crashed", host="elsewhere", pid=1, heartbeat_at=long_ago,
+                                stopped_at=long_ago)
+    CaptionTask.objects.filter(pk=task_id).update(heartbeat_at=long_ago)
+
+    run = _migrate(drain_timeout=1)
+    assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
+    task = _moved_to_rq(task_id)
+    assert task.attempts == 0
+    assert run.log_lines.filter(message__contains="poller.crashed, which had exited with it in hand").exists()
