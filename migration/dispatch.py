@@ -36,7 +36,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from migration.models import LegacyWorker, MigrationEvent, Mode, SystemMode, polling_errors
-from queues.dispatch import DispatchPolicy, DispatchStatus
+from queues.dispatch import DispatchPolicy, DispatchStatus, PollersState
 from queues.fleet import audit, audit_channel
 from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
                            database_now_expression)
@@ -114,18 +114,20 @@ class ModePolicy(DispatchPolicy):
         return {name: _poller_arguments(name)}
 
     def status(self) -> DispatchStatus:
+        row = system_mode()
+        return DispatchStatus(mode=row.mode, fallback_active=row.fallback_active,
+                              submission_paused=row.paused_now(), paused_reason=row.paused_reason,
+                              paused_until=row.paused_until.isoformat() if row.paused_until else None)
+
+    def pollers_state(self) -> PollersState:
         from migration.runs import blocking_run
 
         row = system_mode()
         waiting = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH).count()
         blocking = blocking_run()
-        return DispatchStatus(mode=row.mode, fallback_active=row.fallback_active,
-                              submission_paused=row.paused_now(), paused_reason=row.paused_reason,
-                              paused_until=row.paused_until.isoformat() if row.paused_until else None,
-                              needs_pollers=bool(waiting) or row.mode != Mode.RQ or row.fallback_active,
-                              pollers_alive=legacy_workers_alive().count(), polled_waiting=waiting,
-                              pollers_blocked_by=_blocked_by(blocking),
-                              pollers_blocked_for_now=bool(blocking and blocking.state == blocking.State.RUNNING))
+        return PollersState(needed=bool(waiting) or row.mode != Mode.RQ or row.fallback_active,
+                            alive=legacy_workers_alive().count(), waiting=waiting, blocked_by=_blocked_by(blocking),
+                            blocked_for_now=bool(blocking and blocking.state == blocking.State.RUNNING))
 
 
     def tasks_pinned(self) -> tuple[int, str]:

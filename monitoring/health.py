@@ -9,6 +9,7 @@ from django.db import DatabaseError, connection
 
 from monitoring.collectors import Snapshot
 from queues import broker
+from queues.dispatch import PollersState, get_policy
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ def health_report(snapshot: Snapshot) -> dict:
         _component("healthy", "answers")
     alive = len(snapshot.alive_workers)
     state = snapshot.dispatch
+    # The database pollers matter only where tasks go to them (legacy, hybrid, the fallback); in mode rq a straggler
+    # of theirs is swept to RQ by the relay. Three small indexed reads then; none in mode rq (every scrape is this).
+    needs_look = state.mode != "rq" or state.fallback_active
+    pollers = get_policy().pollers_state() if needs_look else PollersState()
     if not snapshot.redis_ok:
         workers = _component("unhealthy", "unknown: Redis is unreachable")
     elif state.mode == "legacy" and not state.fallback_active:
@@ -53,24 +58,24 @@ def health_report(snapshot: Snapshot) -> dict:
                                 + (f" (until {state.paused_until})" if state.paused_until else ""))
     else:
         submission = _component("healthy", "tasks are accepted and dispatched")
-    waiting = state.polled_waiting
-    if state.pollers_blocked_by and waiting:
-        dispatching = _component("warning" if state.pollers_blocked_for_now else "unhealthy",
+    waiting = pollers.waiting
+    if pollers.blocked_by and waiting:
+        dispatching = _component("warning" if pollers.blocked_for_now else "unhealthy",
                                  f"{waiting} task(s) wait for the database poller, which may not claim now: "
-                                 f"{state.pollers_blocked_by}")
+                                 f"{pollers.blocked_by}")
     elif state.mode in ("legacy", "hybrid") and not settings.DATABASE_POLLING_ENABLED and not state.fallback_active:
         dispatching = _component("unhealthy", f"mode {state.mode} sends tasks to the database poller, but "
                                               "DATABASE_POLLING_ENABLED is false here: no poller may run for them")
-    elif state.needs_pollers and not state.pollers_alive and (waiting or state.mode != "rq"):
+    elif pollers.needed and not pollers.alive and (waiting or state.mode != "rq"):
         during = " during the Redis fallback" if state.fallback_active else ""
         dispatching = _component("unhealthy", f"mode {state.mode}{during}: {waiting} task(s) wait for the database "
                                               "poller and no poller is alive (manage.py run_legacy_worker)")
     elif state.fallback_active:
-        dispatching = _component("warning", "Redis fallback: new tasks go to the database poller "
-                                            f"({state.pollers_alive} alive)")
+        dispatching = _component("warning", f"Redis fallback: new tasks go to the database poller ({pollers.alive} "
+                                            "alive)")
     else:
-        pollers = f"; {state.pollers_alive} database poller(s) alive" if state.needs_pollers else ""
-        dispatching = _component("healthy", f"mode {state.mode}{pollers}")
+        alive_pollers = f"; {pollers.alive} database poller(s) alive" if pollers.needed else ""
+        dispatching = _component("healthy", f"mode {state.mode}{alive_pollers}")
     components = {"redis": redis, "database": database, "workers": workers, "captioner": captioner,
                   "submission": submission, "dispatch": dispatching}
     overall = max((component["status"] for component in components.values()), key=ORDER.__getitem__)

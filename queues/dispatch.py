@@ -28,17 +28,21 @@ class DispatchStatus:
     submission_paused: bool = False
     paused_reason: str = ""
     paused_until: str | None = None  # ISO time, or None for "until resumed"
-    needs_pollers: bool = False  # the other system (the database poller) has work or gets new tasks
-    pollers_alive: int = 0
-    polled_waiting: int = 0  # tasks queued for the database poller
-    pollers_blocked_by: str = ""  # why no poller may claim now (a migration run that drained them)
-    pollers_blocked_for_now: bool = False  # ... and that run is executing: it moves their tasks itself
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "fallback_active": self.fallback_active,
                 "submission_paused": self.submission_paused, "paused_reason": self.paused_reason,
-                "paused_until": self.paused_until, "pollers_alive": self.pollers_alive,
-                "polled_waiting": self.polled_waiting}
+                "paused_until": self.paused_until}
+
+
+@dataclass(frozen=True)
+class PollersState:
+    """The other system's workers (database pollers), for health: read on demand, never by scrapes or samples."""
+    needed: bool = False  # they have work or get new tasks
+    alive: int = 0
+    waiting: int = 0  # tasks queued for them
+    blocked_by: str = ""  # why none may claim now (a migration run that drained them)
+    blocked_for_now: bool = False  # ... and that run is executing: it moves their tasks itself
 
 
 class DispatchPolicy:
@@ -58,6 +62,9 @@ class DispatchPolicy:
 
     def status(self) -> DispatchStatus:
         return DispatchStatus()
+
+    def pollers_state(self) -> PollersState:
+        return PollersState()
 
     def tasks_pinned(self) -> tuple[int, str]:
         """Tasks operators may not requeue, move to another priority or delete now: ids up to the first value (0:
