@@ -46,7 +46,7 @@ from queues import broker, correlation, execution
 from queues.broker import job_timeout
 from queues.errors import BrokerUnavailable, WorkerInterrupted
 from queues.execution import TaskFailed, task_execute
-from queues.models import (POLLED_DISPATCH, CaptionTask, TaskStatus, UtcNow, database_now,
+from queues.models import (POLLED_DISPATCH, AtMost, CaptionTask, TaskStatus, UtcNow, database_now,
                            database_now_expression)
 from queues.reconcile import REDRIVE_FIELDS, TASK_LEASE_SECONDS, task_redrive
 
@@ -105,8 +105,10 @@ def task_claim_polled(*, worker_name: str) -> CaptionTask | None:
 
 
 def _take(pk: int, dispatch: str, worker_name: str) -> CaptionTask | None:
+    # Still due: another poller may have put the candidate back into a retry's backoff since it was read.
     return execution.task_claim_as(task_id=pk, worker_name=worker_name,
-                                   expect={"status": TaskStatus.QUEUED, "dispatch": dispatch})
+                                   expect={"status": TaskStatus.QUEUED, "dispatch": dispatch,
+                                           "publish_after": AtMost(timezone.now())})
 
 
 @dataclass

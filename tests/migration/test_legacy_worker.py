@@ -56,11 +56,22 @@ def test_a_transient_error_is_retried_with_backoff_then_dead_lettered(redis, dat
     assert take_snapshot().dead_letters["normal"] == 1
 
 
-def test_claims_are_exclusive(redis, database_tasks):
+def test_a_claim_takes_a_candidate_only_if_it_is_still_queued_and_due(redis, database_tasks):
+    """The claim is conditional: a candidate read as due that another poller has put back into a retry's backoff
+    since (SQLite reads candidates, then claims), or that another poller has claimed, is not taken. The real race
+    between claimants is the two-poller test below."""
+    from datetime import timedelta
+
+    from migration.legacy import _take
+
     [task_id] = database_tasks(1)
-    first = task_claim_polled(worker_name="a")
-    assert first is not None and first.pk == task_id
-    assert task_claim_polled(worker_name="b") is None
+    CaptionTask.objects.filter(pk=task_id).update(publish_after=timezone.now() + timedelta(seconds=60))
+    assert _take(task_id, Dispatch.DATABASE, "poller.a") is None
+    CaptionTask.objects.filter(pk=task_id).update(publish_after=timezone.now())
+    first = _take(task_id, Dispatch.DATABASE, "poller.a")
+    assert first is not None and first.worker_name == "poller.a"
+    assert _take(task_id, Dispatch.DATABASE, "poller.b") is None
+    assert task_claim_polled(worker_name="poller.b") is None
 
 
 def test_two_pollers_at_once_run_every_task_exactly_once(redis, database_tasks, settings):
