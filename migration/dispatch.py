@@ -474,7 +474,9 @@ def _move_all(source: tuple[str, ...], target: str) -> int:
             return total
         total += len(moved)
         if target == Dispatch.RQ:
-            tasks_publish(tasks=moved)
+            # Only those due: a retry still in its backoff waits for it, then the relay publishes it.
+            due = CaptionTask.objects.filter(pk__in=[pk for pk, _ in moved], publish_after__lte=timezone.now())
+            tasks_publish(tasks=list(due.values_list("pk", "priority")))
 
 
 def person(user):

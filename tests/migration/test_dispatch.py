@@ -181,6 +181,20 @@ def test_fallback_starts_after_the_timeout_and_ends_when_redis_answers(redis, mo
     assert list(MigrationEvent.objects.values_list("kind", flat=True)) == ["fallback_ended", "fallback_started"]
 
 
+def test_a_fallback_retry_in_its_backoff_goes_back_to_rq_unpublished_until_due(redis, mode, media_image):
+    later = timezone.now() + timedelta(minutes=5)
+    mode(fallback_active=True, redis_down_since=timezone.now() - timedelta(minutes=1))
+    [due, waiting] = CaptionTask.objects.insert_new([(media_image(), "normal", None)] * 2,
+                                                    publish_after=timezone.now(),
+                                                    dispatch=[Dispatch.FALLBACK] * 2)
+    CaptionTask.objects.filter(pk=waiting).update(publish_after=later, attempts=1)  # a retry the poller scheduled
+
+    dispatch.fallback_maintain(redis_up=True)
+    assert broker.queued_task_ids("normal") == {due}
+    task = CaptionTask.objects.get(pk=waiting)
+    assert (task.dispatch, task.published_at, task.publish_after) == (Dispatch.RQ, None, later)
+
+
 def test_fallback_disabled_leaves_tasks_with_rq(redis, mode, media_image):
     mode(fallback_enabled=False, fallback_timeout=1, redis_down_since=timezone.now() - timedelta(minutes=5))
     task_ids = CaptionTask.objects.insert_new([(media_image(), "normal", None)], publish_after=timezone.now())
