@@ -46,7 +46,7 @@ from queues import broker, correlation, execution
 from queues.broker import job_timeout
 from queues.errors import BrokerUnavailable, WorkerInterrupted
 from queues.execution import TaskFailed, task_execute
-from queues.models import (POLLED_DISPATCH, AtMost, CaptionTask, TaskStatus, UtcNow, database_now,
+from queues.models import (POLLED_DISPATCH, QUEUE_ORDER, AtMost, CaptionTask, TaskStatus, UtcNow, database_now,
                            database_now_expression)
 from queues.reconcile import REDRIVE_FIELDS, TASK_LEASE_SECONDS, task_redrive
 
@@ -83,13 +83,14 @@ def polled_attempts_recover(*, worker_name: str) -> list[int]:
 
 
 def task_claim_polled(*, worker_name: str) -> CaptionTask | None:
-    """Claims one due task dispatched to the database, or returns None when there is none.
+    """Claims one due task dispatched to the database, or returns None when there is none: the highest priority
+    first (as RQ workers listen to urgent, high, normal, low), the longest due first within it.
 
-    One dispatch value per query, ordered as the (dispatch, status, publish_after) index is: with both values in
-    one IN list MySQL sorts the rows instead, and ``FOR UPDATE`` would lock every due row it read, so the other
-    pollers would skip them all and wait."""
-    for dispatch in POLLED_DISPATCH:
-        due = CaptionTask.objects.filter(dispatch=dispatch, status=TaskStatus.QUEUED,
+    One dispatch and one priority per query, ordered as the (dispatch, status, priority, publish_after) index is: a
+    seek, cheap when it finds nothing. With several values in one IN list MySQL sorts the rows instead, and
+    ``FOR UPDATE`` would lock every due row it read, so the other pollers would skip them all and wait."""
+    for priority, dispatch in ((priority, dispatch) for priority in QUEUE_ORDER for dispatch in POLLED_DISPATCH):
+        due = CaptionTask.objects.filter(dispatch=dispatch, status=TaskStatus.QUEUED, priority=priority,
                                          publish_after__lte=timezone.now()).order_by("publish_after", "pk")
         if connection.features.has_select_for_update_skip_locked:
             with transaction.atomic():

@@ -267,11 +267,18 @@ def phase_migrate(ctx: PhaseContext) -> dict:
                 f"ids up to {run.baseline['max_id']}")
     repaired = _republish_window(ctx)
     batch_size = int(ctx.options["batch_size"])
-    remaining = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH).count()
     done = int(ctx.phase.counts.get("migrated", 0)) if ctx.phase.counts else 0
     earlier = done  # moved by earlier attempts of this phase
-    total = done + remaining
-    ctx.progress(done, total, force=True)
+    # Progress is the walk through the table by id (what takes the time), not the tasks moved: queued tasks may sit
+    # anywhere in it (clustered at the newest ids, a bar of moved tasks would sit near 0 % for most of the walk).
+    low = (CaptionTask.objects.order_by("pk").values_list("pk", flat=True).first() or 1) - 1
+    high = CaptionTask.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+    walk = max(high - low, 1)
+
+    def walked() -> int:
+        return min(max(run.checkpoint - low, 0), walk)
+
+    ctx.progress(walked(), walk, force=True)
     while True:
         # The next rows by primary key, whatever their state: a range read that costs the same at any depth of the
         # backlog (a query for "queued database tasks after the checkpoint" made SQLite walk the dispatch index over
@@ -310,9 +317,9 @@ def phase_migrate(ctx: PhaseContext) -> dict:
         run.checkpoint = upto
         if moved_count:
             _publish_window(window)
-        ctx.progress(done, max(total, done))
+        ctx.progress(walked(), walk)
     MigrationRun.objects.filter(pk=run.pk, executor=ctx.executor).update(checkpoint_window=None)
-    ctx.progress(done, max(total, done), force=True)
+    ctx.progress(walk, walk, force=True)
     ctx.log(f"{done - earlier} task(s) moved to RQ" + (f" ({done} in all, with earlier attempts)" if earlier else "")
             + (f"; {repaired} republished from an interrupted batch" if repaired else ""))
     return {"migrated": done, "republished_after_interruption": repaired, "checkpoint": run.checkpoint}

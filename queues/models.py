@@ -133,6 +133,25 @@ class Dispatch(models.TextChoices):
 POLLED_DISPATCH = (Dispatch.DATABASE, Dispatch.FALLBACK)
 
 
+_CONSECUTIVE_IDS: dict[str, bool] = {}
+
+
+def _consecutive_ids(connection) -> bool:
+    """Whether one multi-row INSERT on this MySQL/MariaDB server gets consecutive ids from LAST_INSERT_ID() on: InnoDB
+    allocates a "simple insert"'s values at once when ``innodb_autoinc_lock_mode`` is 0 or 1 (MariaDB's default),
+    one apart when ``auto_increment_increment`` is 1. Read once per server (the lock mode cannot change while it
+    runs); otherwise, and on other databases without RETURNING, rows go in one by one."""
+    if connection.vendor != "mysql":
+        return False
+    known = _CONSECUTIVE_IDS.get(connection.alias)
+    if known is None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT @@innodb_autoinc_lock_mode, @@auto_increment_increment")
+            mode, increment = cursor.fetchone()
+        known = _CONSECUTIVE_IDS[connection.alias] = int(mode) in (0, 1) and int(increment) == 1
+    return known
+
+
 class CaptionTaskQuerySet(models.QuerySet):
     INSERT_BATCH = 1000
 
@@ -143,14 +162,15 @@ class CaptionTaskQuerySet(models.QuerySet):
 
         Bulk submission's hot path. Django's bulk_create costs about 100 µs a row here (a model instance per row,
         per-field value preparation, and SQLite batches capped at 999 parameters); this writes the same columns
-        with one multi-row ``INSERT ... RETURNING id``. Databases whose bulk insert cannot return ids (MySQL) insert
-        row by row.
+        with one multi-row ``INSERT ... RETURNING id``. MySQL/MariaDB, which cannot return them, get the multi-row
+        INSERT too where the server hands one statement consecutive ids (``_consecutive_ids``); else row by row.
         """
         if not rows:
             return []
         dispatch = dispatch or [Dispatch.RQ] * len(rows)
         connection = connections[self.db]
-        if not connection.features.can_return_rows_from_bulk_insert:
+        returning = connection.features.can_return_rows_from_bulk_insert
+        if not returning and not _consecutive_ids(connection):
             objects = [CaptionTask(image_ref=ref, priority=priority, idempotency_key=key, publish_after=publish_after,
                                    dispatch=system, correlation_id=correlation.current())
                        for (ref, priority, key), system in zip(rows, dispatch)]
@@ -174,10 +194,15 @@ class CaptionTaskQuerySet(models.QuerySet):
         with connection.cursor() as cursor:
             for start in range(0, len(rows), self.INSERT_BATCH):  # 13 parameters a row, well under the limits
                 chunk = rows[start:start + self.INSERT_BATCH]
-                cursor.execute(head + ", ".join([row_sql] * len(chunk)) + f" RETURNING {quote('id')}",
-                               [value for row, system in zip(chunk, dispatch[start:start + len(chunk)])
-                                for value in (*row, system, *constants)])
-                ids.extend(row[0] for row in cursor.fetchall())
+                values = [value for row, system in zip(chunk, dispatch[start:start + len(chunk)])
+                          for value in (*row, system, *constants)]
+                if returning:
+                    cursor.execute(head + ", ".join([row_sql] * len(chunk)) + f" RETURNING {quote('id')}", values)
+                    ids.extend(row[0] for row in cursor.fetchall())
+                else:  # MySQL/MariaDB: one multi-row INSERT's ids are consecutive from LAST_INSERT_ID()
+                    cursor.execute(head + ", ".join([row_sql] * len(chunk)), values)
+                    first = cursor.lastrowid
+                    ids.extend(range(first, first + len(chunk)))
         return ids
 
     def transition(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False,
@@ -335,8 +360,9 @@ class CaptionTask(models.Model):
             models.Index(fields=["worker_name", "status"], name="task_worker_idx"),
             # Waiting to retry, per queue (the overview), without walking every queued row.
             models.Index(fields=["status", "published_at", "priority", "attempts"], name="task_unpublished_idx"),
-            # The database poller's claim (queued, its dispatch, due) and the migration's per-system counts.
-            models.Index(fields=["dispatch", "status", "publish_after"], name="task_dispatch_idx"),
+            # The database poller's claim (queued, its dispatch, a priority, due: a seek per priority, highest first)
+            # and the migration's per-system counts.
+            models.Index(fields=["dispatch", "status", "priority", "publish_after"], name="task_dispatch_priority_idx"),
         ]
 
     def __str__(self) -> str:

@@ -139,3 +139,17 @@ def test_registers_while_running(redis):
         poller.stopping = True
         thread.join(10)
     assert LegacyWorker.objects.get(name="poller.reg").stopped_at is not None
+
+
+def test_the_poller_takes_the_highest_priority_first_across_database_and_fallback(redis, database_tasks):
+    """As RQ workers listen to urgent, high, normal, low: an older normal task waits for a newer urgent one, and an
+    urgent fallback task goes before a normal database one."""
+    from datetime import timedelta
+
+    old_normal = database_tasks(1, priority="normal")[0]
+    urgent_fallback = database_tasks(1, priority="urgent")[0]
+    high = database_tasks(1, priority="high")[0]
+    CaptionTask.objects.filter(pk=old_normal).update(publish_after=timezone.now() - timedelta(hours=1))
+    CaptionTask.objects.filter(pk=urgent_fallback).update(dispatch=Dispatch.FALLBACK)
+    taken = [task_claim_polled(worker_name="poller.order").pk for _ in range(3)]
+    assert taken == [urgent_fallback, high, old_normal]

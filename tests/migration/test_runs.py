@@ -47,7 +47,7 @@ def test_a_run_migrates_every_queued_database_task_and_proves_it(redis, mode, da
     row = dispatch.system_mode()
     assert row.mode == Mode.RQ and not row.paused_now()
     migrate = run.phases.get(name="migrate")
-    assert migrate.counts["migrated"] == 300 and migrate.progress_done == 300
+    assert migrate.counts["migrated"] == 300 and migrate.progress_done == migrate.progress_total == 320  # the walk
     backup = run.phases.get(name="backup").counts
     assert backup["rows"] == 320 and (tmp_path / "backups").exists()
     wait_for(lambda: CaptionTask.objects.filter(pk__in=queued, status=TaskStatus.COMPLETED).count() == 300, 60,
@@ -368,3 +368,21 @@ def test_resume_republishes_an_interrupted_batch_whose_task_has_a_job_hash_from_
     assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
     assert run.phases.get(name="migrate").counts["republished_after_interruption"] == 10
     assert broker.queued_task_ids("normal") == set(ids)
+
+
+def test_the_migrate_phase_reports_its_walk_through_the_table_not_only_the_tasks_it_moved(
+        redis, mode, database_tasks, registered_worker, settings, tmp_path):
+    """Queued tasks clustered at the newest ids: the bar moves with the walk from the first batch on."""
+    settings.MIGRATION_BACKUP_DIR = tmp_path
+    finished = database_tasks(400)
+    CaptionTask.objects.filter(pk__in=finished).update(status=TaskStatus.COMPLETED, finished_at=timezone.now())
+    queued = database_tasks(10)
+    seen: list[tuple[int, int]] = []
+    run = run_execute(run=run_create(user=None, options={**QUICK, "batch_size": 100}),
+                      on_progress=lambda phase: seen.append((phase.progress_done, phase.progress_total))
+                      if phase.name == "migrate" else None)
+    assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
+    assert run.phases.get(name="migrate").counts["migrated"] == len(queued)
+    total = seen[-1][1]
+    assert seen[-1] == (total, total) and total == 410
+    assert [done for done, _ in seen[1:5]] == [100, 200, 300, 400], seen
