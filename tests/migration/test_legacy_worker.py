@@ -153,3 +153,27 @@ def test_the_poller_takes_the_highest_priority_first_across_database_and_fallbac
     CaptionTask.objects.filter(pk=urgent_fallback).update(dispatch=Dispatch.FALLBACK)
     taken = [task_claim_polled(worker_name="poller.order").pk for _ in range(3)]
     assert taken == [urgent_fallback, high, old_normal]
+
+
+def test_a_poller_judges_leases_only_on_a_look_that_follows_a_recent_one(redis, database_tasks):
+    """After an outage every lease looks expired while their pollers' renewals are still on their way: a poller
+    re-drives a dead poller's attempt only on a look that follows one a few seconds before, as the reconciler does."""
+    import time
+    from datetime import timedelta
+
+    from migration.legacy import RECOVER_EVERY
+
+    [task_id] = database_tasks(1)
+    assert task_claim_polled(worker_name="poller.dead") is not None
+    CaptionTask.objects.filter(pk=task_id).update(heartbeat_at=timezone.now() - timedelta(minutes=5))
+    poller = LegacyPoller(name="poller.alive")
+
+    poller._recover()  # its first look (just started, or just back from an outage): judges nothing
+    assert CaptionTask.objects.get(pk=task_id).status == TaskStatus.PROCESSING
+    poller._recovered_at = time.monotonic() - 60  # the previous look was long ago: the database was away
+    poller._recover()
+    assert CaptionTask.objects.get(pk=task_id).status == TaskStatus.PROCESSING
+    poller._recovered_at = time.monotonic() - RECOVER_EVERY - 0.1  # a look a few seconds ago reached the database
+    poller._recover()
+    task = CaptionTask.objects.get(pk=task_id)
+    assert task.status == TaskStatus.QUEUED and task.last_error_class == "WorkerLost"
