@@ -33,7 +33,10 @@ def main(argv: list[str]) -> int:
     explicit = any(arg == "-n" or arg.startswith("--numprocesses") or arg.startswith("-n") and arg[2:].isdigit()
                    or arg == "no:xdist" for arg in argv)
     if processes > 1 and not explicit:
-        parallel = ["-n", str(processes)]
+        # worksteal: each worker starts with an even share of the tests, and one that runs out takes half of what
+        # the busiest has left. xdist's default (load) hands out runs of consecutive tests, so the drills of one
+        # file (30 to 95 s each) could queue up on one worker while the others sat idle at the end.
+        parallel = ["-n", str(processes), "--dist", "worksteal"]
     else:
         processes, parallel = 1, []
     if any(arg == "-m" or arg.startswith("-m") and len(arg) > 2 for arg in argv):
@@ -58,7 +61,7 @@ def main(argv: list[str]) -> int:
             codes = []
             for arguments in runs:
                 if len(runs) > 1:
-                    print(f"=== pytest {' '.join(arguments[:4])} ===", flush=True)
+                    print(f"=== pytest {' '.join(arguments[:len(arguments) - len(argv)])} ===", flush=True)
                 codes.append(subprocess.call([sys.executable, "-m", "pytest", *arguments], env=environment))
             return combined(codes)
         finally:
