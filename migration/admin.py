@@ -84,12 +84,13 @@ class MigrationRunAdmin(ReadOnlyAdmin):
             phase.title = runs.PHASE_TITLES.get(phase.name, phase.name)
         lines = list(run.log_lines.select_related("phase").order_by("-at", "-id")[:300])
         heartbeat_age = runs.lease_age(run)
+        held = runs._lease_held(run)
         context = {
             **self.admin_site.each_context(request), "title": str(run), "run": run, "phases": phases,
             "log_lines": lines, "opts": self.model._meta, "can_run": request.user.has_perm(RUN_MIGRATION),
             # Live only while its executor's lease runs: a process killed without a word leaves RUNNING behind.
-            "live": run.state == MigrationRun.State.RUNNING and runs._lease_held(run),
-            "gone": run.state == MigrationRun.State.RUNNING and not runs._lease_held(run),
+            "live": run.state == MigrationRun.State.RUNNING and held,
+            "gone": run.state == MigrationRun.State.RUNNING and not held,
             "heartbeat_age": heartbeat_age, "lease_seconds": settings.MIGRATION_RUN_LEASE_SECONDS,
             "mode": dispatch.system_mode(),
             "preflight": run.preflight.get("checks", []) if run.preflight else [],

@@ -653,9 +653,8 @@ def lease_age(run: MigrationRun) -> float | None:
 
 
 def _lease_held(run: MigrationRun) -> bool:
-    if not run.executor or run.heartbeat_at is None:
-        return False
-    return (database_now(connection) - run.heartbeat_at).total_seconds() < settings.MIGRATION_RUN_LEASE_SECONDS
+    age = lease_age(run)
+    return age is not None and age < settings.MIGRATION_RUN_LEASE_SECONDS
 
 
 def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
