@@ -294,6 +294,15 @@ class CaptionWorker(SimpleWorker):
         self.pubsub_thread = None
 
     def register_death(self, *args, **kwargs):
+        """The last step of the exit (teardown, after every slot gave back or finished its task). From here a stop
+        signal has nothing left to stop, so it is ignored: Python puts back the default handlers as it shuts down,
+        and the supervisor's resent forced stop (or systemd's, Kubernetes') landing then killed the worker by
+        SIGTERM, which the fleet's books count as a crash (tests/drills/test_stop_signals.py). SIG_IGN is the one
+        disposition Python keeps through its shutdown. A worker that hangs past here is still killed (SIGKILL) by
+        its supervisor's stop timeout."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_IGN)
         self._alive_stop.set()
         with self._registration_lock:
             self._death_registered = True

@@ -270,3 +270,23 @@ def test_a_second_stop_to_the_supervisor_reaches_a_worker_whose_handlers_ran_lat
         assert "killed after not stopping in time" not in group.output()
     finally:
         group.stop_all()
+
+
+@pytest.mark.parametrize("slots", [1, 8])
+def test_stop_signals_that_keep_coming_while_a_worker_exits_never_kill_it(redis, db, slots):
+    """The supervisor resends a forced stop every SECOND_SIGNAL_AFTER seconds until the worker exits, and systemd or
+    Kubernetes may signal again. A stop signal that reached a worker after its work loop had ended (while Python shut
+    down, which puts back the default handlers) killed it by SIGTERM: exit -15, a crash in the fleet's books."""
+    codes = []
+    for _ in range(3):
+        process = start_command("rqworker", "--slots", str(slots), "--verbosity", "0")
+        try:
+            wait_for(lambda: redis.scard("rq:workers") == 1, 30, "the worker to register")
+            while process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                time.sleep(0.005)
+            codes.append(process.returncode)
+        finally:
+            stop_process(process, grace=10)
+        assert redis.scard("rq:workers") == 0
+    assert codes == [0, 0, 0]
