@@ -5,11 +5,13 @@ them as ``Notification`` rows, one per channel and alert group, in the same tran
 notified: a plan is never half done and never done twice.
 
 - First message: a firing alert that is not acknowledged, shelved, silenced or caused by another firing alert, whose
-  condition still holds (not waiting out its clear time), and has not been notified, goes to every enabled channel of the first route that takes it (and of later routes while
-  a route says "continue"). Alerts of one route with equal ``group_by`` labels are one group: the group's message
-  waits until its oldest member has fired ``group_wait`` seconds ago and then carries every member not yet sent.
+  condition still holds (not waiting out its clear time), and has not been notified, goes to every enabled channel
+  of the first route that takes it (and of later routes while a route says "continue"). Alerts of one route with
+  equal ``group_by`` labels are one group: the group's message waits until its oldest member has fired
+  ``group_wait`` seconds ago and then carries every member not yet sent.
 - Reminder: a firing alert still unacknowledged ``repeat_interval`` after its last message, again grouped.
-- Resolved: an alert that was notified and has resolved, to the same routes when they ``send_resolved``.
+- Resolved: an alert that was notified and has resolved, to the same routes when they ``send_resolved``, and to
+  every channel an escalation told (always: a page is closed).
 - Escalation: a firing alert of a policy's severity still unacknowledged ``after_minutes`` after it fired goes to
   the next level's channels. Each level is a timeline row, even one without channels.
 
@@ -65,7 +67,7 @@ def alert_payload(alert: Alert) -> dict:
             "started_at": (alert.fired_at or alert.started_at).isoformat(),
             "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
             "runbook_url": alert.runbook_url, "url": _alert_url(alert), "fingerprint": alert.fingerprint,
-            "value": alert.value}
+            "id": alert.pk, "value": alert.value}
 
 
 def message_compose(*, kind: str, alerts: list[Alert], group_key: str, title: str = "") -> dict:
@@ -123,17 +125,22 @@ def _queue(notifications: list, *, channel, route, kind, alerts, group_key, now,
                           alerts))
 
 
-def _told(alert_ids: list[int]) -> dict[tuple[int, int], datetime]:
-    """When each (alert, route) pair last had a firing message or reminder: each route keeps its own group wait
-    and repeat interval, and the resolution goes to the routes that were told. One indexed query over the
-    candidates' notifications."""
+def _told(alert_ids: list[int]) -> tuple[dict[tuple[int, int], datetime], dict[int, set[int]]]:
+    """Who was told each alert fires. First: when each (alert, route) pair last had a firing message or reminder
+    (each route keeps its own group wait and repeat interval, and the resolution goes to the routes that were
+    told). Second: the channels each alert was escalated to, which are told it ended too. Two indexed queries over
+    the candidates' notifications."""
     if not alert_ids:
-        return {}
+        return {}, {}
     rows = Notification.objects.filter(
         alerts__in=alert_ids, route__isnull=False,
         kind__in=[Notification.Kind.FIRING, Notification.Kind.REPEAT]).order_by().values_list(
         "alerts", "route").annotate(last=Max("created_at"))
-    return {(alert_id, route_id): last for alert_id, route_id, last in rows}
+    escalated: dict[int, set[int]] = defaultdict(set)
+    for alert_id, channel_id in Notification.objects.filter(
+            alerts__in=alert_ids, kind=Notification.Kind.ESCALATION).order_by().values_list("alerts", "channel"):
+        escalated[alert_id].add(channel_id)
+    return {(alert_id, route_id): last for alert_id, route_id, last in rows}, escalated
 
 
 def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
@@ -149,7 +156,9 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     # No ORDER BY: the model's default (newest first) made SQLite walk the started_at index over the whole history.
     candidates = [alert for alert in Alert.objects.filter(resolved_notified=False, source=Alert.Source.PORTAL)
                   .order_by().select_related("rule", "inhibited_by") if alert.state != Alert.State.PENDING]
-    told = _told([alert.pk for alert in candidates])
+    told, escalated = _told([alert.pk for alert in candidates])
+    # (in_bulk of nothing asks the database nothing)
+    escalation_channels = NotificationChannel.objects.filter(enabled=True).in_bulk(set().union(*escalated.values()))
     policies = list(EscalationPolicy.objects.filter(enabled=True).prefetch_related("steps__channels"))
     planned: list[tuple[Notification, list[Alert]]] = []
     events: list[AlertEvent] = []
@@ -173,9 +182,18 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
             alert.resolved_notified = True
             touched[alert.pk] = alert
             recorded = "recorded" in (alert.annotations or {})
+            covered: set[int] = set()
             for route in _routes_for(alert, routes):
                 if route.send_resolved and (recorded or (alert.pk, route.pk) in told):
                     resolved[(route.pk, _group_key(route, alert))].append(alert)
+                    covered.update(channel.pk for channel in route.channels.all() if channel.enabled)
+            # The escalation levels' channels were told it fires: they are told it ended (a PagerDuty incident an
+            # escalation opened would stay open, and later pages of the same rule fold into it). Whatever the
+            # routes' send_resolved: a page is always closed. One message per channel, none twice.
+            for channel_id in sorted(escalated.get(alert.pk, set()) & escalation_channels.keys() - covered):
+                _queue(planned, channel=escalation_channels[channel_id], route=None,
+                       kind=Notification.Kind.RESOLVED, alerts=[alert], group_key=f"escalation:{alert.fingerprint}",
+                       now=now)
             continue
         if quiet is not None or alert.cleared_at is not None:
             continue  # (cleared: the condition no longer holds and the alert resolves after the rule's clear time)
@@ -250,6 +268,8 @@ def _escalate(candidates, policies, silences, now, planned, events, touched) -> 
             alert.escalation_level, alert.escalated_at = step.level, now
             touched[alert.pk] = alert
             channels = [channel for channel in step.channels.all() if channel.enabled]
+            if channels and alert.notified_at is None:
+                alert.notified_at = now  # somebody was told it fires: it owes them its resolution
             title = (f"Escalated to level {step.level} ({step.title}): unacknowledged {int(minutes)} min after it "
                      f"fired")
             events.append(AlertEvent(alert=alert, kind=AlertEvent.Kind.ESCALATED, at=now,

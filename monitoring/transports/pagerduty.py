@@ -1,4 +1,5 @@
-"""PagerDuty Events API v2: one event per alert, deduplicated by the alert's fingerprint.
+"""PagerDuty Events API v2: one event per alert, deduplicated by the alert's fingerprint and id (one incident per
+occurrence of a condition).
 
 A retried message sends all its events again, which is safe: PagerDuty folds a trigger into the open incident of
 the same dedup_key, and a resolve of a resolved incident does nothing.
@@ -81,8 +82,15 @@ def pagerduty_events(message: Message, *, routing_key: str) -> list[dict]:
             # Without it the incident could never be resolved; refuse before anything is sent.
             raise TransportError(f"PagerDuty needs a fingerprint for each alert; {alert.get('name')!r} has none",
                                  permanent=True)
+        # One incident per occurrence: the rule's fingerprint and the alert's id. Keyed by the fingerprint alone,
+        # every later occurrence of the rule folded into an incident that nobody had closed.
+        dedup_key = f"{fingerprint}-{alert['id']}" if alert.get("id") else fingerprint
         if alert.get("state") == "resolved":
-            events.append(_resolve(routing_key, fingerprint))
+            events.append(_resolve(routing_key, dedup_key))
+            if dedup_key != fingerprint:
+                # An incident a message from before per-occurrence keys opened (a resolve of an unknown or
+                # resolved incident does nothing).
+                events.append(_resolve(routing_key, fingerprint))
             continue
         labels, annotations = alert.get("labels") or {}, alert.get("annotations") or {}
         payload = {"summary": one_line(alert.get("summary") or alert.get("name") or message.subject, MAX_SUMMARY_CHARS),
@@ -93,7 +101,7 @@ def pagerduty_events(message: Message, *, routing_key: str) -> list[dict]:
         links = [{"href": alert.get("url") or message.portal_url, "text": "Alert in the RQ Ops Portal"}]
         if alert.get("runbook_url"):
             links.append({"href": alert["runbook_url"], "text": "Runbook"})
-        events.append(_trigger(routing_key, fingerprint, payload, message.portal_url, links=links))
+        events.append(_trigger(routing_key, dedup_key, payload, message.portal_url, links=links))
     return events
 
 

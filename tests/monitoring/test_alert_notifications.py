@@ -448,3 +448,42 @@ def test_unshelving_an_alert_that_is_not_shelved_is_refused(operator_user):
     with pytest.raises(AlertError, match="not shelved"):
         alert_shelve(alert=Alert.objects.get(), user=operator_user, until=None)
     assert not AlertEvent.objects.filter(kind="unshelved").exists()
+
+
+@pytest.mark.parametrize("with_route", [True, False], ids=["route-and-escalation", "escalation-only"])
+def test_an_escalation_channel_is_told_the_alert_ended(redis, http_server, with_route):
+    """A PagerDuty service paged by escalation level 1 gets the resolve: its incident closes, and the next occurrence
+    of the same rule opens an incident of its own instead of folding into one that nobody closed."""
+    only("redis-unreachable")
+    pager = NotificationChannel.objects.create(name="sysadmin pager", kind="pagerduty", config={
+        "routing_key": "R0UT1NGKEY0000000000000000000000", "url": http_server.route("/pd", respond(202, b"{}"))})
+    EscalationPolicy.objects.get(name="Default escalation").steps.get(level=1).channels.add(pager)
+    if with_route:
+        hook = NotificationChannel.objects.create(name="ops hook", kind="webhook",
+                                                  config={"url": http_server.route("/hook", respond(200, b"{}"))})
+        NotificationRoute.objects.create(name="everything", group_wait_seconds=0).channels.add(hook)
+    t0 = timezone.now()
+    for minutes in (0, 5):
+        evaluate(t0 + timedelta(minutes=minutes), redis=False)
+        deliver_due(t0 + timedelta(minutes=minutes))
+    evaluate(t0 + timedelta(minutes=6), redis=True)  # cleared
+    evaluate(t0 + timedelta(minutes=8), redis=True)  # resolved after the clear time
+    deliver_due(t0 + timedelta(minutes=8))
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.RESOLVED
+    events = posted(http_server, "/pd")
+    assert [event["event_action"] for event in events] == ["trigger", "resolve", "resolve"]
+    assert events[0]["dedup_key"] == events[1]["dedup_key"] == f"{alert.fingerprint}-{alert.pk}"
+    assert events[2]["dedup_key"] == alert.fingerprint, "and the incident a message from before per-occurrence keys " \
+                                                        "opened"
+    if with_route:
+        assert [body["status"] for body in posted(http_server, "/hook")] == ["firing", "resolved"]
+    assert set(Notification.objects.filter(channel=pager).values_list("kind", flat=True)) == {"escalation",
+                                                                                                 "resolved"}
+    # The same condition again: a new incident, not the closed one's key.
+    t1 = t0 + timedelta(minutes=30)
+    for minutes in (0, 5):
+        evaluate(t1 + timedelta(minutes=minutes), redis=False)
+        deliver_due(t1 + timedelta(minutes=minutes))
+    again = posted(http_server, "/pd")[3]
+    assert again["event_action"] == "trigger" and again["dedup_key"] != events[0]["dedup_key"]
