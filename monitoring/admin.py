@@ -49,11 +49,10 @@ from monitoring.alerts import (
     alert_acknowledge,
     alert_shelve,
     alert_unacknowledge,
-    matchers_parse,
-    matchers_validate,
     silence_create,
     silence_expire,
 )
+from monitoring.matchers import MatcherError, matchers_parse, matchers_validate
 from monitoring.models import (
     Alert,
     AlertRule,
@@ -395,7 +394,7 @@ class MatchersField(forms.CharField):
         text = super().clean(value)
         try:
             return matchers_parse(text)
-        except AlertError as error:
+        except MatcherError as error:
             raise forms.ValidationError(str(error).removeprefix("matchers: ")) from None
 
 
@@ -1106,7 +1105,7 @@ class NotificationRouteForm(forms.ModelForm):
             return []
         try:
             return matchers_validate(matchers)
-        except AlertError as error:
+        except MatcherError as error:
             raise forms.ValidationError(str(error).removeprefix("matchers: ")) from None
 
     def clean_group_by(self):

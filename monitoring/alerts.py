@@ -41,6 +41,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from monitoring.alert_rules import SIGNALS, Reading, Readings
+from monitoring.matchers import MatcherError, matchers_validate
 from monitoring.models import Alert, AlertEvent, AlertRule, Lease, Severity, Silence
 
 logger = logging.getLogger(__name__)
@@ -414,51 +415,14 @@ def alert_shelve(*, alert: Alert, user, until: datetime | None, address: str | N
     return alert
 
 
-MATCHER_OPS = ("=", "!=", "=~", "!~")
-
-
-def matchers_validate(matchers) -> list[dict]:
-    """Checks silence/route matchers; raises AlertError naming what is wrong."""
-    import re
-
-    if not isinstance(matchers, list) or not matchers:
-        raise AlertError("matchers: give at least one matcher, e.g. alertname=redis-unreachable.")
-    clean = []
-    for index, matcher in enumerate(matchers, 1):
-        if not isinstance(matcher, dict) or not str(matcher.get("label", "")).strip():
-            raise AlertError(f"matchers: matcher {index} needs a label name.")
-        op = matcher.get("op", "=")
-        if op not in MATCHER_OPS:
-            raise AlertError(f"matchers: matcher {index} has operator {op!r}; use one of {', '.join(MATCHER_OPS)}.")
-        value = str(matcher.get("value", ""))
-        if op in ("=~", "!~"):
-            try:
-                re.compile(value)
-            except re.error as error:
-                raise AlertError(f"matchers: matcher {index} is not a valid regular expression: {error}") from None
-        clean.append({"label": str(matcher["label"]).strip(), "op": op, "value": value})
-    return clean
-
-
-def matchers_parse(text: str) -> list[dict]:
-    """``alertname=redis-unreachable, queue=~normal|high`` into matchers."""
-    matchers = []
-    for part in filter(None, (piece.strip() for piece in text.split(","))):
-        for op in ("!~", "=~", "!=", "="):
-            if op in part:
-                label, value = part.split(op, 1)
-                matchers.append({"label": label.strip(), "op": op, "value": value.strip().strip('"')})
-                break
-        else:
-            raise AlertError(f"matchers: {part!r} has no operator (=, !=, =~, !~).")
-    return matchers_validate(matchers)
-
-
 def silence_create(*, matchers: list[dict], ends_at: datetime, reason: str, user, starts_at: datetime | None = None,
                    address: str | None = None) -> Silence:
     now = timezone.now()
     starts_at = starts_at or now
-    matchers = matchers_validate(matchers)
+    try:
+        matchers = matchers_validate(matchers)
+    except MatcherError as error:
+        raise AlertError(str(error)) from None
     if not reason.strip():
         raise AlertError("reason: say why notifications are silenced.")
     if ends_at <= starts_at:

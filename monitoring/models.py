@@ -2,6 +2,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from monitoring.matchers import MatcherError, matchers_match, matchers_validate
+
 
 class MetricSample(models.Model):
     """Figures of one queue (or of the fleet, queue "") over one minute, or one hour once downsampled.
@@ -281,22 +283,6 @@ class AlertEvent(models.Model):
         return f"{self.get_kind_display()} {self.message}".strip()
 
 
-def matchers_match(matchers: list[dict], labels: dict) -> bool:
-    """Alertmanager-style matchers ({"label", "op": "=", "!=", "=~", "!~", "value"}), all of which must match."""
-    import re
-
-    for matcher in matchers or []:
-        actual = str(labels.get(matcher.get("label", ""), ""))
-        value, op = str(matcher.get("value", "")), matcher.get("op", "=")
-        if op == "=" and actual != value or op == "!=" and actual == value:
-            return False
-        if op in ("=~", "!~"):
-            found = re.fullmatch(value, actual) is not None
-            if found != (op == "=~"):
-                return False
-    return True
-
-
 class Silence(models.Model):
     """Stops notifications for matching alerts between two times. Matching alerts still appear in the history."""
 
@@ -408,12 +394,10 @@ class NotificationRoute(models.Model):
         severities_validate(self.severities)
         from django.core.exceptions import ValidationError
 
-        from monitoring.alerts import AlertError, matchers_validate
-
         if self.matchers:
             try:
                 matchers_validate(self.matchers)
-            except AlertError as error:
+            except MatcherError as error:
                 raise ValidationError({"matchers": str(error)}) from None
         if not isinstance(self.group_by, list) or not all(isinstance(label, str) for label in self.group_by):
             raise ValidationError({"group_by": 'Give a list of label names, e.g. ["alertname"].'})

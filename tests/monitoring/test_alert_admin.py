@@ -810,3 +810,20 @@ def test_admin_index_lists_the_alert_pages_each_role_may_see(client, admin_user,
     for name in ["Alerts", "Alert rules", "Silences", "Notifications"]:
         assert f">{name}</a>" in html
     assert "Notification channels" not in html and "Escalation policies" not in html
+
+
+def test_a_silence_pattern_is_checked_by_the_engine_that_matches_it(client, operator_user):
+    """RE2's syntax, which is Alertmanager's: a look-ahead Python's engine takes is refused, naming the matcher."""
+    client.force_login(operator_user)
+    now = timezone.localtime()
+    later = now + timedelta(hours=2)
+    form = {"reason": "maintenance", "starts_at_0": now.strftime("%Y-%m-%d"), "starts_at_1": now.strftime("%H:%M:%S"),
+            "ends_at_0": later.strftime("%Y-%m-%d"), "ends_at_1": later.strftime("%H:%M:%S")}
+    add = reverse("admin:monitoring_silence_add")
+    refused = client.post(add, {**form, "matchers": "component!~(?!queues).*"})
+    text = refused.content.decode()
+    assert refused.status_code == 200 and "matcher 1 (component!~(?!queues).*)" in text and "RE2" in text
+    refused = client.post(add, {**form, "matchers": "équipe=ops"})
+    assert refused.status_code == 200 and "label name" in refused.content.decode()
+    assert not Silence.objects.exists()
+    assert client.post(add, {**form, "matchers": "alertname=~(.*.*)*X"}).status_code == 302

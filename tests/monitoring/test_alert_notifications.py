@@ -3,6 +3,7 @@ inhibition, escalation, retries and permanent failures, delivered to real local 
 workers (or from the evaluator's process while Redis is down)."""
 
 import json
+import threading
 from datetime import timedelta
 
 import pytest
@@ -487,3 +488,21 @@ def test_an_escalation_channel_is_told_the_alert_ended(redis, http_server, with_
         deliver_due(t1 + timedelta(minutes=minutes))
     again = posted(http_server, "/pd")[3]
     assert again["event_action"] == "trigger" and again["dedup_key"] != events[0]["dedup_key"]
+
+
+def test_a_silence_or_route_with_a_catastrophic_pattern_does_not_stall_the_planner(redis, webhook, operator_user):
+    """``(.*.*)*X`` against a 17-character alert name took 75 s in Python's backtracking engine, in every pass, and the
+    evaluator's lease ran out while nothing was notified. RE2 matches it in time linear in the value."""
+    only("redis-unreachable")
+    pattern = [{"label": "alertname", "op": "=~", "value": "(.*.*)*X"}]
+    silence_create(matchers=pattern, ends_at=timezone.now() + timedelta(hours=1), reason="typo", user=operator_user)
+    NotificationRoute.objects.create(name="typo route", position=0, matchers=pattern, group_wait_seconds=0,
+                                     continue_matching=True).channels.add(webhook)
+    t0 = timezone.now()
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(evaluate(t0, redis=False)), daemon=True)
+    thread.start()
+    thread.join(20)  # milliseconds with RE2; a backtracking engine would take days on this value
+    assert outcome, "the notification plan did not finish: a silence's pattern stalls the evaluator"
+    [notification] = outcome[0]
+    assert notification.route == webhook.route, "the pattern matched nothing: the catch-all route took the alert"
