@@ -49,9 +49,13 @@ from monitoring.models import (
 
 logger = logging.getLogger(__name__)
 
-# A notification handed to a worker but not started after this long (its job was lost with a Redis restart, its
-# worker died mid-send, every worker is busy with long captions) is sent by the evaluator itself.
-SENDING_LEASE_SECONDS = 60
+# A notification job's limit: rq ends a send that runs longer.
+NOTIFY_JOB_TIMEOUT = 60
+# A notification in "sending" whose claim is older than this is sent by the evaluator itself: handed to a worker that
+# did not start it (its job was lost with a Redis restart, every worker is busy with long captions), or started by
+# a worker that died mid-send. The sender renews the claim as it starts, and a started send ends within the job's
+# timeout, so a send in progress is never taken back. Claims are on the database's clock, which every host shares.
+SENDING_LEASE_SECONDS = NOTIFY_JOB_TIMEOUT + 30
 # Notifications the evaluator sends itself per pass while Redis does not answer (each can take a timeout).
 INLINE_BUDGET = 20
 SEND_TIMEOUT = 10.0
@@ -327,15 +331,17 @@ def workers_take_notifications() -> bool:
 def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = INLINE_BUDGET,
                            keep_lease=None) -> dict:
     """Hands due notifications to the workers (an RQ job each) when a live worker takes them, or sends them here
-    (Redis down, no worker listening, urgent paused). A notification handed to a worker that did not start it
-    within SENDING_LEASE_SECONDS (its job was lost, its worker died mid-send, the workers are all busy) is sent
-    here too. ``keep_lease`` is called between sends here (each can take the transport's timeout), so the
-    evaluator's lease outlives a long run of them."""
+    (Redis down, no worker listening, urgent paused). A claim nobody acted on for SENDING_LEASE_SECONDS (its job
+    was lost, its worker died mid-send, the workers are all busy) is sent here too. ``keep_lease`` is called
+    between sends here (each can take the transport's timeout), so the evaluator's lease outlives a long run of
+    them."""
     from queues import broker
+
+    from queues.models import UtcNow, database_now_expression
 
     now = now or timezone.now()
     stale = list(Notification.objects.filter(
-        status=Notification.Status.SENDING, claimed_at__lt=timezone.now() - timedelta(seconds=SENDING_LEASE_SECONDS))
+        status=Notification.Status.SENDING, claimed_at__lt=database_now_expression(-SENDING_LEASE_SECONDS))
         .values_list("pk", "attempts", "claimed_at")[:inline_budget])
     due = list(Notification.objects.filter(status=Notification.Status.PENDING, next_attempt_at__lte=now)
                .order_by("next_attempt_at").values_list("pk", "attempts")[:200])
@@ -344,12 +350,12 @@ def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = 
     here: list[tuple[int, int]] = []
     for pk, attempts, claimed_at in stale:
         if Notification.objects.filter(pk=pk, status=Notification.Status.SENDING, attempts=attempts,
-                                       claimed_at=claimed_at).update(claimed_at=timezone.now()):
+                                       claimed_at=claimed_at).update(claimed_at=UtcNow()):
             here.append((pk, attempts))
             taken_back += 1
     for pk, attempts in due:
         if not Notification.objects.filter(pk=pk, status=Notification.Status.PENDING, attempts=attempts).update(
-                status=Notification.Status.SENDING, claimed_at=timezone.now()):
+                status=Notification.Status.SENDING, claimed_at=UtcNow()):
             continue  # another dispatcher took it
         if to_workers is None:
             try:
@@ -359,7 +365,7 @@ def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = 
         if to_workers:
             try:
                 broker.enqueue_call("monitoring.jobs.notification_deliver", args=(pk, attempts),
-                                    job_id=f"notify-{pk}-{attempts}", queue="urgent", timeout=60,
+                                    job_id=f"notify-{pk}-{attempts}", queue="urgent", timeout=NOTIFY_JOB_TIMEOUT,
                                     description="alert notification")
                 queued += 1
                 continue
@@ -385,8 +391,12 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
     attempt. Returns the notification's status afterwards (or "skipped")."""
     from monitoring.transports import Message, TransportError, transport_for
 
+    from queues.models import UtcNow
+
+    # The claim is renewed as the send starts: the evaluator takes back only a claim nobody acted on for
+    # SENDING_LEASE_SECONDS, never a send in progress.
     if not Notification.objects.filter(pk=notification_id, status=Notification.Status.SENDING,
-                                       attempts=attempt).update(attempts=F("attempts") + 1):
+                                       attempts=attempt).update(attempts=F("attempts") + 1, claimed_at=UtcNow()):
         return "skipped"  # delivered already, or taken back and handed out again
     notification = Notification.objects.select_related("channel").get(pk=notification_id)
     channel = notification.channel

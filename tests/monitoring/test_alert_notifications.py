@@ -506,3 +506,29 @@ def test_a_silence_or_route_with_a_catastrophic_pattern_does_not_stall_the_plann
     assert outcome, "the notification plan did not finish: a silence's pattern stalls the evaluator"
     [notification] = outcome[0]
     assert notification.route == webhook.route, "the pattern matched nothing: the catch-all route took the alert"
+
+
+def test_a_notification_a_worker_is_sending_is_not_taken_back(redis, http_server):
+    """The job waited behind captions and its worker began the send 61 s after the dispatch; the evaluator's pass
+    during that send must leave it to the worker (it took it back and sent it a second time)."""
+    passes, received = [], []
+
+    def slow_receiver(request, body):
+        received.append(body)
+        if len(received) == 1:  # the evaluator's next pass, while the worker's POST is in flight
+            passes.append(notifications_dispatch())
+        respond(200, b"{}")(request, body)
+
+    channel = NotificationChannel.objects.create(name="hook", kind="webhook",
+                                                 config={"url": http_server.route("/slow", slow_receiver)})
+    NotificationRoute.objects.create(name="all", group_wait_seconds=0).channels.add(channel)
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    [notification] = evaluate(timezone.now(), workers=1)
+    # Handed to a worker 61 s ago; the worker starts it now.
+    Notification.objects.filter(pk=notification.pk).update(status=Notification.Status.SENDING,
+                                                           claimed_at=timezone.now() - timedelta(seconds=61))
+    assert notification_deliver(notification_id=notification.pk, attempt=0, worker="worker-1") == "delivered"
+    assert passes == [{"queued": 0, "inline": 0, "taken_back": 0}]
+    assert len(posted(http_server, "/slow")) == 1
+    assert list(notification.delivery_attempts.values_list("worker", flat=True)) == ["worker-1"]
