@@ -22,7 +22,13 @@ from monitoring.models import (
     NotificationChannel,
     NotificationRoute,
 )
-from monitoring.notifications import channel_test, notification_deliver, notifications_dispatch, notifications_plan
+from monitoring.notifications import (
+    SENDING_LEASE_SECONDS,
+    channel_test,
+    notification_deliver,
+    notifications_dispatch,
+    notifications_plan,
+)
 from tests.conftest import respond
 from tests.monitoring.test_alert_evaluation import only, snapshot
 from tests.monitoring.test_transports import smtp_server  # noqa: F401 (a fixture)
@@ -509,8 +515,9 @@ def test_a_silence_or_route_with_a_catastrophic_pattern_does_not_stall_the_plann
 
 
 def test_a_notification_a_worker_is_sending_is_not_taken_back(redis, http_server):
-    """The job waited behind captions and its worker began the send 61 s after the dispatch; the evaluator's pass
-    during that send must leave it to the worker (it took it back and sent it a second time)."""
+    """The job waited behind captions and its worker began the send just before the evaluator would have taken the
+    claim back; the evaluator's pass during that send must leave it to the worker (it took it back and sent it a
+    second time)."""
     passes, received = [], []
 
     def slow_receiver(request, body):
@@ -525,9 +532,9 @@ def test_a_notification_a_worker_is_sending_is_not_taken_back(redis, http_server
     only("few-workers")
     AlertRule.objects.update(for_seconds=0)
     [notification] = evaluate(timezone.now(), workers=1)
-    # Handed to a worker 61 s ago; the worker starts it now.
-    Notification.objects.filter(pk=notification.pk).update(status=Notification.Status.SENDING,
-                                                           claimed_at=timezone.now() - timedelta(seconds=61))
+    # Handed to a worker as long ago as a claim lasts; the worker starts it now.
+    Notification.objects.filter(pk=notification.pk).update(
+        status=Notification.Status.SENDING, claimed_at=timezone.now() - timedelta(seconds=SENDING_LEASE_SECONDS + 1))
     assert notification_deliver(notification_id=notification.pk, attempt=0, worker="worker-1") == "delivered"
     assert passes == [{"queued": 0, "inline": 0, "taken_back": 0}]
     assert len(posted(http_server, "/slow")) == 1
