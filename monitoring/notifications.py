@@ -2,7 +2,8 @@
 
 Planning (``notifications_plan``, run by the evaluator after each pass) decides which messages are due and writes
 them as ``Notification`` rows, one per channel and alert group, in the same transaction that marks the alerts as
-notified: a plan is never half done and never done twice.
+notified: a plan is never half done and never done twice (its writes are fenced on the alerts as it read them, so of
+two plans that overlap only the first is written).
 
 - First message: a firing alert that is not acknowledged, shelved, silenced or caused by another firing alert, whose
   condition still holds (not waiting out its clear time), and has not been notified, goes to every enabled channel
@@ -160,6 +161,8 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     # No ORDER BY: the model's default (newest first) made SQLite walk the started_at index over the whole history.
     candidates = [alert for alert in Alert.objects.filter(resolved_notified=False, source=Alert.Source.PORTAL)
                   .order_by().select_related("rule", "inhibited_by") if alert.state != Alert.State.PENDING]
+    # What this plan read of each candidate: its writes are fenced on it (below).
+    read = {alert.pk: (alert.notified_at, alert.resolved_notified, alert.escalation_level) for alert in candidates}
     told, escalated = _told([alert.pk for alert in candidates])
     # (in_bulk of nothing asks the database nothing)
     escalation_channels = NotificationChannel.objects.filter(enabled=True).in_bulk(set().union(*escalated.values()))
@@ -226,17 +229,33 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
             alert.notified_at = now
             touched[alert.pk] = alert
     _escalate(candidates, policies, silences, now, planned, events, touched)
-    with transaction.atomic():
-        for notification, members in planned:
-            notification.save()
-            notification.alerts.set(members)
-        for alert in touched.values():
-            Alert.objects.filter(pk=alert.pk).update(
-                notified_at=alert.notified_at, resolved_notified=alert.resolved_notified,
-                escalation_level=alert.escalation_level, escalated_at=alert.escalated_at,
-                silenced_by=alert.silenced_by_id)
-        AlertEvent.objects.bulk_create(events)
+    try:
+        with transaction.atomic():
+            for alert in touched.values():
+                # Fenced: each alert is written only if it is as this plan read it. Two plans can overlap (the lease
+                # changed hands during a slow pass); the one that writes second finds an alert the first notified,
+                # and its whole plan is dropped, so no message is written twice.
+                notified_at, resolved_notified, escalation_level = read[alert.pk]
+                if not Alert.objects.filter(pk=alert.pk, notified_at=notified_at,
+                                            resolved_notified=resolved_notified,
+                                            escalation_level=escalation_level).update(
+                        notified_at=alert.notified_at, resolved_notified=alert.resolved_notified,
+                        escalation_level=alert.escalation_level, escalated_at=alert.escalated_at,
+                        silenced_by=alert.silenced_by_id):
+                    raise _Overlapped(alert)
+            for notification, members in planned:
+                notification.save()
+                notification.alerts.set(members)
+            AlertEvent.objects.bulk_create(events)
+    except _Overlapped as overlap:
+        logger.warning("notification plan dropped: alert %s was notified by another plan meanwhile (the evaluator's "
+                       "lease changed hands during the pass); the next pass plans again", overlap.args[0].pk)
+        return []
     return [notification for notification, _ in planned]
+
+
+class _Overlapped(Exception):
+    """Another plan wrote one of this plan's alerts after this plan read it."""
 
 
 def _route_messages(planned, route, kind, members, group_key, now) -> None:

@@ -539,3 +539,27 @@ def test_a_notification_a_worker_is_sending_is_not_taken_back(redis, http_server
     assert passes == [{"queued": 0, "inline": 0, "taken_back": 0}]
     assert len(posted(http_server, "/slow")) == 1
     assert list(notification.delivery_attempts.values_list("worker", flat=True)) == ["worker-1"]
+
+
+def test_two_overlapping_plans_write_the_first_message_once(redis, webhook, monkeypatch):
+    """A lease hand-over during a slow pass: evaluator B plans while A, which read the candidates before, still
+    plans. A's writes are fenced on what it read, so its plan is dropped instead of writing the message again."""
+    import monitoring.notifications as notifications
+
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    t0 = timezone.now()
+    alerts_evaluate(now=t0, readings=Readings(now=t0, snapshot=snapshot(workers=1)))
+    escalate, overlapped, calls = notifications._escalate, [], []
+
+    def b_plans_meanwhile(*args):
+        calls.append(args)
+        if len(calls) == 1:  # A has read and decided everything, and not written yet
+            overlapped.append(notifications_plan(now=t0))  # B: the whole plan, committed
+        return escalate(*args)
+
+    monkeypatch.setattr(notifications, "_escalate", b_plans_meanwhile)
+    assert notifications_plan(now=t0) == [], "A's plan: the alert it read was notified meanwhile"
+    assert len(overlapped[0]) == 1
+    assert list(Notification.objects.values_list("kind", "channel__name")) == [("firing", "ops hook")]
+    assert Alert.objects.get().events.filter(kind=AlertEvent.Kind.SILENCED).count() == 0
