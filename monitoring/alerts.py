@@ -23,8 +23,9 @@ deduplicated on Alertmanager's fingerprint and start time.
 
 One evaluator per deployment: a lease row in the database (``Lease``), taken and renewed on the database's own
 clock by conditional update. It lives in the database, not in Redis, because reporting that Redis is down is part
-of the evaluator's work. While the database itself is down nothing can be written: the evaluator remembers when
-the outage started and records the database alert, fired and resolved, when the database answers again.
+of the evaluator's work. While the database itself is down nothing can be written: every evaluator, active or
+standing by, remembers when it found the database gone, and records the database alert, fired then and resolved
+at its first pass that reaches the database again. The first to record it writes it; the others find it there.
 """
 
 from __future__ import annotations
@@ -275,6 +276,11 @@ def database_outage_record(*, started_at: datetime, ended_at: datetime, error: s
     labels = rule.all_labels()
     now = timezone.now()
     with transaction.atomic():
+        # Every evaluator that lived through the outage records it: the first one records it, the others find it.
+        # The rule's row serialises them (MySQL; SQLite's transactions take the write lock as they begin).
+        AlertRule.objects.select_for_update().filter(pk=rule.pk).exists()
+        if Alert.objects.filter(rule=rule, started_at__lte=ended_at, resolved_at__gte=started_at).exists():
+            return None
         alert = Alert.objects.create(
             rule=rule, name=rule.name, fingerprint=fingerprint_of(labels), open_key=None, severity=rule.severity,
             component=rule.component, summary=f"{rule.title} (recorded after it answered again)", labels=labels,
@@ -308,17 +314,20 @@ def alerts_cycle(*, state: EvaluatorState, now: datetime | None = None) -> dict:
 
     now = now or timezone.now()
     close_old_connections()
+    report: dict = {}
     try:
-        state.holding = lease_acquire(holder=state.holder)
-        if not state.holding:
-            lease = lease_current()
-            return {"lease": False, "holder": lease.holder if lease else ""}
-        report: dict = {"lease": True}
         if state.database_down_since is not None:
+            # The database answers again: the outage this evaluator lived through is recorded now, ending now,
+            # whether or not it holds the lease (the standby may be the first to renew it).
             recorded = database_outage_record(started_at=state.database_down_since, ended_at=now,
                                               error=state.database_error)
             report["database_outage_recorded"] = recorded.pk if recorded else None
             state.database_down_since = None
+        state.holding = lease_acquire(holder=state.holder)
+        if not state.holding:
+            lease = lease_current()
+            return {"lease": False, "holder": lease.holder if lease else "", **report}
+        report["lease"] = True
         report["evaluation"] = alerts_evaluate(now=now).as_dict()
         report["expired"] = alertmanager_alerts_expire(now=now)
         report["planned"] = len(notifications_plan(now=now))
@@ -335,7 +344,7 @@ def alerts_cycle(*, state: EvaluatorState, now: datetime | None = None) -> dict:
             # outage; this pass is lost and the next one starts afresh.
             logger.exception("alert evaluation pass failed on a database error")
             return {"error": f"{type(error).__name__}: {error}"}
-        if state.holding and state.database_down_since is None:
+        if state.database_down_since is None:
             state.database_down_since, state.database_error = now, str(error) or type(error).__name__
         return {"database": f"unreachable: {error}"}
 

@@ -1,6 +1,7 @@
 """Alert evaluation with injected time and injected readings: for-durations, flapping, resolution, unknown figures,
 inhibition, the evaluator's lease. Rules are the seeded rows; each test enables only the ones it is about."""
 
+import contextlib
 from datetime import timedelta
 
 import pytest
@@ -8,6 +9,8 @@ from django.utils import timezone
 
 from monitoring.alert_rules import Readings
 from monitoring.alerts import (
+    EvaluatorState,
+    alerts_cycle,
     alerts_evaluate,
     database_outage_record,
     fingerprint_of,
@@ -251,3 +254,53 @@ def test_an_alert_nobody_was_told_about_owes_no_resolution(redis):
     alert = Alert.objects.get()
     assert alert.state == Alert.State.RESOLVED and alert.resolved_notified, \
         "only alerts still owing a resolution stay in the planner's query"
+
+
+@contextlib.contextmanager
+def database_unreachable():
+    """This process' database connection fails to open: a file in a directory that does not exist (SQLite), a port
+    nothing listens on (MySQL/MariaDB)."""
+    from django.db import connection
+
+    settings = connection.settings_dict
+    saved = dict(settings)
+    connection.close()
+    if connection.vendor == "sqlite":
+        settings["NAME"] = "/nonexistent-directory/portal.sqlite3"
+    else:
+        settings["HOST"], settings["PORT"] = "127.0.0.1", "9"  # discard: nothing listens
+    try:
+        yield
+    finally:
+        connection.close()
+        settings.clear()
+        settings.update(saved)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("seeded_alert_rules")
+def test_a_database_outage_is_recorded_once_when_it_ends_whoever_holds_the_lease_then(redis):
+    """Two evaluators live through an outage; the standby happens to take the lease when the database answers. The
+    outage was lost (only the former holder remembered it, and it had lost the lease), then recorded days later by
+    that holder with a false, days-long end."""
+    only("database-unreachable")
+    a, b = EvaluatorState(holder="host-a:1"), EvaluatorState(holder="host-b:2")
+    t0 = timezone.now()
+    assert alerts_cycle(state=a, now=t0)["lease"] is True
+    assert alerts_cycle(state=b, now=t0)["lease"] is False
+    with database_unreachable():
+        for seconds in (10, 20, 130):
+            for state in (a, b):
+                assert "unreachable" in alerts_cycle(state=state, now=t0 + timedelta(seconds=seconds))["database"]
+    back = t0 + timedelta(seconds=140)
+    Lease.objects.update(expires_at=timezone.now() - timedelta(seconds=1))  # A's lease ran out during the outage
+    assert alerts_cycle(state=b, now=back)["lease"] is True
+    assert alerts_cycle(state=a, now=back + timedelta(seconds=10))["lease"] is False
+    [alert] = Alert.objects.filter(name="database-unreachable")
+    assert alert.state == Alert.State.RESOLVED
+    assert t0 + timedelta(seconds=10) <= alert.fired_at <= t0 + timedelta(seconds=20)
+    assert alert.resolved_at == back, "ended when the database first answered again"
+    # Days later A takes the lease: nothing more is recorded.
+    lease_release(holder=b.holder)
+    assert alerts_cycle(state=a, now=back + timedelta(days=3))["lease"] is True
+    assert Alert.objects.filter(name="database-unreachable").count() == 1

@@ -34,6 +34,8 @@ class Command(BaseCommand):
                 lease_release(holder=state.holder)
             if "database" in report:
                 raise CommandError(f"The database is {report['database']}")
+            if "error" in report:  # the database answers, but this pass failed on it (a deadlock, a race lost)
+                raise CommandError(f"The pass failed on a database error: {report['error']}; run it again.")
             if not report.get("lease"):
                 raise CommandError(f"Another evaluator ({report.get('holder')}) is active; this pass did nothing. "
                                    f"It hands over within 30 s of stopping.")
