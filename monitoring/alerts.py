@@ -55,6 +55,21 @@ class AlertError(Exception):
     """An alert action that cannot be done (the message says why, for the admin or the command line)."""
 
 
+def http_url(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL with a host: the only links the portal stores or shows from what others
+    send. Any host, internal names too (``http://prometheus:9090/graph``, which Django's URLValidator refuses for
+    want of a top-level domain); no spaces or control characters."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or any(character.isspace() or ord(character) < 32 for character in url):
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
 def fingerprint_of(labels: dict) -> str:
     text = "\x1f".join(f"{key}\x1e{labels[key]}" for key in sorted(labels))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -519,6 +534,11 @@ def _am_parse(payload) -> list[dict]:
         generator = item.get("generatorURL") or ""
         if not isinstance(generator, str):
             raise PayloadError(f"{where}.generatorURL must be a string")
+        if generator and not http_url(generator):
+            # Prometheus writes its own http(s) address here; anything else (a javascript: link) is dropped and the
+            # alert kept: refusing the body would lose the other alerts in it, and Alertmanager would resend it.
+            logger.warning("Alertmanager webhook: %s.generatorURL is not an http(s) URL; not stored", where)
+            generator = ""
         parsed.append({"status": status, "labels": labels,
                        "annotations": _string_map(item.get("annotations"), f"{where}.annotations"),
                        "starts_at": starts_at, "ends_at": _am_time(item.get("endsAt"), f"{where}.endsAt"),

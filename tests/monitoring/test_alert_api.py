@@ -165,3 +165,17 @@ def test_impossible_dates_and_deep_nesting_are_400_not_500(post):
     response = post(None, raw="[" * 100_000 + "]" * 100_000)
     assert response.status_code == 400 and "nested" in response.json()["error"]
     assert not Alert.objects.exists()
+
+
+def test_a_generator_url_that_is_not_http_is_not_stored_and_never_a_link(post, client, support_user):
+    """On Django before 5.2.17 the admin showed any URLField value as a link: a javascript: one from the webhook
+    became a stored script link on every role's alert page."""
+    body = json.loads(json.dumps(PAYLOAD))
+    body["alerts"][0]["generatorURL"] = "javascript:alert(document.cookie)//"
+    assert post(body).status_code == 200
+    alert = Alert.objects.get()
+    assert alert.generator_url == "" and alert.labels["instance"] == "portal:8000", "the alert is kept, the link not"
+    Alert.objects.filter(pk=alert.pk).update(generator_url="javascript:alert(1)//")  # a row stored before the check
+    client.force_login(support_user)
+    page = client.get(reverse("admin:monitoring_alert_change", args=[alert.pk])).content.decode()
+    assert 'href="javascript:' not in page and "javascript:alert(1)//" in page
