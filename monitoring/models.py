@@ -206,6 +206,9 @@ class Alert(models.Model):
             models.Index(fields=["severity", "-started_at"], name="alert_severity_started_idx"),
             # The planner's resolutions still owed: a handful of rows, whatever the history holds.
             models.Index(fields=["resolved_notified", "state"], name="alert_pending_resolution_idx"),
+            # The history's filters by component and by source, newest first.
+            models.Index(fields=["component", "-started_at"], name="alert_component_started_idx"),
+            models.Index(fields=["source", "-started_at"], name="alert_source_started_idx"),
         ]
 
     def __str__(self) -> str:

@@ -148,6 +148,17 @@ def _told(alert_ids: list[int]) -> tuple[dict[tuple[int, int], datetime], dict[i
     return {(alert_id, route_id): last for alert_id, route_id, last in rows}, escalated
 
 
+def planner_candidates():
+    """Open alerts and resolutions still owed are exactly the rows with resolved_notified False: a search of
+    alert_pending_resolution_idx, a handful of rows however long the history. ``IN (false)``, not ``= false``:
+    Django writes the latter as ``NOT resolved_notified``, which SQLite cannot look up in an index, so every pass
+    scanned the whole table. No ORDER BY: the model's default (newest first) made SQLite walk the started_at index
+    over the whole history; no filter on state: SQLite then picked the state index and walked every resolved
+    alert."""
+    return Alert.objects.filter(resolved_notified__in=[False], source=Alert.Source.PORTAL).order_by() \
+        .select_related("rule", "inhibited_by")
+
+
 def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     """Writes the messages that are due (see the module docstring); returns them. Alerts that came from
     Alertmanager are not notified here: Alertmanager notifies its own receivers (the exported configuration), so
@@ -155,12 +166,7 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     now = now or timezone.now()
     routes = list(NotificationRoute.objects.filter(enabled=True).prefetch_related("channels"))
     silences = list(Silence.objects.filter(starts_at__lte=now, ends_at__gt=now))
-    # Open alerts and resolutions still owed are exactly the rows with resolved_notified False: one query on
-    # alert_pending_resolution_idx, a handful of rows however long the history (a filter on state as well let
-    # SQLite pick the state index and walk every resolved alert).
-    # No ORDER BY: the model's default (newest first) made SQLite walk the started_at index over the whole history.
-    candidates = [alert for alert in Alert.objects.filter(resolved_notified=False, source=Alert.Source.PORTAL)
-                  .order_by().select_related("rule", "inhibited_by") if alert.state != Alert.State.PENDING]
+    candidates = [alert for alert in planner_candidates() if alert.state != Alert.State.PENDING]
     # What this plan read of each candidate: its writes are fenced on it (below).
     read = {alert.pk: (alert.notified_at, alert.resolved_notified, alert.escalation_level) for alert in candidates}
     told, escalated = _told([alert.pk for alert in candidates])

@@ -563,3 +563,16 @@ def test_two_overlapping_plans_write_the_first_message_once(redis, webhook, monk
     assert len(overlapped[0]) == 1
     assert list(Notification.objects.values_list("kind", "channel__name")) == [("firing", "ops hook")]
     assert Alert.objects.get().events.filter(kind=AlertEvent.Kind.SILENCED).count() == 0
+
+
+def test_the_planners_query_searches_its_index_instead_of_scanning_the_history():
+    """``resolved_notified=False`` became ``NOT resolved_notified``, which SQLite cannot serve from an index: every
+    pass read the whole alert table."""
+    from django.db import connection
+
+    from monitoring.notifications import planner_candidates
+
+    plan = planner_candidates().explain()
+    assert "alert_pending_resolution_idx" in plan, plan
+    if connection.vendor == "sqlite":
+        assert plan.split("\n")[-1].lstrip("-` ").startswith("SEARCH monitoring_alert USING INDEX"), plan
