@@ -213,7 +213,8 @@ def _resolve_one(alert: Alert, *, at: datetime, now: datetime, message: str,
     """alert_resolve for a single alert outside an evaluation pass: saved with its timeline row."""
     events: list[AlertEvent] = []
     alert_resolve(alert, at=at, now=now, events=events, message=message, kind=kind)
-    alert.save()
+    # Only what resolving changes: an acknowledgement or shelving committed since the row was read stays.
+    alert.save(update_fields=["state", "resolved_at", "open_key", "resolved_notified", "last_seen_at"])
     AlertEvent.objects.bulk_create(events)
 
 
@@ -595,7 +596,7 @@ def alertmanager_ingest(payload) -> dict:
                 changed = alert.annotations != item["annotations"] or alert.labels != labels
                 alert.annotations, alert.labels, alert.summary, alert.last_seen_at = \
                     item["annotations"], labels, summary, now
-                alert.save()
+                alert.save(update_fields=["annotations", "labels", "summary", "last_seen_at"])
                 if changed:
                     AlertEvent.objects.create(alert=alert, kind=AlertEvent.Kind.UPDATED, at=now,
                                               message="labels or annotations changed")

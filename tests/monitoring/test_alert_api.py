@@ -179,3 +179,17 @@ def test_a_generator_url_that_is_not_http_is_not_stored_and_never_a_link(post, c
     client.force_login(support_user)
     page = client.get(reverse("admin:monitoring_alert_change", args=[alert.pk])).content.decode()
     assert 'href="javascript:' not in page and "javascript:alert(1)//" in page
+
+
+def test_resolving_an_alert_read_before_an_acknowledgement_keeps_the_acknowledgement(post, operator_user):
+    """The webhook and the expiry read the alert, then saved every column: an acknowledgement committed in between
+    was overwritten while its timeline row stayed."""
+    from monitoring.alerts import _resolve_one
+
+    post(PAYLOAD)
+    read = Alert.objects.get()  # the webhook's (or the expiry's) copy
+    alert_acknowledge(alert=Alert.objects.get(), user=operator_user, note="on it")
+    _resolve_one(read, at=timezone.now(), now=timezone.now(), message="resolved in Prometheus")
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.RESOLVED
+    assert alert.acknowledged_by == operator_user and alert.acknowledgement_note == "on it"
