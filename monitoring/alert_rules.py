@@ -162,7 +162,8 @@ class Signal:
         queue = (rule.labels or {}).get("queue")
         expression = self.promql
         if queue and self.key == "queue_backlog":
-            expression = f'sum(rq_queue_length{{queue="{queue}"}})'
+            quoted = queue.replace("\\", "\\\\").replace('"', '\\"')  # a PromQL string (the rule admits only queues)
+            expression = f'sum(rq_queue_length{{queue="{quoted}"}})'
         condition = f"({expression}) {rule.comparison} {rule.threshold:g}"
         if self.promql_also:
             condition = f"({condition}) and on() ({self.promql_also})"

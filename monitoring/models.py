@@ -2,7 +2,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-from monitoring.matchers import MatcherError, matchers_match, matchers_validate
+from monitoring.matchers import LABEL_NAME, MatcherError, matchers_match, matchers_validate
 
 
 class MetricSample(models.Model):
@@ -105,7 +105,7 @@ class AlertRule(models.Model):
 
     # Labels every alert of a rule carries from the rule's own fields; extra labels may not replace them (two rules
     # could otherwise share a fingerprint, or a warning rule call itself critical).
-    RESERVED_LABELS = ("alertname", "severity", "component")
+    RESERVED_LABELS = ("alertname", "severity", "component", "rule")
 
     def all_labels(self) -> dict[str, str]:
         """The labels an alert of this rule carries (its fingerprint is computed from them)."""
@@ -122,10 +122,18 @@ class AlertRule(models.Model):
             raise ValidationError({"labels": 'Give an object of text labels, e.g. {"queue": "normal"}.'})
         reserved = sorted(set(labels) & set(self.RESERVED_LABELS))
         if reserved:
-            raise ValidationError({"labels": f"{', '.join(reserved)} come from the rule's own fields; remove them."})
-        if any(not key.replace("_", "a").isalnum() or key[:1].isdigit() for key in labels):
-            raise ValidationError({"labels": "Label names are letters, digits and underscores, not starting with a "
-                                             "digit (as in Prometheus)."})
+            raise ValidationError({"labels": f"{', '.join(reserved)} come from the rule's own fields (the exported "
+                                             f"rules carry the rule's name as 'rule'); remove them."})
+        if any(not LABEL_NAME.fullmatch(key) for key in labels):
+            raise ValidationError({"labels": "Label names are ASCII letters, digits and underscores, not starting "
+                                             "with a digit (as in Prometheus)."})
+        if "queue" in labels:
+            from queues.models import Priority
+
+            if labels["queue"] not in Priority.values:
+                raise ValidationError({"labels": f"queue must be one of {', '.join(Priority.values)}; "
+                                                 f"{labels['queue']!r} is not a queue (its figure would read 0 and "
+                                                 f"never fire)."})
 
     def breached(self, value: float) -> bool:
         return {">": value > self.threshold, ">=": value >= self.threshold, "<": value < self.threshold,

@@ -478,7 +478,13 @@ def test_rule_labels_must_be_text_and_may_not_replace_the_rules_own(client, admi
     url = reverse("admin:monitoring_alertrule_change", args=[rule.pk])
     for labels, message in (('["queue"]', "Give an object of text labels"),
                             ('{"severity": "info"}', "severity come from the rule"),
-                            ('{"queue": 5}', "Give an object of text labels")):
+                            ('{"queue": 5}', "Give an object of text labels"),
+                            # Each of these made promtool refuse the exported rules, or exported a rule that
+                            # always (or never) fires.
+                            ('{"queue": "normal\\"} or vector(1) #"}', "is not a queue"),
+                            ('{"queue": "nromal"}', "is not a queue"),
+                            ('{"\u00e9quipe": "ops"}', "ASCII letters"),
+                            ('{"rule": "other-rule"}', "rule come from the rule")):
         response = client.post(url, rule_form(rule, labels=labels))
         assert response.status_code == 200 and message in response.content.decode(), labels
     rule.refresh_from_db()
