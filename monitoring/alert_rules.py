@@ -43,9 +43,10 @@ class Reading:
 class Readings:
     """Everything one evaluation pass reads, each part read once and only if a rule needs it."""
 
-    def __init__(self, *, now: datetime | None = None, snapshot=None):
+    def __init__(self, *, now: datetime | None = None, snapshot=None, started_at: datetime | None = None):
         self.now = now or timezone.now()
         self._snapshot = snapshot
+        self.started_at = started_at  # when the evaluating process started (None: long ago)
 
     @cached_property
     def snapshot(self):
@@ -84,6 +85,31 @@ class Readings:
             total[key] = sum(value * weight for value, weight in weighted) / sum(w for _, w in weighted) \
                 if weighted else None
         return total
+
+    @cached_property
+    def fleet_starting(self) -> bool:
+        """Whether the fleet is (re)starting: a supervisor or this evaluator started less than FLEET_START_GRACE
+        seconds ago, and fewer caption slots are alive than the pools desire. The supervisor's own record says when
+        it started (its SUPERVISOR_STARTED event, written as it starts its workers); the evaluator counts its own
+        start because at a fresh start it may run before the supervisor has written anything."""
+        from django.conf import settings
+
+        from queues.models import FleetEvent, WorkerPool
+
+        grace = timedelta(seconds=settings.FLEET_START_GRACE)
+        if not grace:
+            return False
+        try:
+            desired = sum(WorkerPool.objects.values_list("desired", flat=True))
+            alive = sum(int(worker.get("slots") or 1) for worker in self.snapshot.alive_workers)
+            if not desired or alive >= desired:
+                return False
+            if self.started_at is not None and self.now - self.started_at < grace:
+                return True
+            return FleetEvent.objects.filter(kind=FleetEvent.Kind.SUPERVISOR_STARTED,
+                                             at__gt=self.now - grace).exists()
+        except DatabaseError:
+            return False
 
     @cached_property
     def oldest_processing_seconds(self) -> float | None:
@@ -157,6 +183,8 @@ class Signal:
     # Extra condition Prometheus must also see (ANDed), mirroring a Reading that does not apply.
     promql_also: str = ""
     notes: str = field(default="", compare=False)
+    # About the workers: not judged while the fleet starts (Readings.fleet_starting), so a start does not page.
+    about_workers: bool = False
 
     def condition(self, rule) -> str:
         queue = (rule.labels or {}).get("queue")
@@ -185,9 +213,9 @@ SIGNALS: dict[str, Signal] = {signal.key: signal for signal in [
                                    detail="; ".join(f"{name}: {component['reason']}" for name, component in
                                                     r.health["components"].items()
                                                     if component["status"] == "unhealthy")),
-           "rq_health_status >= bool 2"),
+           "rq_health_status >= bool 2", about_workers=True),
     Signal("workers_alive", "Workers alive (none when Redis does not answer)", "workers",
-           lambda r, rule: Reading(float(len(r.snapshot.alive_workers))), "rq_workers_active"),
+           lambda r, rule: Reading(float(len(r.snapshot.alive_workers))), "rq_workers_active", about_workers=True),
     Signal("backlog_total", "Jobs waiting in all queues", "jobs", _queue_length, "sum(rq_queue_length)"),
     Signal("queue_backlog", "Jobs waiting in the rule's queue (label queue)", "jobs", _queue_length,
            "sum(rq_queue_length)"),
@@ -217,7 +245,8 @@ SIGNALS: dict[str, Signal] = {signal.key: signal for signal in [
            lambda r, rule: _window(r, _success_rate), f"{_SUCCESS} / ({_ENDED} > 0)"),
     Signal("busy_ratio", "Share of the alive workers' caption slots running a task", "ratio",
            lambda r, rule: _redis(r, lambda s: s.busy_ratio) if r.snapshot.alive_workers else
-           (None if not r.snapshot.redis_ok else Reading.not_applicable("no worker")), "rq_worker_busy_ratio"),
+           (None if not r.snapshot.redis_ok else Reading.not_applicable("no worker")), "rq_worker_busy_ratio",
+           about_workers=True),
     Signal("fallback_active", "Tasks wait in the database because Redis does not take them (1) or not (0)", "",
            lambda r, rule: Reading(1.0 if r.snapshot.publishing_fallback else 0.0), "rq_fallback_active"),
 ]}

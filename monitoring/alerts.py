@@ -121,6 +121,8 @@ def alerts_evaluate(*, now: datetime | None = None, readings: Readings | None = 
         reading = None
         if signal is None:
             logger.error("alert rule %s names an unknown signal %r", rule.name, rule.signal)
+        elif signal.about_workers and readings.fleet_starting:
+            pass  # unknown while the workers start: the alert keeps its state (a start does not page)
         else:
             try:
                 reading = signal.compute(readings, rule)
@@ -317,6 +319,7 @@ class EvaluatorState:
     not answered (recorded as an alert once it answers again)."""
 
     holder: str = field(default_factory=lambda: lease_holder_name())
+    started_at: datetime | None = None  # a long-running evaluator's start (its first passes wait for the workers)
     holding: bool = False
     database_down_since: datetime | None = None
     database_error: str = ""
@@ -344,7 +347,8 @@ def alerts_cycle(*, state: EvaluatorState, now: datetime | None = None) -> dict:
             lease = lease_current()
             return {"lease": False, "holder": lease.holder if lease else "", **report}
         report["lease"] = True
-        report["evaluation"] = alerts_evaluate(now=now).as_dict()
+        readings = Readings(now=now, started_at=state.started_at)
+        report["evaluation"] = alerts_evaluate(now=now, readings=readings).as_dict()
         report["expired"] = alertmanager_alerts_expire(now=now)
         report["planned"] = len(notifications_plan(now=now))
         report["dispatch"] = notifications_dispatch(

@@ -246,6 +246,10 @@ if ALERTS_WEBHOOK_TOKEN is not None and len(ALERTS_WEBHOOK_TOKEN) < 16:
 PORTAL_URL = env_http_url("PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
 # Seconds between alert evaluations (evaluate_alerts, or the supervisor hosting it).
 ALERTS_EVALUATION_INTERVAL = env_float("ALERTS_EVALUATION_INTERVAL", 10.0, minimum=0.5)
+# A start, deploy or restart must not page: for this many seconds after a supervisor or the evaluator starts, the
+# rules about workers (no workers, few workers, saturation, health) wait while fewer caption slots are alive than the
+# pools desire. Once the workers are up, or the time is over, they are judged as always.
+FLEET_START_GRACE = env_float("FLEET_START_GRACE", 60.0, minimum=0)
 
 # Email notifications: Django's SMTP backend, configured from the environment (the console backend locally).
 EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend" if not env_str("EMAIL_HOST")

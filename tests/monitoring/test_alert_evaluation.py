@@ -304,3 +304,21 @@ def test_a_database_outage_is_recorded_once_when_it_ends_whoever_holds_the_lease
     lease_release(holder=b.holder)
     assert alerts_cycle(state=a, now=back + timedelta(days=3))["lease"] is True
     assert Alert.objects.filter(name="database-unreachable").count() == 1
+
+
+def test_rules_about_workers_wait_while_a_supervisor_starts_its_workers(redis, settings):
+    """A supervisor's start (a deploy, a restart) leaves no alert about workers while they come up; once the grace is
+    over, or the workers are up, the rules judge them as always."""
+    from queues.models import FleetEvent, WorkerPool
+
+    settings.FLEET_START_GRACE = 60
+    only("no-active-workers", "redis-unreachable")
+    WorkerPool.objects.update_or_create(name="default", defaults={"desired": 2, "minimum": 1, "maximum": 10})
+    t0 = timezone.now()
+    FleetEvent.objects.create(kind=FleetEvent.Kind.SUPERVISOR_STARTED, at=t0)
+    result = evaluate(t0 + timedelta(seconds=5), workers=0)
+    assert not Alert.objects.exists() and result.unknown == ["no-active-workers"]
+    evaluate(t0 + timedelta(seconds=10), redis=False)
+    assert list(Alert.objects.values_list("name", flat=True)) == ["redis-unreachable"], "not about workers: judged"
+    evaluate(t0 + timedelta(seconds=61), workers=0)
+    assert Alert.objects.get(name="no-active-workers").state == Alert.State.FIRING, "the grace is over"

@@ -5,6 +5,7 @@ import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from monitoring.alerts import EvaluatorState, alerts_cycle, lease_release
 from portal.logs import announce
@@ -41,6 +42,8 @@ class Command(BaseCommand):
                                    f"It hands over within 30 s of stopping.")
             self.stdout.write(json.dumps(report, indent=2, default=str))
             return
+        # Started with the fleet (a fresh start, a deploy): the rules about workers wait for them (FLEET_START_GRACE).
+        state.started_at = timezone.now()
         stopping = []
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.append(True))
