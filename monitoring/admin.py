@@ -105,6 +105,9 @@ def duration_text(value: timedelta | None) -> str:
     return f"{days} d {hours} h" if hours else f"{days} d"
 
 
+TIMELINE_ROWS = 300  # an alert page shows at most this many timeline rows and notifications (the newest)
+
+
 def safe_link(url: str) -> str:
     """``url`` if it is an http(s) URL, else "": an Alertmanager annotation must not become a javascript: link."""
     return url if http_url(url) else ""
@@ -489,23 +492,32 @@ class AlertAdmin(ReadOnlyAdmin):
 
     def alert_page_context(self, request, alert: Alert) -> dict:
         """The alert page's timeline, notifications, related pages and the actions this user may take."""
-        events = list(alert.events.select_related("user").order_by("at", "id"))
-        notifications = list(alert.notifications.select_related("channel").order_by("created_at", "id")
+        # The newest TIMELINE_ROWS of each, oldest first: a flapping or long-reminded alert has no bound otherwise.
+        events = list(alert.events.select_related("user").order_by("-at", "-id")[:TIMELINE_ROWS + 1])[::-1]
+        notifications = list(alert.notifications.select_related("channel").order_by("-created_at", "-id")
                              .prefetch_related(Prefetch("delivery_attempts", queryset=DeliveryAttempt.objects
-                                                        .select_related("channel").order_by("at", "id"))))
+                                                        .select_related("channel").order_by("at", "id")))
+                             [:TIMELINE_ROWS + 1])[::-1]
+        older = {"events": len(events) > TIMELINE_ROWS, "notifications": len(notifications) > TIMELINE_ROWS}
+        events, notifications = events[-TIMELINE_ROWS:], notifications[-TIMELINE_ROWS:]
         now = timezone.now()
         actions = []
+        # Alertmanager pages for its alerts: a silence or a shelving here would stop nothing. Acknowledging still
+        # records who handles it (the history's time to acknowledge).
+        from_alertmanager = alert.source == Alert.Source.ALERTMANAGER
         if request.user.has_perm(ACKNOWLEDGE):
             possible = [("acknowledge", "Acknowledge", alert.is_open and not alert.acknowledged_at),
                         ("unacknowledge", "Remove acknowledgement", bool(alert.acknowledged_at)),
-                        ("shelve", "Shelve", alert.is_open),
+                        ("shelve", "Shelve", alert.is_open and not from_alertmanager),
                         ("unshelve", "Unshelve", alert.is_shelved(now)),
-                        ("silence", "Silence alerts like this", True)]
+                        ("silence", "Silence alerts like this", not from_alertmanager)]
             actions = [(reverse(f"admin:monitoring_alert_{name}", args=[alert.pk]), label)
                        for name, label, shown in possible if shown]
         rule = alert.rule if alert.rule_id else None
         return {
-            "timeline": events, "alert_notifications": notifications, "alert_actions": actions,
+            "timeline": events, "alert_notifications": notifications, "alert_actions": actions, "older": older,
+            "timeline_rows": TIMELINE_ROWS,
+            "notified_by": "alertmanager" if from_alertmanager else "portal",
             "related_links": self.related_links(alert),
             "runbook": (rule.runbook if rule else "") or alert.annotations.get("runbook", ""),
             "runbook_url": safe_link(alert.runbook_url), "cause": alert.inhibited_by if alert.inhibited_by_id else None,
@@ -711,7 +723,8 @@ class AlertAdmin(ReadOnlyAdmin):
                 yield writer.writerow([
                     alert.pk, alert.state, alert.severity, text(alert.name), text(alert.summary),
                     text(alert.component), json.dumps(alert.labels, sort_keys=True), when(alert.started_at), when(alert.fired_at),
-                    when(alert.acknowledged_at), alert.acknowledged_by.get_username() if alert.acknowledged_by else "",
+                    when(alert.acknowledged_at), text(alert.acknowledged_by.get_username()) if alert.acknowledged_by
+                    else "",
                     when(alert.resolved_at), alert.flaps, alert.source])
 
         response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")

@@ -89,7 +89,7 @@ class Readings:
     @cached_property
     def fleet_starting(self) -> bool:
         """Whether the fleet is (re)starting: a supervisor or this evaluator started less than FLEET_START_GRACE
-        seconds ago, and fewer caption slots are alive than the pools desire. The supervisor's own record says when
+        seconds ago, Redis answers, and fewer caption slots are alive than the pools desire. The supervisor's own record says when
         it started (its SUPERVISOR_STARTED event, written as it starts its workers); the evaluator counts its own
         start because at a fresh start it may run before the supervisor has written anything."""
         from django.conf import settings
@@ -97,8 +97,8 @@ class Readings:
         from queues.models import FleetEvent, WorkerPool
 
         grace = timedelta(seconds=settings.FLEET_START_GRACE)
-        if not grace:
-            return False
+        if not grace or not self.snapshot.redis_ok:
+            return False  # with Redis down no worker can start: Redis is the page, the rest are its consequences
         try:
             desired = sum(WorkerPool.objects.values_list("desired", flat=True))
             alive = sum(int(worker.get("slots") or 1) for worker in self.snapshot.alive_workers)
@@ -152,6 +152,20 @@ def _throughput_while_waiting(readings: Readings, rule) -> Reading | None:
     if window is None:
         return None
     return Reading(window["completed"] / max(1, window["minutes"]))
+
+
+def _monitoring_silent(readings: Readings, rule) -> Reading | None:
+    """How many of its intervals the sampler or the evaluator (the more silent) has been quiet; None when the
+    database does not answer, "does not apply" before either has ever run."""
+    monitors = readings.snapshot.monitors
+    if monitors is None or not readings.snapshot.database_ok:
+        return None
+    if not monitors:
+        return Reading.not_applicable("neither the sampler nor the evaluator has run yet")
+    worst = max(monitors.values(), key=lambda state: state.silent_intervals(readings.now))
+    silent = worst.silent_intervals(readings.now)
+    return Reading(round(silent, 2), detail=f"the {worst.name} last passed {worst.age(readings.now):.0f} s ago "
+                                            f"(every {worst.interval:g} s when it runs)")
 
 
 def _error_rate(window: dict) -> Reading:
@@ -247,6 +261,9 @@ SIGNALS: dict[str, Signal] = {signal.key: signal for signal in [
            lambda r, rule: _redis(r, lambda s: s.busy_ratio) if r.snapshot.alive_workers else
            (None if not r.snapshot.redis_ok else Reading.not_applicable("no worker")), "rq_worker_busy_ratio",
            about_workers=True),
+    Signal("monitoring_silent", "Intervals since the portal's sampler or alert evaluator last did its work (the "
+           "larger)", "intervals", _monitoring_silent,
+           "max((time() - rq_monitor_last_pass_timestamp_seconds) / (rq_monitor_interval_seconds > 0))"),
     Signal("fallback_active", "Tasks wait in the database because Redis does not take them (1) or not (0)", "",
            lambda r, rule: Reading(1.0 if r.snapshot.publishing_fallback else 0.0), "rq_fallback_active"),
 ]}
@@ -260,6 +277,10 @@ def signal_choices() -> list[tuple[str, str]]:
 # name, title, signal, comparison, threshold, for (s), severity, component, labels, inhibited by, runbook.
 REDIS_RUNBOOK = ("Check the Redis server (systemctl status redis, `redis-cli ping`). Tasks are not lost: they wait "
                  "in the database and the relay publishes them when Redis answers again.")
+MONITORING_RUNBOOK = ("Start the one that is silent (its health component names it): `manage.py run_sampler` "
+                      "writes the per-minute samples the window rules read, `manage.py evaluate_alerts` judges the "
+                      "rules and sends the notifications. While the sampler is silent the window rules cannot "
+                      "fire; while the evaluator is, only this rule (judged by the sampler) can.")
 DEFAULT_RULES = [
     ("no-active-workers", "No caption worker is alive", "workers_alive", "<", 1, 0, "critical", "workers", {},
      ["redis-unreachable"], "Nothing processes tasks. Check `manage.py runworkers` on the worker hosts and the "
@@ -280,7 +301,8 @@ DEFAULT_RULES = [
      7200, 0, "warning", "tasks", {}, ["database-unreachable"],
      "Find the task in the admin (status PROCESSING, oldest first) and its worker in the live workers page."),
     ("redis-memory-high", "Redis uses more than 80 % of maxmemory", "redis_memory_ratio", ">", 0.8, 3600,
-     "warning", "redis", {}, ["redis-unreachable"], "Clean up finished jobs (tasks cleanup) or give Redis more memory."),
+     "warning", "redis", {}, ["redis-unreachable"],
+     "Clean up finished jobs (tasks cleanup) or give Redis more memory."),
     ("throughput-low", "Fewer than 5 tasks a minute complete while tasks wait", "throughput_per_minute", "<", 5,
      2 * 3600, "warning", "queues", {}, ["redis-unreachable", "no-active-workers", "database-unreachable"],
      "Workers are stuck or slow: see the live workers page and the captioner's health."),
@@ -301,6 +323,8 @@ DEFAULT_RULES = [
      "critical", "redis", {}, ["redis-unreachable"], "Too many connections: check pools and worker counts."),
     ("fallback-active", "Tasks cannot be published to Redis", "fallback_active", ">", 0, 120, "critical", "redis",
      {}, ["redis-unreachable"], "Tasks wait in the database; the relay publishes them when Redis takes them again."),
+    ("monitoring-stale", "The portal's sampler or alert evaluator has gone silent", "monitoring_silent", ">=", 3, 0,
+     "error", "monitoring", {}, ["redis-unreachable", "database-unreachable"], MONITORING_RUNBOOK),
 ]
 
 

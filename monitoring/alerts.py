@@ -37,6 +37,7 @@ import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -44,6 +45,7 @@ from django.utils.dateparse import parse_datetime
 from monitoring.alert_rules import SIGNALS, Reading, Readings
 from monitoring.matchers import MatcherError, matchers_validate
 from monitoring.models import Alert, AlertEvent, AlertRule, Lease, Severity, Silence
+from monitoring.monitors import EVALUATOR, monitor_pass
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +108,17 @@ EVALUATOR_FIELDS = ["state", "summary", "value", "last_seen_at", "holding_since"
                     "resolved_at", "open_key", "flaps", "inhibited_by", "resolved_notified"]
 
 
-def alerts_evaluate(*, now: datetime | None = None, readings: Readings | None = None) -> EvaluationResult:
+def alerts_evaluate(*, now: datetime | None = None, readings: Readings | None = None,
+                    signals: set[str] | None = None) -> EvaluationResult:
     """One evaluation pass over every enabled rule (see the module docstring). ``now`` and ``readings`` are
-    injectable, for tests and for recording a past outage."""
+    injectable, for tests and for recording a past outage. ``signals``: only the rules of these signals (the
+    sampler judging monitoring-stale while the evaluator is silent); the other rules' alerts are left alone."""
     now = now or timezone.now()
     readings = readings or Readings(now=now)
-    rules = list(AlertRule.objects.filter(enabled=True).prefetch_related("inhibited_by"))
+    enabled = AlertRule.objects.filter(enabled=True)
+    if signals is not None:
+        enabled = enabled.filter(signal__in=signals)
+    rules = list(enabled.prefetch_related("inhibited_by"))
     result = EvaluationResult(at=now, rules=len(rules))
     # Every figure first (Redis and database reads can take a while when one of them is slow), then the alerts
     # are loaded and changed in a short transaction.
@@ -135,8 +142,10 @@ def alerts_evaluate(*, now: datetime | None = None, readings: Readings | None = 
     events: list[AlertEvent] = []
     changed: dict[int, Alert] = {}
     with transaction.atomic():
-        open_alerts = {alert.fingerprint: alert for alert in
-                       Alert.objects.open().filter(source=Alert.Source.PORTAL).order_by().select_related("rule")}
+        judging = Alert.objects.open().filter(source=Alert.Source.PORTAL)
+        if signals is not None:
+            judging = judging.filter(rule__signal__in=signals)
+        open_alerts = {alert.fingerprint: alert for alert in judging.order_by().select_related("rule")}
         judged_fingerprints = {fingerprint for _, _, _, fingerprint in judged}
         for fingerprint, alert in list(open_alerts.items()):
             if fingerprint not in judged_fingerprints:
@@ -320,6 +329,7 @@ class EvaluatorState:
 
     holder: str = field(default_factory=lambda: lease_holder_name())
     started_at: datetime | None = None  # a long-running evaluator's start (its first passes wait for the workers)
+    interval: float | None = None  # seconds between its passes (ALERTS_EVALUATION_INTERVAL unless told)
     holding: bool = False
     database_down_since: datetime | None = None
     database_error: str = ""
@@ -349,6 +359,7 @@ def alerts_cycle(*, state: EvaluatorState, now: datetime | None = None) -> dict:
         report["lease"] = True
         readings = Readings(now=now, started_at=state.started_at)
         report["evaluation"] = alerts_evaluate(now=now, readings=readings).as_dict()
+        monitor_pass(EVALUATOR, holder=state.holder, interval=state.interval or settings.ALERTS_EVALUATION_INTERVAL)
         report["expired"] = alertmanager_alerts_expire(now=now)
         report["planned"] = len(notifications_plan(now=now))
         report["dispatch"] = notifications_dispatch(
@@ -483,6 +494,21 @@ class PayloadError(ValueError):
     """A webhook body that is not Alertmanager's version 4 payload; the message names the field."""
 
 
+class PayloadTooLarge(PayloadError):
+    """A body with more alerts than one write transaction should hold (413)."""
+
+
+class TooManyOpenAlerts(Exception):
+    """Alertmanager reports more open alerts than the history keeps open at once (503: it retries)."""
+
+
+# Alertmanager's exported configuration sends one alert per post (group_by all labels); a body this large is a
+# misconfiguration or a flood, and one transaction over it would hold SQLite's write lock for seconds.
+MAX_ALERTS_PER_BODY = 1000
+# Open alerts from Alertmanager kept at once: beyond, new firings are refused until some resolve or expire.
+MAX_OPEN_ALERTMANAGER_ALERTS = 5000
+
+
 ZERO_TIME = "0001-01-01T00:00:00Z"
 _AM_SEVERITIES = {value for value, _ in Severity.choices}
 
@@ -519,6 +545,9 @@ def _am_parse(payload) -> list[dict]:
     alerts = payload.get("alerts")
     if not isinstance(alerts, list):
         raise PayloadError("alerts must be a list")
+    if len(alerts) > MAX_ALERTS_PER_BODY:
+        raise PayloadTooLarge(f"alerts holds {len(alerts)} alerts; at most {MAX_ALERTS_PER_BODY} per body (group "
+                              f"them in Alertmanager's route, as the exported configuration does)")
     parsed = []
     for index, item in enumerate(alerts):
         where = f"alerts[{index}]"
@@ -558,6 +587,11 @@ def alertmanager_ingest(payload) -> dict:
     alerts = _am_parse(payload)
     now = timezone.now()
     created = updated = resolved = 0
+    firing = sum(1 for item in alerts if item["status"] == "firing")
+    if firing and Alert.objects.open().filter(source=Alert.Source.ALERTMANAGER).count() + firing > \
+            MAX_OPEN_ALERTMANAGER_ALERTS:
+        raise TooManyOpenAlerts(f"the history already holds {MAX_OPEN_ALERTMANAGER_ALERTS} open alerts from "
+                                f"Alertmanager; new firings wait until some resolve or expire")
     with transaction.atomic():
         for item in alerts:
             labels = item["labels"]
@@ -605,6 +639,16 @@ def alertmanager_ingest(payload) -> dict:
                     AlertEvent.objects.create(alert=alert, kind=AlertEvent.Kind.UPDATED, at=now,
                                               message="labels or annotations changed")
                 updated += 1
+            elif item["status"] == "firing" and alert.events.filter(kind=AlertEvent.Kind.EXPIRED).exists() and \
+                    not Alert.objects.filter(open_key=fingerprint).exists():
+                # Closed as expired (Alertmanager had gone quiet for a day) and now reported firing again with the
+                # same start: it never stopped. Open again, rather than resolved in the history while it fires.
+                alert.state, alert.open_key, alert.resolved_at, alert.last_seen_at = \
+                    Alert.State.FIRING, fingerprint, None, now
+                alert.save(update_fields=["state", "open_key", "resolved_at", "last_seen_at"])
+                AlertEvent.objects.create(alert=alert, kind=AlertEvent.Kind.RETURNED, at=now,
+                                          message="Alertmanager reports it firing again after it had expired")
+                updated += 1
             else:
                 updated += 1  # a repeat of what we already have
     return {"received": len(alerts), "created": created, "updated": updated, "resolved": resolved}
@@ -639,10 +683,12 @@ def alerts_current() -> dict:
     from django.conf import settings
     from django.urls import reverse
 
-    # The open alerts are few: sorted here, so the query stays on the state index (ORDER BY started_at would walk
-    # the whole history's started_at index instead).
-    rows = sorted(Alert.objects.open().select_related("rule", "acknowledged_by").order_by(),
-                  key=lambda alert: (alert.started_at, alert.pk), reverse=True)[:500]
+    # The open alerts are few (Alertmanager's are capped): their keys are sorted here, so the query stays on the
+    # state index (ORDER BY started_at would walk the whole history's started_at index), and only the 500 newest
+    # rows are loaded.
+    keys = sorted(Alert.objects.open().order_by().values_list("started_at", "pk"), reverse=True)[:500]
+    by_pk = Alert.objects.select_related("rule", "acknowledged_by").in_bulk([pk for _, pk in keys])
+    rows = [by_pk[pk] for _, pk in keys if pk in by_pk]
     alerts = []
     for alert in rows:
         rule = alert.rule

@@ -65,12 +65,45 @@ def prometheus_alerting_rules(*, max_for_seconds: int | None = None) -> list[dic
         clear = rule.clear_seconds if max_for_seconds is None else min(rule.clear_seconds, max_for_seconds)
         if clear:
             entry["keep_firing_for"] = _duration(clear)
-        entry["labels"] = {"severity": rule.severity, "component": rule.component, "rule": rule.name,
-                           **{str(key): str(value) for key, value in (rule.labels or {}).items()}}
+        # notified_by: the portal's evaluator pages for its rules; the exported Alertmanager configuration sends
+        # these twins nowhere, so one condition is never paged twice (monitoring.artefacts.alertmanager_config).
+        entry["labels"] = {**{str(key): str(value) for key, value in (rule.labels or {}).items()},
+                           "severity": rule.severity, "component": rule.component, "rule": rule.name,
+                           NOTIFIED_BY: "portal"}
         entry["annotations"] = {"summary": rule.title, "description": signal.label, "runbook": rule.runbook,
                                 "runbook_url": runbook_url}
         rules.append(entry)
     return rules
+
+
+NOTIFIED_BY = "notified_by"  # the label saying who pages for an exported alert: "portal" or "alertmanager"
+WATCHDOG = "RQWatchdog"
+MONITORING_DOWN = "RQPortalMonitoringDown"
+
+
+def watcher_rules(*, max_for_seconds: int | None = None) -> list[dict]:
+    """The Prometheus-only alerts, which Alertmanager pages for: what the portal cannot say about itself.
+
+    - RQWatchdog always fires. Alertmanager sends it to an outside dead man's switch every minute (the receiver the
+      operator names); when the messages stop, Prometheus, its rules or Alertmanager stopped.
+    - RQPortalMonitoringDown: both of the portal's monitors (the sampler and the alert evaluator) have been silent
+      for three of their intervals, or Prometheus cannot read them at all. Either one alone is the portal's own
+      monitoring-stale rule, which the other pages for; with both silent nothing in the portal can page."""
+    silent = ("min((time() - rq_monitor_last_pass_timestamp_seconds) / (rq_monitor_interval_seconds > 0)) >= 3 "
+              "or absent(rq_monitor_last_pass_timestamp_seconds)")
+    wait = 300 if max_for_seconds is None else min(300, max_for_seconds)
+    return [
+        {"alert": WATCHDOG, "expr": "vector(1)",
+         "labels": {"severity": "none", "component": "monitoring", NOTIFIED_BY: "alertmanager"},
+         "annotations": {"summary": "Always firing: Prometheus and Alertmanager work (a dead man's switch expects it "
+                                    "every minute)"}},
+        {"alert": MONITORING_DOWN, "expr": silent, **({"for": _duration(wait)} if wait else {}),
+         "labels": {"severity": "critical", "component": "monitoring", NOTIFIED_BY: "alertmanager"},
+         "annotations": {"summary": "The portal's sampler and alert evaluator are both silent: nothing in the portal "
+                                    "can page",
+                         "runbook": "Start `manage.py evaluate_alerts` and `manage.py run_sampler` (or the portal's "
+                                    "runner); /api/rq/health names both, with the age of their last pass."}},
+    ]
 
 
 def prometheus_rules(*, max_for_seconds: int | None = None) -> str:
@@ -78,6 +111,7 @@ def prometheus_rules(*, max_for_seconds: int | None = None) -> str:
         {"name": "rq-ops-portal.recording", "interval": "30s",
          "rules": [{"record": name, "expr": expr} for name, expr in RECORDING_RULES]},
         {"name": "rq-ops-portal.alerts", "rules": prometheus_alerting_rules(max_for_seconds=max_for_seconds)},
+        {"name": "rq-ops-portal.watchers", "rules": watcher_rules(max_for_seconds=max_for_seconds)},
     ]
     return yaml.safe_dump({"groups": groups}, sort_keys=False, width=120)
 
@@ -134,6 +168,8 @@ def grafana_dashboard() -> dict:
 # --- Alertmanager ---------------------------------------------------------------------------------------------
 
 ALERTMANAGER_PORTAL_RECEIVER = "rq-ops-portal"
+WATCHDOG_RECEIVER = "watchdog"
+PORTAL_NOTIFIES_RECEIVER = "notified-by-portal"  # sends nothing: the portal pages for these
 # Where the config tells Alertmanager to read the webhook token when ALERTS_WEBHOOK_TOKEN is not set here.
 ALERTMANAGER_TOKEN_FILE = "/etc/prometheus/rq-ops-portal-alerts-token"
 
@@ -196,12 +232,21 @@ def _am_receiver_configs(route, warn) -> dict[str, list[dict]]:
 
 
 def alertmanager_config(*, portal_url: str | None = None, max_group_wait_seconds: int | None = None,
-                        group_interval_seconds: int = 300, warn=lambda message: None) -> str:
+                        group_interval_seconds: int = 300, watchdog_url: str | None = None,
+                        warn=lambda message: None) -> str:
     """A Prometheus Alertmanager configuration (YAML) built from the same rows the portal notifies through.
 
-    The root route's first child sends every alert to the portal's webhook (receiver "rq-ops-portal", grouped by
-    all labels since the portal records each alert itself) and continues, so the history holds every alert
-    Prometheus raises. Then come the enabled NotificationRoutes in position order, each its own receiver with its
+    One notifier per condition. The root route's children, in order:
+    1. RQWatchdog (always firing) goes to the receiver "watchdog": ``watchdog_url``, an outside dead man's switch,
+       every minute; nowhere (with a warning) when none is named.
+    2. Alerts labelled notified_by="portal" (the twins of the portal's own rules) go to the receiver
+       "notified-by-portal", which sends nothing: the portal's evaluator pages for them, with its silences,
+       acknowledgements, inhibition and escalation. Paging from here too sent every condition twice, to different
+       incidents.
+    3. Every other alert goes to the portal's webhook (receiver "rq-ops-portal", grouped by all labels since the
+       portal records each alert itself) and continues, so the history holds every alert Prometheus raises and the
+       portal does not judge itself.
+    Then come the enabled NotificationRoutes in position order, each its own receiver with its
     enabled channels, matching on its severities and label matchers, with its group_by, group_wait,
     repeat_interval and "continue". A route that takes no severity is left out (it takes nothing). A route
     without enabled channels stays, with a receiver that sends nothing: as in the portal, the alerts it takes do
@@ -229,12 +274,23 @@ def alertmanager_config(*, portal_url: str | None = None, max_group_wait_seconds
         warn(f"ALERTS_WEBHOOK_TOKEN is not set, so the portal refuses Alertmanager's webhook (403). The config "
              f"reads the token from {ALERTMANAGER_TOKEN_FILE}: set ALERTS_WEBHOOK_TOKEN on the portal and write the "
              f"same value to that file, or export again once it is set.")
-    receivers = [{"name": ALERTMANAGER_PORTAL_RECEIVER, "webhook_configs": [{
-        "url": portal_url + reverse("alertmanager-webhook"), "send_resolved": True,
-        "http_config": {"authorization": authorization}}]}]
-    routes = [{"receiver": ALERTMANAGER_PORTAL_RECEIVER, "group_by": ["..."], "group_wait": "0s", "continue": True}]
+    watchdog = {"name": WATCHDOG_RECEIVER}
+    if watchdog_url:
+        watchdog["webhook_configs"] = [{"url": watchdog_url, "send_resolved": False}]
+    else:
+        warn(f"No --watchdog-url: {WATCHDOG} (always firing) goes nowhere. Name your dead man's switch (a "
+             f"heartbeat URL that pages when the messages stop) so a stopped Prometheus or Alertmanager is noticed.")
+    receivers = [watchdog, {"name": PORTAL_NOTIFIES_RECEIVER},
+                 {"name": ALERTMANAGER_PORTAL_RECEIVER, "webhook_configs": [{
+                     "url": portal_url + reverse("alertmanager-webhook"), "send_resolved": True,
+                     "http_config": {"authorization": authorization}}]}]
+    routes = [{"receiver": WATCHDOG_RECEIVER, "matchers": [f"alertname={_am_quote(WATCHDOG)}"], "group_by": [],
+               "group_wait": "0s", "group_interval": "1m", "repeat_interval": "1m"},
+              {"receiver": PORTAL_NOTIFIES_RECEIVER, "matchers": [f'{NOTIFIED_BY}="portal"'], "group_by": [],
+               "group_wait": "0s"},
+              {"receiver": ALERTMANAGER_PORTAL_RECEIVER, "group_by": ["..."], "group_wait": "0s", "continue": True}]
 
-    names = {ALERTMANAGER_PORTAL_RECEIVER}
+    names = {ALERTMANAGER_PORTAL_RECEIVER, WATCHDOG_RECEIVER, PORTAL_NOTIFIES_RECEIVER}
     enabled_routes = NotificationRoute.objects.filter(enabled=True).order_by("position", "id")
     for route in enabled_routes.prefetch_related("channels"):
         if not route.severities:

@@ -1,11 +1,11 @@
 """The queue system's Prometheus metrics, computed at scrape time.
 
 Each scrape makes two pipelined Redis round trips (queue lengths, registries, shared counters and histograms, server
-INFO, the captioner problem flag, the processes' Redis pool reports; then one read per registered worker) and four
+INFO, the captioner problem flag, the processes' Redis pool reports; then one read per registered worker) and five
 small database reads (an overdue unpublished task; the oldest of the few PROCESSING tasks, both indexed; the dispatch
-mode row; the worker pools), whatever the number of jobs: no KEYS, no listing of job ids, no registry cleanup. The
-alert evaluator judges its rules on the same snapshot. Metric names of the old system are kept so existing
-dashboards work."""
+mode row; the worker pools; the two rows of the portal's own monitors), whatever the number of jobs: no KEYS, no
+listing of job ids, no registry cleanup. The alert evaluator judges its rules on the same snapshot. Metric names of
+the old system are kept so existing dashboards work."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.worker import Worker
 
+from monitoring.monitors import monitors_read
 from monitoring.recorder import (
     BUFFER,
     COUNTERS_KEY,
@@ -92,6 +93,7 @@ class Snapshot:
     pools: list[dict] = field(default_factory=list)  # name, desired, queue names: the worker pools' rows
     redis_pools: dict[str, dict] = field(default_factory=dict)  # process kind -> Redis pool use (recorder.pool_use)
     dispatch: DispatchStatus = field(default_factory=DispatchStatus)  # mode, fallback, submission pause
+    monitors: dict | None = None  # the sampler's and the evaluator's last passes (monitoring.monitors); None: unread
 
     @property
     def publishing_fallback(self) -> bool:
@@ -150,6 +152,7 @@ def take_snapshot(*, task_counts: bool = False) -> Snapshot:
                           for pool in WorkerPool.objects.only("name", "desired", "queues", "slots").order_by("name")]
         snapshot.oldest_processing_started = CaptionTask.objects.filter(status=TaskStatus.PROCESSING).order_by() \
             .aggregate(oldest=Min("started_at"))["oldest"]
+        snapshot.monitors = monitors_read()
         snapshot.database_ok = True
         note_available(service="database")
     except DatabaseError as error:
@@ -325,6 +328,16 @@ def families(snapshot: Snapshot):
     yield tasks
     yield CounterMetricFamily("rq_task_retries", "Attempts that will be retried", value=snapshot.counters.get(
         "retries", 0.0))
+    last_pass = GaugeMetricFamily("rq_monitor_last_pass_timestamp_seconds", "When the portal's own monitor (the "
+                                  "sampler, the active alert evaluator) last did its work, Unix time",
+                                  labels=["monitor"])
+    interval = GaugeMetricFamily("rq_monitor_interval_seconds", "How often the portal's own monitor does its work "
+                                 "when it runs", labels=["monitor"])
+    for name, state in sorted((snapshot.monitors or {}).items()):
+        last_pass.add_metric([name], state.at.timestamp())
+        interval.add_metric([name], state.interval)
+    yield last_pass
+    yield interval
     yield CounterMetricFamily("rq_redis_connection_errors", "Outages of Redis seen by portal, worker and supervisor "
                               "processes (each process counts an outage once)",
                               value=snapshot.counters.get("redis_errors", 0.0))

@@ -6,8 +6,10 @@ import logging
 
 from django.conf import settings
 from django.db import DatabaseError, connection
+from django.utils import timezone
 
 from monitoring.collectors import Snapshot
+from monitoring.monitors import monitor_components
 from queues import broker
 from queues.dispatch import PollersState, get_policy
 
@@ -77,7 +79,8 @@ def health_report(snapshot: Snapshot) -> dict:
         alive_pollers = f"; {pollers.alive} database poller(s) alive" if pollers.needed else ""
         dispatching = _component("healthy", f"mode {state.mode}{alive_pollers}")
     components = {"redis": redis, "database": database, "workers": workers, "captioner": captioner,
-                  "submission": submission, "dispatch": dispatching}
+                  "submission": submission, "dispatch": dispatching,
+                  **monitor_components(snapshot.monitors if snapshot.database_ok else None, timezone.now())}
     overall = max((component["status"] for component in components.values()), key=ORDER.__getitem__)
     return {"status": overall, "components": components, "worker_count": alive,
             "fallback_active": snapshot.publishing_fallback, "dispatch": state.as_dict()}

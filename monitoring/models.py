@@ -531,3 +531,20 @@ class Lease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {self.holder} until {self.expires_at:%H:%M:%S}"
+
+
+class MonitorPass(models.Model):
+    """When each of the portal's own monitors last did its work: the sampler (per-minute samples) and the active alert
+    evaluator. Written on the database's clock; read by the health report, /metrics and the monitoring-stale rule
+    (monitoring.monitors)."""
+
+    name = models.CharField(max_length=20, unique=True)
+    holder = models.CharField(max_length=200, blank=True)
+    at = models.DateTimeField()
+    interval_seconds = models.FloatField(help_text="How often it passes when it runs.")
+
+    class Meta:
+        default_permissions = ()
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.at:%H:%M:%S} ({self.holder})"

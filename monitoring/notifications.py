@@ -188,6 +188,10 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
             events.append(AlertEvent(alert=alert, kind=AlertEvent.Kind.SILENCED, at=now,
                                      message=f"silenced until {quiet.ends_at:%Y-%m-%d %H:%M %Z}: {quiet.reason}"[:500],
                                      detail={"silence": quiet.pk}))
+        elif alert.silenced_by_id and alert.state != Alert.State.RESOLVED and \
+                not any(silence.matches(alert.labels) for silence in silences):
+            alert.silenced_by = None  # its silence ended or was expired: the alert page no longer names it
+            touched[alert.pk] = alert
         if alert.state == Alert.State.RESOLVED:
             # Whoever was told it fires is told it is over, even if it was silenced or shelved since (an open
             # PagerDuty incident would stay open otherwise). A database outage recorded afterwards goes to every

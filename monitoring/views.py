@@ -1,9 +1,10 @@
 import hmac
 import json
+import logging
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import IntegrityError
+from django.db import DatabaseError, IntegrityError
 from django.views.decorators.csrf import csrf_exempt
 from django.utils import timezone
 from django.http import HttpResponse, JsonResponse
@@ -14,6 +15,8 @@ from monitoring.access import get_only, metrics_access
 from monitoring.collectors import QueueSystemCollector, take_snapshot
 from monitoring.health import health_report, metrics_report, readiness_reasons
 from monitoring.sampler import performance
+
+logger = logging.getLogger(__name__)
 
 # Our collector lives in its own registry: django-prometheus's default registry holds per-process HTTP and database
 # metrics; ours are read from Redis at scrape time and are the same from every portal process.
@@ -91,7 +94,18 @@ def api_alerts(request):
     """The current alerts (pending and firing) from the alert rows; the old endpoint's fields plus ours."""
     from monitoring.alerts import alerts_current
 
-    return JsonResponse(alerts_current())
+    try:
+        return JsonResponse(alerts_current())
+    except DatabaseError:
+        logger.exception("/api/rq/alerts: the database failed")
+        return _unavailable("the database does not answer")
+
+
+def _unavailable(what: str) -> JsonResponse:
+    """503 with Retry-After: JSON, never Django's HTML error page."""
+    response = JsonResponse({"error": f"{what}; try again shortly"}, status=503)
+    response["Retry-After"] = "10"
+    return response
 
 
 WEBHOOK_MAX_BYTES = 1024 * 1024
@@ -101,7 +115,7 @@ WEBHOOK_MAX_BYTES = 1024 * 1024
 def alertmanager_webhook(request):
     """Prometheus Alertmanager's webhook receiver (payload version 4), with ``Authorization: Bearer
     <ALERTS_WEBHOOK_TOKEN>``. Every answer is JSON; a malformed body is refused whole (400), nothing written."""
-    from monitoring.alerts import PayloadError, alertmanager_ingest
+    from monitoring.alerts import PayloadError, PayloadTooLarge, TooManyOpenAlerts, alertmanager_ingest
 
     if request.method != "POST":
         response = JsonResponse({"error": f"{request.method} is not allowed on {request.path}; use POST"}, status=405)
@@ -122,22 +136,37 @@ def alertmanager_webhook(request):
     length = request.headers.get("Content-Length") or "0"
     if not length.isdigit():
         return JsonResponse({"error": "Content-Length must be a number of bytes"}, status=400)
+    too_large = JsonResponse({"error": f"the body is larger than {WEBHOOK_MAX_BYTES} bytes"}, status=413)
     if int(length) > WEBHOOK_MAX_BYTES:
-        return JsonResponse({"error": f"the body is larger than {WEBHOOK_MAX_BYTES} bytes"}, status=413)
+        return too_large
+    # Read from the stream, at most one byte over the limit: a chunked body has no Content-Length to check, and
+    # request.body would take it whole (up to Django's own limit, which answers with an HTML page).
+    body = request.read(WEBHOOK_MAX_BYTES + 1)
+    if len(body) > WEBHOOK_MAX_BYTES:
+        return too_large
     try:
-        payload = json.loads(request.body or b"")
+        payload = json.loads(body or b"")
     except (ValueError, UnicodeDecodeError) as error:
         return JsonResponse({"error": f"the body is not JSON: {error}"}, status=400)
     except RecursionError:
         return JsonResponse({"error": "the body is not JSON the portal accepts: nested too deeply"}, status=400)
     try:
         result = alertmanager_ingest(payload)
+    except PayloadTooLarge as error:
+        return JsonResponse({"error": str(error), "field": "alerts"}, status=413)
     except PayloadError as error:
         return JsonResponse({"error": str(error)}, status=400)
+    except TooManyOpenAlerts as error:
+        response = JsonResponse({"error": str(error)}, status=503)
+        response["Retry-After"] = "300"
+        return response
     except IntegrityError:
         # Two Alertmanagers of a cluster delivered the same new alert at the same moment: the other one's is in.
         # Alertmanager retries on 5xx, and the retry finds the row.
         return JsonResponse({"error": "the same alert arrived twice at once; try again"}, status=503)
+    except DatabaseError:
+        logger.exception("Alertmanager webhook: the database failed")
+        return _unavailable("the database does not answer")  # Alertmanager retries a 5xx
     return JsonResponse({"status": "ok", **result})
 
 

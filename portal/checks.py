@@ -19,6 +19,12 @@ def check_deployment_settings(app_configs, **kwargs):
             hint="Leave it off in production unless images really live on a private network.",
             id="portal.W002",
         ))
+    if settings.NOTIFY_ALLOW_PRIVATE and not (settings.DEBUG or settings.LOCAL_MODE):
+        problems.append(Warning(
+            "NOTIFY_ALLOW_PRIVATE lets notification channels send to internal addresses.",
+            hint="Leave it off in production unless a receiver really lives on a private network.",
+            id="portal.W005",
+        ))
     if settings.SECURE_SSL_REDIRECT and settings.TRUSTED_PROXY_HEADER and not settings.SECURE_PROXY_SSL_HEADER:
         problems.append(Warning(
             "SECURE_SSL_REDIRECT is on behind a proxy (TRUSTED_PROXY_HEADER is set) but SECURE_PROXY_SSL_HEADER "

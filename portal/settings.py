@@ -196,6 +196,10 @@ IMAGE_MAX_BYTES = env_int("IMAGE_MAX_BYTES", 20 * 1024 * 1024, minimum=1)
 IMAGE_MAX_PIXELS = env_int("IMAGE_MAX_PIXELS", 50_000_000, minimum=1)
 IMAGE_FETCH_TIMEOUT = env_float("IMAGE_FETCH_TIMEOUT", 15.0, minimum=0.1)
 IMAGE_FETCH_ALLOW_PRIVATE = env_bool("IMAGE_FETCH_ALLOW_PRIVATE", False)
+# Notification channels (webhook, Slack, PagerDuty URLs) may not point at loopback, private, link-local or other
+# internal addresses unless this is set: an Admin's channel (or a stolen Admin session) must not make the portal probe
+# the internal network.
+NOTIFY_ALLOW_PRIVATE = env_bool("NOTIFY_ALLOW_PRIVATE", False)
 # Seconds a freshly submitted task is left to its submitter to publish before the relay publishes it instead.
 RELAY_GRACE_SECONDS = env_float("RELAY_GRACE_SECONDS", 5.0, minimum=0.0)
 RELAY_INTERVAL = env_float("RELAY_INTERVAL", 1.0, minimum=0.05)

@@ -27,6 +27,7 @@ from portal.embedded_redis import RedisServer, free_port
 def main(argv: list[str]) -> int:
     environment = dict(os.environ)
     environment.setdefault("IMAGE_FETCH_ALLOW_PRIVATE", "true")
+    environment.setdefault("NOTIFY_ALLOW_PRIVATE", "true")  # the tests' receivers listen on 127.0.0.1
     environment.setdefault("PORTAL_LOCAL", "true")
     environment.pop("RQ_REDIS_URL", None)
     processes = int(environment.get("TEST_PROCESSES") or (3 if (os.cpu_count() or 1) > 1 else 1))

@@ -9,6 +9,7 @@ field), 401, 403, 404 (unknown pool or worker), 405 or 503 (Redis or the databas
 """
 
 import json
+import logging
 
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError
@@ -20,6 +21,8 @@ from queues.errors import BrokerUnavailable
 from queues.fleet import FleetError, audit_via, pool_get, pool_restart, pool_scale, worker_restart
 from queues.fleet_admin import MANAGE_FLEET, client_address
 from queues.models import ApiToken
+
+logger = logging.getLogger(__name__)
 
 
 def _error(message: str, status: int, **headers) -> JsonResponse:
@@ -43,8 +46,10 @@ def fleet_api(view):
         token = ApiToken.objects.authenticate(header[7:].strip())
         if token is None:
             return _error("the API token is not valid (unknown or revoked)", 401)
-        if not token.user.is_active or not token.user.has_perm(MANAGE_FLEET):
-            return _error(f"the token's user {token.user.username!r} lacks the {MANAGE_FLEET} permission", 403)
+        if not token.user.is_active or not token.user.is_staff or not token.user.has_perm(MANAGE_FLEET):
+            # is_staff too: a user who may no longer sign in to the admin may not act through a token either.
+            return _error(f"the token's user {token.user.username!r} is not an active staff member with the "
+                          f"{MANAGE_FLEET} permission", 403)
         try:
             body = json.loads(request.body or b"{}")
         except (ValueError, UnicodeDecodeError):
@@ -60,10 +65,13 @@ def fleet_api(view):
             fields = getattr(error, "message_dict", {"count": error.messages})
             return _error("; ".join(f"{'count' if name == 'desired' else name}: {' '.join(messages)}"
                                     for name, messages in fields.items()), 400)
-        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:
-            return _error(f"Redis is unreachable: {error}", 503)
-        except DatabaseError as error:
-            return _error(f"the database is unreachable: {error}", 503)
+        except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+            # The driver's text (hosts, ports, paths) goes to the log, not to the token's holder.
+            logger.warning("fleet API: Redis is unreachable", exc_info=True)
+            return _error("Redis is unreachable; try again shortly", 503, **{"Retry-After": "10"})
+        except DatabaseError:
+            logger.warning("fleet API: the database failed", exc_info=True)
+            return _error("the database is unreachable; try again shortly", 503, **{"Retry-After": "10"})
 
     return wrapped
 

@@ -39,6 +39,17 @@ def audit_via(channel: str):
         _VIA.reset(reset)
 
 
+def command_account() -> str:
+    """The operating-system account running a management command, for the audit trail (no portal user runs it)."""
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (a container)
+        return f"uid {os.getuid()}"
+
+
 def audit_channel() -> str:
     """The channel set by ``audit_via`` around this code, or "" (an action by a person in the admin)."""
     return _VIA.get()

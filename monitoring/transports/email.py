@@ -50,11 +50,14 @@ class EmailTransport(Transport):
         except smtplib.SMTPRecipientsRefused as error:
             # Only raised when every recipient was refused (a partly refused list is delivered to the others).
             # A 4xx refusal (greylisting, a full mailbox) passes; a 5xx one (no such user) does not.
+            # The addresses are channel configuration (Admins only) and the server's replies usually repeat them:
+            # the error, which Support reads, gives each recipient's place in the channel's list and the code.
             codes = [code for code, _ in error.recipients.values()]
-            refusals = ", ".join(f"{address} ({code} {_decode(reply)})"
-                                 for address, (code, reply) in error.recipients.items())
-            raise TransportError(f"mail server {server} refused the recipients: {one_line(refusals, 300)}",
-                                 permanent=all(500 <= code < 600 for code in codes)) from error
+            places = {address: number for number, address in enumerate(recipients, start=1)}
+            refusals = ", ".join(f"recipient {places.get(address, '?')} of {len(recipients)} ({code})"
+                                 for address, (code, _reply) in error.recipients.items())
+            raise TransportError(f"mail server {server} refused the recipients: {one_line(refusals, 300)} (see the "
+                                 f"channel's addresses)", permanent=all(500 <= code < 600 for code in codes)) from error
         except smtplib.SMTPResponseException as error:
             # Sender refused, login refused, message refused, greeting refused: the SMTP reply code says whether
             # trying again can help (5xx: no; 4xx: yes).

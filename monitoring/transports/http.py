@@ -1,4 +1,12 @@
-"""POSTing JSON to Slack, webhooks and PagerDuty with urllib, turning every failure into a TransportError."""
+"""POSTing JSON to Slack, webhooks and PagerDuty with urllib, turning every failure into a TransportError.
+
+Destinations: a host that resolves to a loopback, private, link-local or otherwise internal address is refused
+unless NOTIFY_ALLOW_PRIVATE is set, and the connection goes to the very addresses that were checked (one lookup, no
+second one a DNS answer could change). Where the environment names a proxy for the URL (HTTPS_PROXY, NO_PROXY:
+Slack and PagerDuty are often reached so) the proxy connects, after the same check of the host's addresses.
+The answer of an arbitrary webhook is never quoted in errors or details (they are shown to Support): only its
+status; Slack's and PagerDuty's short answers are.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,10 @@ import math
 import socket
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 from monitoring.transports.base import TransportError, one_line
+from portal.destinations import NotPublic, checked_handlers, resolve_checked
 
 USER_AGENT = "rq-ops-portal"
 MAX_ANSWER_BYTES = 64 * 1024  # an answer is read for its status and first words only
@@ -22,8 +32,37 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-# Proxies from the environment (HTTPS_PROXY, NO_PROXY) are honoured: Slack and PagerDuty are often reached so.
-_opener = urllib.request.build_opener(_NoRedirects)
+def checked_addresses(host: str, port: int) -> list[tuple]:
+    """The host's TCP addresses, refused (permanently: the channel must change) if any is not public while
+    NOTIFY_ALLOW_PRIVATE is off."""
+    from django.conf import settings
+
+    try:
+        return resolve_checked(host, port, allow_private=settings.NOTIFY_ALLOW_PRIVATE)
+    except socket.gaierror as error:
+        raise TransportError(f"cannot resolve {host}: {error}", permanent=False) from error
+    except NotPublic as refused:
+        raise TransportError(f"refusing to send to {host}: it resolves to the non-public address {refused.address} "
+                             f"(set NOTIFY_ALLOW_PRIVATE=true to allow internal receivers)", permanent=True) from None
+
+
+_CheckedHTTPHandler, _CheckedHTTPSHandler = checked_handlers(checked_addresses)
+
+
+# Direct: to the checked addresses, never through a proxy. Proxied: where the environment names a proxy for the URL.
+_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}), _CheckedHTTPHandler, _CheckedHTTPSHandler,
+                                      _NoRedirects)
+_proxied = urllib.request.build_opener(_NoRedirects)
+
+
+def _opener_for(url: str):
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    if parts.scheme in proxies and not urllib.request.proxy_bypass(parts.hostname or ""):
+        checked_addresses(parts.hostname or "", port)  # the proxy connects; the host is checked all the same
+        return _proxied
+    return _direct
 
 
 def is_transient_status(status: int) -> bool:
@@ -48,20 +87,24 @@ def json_body(payload: dict) -> bytes:
 
 
 def post_json(url: str, payload: dict, *, service: str, timeout: float,
-              headers: dict[str, str] | None = None) -> tuple[int, str]:
-    """POSTs ``payload`` as JSON. Returns the status and the answer's text for a 2xx answer; raises TransportError
-    otherwise. ``service`` names the other side in error messages ("Slack", "webhook at example.com"); the URL
-    itself is never put in a message, since Slack's and many webhooks' URLs are secrets."""
+              headers: dict[str, str] | None = None, quote_answer: bool = True) -> tuple[int, str]:
+    """POSTs ``payload`` as JSON. Returns the status and the answer's text for a 2xx answer (empty unless
+    ``quote_answer``); raises TransportError otherwise. ``service`` names the other side in error messages ("Slack",
+    "webhook at example.com"); the URL itself is never put in a message, since Slack's and many webhooks' URLs are
+    secrets. ``quote_answer``: whether the other side's answer may appear in errors and details (not for an
+    arbitrary webhook, whose answer can be an internal service's)."""
     if timeout <= 0:
         raise TransportError(f"no time left to send to {service}", permanent=False)
     try:
+        opener = _opener_for(url)
         request = urllib.request.Request(url, data=json_body(payload), method="POST", headers={
             "User-Agent": USER_AGENT, "Content-Type": "application/json", "Accept": "application/json, text/plain",
             **(headers or {})})
-        with _opener.open(request, timeout=timeout) as response:
-            return response.status, _text(response.read(MAX_ANSWER_BYTES))
+        with opener.open(request, timeout=timeout) as response:
+            answer = response.read(MAX_ANSWER_BYTES)
+            return response.status, _text(answer) if quote_answer else ""
     except urllib.error.HTTPError as error:
-        raise _status_error(error, service) from error
+        raise _status_error(error, service, quote_answer=quote_answer) from error
     except urllib.error.URLError as error:
         if isinstance(error.reason, (TimeoutError, socket.timeout)):
             raise TransportError(f"{service} did not answer within {timeout:.3g} s", permanent=False) from error
@@ -82,9 +125,9 @@ def _text(data: bytes) -> str:
     return one_line(data.decode("utf-8", errors="replace"))
 
 
-def _status_error(error: urllib.error.HTTPError, service: str) -> TransportError:
+def _status_error(error: urllib.error.HTTPError, service: str, *, quote_answer: bool = True) -> TransportError:
     try:
-        body = _text(error.read(MAX_ANSWER_BYTES))
+        body = _text(error.read(MAX_ANSWER_BYTES)) if quote_answer else ""
     except (OSError, http.client.HTTPException, AttributeError):
         body = ""
     message = f"{service} answered {error.code}"

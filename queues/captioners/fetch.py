@@ -9,7 +9,6 @@ connection goes to the very addresses that were checked (one lookup per connecti
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import socket
 import ssl
 import time
@@ -20,6 +19,7 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 
+from portal.destinations import NotPublic, checked_handlers, resolve_checked
 from queues import cancel
 from queues.errors import PermanentCaptionError, TransientCaptionError
 
@@ -44,7 +44,7 @@ def check_url(url: str) -> None:
     """Refuses URLs a worker must not fetch. Raises PermanentCaptionError naming the reason.
 
     The host's addresses are checked here (an early, clear refusal) and again by the connection itself, which
-    connects only to addresses it has just checked (see ``connect_checked``)."""
+    connects only to addresses it has just checked (portal.destinations.checked_handlers)."""
     parsed = urlparse(url)
     if parsed.scheme not in ALLOWED_SCHEMES:
         raise PermanentCaptionError(f"unsupported URL scheme {parsed.scheme!r}: only http and https are fetched")
@@ -57,59 +57,16 @@ def check_url(url: str) -> None:
     checked_addresses(parsed.hostname, port)
 
 
-def resolve(host: str, port: int) -> list[tuple]:
-    """The host's TCP addresses as getaddrinfo gives them."""
-    try:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        raise TransientCaptionError(f"cannot resolve {host}: {error}") from error
-
-
 def checked_addresses(host: str, port: int) -> list[tuple]:
     """Resolves the host once and returns its addresses, refusing the host if any of them is not public."""
-    infos = resolve(host, port)
-    if not settings.IMAGE_FETCH_ALLOW_PRIVATE:
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%")[0])
-            if not address.is_global:
-                raise PermanentCaptionError(
-                    f"refusing to fetch {host}: it resolves to the non-public address {address} "
-                    "(set IMAGE_FETCH_ALLOW_PRIVATE=true to allow internal hosts)"
-                )
-    return infos
-
-
-def connect_checked(host: str, port: int, timeout) -> socket.socket:
-    """A TCP connection to one of the addresses the check just passed, never a second lookup: a DNS answer that
-    changes between check and connect (rebinding) cannot send the worker to an internal address."""
-    last_error: OSError | None = None
-    for family, kind, proto, _name, address in checked_addresses(host, port):
-        sock = socket.socket(family, kind, proto)
-        try:
-            if timeout is not None and timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
-                sock.settimeout(timeout)
-            sock.connect(address)
-            return sock
-        except OSError as error:
-            last_error = error
-            sock.close()
-    raise last_error or OSError(f"{host} has no address")
-
-
-class _CheckedHTTPConnection(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = connect_checked(self.host, self.port, self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cancel.watch_socket(self.sock)  # a stop of this caption slot shuts it down
-
-
-class _CheckedHTTPSConnection(http.client.HTTPSConnection):
-    def connect(self):
-        sock = connect_checked(self.host, self.port, self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cancel.watch_socket(sock)  # during the handshake
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the name
-        cancel.watch_socket(self.sock)  # the wrapped socket: wrapping detached the first one
+    try:
+        return resolve_checked(host, port, allow_private=settings.IMAGE_FETCH_ALLOW_PRIVATE)
+    except socket.gaierror as error:
+        raise TransientCaptionError(f"cannot resolve {host}: {error}") from error
+    except NotPublic as refused:
+        raise PermanentCaptionError(f"refusing to fetch {host}: it resolves to the non-public address "
+                                    f"{refused.address} (set IMAGE_FETCH_ALLOW_PRIVATE=true to allow internal hosts)"
+                                    ) from None
 
 
 class StoppableHTTPConnection(http.client.HTTPConnection):
@@ -136,14 +93,8 @@ class StoppableHTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(StoppableHTTPSConnection, req, context=self._context)
 
 
-class _CheckedHTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        return self.do_open(_CheckedHTTPConnection, req)
-
-
-class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
-    def https_open(self, req):
-        return self.do_open(_CheckedHTTPSConnection, req, context=self._context)
+# Connections go only to the addresses the check just passed; a stop of the caption slot shuts them down.
+_CheckedHTTPHandler, _CheckedHTTPSHandler = checked_handlers(checked_addresses, watch=cancel.watch_socket)
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):

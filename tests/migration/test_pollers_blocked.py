@@ -8,6 +8,7 @@ from migration.models import MigrationRun, Mode
 from migration.runs import pollers_blocked, run_create, run_execute
 from monitoring.collectors import take_snapshot
 from monitoring.health import health_report
+from monitoring.monitors import monitor_pass
 from queues.models import CaptionTask, Dispatch, TaskStatus
 from queues.services import task_submit
 
@@ -68,6 +69,8 @@ def test_health_in_legacy_mode_judges_the_pollers_not_the_rq_workers(redis, mode
     assert health["components"]["workers"]["status"] == "healthy"  # no RQ worker is needed in legacy mode
 
     LegacyPoller(name="poller.alive").register()
+    for monitor, interval in (("sampler", 60), ("evaluator", 10)):  # the portal's own monitors run too
+        monitor_pass(monitor, holder="host-a:1", interval=interval)
     health = health_report(take_snapshot())
     assert health["components"]["dispatch"] == {"status": "healthy",
                                                 "reason": "mode legacy; 1 database poller(s) alive"}

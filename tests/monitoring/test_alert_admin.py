@@ -833,3 +833,30 @@ def test_a_silence_pattern_is_checked_by_the_engine_that_matches_it(client, oper
     assert refused.status_code == 200 and "label name" in refused.content.decode()
     assert not Silence.objects.exists()
     assert client.post(add, {**form, "matchers": "alertname=~(.*.*)*X"}).status_code == 302
+
+
+def test_a_flapping_alerts_page_shows_its_newest_timeline_rows_only(client, support_user):
+    from monitoring.admin import TIMELINE_ROWS
+
+    alert = make_alert()
+    start = timezone.now() - timedelta(days=1)
+    AlertEvent.objects.bulk_create([AlertEvent(alert=alert, kind=AlertEvent.Kind.RETURNED, message=f"flap {number}",
+                                               at=start + timedelta(seconds=number))
+                                    for number in range(TIMELINE_ROWS + 5)])
+    client.force_login(support_user)
+    html = page(client, reverse("admin:monitoring_alert_change", args=[alert.pk]))
+    assert 'id="timeline-older"' in html and html.count('data-event="returned"') == TIMELINE_ROWS
+    assert f"flap {TIMELINE_ROWS + 4}<" in html and "flap 4<" not in html, "the newest, oldest first"
+    assert 'id="notifications-older"' not in html
+
+
+def test_an_alertmanager_alerts_page_offers_no_silence_and_names_its_notifier(client, operator_user):
+    alert = make_alert(source=Alert.Source.ALERTMANAGER)
+    client.force_login(operator_user)
+    html = page(client, reverse("admin:monitoring_alert_change", args=[alert.pk]))
+    assert alert_url("acknowledge", alert) in html
+    assert alert_url("silence", alert) not in html and alert_url("shelve", alert) not in html
+    assert "Prometheus Alertmanager, not the portal" in html and "amtool silence add" in html
+    portal = make_alert("backlog-high")
+    html = page(client, reverse("admin:monitoring_alert_change", args=[portal.pk]))
+    assert alert_url("silence", portal) in html and "the portal (its routes" in html

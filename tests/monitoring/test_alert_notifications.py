@@ -180,6 +180,7 @@ def test_a_silence_stops_notifications_but_not_the_history(redis, webhook, opera
     assert "silenced" in alert.events.values_list("kind", flat=True)
     assert [n.kind for n in evaluate(t0 + timedelta(hours=1, seconds=1), workers=1)] == ["firing"], \
         "the silence ended: the alert is sent"
+    assert Alert.objects.get().silenced_by is None, "and its page no longer names the silence"
 
 
 def test_shelving_stops_notifications_until_it_ends(redis, webhook, operator_user):

@@ -10,7 +10,7 @@ import yaml
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from monitoring.models import Alert, NotificationChannel, NotificationRoute
+from monitoring.models import Alert, AlertRule, NotificationChannel, NotificationRoute
 from monitoring.notifications import _routes_for
 
 TOKEN = "am-webhook-token-0123456789"
@@ -76,7 +76,11 @@ def test_receivers_and_routes_mirror_the_routes_and_channels(routes, tmp_path):
                                 "smtp_auth_password": "mail-password"}
     root = config["route"]
     assert root["receiver"] == "rq-ops-portal" and root["group_by"] == [] and "matchers" not in root
-    portal, *children = root["routes"]
+    watchdog, notified_by_portal, portal, *children = root["routes"]
+    assert watchdog == {"receiver": "watchdog", "matchers": ['alertname="RQWatchdog"'], "group_by": [],
+                        "group_wait": "0s", "group_interval": "1m", "repeat_interval": "1m"}
+    assert notified_by_portal == {"receiver": "notified-by-portal", "matchers": ['notified_by="portal"'],
+                                  "group_by": [], "group_wait": "0s"}  # and no "continue": the portal pages
     assert portal == {"receiver": "rq-ops-portal", "group_by": ["..."], "group_wait": "0s", "continue": True}
     assert [child["receiver"] for child in children] == ["redis-pages", "quiet-workers", "everything-else"]
     redis_route, quiet_route, everything_route = children
@@ -89,7 +93,10 @@ def test_receivers_and_routes_mirror_the_routes_and_channels(routes, tmp_path):
     assert (everything_route["group_wait"], everything_route["repeat_interval"]) == ("30s", "4h")
 
     receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
-    assert list(receivers) == ["rq-ops-portal", "redis-pages", "quiet-workers", "everything-else"]
+    assert list(receivers) == ["watchdog", "notified-by-portal", "rq-ops-portal", "redis-pages", "quiet-workers",
+                               "everything-else"]
+    assert receivers["notified-by-portal"] == {"name": "notified-by-portal"}  # sends nothing
+    assert receivers["watchdog"] == {"name": "watchdog"}  # no --watchdog-url given
     assert receivers["rq-ops-portal"]["webhook_configs"] == [{
         "url": "https://portal.example.com/api/alerts/alertmanager", "send_resolved": True,
         "http_config": {"authorization": {"type": "Bearer", "credentials": TOKEN}}}]
@@ -114,10 +121,10 @@ def test_receiver_names_stay_unique_and_the_portal_url_can_be_given(db, settings
     NotificationRoute.objects.create(name="ops-team", position=2)
     NotificationRoute.objects.create(name="RQ Ops Portal", position=3)
     config = export(tmp_path, "--portal-url", "http://10.0.0.5:8000/")
-    assert [receiver["name"] for receiver in config["receivers"]] == ["rq-ops-portal", "ops-team", "ops-team-2",
-                                                                      "rq-ops-portal-2"]
+    assert [receiver["name"] for receiver in config["receivers"]] == [
+        "watchdog", "notified-by-portal", "rq-ops-portal", "ops-team", "ops-team-2", "rq-ops-portal-2"]
     assert "global" not in config  # no email channel: no SMTP settings (nor password) in the file
-    assert config["receivers"][0]["webhook_configs"][0]["url"] == "http://10.0.0.5:8000/api/alerts/alertmanager"
+    assert config["receivers"][2]["webhook_configs"][0]["url"] == "http://10.0.0.5:8000/api/alerts/alertmanager"
 
 
 def test_drill_options_shorten_the_waits(routes, tmp_path):
@@ -139,7 +146,7 @@ def test_amtool_accepts_the_config_and_routes_as_the_portal_does(routes, tmp_pat
     call_command("export_alertmanager_config", "--output", str(output))
     result = subprocess.run([amtool, "check-config", str(output)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout and "4 receivers" in result.stdout
+    assert "SUCCESS" in result.stdout and "6 receivers" in result.stdout
 
     enabled = list(NotificationRoute.objects.filter(enabled=True).order_by("position", "id"))
     receiver_of = {route.pk: name for route, name in zip(routes.values(), ("redis-pages", "everything-else",
@@ -165,7 +172,7 @@ def test_amtool_accepts_the_config_and_routes_as_the_portal_does(routes, tmp_pat
 def test_without_the_webhook_token_the_config_reads_a_token_file_and_says_so(db, settings, tmp_path, capsys):
     settings.ALERTS_WEBHOOK_TOKEN = None
     config = export(tmp_path)
-    authorization = config["receivers"][0]["webhook_configs"][0]["http_config"]["authorization"]
+    authorization = config["receivers"][2]["webhook_configs"][0]["http_config"]["authorization"]
     assert authorization == {"type": "Bearer", "credentials_file": "/etc/prometheus/rq-ops-portal-alerts-token"}
     assert "ALERTS_WEBHOOK_TOKEN is not set" in capsys.readouterr().err
     amtool = amtool_or_skip()
@@ -182,8 +189,9 @@ def test_channels_alertmanager_cannot_use_are_left_out_with_a_warning(db, settin
     route = NotificationRoute.objects.create(name="Team")
     route.channels.set([broken, headers])
     config = export(tmp_path)
-    assert "slack_configs" not in config["receivers"][1]
-    assert config["receivers"][1]["webhook_configs"] == [{"url": "https://team.example.com/", "send_resolved": True}]
+    team = config["receivers"][3]
+    assert team["name"] == "team" and "slack_configs" not in team
+    assert team["webhook_configs"] == [{"url": "https://team.example.com/", "send_resolved": True}]
     err = capsys.readouterr().err
     assert "'Broken Slack' left out of route 'Team'" in err and "url:" in err
     assert "'Team hook'" in err and "headers" in err and "version 4" in err
@@ -207,3 +215,36 @@ def test_the_written_config_is_readable_by_its_owner_only(routes, tmp_path):
     call_command("export_alertmanager_config", "--output", str(output))
     assert output.stat().st_mode & 0o777 == 0o600, "it holds the webhook token and the channels' secrets"
     assert "receivers" in yaml.safe_load(output.read_text())
+
+
+def test_each_condition_has_one_notifier_in_amtool(routes, tmp_path, capsys):
+    """Every seeded rule's Prometheus twin goes nowhere in Alertmanager (the portal pages for it; both paged, to
+    different incidents, and a route on the portal's alertname matched only the portal's copy); the watchdog goes to
+    the dead man's switch; what only Prometheus raises goes to the portal's history and the routes."""
+    from monitoring.artefacts import prometheus_alerting_rules, watcher_rules
+
+    amtool = amtool_or_skip()
+    NotificationRoute.objects.create(name="redis by name", position=5, severities=["critical"],
+                                     matchers=[{"label": "alertname", "op": "=", "value": "redis-unreachable"}]) \
+        .channels.set(NotificationChannel.objects.filter(name="On call"))
+    output = tmp_path / "alertmanager.yml"
+    call_command("export_alertmanager_config", "--output", str(output), "--watchdog-url",
+                 "https://heartbeat.example.com/ping/abc")
+    config = yaml.safe_load(output.read_text())
+    assert config["receivers"][0] == {"name": "watchdog", "webhook_configs": [
+        {"url": "https://heartbeat.example.com/ping/abc", "send_resolved": False}]}
+
+    def receivers_for(labels: dict) -> list[str]:
+        quoted = [label + '="' + value.replace('"', '\\"') + '"' for label, value in labels.items()]
+        result = subprocess.run([amtool, "config", "routes", "test", f"--config.file={output}", *quoted],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.strip().split(",")
+
+    twins = prometheus_alerting_rules()
+    assert len(twins) == AlertRule.objects.filter(enabled=True).count() >= 19  # the seeded rules
+    for twin in twins:
+        assert receivers_for({"alertname": twin["alert"], **twin["labels"]}) == ["notified-by-portal"], twin["alert"]
+    watchdog, down = watcher_rules()
+    assert receivers_for({"alertname": watchdog["alert"], **watchdog["labels"]}) == ["watchdog"]
+    assert receivers_for({"alertname": down["alert"], **down["labels"]}) == ["rq-ops-portal", "everything-else"]

@@ -25,6 +25,10 @@ PROMQL_WORDS = {"sum", "rate", "max", "by", "le", "histogram_quantile", "clamp_m
 
 @pytest.fixture
 def served_metric_names(client, admin_user, redis):
+    from monitoring.monitors import EVALUATOR, SAMPLER, monitor_pass
+
+    for monitor in (SAMPLER, EVALUATOR):  # their figures are served once they have passed
+        monitor_pass(monitor, holder="host-a:1", interval=10)
     client.force_login(admin_user)
     names = set()
     for family in text_string_to_metric_families(client.get(reverse("metrics")).content.decode()):
@@ -47,10 +51,14 @@ def test_rules_cover_the_alerting_guide_and_name_served_metrics(tmp_path, capsys
     assert alerts["RQBacklogHigh"]["expr"] == "(sum(rq_queue_length)) > 100"
     assert alerts["RQNormalBacklogHigh"]["expr"] == '(sum(rq_queue_length{queue="normal"})) > 200'
     assert "< 0.95" in alerts["RQSuccessRateLow"]["expr"]
-    assert alerts["RQBacklogHigh"]["labels"] == {"severity": "warning", "component": "queues", "rule": "backlog-high"}
+    assert alerts["RQBacklogHigh"]["labels"] == {"severity": "warning", "component": "queues", "rule": "backlog-high",
+                                                 "notified_by": "portal"}
+    watchers = {rule["alert"]: rule for rule in rules["groups"][2]["rules"]}
+    assert watchers["RQWatchdog"]["expr"] == "vector(1)"
+    assert watchers["RQPortalMonitoringDown"]["labels"]["notified_by"] == "alertmanager"
     assert alerts["RQBacklogHigh"]["annotations"]["runbook"].startswith("Scale the pools")
     assert "/admin/monitoring/alertrule/" in alerts["RQBacklogHigh"]["annotations"]["runbook_url"]
-    for rule in rules["groups"][0]["rules"] + rules["groups"][1]["rules"]:
+    for rule in rules["groups"][0]["rules"] + rules["groups"][1]["rules"] + rules["groups"][2]["rules"]:
         unknown = metric_names_in(rule["expr"]) - served_metric_names - recorded
         assert not unknown, (rule, unknown)
     output = tmp_path / "rules.yml"
@@ -86,7 +94,12 @@ def test_promtool_accepts_the_rules(tmp_path):
     call_command("export_prometheus_rules", "--output", str(output))
     result = subprocess.run([promtool, "check", "rules", str(output)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 26 rules found" in result.stdout
+    from monitoring.artefacts import RECORDING_RULES
+    from monitoring.models import AlertRule
+
+    # The recording rules, one alerting rule per enabled rule row, the watchdog and RQPortalMonitoringDown.
+    expected = len(RECORDING_RULES) + AlertRule.objects.filter(enabled=True).count() + 2
+    assert f"SUCCESS: {expected} rules found" in result.stdout
 
 
 @pytest.mark.django_db

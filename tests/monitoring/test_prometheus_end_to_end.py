@@ -1,15 +1,19 @@
 """Debian's Prometheus and Alertmanager against a live portal: Prometheus scrapes /metrics with the metrics token,
 evaluates the exported rules, Alertmanager (with the exported config) posts to the portal's webhook with the webhook
-token, and the alert lands in the history. No worker runs in the tests, so "no worker is alive" is true.
+token: what only Prometheus raises lands in the history, the twins of the portal's own rules go nowhere (the
+portal pages for them), and the watchdog reaches the dead man's switch. No worker runs in the tests, so "no worker
+is alive" is true.
 
 Prometheus and Alertmanager run with their shortest useful timings (1 s scrapes and evaluations, --max-for 1,
 group_wait 0 s); the whole chain takes a few seconds after they have started.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,8 +23,9 @@ from django.core.management import call_command
 from django.urls import reverse
 
 from monitoring.alert_rules import rules_seed
-from monitoring.models import Alert, AlertRule
+from monitoring.models import Alert
 from portal.embedded_redis import free_port
+from tests.conftest import respond
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -82,18 +87,22 @@ def processes(tmp_path):
     started.stop()
 
 
-def test_an_alert_prometheus_raises_lands_in_the_portal_through_alertmanager(live_server, settings, redis, tmp_path,
-                                                                             processes):
+def test_alertmanager_pages_what_only_prometheus_sees_and_leaves_the_portals_rules_to_the_portal(
+        live_server, settings, redis, tmp_path, processes, http_server):
+    """One notifier per condition, end to end: "no worker is alive" fires in Prometheus too (no worker runs here),
+    but its twin goes nowhere, since the portal pages for it. RQPortalMonitoringDown (no sampler or evaluator has
+    ever passed here, so their figures are absent) is Prometheus' alone: it lands in the portal's history through
+    Alertmanager. The watchdog reaches the dead man's switch."""
     binaries_or_skip()
     settings.METRICS_TOKEN, settings.ALERTS_WEBHOOK_TOKEN = METRICS_TOKEN, WEBHOOK_TOKEN
     settings.PORTAL_URL = live_server.url
     rules_seed(apps)  # transactional tests empty the tables, the seeded rules included
-    rule = AlertRule.objects.get(name="no-active-workers")
+    switch = http_server.route("/heartbeat", respond(200, b"ok"))
 
     rules, alertmanager_config = tmp_path / "rules.yml", tmp_path / "alertmanager.yml"
     call_command("export_prometheus_rules", "--max-for", "1", "--output", str(rules))
     call_command("export_alertmanager_config", "--portal-url", live_server.url, "--max-group-wait", "0",
-                 "--group-interval", "1", "--output", str(alertmanager_config))
+                 "--group-interval", "1", "--watchdog-url", switch, "--output", str(alertmanager_config))
     alertmanager_port, prometheus_port = free_port(), free_port()
     portal = live_server.url.removeprefix("http://")
     prometheus_config = tmp_path / "prometheus.yml"
@@ -111,22 +120,35 @@ def test_an_alert_prometheus_raises_lands_in_the_portal_through_alertmanager(liv
         f"--web.listen-address=127.0.0.1:{alertmanager_port}", "--cluster.listen-address="])
     processes.start("prometheus", [
         PROMETHEUS, f"--config.file={prometheus_config}", f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
-        f"--web.listen-address=127.0.0.1:{prometheus_port}"])
+        # Firing alerts are sent again every second: the watchers fire at the first evaluation, which can come before
+        # Alertmanager listens, and the default resend waits a minute.
+        f"--web.listen-address=127.0.0.1:{prometheus_port}", "--rules.alert.resend-delay=1s"])
 
     deadline = time.monotonic() + WAIT_SECONDS
     alert = None
     while alert is None and time.monotonic() < deadline:
         processes.check_running()
         time.sleep(0.5)
-        alert = Alert.objects.filter(source=Alert.Source.ALERTMANAGER, name="RQNoActiveWorkers").first()
-    assert alert is not None, f"no alert from Alertmanager within {WAIT_SECONDS} s\n{processes.logs()}"
-
-    assert alert.state == Alert.State.FIRING and alert.rule == rule
-    assert alert.severity == "critical" and alert.component == "workers"
-    assert {key: alert.labels[key] for key in ("alertname", "rule", "severity", "component", "job")} == {
-        "alertname": "RQNoActiveWorkers", "rule": "no-active-workers", "severity": "critical",
-        "component": "workers", "job": "rq-ops-portal"}
-    assert alert.summary == alert.annotations["summary"] == "No caption worker is alive"
-    assert alert.annotations["runbook_url"] == live_server.url + reverse("admin:monitoring_alertrule_change",
-                                                                         args=[rule.pk])
+        alert = Alert.objects.filter(source=Alert.Source.ALERTMANAGER, name="RQPortalMonitoringDown").first()
+    if alert is None:
+        seen = {name: urllib.request.urlopen(url, timeout=5).read().decode() for name, url in (
+            ("Prometheus' alerts", f"http://127.0.0.1:{prometheus_port}/api/v1/alerts"),
+            ("Alertmanager's alerts", f"http://127.0.0.1:{alertmanager_port}/api/v2/alerts"))}
+        raise AssertionError(f"no alert from Alertmanager within {WAIT_SECONDS} s\n{seen}\n{processes.logs()}")
+    assert alert.state == Alert.State.FIRING and alert.rule is None
+    assert alert.severity == "critical" and alert.component == "monitoring"
+    assert alert.labels["notified_by"] == "alertmanager"
     assert "/graph?" in alert.generator_url and alert.fingerprint.startswith("am:")  # Prometheus linked back
+
+    # Prometheus fires the twin of no-active-workers as well (same 1 s "for"), and Alertmanager keeps it to itself.
+    query = f"http://127.0.0.1:{prometheus_port}/api/v1/query?query=ALERTS%7Balertname%3D%22RQNoActiveWorkers%22%7D"
+    deadline = time.monotonic() + WAIT_SECONDS
+    firing = []
+    while not firing and time.monotonic() < deadline:
+        firing = json.loads(urllib.request.urlopen(query, timeout=5).read())["data"]["result"]
+        time.sleep(0.5)
+    assert firing and firing[0]["metric"]["notified_by"] == "portal", processes.logs()
+    time.sleep(5)  # several of Alertmanager's 1 s group intervals
+    assert not Alert.objects.filter(source=Alert.Source.ALERTMANAGER, name="RQNoActiveWorkers").exists()
+    heartbeats = [json.loads(request["body"]) for request in http_server.requests if request["path"] == "/heartbeat"]
+    assert heartbeats and heartbeats[0]["alerts"][0]["labels"]["alertname"] == "RQWatchdog", processes.logs()

@@ -77,7 +77,12 @@ def test_only_a_live_token_of_a_user_who_may_manage_the_fleet_is_accepted(client
     support_token = ApiToken.issue(name="support script", user=support_user)[1]
     refused = post(client, "/api/rq/workers/scale", {"count": 3}, support_token)
     assert refused.status_code == 403
-    assert refused.json() == {"error": "the token's user 'sam-support' lacks the queues.manage_fleet permission"}
+    assert refused.json() == {"error": "the token's user 'sam-support' is not an active staff member with the "
+                                       "queues.manage_fleet permission"}
+    owner = ApiToken.objects.get(name="runbook").user
+    type(owner).objects.filter(pk=owner.pk).update(is_staff=False)  # may no longer sign in to the admin
+    assert post(client, "/api/rq/workers/scale", {"count": 3}, token).status_code == 403
+    type(owner).objects.filter(pk=owner.pk).update(is_staff=True)
     call_command("api_token", "revoke", "runbook")
     assert post(client, "/api/rq/workers/scale", {"count": 3}, token).status_code == 401
     assert client.get("/api/rq/workers/scale", HTTP_AUTHORIZATION=f"Bearer {token}").status_code == 405
@@ -103,7 +108,8 @@ def test_restart_asks_the_pools_live_workers_to_finish_and_exit(client, pool, to
 
 def test_restart_answers_503_while_redis_is_unreachable(client, pool, token, unreachable_redis):
     response = post(client, "/api/rq/workers/restart", {"pool": "default"}, token)
-    assert response.status_code == 503 and response.json()["error"].startswith("Redis is unreachable")
+    assert response.status_code == 503 and response["Retry-After"] == "10"
+    assert response.json() == {"error": "Redis is unreachable; try again shortly"}, "no host or port of the driver's"
 
 
 def test_the_command_issues_lists_and_revokes_tokens(operator_user, support_user, capsys):
@@ -121,5 +127,10 @@ def test_the_command_issues_lists_and_revokes_tokens(operator_user, support_user
         call_command("api_token", "create", "ghost", "--user", "ghost")
     call_command("api_token", "revoke", "deploy hook")
     assert ApiToken.objects.authenticate(raw) is None
+    # Audited as the command and the account that ran it, not as the token's owner (who did neither).
+    for entry in AuditEntry.objects.filter(action__in=["api_token_create", "api_token_revoke"]):
+        assert entry.user is None and entry.detail["token_user"] == operator_user.username
+        assert entry.detail["via"].startswith("manage.py api_token ") and "(account " in entry.detail["via"]
+    assert AuditEntry.objects.filter(action__in=["api_token_create", "api_token_revoke"]).count() == 2
     with pytest.raises(CommandError, match="no active token"):
         call_command("api_token", "revoke", "deploy hook")

@@ -1,6 +1,4 @@
-import getpass
 import json
-import os
 import sys
 from datetime import timedelta
 
@@ -13,14 +11,7 @@ from migration.backup import BackupError, backup_restore
 from migration.models import MigrationRun, Mode
 from migration.preflight import preflight_report
 from migration.verify import verification
-from queues.fleet import audit, audit_via
-
-def _account() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry for the uid (a container)
-        return f"uid {os.getuid()}"
-
+from queues.fleet import audit, audit_via, command_account
 
 def parse_duration(text: str) -> timedelta:
     try:
@@ -85,7 +76,7 @@ class Command(BaseCommand):
         handler = getattr(self, "do_" + action.replace("-", "_"))
         try:
             # What it changes (mode, pauses, runs) is audited as coming from this command and the account running it.
-            with audit_via(f"manage.py migrate_to_rq {action} (account {_account()})"):
+            with audit_via(f"manage.py migrate_to_rq {action} (account {command_account()})"):
                 return handler(**options)
         except runs.RunError as error:
             raise CommandError(str(error)) from None

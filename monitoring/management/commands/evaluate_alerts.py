@@ -43,7 +43,7 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(report, indent=2, default=str))
             return
         # Started with the fleet (a fresh start, a deploy): the rules about workers wait for them (FLEET_START_GRACE).
-        state.started_at = timezone.now()
+        state.started_at, state.interval = timezone.now(), interval
         stopping = []
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.append(True))

@@ -5,7 +5,9 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
+from monitoring.alerts import lease_holder_name
 from monitoring.dashboard import LiveSampler
+from monitoring.monitors import SAMPLER, SAMPLER_INTERVAL, evaluator_watch, monitor_pass
 from monitoring.sampler import sample_take, samples_compact
 from portal.logs import announce
 from queues import broker
@@ -38,7 +40,8 @@ class Command(BaseCommand):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.append(True))
         live = LiveSampler()
-        last_minute = last_compact = None
+        holder = lease_holder_name()
+        last_minute = last_compact = last_watched = None
         announce(self, logger, "Sampler running; Ctrl-C stops it.")
         next_pass = time.monotonic()
         while not stopping:
@@ -46,9 +49,13 @@ class Command(BaseCommand):
             now = time.time()
             try:
                 minute = int(now // 60)
+                if minute != last_watched:
+                    last_watched = minute
+                    self._watch()  # once a minute, Redis or not: it needs only the database
                 if minute != last_minute:
                     sample_take()
                     last_minute = minute
+                    monitor_pass(SAMPLER, holder=holder, interval=SAMPLER_INTERVAL)  # a sample taken: a pass
                 if last_compact is None or now - last_compact > 3600:
                     samples_compact()
                     last_compact = now
@@ -67,3 +74,13 @@ class Command(BaseCommand):
             live.release()
         except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
             pass
+
+    @staticmethod
+    def _watch() -> None:
+        """The monitoring-stale rule, judged here while the alert evaluator is silent (monitoring.monitors)."""
+        try:
+            report = evaluator_watch()
+            if report:
+                logger.warning("sampler: the alert evaluator is silent; judged monitoring-stale: %s", report)
+        except Exception:
+            logger.exception("sampler: watching the alert evaluator failed")

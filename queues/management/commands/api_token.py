@@ -3,7 +3,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from queues.fleet import audit
+from queues.fleet import audit, audit_via, command_account
 from queues.fleet_admin import MANAGE_FLEET
 from queues.models import ApiToken
 
@@ -22,7 +22,9 @@ class Command(BaseCommand):
         revoke.add_argument("name")
 
     def handle(self, *args, action, **options):
-        getattr(self, f"_{action}")(**options)
+        # Audited as this command and the account running it: the token's owner did not issue or revoke it.
+        with audit_via(f"manage.py api_token {action} (account {command_account()})"):
+            getattr(self, f"_{action}")(**options)
 
     def _create(self, *, name, user, **options):
         name = name.strip()
@@ -40,7 +42,7 @@ class Command(BaseCommand):
                 token, raw = ApiToken.issue(name=name, user=owner)
         except IntegrityError:
             raise CommandError(f"name: a token named {name!r} exists already") from None
-        audit(user=owner, action="api_token_create", target=token.name)
+        audit(user=None, action="api_token_create", target=token.name, detail={"token_user": owner.username})
         self.stdout.write(raw)
         self.stderr.write(f"Token {token.name!r} for {owner.username}: keep it now, it is not shown again. Send it as "
                           "'Authorization: Bearer <token>'.")
@@ -59,5 +61,5 @@ class Command(BaseCommand):
         if not updated:
             raise CommandError(f"no active token named {name!r} (manage.py api_token list)")
         token = ApiToken.objects.select_related("user").get(name=name)
-        audit(user=token.user, action="api_token_revoke", target=name)
+        audit(user=None, action="api_token_revoke", target=name, detail={"token_user": token.user.username})
         self.stdout.write(f"Revoked {name!r}.")

@@ -1,0 +1,114 @@
+"""Who watches the watchers: the portal's own monitors (the sampler and the alert evaluator) record each pass, and
+one that has been silent for ``SILENT_INTERVALS`` of its intervals is reported.
+
+- ``monitor_pass`` is called by the sampler once a minute and by the active evaluator after each pass: one UPDATE
+  of a two-row table, on the database's clock.
+- The health report shows a component per monitor with the age of its last pass, and /metrics exports
+  ``rq_monitor_last_pass_timestamp_seconds`` and ``rq_monitor_interval_seconds`` (snapshot.monitors).
+- The ``monitoring-stale`` rule (signal ``monitoring_silent``) fires when either has been silent that long. The
+  evaluator judges it for the sampler; the sampler judges it, and sends what is due, when the evaluator is the one
+  that went silent (``evaluator_watch``). When both are silent nothing in the portal can page: Prometheus'
+  ``RQPortalMonitoringDown`` (exported beside the rules, notified by Alertmanager) covers that case, and the
+  always-firing ``RQWatchdog`` proves to an outside dead man's switch that Prometheus and Alertmanager work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import DatabaseError, IntegrityError, transaction
+from django.utils import timezone
+
+from monitoring.models import MonitorPass
+
+logger = logging.getLogger(__name__)
+
+SAMPLER, EVALUATOR = "sampler", "evaluator"
+MONITORS = (SAMPLER, EVALUATOR)
+SILENT_INTERVALS = 3
+SAMPLER_INTERVAL = 60.0  # one sample a minute
+COMMANDS = {SAMPLER: "manage.py run_sampler", EVALUATOR: "manage.py evaluate_alerts"}
+
+
+def monitor_pass(name: str, *, holder: str, interval: float) -> None:
+    """Records that ``name`` did its work now."""
+    from queues.models import UtcNow
+
+    if MonitorPass.objects.filter(name=name).update(at=UtcNow(), holder=holder[:200], interval_seconds=interval):
+        return
+    try:
+        with transaction.atomic():
+            MonitorPass.objects.create(name=name, holder=holder[:200], at=timezone.now(), interval_seconds=interval)
+    except IntegrityError:  # another process created it meanwhile
+        MonitorPass.objects.filter(name=name).update(at=UtcNow(), holder=holder[:200], interval_seconds=interval)
+
+
+@dataclass(frozen=True)
+class MonitorState:
+    name: str
+    at: datetime
+    interval: float
+    holder: str
+
+    def age(self, now: datetime) -> float:
+        return max(0.0, (now - self.at).total_seconds())
+
+    def silent_intervals(self, now: datetime) -> float:
+        return self.age(now) / self.interval if self.interval > 0 else 0.0
+
+    def silent(self, now: datetime) -> bool:
+        return self.silent_intervals(now) >= SILENT_INTERVALS
+
+
+def monitors_read() -> dict[str, MonitorState]:
+    """The monitors that ever passed (one small query); raises DatabaseError like any read."""
+    return {row.name: MonitorState(row.name, row.at, row.interval_seconds, row.holder)
+            for row in MonitorPass.objects.order_by()}
+
+
+def monitor_components(monitors: dict[str, MonitorState] | None, now: datetime) -> dict[str, dict]:
+    """The health report's components: one per monitor, with the age of its last pass. A monitor that never ran or
+    went silent is a warning: the queue system works, but its monitoring does not (the monitoring-stale rule
+    pages)."""
+    components = {}
+    for name in MONITORS:
+        state = (monitors or {}).get(name)
+        if monitors is None:
+            components[name] = {"status": "warning", "reason": "unknown: the database does not answer",
+                                "last_pass_age_seconds": None}
+        elif state is None:
+            components[name] = {"status": "warning", "reason": f"has never run ({COMMANDS[name]})",
+                                "last_pass_age_seconds": None}
+        else:
+            age = round(state.age(now), 1)
+            if state.silent(now):
+                components[name] = {"status": "warning", "last_pass_age_seconds": age,
+                                    "reason": f"silent for {age:g} s ({state.silent_intervals(now):.1f} of its "
+                                              f"{state.interval:g} s intervals; {COMMANDS[name]})"}
+            else:
+                components[name] = {"status": "healthy", "reason": f"last pass {age:g} s ago",
+                                    "last_pass_age_seconds": age}
+    return components
+
+
+def evaluator_watch(*, now: datetime | None = None) -> dict | None:
+    """Run by the sampler after its minute: when the evaluator has been silent for SILENT_INTERVALS of its
+    intervals, the monitoring-stale rule is judged here and what is due is sent (the plan's fence keeps an evaluator
+    that comes back meanwhile from writing it twice). Returns what it did, or None when the evaluator is fine."""
+    from monitoring.alerts import alerts_evaluate
+    from monitoring.notifications import notifications_dispatch, notifications_plan
+
+    now = now or timezone.now()
+    try:
+        evaluator = monitors_read().get(EVALUATOR)
+    except DatabaseError:
+        return None
+    if evaluator is None or not evaluator.silent(now):
+        return None
+    logger.warning("the alert evaluator has been silent for %.0f s: the sampler judges monitoring-stale",
+                   evaluator.age(now))
+    result = alerts_evaluate(now=now, signals={"monitoring_silent"})
+    return {"evaluation": result.as_dict(), "planned": len(notifications_plan(now=now)),
+            "dispatch": notifications_dispatch(now=now)}
