@@ -196,8 +196,10 @@ class Alert(models.Model):
     inhibited_by = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="caused",
                                      help_text="The firing alert that causes this one (not notified separately).")
     silenced_by = models.ForeignKey("Silence", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    escalation_level = models.PositiveSmallIntegerField(default=0)
+    escalation_level = models.PositiveSmallIntegerField(default=0, help_text="The highest level any policy reached.")
     escalated_at = models.DateTimeField(null=True, blank=True, help_text="When the last escalation level was told.")
+    escalations = models.JSONField(default=dict, blank=True, help_text=(
+        'Each escalation policy\'s own progress: {"<policy id>": {"level": 2, "at": "<ISO time>"}}.'))
     notified_at = models.DateTimeField(null=True, blank=True, help_text="Last firing notification sent.")
     resolved_notified = models.BooleanField(
         default=False, help_text="Its resolution has been sent, or there is none to send (nobody was told it fired).")
@@ -217,6 +219,11 @@ class Alert(models.Model):
             # The history's filters by component and by source, newest first.
             models.Index(fields=["component", "-started_at"], name="alert_component_started_idx"),
             models.Index(fields=["source", "-started_at"], name="alert_source_started_idx"),
+        ]
+        constraints = [
+            # One row per occurrence: two Alertmanager peers delivering the same alert at once (a first delivery
+            # that is already resolved has no open_key to collide on) cannot both write it.
+            models.UniqueConstraint(fields=["source", "fingerprint", "started_at"], name="alert_unique_occurrence"),
         ]
 
     def __str__(self) -> str:

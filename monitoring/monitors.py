@@ -112,3 +112,4 @@ def evaluator_watch(*, now: datetime | None = None) -> dict | None:
     result = alerts_evaluate(now=now, signals={"monitoring_silent"})
     return {"evaluation": result.as_dict(), "planned": len(notifications_plan(now=now)),
             "dispatch": notifications_dispatch(now=now)}
+

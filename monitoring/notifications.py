@@ -168,7 +168,7 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     silences = list(Silence.objects.filter(starts_at__lte=now, ends_at__gt=now))
     candidates = [alert for alert in planner_candidates() if alert.state != Alert.State.PENDING]
     # What this plan read of each candidate: its writes are fenced on it (below).
-    read = {alert.pk: (alert.notified_at, alert.resolved_notified, alert.escalation_level) for alert in candidates}
+    read = {alert.pk: (alert.notified_at, alert.resolved_notified, alert.escalated_at) for alert in candidates}
     told, escalated = _told([alert.pk for alert in candidates])
     # (in_bulk of nothing asks the database nothing)
     escalation_channels = NotificationChannel.objects.filter(enabled=True).in_bulk(set().union(*escalated.values()))
@@ -245,13 +245,13 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
                 # Fenced: each alert is written only if it is as this plan read it. Two plans can overlap (the lease
                 # changed hands during a slow pass); the one that writes second finds an alert the first notified,
                 # and its whole plan is dropped, so no message is written twice.
-                notified_at, resolved_notified, escalation_level = read[alert.pk]
+                notified_at, resolved_notified, escalated_at = read[alert.pk]
                 if not Alert.objects.filter(pk=alert.pk, notified_at=notified_at,
                                             resolved_notified=resolved_notified,
-                                            escalation_level=escalation_level).update(
+                                            escalated_at=escalated_at).update(
                         notified_at=alert.notified_at, resolved_notified=alert.resolved_notified,
                         escalation_level=alert.escalation_level, escalated_at=alert.escalated_at,
-                        silenced_by=alert.silenced_by_id):
+                        escalations=alert.escalations, silenced_by=alert.silenced_by_id):
                     raise _Overlapped(alert)
             for notification, members in planned:
                 notification.save()
@@ -279,9 +279,10 @@ def _listed(value) -> list:
 
 
 def _escalate(candidates, policies, silences, now, planned, events, touched) -> None:
-    """Each level is due ``after_minutes`` after firing, and never sooner after the previous level than the
-    policy spaces them (so an alert that was silenced for two hours reaches level 1 when the silence ends, and
-    level 2 only as long after that as level 2 comes after level 1)."""
+    """Each policy escalates on its own (``Alert.escalations``): a level is due ``after_minutes`` after firing, and
+    never sooner after that policy's previous level than the policy spaces them (so an alert that was silenced for
+    two hours reaches level 1 when the silence ends, and level 2 only as long after that as level 2 comes after
+    level 1). One level per policy per pass, each with its own message and timeline row."""
     for alert in candidates:
         if alert.state != Alert.State.FIRING or alert.fired_at is None or alert.cleared_at is not None or \
                 _quiet(alert, now, silences) is not None:
@@ -291,28 +292,32 @@ def _escalate(candidates, policies, silences, now, planned, events, touched) -> 
             if alert.severity not in _listed(policy.severities):
                 continue
             steps = list(policy.steps.all())
-            reached = max((step.after_minutes for step in steps if step.level == alert.escalation_level), default=0)
-            since_last = (now - alert.escalated_at).total_seconds() / 60 if alert.escalated_at else minutes
-            due = [step for step in steps if step.level > alert.escalation_level and minutes >= step.after_minutes
+            progress = (alert.escalations or {}).get(str(policy.pk)) or {}
+            level = int(progress.get("level") or 0)
+            last = datetime.fromisoformat(progress["at"]) if progress.get("at") else None
+            reached = max((step.after_minutes for step in steps if step.level == level), default=0)
+            since_last = (now - last).total_seconds() / 60 if last else minutes
+            due = [step for step in steps if step.level > level and minutes >= step.after_minutes
                    and since_last >= step.after_minutes - reached]
             if not due:
                 continue
-            step = due[0]  # one level per pass: each level gets its own message and timeline row
-            alert.escalation_level, alert.escalated_at = step.level, now
+            step = due[0]
+            alert.escalations = {**(alert.escalations or {}), str(policy.pk): {"level": step.level,
+                                                                               "at": now.isoformat()}}
+            alert.escalation_level, alert.escalated_at = max(alert.escalation_level, step.level), now
             touched[alert.pk] = alert
             channels = [channel for channel in step.channels.all() if channel.enabled]
             if channels and alert.notified_at is None:
                 alert.notified_at = now  # somebody was told it fires: it owes them its resolution
-            title = (f"Escalated to level {step.level} ({step.title}): unacknowledged {int(minutes)} min after it "
-                     f"fired")
+            title = (f"Escalated to level {step.level} ({step.title}) of {policy.name}: unacknowledged "
+                     f"{int(minutes)} min after it fired")
             events.append(AlertEvent(alert=alert, kind=AlertEvent.Kind.ESCALATED, at=now,
                                      message=(title if channels else f"{title}; this level has no channel")[:500],
                                      detail={"policy": policy.pk, "level": step.level,
                                              "channels": [channel.pk for channel in channels]}))
             for channel in channels:
                 _queue(planned, channel=channel, route=None, kind=Notification.Kind.ESCALATION, alerts=[alert],
-                       group_key=f"escalation:{alert.fingerprint}:{step.level}", now=now, title=title)
-            break
+                       group_key=f"escalation:{alert.fingerprint}:{policy.pk}:{step.level}", now=now, title=title)
 
 
 def channel_test(*, channel: NotificationChannel, user, address: str | None = None) -> Notification:

@@ -271,6 +271,9 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "rq-ops-portal@localhost")
 
 # Per-minute metric samples are folded into hourly ones after a day and deleted after this many days.
 METRICS_RETENTION_DAYS = env_int("METRICS_RETENTION_DAYS", 30, minimum=1)
+# Resolved alerts (with their timelines) and finished notifications (with their delivery attempts) older than this are
+# deleted by the sampler's hourly pass; open alerts and notifications still to be sent are never.
+ALERT_RETENTION_DAYS = env_int("ALERT_RETENTION_DAYS", 180, minimum=1)
 
 CAPTION_QUEUES = ("urgent", "high", "normal", "low")
 # Per-process cache (the health report's one-second cache); django-prometheus' backend counts hits and misses.

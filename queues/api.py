@@ -45,7 +45,7 @@ def fleet_api(view):
                           "(manage.py api_token create)", 401, **{"WWW-Authenticate": 'Bearer realm="fleet"'})
         token = ApiToken.objects.authenticate(header[7:].strip())
         if token is None:
-            return _error("the API token is not valid (unknown or revoked)", 401)
+            return _error("the API token is not valid (unknown, revoked or expired)", 401)
         if not token.user.is_active or not token.user.is_staff or not token.user.has_perm(MANAGE_FLEET):
             # is_staff too: a user who may no longer sign in to the admin may not act through a token either.
             return _error(f"the token's user {token.user.username!r} is not an active staff member with the "

@@ -667,7 +667,8 @@ class ApiTokenQuerySet(models.QuerySet):
         """The live token ``raw`` is, with its user, or None. Compared by digest: the table holds no token."""
         if not raw or len(raw) > 200:
             return None
-        token = self.select_related("user").filter(digest=ApiToken.digest_of(raw), revoked_at__isnull=True).first()
+        token = self.select_related("user").filter(digest=ApiToken.digest_of(raw), revoked_at__isnull=True).filter(
+            models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=timezone.now())).first()
         if token is not None:
             ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
         return token
@@ -688,6 +689,7 @@ class ApiToken(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Refused from then on; empty: never expires.")
 
     objects = ApiTokenQuerySet.as_manager()
 
@@ -705,9 +707,10 @@ class ApiToken(models.Model):
         return hashlib.sha256(raw.encode()).hexdigest()
 
     @classmethod
-    def issue(cls, *, name: str, user) -> tuple["ApiToken", str]:
+    def issue(cls, *, name: str, user, expires_at=None) -> tuple["ApiToken", str]:
         """A new token for ``user``: the row and the token (to show once)."""
         import secrets
 
         raw = "rqo_" + secrets.token_urlsafe(32)
-        return cls.objects.create(name=name, user=user, digest=cls.digest_of(raw), prefix=raw[:10]), raw
+        return cls.objects.create(name=name, user=user, digest=cls.digest_of(raw), prefix=raw[:10],
+                                  expires_at=expires_at), raw

@@ -437,9 +437,10 @@ def test_summary_computes_mean_times_to_acknowledge_and_resolve(client, support_
     fired = timezone.now() - timedelta(hours=5)
     make_alert(started=fired, acknowledged_at=fired + timedelta(minutes=2), state="resolved",
                resolved_at=fired + timedelta(minutes=10))
-    make_alert(started=fired, acknowledged_at=fired + timedelta(minutes=4), state="resolved",
-               resolved_at=fired + timedelta(minutes=20), flaps=3)
-    make_alert(started=fired)  # still firing, not acknowledged: in neither mean
+    again = fired + timedelta(seconds=1)  # one occurrence of a condition per start
+    make_alert(started=again, acknowledged_at=again + timedelta(minutes=4), state="resolved",
+               resolved_at=again + timedelta(minutes=20), flaps=3)
+    make_alert(started=fired + timedelta(seconds=2))  # still firing, not acknowledged: in neither mean
     make_alert("backlog-high", started=fired, state="resolved", resolved_at=fired + timedelta(hours=1))
     make_alert("backlog-high", started=timezone.now() - timedelta(days=10))  # outside the period
     client.force_login(support_user)
@@ -860,3 +861,33 @@ def test_an_alertmanager_alerts_page_offers_no_silence_and_names_its_notifier(cl
     portal = make_alert("backlog-high")
     html = page(client, reverse("admin:monitoring_alert_change", args=[portal.pk]))
     assert alert_url("silence", portal) in html and "the portal (its routes" in html
+
+
+def test_the_history_keeps_alert_retention_days_and_never_what_is_still_needed(settings):
+    """Alerts, their timelines, notifications and delivery attempts grew without end."""
+    from monitoring.models import DeliveryAttempt, Notification, NotificationChannel
+    from monitoring.retention import alert_history_prune
+
+    settings.ALERT_RETENTION_DAYS = 30
+    long_ago = timezone.now() - timedelta(days=40)
+    old = make_alert(state="resolved", started=long_ago, resolved_at=long_ago, resolved_notified=True)
+    owed = make_alert("backlog-high", state="resolved", started=long_ago, resolved_at=long_ago)  # resolution owed
+    still_open = make_alert("wait-long", started=long_ago)
+    recent = make_alert("dead-letters-high", state="resolved", resolved_at=timezone.now(), resolved_notified=True)
+    AlertEvent.objects.create(alert=old, kind=AlertEvent.Kind.RESOLVED, at=long_ago)
+    channel = NotificationChannel.objects.create(name="hook", kind="webhook", config={"url": "https://x.example/"})
+
+    def notification(alert):
+        sent = Notification.objects.create(channel=channel, kind="firing", subject="s", body={}, created_at=long_ago,
+                                           next_attempt_at=long_ago, status=Notification.Status.DELIVERED)
+        sent.alerts.set([alert])
+        DeliveryAttempt.objects.create(notification=sent, channel=channel, at=long_ago, outcome="delivered")
+        return sent
+
+    gone, kept = notification(old), notification(still_open)
+    assert alert_history_prune(batch=1) == {"alerts": 1, "notifications": 1}
+    assert set(Alert.objects.values_list("pk", flat=True)) == {owed.pk, still_open.pk, recent.pk}
+    assert not AlertEvent.objects.filter(alert_id=old.pk).exists()
+    assert list(Notification.objects.values_list("pk", flat=True)) == [kept.pk], \
+        "the open alert's message stays: the planner reads it to know its route was told"
+    assert not DeliveryAttempt.objects.filter(notification_id=gone.pk).exists()

@@ -263,3 +263,21 @@ def test_a_chunked_body_over_the_limit_is_refused_under_the_asgi_server():
         assert not Alert.objects.exists()
     finally:
         stop_process(server)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_occurrence_is_one_row_even_when_two_peers_deliver_it_at_once(post):
+    """Two Alertmanager peers delivered an already-resolved alert at the same moment: it has no open_key to collide
+    on, and both rows were written. The database now refuses a second row for one occurrence (the webhook answers
+    such a race 503, and Alertmanager's retry finds the row); a repeated delivery updates the first."""
+    from django.db import IntegrityError, transaction
+
+    resolved = json.loads(json.dumps(PAYLOAD))
+    resolved["alerts"][0].update(status="resolved", endsAt="2026-11-30T22:20:00Z")
+    assert post(resolved).status_code == 200
+    first = Alert.objects.get()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Alert.objects.create(source=first.source, fingerprint=first.fingerprint, started_at=first.started_at,
+                             name=first.name, severity=first.severity, summary=first.summary, state=first.state,
+                             holding_since=first.started_at, last_seen_at=first.last_seen_at)
+    assert post(resolved).status_code == 200 and Alert.objects.count() == 1

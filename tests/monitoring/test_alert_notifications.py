@@ -578,3 +578,33 @@ def test_the_planners_query_searches_its_index_instead_of_scanning_the_history()
     if connection.vendor == "sqlite":
         assert "SEARCH monitoring_alert USING INDEX alert_pending_resolution_idx" in plan, plan
         assert "SCAN monitoring_alert" not in plan, plan
+
+
+def test_two_escalation_policies_each_reach_their_own_levels(redis, http_server):
+    """The level reached was one column shared by every policy: the database team's policy (level 1 at 10 min) was
+    skipped because the default one had reached level 1 at 5 min, and its level 2 was spaced from the other's."""
+    from monitoring.models import EscalationStep
+
+    only("redis-unreachable")
+    default = EscalationPolicy.objects.get(name="Default escalation")
+    default.steps.filter(level__gt=1).delete()
+    sysadmin = NotificationChannel.objects.create(name="sysadmin", kind="webhook",
+                                                  config={"url": http_server.route("/sys", respond(200, b"{}"))})
+    default.steps.get(level=1).channels.add(sysadmin)
+    dba = NotificationChannel.objects.create(name="dba", kind="webhook",
+                                             config={"url": http_server.route("/dba", respond(200, b"{}"))})
+    team = EscalationPolicy.objects.create(name="Database team", severities=["critical"])
+    EscalationStep.objects.create(policy=team, level=1, title="DBA on call", after_minutes=10).channels.add(dba)
+    EscalationStep.objects.create(policy=team, level=2, title="DBA lead", after_minutes=20).channels.add(dba)
+    t0 = timezone.now()
+    sent = {}
+    for minutes in (0, 5, 10, 15, 20):
+        sent[minutes] = sorted((n.channel.name, n.body["text"].split("\n")[0]) for n in
+                               evaluate(t0 + timedelta(minutes=minutes), redis=False))
+    assert [name for name, _ in sent[5]] == ["sysadmin"]
+    assert [name for name, _ in sent[10]] == ["dba"] and "level 1 (DBA on call) of Database team" in sent[10][0][1]
+    assert sent[15] == []
+    assert [name for name, _ in sent[20]] == ["dba"] and "level 2 (DBA lead)" in sent[20][0][1]
+    alert = Alert.objects.get()
+    assert alert.escalation_level == 2
+    assert {key: value["level"] for key, value in alert.escalations.items()} == {str(default.pk): 1, str(team.pk): 2}

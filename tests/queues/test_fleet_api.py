@@ -2,10 +2,12 @@
 audited like the admin's buttons; every refusal is JSON naming what is wrong."""
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.utils import timezone
 
 from queues import broker
 from queues.models import ApiToken, AuditEntry, FleetEvent, WorkerPool
@@ -125,6 +127,7 @@ def test_the_command_issues_lists_and_revokes_tokens(operator_user, support_user
         call_command("api_token", "create", "support", "--user", support_user.username)
     with pytest.raises(CommandError, match="no user named 'ghost'"):
         call_command("api_token", "create", "ghost", "--user", "ghost")
+    assert ApiToken.objects.get(name="deploy hook").expires_at is not None, "90 days unless told otherwise"
     call_command("api_token", "revoke", "deploy hook")
     assert ApiToken.objects.authenticate(raw) is None
     # Audited as the command and the account that ran it, not as the token's owner (who did neither).
@@ -134,3 +137,21 @@ def test_the_command_issues_lists_and_revokes_tokens(operator_user, support_user
     assert AuditEntry.objects.filter(action__in=["api_token_create", "api_token_revoke"]).count() == 2
     with pytest.raises(CommandError, match="no active token"):
         call_command("api_token", "revoke", "deploy hook")
+
+
+def test_an_expired_token_is_refused(client, pool, operator_user, capsys):
+    """Tokens never expired: a forgotten script's token worked for ever."""
+    call_command("api_token", "create", "one day", "--user", operator_user.username, "--days", "1")
+    issued = capsys.readouterr()
+    raw = issued.out.strip()
+    assert "expires" in issued.err
+    assert post(client, "/api/rq/workers/scale", {"count": 3}, raw).status_code == 200
+    ApiToken.objects.filter(name="one day").update(expires_at=timezone.now() - timedelta(seconds=1))
+    refused = post(client, "/api/rq/workers/scale", {"count": 4}, raw)
+    assert refused.status_code == 401 and "expired" in refused.json()["error"]
+    call_command("api_token", "list")
+    assert "one day" in capsys.readouterr().out.split("expired")[0]
+    call_command("api_token", "create", "forever", "--user", operator_user.username, "--no-expiry")
+    assert ApiToken.objects.get(name="forever").expires_at is None
+    with pytest.raises(CommandError, match="--days must be between 1 and 3650"):
+        call_command("api_token", "create", "never", "--user", operator_user.username, "--days", "0")

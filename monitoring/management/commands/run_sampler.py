@@ -8,6 +8,7 @@ from django.db import close_old_connections
 from monitoring.alerts import lease_holder_name
 from monitoring.dashboard import LiveSampler
 from monitoring.monitors import SAMPLER, SAMPLER_INTERVAL, evaluator_watch, monitor_pass
+from monitoring.retention import alert_history_prune
 from monitoring.sampler import sample_take, samples_compact
 from portal.logs import announce
 from queues import broker
@@ -58,6 +59,7 @@ class Command(BaseCommand):
                     monitor_pass(SAMPLER, holder=holder, interval=SAMPLER_INTERVAL)  # a sample taken: a pass
                 if last_compact is None or now - last_compact > 3600:
                     samples_compact()
+                    alert_history_prune()
                     last_compact = now
                 live.step()  # only the lock holder, and only while a dashboard is open
             except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS) as error:

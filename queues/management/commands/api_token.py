@@ -1,3 +1,5 @@
+from datetime import timedelta
+
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import IntegrityError, transaction
@@ -6,6 +8,8 @@ from django.utils import timezone
 from queues.fleet import audit, audit_via, command_account
 from queues.fleet_admin import MANAGE_FLEET
 from queues.models import ApiToken
+
+DEFAULT_DAYS = 90
 
 
 class Command(BaseCommand):
@@ -17,6 +21,10 @@ class Command(BaseCommand):
         create = actions.add_parser("create", help="Issue a token and print it (once).")
         create.add_argument("name", help="What will use it, e.g. 'runbook on ops-1' (unique).")
         create.add_argument("--user", required=True, help="The username the token acts as.")
+        lifetime = create.add_mutually_exclusive_group()
+        lifetime.add_argument("--days", type=int, default=DEFAULT_DAYS,
+                              help=f"Days until it expires and is refused (default {DEFAULT_DAYS}).")
+        lifetime.add_argument("--no-expiry", action="store_true", help="It never expires (revoke it by hand).")
         actions.add_parser("list", help="The tokens, without their secret.")
         revoke = actions.add_parser("revoke", help="Revoke a token by name: its calls are refused from now on.")
         revoke.add_argument("name")
@@ -26,8 +34,11 @@ class Command(BaseCommand):
         with audit_via(f"manage.py api_token {action} (account {command_account()})"):
             getattr(self, f"_{action}")(**options)
 
-    def _create(self, *, name, user, **options):
+    def _create(self, *, name, user, days=DEFAULT_DAYS, no_expiry=False, **options):
         name = name.strip()
+        if not no_expiry and not 1 <= days <= 3650:
+            raise CommandError(f"--days must be between 1 and 3650; got {days} (or give --no-expiry)")
+        expires_at = None if no_expiry else timezone.now() + timedelta(days=days)
         if not name or len(name) > 100:
             raise CommandError("name: give 1 to 100 characters")
         try:
@@ -39,20 +50,26 @@ class Command(BaseCommand):
                                "Admin), so the token could do nothing")
         try:
             with transaction.atomic():  # a savepoint: a taken name leaves the caller's transaction usable
-                token, raw = ApiToken.issue(name=name, user=owner)
+                token, raw = ApiToken.issue(name=name, user=owner, expires_at=expires_at)
         except IntegrityError:
             raise CommandError(f"name: a token named {name!r} exists already") from None
         audit(user=None, action="api_token_create", target=token.name, detail={"token_user": owner.username})
         self.stdout.write(raw)
-        self.stderr.write(f"Token {token.name!r} for {owner.username}: keep it now, it is not shown again. Send it as "
-                          "'Authorization: Bearer <token>'.")
+        lasts = f"expires {expires_at:%Y-%m-%d %H:%M %Z}" if expires_at else "never expires"
+        self.stderr.write(f"Token {token.name!r} for {owner.username} ({lasts}): keep it now, it is not shown again. "
+                          "Send it as 'Authorization: Bearer <token>'.")
 
     def _list(self, **options):
         tokens = list(ApiToken.objects.select_related("user"))
         if not tokens:
             self.stdout.write("No API tokens.")
         for token in tokens:
-            state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
+            if token.revoked_at:
+                state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}"
+            elif token.expires_at and token.expires_at <= timezone.now():
+                state = f"expired {token.expires_at:%Y-%m-%d %H:%M}"
+            else:
+                state = f"active until {token.expires_at:%Y-%m-%d %H:%M}" if token.expires_at else "active"
             used = f"last used {token.last_used_at:%Y-%m-%d %H:%M}" if token.last_used_at else "never used"
             self.stdout.write(f"{token.name}\t{token.prefix}…\t{token.user.username}\t{state}\t{used}")
 
