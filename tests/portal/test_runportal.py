@@ -77,7 +77,7 @@ def test_run_command_serves_processes_tasks_and_stops_everything(tmp_path):
         time.sleep(3)  # a few of the evaluator's passes with the fleet up
         # A fresh start pages nobody: the evaluator ran before the first workers had started, and no-active-workers
         # and health-unhealthy fired in its first second.
-        alerts = database.execute("select name, state from monitoring_alert").fetchall()
+        alerts = database.execute("select name, state, summary, started_at from monitoring_alert").fetchall()
         database.close()
         assert done == 6
         assert lease is not None, "the local runner starts the alert evaluator"
