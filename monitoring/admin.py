@@ -105,6 +105,8 @@ def duration_text(value: timedelta | None) -> str:
     return f"{days} d {hours} h" if hours else f"{days} d"
 
 
+ALERTMANAGER_NOTIFIES = ("Prometheus Alertmanager notifies this alert, not the portal: silence it in Alertmanager "
+                         "(amtool silence add); a silence or shelving here would stop nothing.")
 TIMELINE_ROWS = 300  # an alert page shows at most this many timeline rows and notifications (the newest)
 
 
@@ -634,6 +636,8 @@ class AlertAdmin(ReadOnlyAdmin):
         alert = get_object_or_404(Alert, pk=alert_id)
 
         def create(alert, data):
+            if alert.source == Alert.Source.ALERTMANAGER:
+                raise AlertError(ALERTMANAGER_NOTIFIES)
             return silence_create(matchers=data["matchers"], ends_at=timezone.now() + timedelta(hours=data["hours"]),
                                   reason=data["reason"], user=request.user, address=client_address(request))
 

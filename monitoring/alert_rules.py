@@ -27,6 +27,7 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 WINDOW_MINUTES = 5
+CRASH_LOOP_STARTS, CRASH_LOOP_GRACES = 5, 5  # see Readings.fleet_starting
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,12 @@ class Readings:
                 return False
             if self.started_at is not None and self.now - self.started_at < grace:
                 return True
-            return FleetEvent.objects.filter(kind=FleetEvent.Kind.SUPERVISOR_STARTED,
-                                             at__gt=self.now - grace).exists()
+            # A supervisor that keeps restarting (a crash loop writes a start event each time) is no start: with
+            # more than CRASH_LOOP_STARTS starts in CRASH_LOOP_GRACES graces the workers are judged.
+            starts = list(FleetEvent.objects.filter(kind=FleetEvent.Kind.SUPERVISOR_STARTED,
+                                                    at__gt=self.now - CRASH_LOOP_GRACES * grace)
+                          .order_by("-at").values_list("at", flat=True)[:CRASH_LOOP_STARTS + 1])
+            return bool(starts) and self.now - starts[0] < grace and len(starts) <= CRASH_LOOP_STARTS
         except DatabaseError:
             return False
 

@@ -357,9 +357,11 @@ def alerts_cycle(*, state: EvaluatorState, now: datetime | None = None) -> dict:
             lease = lease_current()
             return {"lease": False, "holder": lease.holder if lease else "", **report}
         report["lease"] = True
+        # Recorded as the pass begins: the evaluator never judges itself silent (after a restart its row is as old
+        # as the downtime); a hung pass ages the row, and the sampler judges that.
+        monitor_pass(EVALUATOR, holder=state.holder, interval=state.interval or settings.ALERTS_EVALUATION_INTERVAL)
         readings = Readings(now=now, started_at=state.started_at)
         report["evaluation"] = alerts_evaluate(now=now, readings=readings).as_dict()
-        monitor_pass(EVALUATOR, holder=state.holder, interval=state.interval or settings.ALERTS_EVALUATION_INTERVAL)
         report["expired"] = alertmanager_alerts_expire(now=now)
         report["planned"] = len(notifications_plan(now=now))
         report["dispatch"] = notifications_dispatch(
@@ -438,6 +440,9 @@ def alert_unacknowledge(*, alert: Alert, user, address: str | None = None) -> Al
 def alert_shelve(*, alert: Alert, user, until: datetime | None, address: str | None = None) -> Alert:
     """Shelving hides nothing: it stops notifications until ``until`` (None unshelves)."""
     now = timezone.now()
+    if until is not None and alert.source == Alert.Source.ALERTMANAGER:
+        raise AlertError("Prometheus Alertmanager notifies this alert, not the portal: silence it in Alertmanager "
+                         "(amtool silence add); shelving it here would stop nothing.")
     if until is not None and until <= now:
         raise AlertError("'until' must be in the future.")
     if until is not None and alert.state == Alert.State.RESOLVED:
@@ -587,8 +592,14 @@ def alertmanager_ingest(payload) -> dict:
     alerts = _am_parse(payload)
     now = timezone.now()
     created = updated = resolved = 0
-    firing = sum(1 for item in alerts if item["status"] == "firing")
-    if firing and Alert.objects.open().filter(source=Alert.Source.ALERTMANAGER).count() + firing > \
+    # Only new occurrences count against the cap: Alertmanager's repeats of open alerts must keep them alive.
+    firing = {(f"am:{item['fingerprint']}"[:64], item["starts_at"]) for item in alerts if item["status"] == "firing"}
+    if firing:
+        known = set(Alert.objects.filter(source=Alert.Source.ALERTMANAGER,
+                                         fingerprint__in={fingerprint for fingerprint, _ in firing})
+                    .values_list("fingerprint", "started_at"))
+        firing -= known
+    if firing and Alert.objects.open().filter(source=Alert.Source.ALERTMANAGER).count() + len(firing) > \
             MAX_OPEN_ALERTMANAGER_ALERTS:
         raise TooManyOpenAlerts(f"the history already holds {MAX_OPEN_ALERTMANAGER_ALERTS} open alerts from "
                                 f"Alertmanager; new firings wait until some resolve or expire")

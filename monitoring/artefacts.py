@@ -65,11 +65,14 @@ def prometheus_alerting_rules(*, max_for_seconds: int | None = None) -> list[dic
         clear = rule.clear_seconds if max_for_seconds is None else min(rule.clear_seconds, max_for_seconds)
         if clear:
             entry["keep_firing_for"] = _duration(clear)
-        # notified_by: the portal's evaluator pages for its rules; the exported Alertmanager configuration sends
-        # these twins nowhere, so one condition is never paged twice (monitoring.artefacts.alertmanager_config).
+        # notified_by: the portal's evaluator pages for its rules and the exported Alertmanager configuration sends
+        # these twins nowhere, so one condition is never paged twice (alertmanager_config). Except where the portal
+        # cannot page while the condition holds: with the database down it writes nothing (it records the outage
+        # once the database answers), so Prometheus' twin is the live page.
+        notifier = "alertmanager" if rule.signal in PAGED_BY_ALERTMANAGER else "portal"
         entry["labels"] = {**{str(key): str(value) for key, value in (rule.labels or {}).items()},
                            "severity": rule.severity, "component": rule.component, "rule": rule.name,
-                           NOTIFIED_BY: "portal"}
+                           NOTIFIED_BY: notifier}
         entry["annotations"] = {"summary": rule.title, "description": signal.label, "runbook": rule.runbook,
                                 "runbook_url": runbook_url}
         rules.append(entry)
@@ -77,6 +80,8 @@ def prometheus_alerting_rules(*, max_for_seconds: int | None = None) -> list[dic
 
 
 NOTIFIED_BY = "notified_by"  # the label saying who pages for an exported alert: "portal" or "alertmanager"
+# Signals whose alerts the portal cannot send while they hold (the database is where its notifications are written).
+PAGED_BY_ALERTMANAGER = {"database_up"}
 WATCHDOG = "RQWatchdog"
 MONITORING_DOWN = "RQPortalMonitoringDown"
 

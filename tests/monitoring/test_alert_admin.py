@@ -858,6 +858,14 @@ def test_an_alertmanager_alerts_page_offers_no_silence_and_names_its_notifier(cl
     assert alert_url("acknowledge", alert) in html
     assert alert_url("silence", alert) not in html and alert_url("shelve", alert) not in html
     assert "Prometheus Alertmanager, not the portal" in html and "amtool silence add" in html
+    # The buttons are gone, and the pages refuse it on the server too.
+    refused = client.post(alert_url("shelve", alert), {"shelve_for": "4h"}, follow=True)
+    assert "Alertmanager notifies this alert" in refused.content.decode()
+    refused = client.post(alert_url("silence", alert), {"matchers": "alertname=X", "hours": "2", "reason": "r"},
+                          follow=True)
+    assert "Alertmanager notifies this alert" in refused.content.decode()
+    alert.refresh_from_db()
+    assert alert.shelved_until is None and not Silence.objects.exists()
     portal = make_alert("backlog-high")
     html = page(client, reverse("admin:monitoring_alert_change", args=[portal.pk]))
     assert alert_url("silence", portal) in html and "the portal (its routes" in html

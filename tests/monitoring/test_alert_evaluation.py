@@ -324,3 +324,10 @@ def test_rules_about_workers_wait_while_a_supervisor_starts_its_workers(redis, s
     Alert.objects.all().delete()
     evaluate(t0 + timedelta(seconds=61), workers=0)
     assert Alert.objects.get(name="no-active-workers").state == Alert.State.FIRING, "the grace is over"
+    # A supervisor in a crash loop writes a start event every few seconds: that is no start, and hides nothing.
+    Alert.objects.all().delete()
+    t1 = t0 + timedelta(minutes=10)
+    FleetEvent.objects.bulk_create([FleetEvent(kind=FleetEvent.Kind.SUPERVISOR_STARTED, at=t1 - timedelta(seconds=s))
+                                    for s in (50, 40, 30, 20, 10, 1)])
+    evaluate(t1, workers=0)
+    assert Alert.objects.get(name="no-active-workers").state == Alert.State.FIRING

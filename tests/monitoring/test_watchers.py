@@ -85,3 +85,18 @@ def test_a_silent_evaluator_is_judged_and_paged_by_the_sampler(redis, webhook): 
         assert body["status"] == "firing" and body["alerts"][0]["name"] == "monitoring-stale"
     finally:
         stop_process(sampler)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("seeded_alert_rules")
+def test_an_evaluator_back_after_a_downtime_does_not_judge_itself_silent(redis):
+    """A deploy stopped the evaluator for 100 s: its row is that old when it starts again. It recorded its pass
+    only after judging, so it fired monitoring-stale about itself at every restart."""
+    from monitoring.alerts import EvaluatorState, alerts_cycle
+
+    only("monitoring-stale")
+    monitor_pass(SAMPLER, holder="host-a:1", interval=60)
+    silent_since(EVALUATOR, 100, interval=10)
+    report = alerts_cycle(state=EvaluatorState(holder="host-b:2"))
+    assert report["lease"] is True and "monitoring-stale" not in report["evaluation"]["unknown"]
+    assert not Alert.objects.filter(name="monitoring-stale").exists()

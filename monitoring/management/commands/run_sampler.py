@@ -50,9 +50,6 @@ class Command(BaseCommand):
             now = time.time()
             try:
                 minute = int(now // 60)
-                if minute != last_watched:
-                    last_watched = minute
-                    self._watch()  # once a minute, Redis or not: it needs only the database
                 if minute != last_minute:
                     sample_take()
                     last_minute = minute
@@ -66,6 +63,12 @@ class Command(BaseCommand):
                 logger.warning("sampler: Redis unreachable: %s", error)
             except Exception:
                 logger.exception("sampler pass failed")
+            minute = int(now // 60)
+            if minute != last_watched:
+                # Once a minute, after its own pass (it never judges itself silent), Redis or not: the watch needs
+                # only the database.
+                last_watched = minute
+                self._watch()
             # On a fixed schedule (a slow pass does not push the next one later), skipping passes that were missed.
             next_pass += live_interval
             if next_pass < time.monotonic():
