@@ -44,6 +44,7 @@ from django.utils.text import capfirst
 
 from monitoring.alert_rules import signal_choices
 from monitoring.alerts import (
+    ALERTMANAGER_NOTIFIES,
     AlertError,
     alert_acknowledge,
     alert_shelve,
@@ -105,8 +106,6 @@ def duration_text(value: timedelta | None) -> str:
     return f"{days} d {hours} h" if hours else f"{days} d"
 
 
-ALERTMANAGER_NOTIFIES = ("Prometheus Alertmanager notifies this alert, not the portal: silence it in Alertmanager "
-                         "(amtool silence add); a silence or shelving here would stop nothing.")
 TIMELINE_ROWS = 300  # an alert page shows at most this many timeline rows and notifications (the newest)
 
 

@@ -90,18 +90,18 @@ class Readings:
     @cached_property
     def fleet_starting(self) -> bool:
         """Whether the fleet is (re)starting: a supervisor or this evaluator started less than FLEET_START_GRACE
-        seconds ago, Redis answers, and fewer caption slots are alive than the pools desire. The supervisor's own record says when
-        it started (its SUPERVISOR_STARTED event, written as it starts its workers); the evaluator counts its own
-        start because at a fresh start it may run before the supervisor has written anything."""
+        seconds ago, Redis answers, and fewer caption slots are alive than the pools desire. The supervisor's own
+        record says when it started (its SUPERVISOR_STARTED event, written as it starts its workers); the evaluator
+        counts its own start because at a fresh start it may run before the supervisor has written anything."""
         from django.conf import settings
 
-        from queues.models import FleetEvent, WorkerPool
+        from queues.models import FleetEvent
 
         grace = timedelta(seconds=settings.FLEET_START_GRACE)
         if not grace or not self.snapshot.redis_ok:
             return False  # with Redis down no worker can start: Redis is the page, the rest are its consequences
         try:
-            desired = sum(WorkerPool.objects.values_list("desired", flat=True))
+            desired = sum(pool["desired"] for pool in self.snapshot.pools)  # read with the snapshot
             alive = sum(int(worker.get("slots") or 1) for worker in self.snapshot.alive_workers)
             if not desired or alive >= desired:
                 return False

@@ -46,6 +46,7 @@ from monitoring.alert_rules import SIGNALS, Reading, Readings
 from monitoring.matchers import MatcherError, matchers_validate
 from monitoring.models import Alert, AlertEvent, AlertRule, Lease, Severity, Silence
 from monitoring.monitors import EVALUATOR, monitor_pass
+from monitoring.transports.base import url_error
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +58,15 @@ class AlertError(Exception):
     """An alert action that cannot be done (the message says why, for the admin or the command line)."""
 
 
-def http_url(url: str) -> bool:
-    """Whether ``url`` is an http(s) URL with a host: the only links the portal stores or shows from what others
-    send. Any host, internal names too (``http://prometheus:9090/graph``, which Django's URLValidator refuses for
-    want of a top-level domain); no spaces or control characters."""
-    from urllib.parse import urlsplit
+# Why an Alertmanager alert is not silenced or shelved here.
+ALERTMANAGER_NOTIFIES = ("Prometheus Alertmanager notifies this alert, not the portal: silence it in Alertmanager "
+                         "(amtool silence add); a silence or shelving here would stop nothing.")
 
-    if not isinstance(url, str) or any(character.isspace() or ord(character) < 32 for character in url):
-        return False
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+def http_url(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL with a host (any host, internal names too: ``http://prometheus:9090``): the
+    only links the portal stores or shows from what others send."""
+    return url_error(url) is None
 
 
 def fingerprint_of(labels: dict) -> str:
@@ -441,8 +438,7 @@ def alert_shelve(*, alert: Alert, user, until: datetime | None, address: str | N
     """Shelving hides nothing: it stops notifications until ``until`` (None unshelves)."""
     now = timezone.now()
     if until is not None and alert.source == Alert.Source.ALERTMANAGER:
-        raise AlertError("Prometheus Alertmanager notifies this alert, not the portal: silence it in Alertmanager "
-                         "(amtool silence add); shelving it here would stop nothing.")
+        raise AlertError(ALERTMANAGER_NOTIFIES)
     if until is not None and until <= now:
         raise AlertError("'until' must be in the future.")
     if until is not None and alert.state == Alert.State.RESOLVED:
@@ -585,6 +581,11 @@ def _am_parse(payload) -> list[dict]:
     return parsed
 
 
+def _am_fingerprint(item: dict) -> str:
+    """An Alertmanager alert's fingerprint in the history (kept apart from the portal's own)."""
+    return f"am:{item['fingerprint']}"[:64]
+
+
 def alertmanager_ingest(payload) -> dict:
     """Lands Alertmanager's alerts in the history. An alert is one row per (fingerprint, start): a repeat of the
     same firing updates it, its resolution resolves it, a new firing of the same labels is a new alert. The whole
@@ -593,7 +594,7 @@ def alertmanager_ingest(payload) -> dict:
     now = timezone.now()
     created = updated = resolved = 0
     # Only new occurrences count against the cap: Alertmanager's repeats of open alerts must keep them alive.
-    firing = {(f"am:{item['fingerprint']}"[:64], item["starts_at"]) for item in alerts if item["status"] == "firing"}
+    firing = {(_am_fingerprint(item), item["starts_at"]) for item in alerts if item["status"] == "firing"}
     if firing:
         known = set(Alert.objects.filter(source=Alert.Source.ALERTMANAGER,
                                          fingerprint__in={fingerprint for fingerprint, _ in firing})
@@ -608,7 +609,7 @@ def alertmanager_ingest(payload) -> dict:
             labels = item["labels"]
             severity = labels.get("severity", "warning")
             severity = severity if severity in _AM_SEVERITIES else Severity.WARNING
-            fingerprint = f"am:{item['fingerprint']}"[:64]
+            fingerprint = _am_fingerprint(item)
             alert = Alert.objects.select_for_update().filter(
                 source=Alert.Source.ALERTMANAGER, fingerprint=fingerprint, started_at=item["starts_at"]).first()
             summary = (item["annotations"].get("summary") or item["annotations"].get("description")

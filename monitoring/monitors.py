@@ -1,8 +1,8 @@
 """Who watches the watchers: the portal's own monitors (the sampler and the alert evaluator) record each pass, and
 one that has been silent for ``SILENT_INTERVALS`` of its intervals is reported.
 
-- ``monitor_pass`` is called by the sampler once a minute and by the active evaluator after each pass: one UPDATE
-  of a two-row table, on the database's clock.
+- ``monitor_pass`` is called by the sampler once a minute (after a sample) and by the active evaluator as each pass
+  begins: one UPDATE of a two-row table, on the database's clock.
 - The health report shows a component per monitor with the age of its last pass, and /metrics exports
   ``rq_monitor_last_pass_timestamp_seconds`` and ``rq_monitor_interval_seconds`` (snapshot.monitors).
 - The ``monitoring-stale`` rule (signal ``monitoring_silent``) fires when either has been silent that long. The
@@ -36,13 +36,14 @@ def monitor_pass(name: str, *, holder: str, interval: float) -> None:
     """Records that ``name`` did its work now."""
     from queues.models import UtcNow
 
-    if MonitorPass.objects.filter(name=name).update(at=UtcNow(), holder=holder[:200], interval_seconds=interval):
+    values = {"holder": holder[:200], "interval_seconds": interval}
+    if MonitorPass.objects.filter(name=name).update(at=UtcNow(), **values):
         return
     try:
         with transaction.atomic():
-            MonitorPass.objects.create(name=name, holder=holder[:200], at=timezone.now(), interval_seconds=interval)
+            MonitorPass.objects.create(name=name, at=timezone.now(), **values)
     except IntegrityError:  # another process created it meanwhile
-        MonitorPass.objects.filter(name=name).update(at=UtcNow(), holder=holder[:200], interval_seconds=interval)
+        MonitorPass.objects.filter(name=name).update(at=UtcNow(), **values)
 
 
 @dataclass(frozen=True)

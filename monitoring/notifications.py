@@ -370,7 +370,6 @@ def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = 
     between sends here (each can take the transport's timeout), so the evaluator's lease outlives a long run of
     them."""
     from queues import broker
-
     from queues.models import UtcNow, database_now_expression
 
     now = now or timezone.now()

@@ -98,13 +98,13 @@ def api_alerts(request):
         return JsonResponse(alerts_current())
     except DatabaseError:
         logger.exception("/api/rq/alerts: the database failed")
-        return _unavailable("the database does not answer")
+        return _unavailable("the database does not answer; try again shortly")
 
 
-def _unavailable(what: str) -> JsonResponse:
+def _unavailable(error: str, retry_after: int = 10) -> JsonResponse:
     """503 with Retry-After: JSON, never Django's HTML error page."""
-    response = JsonResponse({"error": f"{what}; try again shortly"}, status=503)
-    response["Retry-After"] = "10"
+    response = JsonResponse({"error": error}, status=503)
+    response["Retry-After"] = str(retry_after)
     return response
 
 
@@ -157,16 +157,14 @@ def alertmanager_webhook(request):
     except PayloadError as error:
         return JsonResponse({"error": str(error)}, status=400)
     except TooManyOpenAlerts as error:
-        response = JsonResponse({"error": str(error)}, status=503)
-        response["Retry-After"] = "300"
-        return response
+        return _unavailable(str(error), retry_after=300)
     except IntegrityError:
         # Two Alertmanagers of a cluster delivered the same new alert at the same moment: the other one's is in.
         # Alertmanager retries on 5xx, and the retry finds the row.
         return JsonResponse({"error": "the same alert arrived twice at once; try again"}, status=503)
     except DatabaseError:
         logger.exception("Alertmanager webhook: the database failed")
-        return _unavailable("the database does not answer")  # Alertmanager retries a 5xx
+        return _unavailable("the database does not answer; try again shortly")  # Alertmanager retries a 5xx
     return JsonResponse({"status": "ok", **result})
 
 

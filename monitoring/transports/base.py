@@ -106,6 +106,8 @@ def url_error(value) -> str | None:
         return "has no host"
     if any(character.isspace() for character in value):
         return "must not contain spaces"
+    if any(ord(character) < 32 or ord(character) == 127 for character in value):
+        return "must not contain control characters"
     return None
 
 

@@ -33,8 +33,9 @@ def worker(state="idle"):
             "pool": "default", "rss": None, "slots": 1, "busy_slots": int(state == "busy")}
 
 
-def snapshot(*, redis=True, database=True, lengths=None, workers=2, busy=0):
+def snapshot(*, redis=True, database=True, lengths=None, workers=2, busy=0, pools=()):
     return Snapshot(redis_ok=redis, redis_error="" if redis else "Connection refused", database_ok=database,
+                    pools=[{"name": name, "desired": desired, "queues": [], "slots": 1} for name, desired in pools],
                     queue_lengths=(lengths or {}) if redis else {},
                     dead_letters={"urgent": 0, "high": 0, "normal": 0, "low": 0} if redis else {},
                     workers=([worker("busy") for _ in range(busy)] + [worker() for _ in range(workers - busy)])
@@ -309,25 +310,25 @@ def test_a_database_outage_is_recorded_once_when_it_ends_whoever_holds_the_lease
 def test_rules_about_workers_wait_while_a_supervisor_starts_its_workers(redis, settings):
     """A supervisor's start (a deploy, a restart) leaves no alert about workers while they come up; once the grace is
     over, or the workers are up, the rules judge them as always."""
-    from queues.models import FleetEvent, WorkerPool
+    from queues.models import FleetEvent
 
     settings.FLEET_START_GRACE = 60
     only("no-active-workers", "redis-unreachable")
-    WorkerPool.objects.update_or_create(name="default", defaults={"desired": 2, "minimum": 1, "maximum": 10})
+    pools = [("default", 2)]  # the pools the snapshot read: two slots desired
     t0 = timezone.now()
     FleetEvent.objects.create(kind=FleetEvent.Kind.SUPERVISOR_STARTED, at=t0)
-    result = evaluate(t0 + timedelta(seconds=5), workers=0)
+    result = evaluate(t0 + timedelta(seconds=5), workers=0, pools=pools)
     assert not Alert.objects.exists() and result.unknown == ["no-active-workers"]
-    evaluate(t0 + timedelta(seconds=10), redis=False)
+    evaluate(t0 + timedelta(seconds=10), redis=False, pools=pools)
     assert sorted(Alert.objects.values_list("name", flat=True)) == ["no-active-workers", "redis-unreachable"], \
         "Redis down: no worker can start, so the workers are judged (and Redis' alert is their cause)"
     Alert.objects.all().delete()
-    evaluate(t0 + timedelta(seconds=61), workers=0)
+    evaluate(t0 + timedelta(seconds=61), workers=0, pools=pools)
     assert Alert.objects.get(name="no-active-workers").state == Alert.State.FIRING, "the grace is over"
     # A supervisor in a crash loop writes a start event every few seconds: that is no start, and hides nothing.
     Alert.objects.all().delete()
     t1 = t0 + timedelta(minutes=10)
     FleetEvent.objects.bulk_create([FleetEvent(kind=FleetEvent.Kind.SUPERVISOR_STARTED, at=t1 - timedelta(seconds=s))
                                     for s in (50, 40, 30, 20, 10, 1)])
-    evaluate(t1, workers=0)
+    evaluate(t1, workers=0, pools=pools)
     assert Alert.objects.get(name="no-active-workers").state == Alert.State.FIRING
