@@ -217,6 +217,7 @@ def test_the_written_config_is_readable_by_its_owner_only(routes, tmp_path):
     assert "receivers" in yaml.safe_load(output.read_text())
 
 
+@pytest.mark.usefixtures("db", "seeded_alert_rules")  # a transactional test before may have emptied them
 def test_each_condition_has_one_notifier_in_amtool(routes, tmp_path, capsys):
     """Every seeded rule's Prometheus twin goes nowhere in Alertmanager (the portal pages for it; both paged, to
     different incidents, and a route on the portal's alertname matched only the portal's copy), except the

@@ -42,6 +42,7 @@ def metric_names_in(expression: str) -> set[str]:
 
 
 @pytest.mark.django_db
+@pytest.mark.usefixtures("seeded_alert_rules")  # a transactional test before may have emptied them
 def test_rules_cover_the_alerting_guide_and_name_served_metrics(tmp_path, capsys, served_metric_names):
     call_command("export_prometheus_rules")
     rules = yaml.safe_load(capsys.readouterr().out)
@@ -67,6 +68,7 @@ def test_rules_cover_the_alerting_guide_and_name_served_metrics(tmp_path, capsys
 
 
 @pytest.mark.django_db
+@pytest.mark.usefixtures("seeded_alert_rules")  # a transactional test before may have emptied them
 def test_the_exported_rules_follow_the_rule_rows(capsys):
     from monitoring.models import AlertRule
 
@@ -84,6 +86,7 @@ def test_the_exported_rules_follow_the_rule_rows(capsys):
 
 
 @pytest.mark.django_db
+@pytest.mark.usefixtures("seeded_alert_rules")  # a transactional test before may have emptied them
 def test_promtool_accepts_the_rules(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
