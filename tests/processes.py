@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 
 from queues.fleet import fleet_workers
 from tests.conftest import respond, subprocess_env
@@ -181,3 +181,36 @@ def slow_ollama(http_server, png_bytes, delay: float) -> str:
     return http_server.route("/photo.png", respond(200, png_bytes(), "image/png"))
 
 
+
+
+def freeze(pid: int, attempts: int = 200) -> None:
+    """SIGSTOP ``pid`` as a VM pause or a long GC would, at a moment when it holds no SQLite write lock.
+
+    A SQLite lock lives in the writing process: one frozen inside a write transaction holds the whole database until
+    it wakes, for every process, which is SQLite's limit rather than a scenario the portal can answer (MariaDB
+    finishes an autocommit statement on the server, so a frozen client holds nothing). On SQLite the process is
+    frozen, the write lock probed with ``BEGIN IMMEDIATE``, and thawed and frozen again a moment later while held."""
+    database = connection.settings_dict
+    for _ in range(attempts):
+        os.kill(pid, signal.SIGSTOP)
+        if not database["ENGINE"].endswith("sqlite3") or _sqlite_writable(database["NAME"]):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} held the SQLite write lock at each of {attempts} attempts to freeze it")
+
+
+def _sqlite_writable(path) -> bool:
+    import sqlite3
+
+    probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+        return False
+    finally:
+        probe.close()

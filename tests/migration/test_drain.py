@@ -10,7 +10,7 @@ from migration.models import LegacyWorker, MigrationRun, Mode
 from migration.runs import run_create, run_execute
 from queues import broker
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
-from tests.processes import wait_for
+from tests.processes import freeze, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -66,7 +66,7 @@ def test_a_poller_on_another_host_that_overruns_the_drain_gives_its_task_back_an
 def test_a_frozen_poller_is_drained_by_its_stale_heartbeat_and_writes_nothing_when_it_wakes(busy_poller,
                                                                                           registered_worker):
     process, task_id = busy_poller
-    os.kill(process.pid, signal.SIGSTOP)
+    freeze(process.pid)
     run = _migrate(drain_timeout=1)
     assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
     assert run.log_lines.filter(message__contains="poller.far on another-host stopped answering; its task(s) were "

@@ -15,7 +15,7 @@ from migration.runs import rollback_create, run_execute
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
 from queues.reconcile import TASK_LEASE_SECONDS
 from tests.conftest import respond, subprocess_env
-from tests.processes import start_command, stop_process, wait_for
+from tests.processes import freeze, start_command, stop_process, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -80,7 +80,7 @@ def test_a_stalled_migration_process_that_wakes_after_the_rollback_leaves_it_rol
     try:
         wait_for(lambda: MigrationRun.objects.filter(phases__name="hybrid", phases__state="running").exists(), 60,
                  "the migration reached its hybrid soak")
-        os.kill(migrating.pid, signal.SIGSTOP)  # a VM pause, a long GC, a partition: its lease goes stale
+        freeze(migrating.pid)  # a VM pause, a long GC, a partition: its lease goes stale
         migration = MigrationRun.objects.get(kind=MigrationRun.Kind.MIGRATION)
         wait_for(lambda: not MigrationRun.objects.filter(pk=migration.pk, heartbeat_at__gt=_seconds_ago(3)).exists(),
                  15, "the frozen process's lease went stale")
