@@ -65,6 +65,7 @@ from monitoring.models import (
     NotificationRoute,
     Severity,
     Silence,
+    queue_label,
 )
 from monitoring.notifications import channel_enable, channel_test
 from monitoring.selectors import alerts_summary
@@ -271,9 +272,9 @@ def label_pairs(text: str) -> list[tuple[str, str]]:
 
 
 class LabelFilter(admin.SimpleListFilter):
-    """``?label=queue=normal``: alerts whose label has that value. Filtered on a JSON key (``labels__queue="normal"``
-    as an expression, so that no label name is read as a lookup), which SQLite and MySQL/MariaDB both support;
-    ``labels__contains`` does not work on SQLite."""
+    """``?label=queue=normal``: alerts whose label has that value. ``queue`` reads the indexed column the alert
+    copies it to; any other label a JSON key (``labels__team="db"`` as an expression, so that no label name is read
+    as a lookup), which SQLite and MySQL/MariaDB both support; ``labels__contains`` does not work on SQLite."""
 
     title = "label"
     parameter_name = "label"
@@ -288,6 +289,9 @@ class LabelFilter(admin.SimpleListFilter):
         if not self.value():
             return queryset
         for index, (key, value) in enumerate(label_pairs(self.value())):
+            if key == "queue" and value and queue_label({"queue": value}) == value:
+                queryset = queryset.filter(queue=value)
+                continue
             alias = f"label_{index}"
             queryset = queryset.alias(**{alias: KeyTransform(key, "labels")}).filter(**{alias: value})
         return queryset

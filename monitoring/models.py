@@ -140,6 +140,16 @@ class AlertRule(models.Model):
                 "<=": value <= self.threshold}[self.comparison]
 
 
+QUEUE_LABEL_MAX = 100
+
+
+def queue_label(labels) -> str:
+    """An alert's ``queue`` label as its indexed column holds it ("" without one, or one too long to index: the
+    history's filter then reads the JSON)."""
+    value = labels.get("queue") if isinstance(labels, dict) else None
+    return value if isinstance(value, str) and len(value) <= QUEUE_LABEL_MAX else ""
+
+
 class AlertQuerySet(models.QuerySet):
     def open(self):
         return self.filter(state__in=(Alert.State.PENDING, Alert.State.FIRING))
@@ -173,6 +183,8 @@ class Alert(models.Model):
     component = models.CharField(max_length=40, blank=True)
     summary = models.CharField(max_length=500)
     labels = models.JSONField(default=dict, blank=True)
+    queue = models.CharField(max_length=QUEUE_LABEL_MAX, blank=True, default="", editable=False, help_text=(
+        "The labels' queue, copied on save: the history's ?label=queue= filter reads it through an index."))
     annotations = models.JSONField(default=dict, blank=True)
     value = models.FloatField(null=True, blank=True, help_text="The signal's value when last evaluated.")
     threshold = models.FloatField(null=True, blank=True)
@@ -219,6 +231,7 @@ class Alert(models.Model):
             # The history's filters by component and by source, newest first.
             models.Index(fields=["component", "-started_at"], name="alert_component_started_idx"),
             models.Index(fields=["source", "-started_at"], name="alert_source_started_idx"),
+            models.Index(fields=["queue", "-started_at"], name="alert_queue_started_idx"),
         ]
         constraints = [
             # One row per occurrence: two Alertmanager peers delivering the same alert at once (a first delivery
@@ -228,6 +241,13 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"{self.summary} ({self.state})"
+
+    def save(self, *args, **kwargs):
+        self.queue = queue_label(self.labels)
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None and "labels" in update_fields and "queue" not in update_fields:
+            kwargs["update_fields"] = [*update_fields, "queue"]
+        super().save(*args, **kwargs)
 
     @property
     def is_open(self) -> bool:

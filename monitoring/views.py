@@ -15,6 +15,7 @@ from monitoring.access import get_only, metrics_access
 from monitoring.collectors import QueueSystemCollector, take_snapshot
 from monitoring.health import health_report, metrics_report, readiness_reasons
 from monitoring.sampler import performance
+from portal.body_limits import too_large_error
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def alertmanager_webhook(request):
     length = request.headers.get("Content-Length") or "0"
     if not length.isdigit():
         return JsonResponse({"error": "Content-Length must be a number of bytes"}, status=400)
-    too_large = JsonResponse({"error": f"the body is larger than {WEBHOOK_MAX_BYTES} bytes"}, status=413)
+    too_large = JsonResponse({"error": too_large_error(WEBHOOK_MAX_BYTES)}, status=413)
     if int(length) > WEBHOOK_MAX_BYTES:
         return too_large
     # Read from the stream, at most one byte over the limit: a chunked body has no Content-Length to check, and

@@ -15,13 +15,17 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from django.conf import settings  # noqa: E402
+from django.urls import reverse  # noqa: E402
 
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
+from monitoring.views import WEBHOOK_MAX_BYTES  # noqa: E402
+from portal.body_limits import BodyLimit  # noqa: E402
 from portal.logs import adopt_server_loggers  # noqa: E402
 
 adopt_server_loggers(settings.LOG_FORMAT)  # uvicorn's or daphne's own lines in the portal's format
 
 application = ProtocolTypeRouter({
-    "http": django_application,
+    # The webhook's cap while the body arrives: Django would spool a chunked body of any size before the view.
+    "http": BodyLimit(django_application, {reverse("alertmanager-webhook"): WEBHOOK_MAX_BYTES}),
     "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })

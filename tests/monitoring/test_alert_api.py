@@ -222,10 +222,9 @@ def test_new_firings_beyond_the_open_alert_cap_wait_with_a_503(post, monkeypatch
     assert Alert.objects.count() == 1
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_chunked_body_over_the_limit_is_refused_under_the_asgi_server():
-    """Transfer-Encoding: chunked has no Content-Length to check: under uvicorn (the local runner, the WebSocket
-    unit) a 2 MiB body was taken whole and written."""
+@pytest.fixture
+def asgi_port():
+    """The portal under uvicorn (the local runner and the WebSocket unit serve HTTP through portal.asgi too)."""
     import http.client
     import subprocess
     import sys
@@ -250,20 +249,66 @@ def test_a_chunked_body_over_the_limit_is_refused_under_the_asgi_server():
                 return False
 
         wait_for(answers, 60, "the ASGI server to listen")
-        body = json.loads(json.dumps(PAYLOAD))
-        body["alerts"][0]["annotations"]["description"] = "x" * (2 * 1024 * 1024)  # a valid payload, 2 MiB
-        data = json.dumps(body).encode()
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        yield port
+    finally:
+        stop_process(server)
+
+
+def large_payload(size: int) -> bytes:
+    body = json.loads(json.dumps(PAYLOAD))
+    body["alerts"][0]["annotations"]["description"] = "x" * size  # still a valid payload
+    return json.dumps(body).encode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunked_body_over_the_limit_is_refused_under_the_asgi_server(asgi_port):
+    """Transfer-Encoding: chunked has no Content-Length to check: under uvicorn a 2 MiB body was taken whole and
+    written."""
+    import http.client
+
+    data = large_payload(2 * 1024 * 1024)
+    connection = http.client.HTTPConnection("127.0.0.1", asgi_port, timeout=60)
+    try:
         connection.request("POST", URL, body=(data[index:index + 65536] for index in range(0, len(data), 65536)),
                            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
                            encode_chunked=True)
-        response = connection.getresponse()
-        answer = response.read()
-        assert response.status == 413, answer[:300]
-        assert json.loads(answer) == {"error": "the body is larger than 1048576 bytes"}
-        assert not Alert.objects.exists()
-    finally:
-        stop_process(server)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused before the whole body went out: the answer is waiting to be read
+    response = connection.getresponse()
+    answer = response.read()
+    assert response.status == 413, answer[:300]
+    assert json.loads(answer) == {"error": "the body is larger than 1048576 bytes"}
+    assert not Alert.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunked_body_is_refused_once_past_the_limit_without_waiting_for_its_end(asgi_port):
+    """Django's ASGI handler spools the whole body (memory, then disk) before any view runs: a client that kept
+    sending had the server store all of it. The webhook's body is now counted as it arrives: 413 as soon as it
+    passes the limit, while the client has not finished (here it never does)."""
+    import socket
+
+    data = large_payload(1024 * 1024 + 65536)
+    with socket.create_connection(("127.0.0.1", asgi_port), timeout=15) as raw:
+        raw.sendall(f"POST {URL} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        for index in range(0, len(data), 65536):
+            chunk = data[index:index + 65536]
+            raw.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        # No last chunk: the body never ends. The answer must come anyway.
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                piece = raw.recv(65536)
+                if not piece:
+                    break
+                answer += piece
+        except TimeoutError:
+            pass
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer[:300] or "no answer within 15 s: the body was being waited for"
+    assert json.loads(body) == {"error": "the body is larger than 1048576 bytes"}
+    assert not Alert.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
