@@ -41,20 +41,25 @@ def monitor_pass(name: str, *, holder: str, interval: float) -> None:
         return
     try:
         with transaction.atomic():
-            MonitorPass.objects.create(name=name, at=timezone.now(), **values)
+            MonitorPass.objects.create(name=name, at=UtcNow(), **values)
     except IntegrityError:  # another process created it meanwhile
         MonitorPass.objects.filter(name=name).update(at=UtcNow(), **values)
 
 
 @dataclass(frozen=True)
 class MonitorState:
+    """A monitor's last pass. Its age is measured on the database's clock, which wrote ``at``, when it is read
+    (``age_at_read``), and grows with the reader's own clock from then (``read_at``): a host whose clock runs ahead
+    of the database's or behind it judges the same age."""
     name: str
     at: datetime
     interval: float
     holder: str
+    age_at_read: float
+    read_at: datetime
 
     def age(self, now: datetime) -> float:
-        return max(0.0, (now - self.at).total_seconds())
+        return max(0.0, self.age_at_read + (now - self.read_at).total_seconds())
 
     def silent_intervals(self, now: datetime) -> float:
         return self.age(now) / self.interval if self.interval > 0 else 0.0
@@ -64,9 +69,14 @@ class MonitorState:
 
 
 def monitors_read() -> dict[str, MonitorState]:
-    """The monitors that ever passed (one small query); raises DatabaseError like any read."""
-    return {row.name: MonitorState(row.name, row.at, row.interval_seconds, row.holder)
-            for row in MonitorPass.objects.order_by()}
+    """The monitors that ever passed, with the database's clock (one small query); raises DatabaseError like any
+    read."""
+    from queues.models import database_now_expression
+
+    read_at = timezone.now()
+    return {row.name: MonitorState(row.name, row.at, row.interval_seconds, row.holder,
+                                   max(0.0, (row.database_now - row.at).total_seconds()), read_at)
+            for row in MonitorPass.objects.order_by().annotate(database_now=database_now_expression())}
 
 
 def monitor_components(monitors: dict[str, MonitorState] | None, now: datetime) -> dict[str, dict]:

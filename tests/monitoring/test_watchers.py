@@ -11,7 +11,7 @@ from django.utils import timezone
 from monitoring.collectors import take_snapshot
 from monitoring.health import health_report
 from monitoring.models import Alert, AlertRule, MonitorPass, Notification
-from monitoring.monitors import EVALUATOR, SAMPLER, monitor_pass
+from monitoring.monitors import EVALUATOR, SAMPLER, monitor_components, monitor_pass, monitors_read
 from tests.monitoring.test_alert_evaluation import only
 from tests.monitoring.test_alert_notifications import posted, webhook  # noqa: F401 (a fixture)
 from tests.processes import start_command, stop_process, wait_for
@@ -47,26 +47,61 @@ def test_metrics_export_each_monitors_last_pass(client, admin_user, redis):
     assert 'rq_monitor_interval_seconds{monitor="sampler"} 60.0' in text
 
 
+def test_a_host_whose_clock_runs_ahead_of_the_databases_judges_the_same_age(monkeypatch):
+    """A pass is written on the database's clock; the health report's host judged its age on its own, so a web host
+    five minutes ahead showed a sampler that had just passed as silent for five minutes."""
+    monitor_pass(SAMPLER, holder="host-a:1", interval=60)
+    assert MonitorPass.objects.get(name=SAMPLER).at is not None
+    host_clock = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: host_clock() + timedelta(minutes=5))  # the web host's clock
+    components = monitor_components(monitors_read(), timezone.now())
+    assert components[SAMPLER]["status"] == "healthy" and components[SAMPLER]["last_pass_age_seconds"] < 5
+    monkeypatch.setattr(timezone, "now", lambda: host_clock() - timedelta(minutes=5))  # and one behind
+    later = monitors_read()
+    assert later[SAMPLER].age(timezone.now() + timedelta(seconds=200)) >= 200, "ages still grow with the reader"
+    assert monitor_components(later, timezone.now())[SAMPLER]["status"] == "healthy"
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("seeded_alert_rules")
-def test_a_sampler_silent_for_three_minutes_fires_monitoring_stale_from_the_evaluator(redis, client, admin_user):
+def test_a_sampler_stopped_for_three_intervals_fires_monitoring_stale_and_shows_in_health(redis, client, admin_user):
+    """A real sampler records a pass every 2 s (--pass-interval), then is stopped: three of its intervals later the
+    running evaluator fires monitoring-stale and health names the sampler; a sampler started again resolves it."""
     only("monitoring-stale")
     AlertRule.objects.filter(name="monitoring-stale").update(clear_seconds=0)
     client.force_login(admin_user)
-    silent_since(SAMPLER, 200, interval=60)  # the sampler stopped 200 s ago: over three of its minutes
+    sampler = start_command("run_sampler", "--pass-interval", "2")
     evaluator = start_command("evaluate_alerts", "--interval", "1")
+    restarted = None
     try:
+        wait_for(lambda: client.get(reverse("api-health")).json()["components"][SAMPLER]["status"] == "healthy", 60,
+                 "the sampler's first pass")
+        assert MonitorPass.objects.get(name=SAMPLER).interval_seconds == 2
+        assert stop_process(sampler), "the sampler stops on SIGTERM"
+        stopped = timezone.now()
         alert = wait_for(lambda: Alert.objects.filter(name="monitoring-stale", state=Alert.State.FIRING).first(),
-                         30, "the evaluator to fire monitoring-stale")
+                         60, "the evaluator to fire monitoring-stale")
+        assert (alert.fired_at - stopped).total_seconds() >= 2 * 2, "not before the sampler missed its passes"
         assert alert.value >= 3 and "the sampler last passed" in alert.annotations["detail"]
         health = client.get(reverse("api-health")).json()["components"]
-        assert health[SAMPLER]["status"] == "warning" and health[SAMPLER]["last_pass_age_seconds"] >= 200
+        assert health[SAMPLER]["status"] == "warning" and health[SAMPLER]["last_pass_age_seconds"] >= 6
+        assert "manage.py run_sampler" in health[SAMPLER]["reason"]
         assert health[EVALUATOR]["status"] == "healthy", "the running evaluator records its passes"
-        monitor_pass(SAMPLER, holder="host-a:1", interval=60)  # the sampler is back
+        restarted = start_command("run_sampler", "--pass-interval", "2")
         wait_for(lambda: Alert.objects.filter(name="monitoring-stale", state=Alert.State.FIRING).exists() is False,
-                 30, "monitoring-stale to resolve")
+                 60, "monitoring-stale to resolve once the sampler is back")
     finally:
-        stop_process(evaluator)
+        for process in (restarted, sampler, evaluator):
+            if process is not None:
+                stop_process(process)
+
+
+def test_the_sampler_refuses_a_pass_interval_out_of_range():
+    from django.core.management import CommandError, call_command
+
+    for value in ("0", "0.5", "3601"):
+        with pytest.raises(CommandError, match="--pass-interval"):
+            call_command("run_sampler", "--pass-interval", value)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -7,7 +7,7 @@ from django.db import close_old_connections
 
 from monitoring.alerts import lease_holder_name
 from monitoring.dashboard import LiveSampler
-from monitoring.monitors import SAMPLER, SAMPLER_INTERVAL, evaluator_watch, monitor_pass
+from monitoring.monitors import SAMPLER, SAMPLER_INTERVAL, SILENT_INTERVALS, evaluator_watch, monitor_pass
 from monitoring.retention import alert_history_prune
 from monitoring.sampler import sample_take, samples_compact
 from portal.logs import announce
@@ -26,10 +26,16 @@ class Command(BaseCommand):
         parser.add_argument("--once", action="store_true", help="Take one sample (if this minute has none) and exit.")
         parser.add_argument("--live-interval", type=float, default=1.0,
                             help="Seconds between live dashboard samples (default 1).")
+        parser.add_argument("--pass-interval", type=float, default=SAMPLER_INTERVAL, help=(
+            f"Seconds between the records of this sampler's pass (the minute's sample is in) that health and the "
+            f"monitoring-stale rule judge: silent for {SILENT_INTERVALS} of them fires the rule (default "
+            f"{SAMPLER_INTERVAL:g})."))
 
-    def handle(self, *args, once=False, live_interval=1.0, **options):
+    def handle(self, *args, once=False, live_interval=1.0, pass_interval=SAMPLER_INTERVAL, **options):
         if not 0 < live_interval <= 60:
             raise CommandError("--live-interval must be a number of seconds above 0 and at most 60")
+        if not 1 <= pass_interval <= 3600:
+            raise CommandError("--pass-interval must be a number of seconds from 1 to 3600")
         if once:
             try:
                 rows = sample_take()
@@ -42,7 +48,7 @@ class Command(BaseCommand):
             signal.signal(signum, lambda *_: stopping.append(True))
         live = LiveSampler()
         holder = lease_holder_name()
-        last_minute = last_compact = last_watched = None
+        last_minute = last_compact = last_watched = last_pass = None
         announce(self, logger, "Sampler running; Ctrl-C stops it.")
         next_pass = time.monotonic()
         while not stopping:
@@ -53,7 +59,10 @@ class Command(BaseCommand):
                 if minute != last_minute:
                     sample_take()
                     last_minute = minute
-                    monitor_pass(SAMPLER, holder=holder, interval=SAMPLER_INTERVAL)  # a sample taken: a pass
+                if last_pass is None or now - last_pass >= pass_interval:
+                    # This minute's sample is in (taken here or by another sampler): a pass.
+                    monitor_pass(SAMPLER, holder=holder, interval=pass_interval)
+                    last_pass = now
                 if last_compact is None or now - last_compact > 3600:
                     samples_compact()
                     alert_history_prune()
