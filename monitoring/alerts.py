@@ -361,8 +361,7 @@ def alerts_cycle(*, state: EvaluatorState, now: datetime | None = None) -> dict:
         report["evaluation"] = alerts_evaluate(now=now, readings=readings).as_dict()
         report["expired"] = alertmanager_alerts_expire(now=now)
         report["planned"] = len(notifications_plan(now=now))
-        report["dispatch"] = notifications_dispatch(
-            now=now, keep_lease=lambda: lease_acquire(holder=state.holder))
+        report["dispatch"] = notifications_dispatch(keep_lease=lambda: lease_acquire(holder=state.holder))
         return report
     except DatabaseError as error:
         try:

@@ -122,5 +122,5 @@ def evaluator_watch(*, now: datetime | None = None) -> dict | None:
                    evaluator.age(now))
     result = alerts_evaluate(now=now, signals={"monitoring_silent"})
     return {"evaluation": result.as_dict(), "planned": len(notifications_plan(now=now)),
-            "dispatch": notifications_dispatch(now=now)}
+            "dispatch": notifications_dispatch()}
 

@@ -29,10 +29,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Max
 from django.urls import reverse
 from django.utils import timezone
@@ -163,6 +163,8 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     """Writes the messages that are due (see the module docstring); returns them. Alerts that came from
     Alertmanager are not notified here: Alertmanager notifies its own receivers (the exported configuration), so
     they are recorded only."""
+    from queues.models import database_now
+
     now = now or timezone.now()
     routes = list(NotificationRoute.objects.filter(enabled=True).prefetch_related("channels"))
     silences = list(Silence.objects.filter(starts_at__lte=now, ends_at__gt=now))
@@ -253,7 +255,9 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
                         escalation_level=alert.escalation_level, escalated_at=alert.escalated_at,
                         escalations=alert.escalations, silenced_by=alert.silenced_by_id):
                     raise _Overlapped(alert)
+            due = database_now(connection) if planned else None  # the clock dispatch judges it by
             for notification, members in planned:
+                notification.next_attempt_at = due
                 notification.save()
                 notification.alerts.set(members)
             AlertEvent.objects.bulk_create(events)
@@ -323,13 +327,16 @@ def _escalate(candidates, policies, silences, now, planned, events, touched) -> 
 def channel_test(*, channel: NotificationChannel, user, address: str | None = None) -> Notification:
     """Sends a test message to a channel now, in this process, and returns the notification with its outcome."""
     from queues.fleet import audit
+    from queues.models import UtcNow
 
     now = timezone.now()
     body = message_compose(kind=Notification.Kind.TEST, alerts=[], group_key=f"test:{channel.pk}",
                            title=f"Test notification from the RQ Ops Portal to '{channel.name}'")
+    # Claimed on the database's clock, which judges a claim stale: an admin host behind it would have its test
+    # taken back by the dispatcher (and sent twice) while the send is still running.
     notification = Notification.objects.create(channel=channel, kind=Notification.Kind.TEST, subject=body["subject"],
                                                body=body, next_attempt_at=now, created_by=user,
-                                               status=Notification.Status.SENDING, claimed_at=now)
+                                               status=Notification.Status.SENDING, claimed_at=UtcNow())
     audit(user=user, action="channel_test", target=f"channel {channel.pk}: {channel.name}", count=1, address=address)
     notification_deliver(notification_id=notification.pk, attempt=0, worker="admin", retry=False)
     notification.refresh_from_db()
@@ -362,21 +369,29 @@ def workers_take_notifications() -> bool:
     return any(alive.get(worker.name) is not None for worker in workers)
 
 
+def stale_claims():
+    """Notifications claimed for sending that nobody acted on for SENDING_LEASE_SECONDS, on the database's clock
+    (every claim is written with it): the dispatcher takes these back."""
+    from queues.models import database_now_expression
+
+    return Notification.objects.filter(status=Notification.Status.SENDING,
+                                       claimed_at__lt=database_now_expression(-SENDING_LEASE_SECONDS))
+
+
 def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = INLINE_BUDGET,
                            keep_lease=None) -> dict:
     """Hands due notifications to the workers (an RQ job each) when a live worker takes them, or sends them here
     (Redis down, no worker listening, urgent paused). A claim nobody acted on for SENDING_LEASE_SECONDS (its job
     was lost, its worker died mid-send, the workers are all busy) is sent here too. ``keep_lease`` is called
     between sends here (each can take the transport's timeout), so the evaluator's lease outlives a long run of
-    them."""
+    them. Due is judged on the database's clock, which wrote every ``next_attempt_at`` (``now``: a given time
+    instead)."""
     from queues import broker
     from queues.models import UtcNow, database_now_expression
 
-    now = now or timezone.now()
-    stale = list(Notification.objects.filter(
-        status=Notification.Status.SENDING, claimed_at__lt=database_now_expression(-SENDING_LEASE_SECONDS))
-        .values_list("pk", "attempts", "claimed_at")[:inline_budget])
-    due = list(Notification.objects.filter(status=Notification.Status.PENDING, next_attempt_at__lte=now)
+    stale = list(stale_claims().values_list("pk", "attempts", "claimed_at")[:inline_budget])
+    due = list(Notification.objects.filter(status=Notification.Status.PENDING,
+                                           next_attempt_at__lte=now or database_now_expression())
                .order_by("next_attempt_at").values_list("pk", "attempts")[:200])
     queued = inline = taken_back = 0
     to_workers = None
@@ -424,7 +439,7 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
     attempt. Returns the notification's status afterwards (or "skipped")."""
     from monitoring.transports import Message, TransportError, transport_for
 
-    from queues.models import UtcNow
+    from queues.models import UtcNow, database_now_expression
 
     # The claim is renewed as the send starts: the evaluator takes back only a claim nobody acted on for
     # SENDING_LEASE_SECONDS, never a send in progress.
@@ -474,7 +489,7 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
         Notification.objects.filter(pk=notification.pk, status=Notification.Status.SENDING,
                                     attempts=attempts).update(
             status=status, last_error=error[:500], delivered_at=now if status == Notification.Status.DELIVERED
-            else None, next_attempt_at=now + timedelta(seconds=backoff), claimed_at=None)
+            else None, next_attempt_at=database_now_expression(backoff), claimed_at=None)
         if outcome == DeliveryAttempt.Outcome.DELIVERED:
             NotificationChannel.objects.filter(pk=channel.pk).update(permanent_failures=0)
         elif outcome == DeliveryAttempt.Outcome.PERMANENT and channel.enabled and blames_channel:

@@ -60,8 +60,10 @@ def posted(server, path="/hook"):
 
 def deliver_due(at):
     """What the evaluator does after planning. No worker runs in these tests, so it sends them itself
-    (test_a_live_worker_delivers_notifications covers the worker path)."""
-    return notifications_dispatch(now=at)
+    (test_a_live_worker_delivers_notifications covers the worker path). A plan writes its messages due on the
+    database's clock: a time the test moved ahead is given as the dispatcher's now, one before the plan (the time
+    the test read as it began) is the database's own."""
+    return notifications_dispatch(now=at if at > timezone.now() else None)
 
 
 def test_alerts_that_fire_together_are_one_message_delivered_by_a_worker(redis, webhook):
@@ -116,7 +118,7 @@ def test_routes_pick_channels_by_severity_and_labels(redis, http_server, setting
     planned = evaluate(t0, redis=False)
     by_channel = {n.channel.name: sorted(n.alerts.values_list("name", flat=True)) for n in planned}
     assert by_channel == {"pager": ["redis-unreachable"]}, "no worker alert: Redis being down causes it (inhibited)"
-    notifications_dispatch(now=t0)
+    deliver_due(t0)
     [event] = posted(http_server, "/pd")
     assert event["event_action"] == "trigger" and event["payload"]["severity"] == "critical"
     planned = evaluate(t0 + timedelta(seconds=10), workers=1)
@@ -136,7 +138,7 @@ def test_email_route_through_the_locmem_backend(redis, settings):
     route.channels.add(email)
     t0 = timezone.now()
     [notification] = evaluate(t0, workers=1)
-    notifications_dispatch(now=t0)
+    deliver_due(t0)
     assert len(mail.outbox) == 1 and mail.outbox[0].to == ["ops@example.com"]
     assert "Fewer than 2 workers" in mail.outbox[0].subject
     notification.refresh_from_db()
@@ -232,7 +234,7 @@ def test_transient_failures_retry_with_backoff_and_permanent_ones_disable_the_ch
     AlertRule.objects.update(for_seconds=0)
     t0 = timezone.now()
     [notification] = evaluate(t0, workers=1)
-    notifications_dispatch(now=t0)
+    deliver_due(t0)
     notification.refresh_from_db()
     assert notification.status == Notification.Status.PENDING and notification.attempts == 1
     assert notification.next_attempt_at >= timezone.now() + timedelta(seconds=5), "backoff of 10 s"
@@ -265,7 +267,7 @@ def test_while_redis_is_down_the_evaluator_delivers_itself(unreachable_redis, ht
     alerts_evaluate(now=t0)  # the real snapshot: Redis does not answer
     assert Alert.objects.get().state == Alert.State.FIRING
     notifications_plan(now=t0)
-    assert notifications_dispatch(now=t0) == {"queued": 0, "inline": 1, "taken_back": 0}
+    assert deliver_due(t0) == {"queued": 0, "inline": 1, "taken_back": 0}
     assert Notification.objects.get().status == Notification.Status.DELIVERED
     assert DeliveryAttempt.objects.get().worker == "evaluator"
 
@@ -289,7 +291,7 @@ def test_a_notification_no_worker_started_is_sent_by_the_evaluator_once(redis, w
     # Handed to a worker a while ago (its job then lost with Redis, or the worker died before starting it).
     Notification.objects.filter(pk=notification.pk).update(status=Notification.Status.SENDING,
                                                            claimed_at=t0 - timedelta(minutes=5))
-    assert notifications_dispatch(now=t0) == {"queued": 0, "inline": 1, "taken_back": 1}
+    assert deliver_due(t0) == {"queued": 0, "inline": 1, "taken_back": 1}
     notification.refresh_from_db()
     assert notification.status == Notification.Status.DELIVERED and len(posted(webhook.server)) == 1
     assert notification_deliver(notification_id=notification.pk, attempt=0) == "skipped", \
@@ -309,7 +311,7 @@ def test_a_live_worker_delivers_notifications(redis, webhook):
         wait_for(workers_take_notifications, 30, "a live worker on urgent")
         t0 = timezone.now()
         [notification] = evaluate(t0, workers=1)
-        assert notifications_dispatch(now=t0) == {"queued": 1, "inline": 0, "taken_back": 0}
+        assert deliver_due(t0) == {"queued": 1, "inline": 0, "taken_back": 0}
         wait_for(lambda: Notification.objects.filter(pk=notification.pk, status="delivered").exists(), 30,
                  "the worker to deliver it")
         attempt = DeliveryAttempt.objects.get()
@@ -326,7 +328,7 @@ def test_with_urgent_paused_the_evaluator_sends_itself(redis, webhook, admin_use
     AlertRule.objects.update(for_seconds=0)
     t0 = timezone.now()
     evaluate(t0, workers=1)
-    assert notifications_dispatch(now=t0)["inline"] == 1
+    assert deliver_due(t0)["inline"] == 1
 
 
 def test_each_route_keeps_its_own_wait_and_reminders_and_resolution(redis, http_server):
@@ -608,3 +610,67 @@ def test_two_escalation_policies_each_reach_their_own_levels(redis, http_server)
     alert = Alert.objects.get()
     assert alert.escalation_level == 2
     assert {key: value["level"] for key, value in alert.escalations.items()} == {str(default.pk): 1, str(team.pk): 2}
+
+
+def test_a_test_notification_from_a_host_behind_the_databases_clock_is_not_taken_back_while_sending(
+        redis, http_server, admin_user, monkeypatch):
+    """The admin host's clock runs ten minutes behind the database's: its test notification was claimed on the
+    host's clock, so the evaluator's pass during the send judged the claim stale, took it back and sent it again."""
+    passes, received = [], []
+
+    def receiver(request, body):
+        received.append(body)
+        if len(received) == 1:  # the evaluator's pass while the test's POST is in flight
+            passes.append(notifications_dispatch())
+        respond(200, b"{}")(request, body)
+
+    channel = NotificationChannel.objects.create(name="hook", kind="webhook",
+                                                 config={"url": http_server.route("/test", receiver)})
+    host_clock = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: host_clock() - timedelta(minutes=10))
+    notification = channel_test(channel=channel, user=admin_user)
+    assert notification.status == Notification.Status.DELIVERED
+    assert passes == [{"queued": 0, "inline": 0, "taken_back": 0}]
+    assert len(received) == 1
+
+
+@pytest.mark.parametrize("skew_minutes", [5, -5])
+def test_a_retry_waits_its_backoff_on_the_databases_clock_whatever_the_senders_clock(redis, http_server,
+                                                                                    monkeypatch, skew_minutes):
+    """A worker host whose clock runs ahead wrote the retry time on its own clock (the evaluator on another host
+    found it due five minutes late); one behind made every retry due at once (a storm against a failing channel).
+    The retry is due its backoff after the failure, on the database's clock that judges it."""
+    from django.db import connection
+
+    from queues.models import database_now
+
+    channel = NotificationChannel.objects.create(name="hook", kind="webhook",
+                                                 config={"url": http_server.route("/busy", respond(503, b"busy"))})
+    body = {"kind": "firing", "status": "firing", "subject": "s", "text": "t", "group_key": "g", "portal_url": "",
+            "alerts": []}
+    notification = Notification.objects.create(channel=channel, kind="firing", subject="s", body=body,
+                                               status=Notification.Status.SENDING)
+    host_clock = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: host_clock() + timedelta(minutes=skew_minutes))  # the worker's
+    assert notification_deliver(notification_id=notification.pk, attempt=0, worker="worker-1") == \
+        Notification.Status.PENDING
+    monkeypatch.setattr(timezone, "now", host_clock)
+    notification.refresh_from_db()
+    wait = (notification.next_attempt_at - database_now(connection)).total_seconds()
+    assert Notification.BACKOFF_SECONDS[0] - 5 < wait <= Notification.BACKOFF_SECONDS[0], wait
+    assert notifications_dispatch() == {"queued": 0, "inline": 0, "taken_back": 0}, "not due before its backoff"
+
+
+def test_a_message_planned_on_a_host_ahead_of_the_databases_clock_is_due_at_once_for_any_dispatcher(
+        redis, webhook, monkeypatch):
+    """The evaluator's host runs five minutes ahead: its plan wrote the message due at its own now, and the sampler
+    (on another host, sending while the evaluator is silent) found it due five minutes late."""
+    only("few-workers")
+    AlertRule.objects.update(for_seconds=0)
+    host_clock = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: host_clock() + timedelta(minutes=5))  # the evaluator's host
+    [notification] = evaluate(timezone.now(), workers=1)
+    monkeypatch.setattr(timezone, "now", host_clock)  # the other dispatcher's host
+    assert notifications_dispatch() == {"queued": 0, "inline": 1, "taken_back": 0}
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.DELIVERED and len(posted(webhook.server)) == 1
