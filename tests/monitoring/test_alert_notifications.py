@@ -614,8 +614,9 @@ def test_two_escalation_policies_each_reach_their_own_levels(redis, http_server)
 
 def test_a_test_notification_from_a_host_behind_the_databases_clock_is_not_taken_back_while_sending(
         redis, http_server, admin_user, monkeypatch):
-    """The admin host's clock runs ten minutes behind the database's: its test notification was claimed on the
-    host's clock, so the evaluator's pass during the send judged the claim stale, took it back and sent it again."""
+    """The admin host's clock runs ten minutes behind the database's, and the evaluator passes during the test's
+    send: the claim is written, and renewed as the send begins, on the database's clock that judges it, so the
+    pass leaves it alone (either alone keeps it; a claim on the host's clock and no renewal sent it twice)."""
     passes, received = [], []
 
     def receiver(request, body):
