@@ -69,6 +69,14 @@ def http_url(url: str) -> bool:
     return url_error(url) is None
 
 
+def portal_open_alerts():
+    """The open alerts the evaluator judges: a search of the state index, a handful of rows however long the
+    history. ``source != alertmanager``, not ``source = portal``: SQLite (without ANALYZE figures) took the equality
+    for the more selective term and walked the source index over every portal alert in the history (76 ms of a
+    97 ms pass at 200,000 alerts); an inequality is never looked up in an index."""
+    return Alert.objects.open().exclude(source=Alert.Source.ALERTMANAGER)
+
+
 def fingerprint_of(labels: dict) -> str:
     text = "\x1f".join(f"{key}\x1e{labels[key]}" for key in sorted(labels))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -139,7 +147,7 @@ def alerts_evaluate(*, now: datetime | None = None, readings: Readings | None = 
     events: list[AlertEvent] = []
     changed: dict[int, Alert] = {}
     with transaction.atomic():
-        judging = Alert.objects.open().filter(source=Alert.Source.PORTAL)
+        judging = portal_open_alerts()
         if signals is not None:
             judging = judging.filter(rule__signal__in=signals)
         open_alerts = {alert.fingerprint: alert for alert in judging.order_by().select_related("rule")}

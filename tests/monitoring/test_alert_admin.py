@@ -31,7 +31,7 @@ from monitoring.models import (
 from portal.context_processors import alerts_banner
 from queues.models import AuditEntry, CaptionTask, FleetEvent, TaskStatus
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("seeded_alert_rules")]
 
 CHANGELIST = "admin:monitoring_alert_changelist"
 

@@ -13,7 +13,7 @@ from monitoring.alerts import alert_acknowledge, alerts_evaluate
 from monitoring.models import Alert, AlertEvent, AlertRule
 from tests.monitoring.test_alert_evaluation import only, snapshot
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("seeded_alert_rules")]
 
 TOKEN = "webhook-token-0123456789"
 URL = "/api/alerts/alertmanager"

@@ -582,6 +582,20 @@ def test_the_planners_query_searches_its_index_instead_of_scanning_the_history()
         assert "SCAN monitoring_alert" not in plan, plan
 
 
+def test_the_evaluators_open_alerts_are_searched_by_state_not_walked_by_source():
+    """With an index on (source, started_at) for the history's filter, SQLite served ``state IN (...) AND source =
+    'portal'`` from it: every pass walked every portal alert ever written."""
+    from django.db import connection
+
+    from monitoring.alerts import portal_open_alerts
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's planner without statistics; MariaDB's optimizer reads the index statistics InnoDB keeps")
+    plan = portal_open_alerts().order_by().explain()
+    assert "SEARCH monitoring_alert USING INDEX alert_state_started_idx (state=?)" in plan, plan
+    assert "alert_source_started_idx" not in plan and "SCAN monitoring_alert" not in plan, plan
+
+
 def test_two_escalation_policies_each_reach_their_own_levels(redis, http_server):
     """The level reached was one column shared by every policy: the database team's policy (level 1 at 10 min) was
     skipped because the default one had reached level 1 at 5 min, and its level 2 was spaced from the other's."""
