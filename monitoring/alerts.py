@@ -70,11 +70,8 @@ def http_url(url: str) -> bool:
 
 
 def portal_open_alerts():
-    """The open alerts the evaluator judges: a search of the state index, a handful of rows however long the
-    history. ``source != alertmanager``, not ``source = portal``: SQLite (without ANALYZE figures) took the equality
-    for the more selective term and walked the source index over every portal alert in the history (76 ms of a
-    97 ms pass at 200,000 alerts); an inequality is never looked up in an index."""
-    return Alert.objects.open().exclude(source=Alert.Source.ALERTMANAGER)
+    """The open alerts the evaluator judges (see ``AlertQuerySet.open_from``)."""
+    return Alert.objects.open_from(Alert.Source.PORTAL)
 
 
 def fingerprint_of(labels: dict) -> str:
@@ -607,7 +604,7 @@ def alertmanager_ingest(payload) -> dict:
                                          fingerprint__in={fingerprint for fingerprint, _ in firing})
                     .values_list("fingerprint", "started_at"))
         firing -= known
-    if firing and Alert.objects.open().filter(source=Alert.Source.ALERTMANAGER).count() + len(firing) > \
+    if firing and Alert.objects.open_from(Alert.Source.ALERTMANAGER).count() + len(firing) > \
             MAX_OPEN_ALERTMANAGER_ALERTS:
         raise TooManyOpenAlerts(f"the history already holds {MAX_OPEN_ALERTMANAGER_ALERTS} open alerts from "
                                 f"Alertmanager; new firings wait until some resolve or expire")
@@ -683,8 +680,8 @@ def alertmanager_alerts_expire(*, now: datetime | None = None) -> int:
     now = now or timezone.now()
     expired = 0
     with transaction.atomic():
-        for alert in Alert.objects.open().order_by().filter(
-                source=Alert.Source.ALERTMANAGER, last_seen_at__lt=now - ALERTMANAGER_EXPIRY).select_for_update():
+        for alert in Alert.objects.open_from(Alert.Source.ALERTMANAGER).order_by().filter(
+                last_seen_at__lt=now - ALERTMANAGER_EXPIRY).select_for_update():
             _resolve_one(alert, at=alert.last_seen_at, now=now, kind=AlertEvent.Kind.EXPIRED,
                          message=f"Alertmanager has not reported it since {alert.last_seen_at:%Y-%m-%d %H:%M %Z}")
             expired += 1

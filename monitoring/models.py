@@ -157,6 +157,15 @@ class AlertQuerySet(models.QuerySet):
     def firing(self):
         return self.filter(state=Alert.State.FIRING)
 
+    def open_from(self, source: str):
+        """The open alerts of one source: a search of the state index, a handful of rows however long the history.
+        Written as ``source != <the other>``, not ``source = <this one>``: SQLite (without ANALYZE figures) took the
+        equality for the more selective term and walked the (source, started_at) index over every alert of that
+        source ever written (76 ms of a 97 ms evaluator pass at 200,000 alerts); an inequality is never looked up
+        in an index."""
+        others = [value for value in Alert.Source.values if value != source]
+        return self.open().exclude(source__in=others)
+
 
 class Alert(models.Model):
     """One occurrence of a condition, from the first time it held to its resolution.
