@@ -121,7 +121,8 @@ def main():
                      processing_count=125, processing_p95=4.2, wait_p95=0.8) for minute in range(1, 11)])
 
     add_tasks(1000, reference)
-    CaptionTask.objects.filter(pk__in=CaptionTask.objects.order_by("pk").values_list("pk", flat=True)[:10]).update(
+    first_ten = list(CaptionTask.objects.order_by("pk").values_list("pk", flat=True)[:10])  # (MariaDB: no LIMIT in IN)
+    CaptionTask.objects.filter(pk__in=first_ten).update(
         status=TaskStatus.PROCESSING, started_at=timezone.now())
     small = {"eval": evaluation_ms(args.passes), "peer": recompute_ms(args.passes)}
     started = time.monotonic()
