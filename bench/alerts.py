@@ -2,14 +2,14 @@
 
     python bench/alerts.py [--n 1000000] [--alerts 100000] [--passes 30] [--renders 10]
 
-Evaluation: one pass of every seeded rule (monitoring.alerts.alerts_evaluate with a fresh Readings: the metrics
+Evaluation: one pass of every seeded rule (monitoring.alerts.evaluate.alerts_evaluate with a fresh Readings: the metrics
 snapshot, health, the minute samples of the window, the oldest PROCESSING task), at 1,000 and at --n tasks in the
 database with as many jobs queued, 10 tasks PROCESSING and ten minutes of samples. The peer is the old system's way:
 its alert endpoint recomputed the figures from the task table on every request (tasks per status with GROUP BY,
 the average caption time of the last hour, the error rate of the last five minutes, PROCESSING tasks older than
 2 h), timed on the same database in the same run.
 
-Then evaluation again, and the notification plan (monitoring.notifications.notifications_plan), once the history
+Then evaluation again, and the notification plan (monitoring.alerts.notify.notifications_plan), once the history
 holds --alerts rows (about 0.1 % of them firing) with one route.
 
 History: the admin alert list (/admin/monitoring/alert/, as an admin, through Django's test client) with --alerts
@@ -33,10 +33,10 @@ from django.urls import clear_url_caches  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from bench.admin import add_tasks, timed  # noqa: E402
-from monitoring.alert_rules import Readings  # noqa: E402
-from monitoring.alerts import alerts_evaluate  # noqa: E402
+from monitoring.alerts.rules import Readings  # noqa: E402
+from monitoring.alerts.evaluate import alerts_evaluate  # noqa: E402
 from monitoring.models import Alert, AlertRule, MetricSample, NotificationChannel, NotificationRoute  # noqa: E402
-from monitoring.notifications import notifications_plan  # noqa: E402
+from monitoring.alerts.notify import notifications_plan  # noqa: E402
 from queues.models import CaptionTask, TaskStatus  # noqa: E402
 from queues.samples import ensure_samples  # noqa: E402
 

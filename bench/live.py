@@ -459,7 +459,7 @@ def group_members_left(settle: float = 3.0, limit: float = 20.0) -> dict:
     0), read until both are 0 or neither has changed for ``settle`` seconds (the server runs the consumers'
     disconnect handlers after the close handshakes). Leftovers are then removed so that they cannot weigh on the next
     phase; the count is reported."""
-    from monitoring.live import METRICS_GROUP, WATCHERS_KEY
+    from monitoring.live.events import METRICS_GROUP, WATCHERS_KEY
     from queues import broker
 
     group_key = f"{settings.CHANNEL_LAYERS['default']['CONFIG']['prefix']}:group:{METRICS_GROUP}"

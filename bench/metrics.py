@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from rq import Queue  # noqa: E402
 from rq.registry import FailedJobRegistry  # noqa: E402
 
-from monitoring.views import QUEUE_REGISTRY  # noqa: E402
+from monitoring.metrics.views import QUEUE_REGISTRY  # noqa: E402
 from portal.embedded_redis import free_port  # noqa: E402
 from queues import broker  # noqa: E402
 from queues.worker import CaptionWorker  # noqa: E402

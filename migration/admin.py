@@ -21,7 +21,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from migration import dispatch, runs
+from migration import dispatch, runs, state
 from migration.models import LegacyWorker, MigrationEvent, MigrationRun, SystemMode
 from migration.preflight import preflight_report
 from queues.fleet import audit
@@ -71,8 +71,8 @@ class MigrationRunAdmin(ReadOnlyAdmin):
         ]
 
     def changelist_view(self, request, extra_context=None):
-        extra = {"open_run": runs.open_run(), "can_run": request.user.has_perm(RUN_MIGRATION),
-                 "mode": dispatch.system_mode()}
+        extra = {"open_run": state.open_run(), "can_run": request.user.has_perm(RUN_MIGRATION),
+                 "mode": state.system_mode()}
         return super().changelist_view(request, {**(extra_context or {}), **extra})
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
@@ -92,7 +92,7 @@ class MigrationRunAdmin(ReadOnlyAdmin):
             "live": run.state == MigrationRun.State.RUNNING and held,
             "gone": run.state == MigrationRun.State.RUNNING and not held,
             "heartbeat_age": heartbeat_age, "lease_seconds": settings.MIGRATION_RUN_LEASE_SECONDS,
-            "mode": dispatch.system_mode(),
+            "mode": state.system_mode(),
             "preflight": run.preflight.get("checks", []) if run.preflight else [],
             "verification": run.verification or None,
         }
@@ -143,7 +143,7 @@ class MigrationRunAdmin(ReadOnlyAdmin):
 
     def rollback_view(self, request):
         _require(request, RUN_MIGRATION, "Rolling back")
-        open_run = runs.open_run()
+        open_run = state.open_run()
         question = ("Roll back to the database poller? The mode becomes legacy and every task not yet completed "
                     "goes back to the database poller; its job is removed from Redis. The rollback is a run of its "
                     "own" + (f" and ends {open_run}." if open_run else ".")
@@ -227,8 +227,8 @@ class SystemModeAdmin(admin.ModelAdmin):
                 path("resume/", wrap(self.resume_view), name="migration_resume"), *super().get_urls()]
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        dispatch.system_mode_ensure()  # written at install (migration 0003); again if a test emptied the table
-        row = dispatch.system_mode()
+        state.system_mode_ensure()  # written at install (migration 0003); again if a test emptied the table
+        row = state.system_mode()
         extra = {"row": row, "can_pause": request.user.has_perm(PAUSE_SUBMISSION),
                  "events": MigrationEvent.objects.select_related("user")[:20],
                  "pollers": dispatch.legacy_workers_alive()}

@@ -26,7 +26,8 @@ from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from migration.dispatch import system_mode, targets_for
+from migration.dispatch import targets_for
+from migration.state import system_mode
 from queues.models import CaptionTask, Dispatch, TaskStatus
 
 PAGE = 5000

@@ -30,12 +30,12 @@ import socket
 import uuid
 from datetime import timedelta
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from migration.models import LegacyWorker, MigrationEvent, Mode, SystemMode, polling_errors
+from migration.state import blocking_run, mode_locked, open_run, pollers_blocked, system_mode, system_mode_ensure
 from queues.dispatch import DispatchPolicy, DispatchStatus, PollersState
 from queues.fleet import audit, audit_channel
 from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
@@ -45,32 +45,6 @@ from queues.services import tasks_publish
 logger = logging.getLogger("migration.dispatch")
 
 MOVE_BATCH = 1000
-
-
-def system_mode() -> SystemMode:
-    """The dispatch mode row; until someone first changes it, an unsaved row with the defaults from the old system's
-    variables (reading never writes: submissions, scrapes and the admin banner read this)."""
-    row = SystemMode.objects.filter(pk=1).first()
-    if row is not None:
-        return row
-    mode = Mode.LEGACY if not settings.RQ_ENABLED else (Mode.HYBRID if settings.RQ_HYBRID_MODE else Mode.RQ)
-    return SystemMode(pk=1, mode=mode, hybrid_rq_percent=settings.RQ_HYBRID_RQ_PERCENT,
-                      fallback_enabled=settings.RQ_FALLBACK_ENABLED, fallback_timeout=settings.RQ_FALLBACK_TIMEOUT)
-
-
-def system_mode_ensure() -> None:
-    """Writes the row with the defaults if it is not there yet (before the first change of it)."""
-    if not SystemMode.objects.filter(pk=1).exists():
-        default = system_mode()
-        SystemMode.objects.get_or_create(pk=1, defaults={
-            field.attname: getattr(default, field.attname) for field in SystemMode._meta.concrete_fields
-            if field.attname != "id"})
-
-
-def _locked_mode() -> SystemMode:
-    """The row, locked for the caller's transaction."""
-    system_mode_ensure()
-    return SystemMode.objects.select_for_update().get(pk=1)
 
 
 def targets_for(row: SystemMode, count: int) -> list[str]:
@@ -101,8 +75,6 @@ class ModePolicy(DispatchPolicy):
         """A poller on this host while the fallback is on (the one already running, else a new one if no poller
         is alive anywhere). Once it is off, the supervisor stops its poller gracefully: the task in hand finishes
         there, the queued ones are back with RQ."""
-        from migration.runs import pollers_blocked
-
         if not system_mode().fallback_active or pollers_blocked():
             return {}
         mine = sorted(name for name in running if name.startswith("poller."))
@@ -120,8 +92,6 @@ class ModePolicy(DispatchPolicy):
                               paused_until=row.paused_until.isoformat() if row.paused_until else None)
 
     def pollers_state(self) -> PollersState:
-        from migration.runs import blocking_run
-
         row = system_mode()
         waiting = CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=POLLED_DISPATCH).count()
         blocking = blocking_run()
@@ -131,8 +101,6 @@ class ModePolicy(DispatchPolicy):
 
 
     def tasks_pinned(self) -> tuple[int, str]:
-        from migration.runs import open_run
-
         run = open_run()
         if run is None or not run.baseline:
             return 0, ""
@@ -184,8 +152,6 @@ def run_in_charge(*, exclude=None):
     submission pause are its to change. Its phases set the mode, pause submission (taking over a pause already in
     force, end time removed, so that it cannot lapse mid-run) and resume it; anyone else is refused until the run
     ends (resumed to its end, or rolled back)."""
-    from migration.runs import open_run
-
     run = open_run()
     return None if run is None or (exclude is not None and run.pk == exclude.pk) else run
 
@@ -210,7 +176,7 @@ def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: 
     if errors := polling_errors(mode=mode):
         raise ValidationError(errors)
     with transaction.atomic():
-        row = _locked_mode()
+        row = mode_locked()
         previous = row.mode, row.hybrid_rq_percent
         row.mode = mode
         if hybrid_rq_percent is not None:
@@ -254,7 +220,7 @@ def submission_pause(*, reason: str, user, duration: timedelta | None = None,
     if duration is not None and duration.total_seconds() <= 0:
         raise ValidationError({"duration": "The pause must last a positive time."})
     with transaction.atomic():
-        row = _locked_mode()
+        row = mode_locked()
         now = timezone.now()
         row.submission_paused, row.paused_reason, row.paused_at = True, reason[:300], now
         row.paused_until = now + duration if duration else None
@@ -273,7 +239,7 @@ def submission_resume(*, user, reason: str = "", address: str | None = None, run
     while a run other than ``run`` is open (``run_in_charge``)."""
     refuse_during_run("pauses and resumes submission", "submission", run)
     with transaction.atomic():
-        row = _locked_mode()
+        row = mode_locked()
         was_paused = row.submission_paused
         row.submission_paused, row.paused_until = False, None
         row.changed_at, row.changed_by = timezone.now(), person(user)
@@ -291,7 +257,7 @@ def submission_take_over(*, run, user) -> str:
     """The run's own pause: submission paused (or a pause already in force kept, its end time removed so that it
     cannot lapse mid-run, its reason recorded). Returns what was done, for the run's log."""
     with transaction.atomic():
-        row = _locked_mode()
+        row = mode_locked()
         if not row.paused_now():
             was = ""
         else:
@@ -399,8 +365,6 @@ def stragglers_sweep(row: SystemMode) -> int:
     RQ tasks (a retry coming back after a rollback) to the database poller. During a run, the run moves them."""
     if row.mode == Mode.HYBRID or row.fallback_active:
         return 0
-    from migration.runs import open_run
-
     source, target = ((Dispatch.DATABASE,), Dispatch.RQ) if row.mode == Mode.RQ else ((Dispatch.RQ,), Dispatch.DATABASE)
     if not CaptionTask.objects.filter(status=TaskStatus.QUEUED, dispatch__in=source,
                                       published_at__isnull=True).exists() or open_run() is not None:

@@ -42,6 +42,7 @@ from rq.timeouts import JobTimeoutException, TimerDeathPenalty, UnixSignalDeathP
 
 from migration.dispatch import held_release
 from migration.models import LegacyWorker
+from migration.state import blocking_run
 from queues import broker, correlation, execution
 from queues.broker import job_timeout
 from queues.errors import BrokerUnavailable, WorkerInterrupted
@@ -255,8 +256,6 @@ class LegacyPoller:
         """Whether the drain (or an admin) asked this poller to stop: read before claiming, at most every 0.5 s, so
         a poller told to stop claims nothing more. A poller started while a migration run has drained the pollers
         (by hand, by a restart policy) stops the same way."""
-        from migration.runs import blocking_run
-
         now = time.monotonic()
         if now - self._asked_checked_at >= 0.5:
             self._asked_checked_at = now

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from migration import dispatch
@@ -58,6 +58,7 @@ from migration.legacy import FORCE_GRACE_SECONDS
 from migration.backup import BackupError, backup_write
 from migration.models import (POLLING_DISABLED, LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode)
 from migration.preflight import preflight_report
+from migration.state import mode_locked, open_run
 from migration.verify import baseline_take, verification
 from queues import broker
 from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
@@ -557,33 +558,6 @@ def _phases_of(kind: str) -> dict[str, Callable]:
     return dict(ROLLBACK_PHASES if kind == MigrationRun.Kind.ROLLBACK else MIGRATION_PHASES)
 
 
-# --- runs -----------------------------------------------------------------------------------------------------------
-
-def blocking_run() -> MigrationRun | None:
-    """The migration run that is draining the pollers, or has drained them and not yet cut over to RQ (running,
-    stopped or failed in between): a poller started meanwhile (by hand, by a restart policy, the fallback) must
-    claim nothing, or it would take tasks the run is waiting out, moving or has verified. From the cutover on, the
-    run no longer needs the pollers idle: a run that failed later (at validate, say) leaves the fallback working."""
-    cut_over = MigrationPhase.objects.filter(run=OuterRef("pk"), name="cutover", state=MigrationPhase.State.DONE)
-    return MigrationRun.objects.filter(
-        ~Exists(cut_over), kind=MigrationRun.Kind.MIGRATION,
-        state__in=(MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED),
-        phases__name="drain", phases__state__in=(MigrationPhase.State.RUNNING, MigrationPhase.State.DONE),
-    ).order_by("-pk").first()
-
-
-def pollers_blocked() -> bool:
-    return blocking_run() is not None
-
-
-OPEN_STATES = (MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED)
-
-
-def open_run() -> MigrationRun | None:
-    """The run that is not finished (running, stopped or failed), if any: at most one at a time."""
-    return MigrationRun.objects.filter(state__in=OPEN_STATES).order_by("-pk").first()
-
-
 def options_clean(options: dict | None) -> dict:
     cleaned = dict(DEFAULT_OPTIONS)
     for name, value in (options or {}).items():
@@ -601,7 +575,7 @@ def run_create(*, user, options: dict | None = None, kind: str = MigrationRun.Ki
     """A new run with its phases pending. Refuses while another run is open (a rollback may undo an open run)."""
     cleaned = options_clean(options)
     with transaction.atomic():
-        dispatch._locked_mode()  # serialises run creation
+        mode_locked()  # serialises run creation
         current = open_run()
         if current is not None and not (kind == MigrationRun.Kind.ROLLBACK and rollback_of == current):
             raise RunError(f"{current} is {current.get_state_display().lower()}: resume it or roll it back first")
@@ -665,7 +639,7 @@ def run_execute(*, run: MigrationRun, user=None, one_phase: bool = False,
     executor = f"{socket.gethostname()[:120]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     stale = database_now_expression(-settings.MIGRATION_RUN_LEASE_SECONDS)
     with transaction.atomic():
-        dispatch._locked_mode()  # the lock run_create takes: a rollback cannot be created between check and lease
+        mode_locked()  # the lock run_create takes: a rollback cannot be created between check and lease
         if run.kind == MigrationRun.Kind.MIGRATION:
             rollback = run.rollbacks.exclude(state=MigrationRun.State.SUCCEEDED).first()
             if rollback is not None:

@@ -4,7 +4,7 @@ from rq import get_current_job
 
 
 def notification_deliver(notification_id: int, attempt: int) -> dict:
-    from monitoring.notifications import notification_deliver as deliver
+    from monitoring.alerts.notify import notification_deliver as deliver
 
     job = get_current_job()
     status = deliver(notification_id=int(notification_id), attempt=int(attempt),

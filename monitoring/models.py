@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.dispatch import Signal
 from django.db import models
 from django.utils import timezone
 
@@ -280,13 +281,15 @@ class Alert(models.Model):
         return self.resolved_at - start if self.resolved_at and start else None
 
 
+# Sent with the rows an AlertEvent bulk_create() wrote: bulk_create sends no post_save, and the live dashboards
+# (monitoring.live.events) listen for new timeline lines on both.
+alert_events_created = Signal()
+
+
 class AlertEventManager(models.Manager):
     def bulk_create(self, objs, *args, **kwargs):
-        """Also pushes the new rows to the live dashboards (monitoring.live), as post_save does for single rows."""
         created = super().bulk_create(objs, *args, **kwargs)
-        from monitoring.live import events_announce
-
-        events_announce(created)
+        alert_events_created.send(sender=AlertEvent, rows=created)
         return created
 
 
@@ -386,17 +389,6 @@ class NotificationChannel(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.get_kind_display()})"
 
-    def clean(self):
-        from django.core.exceptions import ValidationError
-
-        from monitoring.transports import TRANSPORTS
-
-        transport = TRANSPORTS.get(self.kind)
-        if transport is None:
-            return
-        errors = transport.config_errors(self.config or {})
-        if errors:
-            raise ValidationError({"config": [f"{field}: {message}" for field, message in errors.items()]})
 
 
 def severities_validate(value) -> None:
@@ -572,7 +564,7 @@ class Lease(models.Model):
 class MonitorPass(models.Model):
     """When each of the portal's own monitors last did its work: the sampler (per-minute samples) and the active alert
     evaluator. Written on the database's clock; read by the health report, /metrics and the monitoring-stale rule
-    (monitoring.monitors)."""
+    (monitoring.metrics.monitors)."""
 
     name = models.CharField(max_length=20, unique=True)
     holder = models.CharField(max_length=200, blank=True)

@@ -1,14 +1,15 @@
 from django.urls import path
 
-from monitoring import views
+from monitoring.alerts import views as alerts
+from monitoring.metrics import views as metrics
 
 urlpatterns = [
-    path("healthz", views.healthz, name="healthz"),
-    path("readyz", views.readyz, name="readyz"),
-    path("metrics", views.metrics, name="metrics"),
-    path("api/rq/health", views.api_health, name="api-health"),
-    path("api/rq/metrics", views.api_metrics, name="api-metrics"),
-    path("api/rq/performance", views.api_performance, name="api-performance"),
-    path("api/rq/alerts", views.api_alerts, name="api-alerts"),
-    path("api/alerts/alertmanager", views.alertmanager_webhook, name="alertmanager-webhook"),
+    path("healthz", metrics.healthz, name="healthz"),
+    path("readyz", metrics.readyz, name="readyz"),
+    path("metrics", metrics.metrics, name="metrics"),
+    path("api/rq/health", metrics.api_health, name="api-health"),
+    path("api/rq/metrics", metrics.api_metrics, name="api-metrics"),
+    path("api/rq/performance", metrics.api_performance, name="api-performance"),
+    path("api/rq/alerts", alerts.api_alerts, name="api-alerts"),
+    path("api/alerts/alertmanager", alerts.alertmanager_webhook, name="alertmanager-webhook"),
 ]

@@ -11,7 +11,7 @@ class PortalAdminSite(admin.AdminSite):
     index_title = "Caption work on Redis Queue"
 
     def get_urls(self):
-        from monitoring import views
+        from monitoring.live import views
 
         return [
             path("dashboard/", self.admin_view(lambda request: views.dashboard(request, self)), name="dashboard"),
@@ -21,7 +21,7 @@ class PortalAdminSite(admin.AdminSite):
 
     def get_app_list(self, request, app_label=None):
         """The apps, with the live dashboard first for users who may watch it (index and navigation sidebar)."""
-        from monitoring.access import may_view_metrics
+        from monitoring.metrics.access import may_view_metrics
 
         apps = super().get_app_list(request, app_label)
         if app_label is None and may_view_metrics(request.user):
@@ -37,7 +37,7 @@ class PortalAdminSite(admin.AdminSite):
         figures (Redis and database reads) are computed only for users with the view permission."""
         extra_context = dict(extra_context or {})
         if request.user.has_perm(QUEUE_SNAPSHOT_PERMISSION):
-            from monitoring.selectors import queue_snapshot
+            from monitoring.metrics.selectors import queue_snapshot
 
             extra_context["queue_snapshot"] = queue_snapshot()
         return super().index(request, extra_context)

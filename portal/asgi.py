@@ -17,8 +17,8 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 from django.urls import reverse  # noqa: E402
 
-from monitoring.routing import websocket_urlpatterns  # noqa: E402
-from monitoring.views import WEBHOOK_MAX_BYTES  # noqa: E402
+from monitoring.live.routing import websocket_urlpatterns  # noqa: E402
+from monitoring.alerts.views import WEBHOOK_MAX_BYTES  # noqa: E402
 from portal.body_limits import BodyLimit  # noqa: E402
 from portal.logs import adopt_server_loggers  # noqa: E402
 

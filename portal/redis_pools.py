@@ -12,8 +12,8 @@ up to ``REDIS_POOL_TIMEOUT`` seconds and then gets ``PoolExhausted`` (a redis ``
 that survives an outage survives this too) with a message naming the setting, never an unbounded wait. The channel
 layer's asyncio pool (one per event loop, in the processes that use the channel layer) is capped and raises the same
 way (``ChannelLayer``). A few loops that must never queue behind others (the supervisor's lease, the event
-announcer) have small pools of their own. The main pool's use is reported to the metrics by ``monitoring.recorder``
-(``rq_redis_pool_*``); the channel layer's is not.
+announcer) have small pools of their own. The main pool's use is reported to the metrics by
+``monitoring.metrics.recorder`` (``rq_redis_pool_*``); the channel layer's is not.
 """
 
 from __future__ import annotations

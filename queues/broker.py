@@ -146,7 +146,7 @@ class _ProcessConnection:
 
 
 _process = _ProcessConnection()
-# Called when this process opens its connection pool (monitoring.recorder starts its flusher, which reports the
+# Called when this process opens its connection pool (monitoring.metrics.recorder starts its flusher, which reports the
 # pool's use): a hook rather than an import, since monitoring builds on this module.
 CONNECTION_HOOKS: list = []
 

@@ -293,7 +293,7 @@ def _fresh_queue_control():
 def mode(db):
     """Sets fields of the dispatch mode row: ``mode(mode="legacy", submission_paused=True, ...)``."""
 
-    from migration.dispatch import system_mode_ensure
+    from migration.state import system_mode_ensure
     from migration.models import SystemMode
 
     def set_fields(**fields) -> SystemMode:
@@ -302,3 +302,15 @@ def mode(db):
         return SystemMode.objects.get(pk=1)
 
     return set_fields
+
+
+def alert_rules_seed() -> None:
+    """The alert rules and escalation policy a fresh install starts with, written again (where missing) by the data
+    migrations that wrote them: transactional tests empty the tables after each test."""
+    import importlib
+
+    from django.apps import apps
+
+    for migration in ("0005_seed_alerts", "0009_seed_monitoring_stale"):
+        importlib.import_module(f"monitoring.migrations.{migration}").seed(apps, None)
+

@@ -1,10 +1,6 @@
 from django.db import migrations
 
-
-def roles(apps, schema_editor):
-    from queues.roles import sync_roles
-
-    sync_roles(apps)
+# The roles were synced here; they are synced after every migrate now (queues.apps), so this does nothing.
 
 
 class Migration(migrations.Migration):
@@ -14,4 +10,4 @@ class Migration(migrations.Migration):
         ("monitoring", "0006_alert_escalation_and_resolutions"),
         ("auth", "0012_alter_user_first_name_max_length"),
     ]
-    operations = [migrations.RunPython(roles, migrations.RunPython.noop)]
+    operations = []

@@ -1,10 +1,6 @@
 from django.db import migrations
 
-
-def create_roles(apps, schema_editor):
-    from queues.roles import sync_roles
-
-    sync_roles(apps)
+# The roles were synced here; they are synced after every migrate now (queues.apps), so this does nothing.
 
 
 class Migration(migrations.Migration):
@@ -13,4 +9,4 @@ class Migration(migrations.Migration):
         ("auth", "0012_alter_user_first_name_max_length"),
         ("contenttypes", "0002_remove_content_type_name"),
     ]
-    operations = [migrations.RunPython(create_roles, migrations.RunPython.noop)]
+    operations = []

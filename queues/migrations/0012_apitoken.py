@@ -3,11 +3,7 @@ import django.utils.timezone
 from django.conf import settings
 from django.db import migrations, models
 
-
-def roles(apps, schema_editor):
-    from queues.roles import sync_roles
-
-    sync_roles(apps)  # Admins get the new model's permissions
+# Admins get the new model's permissions when the roles are synced after the migrate (queues.apps).
 
 
 class Migration(migrations.Migration):
@@ -35,5 +31,4 @@ class Migration(migrations.Migration):
             ],
             options={"verbose_name": "API token", "ordering": ["name"]},
         ),
-        migrations.RunPython(roles, migrations.RunPython.noop),
     ]

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from django.conf import settings
 
-from monitoring.live import WATCHERS_KEY
+from monitoring.live.events import WATCHERS_KEY
 from portal.embedded_redis import free_port
 from queues.services import TaskSpec, tasks_submit_many
 from tests.browser.test_admin_browser import browser_page, log_in  # noqa: F401  (fixture)

@@ -42,12 +42,9 @@ def slack_statuses(server):
 
 @pytest.fixture
 def seeded_alert_rules():
-    from django.apps import apps
+    from tests.conftest import alert_rules_seed
 
-    from monitoring.alert_rules import escalation_seed, rules_seed
-
-    rules_seed(apps)
-    escalation_seed(apps)
+    alert_rules_seed()
 
 
 def test_redis_stopped_pages_once_per_route_and_its_consequences_page_nobody(redis_server_factory, pool,

@@ -6,7 +6,7 @@ import pytest
 from django.utils import timezone
 from django.urls import reverse
 
-from migration import dispatch
+from migration import dispatch, state
 from migration.models import MigrationRun, Mode
 from migration.runs import run_create
 from queues.models import AuditEntry
@@ -35,7 +35,7 @@ def test_support_reads_runs_and_mode_but_cannot_act(login, support_user, mode):
                        ("admin:migration_act", [run.pk, "resume"]), ("admin:migration_pause", [])):
         assert client.post(reverse(name, args=args)).status_code == 403
     assert client.post(reverse("admin:migration_systemmode_change", args=[1]), {"mode": "legacy"}).status_code == 403
-    assert dispatch.system_mode().mode == Mode.RQ
+    assert state.system_mode().mode == Mode.RQ
 
 
 @pytest.mark.django_db
@@ -44,11 +44,11 @@ def test_operators_pause_with_a_reason_and_resume(login, operator_user, mode):
     assert b"Pause submission" in client.get(reverse("admin:migration_pause")).content  # the confirmation
     response = client.post(reverse("admin:migration_pause"), {"reason": ""})
     assert response.status_code == 400 and b"Say why" in response.content
-    assert not dispatch.system_mode().submission_paused
+    assert not state.system_mode().submission_paused
     client.post(reverse("admin:migration_pause"), {"reason": "disk swap"})
-    assert dispatch.system_mode().paused_reason == "disk swap"
+    assert state.system_mode().paused_reason == "disk swap"
     client.post(reverse("admin:migration_resume"))
-    assert not dispatch.system_mode().submission_paused
+    assert not state.system_mode().submission_paused
     assert list(AuditEntry.objects.values_list("action", flat=True)) == ["submission_resume", "submission_pause"]
     assert client.post(reverse("admin:migration_start")).status_code == 403  # runs are for Admins
 
@@ -59,10 +59,10 @@ def test_a_pause_from_the_admin_may_last_a_set_time(login, operator_user, mode):
     assert b'name="duration"' in client.get(reverse("admin:migration_pause")).content
     response = client.post(reverse("admin:migration_pause"), {"reason": "disk swap", "duration": "soon"})
     assert response.status_code == 400 and b"For: &#x27;soon&#x27; is not a positive duration" in response.content
-    assert not dispatch.system_mode().submission_paused
+    assert not state.system_mode().submission_paused
     before = timezone.now()
     client.post(reverse("admin:migration_pause"), {"reason": "disk swap", "duration": "2h"})
-    row = dispatch.system_mode()
+    row = state.system_mode()
     assert row.submission_paused and timedelta(hours=2) <= row.paused_until - before < timedelta(hours=2, minutes=1)
     assert AuditEntry.objects.get().detail["until"] == row.paused_until.isoformat()
 
@@ -74,7 +74,7 @@ def test_admins_change_the_mode_through_the_service(login, admin_user, mode):
                            {"mode": "hybrid", "hybrid_rq_percent": "20", "fallback_enabled": "on",
                             "fallback_timeout": "30"})
     assert response.status_code == 302
-    row = dispatch.system_mode()
+    row = state.system_mode()
     assert (row.mode, row.hybrid_rq_percent) == ("hybrid", 20)
     assert AuditEntry.objects.filter(action="dispatch_mode", user=admin_user).exists()
 

@@ -12,7 +12,7 @@ from django.core.cache import cache
 
 from migration import dispatch, runs
 from migration.models import MigrationRun, Mode
-from monitoring.views import HEALTH_CACHE_KEY
+from monitoring.metrics.views import HEALTH_CACHE_KEY
 from queues import broker
 from queues.models import AuditEntry, CaptionTask, Dispatch, TaskStatus
 from tests.conftest import subprocess_env

@@ -6,7 +6,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from migration import dispatch
+from migration import dispatch, state
 from migration.models import MigrationEvent, Mode, SystemMode
 from queues import broker
 from queues.models import AuditEntry, CaptionTask, Dispatch, TaskStatus
@@ -19,7 +19,7 @@ def test_mode_row_defaults_from_the_old_systems_variables(settings):
     settings.RQ_ENABLED, settings.RQ_HYBRID_MODE, settings.RQ_HYBRID_RQ_PERCENT = True, True, 30
     settings.RQ_FALLBACK_ENABLED, settings.RQ_FALLBACK_TIMEOUT = False, 45
     SystemMode.objects.all().delete()  # as before the first change of it
-    row = dispatch.system_mode()
+    row = state.system_mode()
     assert (row.mode, row.hybrid_rq_percent, row.fallback_enabled, row.fallback_timeout) == ("hybrid", 30, False, 45)
     assert not SystemMode.objects.exists()  # reading writes nothing
     dispatch.mode_set(mode=Mode.HYBRID, user=None)
@@ -30,7 +30,7 @@ def test_mode_row_defaults_from_the_old_systems_variables(settings):
 def test_without_rq_the_mode_row_starts_in_legacy(settings):
     settings.RQ_ENABLED, settings.RQ_HYBRID_MODE = False, False
     SystemMode.objects.all().delete()
-    assert dispatch.system_mode().mode == Mode.LEGACY
+    assert state.system_mode().mode == Mode.LEGACY
 
 
 def test_database_polling_disabled_refuses_every_way_to_the_poller_but_the_fallback(settings, mode, admin_user,
@@ -54,7 +54,7 @@ def test_database_polling_disabled_refuses_every_way_to_the_poller_but_the_fallb
     response = client.post(reverse("admin:migration_systemmode_change", args=[1]),
                            {"mode": "legacy", "hybrid_rq_percent": "50", "fallback_timeout": "30"})
     assert response.status_code == 200 and b"The legacy mode dispatches to the database poller" in response.content
-    assert dispatch.system_mode().mode == Mode.RQ
+    assert state.system_mode().mode == Mode.RQ
     assert not MigrationEvent.objects.exists() and not AuditEntry.objects.exists()
     # The supervisor's fallback poller is not refused (the fallback is RQ_FALLBACK_ENABLED's to allow): it gets as
     # far as checking its other arguments.
@@ -146,7 +146,7 @@ def test_pause_and_mode_refuse_bad_input_naming_the_field(mode):
         with pytest.raises(ValueError, match="positive duration|longer than a year"):
             dispatch.duration_parse(text)
     assert dispatch.duration_parse("365d") == timedelta(days=365)
-    row = dispatch.system_mode()
+    row = state.system_mode()
     assert not row.submission_paused and row.mode == Mode.RQ
 
 

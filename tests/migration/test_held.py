@@ -8,7 +8,7 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from migration import dispatch
+from migration import dispatch, state
 from migration.backup import backup_restore, backup_write
 from migration.legacy import LegacyPoller
 from migration.models import SystemMode
@@ -75,7 +75,7 @@ def test_a_batch_that_read_paused_and_commits_after_the_resume_is_released(redis
     resumed.set()
     submitter.join(30)
     assert len(created) == 200 and held_ids() == set(created)  # the race, as it happens
-    assert not dispatch.system_mode().paused_now()
+    assert not state.system_mode().paused_now()
 
     tasks_relay_once()
     assert held_ids() == set()

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from migration.legacy import LegacyPoller, task_claim_polled
 from migration.models import LegacyWorker
-from monitoring.collectors import take_snapshot
+from monitoring.metrics.snapshot import take_snapshot
 from queues import broker
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
 from tests.processes import wait_for

@@ -2,13 +2,14 @@
 
 import pytest
 
-from migration import dispatch
+from migration import dispatch, state
 from migration.legacy import LegacyPoller
 from migration.models import MigrationRun, Mode
-from migration.runs import pollers_blocked, run_create, run_execute
-from monitoring.collectors import take_snapshot
-from monitoring.health import health_report
-from monitoring.monitors import monitor_pass
+from migration.runs import run_create, run_execute
+from migration.state import pollers_blocked
+from monitoring.metrics.snapshot import take_snapshot
+from monitoring.metrics.health import health_report
+from monitoring.metrics.monitors import monitor_pass
 from queues.models import CaptionTask, Dispatch, TaskStatus
 from queues.services import task_submit
 
@@ -25,7 +26,7 @@ def test_a_run_that_failed_after_its_cutover_leaves_the_fallback_working(redis, 
     mode(mode=Mode.LEGACY)
     run = run_execute(run=_run(validate_tasks=1, validate_timeout=1))  # the worker is idle: validate fails
     assert run.state == MigrationRun.State.FAILED and "validation" in run.failure_reason, run.failure_reason
-    assert dispatch.system_mode().mode == Mode.RQ
+    assert state.system_mode().mode == Mode.RQ
     assert not pollers_blocked()
 
     mode(fallback_active=True)  # Redis went away afterwards

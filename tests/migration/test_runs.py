@@ -10,7 +10,7 @@ from django.core.management.base import CommandError
 from django.db.models import Count
 from django.utils import timezone
 
-from migration import dispatch
+from migration import dispatch, state
 from migration.backup import BackupError, backup_restore, backup_write
 from migration.models import MigrationPhase, MigrationRun, Mode
 from migration.runs import RunError, rollback_create, run_create, run_execute
@@ -44,7 +44,7 @@ def test_a_run_migrates_every_queued_database_task_and_proves_it(redis, mode, da
     assert set(_phases(run).values()) == {"done", "skipped"} and _phases(run)["hybrid"] == "skipped"
     assert run.verification["ok"]
     assert run.verification["left_behind"] == {"queued_for_database": 0, "held_with_submission_open": 0}
-    row = dispatch.system_mode()
+    row = state.system_mode()
     assert row.mode == Mode.RQ and not row.paused_now()
     migrate = run.phases.get(name="migrate")
     assert migrate.counts["migrated"] == 300 and migrate.progress_done == migrate.progress_total == 320  # the walk
@@ -116,7 +116,7 @@ def test_rollback_after_cutover_returns_every_queued_task_to_the_poller(redis, m
     assert rollback.state == MigrationRun.State.SUCCEEDED, rollback.failure_reason
     migration.refresh_from_db()
     assert migration.state == MigrationRun.State.ROLLED_BACK and rollback.rollback_of == migration
-    assert dispatch.system_mode().mode == Mode.LEGACY
+    assert state.system_mode().mode == Mode.LEGACY
     assert set(CaptionTask.objects.filter(pk__in=ids).values_list("dispatch", "published_at")) == {
         (Dispatch.DATABASE, None)}
     assert not any(redis.exists(f"rq:job:caption-{pk}") for pk in ids)
@@ -143,13 +143,13 @@ def test_rollback_from_the_migrate_phase(redis, mode, database_tasks, registered
     while _phases(run)["migrate"] == "pending":
         run = run_execute(run=run, one_phase=True)
     assert run.state == MigrationRun.State.STOPPED and _phases(run)["verify"] == "pending"
-    assert dispatch.system_mode().mode == Mode.LEGACY and dispatch.system_mode().paused_now()  # before cutover
+    assert state.system_mode().mode == Mode.LEGACY and state.system_mode().paused_now()  # before cutover
     assert broker.queued_task_ids("normal") == set(ids)
     rollback = run_execute(run=rollback_create(user=None))
     assert rollback.state == MigrationRun.State.SUCCEEDED, rollback.failure_reason
     assert set(CaptionTask.objects.filter(pk__in=ids).values_list("dispatch", flat=True)) == {Dispatch.DATABASE}
     assert sum(broker.queue_lengths().values()) == 0
-    assert not dispatch.system_mode().paused_now()
+    assert not state.system_mode().paused_now()
 
 
 def test_a_run_executed_elsewhere_is_not_taken_over(redis, mode, registered_worker):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from django.conf import settings as django_settings
 
-from migration import dispatch
+from migration import state
 from migration.models import MigrationRun, Mode
 from migration.runs import rollback_create, run_execute
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
@@ -101,7 +101,7 @@ def test_a_stalled_migration_process_that_wakes_after_the_rollback_leaves_it_rol
     assert "Traceback" not in output and "rolled back" in output, output
     migration.refresh_from_db()
     assert migration.state == MigrationRun.State.ROLLED_BACK, migration.failure_reason
-    assert dispatch.system_mode().mode == Mode.LEGACY
+    assert state.system_mode().mode == Mode.LEGACY
     assert set(CaptionTask.objects.filter(pk__in=ids).values_list("dispatch", "status")) == {
         (Dispatch.DATABASE, TaskStatus.QUEUED)}
     assert not migration.phases.filter(name__in=("drain", "migrate", "cutover"), state="done").exists()

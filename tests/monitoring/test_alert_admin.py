@@ -16,7 +16,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from tests.conftest import respond
-from monitoring.alerts import alert_acknowledge, fingerprint_of
+from monitoring.alerts.actions import alert_acknowledge
+from monitoring.alerts.timeline import fingerprint_of
 from monitoring.models import (
     Alert,
     AlertEvent,
@@ -861,7 +862,7 @@ def test_a_silence_pattern_is_checked_by_the_engine_that_matches_it(client, oper
 
 
 def test_a_flapping_alerts_page_shows_its_newest_timeline_rows_only(client, support_user):
-    from monitoring.admin import TIMELINE_ROWS
+    from monitoring.alerts.admin.base import TIMELINE_ROWS
 
     alert = make_alert()
     start = timezone.now() - timedelta(days=1)
@@ -898,7 +899,7 @@ def test_an_alertmanager_alerts_page_offers_no_silence_and_names_its_notifier(cl
 def test_the_history_keeps_alert_retention_days_and_never_what_is_still_needed(settings):
     """Alerts, their timelines, notifications and delivery attempts grew without end."""
     from monitoring.models import DeliveryAttempt, Notification, NotificationChannel
-    from monitoring.retention import alert_history_prune
+    from monitoring.alerts.retention import alert_history_prune
 
     settings.ALERT_RETENTION_DAYS = 30
     long_ago = timezone.now() - timedelta(days=40)

@@ -8,8 +8,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from monitoring.alert_rules import Readings
-from monitoring.alerts import alert_acknowledge, alerts_evaluate
+from monitoring.alerts.rules import Readings
+from monitoring.alerts.actions import alert_acknowledge
+from monitoring.alerts.evaluate import alerts_evaluate
 from monitoring.models import Alert, AlertEvent, AlertRule
 from tests.monitoring.test_alert_evaluation import only, snapshot
 
@@ -146,7 +147,7 @@ def test_current_alerts_have_the_same_access_as_the_other_apis(client, outsider_
 
 
 def test_an_alertmanager_alert_no_longer_reported_expires(post):
-    from monitoring.alerts import ALERTMANAGER_EXPIRY, alertmanager_alerts_expire
+    from monitoring.alerts.ingest import ALERTMANAGER_EXPIRY, alertmanager_alerts_expire
 
     post(PAYLOAD)
     alert = Alert.objects.get()
@@ -189,12 +190,12 @@ def test_a_generator_url_that_is_not_http_is_not_stored_and_never_a_link(post, c
 def test_resolving_an_alert_read_before_an_acknowledgement_keeps_the_acknowledgement(post, operator_user):
     """The webhook and the expiry read the alert, then saved every column: an acknowledgement committed in between
     was overwritten while its timeline row stayed."""
-    from monitoring.alerts import _resolve_one
+    from monitoring.alerts.timeline import resolve_one
 
     post(PAYLOAD)
     read = Alert.objects.get()  # the webhook's (or the expiry's) copy
     alert_acknowledge(alert=Alert.objects.get(), user=operator_user, note="on it")
-    _resolve_one(read, at=timezone.now(), now=timezone.now(), message="resolved in Prometheus")
+    resolve_one(read, at=timezone.now(), now=timezone.now(), message="resolved in Prometheus")
     alert = Alert.objects.get()
     assert alert.state == Alert.State.RESOLVED
     assert alert.acknowledged_by == operator_user and alert.acknowledgement_note == "on it"
@@ -210,9 +211,9 @@ def test_too_many_alerts_in_one_body_is_a_413_naming_the_field(post):
 
 
 def test_new_firings_beyond_the_open_alert_cap_wait_with_a_503(post, monkeypatch):
-    import monitoring.alerts
+    import monitoring.alerts.ingest
 
-    monkeypatch.setattr(monitoring.alerts, "MAX_OPEN_ALERTMANAGER_ALERTS", 1)
+    monkeypatch.setattr(monitoring.alerts.ingest, "MAX_OPEN_ALERTMANAGER_ALERTS", 1)
     assert post(PAYLOAD).status_code == 200
     assert post(PAYLOAD).status_code == 200, "a repeat of an open alert keeps it alive, whatever the cap"
     second = json.loads(json.dumps(PAYLOAD))

@@ -7,17 +7,17 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from monitoring.alert_rules import Readings
-from monitoring.alerts import (
+from monitoring.alerts.rules import Readings
+from monitoring.alerts.evaluate import (
     EvaluatorState,
     alerts_cycle,
     alerts_evaluate,
     database_outage_record,
-    fingerprint_of,
     lease_acquire,
     lease_release,
 )
-from monitoring.collectors import Snapshot
+from monitoring.alerts.timeline import fingerprint_of
+from monitoring.metrics.snapshot import Snapshot
 from monitoring.models import Alert, AlertEvent, AlertRule, Lease, MetricSample
 
 pytestmark = pytest.mark.django_db

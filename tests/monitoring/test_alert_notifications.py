@@ -10,8 +10,9 @@ import pytest
 from django.core import mail
 from django.utils import timezone
 
-from monitoring.alert_rules import Readings
-from monitoring.alerts import alert_acknowledge, alert_shelve, alerts_evaluate, silence_create
+from monitoring.alerts.rules import Readings
+from monitoring.alerts.actions import alert_acknowledge, alert_shelve, silence_create
+from monitoring.alerts.evaluate import alerts_evaluate
 from monitoring.models import (
     Alert,
     AlertEvent,
@@ -22,7 +23,7 @@ from monitoring.models import (
     NotificationChannel,
     NotificationRoute,
 )
-from monitoring.notifications import (
+from monitoring.alerts.notify import (
     SENDING_LEASE_SECONDS,
     channel_test,
     notification_deliver,
@@ -306,7 +307,7 @@ def test_a_live_worker_delivers_notifications(redis, webhook):
     AlertRule.objects.update(for_seconds=0)
     worker = start_command("rqworker", "urgent")
     try:
-        from monitoring.notifications import workers_take_notifications
+        from monitoring.alerts.notify import workers_take_notifications
 
         wait_for(workers_take_notifications, 30, "a live worker on urgent")
         t0 = timezone.now()
@@ -450,7 +451,7 @@ def test_a_wrong_smtp_sender_fails_the_mail_but_does_not_disable_the_channel(smt
 
 
 def test_unshelving_an_alert_that_is_not_shelved_is_refused(operator_user):
-    from monitoring.alerts import AlertError, alert_shelve
+    from monitoring.alerts.actions import AlertError, alert_shelve
 
     only("few-workers")
     now = timezone.now()
@@ -547,7 +548,7 @@ def test_a_notification_a_worker_is_sending_is_not_taken_back(redis, http_server
 def test_two_overlapping_plans_write_the_first_message_once(redis, webhook, monkeypatch):
     """A lease hand-over during a slow pass: evaluator B plans while A, which read the candidates before, still
     plans. A's writes are fenced on what it read, so its plan is dropped instead of writing the message again."""
-    import monitoring.notifications as notifications
+    import monitoring.alerts.notify as notifications
 
     only("few-workers")
     AlertRule.objects.update(for_seconds=0)
@@ -573,7 +574,7 @@ def test_the_planners_query_searches_its_index_instead_of_scanning_the_history()
     pass read the whole alert table."""
     from django.db import connection
 
-    from monitoring.notifications import planner_candidates
+    from monitoring.alerts.notify import planner_candidates
 
     plan = planner_candidates().explain()
     assert "alert_pending_resolution_idx" in plan, plan
@@ -587,11 +588,11 @@ def test_the_evaluators_open_alerts_are_searched_by_state_not_walked_by_source()
     'portal'`` from it: every pass walked every portal alert ever written."""
     from django.db import connection
 
-    from monitoring.alerts import portal_open_alerts
+    from monitoring.alerts.evaluate import portal_open_alerts
 
     if connection.vendor != "sqlite":
         pytest.skip("SQLite's planner without statistics; MariaDB's optimizer reads the index statistics InnoDB keeps")
-    from monitoring.alerts import ALERTMANAGER_EXPIRY
+    from monitoring.alerts.ingest import ALERTMANAGER_EXPIRY
 
     for query in (portal_open_alerts().order_by(), Alert.objects.open_from(Alert.Source.ALERTMANAGER).filter(
             last_seen_at__lt=timezone.now() - ALERTMANAGER_EXPIRY).order_by()):

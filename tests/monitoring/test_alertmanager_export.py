@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from monitoring.models import Alert, AlertRule, NotificationChannel, NotificationRoute
-from monitoring.notifications import _routes_for
+from monitoring.alerts.notify import _routes_for
 
 TOKEN = "am-webhook-token-0123456789"
 
@@ -223,7 +223,7 @@ def test_each_condition_has_one_notifier_in_amtool(routes, tmp_path, capsys):
     different incidents, and a route on the portal's alertname matched only the portal's copy), except the
     database's, which only Prometheus can page while it holds; the watchdog goes to the dead man's switch; what only
     Prometheus raises goes to the portal's history and the routes."""
-    from monitoring.artefacts import prometheus_alerting_rules, watcher_rules
+    from monitoring.alerts.exports import prometheus_alerting_rules, watcher_rules
 
     amtool = amtool_or_skip()
     NotificationRoute.objects.create(name="redis by name", position=5, severities=["critical"],

@@ -25,7 +25,7 @@ PROMQL_WORDS = {"sum", "rate", "max", "by", "le", "histogram_quantile", "clamp_m
 
 @pytest.fixture
 def served_metric_names(client, admin_user, redis):
-    from monitoring.monitors import EVALUATOR, SAMPLER, monitor_pass
+    from monitoring.metrics.monitors import EVALUATOR, SAMPLER, monitor_pass
 
     for monitor in (SAMPLER, EVALUATOR):  # their figures are served once they have passed
         monitor_pass(monitor, holder="host-a:1", interval=10)
@@ -97,7 +97,7 @@ def test_promtool_accepts_the_rules(tmp_path):
     call_command("export_prometheus_rules", "--output", str(output))
     result = subprocess.run([promtool, "check", "rules", str(output)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    from monitoring.artefacts import RECORDING_RULES
+    from monitoring.metrics.exports import RECORDING_RULES
     from monitoring.models import AlertRule
 
     # The recording rules, one alerting rule per enabled rule row, the watchdog and RQPortalMonitoringDown.

@@ -13,10 +13,12 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from monitoring import dashboard, live, selectors
-from monitoring.dashboard import LiveSampler
-from monitoring.live import METRICS_GROUP
-from monitoring.sampler import LAST_KEY
+from monitoring.live import dashboard
+from monitoring.live import events as live
+from monitoring.metrics import selectors
+from monitoring.live.dashboard import LiveSampler
+from monitoring.live.events import METRICS_GROUP
+from monitoring.metrics.sampler import LAST_KEY
 from queues.models import CaptionTask, TaskStatus
 from tests.processes import start_command, stop_process
 
@@ -123,7 +125,7 @@ def test_a_sample_reads_no_more_than_a_scrape_and_never_counts_the_task_table(da
 def test_rates_and_percentiles_come_from_the_counters_a_minute_apart():
     from collections import deque
 
-    from monitoring.collectors import Snapshot
+    from monitoring.metrics.snapshot import Snapshot
 
     snapshot = Snapshot(redis_ok=True, database_ok=True, queue_lengths={"normal": 4})
     before = {"tasks:completed": 100.0, "tasks:failed": 1.0, "retries": 0.0, "queue:normal:completed": 100.0}

@@ -71,7 +71,7 @@ def test_promtool_accepts_the_whole_scrape(staff_client, redis):
         if os.environ.get("CI") == "true":
             pytest.fail("promtool is missing in CI (Debian: apt-get install prometheus)")
         pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
-    from monitoring.recorder import BUFFER, record_attempt
+    from monitoring.metrics.recorder import BUFFER, record_attempt
 
     # Every family with samples: workers alive, attempts recorded, requests served, the health cache used.
     workers = [start_worker(redis, f"promtool-{index}", done=3, failed=1) for index in range(2)]
@@ -96,7 +96,7 @@ def redis_errors(client) -> float:
 
 @pytest.mark.django_db
 def test_a_redis_outage_is_counted_once_per_process_however_long_it_lasts(staff_client, redis_server_factory):
-    from monitoring.recorder import BUFFER, record_attempt
+    from monitoring.metrics.recorder import BUFFER, record_attempt
 
     server = redis_server_factory("outage")
     before = redis_errors(staff_client)  # Redis answers: this process sees it reachable
@@ -117,7 +117,7 @@ def test_a_redis_outage_is_counted_once_per_process_however_long_it_lasts(staff_
 def test_a_database_outage_is_counted_once_until_a_connection_succeeds_again(redis):
     from django.db import connections
 
-    from monitoring.recorder import BUFFER, COUNTERS_KEY
+    from monitoring.metrics.recorder import BUFFER, COUNTERS_KEY
     from queues.signals import service_unavailable
 
     def database_errors() -> float:

@@ -9,7 +9,7 @@ from django.core.cache import cache
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.monitors import monitor_pass
+from monitoring.metrics.monitors import monitor_pass
 from queues import broker
 from queues.services import TaskSpec, task_submit, tasks_submit_many
 from queues.worker import CaptionWorker
@@ -150,8 +150,8 @@ def test_scrape_cost_does_not_grow_with_jobs(staff_client, redis, media_image, d
     large = commands_for_one_scrape()
     for measured in (small, large):
         measured.pop("cmdstat_info", None)  # commandstats itself
-        # The Redis pool reports (monitoring.recorder, every 5 s from a thread) and a scrape's removal of reports of
-        # processes that are gone: neither depends on the jobs.
+        # The Redis pool reports (monitoring.metrics.recorder, every 5 s from a thread) and a scrape's removal of reports
+        # of processes that are gone: neither depends on the jobs.
         measured.pop("cmdstat_hset", None), measured.pop("cmdstat_hdel", None)
     assert small == large
     assert not {"cmdstat_keys", "cmdstat_lrange", "cmdstat_zremrangebyscore", "cmdstat_scan"} & set(large)
@@ -160,7 +160,7 @@ def test_scrape_cost_does_not_grow_with_jobs(staff_client, redis, media_image, d
 @pytest.fixture(autouse=True)
 def fresh_health(monkeypatch):
     """Each test sees the health of its own state, not a report cached by the previous test."""
-    from monitoring import views
+    from monitoring.metrics import views
 
     monkeypatch.setattr(views, "HEALTH_CACHE_SECONDS", 0.0)
     cache.delete(views.HEALTH_CACHE_KEY)
@@ -168,7 +168,7 @@ def fresh_health(monkeypatch):
 
 @pytest.mark.django_db
 def test_health_report_is_cached_for_a_second(staff_client, redis, monkeypatch):
-    from monitoring import views
+    from monitoring.metrics import views
 
     monkeypatch.setattr(views, "HEALTH_CACHE_SECONDS", 1.0)
     first = staff_client.get(reverse("api-health")).json()
@@ -282,7 +282,7 @@ def test_readyz_is_ready_when_database_and_redis_answer(client, redis):
 
 @pytest.mark.django_db
 def test_http_database_and_cache_families_of_the_serving_process(staff_client, redis, monkeypatch):
-    from monitoring import views
+    from monitoring.metrics import views
 
     def total(values, name, **labels):  # summed over the label values not given
         return sum(number for (sample, pairs), number in values.items()
@@ -342,7 +342,7 @@ def test_scrape_waits_for_a_flush_under_way(staff_client, redis):
     must not report the counters without them (it saw 0 completed tasks right after a worker ended 3 in CI)."""
     import threading
 
-    from monitoring.recorder import BUFFER, record_attempt
+    from monitoring.metrics.recorder import BUFFER, record_attempt
 
     BUFFER.take()
     before = value(samples(staff_client), "rq_tasks_total", status="completed")

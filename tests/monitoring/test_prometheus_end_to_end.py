@@ -18,14 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from django.apps import apps
 from django.core.management import call_command
 from django.urls import reverse
 
-from monitoring.alert_rules import rules_seed
 from monitoring.models import Alert
 from portal.embedded_redis import free_port
-from tests.conftest import respond
+from tests.conftest import alert_rules_seed, respond
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -96,7 +94,7 @@ def test_alertmanager_pages_what_only_prometheus_sees_and_leaves_the_portals_rul
     binaries_or_skip()
     settings.METRICS_TOKEN, settings.ALERTS_WEBHOOK_TOKEN = METRICS_TOKEN, WEBHOOK_TOKEN
     settings.PORTAL_URL = live_server.url
-    rules_seed(apps)  # transactional tests empty the tables, the seeded rules included
+    alert_rules_seed()  # transactional tests empty the tables, the seeded rules included
     switch = http_server.route("/heartbeat", respond(200, b"ok"))
 
     rules, alertmanager_config = tmp_path / "rules.yml", tmp_path / "alertmanager.yml"

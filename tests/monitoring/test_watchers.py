@@ -8,10 +8,10 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from monitoring.collectors import take_snapshot
-from monitoring.health import health_report
+from monitoring.metrics.snapshot import take_snapshot
+from monitoring.metrics.health import health_report
 from monitoring.models import Alert, AlertRule, MonitorPass, Notification
-from monitoring.monitors import EVALUATOR, SAMPLER, monitor_components, monitor_pass, monitors_read
+from monitoring.metrics.monitors import EVALUATOR, SAMPLER, monitor_components, monitor_pass, monitors_read
 from tests.monitoring.test_alert_evaluation import only
 from tests.monitoring.test_alert_notifications import posted, webhook  # noqa: F401 (a fixture)
 from tests.processes import start_command, stop_process, wait_for
@@ -127,7 +127,7 @@ def test_a_silent_evaluator_is_judged_and_paged_by_the_sampler(redis, webhook): 
 def test_an_evaluator_back_after_a_downtime_does_not_judge_itself_silent(redis):
     """A deploy stopped the evaluator for 100 s: its row is that old when it starts again. It recorded its pass
     only after judging, so it fired monitoring-stale about itself at every restart."""
-    from monitoring.alerts import EvaluatorState, alerts_cycle
+    from monitoring.alerts.evaluate import EvaluatorState, alerts_cycle
 
     only("monitoring-stale")
     monitor_pass(SAMPLER, holder="host-a:1", interval=60)

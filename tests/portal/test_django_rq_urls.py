@@ -23,7 +23,7 @@ from rq.registry import (
 )
 from rq.worker import Worker
 
-from monitoring.recorder import POOLS_KEY
+from monitoring.metrics.recorder import POOLS_KEY
 
 from queues import broker
 from queues.models import AuditEntry, job_id_for
@@ -37,7 +37,7 @@ QUEUE_INDEX = 2  # "normal" in RQ_QUEUES' order (urgent, high, normal, low): whe
 
 def redis_dump(connection) -> dict:
     """Every key with its type and whole content (SCAN is fine in a test's small database, never in the portal),
-    but for this process' own Redis pool report (monitoring.recorder writes it every few seconds)."""
+    but for this process' own Redis pool report (monitoring.metrics.recorder writes it every few seconds)."""
     dump = {}
     for key in connection.scan_iter(count=1000):
         if key == POOLS_KEY.encode():

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring import recorder
+from monitoring.metrics import recorder
 from portal import redis_pools
 from queues import broker
 

@@ -4,7 +4,7 @@ import pytest
 from django.utils import timezone
 from django.urls import reverse
 
-from monitoring import recorder
+from monitoring.metrics import recorder
 from queues import broker, control
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskStatus
 from queues.operations import INLINE_LIMIT, bulk_operation_run

@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from migration import dispatch, runs
+from migration import dispatch, runs, state
 from migration.backup import BackupError, backup_restore
 from migration.models import MigrationRun, Mode
 from migration.preflight import preflight_report
@@ -146,7 +146,7 @@ class Command(BaseCommand):
             if run is None:
                 raise CommandError(f"No migration run {run_id}.")
             return run
-        run = runs.open_run()
+        run = state.open_run()
         if run is None:
             raise CommandError("No run is open: start one with manage.py migrate_to_rq start.")
         return run
@@ -164,7 +164,7 @@ class Command(BaseCommand):
     def do_start(self, *, yes, soak, batch_size, drain_timeout, validate_tasks, validate_timeout, **options):
         run_options = {"soak_seconds": soak, "batch_size": batch_size, "drain_timeout": drain_timeout,
                        "validate_tasks": validate_tasks, "validate_timeout": validate_timeout}
-        current = runs.open_run()
+        current = state.open_run()
         if current is not None:
             raise CommandError(f"{current} is {current.get_state_display().lower()}: "
                                "manage.py migrate_to_rq resume (or rollback) first.")
@@ -177,9 +177,9 @@ class Command(BaseCommand):
 
     def do_status(self, **options):
         run = MigrationRun.objects.order_by("-pk").first()
-        row = dispatch.system_mode()
-        state = dispatch.ModePolicy().status().as_dict()
-        if self._json({"dispatch": state, "run": None if run is None else {
+        row = state.system_mode()
+        status = dispatch.ModePolicy().status().as_dict()
+        if self._json({"dispatch": status, "run": None if run is None else {
                 "id": run.pk, "kind": run.kind, "state": run.state, "failure_reason": run.failure_reason,
                 "phases": [{"name": p.name, "state": p.state, "done": p.progress_done, "total": p.progress_total,
                             "counts": p.counts} for p in run.phases.order_by("order")]}}):
@@ -215,13 +215,13 @@ class Command(BaseCommand):
         return user
 
     def do_verify(self, **options):
-        run = runs.open_run() or MigrationRun.objects.order_by("-pk").first()
+        run = state.open_run() or MigrationRun.objects.order_by("-pk").first()
         direction = "to_database" if run is not None and run.kind == MigrationRun.Kind.ROLLBACK else "to_rq"
-        if run is None and dispatch.system_mode().mode == Mode.LEGACY:
+        if run is None and state.system_mode().mode == Mode.LEGACY:
             direction = "to_database"
         # The baseline is compared only while its run is open: once the run has ended (its own verification stands),
         # requeues and clean-ups legitimately change the tasks it counted.
-        compared = run is not None and run.state in runs.OPEN_STATES and bool(run.baseline)
+        compared = run is not None and run.state in state.OPEN_STATES and bool(run.baseline)
         report = verification(direction=direction, baseline=run.baseline if compared else None)
         if not self._json(report):
             jobs = report["jobs"]
@@ -251,7 +251,7 @@ class Command(BaseCommand):
     def do_rollback(self, *, yes, timeout, **options):
         if timeout is not None and timeout < 1:
             raise CommandError("--timeout must be at least 1 second")
-        target = runs.open_run()
+        target = state.open_run()
         self._confirm("This sets the mode to legacy and returns every queued RQ task to the database poller "
                       "(their jobs are removed from Redis).", yes)
         run = runs.rollback_create(user=None, of=target if target and target.kind == "migration" else None,
@@ -261,7 +261,7 @@ class Command(BaseCommand):
 
     def do_mode(self, *, mode=None, rq_percent=None, **options):
         if mode is None:
-            row = dispatch.system_mode()
+            row = state.system_mode()
             if not self._json(dispatch.ModePolicy().status().as_dict()):
                 self.stdout.write(f"{row.mode} (hybrid RQ share {row.hybrid_rq_percent} %)")
             return

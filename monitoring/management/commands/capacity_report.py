@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from monitoring.sampler import capacity_report
+from monitoring.metrics.sampler import capacity_report
 
 
 def _show(value, unit=""):

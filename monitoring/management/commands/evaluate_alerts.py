@@ -7,7 +7,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from monitoring.alerts import EvaluatorState, alerts_cycle, lease_release
+from monitoring.alerts.evaluate import EvaluatorState, alerts_cycle, lease_release
 from portal.logs import announce
 
 logger = logging.getLogger("monitoring.alerts")

@@ -1,8 +1,8 @@
 from django.core.management.base import CommandError
 
-from monitoring.artefacts import alertmanager_config
+from monitoring.alerts.exports import alertmanager_config
 from monitoring.management.export import ExportCommand
-from monitoring.transports.base import url_error
+from monitoring.alerts.transports.base import url_error
 
 
 class Command(ExportCommand):

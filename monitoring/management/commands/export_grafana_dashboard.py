@@ -1,6 +1,6 @@
 import json
 
-from monitoring.artefacts import grafana_dashboard
+from monitoring.metrics.exports import grafana_dashboard
 from monitoring.management.export import ExportCommand
 
 

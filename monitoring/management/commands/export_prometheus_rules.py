@@ -1,6 +1,6 @@
 from django.core.management.base import CommandError
 
-from monitoring.artefacts import prometheus_rules
+from monitoring.alerts.exports import prometheus_rules
 from monitoring.management.export import ExportCommand
 
 

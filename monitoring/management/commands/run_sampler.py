@@ -5,16 +5,17 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
-from monitoring.alerts import lease_holder_name
-from monitoring.dashboard import LiveSampler
-from monitoring.monitors import SAMPLER, SAMPLER_INTERVAL, SILENT_INTERVALS, evaluator_watch, monitor_pass
-from monitoring.retention import alert_history_prune
-from monitoring.sampler import sample_take, samples_compact
+from monitoring.alerts.evaluate import lease_holder_name
+from monitoring.live.dashboard import LiveSampler
+from monitoring.alerts.watch import evaluator_watch
+from monitoring.metrics.monitors import SAMPLER, SAMPLER_INTERVAL, SILENT_INTERVALS, monitor_pass
+from monitoring.alerts.retention import alert_history_prune
+from monitoring.metrics.sampler import sample_take, samples_compact
 from portal.logs import announce
 from queues import broker
 from queues.errors import BrokerUnavailable
 
-logger = logging.getLogger("monitoring.sampler")
+logger = logging.getLogger("monitoring.metrics.sampler")
 
 
 class Command(BaseCommand):
@@ -91,7 +92,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def _watch() -> None:
-        """The monitoring-stale rule, judged here while the alert evaluator is silent (monitoring.monitors)."""
+        """The monitoring-stale rule, judged here while the alert evaluator is silent (monitoring.metrics.monitors)."""
         try:
             report = evaluator_watch()
             if report:

@@ -12,7 +12,8 @@ How it fits together:
   ``ALERTS_SHOWN + 1`` rows) and, every ``SLOW_FIGURES_SECONDS``, the task counts per status
   (bounded, on the status index). It never counts or scans the task table per sample.
 - **Rates and percentiles over the last minute** come from the counters and histograms every worker adds to Redis
-  (monitoring.recorder): the sampler keeps the last ``RING_SECONDS`` of them in memory and subtracts. When it starts
+  (monitoring.metrics.recorder): the sampler keeps the last ``RING_SECONDS`` of them in memory and subtracts. When it
+  starts
   (or someone connects after nobody watched) the ring is seeded with the per-minute sampler's baseline
   (``sampler.LAST_KEY``), so the first figures cover the time since the last minute sample rather than one second.
 - **Sending.** The sample is encoded to JSON once and sent to the ``metrics`` channel group; every consumer passes
@@ -38,11 +39,11 @@ from asgiref.sync import async_to_sync
 from django.db import DatabaseError
 from django.utils import timezone
 
-from monitoring.collectors import Snapshot, take_snapshot
-from monitoring.health import health_report
-from monitoring.live import LAST_SAMPLE_KEY, LAST_SAMPLE_TTL, METRICS_GROUP, event_payloads, watchers_count
-from monitoring.recorder import PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
-from monitoring.sampler import LAST_KEY, _delta, quantile
+from monitoring.metrics.snapshot import Snapshot, take_snapshot
+from monitoring.metrics.health import health_report
+from monitoring.live.events import LAST_SAMPLE_KEY, LAST_SAMPLE_TTL, METRICS_GROUP, event_payloads, watchers_count
+from monitoring.metrics.recorder import PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
+from monitoring.metrics.sampler import LAST_KEY, _delta, quantile
 from queues import broker
 
 LIVE_LOCK_KEY = "portal:metrics:live:sampler"
@@ -157,7 +158,7 @@ def _entry_at_or_before(ring, moment: float):
 
 
 def _slow_figures() -> dict:
-    from monitoring.selectors import task_counts_by_status
+    from monitoring.metrics.selectors import task_counts_by_status
 
     try:
         return {"tasks": task_counts_by_status()}

@@ -1,6 +1,6 @@
 """Who watches the live dashboards, and the pushes that are not samples: fleet events and alert changes.
 
-Presence: the live sampler (monitoring.dashboard) computes and sends samples only while someone watches. Channels
+Presence: the live sampler (monitoring.live.dashboard) computes and sends samples only while someone watches. Channels
 cannot say how many members a group has, and channels-redis keeps a member for a day after its process dies, so
 the consumers keep their own presence: each connected ``MetricsConsumer`` is a member of a Redis sorted set scored
 by the time it last renewed its entry. ``watcher_join`` adds it and starts a task that renews it every
@@ -9,7 +9,8 @@ sampler counts entries renewed within ``WATCHER_TTL``: a consumer whose process 
 counting within a minute, without anyone cleaning up after it.
 
 Events: a FleetEvent or AlertEvent row announces itself when its transaction commits (``events_announce``, from a
-post_save receiver and AlertEvent's bulk_create), whichever process wrote it: supervisor, evaluator, admin.
+post_save receiver and the signal AlertEvent's bulk_create sends), whichever process wrote it: supervisor,
+evaluator, admin.
 """
 
 from __future__ import annotations
@@ -199,13 +200,18 @@ def _saved(sender, instance, created, **kwargs) -> None:
         events_announce([instance])
 
 
+def _bulk_created(sender, rows, **kwargs) -> None:
+    events_announce(rows)
+
+
 def connect_signals() -> None:
-    """From monitoring's AppConfig.ready(): fleet events (written by queues) and alert events announce themselves.
-    AlertEvent's manager announces its bulk_create()s too (bulk_create sends no post_save)."""
+    """From monitoring's AppConfig.ready(): fleet events (written by queues) and alert events announce themselves,
+    saved one by one (post_save) or in bulk (AlertEvent's manager sends ``alert_events_created``)."""
     from django.db.models.signals import post_save
 
-    from monitoring.models import AlertEvent
+    from monitoring.models import AlertEvent, alert_events_created
     from queues.models import FleetEvent
 
-    post_save.connect(_saved, sender=FleetEvent, dispatch_uid="monitoring.live.fleet_event")
-    post_save.connect(_saved, sender=AlertEvent, dispatch_uid="monitoring.live.alert_event")
+    post_save.connect(_saved, sender=FleetEvent, dispatch_uid="monitoring.live.events.fleet_event")
+    post_save.connect(_saved, sender=AlertEvent, dispatch_uid="monitoring.live.events.alert_event")
+    alert_events_created.connect(_bulk_created, sender=AlertEvent, dispatch_uid="monitoring.live.events.alert_events")

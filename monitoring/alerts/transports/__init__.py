@@ -27,11 +27,11 @@ from the environment and following no redirects. One module per kind: email.py, 
 
 from __future__ import annotations
 
-from monitoring.transports.base import Delivery, Message, Transport, TransportError
-from monitoring.transports.email import EmailTransport
-from monitoring.transports.pagerduty import PagerDutyTransport
-from monitoring.transports.slack import SlackTransport
-from monitoring.transports.webhook import WebhookTransport
+from monitoring.alerts.transports.base import Delivery, Message, Transport, TransportError
+from monitoring.alerts.transports.email import EmailTransport
+from monitoring.alerts.transports.pagerduty import PagerDutyTransport
+from monitoring.alerts.transports.slack import SlackTransport
+from monitoring.alerts.transports.webhook import WebhookTransport
 
 __all__ = ["TRANSPORTS", "Delivery", "Message", "Transport", "TransportError", "transport_for"]
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from monitoring.consumers import MetricsConsumer
+from monitoring.live.consumers import MetricsConsumer
 
 websocket_urlpatterns = [
     path("ws/metrics/", MetricsConsumer.as_asgi()),

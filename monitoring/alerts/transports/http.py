@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-from monitoring.transports.base import TransportError, one_line
+from monitoring.alerts.transports.base import TransportError, one_line
 from portal.destinations import NotPublic, checked_handlers, resolve_checked
 
 USER_AGENT = "rq-ops-portal"

@@ -247,7 +247,7 @@ def _database_connected(**kwargs) -> None:
     note_available(service="database")
 
 
-connection_created.connect(_database_connected, dispatch_uid="monitoring.recorder.database_connected")
+connection_created.connect(_database_connected, dispatch_uid="monitoring.metrics.recorder.database_connected")
 
 
 def flush_pending(pipe) -> dict:

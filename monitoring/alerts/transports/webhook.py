@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from monitoring.transports.base import Delivery, Message, Transport, url_error
-from monitoring.transports.http import post_json
+from monitoring.alerts.transports.base import Delivery, Message, Transport, url_error
+from monitoring.alerts.transports.http import post_json
 
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
 

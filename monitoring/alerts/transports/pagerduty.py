@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import time
 
-from monitoring.transports.base import Delivery, Message, Transport, TransportError, one_line, url_error
-from monitoring.transports.http import post_json
+from monitoring.alerts.transports.base import Delivery, Message, Transport, TransportError, one_line, url_error
+from monitoring.alerts.transports.http import post_json
 
 DEFAULT_URL = "https://events.pagerduty.com/v2/enqueue"
 SOURCE = "rq-ops-portal"

@@ -1,8 +1,8 @@
 """Per-minute metric history, performance figures and the capacity report, all computed from recorded samples.
 
-The sampler reads the shared counters and histograms (monitoring.recorder), subtracts what it saw at the last sample
-(kept in Redis with the sample's minute) and writes one ``MetricSample`` per queue plus one for the fleet, covering
-the minutes since that sample: one normally, more after the sampler was down. Exactly one
+The sampler reads the shared counters and histograms (monitoring.metrics.recorder), subtracts what it saw at the last
+sample (kept in Redis with the sample's minute) and writes one ``MetricSample`` per queue plus one for the fleet,
+covering the minutes since that sample: one normally, more after the sampler was down. Exactly one
 sampler writes each minute however many run: a ``SET NX`` on a key naming the minute. Old minutes are folded into
 hourly rows and then deleted, in batches.
 """
@@ -17,9 +17,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from monitoring.collectors import Snapshot, take_snapshot
+from monitoring.metrics.snapshot import Snapshot, take_snapshot
 from monitoring.models import MetricSample
-from monitoring.recorder import OUTCOME_STATUS, PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
+from monitoring.metrics.recorder import OUTCOME_STATUS, PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
 from queues import broker
 
 LAST_KEY = "portal:metrics:sampler:last"

@@ -7,7 +7,7 @@ one that has been silent for ``SILENT_INTERVALS`` of its intervals is reported.
   ``rq_monitor_last_pass_timestamp_seconds`` and ``rq_monitor_interval_seconds`` (snapshot.monitors).
 - The ``monitoring-stale`` rule (signal ``monitoring_silent``) fires when either has been silent that long. The
   evaluator judges it for the sampler; the sampler judges it, and sends what is due, when the evaluator is the one
-  that went silent (``evaluator_watch``). When both are silent nothing in the portal can page: Prometheus'
+  that went silent (``monitoring.alerts.watch``). When both are silent nothing in the portal can page: Prometheus'
   ``RQPortalMonitoringDown`` (exported beside the rules, notified by Alertmanager) covers that case, and the
   always-firing ``RQWatchdog`` proves to an outside dead man's switch that Prometheus and Alertmanager work.
 """
@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from monitoring.models import MonitorPass
@@ -102,25 +102,3 @@ def monitor_components(monitors: dict[str, MonitorState] | None, now: datetime) 
                 components[name] = {"status": "healthy", "reason": f"last pass {age:g} s ago",
                                     "last_pass_age_seconds": age}
     return components
-
-
-def evaluator_watch(*, now: datetime | None = None) -> dict | None:
-    """Run by the sampler after its minute: when the evaluator has been silent for SILENT_INTERVALS of its
-    intervals, the monitoring-stale rule is judged here and what is due is sent (the plan's fence keeps an evaluator
-    that comes back meanwhile from writing it twice). Returns what it did, or None when the evaluator is fine."""
-    from monitoring.alerts import alerts_evaluate
-    from monitoring.notifications import notifications_dispatch, notifications_plan
-
-    now = now or timezone.now()
-    try:
-        evaluator = monitors_read().get(EVALUATOR)
-    except DatabaseError:
-        return None
-    if evaluator is None or not evaluator.silent(now):
-        return None
-    logger.warning("the alert evaluator has been silent for %.0f s: the sampler judges monitoring-stale",
-                   evaluator.age(now))
-    result = alerts_evaluate(now=now, signals={"monitoring_silent"})
-    return {"evaluation": result.as_dict(), "planned": len(notifications_plan(now=now)),
-            "dispatch": notifications_dispatch()}
-

@@ -9,7 +9,7 @@ from django.core import mail
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
-from monitoring.transports.base import Delivery, Message, Transport, TransportError, one_line
+from monitoring.alerts.transports.base import Delivery, Message, Transport, TransportError, one_line
 
 
 class EmailTransport(Transport):

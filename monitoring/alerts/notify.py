@@ -76,7 +76,7 @@ def alert_payload(alert: Alert) -> dict:
 
 
 def message_compose(*, kind: str, alerts: list[Alert], group_key: str, title: str = "") -> dict:
-    """The message body every transport receives (monitoring.transports.Message's fields)."""
+    """The message body every transport receives (monitoring.alerts.transports.Message's fields)."""
     status = "resolved" if kind == Notification.Kind.RESOLVED else "firing"
     worst = max((alert.severity for alert in alerts), key=lambda s: ["info", "warning", "error", "critical"].index(s),
                 default="info")
@@ -437,7 +437,7 @@ def notifications_dispatch(*, now: datetime | None = None, inline_budget: int = 
 def notification_deliver(*, notification_id: int, attempt: int, worker: str = "", retry: bool = True) -> str:
     """Sends one notification through its channel's transport, if it is still this attempt's to send; records the
     attempt. Returns the notification's status afterwards (or "skipped")."""
-    from monitoring.transports import Message, TransportError, transport_for
+    from monitoring.alerts.transports import Message, TransportError, transport_for
 
     from queues.models import UtcNow, database_now_expression
 

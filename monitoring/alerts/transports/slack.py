@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from monitoring.transports.base import Delivery, Message, Transport, one_line, url_error
-from monitoring.transports.http import post_json
+from monitoring.alerts.transports.base import Delivery, Message, Transport, one_line, url_error
+from monitoring.alerts.transports.http import post_json
 
 # Slack refuses a message of more than 50 blocks (invalid_blocks). A header, the alerts, an "and N more" line and
 # the context stay well below it.
