@@ -25,18 +25,18 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench.common as common  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.db.models import Avg, Count, F, Q  # noqa: E402
 from django.test import Client, override_settings  # noqa: E402
 from django.urls import clear_url_caches  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
+import bench.common as common  # noqa: E402
 from bench.admin import add_tasks, timed  # noqa: E402
-from monitoring.alerts.rules import Readings  # noqa: E402
 from monitoring.alerts.evaluate import alerts_evaluate  # noqa: E402
-from monitoring.models import Alert, AlertRule, MetricSample, NotificationChannel, NotificationRoute  # noqa: E402
 from monitoring.alerts.notify import notifications_plan  # noqa: E402
+from monitoring.alerts.rules import Readings  # noqa: E402
+from monitoring.models import Alert, AlertRule, MetricSample, NotificationChannel, NotificationRoute  # noqa: E402
 from queues.models import CaptionTask, TaskStatus  # noqa: E402
 from queues.samples import ensure_samples  # noqa: E402
 

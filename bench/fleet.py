@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench.common as common  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+import bench.common as common  # noqa: E402
 from queues import broker  # noqa: E402
-from queues.fleet import fleet_workers, pool_scale  # noqa: E402
+from queues.fleet.services import fleet_workers, pool_scale  # noqa: E402
 from queues.models import CaptionTask, TaskStatus, WorkerPool  # noqa: E402
 from queues.samples import ensure_samples  # noqa: E402
 from queues.services import task_submit  # noqa: E402

@@ -48,16 +48,16 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench.common as common  # noqa: E402
+import websockets  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
-from django.db import close_old_connections, connection as db_connection  # noqa: E402
+from django.db import close_old_connections  # noqa: E402
+from django.db import connection as db_connection
 from django.test import Client  # noqa: E402
-
-from portal.embedded_redis import free_port  # noqa: E402
-
-import websockets  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
+
+import bench.common as common  # noqa: E402
+from portal.embedded_redis import free_port  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 GOAL_STALENESS_P95_MS = 1500

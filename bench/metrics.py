@@ -24,16 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("METRICS_TOKEN", "bench-metrics-token-0123456789")
-import bench.common as common  # noqa: E402
 from django.conf import settings  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from rq import Queue  # noqa: E402
 from rq.registry import FailedJobRegistry  # noqa: E402
 
+import bench.common as common  # noqa: E402
 from monitoring.metrics.views import QUEUE_REGISTRY  # noqa: E402
 from portal.embedded_redis import free_port  # noqa: E402
 from queues import broker  # noqa: E402
-from queues.worker import CaptionWorker  # noqa: E402
+from queues.fleet.worker import CaptionWorker  # noqa: E402
 
 
 def fill_queue(total: int, start: int = 0) -> None:

@@ -42,22 +42,23 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta, timezone as dt_timezone
+from datetime import timedelta
+from datetime import timezone as dt_timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench.common as common  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.db.models import Max  # noqa: E402
 from django.utils import timezone  # noqa: E402
 from rq import Queue, SimpleWorker  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
+import bench.common as common  # noqa: E402
 from queues import broker  # noqa: E402
+from queues.fleet.worker import CaptionWorker  # noqa: E402
 from queues.models import CaptionTask, TaskStatus  # noqa: E402
 from queues.samples import ensure_samples  # noqa: E402
 from queues.services import TaskSpec, task_submit, tasks_publish, tasks_submit_many  # noqa: E402
-from queues.worker import CaptionWorker  # noqa: E402
 
 RAW_QUEUE = "bench-raw"
 

@@ -24,9 +24,9 @@ from django.utils.html import format_html
 from migration import dispatch, runs, state
 from migration.models import LegacyWorker, MigrationEvent, MigrationRun, SystemMode
 from migration.preflight import preflight_report
-from queues.fleet import audit
+from queues.audit import audit
+from queues.fleet.admin import ReadOnlyAdmin, client_address, confirmation
 from queues.models import CaptionTask, Dispatch, TaskStatus
-from queues.fleet_admin import ReadOnlyAdmin, client_address, confirmation
 
 RUN_MIGRATION = "migration.run_migration"
 PAUSE_SUBMISSION = "migration.pause_submission"

@@ -36,10 +36,17 @@ from django.utils import timezone
 
 from migration.models import LegacyWorker, MigrationEvent, Mode, SystemMode, polling_errors
 from migration.state import blocking_run, mode_locked, open_run, pollers_blocked, system_mode, system_mode_ensure
+from queues.audit import audit, audit_channel
 from queues.dispatch import DispatchPolicy, DispatchStatus, PollersState
-from queues.fleet import audit, audit_channel
-from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
-                           database_now_expression)
+from queues.models import (
+    POLLED_DISPATCH,
+    CaptionTask,
+    Dispatch,
+    TaskStatus,
+    UtcNow,
+    database_now,
+    database_now_expression,
+)
 from queues.services import tasks_publish
 
 logger = logging.getLogger("migration.dispatch")

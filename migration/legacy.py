@@ -47,9 +47,17 @@ from queues import broker, correlation, execution
 from queues.broker import job_timeout
 from queues.errors import BrokerUnavailable, WorkerInterrupted
 from queues.execution import TaskFailed, task_execute
-from queues.models import (POLLED_DISPATCH, QUEUE_ORDER, AtMost, CaptionTask, TaskStatus, UtcNow, database_now,
-                           database_now_expression)
-from queues.reconcile import REDRIVE_FIELDS, TASK_LEASE_SECONDS, task_redrive
+from queues.fleet.reconcile import REDRIVE_FIELDS, TASK_LEASE_SECONDS, task_redrive
+from queues.models import (
+    POLLED_DISPATCH,
+    QUEUE_ORDER,
+    AtMost,
+    CaptionTask,
+    TaskStatus,
+    UtcNow,
+    database_now,
+    database_now_expression,
+)
 
 logger = logging.getLogger("migration.legacy")
 

@@ -47,24 +47,32 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from migration import dispatch
+from migration.backup import BackupError, backup_write
 from migration.dispatch import person
 from migration.legacy import FORCE_GRACE_SECONDS
-from migration.backup import BackupError, backup_write
-from migration.models import (POLLING_DISABLED, LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode)
+from migration.models import POLLING_DISABLED, LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode
 from migration.preflight import preflight_report
 from migration.state import mode_locked, open_run
 from migration.verify import baseline_take, verification
 from queues import broker
-from queues.models import (POLLED_DISPATCH, CaptionTask, Dispatch, TaskStatus, UtcNow, database_now,
-                           database_now_expression)
-from queues.fleet import audit_channel
-from queues.reconcile import TASK_LEASE_SECONDS, task_redrive
+from queues.audit import audit_channel
+from queues.fleet.reconcile import TASK_LEASE_SECONDS, task_redrive
+from queues.models import (
+    POLLED_DISPATCH,
+    CaptionTask,
+    Dispatch,
+    TaskStatus,
+    UtcNow,
+    database_now,
+    database_now_expression,
+)
 
 logger = logging.getLogger("migration.runs")
 
@@ -229,7 +237,7 @@ def _force_pollers(ctx: PhaseContext) -> list[str]:
 def _give_back_orphans(ctx: PhaseContext) -> None:
     """Polled attempts whose poller has no open registration (it exited on an error and closed its row with the
     task still in hand): given back once their lease has run out, as a stale poller's are."""
-    from queues.reconcile import REDRIVE_FIELDS
+    from queues.fleet.reconcile import REDRIVE_FIELDS
 
     alive = dispatch.legacy_workers_alive().values_list("name", flat=True)
     stale = dispatch.legacy_workers_stale().values_list("name", flat=True)
@@ -246,7 +254,7 @@ def _give_back_stale(ctx: PhaseContext, poller: LegacyWorker) -> None:
     """A poller that stopped answering (killed, frozen, its host gone): each attempt it held goes back to the queue
     without using a retry (the drain stopped it, not the task) once the attempt's own lease has run out, as the
     reconciler judges it; then the registration is closed."""
-    from queues.reconcile import REDRIVE_FIELDS
+    from queues.fleet.reconcile import REDRIVE_FIELDS
 
     held = CaptionTask.objects.filter(status=TaskStatus.PROCESSING, worker_name=poller.name).only(*REDRIVE_FIELDS)
     for task in held:
@@ -598,7 +606,7 @@ def run_create(*, user, options: dict | None = None, kind: str = MigrationRun.Ki
             MigrationRun.objects.filter(pk=rollback_of.pk, state__in=(
                 MigrationRun.State.RUNNING, MigrationRun.State.STOPPED, MigrationRun.State.FAILED)).update(
                 state=MigrationRun.State.STOPPED, executor="", heartbeat_at=None)
-        from queues.fleet import audit
+        from queues.audit import audit
 
         if person(user) or audit_channel():
             audit(user=user, action="migration_run_create", target=str(run), detail={"options": cleaned})

@@ -1,6 +1,6 @@
 from django.conf import settings
-from django.dispatch import Signal
 from django.db import models
+from django.dispatch import Signal
 from django.utils import timezone
 
 from monitoring.matchers import LABEL_NAME, MatcherError, matchers_match, matchers_validate

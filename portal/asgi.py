@@ -13,12 +13,11 @@ django_application = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app registry ready)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
-
 from django.conf import settings  # noqa: E402
 from django.urls import reverse  # noqa: E402
 
-from monitoring.live.routing import websocket_urlpatterns  # noqa: E402
 from monitoring.alerts.views import WEBHOOK_MAX_BYTES  # noqa: E402
+from monitoring.live.routing import websocket_urlpatterns  # noqa: E402
 from portal.body_limits import BodyLimit  # noqa: E402
 from portal.logs import adopt_server_loggers  # noqa: E402
 

@@ -296,7 +296,7 @@ RQ_QUEUES = {
 }
 RQ = {
     "JOB_CLASS": "queues.broker.CaptionJob",
-    "WORKER_CLASS": "queues.worker.CaptionWorker",
+    "WORKER_CLASS": "queues.fleet.worker.CaptionWorker",
     "QUEUE_CLASS": "queues.broker.CaptionQueue",
     "DEFAULT_RESULT_TTL": RQ_RESULT_TTL,
 }

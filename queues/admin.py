@@ -5,11 +5,11 @@ from django.utils.html import format_html
 from django.utils.text import Truncator
 
 from queues import broker, correlation
+from queues.dispatch import get_policy
 from queues.errors import BrokerUnavailable
 from queues.forms import TaskSubmitForm
-from queues.operations_admin import CappedCountPaginator, TaskActionsMixin
-from queues.dispatch import get_policy
 from queues.models import CaptionTask, Dispatch, TaskEvent
+from queues.operations.admin import CappedCountPaginator, TaskActionsMixin
 from queues.services import task_submit
 
 
@@ -199,4 +199,4 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
                                Truncator(f"{task.last_error_class}: {task.last_error_message}").chars(90))
         return Truncator(task.caption).chars(90)
 
-from queues import fleet_admin  # noqa: E402,F401  (registers the fleet pages)
+from queues.fleet import admin as fleet_admin  # noqa: E402,F401  (registers the fleet pages)

@@ -17,9 +17,10 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from queues import broker
+from queues.audit import audit_via
 from queues.errors import BrokerUnavailable
-from queues.fleet import FleetError, audit_via, pool_get, pool_restart, pool_scale, worker_restart
-from queues.fleet_admin import MANAGE_FLEET, client_address
+from queues.fleet.admin import MANAGE_FLEET, client_address
+from queues.fleet.services import FleetError, pool_get, pool_restart, pool_scale, worker_restart
 from queues.models import ApiToken
 
 logger = logging.getLogger(__name__)

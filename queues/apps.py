@@ -1,6 +1,6 @@
 from django.apps import AppConfig
 
-# The migration after which the pauses kept in Redis are carried into the rows (queues.control.redis_pauses_adopt).
+# The migration after which the pauses kept in Redis are carried into the rows (fleet.services.redis_pauses_adopt).
 PAUSES_INTO_ROWS = ("queues", "0008_task_claims_queue_state")
 
 
@@ -23,6 +23,6 @@ def _after_migrate(sender, plan=None, **kwargs):
     sync_roles()
     applied = {(migration.app_label, migration.name) for migration, backwards in plan or () if not backwards}
     if PAUSES_INTO_ROWS in applied:
-        from queues.control import redis_pauses_adopt
+        from queues.fleet.control import redis_pauses_adopt
 
         redis_pauses_adopt()

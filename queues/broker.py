@@ -2,7 +2,7 @@
 
 Jobs carry only a task id, are JSON-serialised, and have the id ``caption-<task id>``. ``CaptionJob`` refuses to run
 anything but the allow-listed callables, so a job forged in Redis (another function, pickled data, callbacks or
-webhooks) fails without running; ``queues.worker.CaptionWorker`` makes every worker use it.
+webhooks) fails without running; ``queues.fleet.worker.CaptionWorker`` makes every worker use it.
 """
 
 from __future__ import annotations
@@ -100,14 +100,14 @@ def alive_key(worker_name: str) -> str:
 
 class CaptionQueue(DjangoRQ):
     """rq's queue (as django-rq builds it) with pausing: workers do not take jobs from paused queues (the
-    database's ``QueueState`` rows, through queues.control); their jobs wait. Jobs are published through
+    database's ``QueueState`` rows, through queues.fleet.control); their jobs wait. Jobs are published through
     ``publish`` below, never through django-rq's deferred enqueue."""
 
     @classmethod
     def dequeue_any(cls, queues, timeout, connection=None, **kwargs):
         from rq.exceptions import DequeueTimeout
 
-        from queues import control
+        from queues.fleet import control
 
         connection = connection or queues[0].connection
         paused = control.paused_queues_cached()
@@ -339,7 +339,7 @@ def dead_letter_job_ids(queue_name: str, *, limit: int = 100) -> list[str]:
             for job_id in registry.connection.zrevrange(registry.key, 0, limit - 1)]
 
 
-# --- the fleet's view of rq (used by queues.fleet, queues.reconcile, queues.supervisor) --------------------------
+# --- the fleet's view of rq (used by the fleet: its services, reconcile and supervisor) -------------------------------
 
 def job_forget_execution(task_id: int, queue_name: str) -> None:
     """Removes a crashed run of ``caption-<id>`` from its queue's started-job registry, so rq's maintenance does not

@@ -25,9 +25,10 @@ from django.db import connection, transaction
 from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
-from queues import cancel, correlation
+from queues import correlation
 from queues.captioners import Captioner, get_captioner
-from queues.errors import CaptionError, CaptionerMisconfigured, JobStopped, WorkerInterrupted
+from queues.errors import CaptionerMisconfigured, CaptionError, JobStopped, WorkerInterrupted
+from queues.fleet import cancel
 from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, Dispatch, TaskEvent, TaskStatus
 from queues.signals import attempt_ended
 
@@ -39,7 +40,7 @@ _captioning = threading.Event()
 
 def captioning_now() -> bool:
     """Whether this process' main thread is inside a captioner call (the only place an operator's stop may
-    interrupt a one-slot worker). Caption slot threads are stopped through their ``queues.cancel`` scope."""
+    interrupt a one-slot worker). Caption slot threads are stopped through their ``queues.fleet.cancel`` scope."""
     return _captioning.is_set()
 
 
@@ -149,7 +150,7 @@ def task_dead_letter_error(task_id: int) -> str | None:
 
 def task_execute(*, task_id: int, worker_name: str, queue: str | None = None,
                  captioner: Captioner | None = None, claimed: CaptionTask | None = None) -> Outcome:
-    """Runs one attempt. ``claimed``: the task as the worker already claimed it (queues.worker claims before rq's
+    """Runs one attempt. ``claimed``: the task as the worker already claimed it (queues.fleet.worker claims before rq's
     own bookkeeping touches the job, so a refused claim leaves the job alone); otherwise it is claimed here."""
     task = claimed if claimed is not None and claimed.pk == task_id else \
         task_claim(task_id=task_id, worker_name=worker_name, queue=queue)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone as dt_timezone
+from datetime import datetime
+from datetime import timezone as dt_timezone
 
 from django.conf import settings
-
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import connections, models, transaction
 from django.db.models.functions import Now
@@ -315,7 +315,7 @@ class CaptionTask(models.Model):
     # The running attempt's identity and lease. A claim writes a fresh token; every later change of that attempt
     # (its outcome, a re-drive) expects the token, so a late worker can never end a newer attempt. The worker
     # renews heartbeat_at every couple of seconds on the database's clock while the attempt runs; the reconciler
-    # re-drives a PROCESSING task only when its heartbeat is older than the lease (queues.reconcile), never
+    # re-drives a PROCESSING task only when its heartbeat is older than the lease (queues.fleet.reconcile), never
     # because something in Redis is missing.
     claim_token = models.CharField(max_length=32, blank=True, default="")
     heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last heartbeat of the running attempt.")
@@ -566,7 +566,7 @@ class AuditEntry(models.Model):
 
 class QueueState(models.Model):
     """Whether a queue is paused, or (``queue = "*"``) all processing is suspended: the database holds it, Redis
-    only caches it for the workers (queues.control), so a Redis flush or failover never silently resumes work."""
+    only caches it for the workers (queues.fleet.control), so a Redis flush or failover never silently resumes work."""
 
     ALL = "*"
 

@@ -11,7 +11,7 @@ from django.contrib.auth.models import Group
 
 from portal.embedded_redis import RedisServer, free_port
 from queues import broker
-from queues.worker import CaptionWorker
+from queues.fleet.worker import CaptionWorker
 
 
 def pytest_configure(config):
@@ -282,7 +282,7 @@ def _no_process_left_behind():
 @pytest.fixture(autouse=True)
 def _fresh_queue_control():
     """Queue pauses are cached for a second per process; each test starts from what its database says."""
-    from queues import control
+    from queues.fleet import control
 
     control.clear_cache()
     yield
@@ -293,8 +293,8 @@ def _fresh_queue_control():
 def mode(db):
     """Sets fields of the dispatch mode row: ``mode(mode="legacy", submission_paused=True, ...)``."""
 
-    from migration.state import system_mode_ensure
     from migration.models import SystemMode
+    from migration.state import system_mode_ensure
 
     def set_fields(**fields) -> SystemMode:
         system_mode_ensure()

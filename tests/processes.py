@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from queues.fleet import fleet_workers
+from queues.fleet.services import fleet_workers
 from tests.conftest import respond, subprocess_env
 
 

@@ -26,7 +26,7 @@ ALERTMANAGER_NOTIFIES = ("Prometheus Alertmanager notifies this alert, not the p
 
 def _audit(*, user, action: str, alert: Alert | None = None, detail: dict | None = None, address=None,
            target: str = "") -> None:
-    from queues.fleet import audit
+    from queues.audit import audit
 
     audit(user=user, action=action, target=target or (f"alert {alert.pk}: {alert.name}" if alert else ""),
           count=1, detail=detail or {}, address=address)

@@ -40,11 +40,11 @@ from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
-from monitoring.alerts.rules import Reading, Readings, SIGNALS
 from monitoring.alerts.ingest import alertmanager_alerts_expire
+from monitoring.alerts.rules import SIGNALS, Reading, Readings
 from monitoring.alerts.timeline import alert_resolve, event, fingerprint_of
-from monitoring.models import Alert, AlertEvent, AlertRule, Lease
 from monitoring.metrics.monitors import EVALUATOR, monitor_pass
+from monitoring.models import Alert, AlertEvent, AlertRule, Lease
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from monitoring.alerts.timeline import fingerprint_of, resolve_one
-from monitoring.models import Alert, AlertEvent, AlertRule, Severity
 from monitoring.alerts.transports.base import url_error
+from monitoring.models import Alert, AlertEvent, AlertRule, Severity
 
 logger = logging.getLogger(__name__)
 

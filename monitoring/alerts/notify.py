@@ -326,7 +326,7 @@ def _escalate(candidates, policies, silences, now, planned, events, touched) -> 
 
 def channel_test(*, channel: NotificationChannel, user, address: str | None = None) -> Notification:
     """Sends a test message to a channel now, in this process, and returns the notification with its outcome."""
-    from queues.fleet import audit
+    from queues.audit import audit
     from queues.models import UtcNow
 
     now = timezone.now()
@@ -345,7 +345,7 @@ def channel_test(*, channel: NotificationChannel, user, address: str | None = No
 
 def channel_enable(*, channel: NotificationChannel, user, address: str | None = None) -> NotificationChannel:
     """Turns a channel back on after it was disabled for permanent failures (the counter starts again)."""
-    from queues.fleet import audit
+    from queues.audit import audit
 
     with transaction.atomic():
         NotificationChannel.objects.filter(pk=channel.pk).update(enabled=True, permanent_failures=0,
@@ -360,7 +360,8 @@ def workers_take_notifications() -> bool:
     """Whether a live worker listens to ``urgent`` and may take jobs from it (not paused, processing not
     suspended): otherwise a notification job would wait in Redis and nobody would be told (the "no workers" alert
     itself must reach someone)."""
-    from queues import broker, control
+    from queues import broker
+    from queues.fleet import control
 
     if control.processing_suspended() or "urgent" in control.paused_queues():
         return False
@@ -438,7 +439,6 @@ def notification_deliver(*, notification_id: int, attempt: int, worker: str = ""
     """Sends one notification through its channel's transport, if it is still this attempt's to send; records the
     attempt. Returns the notification's status afterwards (or "skipped")."""
     from monitoring.alerts.transports import Message, TransportError, transport_for
-
     from queues.models import UtcNow, database_now_expression
 
     # The claim is renewed as the send starts: the evaluator takes back only a claim nobody acted on for

@@ -7,7 +7,6 @@ import hashlib
 import logging
 from datetime import datetime
 
-
 from monitoring.models import Alert, AlertEvent
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from monitoring.metrics.access import may_view_metrics
 from monitoring.live.events import METRICS_GROUP, UNAVAILABLE, last_sample, watcher_join, watcher_leave
+from monitoring.metrics.access import may_view_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -39,11 +39,11 @@ from asgiref.sync import async_to_sync
 from django.db import DatabaseError
 from django.utils import timezone
 
-from monitoring.metrics.snapshot import Snapshot, take_snapshot
-from monitoring.metrics.health import health_report
 from monitoring.live.events import LAST_SAMPLE_KEY, LAST_SAMPLE_TTL, METRICS_GROUP, event_payloads, watchers_count
+from monitoring.metrics.health import health_report
 from monitoring.metrics.recorder import PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
 from monitoring.metrics.sampler import LAST_KEY, _delta, quantile
+from monitoring.metrics.snapshot import Snapshot, take_snapshot
 from queues import broker
 
 LIVE_LOCK_KEY = "portal:metrics:live:sampler"

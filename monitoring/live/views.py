@@ -5,6 +5,7 @@ import json
 
 from django.http import JsonResponse
 
+
 def _require_dashboard(request) -> None:
     from django.core.exceptions import PermissionDenied
 

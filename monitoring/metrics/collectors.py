@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from monitoring.metrics.health import ORDER, health_report
-from monitoring.metrics.snapshot import Snapshot, take_snapshot
 from monitoring.metrics.recorder import OUTCOME_STATUS, PROCESSING_BUCKETS, WAIT_BUCKETS
+from monitoring.metrics.snapshot import Snapshot, take_snapshot
 from queues import broker
 
 

@@ -8,8 +8,8 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from monitoring.metrics.snapshot import Snapshot
 from monitoring.metrics.monitors import monitor_components
+from monitoring.metrics.snapshot import Snapshot
 from queues import broker
 from queues.dispatch import PollersState, get_policy
 

@@ -17,9 +17,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from monitoring.metrics.recorder import OUTCOME_STATUS, PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
 from monitoring.metrics.snapshot import Snapshot, take_snapshot
 from monitoring.models import MetricSample
-from monitoring.metrics.recorder import OUTCOME_STATUS, PROCESSING_BUCKETS, WAIT_BUCKETS, queue_counter
 from queues import broker
 
 LAST_KEY = "portal:metrics:sampler:last"

@@ -33,8 +33,8 @@ from monitoring.metrics.recorder import (
 from queues import broker
 from queues.dispatch import DispatchStatus, get_policy
 from queues.errors import BrokerUnavailable
+from queues.fleet.worker import alive_key
 from queues.models import CaptionTask, Dispatch, TaskStatus, WorkerPool
-from queues.worker import alive_key
 
 # The relay publishes within about a second; unpublished tasks overdue by more than this mean Redis is not taking
 # them (the old system's "fallback mode").

@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 from django.conf import settings
 
 from portal.destinations import NotPublic, checked_handlers, resolve_checked
-from queues import cancel
 from queues.errors import PermanentCaptionError, TransientCaptionError
+from queues.fleet import cancel
 
 ALLOWED_SCHEMES = ("http", "https")
 CHUNK = 64 * 1024

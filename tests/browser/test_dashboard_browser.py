@@ -172,7 +172,7 @@ def test_the_index_and_the_queues_overview_update_live(browser_page, asgi_server
 def test_the_live_workers_page_follows_workers_coming_and_going(browser_page, asgi_server, support_user,  # noqa: F811
                                                                  redis):
     from queues import broker
-    from queues.worker import CaptionWorker
+    from queues.fleet.worker import CaptionWorker
 
     page = browser_page
     log_in(page, asgi_server, support_user)

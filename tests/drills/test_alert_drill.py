@@ -18,7 +18,7 @@ from monitoring.models import (
     NotificationChannel,
     NotificationRoute,
 )
-from queues.fleet import pool_scale
+from queues.fleet.services import pool_scale
 from tests.conftest import respond
 from tests.processes import (
     Supervisors,

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from queues.fleet import pool_scale
+from queues.fleet.services import pool_scale
 from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.services import task_submit
 from tests.processes import Supervisors, live_workers, parent_pid, slow_ollama, wait_for

@@ -9,14 +9,14 @@ import time
 from datetime import timedelta
 
 import pytest
-from redis import exceptions as redis_errors
 from django.conf import settings
 from django.core.management import call_command
 from django.db.models import Count
 from django.utils import timezone
+from redis import exceptions as redis_errors
 
+from queues.fleet.reconcile import tasks_reconcile
 from queues.models import CaptionTask, TaskEvent, TaskStatus
-from queues.reconcile import tasks_reconcile
 from queues.services import TaskSpec, tasks_relay_once, tasks_submit_many
 from tests.conftest import run_worker, subprocess_env
 

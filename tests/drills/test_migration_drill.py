@@ -18,9 +18,9 @@ from django.utils import timezone
 
 from migration.models import LegacyWorker, MigrationEvent, MigrationRun, Mode
 from queues import broker
+from queues.fleet.worker import CaptionWorker
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
 from queues.services import TaskSpec, tasks_submit_many
-from queues.worker import CaptionWorker
 from tests.conftest import subprocess_env
 from tests.processes import Supervisors, wait_for
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from queues import broker, control
+from queues import broker
+from queues.fleet import control
+from queues.fleet.reconcile import tasks_reconcile
+from queues.fleet.services import processing_set_suspended
 from queues.models import CaptionTask, TaskEvent, TaskStatus
-from queues.fleet import processing_set_suspended
-from queues.operations import queue_set_paused, tasks_change_priority
-from queues.reconcile import tasks_reconcile
+from queues.operations.services import queue_set_paused, tasks_change_priority
 from queues.services import TaskSpec, tasks_relay_once, tasks_submit_many
 from tests.conftest import run_worker
 

@@ -14,10 +14,10 @@ import pytest
 from django.conf import settings
 
 from queues import broker
-from queues.fleet import worker_runs_job, worker_stop_job
+from queues.fleet.services import worker_runs_job, worker_stop_job
+from queues.fleet.supervisor import SECOND_SIGNAL_AFTER
 from queues.models import CaptionTask, TaskEvent, TaskStatus, WorkerPool
 from queues.services import TaskSpec, tasks_submit_many
-from queues.supervisor import SECOND_SIGNAL_AFTER
 from tests.conftest import respond, subprocess_env
 from tests.processes import Supervisors, live_workers, slow_ollama, wait_for
 

@@ -11,10 +11,10 @@ import time
 import pytest
 from rq.registry import FailedJobRegistry
 
-from queues.fleet import worker_restart
+from queues.fleet.services import worker_restart
+from queues.fleet.supervisor import Slot, Supervisor
 from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.services import task_submit
-from queues.supervisor import Slot, Supervisor
 from tests.processes import Supervisors, live_workers, slow_ollama, start_command, stop_process, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -78,7 +78,7 @@ def test_retiring_a_slot_twice_signals_its_worker_once(tmp_path, db):
 def test_a_pool_change_while_the_slots_worker_waits_for_its_restart_lets_the_slot_go(redis, db, change):
     """A hand-off waits for the slot's worker to exit; a slot whose worker had crashed and waited for its restart has
     none to wait for, and used to stay retiring, leased and empty until the supervisor restarted."""
-    from queues.supervisor import PoolSettings, slot_key
+    from queues.fleet.supervisor import PoolSettings, slot_key
 
     supervisor = Supervisor(pool_names=["default"], stop_timeout=30)
     slot = Slot(pool="default", index=0, queues=["normal"], worker_name="default.test.0")  # no process running

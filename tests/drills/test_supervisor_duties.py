@@ -16,7 +16,7 @@ import pytest
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from queues.fleet import pool_scale, processing_set_suspended
+from queues.fleet.services import pool_scale, processing_set_suspended
 from queues.models import CaptionTask, FleetEvent
 from tests.processes import Supervisors, parent_pid, wait_for
 

@@ -8,8 +8,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from queues import broker
+from queues.fleet.worker import CaptionWorker
 from queues.models import CaptionTask, Dispatch
-from queues.worker import CaptionWorker
 from tests.conftest import subprocess_env
 from tests.processes import start_command, stop_process, wait_for
 

@@ -49,7 +49,7 @@ def test_the_procedure_and_the_rollback_through_manage_py(redis, mode, database_
     assert checks.returncode == 1 and "FAILED rq_workers" in checks.stdout, checks.stdout + checks.stderr
     assert "1 check(s) failed" in checks.stderr and "Traceback" not in checks.stderr
 
-    from queues.worker import CaptionWorker
+    from queues.fleet.worker import CaptionWorker
     worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection(), name="cli-test-worker")
     worker.register_birth()
     try:

@@ -7,9 +7,9 @@ from migration.legacy import LegacyPoller
 from migration.models import MigrationRun, Mode
 from migration.runs import run_create, run_execute
 from migration.state import pollers_blocked
-from monitoring.metrics.snapshot import take_snapshot
 from monitoring.metrics.health import health_report
 from monitoring.metrics.monitors import monitor_pass
+from monitoring.metrics.snapshot import take_snapshot
 from queues.models import CaptionTask, Dispatch, TaskStatus
 from queues.services import task_submit
 

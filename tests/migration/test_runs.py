@@ -1,8 +1,8 @@
 """Migration runs end to end on a real Redis and database: phases, checkpoint repair, verification, rollback."""
 
 import json
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -299,7 +299,7 @@ def test_a_process_that_lost_the_run_stops_without_writing(redis, mode, register
 
 def test_requeue_sends_a_task_where_new_tasks_go(redis, mode, database_tasks, admin_user,
                                                  django_capture_on_commit_callbacks):
-    from queues.operations import tasks_requeue
+    from queues.operations.services import tasks_requeue
 
     [task_id] = database_tasks(1)
     CaptionTask.objects.filter(pk=task_id).update(status=TaskStatus.FAILED, finished_at=timezone.now())

@@ -12,8 +12,8 @@ from django.conf import settings as django_settings
 from migration import state
 from migration.models import MigrationRun, Mode
 from migration.runs import rollback_create, run_execute
+from queues.fleet.reconcile import TASK_LEASE_SECONDS
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
-from queues.reconcile import TASK_LEASE_SECONDS
 from tests.conftest import respond, subprocess_env
 from tests.processes import freeze, start_command, stop_process, wait_for
 

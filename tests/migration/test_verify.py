@@ -13,7 +13,7 @@ from migration.runs import run_create, run_execute
 from migration.verify import baseline_take, verification
 from queues import broker
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
-from queues.operations import tasks_cleanup, tasks_requeue
+from queues.operations.services import tasks_cleanup, tasks_requeue
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

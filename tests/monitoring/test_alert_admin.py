@@ -15,7 +15,6 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from tests.conftest import respond
 from monitoring.alerts.actions import alert_acknowledge
 from monitoring.alerts.timeline import fingerprint_of
 from monitoring.models import (
@@ -31,6 +30,7 @@ from monitoring.models import (
 )
 from portal.context_processors import alerts_banner
 from queues.models import AuditEntry, CaptionTask, FleetEvent, TaskStatus
+from tests.conftest import respond
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("seeded_alert_rules")]
 
@@ -898,8 +898,8 @@ def test_an_alertmanager_alerts_page_offers_no_silence_and_names_its_notifier(cl
 
 def test_the_history_keeps_alert_retention_days_and_never_what_is_still_needed(settings):
     """Alerts, their timelines, notifications and delivery attempts grew without end."""
-    from monitoring.models import DeliveryAttempt, Notification, NotificationChannel
     from monitoring.alerts.retention import alert_history_prune
+    from monitoring.models import DeliveryAttempt, Notification, NotificationChannel
 
     settings.ALERT_RETENTION_DAYS = 30
     long_ago = timezone.now() - timedelta(days=40)

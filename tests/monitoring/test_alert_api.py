@@ -8,9 +8,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from monitoring.alerts.rules import Readings
 from monitoring.alerts.actions import alert_acknowledge
 from monitoring.alerts.evaluate import alerts_evaluate
+from monitoring.alerts.rules import Readings
 from monitoring.models import Alert, AlertEvent, AlertRule
 from tests.monitoring.test_alert_evaluation import only, snapshot
 

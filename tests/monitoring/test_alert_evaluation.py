@@ -7,7 +7,6 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from monitoring.alerts.rules import Readings
 from monitoring.alerts.evaluate import (
     EvaluatorState,
     alerts_cycle,
@@ -16,6 +15,7 @@ from monitoring.alerts.evaluate import (
     lease_acquire,
     lease_release,
 )
+from monitoring.alerts.rules import Readings
 from monitoring.alerts.timeline import fingerprint_of
 from monitoring.metrics.snapshot import Snapshot
 from monitoring.models import Alert, AlertEvent, AlertRule, Lease, MetricSample

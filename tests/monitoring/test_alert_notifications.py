@@ -10,9 +10,16 @@ import pytest
 from django.core import mail
 from django.utils import timezone
 
-from monitoring.alerts.rules import Readings
 from monitoring.alerts.actions import alert_acknowledge, alert_shelve, silence_create
 from monitoring.alerts.evaluate import alerts_evaluate
+from monitoring.alerts.notify import (
+    SENDING_LEASE_SECONDS,
+    channel_test,
+    notification_deliver,
+    notifications_dispatch,
+    notifications_plan,
+)
+from monitoring.alerts.rules import Readings
 from monitoring.models import (
     Alert,
     AlertEvent,
@@ -22,13 +29,6 @@ from monitoring.models import (
     Notification,
     NotificationChannel,
     NotificationRoute,
-)
-from monitoring.alerts.notify import (
-    SENDING_LEASE_SECONDS,
-    channel_test,
-    notification_deliver,
-    notifications_dispatch,
-    notifications_plan,
 )
 from tests.conftest import respond
 from tests.monitoring.test_alert_evaluation import only, snapshot
@@ -322,7 +322,7 @@ def test_a_live_worker_delivers_notifications(redis, webhook):
 
 
 def test_with_urgent_paused_the_evaluator_sends_itself(redis, webhook, admin_user):
-    from queues import control
+    from queues.fleet import control
 
     control.queue_set_paused(queue="urgent", paused=True, user=admin_user)
     only("few-workers")

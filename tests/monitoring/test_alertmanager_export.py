@@ -10,8 +10,8 @@ import yaml
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from monitoring.models import Alert, AlertRule, NotificationChannel, NotificationRoute
 from monitoring.alerts.notify import _routes_for
+from monitoring.models import Alert, AlertRule, NotificationChannel, NotificationRoute
 
 TOKEN = "am-webhook-token-0123456789"
 

@@ -12,7 +12,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Group
 from django.test import Client
 
-from monitoring.live.consumers import FORBIDDEN, MetricsConsumer, NOT_AUTHENTICATED
+from monitoring.live.consumers import FORBIDDEN, NOT_AUTHENTICATED, MetricsConsumer
 from monitoring.live.events import LAST_SAMPLE_KEY, METRICS_GROUP, WATCHERS_KEY
 from portal.asgi import application
 

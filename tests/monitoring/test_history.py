@@ -9,9 +9,9 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from monitoring.models import MetricSample
 from monitoring.metrics.recorder import BUFFER, PROCESSING_BUCKETS, record_attempt
 from monitoring.metrics.sampler import capacity_report, performance, quantile, sample_take, samples_compact
+from monitoring.models import MetricSample
 
 
 def test_quantile_interpolates_within_buckets():

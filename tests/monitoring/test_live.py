@@ -15,9 +15,9 @@ from django.urls import reverse
 
 from monitoring.live import dashboard
 from monitoring.live import events as live
-from monitoring.metrics import selectors
 from monitoring.live.dashboard import LiveSampler
 from monitoring.live.events import METRICS_GROUP
+from monitoring.metrics import selectors
 from monitoring.metrics.sampler import LAST_KEY
 from queues.models import CaptionTask, TaskStatus
 from tests.processes import start_command, stop_process

@@ -11,7 +11,7 @@ from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
 from queues import broker
-from queues.worker import CaptionWorker
+from queues.fleet.worker import CaptionWorker
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring.metrics.monitors import monitor_pass
 from queues import broker
+from queues.fleet.worker import CaptionWorker
 from queues.services import TaskSpec, task_submit, tasks_submit_many
-from queues.worker import CaptionWorker
 from tests.conftest import respond, run_worker
 
 TOKEN = "s3cret-token-for-prometheus"
@@ -150,7 +150,7 @@ def test_scrape_cost_does_not_grow_with_jobs(staff_client, redis, media_image, d
     large = commands_for_one_scrape()
     for measured in (small, large):
         measured.pop("cmdstat_info", None)  # commandstats itself
-        # The Redis pool reports (monitoring.metrics.recorder, every 5 s from a thread) and a scrape's removal of reports
+        # The Redis pool reports (metrics.recorder, every 5 s from a thread) and a scrape's removal of reports
         # of processes that are gone: neither depends on the jobs.
         measured.pop("cmdstat_hset", None), measured.pop("cmdstat_hdel", None)
     assert small == large

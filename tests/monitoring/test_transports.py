@@ -10,8 +10,7 @@ import time
 import pytest
 from django.core import mail
 
-from monitoring.alerts.transports import Message, TRANSPORTS, TransportError, transport_for
-from monitoring.alerts.transports import pagerduty
+from monitoring.alerts.transports import TRANSPORTS, Message, TransportError, pagerduty, transport_for
 from portal.embedded_redis import free_port
 from tests.conftest import respond
 

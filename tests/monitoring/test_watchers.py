@@ -8,10 +8,10 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from monitoring.metrics.snapshot import take_snapshot
 from monitoring.metrics.health import health_report
-from monitoring.models import Alert, AlertRule, MonitorPass, Notification
 from monitoring.metrics.monitors import EVALUATOR, SAMPLER, monitor_components, monitor_pass, monitors_read
+from monitoring.metrics.snapshot import take_snapshot
+from monitoring.models import Alert, AlertRule, MonitorPass, Notification
 from tests.monitoring.test_alert_evaluation import only
 from tests.monitoring.test_alert_notifications import posted, webhook  # noqa: F401 (a fixture)
 from tests.processes import start_command, stop_process, wait_for

@@ -24,7 +24,6 @@ from rq.registry import (
 from rq.worker import Worker
 
 from monitoring.metrics.recorder import POOLS_KEY
-
 from queues import broker
 from queues.models import AuditEntry, job_id_for
 from queues.services import TaskSpec, tasks_submit_many

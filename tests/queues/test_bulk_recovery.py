@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from queues import broker
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskEvent, TaskStatus
-from queues.operations import BATCH, BULK_MAX_RUNS, bulk_operation_start, bulk_operations_recover
+from queues.operations.services import BATCH, BULK_MAX_RUNS, bulk_operation_start, bulk_operations_recover
 from tests.conftest import run_worker, subprocess_env
 from tests.processes import wait_for
 
@@ -97,7 +97,7 @@ def test_pending_operation_whose_job_redis_lost_is_enqueued_again(redis, media_i
 
 
 def test_pending_operation_waiting_behind_other_work_is_left_alone(redis, media_image, admin_user):
-    from queues.operations import queue_set_paused
+    from queues.operations.services import queue_set_paused
 
     ids = [task.pk for task in CaptionTask.objects.bulk_create(
         [CaptionTask(image_ref=media_image(), status=TaskStatus.FAILED) for _ in range(5)])]

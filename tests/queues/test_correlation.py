@@ -115,7 +115,7 @@ def test_jobs_published_again_and_reconciler_rows_keep_the_submitters_id(redis, 
 
     from queues import correlation
     from queues.execution import task_claim
-    from queues.reconcile import CONFIRM_AFTER, tasks_reconcile
+    from queues.fleet.reconcile import CONFIRM_AFTER, tasks_reconcile
     from queues.services import TaskSpec, task_submit, tasks_relay_once, tasks_submit_many
     from tests.queues.test_reconcile import age_jobs
 

@@ -12,7 +12,7 @@ from django.db import close_old_connections
 from rq.registry import FailedJobRegistry
 
 from queues import broker
-from queues.fleet import pool_scale
+from queues.fleet.services import pool_scale
 from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus, WorkerPool
 from queues.services import task_submit
 from tests.processes import Supervisors, live_workers, parent_pid, slow_ollama, wait_for
@@ -169,7 +169,7 @@ def test_poison_pill_ends_in_dead_letters_not_a_crash_loop(redis, pool, http_ser
 
 
 def test_operator_stops_a_running_job(redis, pool, http_server, png_bytes, admin_user):
-    from queues.fleet import worker_stop_job
+    from queues.fleet.services import worker_stop_job
 
     image = slow_ollama(http_server, png_bytes, delay=8)
     group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
@@ -193,7 +193,7 @@ def test_operator_stops_a_running_job(redis, pool, http_server, png_bytes, admin
 
 
 def test_pool_restart_replaces_every_worker(supervisors, pool, admin_user):
-    from queues.fleet import pool_restart
+    from queues.fleet.services import pool_restart
 
     pool_scale(pool=pool, desired=2)
     supervisors.start()
@@ -207,7 +207,7 @@ def test_pool_restart_replaces_every_worker(supervisors, pool, admin_user):
 
 
 def test_supervisor_autoscales_up_with_a_backlog_and_back_down(supervisors, pool, media_image, settings):
-    from queues.fleet import processing_set_suspended
+    from queues.fleet.services import processing_set_suspended
     from queues.services import TaskSpec, tasks_submit_many
 
     WorkerPool.objects.filter(pk=pool.pk).update(

@@ -5,9 +5,10 @@ import io
 import pytest
 from django.urls import reverse
 
-from queues import broker, control
+from queues import broker
+from queues.fleet import control
+from queues.fleet.worker import CaptionWorker
 from queues.models import AuditEntry, FleetEvent, WorkerPool
-from queues.worker import CaptionWorker
 
 pytestmark = pytest.mark.django_db
 
@@ -103,7 +104,7 @@ def test_suspend_and_resume(client, operator_user, redis):
 
 
 def test_fleet_history_and_audit_are_read_only(client, admin_user, pool, redis):
-    from queues.fleet import pool_scale
+    from queues.fleet.services import pool_scale
 
     pool_scale(pool=pool, desired=3, user=admin_user)
     client.force_login(admin_user)

@@ -10,8 +10,8 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 from queues import broker
+from queues.fleet.worker import CaptionWorker
 from queues.models import ApiToken, AuditEntry, FleetEvent, WorkerPool
-from queues.worker import CaptionWorker
 
 pytestmark = pytest.mark.django_db
 

@@ -64,7 +64,7 @@ def test_manage_py_rqworker_refuses_forged_jobs_too(redis, tmp_path):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--worker-class", "rq.Worker"], "must be queues.worker.CaptionWorker"),
+    (["--worker-class", "rq.Worker"], "must be queues.fleet.worker.CaptionWorker"),
     (["--serializer", "rq.serializers.DefaultSerializer"], "--serializer cannot be changed"),
     (["--job-class", "rq.job.Job"], "--job-class cannot be changed"),
     (["nowhere"], "Unknown queue(s): nowhere"),

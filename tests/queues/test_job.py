@@ -173,7 +173,7 @@ def test_a_stop_signal_while_idle_is_kept_even_if_its_exception_is_swallowed(red
 
     from rq.worker import WorkerStatus
 
-    from queues.worker import CaptionWorker
+    from queues.fleet.worker import CaptionWorker
 
     worker = CaptionWorker(broker.get_queues(), connection=redis)
     assert worker.get_state() != WorkerStatus.BUSY  # rq's idle branch: StopRequested, and no flag of its own

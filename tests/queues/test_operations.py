@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-
 from contextlib import contextmanager
 
 import pytest
@@ -14,8 +13,9 @@ from django.utils import timezone
 from rq.registry import FailedJobRegistry
 
 from queues import broker
+from queues.fleet.worker import CaptionWorker
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskEvent, TaskStatus
-from queues.operations import (
+from queues.operations.services import (
     BATCH,
     INLINE_LIMIT,
     bulk_operation_run,
@@ -28,7 +28,6 @@ from queues.operations import (
     tasks_retry_now,
 )
 from queues.services import TaskSpec, task_submit, tasks_publish, tasks_submit_many
-from queues.worker import CaptionWorker
 from tests.conftest import respond, run_worker, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)

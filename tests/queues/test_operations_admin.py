@@ -1,13 +1,14 @@
 """Queue operations in the admin: confirmations with counts, results, refusals by role, overview and dead letters."""
 
 import pytest
-from django.utils import timezone
 from django.urls import reverse
+from django.utils import timezone
 
 from monitoring.metrics import recorder
-from queues import broker, control
+from queues import broker
+from queues.fleet import control
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskStatus
-from queues.operations import INLINE_LIMIT, bulk_operation_run
+from queues.operations.services import INLINE_LIMIT, bulk_operation_run
 from queues.services import TaskSpec, tasks_publish, tasks_submit_many
 
 pytestmark = pytest.mark.django_db

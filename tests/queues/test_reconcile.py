@@ -1,7 +1,8 @@
 """The reconciler against real Redis state: dead workers' tasks re-driven, lost jobs published again."""
 
 import time
-from datetime import timedelta, timezone as dt_timezone
+from datetime import timedelta
+from datetime import timezone as dt_timezone
 
 import pytest
 from django.utils import timezone
@@ -9,8 +10,8 @@ from rq.registry import FailedJobRegistry
 
 from queues import broker
 from queues.execution import task_claim
+from queues.fleet.reconcile import CONFIRM_AFTER, TASK_LEASE_SECONDS, tasks_reconcile
 from queues.models import CaptionTask, FleetEvent, TaskEvent, TaskStatus
-from queues.reconcile import CONFIRM_AFTER, TASK_LEASE_SECONDS, tasks_reconcile
 from queues.services import TaskSpec, task_submit, tasks_submit_many
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -67,7 +68,7 @@ def test_lease_is_judged_on_the_database_clock(redis, media_image):
 
 def test_late_worker_cannot_end_a_newer_attempt_after_a_requeue(redis, media_image):
     from queues.execution import _record_success
-    from queues.operations import tasks_requeue
+    from queues.operations.services import tasks_requeue
 
     task = claimed_task(media_image())
     old_attempt = CaptionTask.objects.get(pk=task.pk)

@@ -102,7 +102,7 @@ def test_rq_still_has_the_state_and_names_we_rely_on(redis):
                                                                                    "job_id": "x"}
     assert "connection" in inspect.signature(send_command).parameters
     source = inspect.getsource(BaseWorker.dequeue_job_and_maintain_ttl)
-    assert "self.log.info(" in source, "rq's dequeue line moved: queues.worker._RqDequeueLine filters by function"
+    assert "self.log.info(" in source, "rq's dequeue line moved: queues.fleet.worker._RqDequeueLine filters by function"
     assert logging.getLogger("rq.worker").filters, "the dequeue line filter is installed"
 
 

@@ -10,9 +10,9 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from queues import broker
+from queues.fleet.worker import CaptionWorker
 from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.services import TaskSpec, tasks_submit_many
-from queues.worker import CaptionWorker
 from tests.processes import slow_ollama, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -122,7 +122,7 @@ def test_live_workers_page_and_metrics_show_each_slot(redis, settings, http_serv
 
 
 def test_a_stop_before_the_caption_begins_ends_it_as_it_begins_and_not_the_next_one():
-    from queues import cancel
+    from queues.fleet import cancel
 
     scope = cancel.Scope()
     scope.begin("caption-1")
@@ -182,7 +182,7 @@ def test_a_stop_job_that_arrives_as_its_job_ends_never_stops_the_next_job_of_the
 
 
 def test_a_finished_run_deletes_the_job_hash_only_while_it_is_still_its_own(redis):
-    from queues.worker import DELETE_IF_OURS_SCRIPT
+    from queues.fleet.worker import DELETE_IF_OURS_SCRIPT
 
     def run(**fields):
         redis.hset("rq:job:caption-1", mapping={"status": "started", "worker_name": "w", "started_at": "t1",
@@ -202,8 +202,8 @@ def test_rqs_time_limit_in_a_slot_stops_a_caption_blocked_on_a_socket():
 
     from rq.timeouts import JobTimeoutException
 
-    from queues import cancel
-    from queues.worker import SlotDeathPenalty
+    from queues.fleet import cancel
+    from queues.fleet.worker import SlotDeathPenalty
 
     server = socket.create_server(("127.0.0.1", 0))
     outcome = {}
@@ -237,7 +237,7 @@ def test_rqs_time_limit_in_a_slot_stops_a_caption_blocked_on_a_socket():
 def test_rqworker_registers_with_the_portal_worker_ttl_not_django_rqs(redis):
     """django-rq's command passes its own --worker-ttl default (420 s) to every worker: a worker that died idle
     stayed in rq's list for 8 minutes. The portal's is WORKER_TTL."""
-    from queues.worker import WORKER_TTL
+    from queues.fleet.worker import WORKER_TTL
     from tests.processes import start_command, stop_process, wait_for
 
     worker = start_command("rqworker", "normal", "--name", "ttl-check", "--verbosity", "0")
@@ -306,7 +306,7 @@ import os, signal, django
 django.setup()
 from rq.worker import WorkerStatus
 from queues import broker
-from queues.worker import CaptionWorker
+from queues.fleet.worker import CaptionWorker
 
 worker = CaptionWorker(broker.get_queues(), connection=broker.get_connection(), name="handler-check", slots={slots})
 worker._state = WorkerStatus.BUSY  # a job in hand

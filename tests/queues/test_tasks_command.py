@@ -107,7 +107,7 @@ def test_cleanup_deletes_old_finished_rows_and_jobs_in_batches(redis, media_imag
 
 
 def test_cleanup_with_retries_in_flight_keeps_their_jobs(redis, http_server, capsys, settings):
-    from queues.operations import tasks_retry_now
+    from queues.operations.services import tasks_retry_now
 
     image = http_server.route("/flaky.png", lambda request, body: (request.send_response(503),
                                                                    request.send_header("Content-Length", "0"),

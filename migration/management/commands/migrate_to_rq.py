@@ -11,7 +11,8 @@ from migration.backup import BackupError, backup_restore
 from migration.models import MigrationRun, Mode
 from migration.preflight import preflight_report
 from migration.verify import verification
-from queues.fleet import audit, audit_via, command_account
+from queues.audit import audit, audit_via, command_account
+
 
 def parse_duration(text: str) -> timedelta:
     try:

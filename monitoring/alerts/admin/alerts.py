@@ -30,6 +30,24 @@ from monitoring.alerts.actions import (
     alert_unacknowledge,
     silence_create,
 )
+from monitoring.alerts.admin.base import (
+    ACKNOWLEDGE,
+    DEAD_LETTER_LEAD,
+    LABEL_NAME,
+    SEVERITY_COLOURS,
+    STATE_COLOURS,
+    TIMELINE_ROWS,
+    NoInput,
+    badge,
+    duration_text,
+    error_field,
+    form_page,
+    matchers_text,
+    require_acknowledge,
+    safe_link,
+    selection_hidden,
+)
+from monitoring.alerts.selectors import alerts_summary
 from monitoring.matchers import MatcherError, matchers_parse
 from monitoring.models import (
     Alert,
@@ -37,28 +55,9 @@ from monitoring.models import (
     DeliveryAttempt,
     queue_label,
 )
-from monitoring.alerts.selectors import alerts_summary
-from queues.fleet_admin import ReadOnlyAdmin, client_address
+from queues.fleet.admin import ReadOnlyAdmin, client_address
 from queues.models import Priority
-from queues.operations_admin import CappedCountPaginator
-
-from monitoring.alerts.admin.base import (
-    ACKNOWLEDGE,
-    DEAD_LETTER_LEAD,
-    LABEL_NAME,
-    NoInput,
-    SEVERITY_COLOURS,
-    STATE_COLOURS,
-    TIMELINE_ROWS,
-    error_field,
-    selection_hidden,
-    badge,
-    duration_text,
-    form_page,
-    matchers_text,
-    require_acknowledge,
-    safe_link,
-)
+from queues.operations.admin import CappedCountPaginator
 
 
 def _rule_facets(request) -> list[tuple[str, dict]]:

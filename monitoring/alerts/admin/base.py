@@ -18,10 +18,8 @@ from monitoring.alerts.actions import (
     AlertError,
 )
 from monitoring.alerts.ingest import http_url
-from queues.fleet import audit
-from queues.fleet_admin import client_address
-
-
+from queues.audit import audit
+from queues.fleet.admin import client_address
 
 ACKNOWLEDGE = "monitoring.acknowledge_alert"
 EXPIRE_SILENCE = "monitoring.change_silence"

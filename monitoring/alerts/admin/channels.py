@@ -3,7 +3,6 @@ policies."""
 
 from __future__ import annotations
 
-
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -13,8 +12,10 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from monitoring.matchers import MatcherError, matchers_validate
+from monitoring.alerts.admin.base import AuditedChangesMixin, badge
+from monitoring.alerts.notify import channel_enable, channel_test
 from monitoring.alerts.transports import TRANSPORTS
+from monitoring.matchers import MatcherError, matchers_validate
 from monitoring.models import (
     EscalationPolicy,
     EscalationStep,
@@ -23,10 +24,7 @@ from monitoring.models import (
     NotificationRoute,
     Severity,
 )
-from monitoring.alerts.notify import channel_enable, channel_test
-from queues.fleet_admin import client_address, confirmation
-
-from monitoring.alerts.admin.base import AuditedChangesMixin, badge
+from queues.fleet.admin import client_address, confirmation
 
 
 class NotificationChannelForm(forms.ModelForm):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from django.contrib import admin
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
@@ -11,9 +10,7 @@ from monitoring.models import (
     DeliveryAttempt,
     Notification,
 )
-from queues.fleet_admin import ReadOnlyAdmin
-
-
+from queues.fleet.admin import ReadOnlyAdmin
 
 
 class DeliveryAttemptInline(admin.TabularInline):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-
 from django import forms
 from django.contrib import admin
 from django.urls import reverse
 from django.utils.html import format_html
 
+from monitoring.alerts.admin.base import AuditedChangesMixin
 from monitoring.alerts.rules import signal_choices
 from monitoring.models import (
     AlertRule,
 )
-
-from monitoring.alerts.admin.base import AuditedChangesMixin
 
 
 class AlertRuleForm(forms.ModelForm):

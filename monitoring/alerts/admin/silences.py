@@ -18,14 +18,13 @@ from monitoring.alerts.actions import (
     silence_create,
     silence_expire,
 )
+from monitoring.alerts.admin.alerts import MatchersField
+from monitoring.alerts.admin.base import EXPIRE_SILENCE, NoInput, badge, form_page, selection_hidden
 from monitoring.models import (
     Alert,
     Silence,
 )
-from queues.fleet_admin import client_address, confirmation
-
-from monitoring.alerts.admin.base import EXPIRE_SILENCE, NoInput, selection_hidden, badge, form_page
-from monitoring.alerts.admin.alerts import MatchersField
+from queues.fleet.admin import client_address, confirmation
 
 
 class SilenceStateFilter(admin.SimpleListFilter):

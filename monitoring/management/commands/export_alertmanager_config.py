@@ -1,8 +1,8 @@
 from django.core.management.base import CommandError
 
 from monitoring.alerts.exports import alertmanager_config
-from monitoring.management.export import ExportCommand
 from monitoring.alerts.transports.base import url_error
+from monitoring.management.export import ExportCommand
 
 
 class Command(ExportCommand):

@@ -1,7 +1,7 @@
 import json
 
-from monitoring.metrics.exports import grafana_dashboard
 from monitoring.management.export import ExportCommand
+from monitoring.metrics.exports import grafana_dashboard
 
 
 class Command(ExportCommand):

@@ -6,10 +6,10 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
 from monitoring.alerts.evaluate import lease_holder_name
-from monitoring.live.dashboard import LiveSampler
-from monitoring.alerts.watch import evaluator_watch
-from monitoring.metrics.monitors import SAMPLER, SAMPLER_INTERVAL, SILENT_INTERVALS, monitor_pass
 from monitoring.alerts.retention import alert_history_prune
+from monitoring.alerts.watch import evaluator_watch
+from monitoring.live.dashboard import LiveSampler
+from monitoring.metrics.monitors import SAMPLER, SAMPLER_INTERVAL, SILENT_INTERVALS, monitor_pass
 from monitoring.metrics.sampler import sample_take, samples_compact
 from portal.logs import announce
 from queues import broker

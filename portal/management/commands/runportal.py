@@ -24,7 +24,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from portal.embedded_redis import RedisServerError, embedded_server
-from queues.fleet import pool_scale
+from queues.fleet.services import pool_scale
 from queues.models import WorkerPool
 
 PR_SET_PDEATHSIG = 1

@@ -5,8 +5,8 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from queues.fleet import audit, audit_via, command_account
-from queues.fleet_admin import MANAGE_FLEET
+from queues.audit import audit, audit_via, command_account
+from queues.fleet.admin import MANAGE_FLEET
 from queues.models import ApiToken
 
 DEFAULT_DAYS = 90

@@ -14,7 +14,7 @@ from rq.utils import import_attribute
 
 from queues import broker
 from queues.broker import QUEUE_NAMES
-from queues.worker import MAX_SLOTS, WORKER_TTL, CaptionWorker
+from queues.fleet.worker import MAX_SLOTS, WORKER_TTL, CaptionWorker
 
 
 class Command(DjangoRQWorkerCommand):
@@ -38,7 +38,7 @@ class Command(DjangoRQWorkerCommand):
             except (ImportError, AttributeError, ValueError) as error:
                 raise CommandError(f"--worker-class {worker_class!r} cannot be imported: {error}") from None
             if not (isinstance(chosen, type) and issubclass(chosen, CaptionWorker)):
-                raise CommandError(f"--worker-class must be queues.worker.CaptionWorker or a subclass of it; "
+                raise CommandError(f"--worker-class must be queues.fleet.worker.CaptionWorker or a subclass of it; "
                                    f"{worker_class!r} would run jobs without the allow-list")
         if options.get("job_class") not in (None, "queues.broker.CaptionJob"):
             raise CommandError("--job-class cannot be changed: caption workers always use queues.broker.CaptionJob")

@@ -5,10 +5,10 @@ from django.core.management.base import BaseCommand, CommandError
 
 from portal.logs import announce
 from queues import broker
+from queues.fleet.supervisor import Supervisor
 from queues.models import WorkerPool
-from queues.supervisor import Supervisor
 
-logger = logging.getLogger("queues.supervisor")
+logger = logging.getLogger("queues.fleet.supervisor")
 
 
 class Command(BaseCommand):

@@ -7,10 +7,11 @@ from django.db.models import Count
 from django.utils import timezone
 from tqdm import tqdm
 
-from queues import broker, control
+from queues import broker
 from queues.errors import BrokerUnavailable
+from queues.fleet import control
 from queues.models import CaptionTask, Priority, TaskStatus
-from queues.operations import tasks_cancel, tasks_cleanup, tasks_requeue
+from queues.operations.services import tasks_cancel, tasks_cleanup, tasks_requeue
 
 DURATION = re.compile(r"^(\d+)([smhd])$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}

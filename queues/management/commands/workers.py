@@ -2,9 +2,10 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from queues import broker, control
+from queues import broker
 from queues.errors import BrokerUnavailable
-from queues.fleet import (
+from queues.fleet import control
+from queues.fleet.services import (
     FleetError,
     fleet_workers,
     pool_get,

@@ -16,12 +16,13 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from queues import broker, control
+from queues import broker
+from queues.audit import audit
 from queues.dispatch import get_policy
 from queues.errors import BrokerUnavailable
-from queues.fleet import (
+from queues.fleet import control
+from queues.fleet.services import (
     FleetError,
-    audit,
     fleet_workers,
     pool_restart,
     pool_scale,

@@ -64,13 +64,13 @@ from django.db import DatabaseError, close_old_connections
 
 from queues import broker
 from queues.dispatch import get_policy
-from queues.fleet import pool_autoscale, pool_backlog
+from queues.fleet.reconcile import tasks_reconcile, tasks_recover_from_worker
+from queues.fleet.services import pool_autoscale, pool_backlog
 from queues.models import FleetEvent, WorkerPool
-from queues.reconcile import tasks_reconcile, tasks_recover_from_worker
 from queues.services import tasks_relay_once
 from queues.signals import service_unavailable
 
-logger = logging.getLogger("queues.supervisor")
+logger = logging.getLogger("queues.fleet.supervisor")
 
 PREFIX = "portal:fleet:"
 SUPERVISORS_KEY = PREFIX + "supervisors"

@@ -4,7 +4,7 @@ It runs jobs in its own process like rq's SimpleWorker: forking a work horse per
 throughput here, and the supervisor isolates failures at the process level instead. It always dequeues with the
 JSON serializer and ``CaptionJob`` whatever it is given, so pickled or forged jobs fail without running.
 
-Additions to rq's worker, relied on by the fleet (queues.fleet, queues.reconcile, queues.supervisor):
+Additions to rq's worker, relied on by the fleet (queues.fleet, queues.fleet.reconcile, queues.fleet.supervisor):
 
 - A liveness thread. Every couple of seconds it renews the database lease of the attempt in hand
   (``execution.attempts_heartbeat``: the only liveness the reconciler trusts) and refreshes a key in Redis,
@@ -24,7 +24,7 @@ Additions to rq's worker, relied on by the fleet (queues.fleet, queues.reconcile
   from rq's worker set or its hash has no birth.
 - A job entry popped from a queue that is no longer the job's queue (its task's priority changed, so the job was
   published on another queue) is dropped without running and without touching the job.
-- Queue pauses and suspension come from the database through ``queues.control`` (Redis only caches them).
+- Queue pauses and suspension come from the database through ``queues.fleet.control`` (Redis only caches them).
 - rq's per-job bookkeeping is trimmed for caption jobs (``_perform_caption``): the task row holds the outcome, so
   a successful caption job keeps no result, no finished-registry entry and no job hash; the worker's and the job's
   state go out in one pipeline when the job starts and one when it ends (rq spends about 12 round trips). What
@@ -34,7 +34,7 @@ Additions to rq's worker, relied on by the fleet (queues.fleet, queues.reconcile
   that mostly wait on a server. The main thread dequeues only while a slot is free and hands each job to a slot
   thread, which claims, captions and records it exactly as a one-slot worker does (each with its own claim, its
   own database connection, rq execution and timeout). Stop-job and a second stop signal reach one slot's caption
-  through its ``queues.cancel`` scope; a first stop signal lets every slot finish. One rq worker registration per
+  through its ``queues.fleet.cancel`` scope; a first stop signal lets every slot finish. One rq worker registration per
   process: its current job is one of those running; the liveness key lists every slot.
 """
 
@@ -51,23 +51,26 @@ import sys
 import threading
 import time
 import traceback
-
 from datetime import timedelta
 
 import redis
-from django.db import Error as DatabaseDriverError, close_old_connections, connection as database_connection
+from django.db import Error as DatabaseDriverError
+from django.db import close_old_connections
+from django.db import connection as database_connection
+from rq import worker_registration
+from rq.exceptions import DequeueTimeout, StopRequested
 from rq.executions import Execution
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty
-from rq.utils import now as rq_now, utcformat
-from rq.exceptions import DequeueTimeout, StopRequested
-from rq import worker_registration
+from rq.utils import now as rq_now
+from rq.utils import utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
-from queues import broker, cancel, control, correlation, execution
+from queues import broker, correlation, execution
 from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key, job_timeout  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
+from queues.fleet import cancel, control
 from queues.models import MAX_SLOTS
 
 ALIVE_TTL = 10  # seconds a liveness key outlives its last refresh
@@ -393,7 +396,7 @@ class CaptionWorker(SimpleWorker):
             raise StopRequested()  # a Redis that does not answer the pop must not hold the worker
 
     def check_for_suspension(self, burst: bool):
-        """Suspension lives in the database (queues.control), so a Redis flush cannot resume processing."""
+        """Suspension lives in the database (queues.fleet.control), so a Redis flush cannot resume processing."""
         notified = False
         while not self._stop_requested and control.processing_suspended_cached():
             if burst:
@@ -738,7 +741,7 @@ class CaptionWorker(SimpleWorker):
 
 class CaptionSlot:
     """One caption slot of a worker with several: a thread that runs the jobs the main thread hands it, one at a
-    time, with its own database connection and its own ``queues.cancel`` scope."""
+    time, with its own database connection and its own ``queues.fleet.cancel`` scope."""
 
     def __init__(self, worker: CaptionWorker, index: int):
         self.worker, self.index = worker, index

@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 
 from django.conf import settings
 from django.db import connections, transaction
@@ -38,9 +39,17 @@ from django.utils import timezone
 
 from queues import broker
 from queues.execution import retry_delay
-from queues.models import (AtMost, CaptionTask, DatabaseNow, FleetEvent, TaskEvent, TaskStatus, database_now,
-                           database_now_expression)
-from queues.operations import bulk_operations_recover
+from queues.models import (
+    AtMost,
+    CaptionTask,
+    DatabaseNow,
+    FleetEvent,
+    TaskEvent,
+    TaskStatus,
+    database_now,
+    database_now_expression,
+)
+from queues.operations.services import bulk_operations_recover
 from queues.services import tasks_publish
 from queues.signals import attempt_ended
 

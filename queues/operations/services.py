@@ -30,9 +30,10 @@ from django.db.models.lookups import Lookup
 from django.db.models.sql.where import WhereNode
 from django.utils import timezone
 
-from queues import broker, control, correlation
+from queues import broker, correlation
+from queues.audit import audit
 from queues.dispatch import get_policy
-from queues.fleet import audit
+from queues.fleet import control
 from queues.models import BulkOperation, CaptionTask, Priority, TaskEvent, TaskStatus, UtcNow
 from queues.services import tasks_publish
 

@@ -75,31 +75,3 @@ def queue_set_paused(*, queue: str, paused: bool, user=None) -> None:
 
 def processing_set_suspended_state(*, suspended: bool, user=None) -> None:
     _set(QueueState.ALL, suspended, user)
-
-
-# Before the pauses moved into the database (queues migration 0008), they lived in Redis only: a set of paused
-# queue names and rq's suspension key.
-REDIS_PAUSED_KEY = "portal:queues:paused"
-REDIS_SUSPENDED_KEY = "rq:suspended"
-
-
-def redis_pauses_adopt() -> int:
-    """Carries the pauses and the suspension kept in Redis before migration 0008 into the rows, so an upgrade does
-    not silently resume what an operator stopped. Run once, after the migrate that applies 0008 (queues.apps). Redis
-    unreachable: nothing to carry over from here (the README's upgrade note says to check the queues page). Returns
-    how many rows it paused."""
-    from queues import broker
-
-    try:
-        connection = broker.get_connection()
-        paused = {name.decode() for name in connection.smembers(REDIS_PAUSED_KEY)}
-        suspended = bool(connection.exists(REDIS_SUSPENDED_KEY))
-    except Exception:
-        logger.warning("the pauses kept in Redis before this upgrade could not be read; check the queues page",
-                       exc_info=True)
-        return 0
-    names = sorted(paused & set(QUEUE_ORDER)) + ([QueueState.ALL] if suspended else [])
-    for name in names:
-        QueueState.objects.update_or_create(queue=name, defaults={"paused": True})
-    return len(names)
-

@@ -6,8 +6,7 @@ Entry points (admin views, ``manage.py workers``, the supervisor) call these ser
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,51 +16,17 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from queues import broker, control
+from queues import broker
+from queues.audit import audit
 from queues.broker import CaptionJob
-from queues.models import AuditEntry, CaptionTask, FleetEvent, TaskStatus, WorkerPool
+from queues.fleet import control
+from queues.models import QUEUE_ORDER, CaptionTask, FleetEvent, QueueState, TaskStatus, WorkerPool
+
+logger = logging.getLogger(__name__)
 
 
 class FleetError(Exception):
     """An operator's fleet action cannot be done (unknown worker, worker idle, ...); the message says why."""
-
-
-_VIA: contextvars.ContextVar[str] = contextvars.ContextVar("audit_via", default="")
-
-
-@contextlib.contextmanager
-def audit_via(channel: str):
-    """Audit entries written inside say how the action came (``detail["via"]``): the fleet API's token name."""
-    reset = _VIA.set(channel)
-    try:
-        yield
-    finally:
-        _VIA.reset(reset)
-
-
-def command_account() -> str:
-    """The operating-system account running a management command, for the audit trail (no portal user runs it)."""
-    import getpass
-    import os
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry for the uid (a container)
-        return f"uid {os.getuid()}"
-
-
-def audit_channel() -> str:
-    """The channel set by ``audit_via`` around this code, or "" (an action by a person in the admin)."""
-    return _VIA.get()
-
-
-def audit(*, user, action: str, target: str = "", count: int = 0, detail: dict | None = None,
-          address: str | None = None) -> AuditEntry:
-    detail = dict(detail or {})
-    if _VIA.get():
-        detail["via"] = _VIA.get()
-    return AuditEntry.objects.create(user=user if getattr(user, "pk", None) else None, action=action,
-                                     target=target[:300], count=count, detail=detail, address=address)
 
 
 def pool_get(name: str) -> WorkerPool:
@@ -285,3 +250,27 @@ def processing_set_suspended(*, suspended: bool, user=None, address: str | None 
                               user=_user(user), reason="all processing")
     audit(user=user, action="suspend" if suspended else "resume", target="all queues", address=address)
 
+
+# Before the pauses moved into the database (queues migration 0008), they lived in Redis only: a set of paused
+# queue names and rq's suspension key.
+REDIS_PAUSED_KEY = "portal:queues:paused"
+REDIS_SUSPENDED_KEY = "rq:suspended"
+
+
+def redis_pauses_adopt() -> int:
+    """Carries the pauses and the suspension kept in Redis before migration 0008 into the rows, so an upgrade does
+    not silently resume what an operator stopped. Run once, after the migrate that applies 0008 (queues.apps). Redis
+    unreachable: nothing to carry over from here (the README's upgrade note says to check the queues page). Returns
+    how many rows it paused."""
+    try:
+        connection = broker.get_connection()
+        paused = {name.decode() for name in connection.smembers(REDIS_PAUSED_KEY)}
+        suspended = bool(connection.exists(REDIS_SUSPENDED_KEY))
+    except Exception:
+        logger.warning("the pauses kept in Redis before this upgrade could not be read; check the queues page",
+                       exc_info=True)
+        return 0
+    names = sorted(paused & set(QUEUE_ORDER)) + ([QueueState.ALL] if suspended else [])
+    for name in names:
+        QueueState.objects.update_or_create(queue=name, defaults={"paused": True})
+    return len(names)

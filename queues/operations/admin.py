@@ -22,11 +22,12 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
-from queues import broker, control
+from queues import broker
 from queues.errors import BrokerUnavailable
-from queues.fleet_admin import ReadOnlyAdmin, client_address, confirmation
+from queues.fleet import control
+from queues.fleet.admin import ReadOnlyAdmin, client_address, confirmation
 from queues.models import BulkOperation, CaptionTask, Priority, QueueOverview, TaskStatus
-from queues.operations import (
+from queues.operations.services import (
     ELIGIBLE,
     INLINE_LIMIT,
     bulk_operation_start,

@@ -1,6 +1,6 @@
 """Stopping one caption among several running in one process (a worker with several caption slots).
 
-A worker with one slot runs its caption in the main thread and interrupts it with a signal (``queues.worker``):
+A worker with one slot runs its caption in the main thread and interrupts it with a signal (``queues.fleet.worker``):
 the handler raises in the main thread, and a blocking socket call returns with EINTR first. A slot thread cannot
 be reached that way: Python runs signal handlers in the main thread only, and an exception set on another thread
 (``PyThreadState_SetAsyncExc``) waits until that thread runs Python code again, which a thread blocked in

@@ -1,0 +1,7 @@
+"""The fleet: the processes that run caption work and the services that steer them.
+
+``supervisor`` keeps each pool's worker processes running on a host (lease, restarts, scaling, the relay);
+``worker`` is the RQ worker with its caption slots; ``reconcile`` finds attempts whose worker died and gives their
+tasks back; ``cancel`` stops a running attempt; ``control`` holds pauses and suspension; ``services`` are the
+operators' fleet actions (scale, restart, stop a job, autoscale) and the fleet's state; ``admin`` their pages.
+"""
