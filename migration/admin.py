@@ -25,7 +25,7 @@ from migration import dispatch, runs, state
 from migration.models import LegacyWorker, MigrationEvent, MigrationRun, SystemMode
 from migration.preflight import preflight_report
 from queues.audit import audit
-from queues.fleet.admin import ReadOnlyAdmin, client_address, confirmation
+from portal.admin_pages import ReadOnlyAdmin, client_address, confirmation
 from queues.models import CaptionTask, Dispatch, TaskStatus
 
 RUN_MIGRATION = "migration.run_migration"

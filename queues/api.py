@@ -19,7 +19,8 @@ from django.views.decorators.csrf import csrf_exempt
 from queues import broker
 from queues.audit import audit_via
 from queues.errors import BrokerUnavailable
-from queues.fleet.admin import MANAGE_FLEET, client_address
+from portal.admin_pages import client_address
+from queues.fleet.admin import MANAGE_FLEET
 from queues.fleet.services import FleetError, pool_get, pool_restart, pool_scale, worker_restart
 from queues.models import ApiToken
 

@@ -100,14 +100,14 @@ def alive_key(worker_name: str) -> str:
 
 class CaptionQueue(DjangoRQ):
     """rq's queue (as django-rq builds it) with pausing: workers do not take jobs from paused queues (the
-    database's ``QueueState`` rows, through queues.fleet.control); their jobs wait. Jobs are published through
+    database's ``QueueState`` rows, through queues.control); their jobs wait. Jobs are published through
     ``publish`` below, never through django-rq's deferred enqueue."""
 
     @classmethod
     def dequeue_any(cls, queues, timeout, connection=None, **kwargs):
         from rq.exceptions import DequeueTimeout
 
-        from queues.fleet import control
+        from queues import control
 
         connection = connection or queues[0].connection
         paused = control.paused_queues_cached()

@@ -28,7 +28,7 @@ from rq.timeouts import JobTimeoutException
 from queues import correlation
 from queues.captioners import Captioner, get_captioner
 from queues.errors import CaptionerMisconfigured, CaptionError, JobStopped, WorkerInterrupted
-from queues.fleet import cancel
+from queues import cancel
 from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, Dispatch, TaskEvent, TaskStatus
 from queues.signals import attempt_ended
 
@@ -40,7 +40,7 @@ _captioning = threading.Event()
 
 def captioning_now() -> bool:
     """Whether this process' main thread is inside a captioner call (the only place an operator's stop may
-    interrupt a one-slot worker). Caption slot threads are stopped through their ``queues.fleet.cancel`` scope."""
+    interrupt a one-slot worker). Caption slot threads are stopped through their ``queues.cancel`` scope."""
     return _captioning.is_set()
 
 

@@ -566,7 +566,7 @@ class AuditEntry(models.Model):
 
 class QueueState(models.Model):
     """Whether a queue is paused, or (``queue = "*"``) all processing is suspended: the database holds it, Redis
-    only caches it for the workers (queues.fleet.control), so a Redis flush or failover never silently resumes work."""
+    only caches it for the workers (queues.control), so a Redis flush or failover never silently resumes work."""
 
     ALL = "*"
 

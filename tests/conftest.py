@@ -282,7 +282,7 @@ def _no_process_left_behind():
 @pytest.fixture(autouse=True)
 def _fresh_queue_control():
     """Queue pauses are cached for a second per process; each test starts from what its database says."""
-    from queues.fleet import control
+    from queues import control
 
     control.clear_cache()
     yield

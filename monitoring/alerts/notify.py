@@ -361,7 +361,7 @@ def workers_take_notifications() -> bool:
     suspended): otherwise a notification job would wait in Redis and nobody would be told (the "no workers" alert
     itself must reach someone)."""
     from queues import broker
-    from queues.fleet import control
+    from queues import control
 
     if control.processing_suspended() or "urgent" in control.paused_queues():
         return False

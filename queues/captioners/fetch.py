@@ -21,7 +21,7 @@ from django.conf import settings
 
 from portal.destinations import NotPublic, checked_handlers, resolve_checked
 from queues.errors import PermanentCaptionError, TransientCaptionError
-from queues.fleet import cancel
+from queues import cancel
 
 ALLOWED_SCHEMES = ("http", "https")
 CHUNK = 64 * 1024

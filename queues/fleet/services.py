@@ -19,7 +19,7 @@ from django.utils import timezone
 from queues import broker
 from queues.audit import audit
 from queues.broker import CaptionJob
-from queues.fleet import control
+from queues import control
 from queues.models import QUEUE_ORDER, CaptionTask, FleetEvent, QueueState, TaskStatus, WorkerPool
 
 logger = logging.getLogger(__name__)

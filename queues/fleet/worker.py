@@ -24,7 +24,7 @@ Additions to rq's worker, relied on by the fleet (queues.fleet, queues.fleet.rec
   from rq's worker set or its hash has no birth.
 - A job entry popped from a queue that is no longer the job's queue (its task's priority changed, so the job was
   published on another queue) is dropped without running and without touching the job.
-- Queue pauses and suspension come from the database through ``queues.fleet.control`` (Redis only caches them).
+- Queue pauses and suspension come from the database through ``queues.control`` (Redis only caches them).
 - rq's per-job bookkeeping is trimmed for caption jobs (``_perform_caption``): the task row holds the outcome, so
   a successful caption job keeps no result, no finished-registry entry and no job hash; the worker's and the job's
   state go out in one pipeline when the job starts and one when it ends (rq spends about 12 round trips). What
@@ -34,7 +34,7 @@ Additions to rq's worker, relied on by the fleet (queues.fleet, queues.fleet.rec
   that mostly wait on a server. The main thread dequeues only while a slot is free and hands each job to a slot
   thread, which claims, captions and records it exactly as a one-slot worker does (each with its own claim, its
   own database connection, rq execution and timeout). Stop-job and a second stop signal reach one slot's caption
-  through its ``queues.fleet.cancel`` scope; a first stop signal lets every slot finish. One rq worker registration per
+  through its ``queues.cancel`` scope; a first stop signal lets every slot finish. One rq worker registration per
   process: its current job is one of those running; the liveness key lists every slot.
 """
 
@@ -70,7 +70,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from queues import broker, correlation, execution
 from queues.broker import CAPTION_CALLABLE, CaptionJob, CaptionQueue, alive_key, job_timeout  # noqa: F401 (alive_key: re-exported)
 from queues.errors import JobStopped, WorkerInterrupted
-from queues.fleet import cancel, control
+from queues import cancel, control
 from queues.models import MAX_SLOTS
 
 ALIVE_TTL = 10  # seconds a liveness key outlives its last refresh
@@ -396,7 +396,7 @@ class CaptionWorker(SimpleWorker):
             raise StopRequested()  # a Redis that does not answer the pop must not hold the worker
 
     def check_for_suspension(self, burst: bool):
-        """Suspension lives in the database (queues.fleet.control), so a Redis flush cannot resume processing."""
+        """Suspension lives in the database (queues.control), so a Redis flush cannot resume processing."""
         notified = False
         while not self._stop_requested and control.processing_suspended_cached():
             if burst:
@@ -741,7 +741,7 @@ class CaptionWorker(SimpleWorker):
 
 class CaptionSlot:
     """One caption slot of a worker with several: a thread that runs the jobs the main thread hands it, one at a
-    time, with its own database connection and its own ``queues.fleet.cancel`` scope."""
+    time, with its own database connection and its own ``queues.cancel`` scope."""
 
     def __init__(self, worker: CaptionWorker, index: int):
         self.worker, self.index = worker, index

@@ -24,8 +24,8 @@ from django.utils.html import format_html
 
 from queues import broker
 from queues.errors import BrokerUnavailable
-from queues.fleet import control
-from queues.fleet.admin import ReadOnlyAdmin, client_address, confirmation
+from queues import control
+from portal.admin_pages import ReadOnlyAdmin, client_address, confirmation
 from queues.models import BulkOperation, CaptionTask, Priority, QueueOverview, TaskStatus
 from queues.operations.services import (
     ELIGIBLE,

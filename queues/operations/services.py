@@ -33,7 +33,7 @@ from django.utils import timezone
 from queues import broker, correlation
 from queues.audit import audit
 from queues.dispatch import get_policy
-from queues.fleet import control
+from queues import control
 from queues.models import BulkOperation, CaptionTask, Priority, TaskEvent, TaskStatus, UtcNow
 from queues.services import tasks_publish
 

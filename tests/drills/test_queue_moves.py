@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from queues import broker
-from queues.fleet import control
+from queues import control
 from queues.fleet.reconcile import tasks_reconcile
 from queues.fleet.services import processing_set_suspended
 from queues.models import CaptionTask, TaskEvent, TaskStatus

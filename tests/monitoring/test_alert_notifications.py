@@ -322,7 +322,7 @@ def test_a_live_worker_delivers_notifications(redis, webhook):
 
 
 def test_with_urgent_paused_the_evaluator_sends_itself(redis, webhook, admin_user):
-    from queues.fleet import control
+    from queues import control
 
     control.queue_set_paused(queue="urgent", paused=True, user=admin_user)
     only("few-workers")

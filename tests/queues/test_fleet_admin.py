@@ -6,7 +6,7 @@ import pytest
 from django.urls import reverse
 
 from queues import broker
-from queues.fleet import control
+from queues import control
 from queues.fleet.worker import CaptionWorker
 from queues.models import AuditEntry, FleetEvent, WorkerPool
 

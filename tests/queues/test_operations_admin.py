@@ -6,7 +6,7 @@ from django.utils import timezone
 
 from monitoring.metrics import recorder
 from queues import broker
-from queues.fleet import control
+from queues import control
 from queues.models import AuditEntry, BulkOperation, CaptionTask, TaskStatus
 from queues.operations.services import INLINE_LIMIT, bulk_operation_run
 from queues.services import TaskSpec, tasks_publish, tasks_submit_many

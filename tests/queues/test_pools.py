@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from queues.fleet import control
+from queues import control
 from queues.fleet.services import pool_autoscale, pool_backlog, pool_scale
 from queues.models import AuditEntry, FleetEvent, WorkerPool
 from queues.services import TaskSpec, tasks_submit_many

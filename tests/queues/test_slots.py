@@ -122,7 +122,7 @@ def test_live_workers_page_and_metrics_show_each_slot(redis, settings, http_serv
 
 
 def test_a_stop_before_the_caption_begins_ends_it_as_it_begins_and_not_the_next_one():
-    from queues.fleet import cancel
+    from queues import cancel
 
     scope = cancel.Scope()
     scope.begin("caption-1")
@@ -202,7 +202,7 @@ def test_rqs_time_limit_in_a_slot_stops_a_caption_blocked_on_a_socket():
 
     from rq.timeouts import JobTimeoutException
 
-    from queues.fleet import cancel
+    from queues import cancel
     from queues.fleet.worker import SlotDeathPenalty
 
     server = socket.create_server(("127.0.0.1", 0))

@@ -110,7 +110,7 @@ def test_a_claim_on_a_connection_the_driver_closed_puts_the_job_back_and_runs_it
     is not a DatabaseError, the same way."""
     from django.db import connection
 
-    from queues.fleet import control
+    from queues import control
 
     task = task_submit(image_ref=media_image())
     control.processing_suspended_cached()  # read now: the worker's first database statement is its claim

@@ -55,7 +55,7 @@ from monitoring.models import (
     DeliveryAttempt,
     queue_label,
 )
-from queues.fleet.admin import ReadOnlyAdmin, client_address
+from portal.admin_pages import ReadOnlyAdmin, client_address
 from queues.models import Priority
 from queues.operations.admin import CappedCountPaginator
 

@@ -19,7 +19,7 @@ from monitoring.alerts.actions import (
 )
 from monitoring.alerts.ingest import http_url
 from queues.audit import audit
-from queues.fleet.admin import client_address
+from portal.admin_pages import client_address
 
 ACKNOWLEDGE = "monitoring.acknowledge_alert"
 EXPIRE_SILENCE = "monitoring.change_silence"

@@ -24,7 +24,7 @@ from monitoring.models import (
     NotificationRoute,
     Severity,
 )
-from queues.fleet.admin import client_address, confirmation
+from portal.admin_pages import client_address, confirmation
 
 
 class NotificationChannelForm(forms.ModelForm):

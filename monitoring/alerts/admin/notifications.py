@@ -10,7 +10,7 @@ from monitoring.models import (
     DeliveryAttempt,
     Notification,
 )
-from queues.fleet.admin import ReadOnlyAdmin
+from portal.admin_pages import ReadOnlyAdmin
 
 
 class DeliveryAttemptInline(admin.TabularInline):

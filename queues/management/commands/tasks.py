@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from queues import broker
 from queues.errors import BrokerUnavailable
-from queues.fleet import control
+from queues import control
 from queues.models import CaptionTask, Priority, TaskStatus
 from queues.operations.services import tasks_cancel, tasks_cleanup, tasks_requeue
 

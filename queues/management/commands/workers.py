@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from queues import broker
 from queues.errors import BrokerUnavailable
-from queues.fleet import control
+from queues import control
 from queues.fleet.services import (
     FleetError,
     fleet_workers,
