@@ -548,7 +548,7 @@ class DeliveryAttempt(models.Model):
 
 class Lease(models.Model):
     """A named lock with an expiry, in the database (it must work while Redis is down: the alert evaluator is what
-    reports that). Taken and renewed by conditional update on the database's clock (monitoring.alerts)."""
+    reports that). Taken and renewed by conditional update on the database's clock (monitoring.alerts.evaluate)."""
 
     name = models.CharField(max_length=50, unique=True)
     holder = models.CharField(max_length=200)

@@ -1,7 +1,7 @@
 """The figures alert rules watch ("signals"), how the portal computes each, and the PromQL Prometheus uses for it.
 
 A rule row (monitoring.models.AlertRule) names a signal, a comparison and a threshold. The portal's evaluator
-(monitoring.alerts) reads every signal from one ``Readings`` per pass; ``export_prometheus_rules`` turns the same
+(alerts.evaluate) reads every signal from one ``Readings`` per pass; ``export_prometheus_rules`` turns the same
 rows into Prometheus alerting rules through each signal's PromQL, so both judge the same figure against the same
 threshold. Window figures (rates, percentiles) cover the last ``WINDOW_MINUTES`` in both: Prometheus with
 ``rate(...[5m])``, the portal from the per-minute metric samples.

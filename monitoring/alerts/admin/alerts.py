@@ -256,7 +256,7 @@ class SilenceLikeForm(forms.Form):
 @admin.register(Alert)
 class AlertAdmin(ReadOnlyAdmin):
     """The alert history. Read-only: each alert changes only through the actions below (services of
-    monitoring.alerts), and its page shows its timeline, notifications and what it concerns."""
+    monitoring.alerts.actions), and its page shows its timeline, notifications and what it concerns."""
 
     list_display = ["state_badge", "severity_badge", "summary", "rule_or_name", "component", "started_at",
                     "fired_at", "resolved_at", "duration", "acknowledged_by", "flaps", "source"]

@@ -16,7 +16,7 @@ from monitoring.models import (
 
 class AlertRuleForm(forms.ModelForm):
     signal = forms.ChoiceField(choices=signal_choices, help_text="The figure the rule watches "
-                                                                 "(monitoring/alert_rules.py).")
+                                                                 "(monitoring/alerts/rules.py).")
     runbook_url = forms.URLField(label="Runbook URL", required=False, assume_scheme="https", max_length=200)
 
     class Meta:

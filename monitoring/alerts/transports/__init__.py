@@ -1,9 +1,9 @@
 """Notification channels: the one place that talks to email, Slack, webhooks and PagerDuty.
 
-monitoring/notifications.py builds a ``Message`` (plain data: subject, text, the group's alerts, links) and calls
+monitoring.alerts.notify builds a ``Message`` (plain data: subject, text, the group's alerts, links) and calls
 ``transport_for(channel.kind, channel.config).send(message, timeout=...)`` once per delivery attempt, recording one
-DeliveryAttempt row per call with what came back. ``NotificationChannel.clean`` shows ``config_errors`` on the admin
-form. Nothing else in the project imports the outside systems' protocols.
+DeliveryAttempt row per call with what came back. The channel's admin form (NotificationChannelForm) shows
+``config_errors``. Nothing else in the project imports the outside systems' protocols.
 
 The contract of ``send``:
 

@@ -28,7 +28,7 @@ class TransportError(Exception):
 
 @dataclass
 class Message:
-    """One notification about one group of alerts, already worded by monitoring/notifications.py.
+    """One notification about one group of alerts, already worded by monitoring.alerts.notify.
 
     Plain data (``dataclasses.asdict`` and ``Message(**data)`` round-trip), so it can be stored and sent again."""
 
