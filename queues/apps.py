@@ -23,6 +23,6 @@ def _after_migrate(sender, plan=None, **kwargs):
     sync_roles()
     applied = {(migration.app_label, migration.name) for migration, backwards in plan or () if not backwards}
     if PAUSES_INTO_ROWS in applied:
-        from queues.control import redis_pauses_adopt
+        from queues.fleet.services import redis_pauses_adopt
 
         redis_pauses_adopt()

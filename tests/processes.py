@@ -183,21 +183,38 @@ def slow_ollama(http_server, png_bytes, delay: float) -> str:
 
 
 
-def freeze(pid: int, attempts: int = 200) -> None:
-    """SIGSTOP ``pid`` as a VM pause or a long GC would, at a moment when it holds no SQLite write lock.
+def freeze(pid: int, *, rows=(), attempts: int = 200) -> None:
+    """SIGSTOP ``pid`` as a VM pause or a long GC would, at a moment when it holds no lock the test needs next.
 
-    A SQLite lock lives in the writing process: one frozen inside a write transaction holds the whole database until
-    it wakes, for every process, which is SQLite's limit rather than a scenario the portal can answer (MariaDB
-    finishes an autocommit statement on the server, so a frozen client holds nothing). On SQLite the process is
-    frozen, the write lock probed with ``BEGIN IMMEDIATE``, and thawed and frozen again a moment later while held."""
+    A process frozen inside a transaction keeps its locks until it wakes: on SQLite the whole database (the lock
+    lives in the writing process), on MariaDB the rows it locked (the server waits innodb_lock_wait_timeout for
+    them). That is the database's limit, not a scenario the portal can answer, so the process is frozen, the locks
+    probed, and thawed and frozen again a moment later while one is held. On SQLite the probe is ``BEGIN
+    IMMEDIATE``; on MariaDB ``rows`` (querysets of the rows the test writes next) are locked with NOWAIT."""
     database = connection.settings_dict
     for _ in range(attempts):
         os.kill(pid, signal.SIGSTOP)
-        if not database["ENGINE"].endswith("sqlite3") or _sqlite_writable(database["NAME"]):
+        if database["ENGINE"].endswith("sqlite3"):
+            free = _sqlite_writable(database["NAME"])
+        else:
+            free = _rows_free(rows)
+        if free:
             return
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.02)
-    raise AssertionError(f"process {pid} held the SQLite write lock at each of {attempts} attempts to freeze it")
+    raise AssertionError(f"process {pid} held a lock the test needs at each of {attempts} attempts to freeze it")
+
+
+def _rows_free(querysets) -> bool:
+    from django.db import DatabaseError, transaction
+
+    try:
+        with transaction.atomic():
+            for queryset in querysets:
+                list(queryset.select_for_update(nowait=True).values_list("pk", flat=True))
+        return True
+    except DatabaseError:
+        return False
 
 
 def _sqlite_writable(path) -> bool:

@@ -66,7 +66,7 @@ def test_a_poller_on_another_host_that_overruns_the_drain_gives_its_task_back_an
 def test_a_frozen_poller_is_drained_by_its_stale_heartbeat_and_writes_nothing_when_it_wakes(busy_poller,
                                                                                           registered_worker):
     process, task_id = busy_poller
-    freeze(process.pid)
+    freeze(process.pid, rows=[CaptionTask.objects.filter(pk=task_id), LegacyWorker.objects.all()])
     run = _migrate(drain_timeout=1)
     assert run.state == MigrationRun.State.SUCCEEDED, run.failure_reason
     assert run.log_lines.filter(message__contains="poller.far on another-host stopped answering; its task(s) were "

@@ -10,7 +10,7 @@ import pytest
 from django.conf import settings as django_settings
 
 from migration import state
-from migration.models import MigrationRun, Mode
+from migration.models import MigrationRun, Mode, SystemMode
 from migration.runs import rollback_create, run_execute
 from queues.fleet.reconcile import TASK_LEASE_SECONDS
 from queues.models import CaptionTask, Dispatch, TaskEvent, TaskStatus
@@ -80,7 +80,9 @@ def test_a_stalled_migration_process_that_wakes_after_the_rollback_leaves_it_rol
     try:
         wait_for(lambda: MigrationRun.objects.filter(phases__name="hybrid", phases__state="running").exists(), 60,
                  "the migration reached its hybrid soak")
-        freeze(migrating.pid)  # a VM pause, a long GC, a partition: its lease goes stale
+        # A VM pause, a long GC, a partition: its lease goes stale. (Not inside a transaction on the rows the
+        # rollback locks: the database would make the rollback wait for them.)
+        freeze(migrating.pid, rows=[SystemMode.objects.filter(pk=1), MigrationRun.objects.all()])
         migration = MigrationRun.objects.get(kind=MigrationRun.Kind.MIGRATION)
         wait_for(lambda: not MigrationRun.objects.filter(pk=migration.pk, heartbeat_at__gt=_seconds_ago(3)).exists(),
                  15, "the frozen process's lease went stale")
