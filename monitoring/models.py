@@ -46,7 +46,7 @@ class MetricSample(models.Model):
 
 
 # --- alerts -------------------------------------------------------------------------------------------------------
-# How they fit together (monitoring/alerts.py explains the evaluation, monitoring/notifications.py the delivery):
+# How they fit together (monitoring/alerts/evaluate.py explains the evaluation, alerts/notify.py the delivery):
 # an AlertRule is a condition on one signal; each condition that holds is one Alert (found again by its fingerprint)
 # whose every state change, acknowledgement, notification and escalation is an AlertEvent. Silences and shelving
 # stop notifications, never the history. Routes pick channels for an alert; each message sent is a Notification,

@@ -611,7 +611,7 @@ class BulkOperation(models.Model):
     kind = models.CharField(max_length=12, choices=Kind.choices)
     state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
     # What it acts on: the ids of a "selected" action, or (every task matching a filter, a queue being emptied) a
-    # description of the filter that the run re-evaluates batch by batch (queues.operations.selection_describe).
+    # description of the filter that the run re-evaluates batch by batch (operations.services.selection_describe).
     task_ids = models.TextField(blank=True, help_text="Comma-separated ids of a 'selected' action.")
     selection = models.JSONField(null=True, blank=True,
                                  help_text="The filter of an 'all matching' action, limited to the tasks it applies to.")
@@ -624,7 +624,7 @@ class BulkOperation(models.Model):
     message = models.TextField(blank=True)
     # Resuming: each batch commits together with checkpoint (the last task id done) and heartbeat_at (the database's
     # clock). A run whose heartbeat is older than the lease is taken over from the checkpoint by a new run
-    # (queues.operations.bulk_operations_recover); every write of a run expects its run number, so a late one stops.
+    # (operations.services.bulk_operations_recover); every write of a run expects its run number, so a late one stops.
     checkpoint = models.PositiveBigIntegerField(default=0)
     runs = models.PositiveIntegerField(default=0, help_text="Times a worker has started it.")
     worker_name = models.CharField(max_length=200, blank=True)

@@ -20,7 +20,7 @@ ROLES = {
     "Operators": VIEW_QUEUES + VIEW_ALERTS + VIEW_MIGRATION + [
         "view_auditentry", "add_captiontask", "requeue_task", "cancel_task", "change_task_priority", "pause_queue",
         "manage_fleet", "acknowledge_alert", "add_silence", "change_silence",
-        # thresholds and durations only (monitoring.admin.AlertRuleAdmin.TUNABLE)
+        # thresholds and durations only (monitoring.alerts.admin.rules.AlertRuleAdmin.TUNABLE)
         "change_alertrule", "pause_submission"],
     "Support": VIEW_QUEUES + VIEW_ALERTS + VIEW_MIGRATION,
 }

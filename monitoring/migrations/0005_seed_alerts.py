@@ -6,7 +6,6 @@ roles are synced after every migrate (queues.apps), no longer here."""
 from django.db import migrations
 
 # name, title, signal, comparison, threshold, for (s), severity, component, labels, inhibited by, runbook.
-# name, title, signal, comparison, threshold, for (s), severity, component, labels, inhibited by, runbook.
 REDIS_RUNBOOK = ("Check the Redis server (systemctl status redis, `redis-cli ping`). Tasks are not lost: they wait "
                  "in the database and the relay publishes them when Redis answers again.")
 DEFAULT_RULES = [

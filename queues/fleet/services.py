@@ -252,25 +252,32 @@ def processing_set_suspended(*, suspended: bool, user=None, address: str | None 
 
 
 # Before the pauses moved into the database (queues migration 0008), they lived in Redis only: a set of paused
-# queue names and rq's suspension key.
+# queue names and rq's suspension key. CARRIED_KEY says they have been carried into the rows of this deployment.
 REDIS_PAUSED_KEY = "portal:queues:paused"
 REDIS_SUSPENDED_KEY = "rq:suspended"
+CARRIED_KEY = "portal:queues:pauses-carried"
 
 
 def redis_pauses_adopt() -> int:
     """Carries the pauses and the suspension kept in Redis before migration 0008 into the rows, so an upgrade does
-    not silently resume what an operator stopped. Run once, after the migrate that applies 0008 (queues.apps). Redis
-    unreachable: nothing to carry over from here (the README's upgrade note says to check the queues page). Returns
-    how many rows it paused."""
+    not silently resume what an operator stopped. Run after every migrate (queues.apps), it acts once: it marks the
+    carry-over done in Redis (CARRIED_KEY). A migrate that could not reach Redis, or that failed after applying 0008
+    (Django then sends no post_migrate), leaves it to the next migrate. Returns how many rows it paused."""
     try:
         connection = broker.get_connection()
+        if connection.exists(CARRIED_KEY):
+            return 0
         paused = {name.decode() for name in connection.smembers(REDIS_PAUSED_KEY)}
         suspended = bool(connection.exists(REDIS_SUSPENDED_KEY))
-    except Exception:
-        logger.warning("the pauses kept in Redis before this upgrade could not be read; check the queues page",
-                       exc_info=True)
+    except Exception as error:
+        logger.warning("the pauses kept in Redis before the move of pauses into the database could not be read "
+                       "(%s); they are carried over after the next migrate that reaches Redis", error)
         return 0
     names = sorted(paused & set(QUEUE_ORDER)) + ([QueueState.ALL] if suspended else [])
     for name in names:
         QueueState.objects.update_or_create(queue=name, defaults={"paused": True})
+    try:
+        connection.set(CARRIED_KEY, timezone.now().isoformat())
+    except Exception as error:  # carried, not marked: the next migrate carries the same pauses again (harmless)
+        logger.warning("the carry-over of the Redis pauses could not be marked done (%s)", error)
     return len(names)

@@ -70,7 +70,7 @@ from queues.models import FleetEvent, WorkerPool
 from queues.services import tasks_relay_once
 from queues.signals import service_unavailable
 
-logger = logging.getLogger("queues.fleet.supervisor")
+logger = logging.getLogger("queues.supervisor")
 
 PREFIX = "portal:fleet:"
 SUPERVISORS_KEY = PREFIX + "supervisors"

@@ -4,7 +4,7 @@ It runs jobs in its own process like rq's SimpleWorker: forking a work horse per
 throughput here, and the supervisor isolates failures at the process level instead. It always dequeues with the
 JSON serializer and ``CaptionJob`` whatever it is given, so pickled or forged jobs fail without running.
 
-Additions to rq's worker, relied on by the fleet (queues.fleet, queues.fleet.reconcile, queues.fleet.supervisor):
+Additions to rq's worker, relied on by the fleet (its services, reconcile and supervisor):
 
 - A liveness thread. Every couple of seconds it renews the database lease of the attempt in hand
   (``execution.attempts_heartbeat``: the only liveness the reconciler trusts) and refreshes a key in Redis,

@@ -1,7 +1,7 @@
 """Queue operations in the admin: task actions with confirmation, the queues overview, dead letters, bulk operations.
 
 Entry points only: each view checks the permission on the server, shows a confirmation with counts on GET (or the
-first POST of an admin action), acts on the confirming POST through ``queues.operations`` and redirects with a
+first POST of an admin action), acts on the confirming POST through ``queues.operations.services`` and redirects with a
 message that has the counts.
 """
 

@@ -63,7 +63,7 @@ def test_errors(redis, arguments, message):
 
 class BurstSimpleWorker(SimpleWorker):
     """rq's own SimpleWorker without its command listener: a burst run takes no commands, and rq 2.12's listener
-    can keep an exiting worker 60 s with redis-py 8.2 (queues/worker.py has our own)."""
+    can keep an exiting worker 60 s with redis-py 8.2 (queues/fleet/worker.py has our own)."""
 
     def subscribe(self):
         pass

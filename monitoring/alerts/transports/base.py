@@ -64,8 +64,8 @@ class Transport:
 
     @classmethod
     def config_errors(cls, config: dict) -> dict[str, str]:
-        """Field name -> what is wrong with it; ``{}`` when the config is valid. NotificationChannel.clean shows
-        these on the admin form."""
+        """Field name -> what is wrong with it; ``{}`` when the config is valid. The channel's admin form
+        (NotificationChannelForm) shows these."""
         if not isinstance(config, dict):
             return {"config": "must be a JSON object"}
         # An unknown key is usually a misspelt one ("tokn"), which would otherwise be ignored without a word.

@@ -15,7 +15,7 @@ from portal.logs import announce
 from queues import broker
 from queues.errors import BrokerUnavailable
 
-logger = logging.getLogger("monitoring.metrics.sampler")
+logger = logging.getLogger("monitoring.sampler")
 
 
 class Command(BaseCommand):
@@ -92,7 +92,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def _watch() -> None:
-        """The monitoring-stale rule, judged here while the alert evaluator is silent (monitoring.metrics.monitors)."""
+        """The monitoring-stale rule, judged here while the alert evaluator is silent (monitoring.alerts.watch)."""
         try:
             report = evaluator_watch()
             if report:

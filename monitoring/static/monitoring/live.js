@@ -1,4 +1,4 @@
-/* The admin pages' live connection: one WebSocket to /ws/metrics/ per page (monitoring/consumers.py).
+/* The admin pages' live connection: one WebSocket to /ws/metrics/ per page (monitoring/live/consumers.py).
  *
  * - Messages are {"type": "sample", "data": {...}} once a second and {"type": "events", "data": [...]} when fleet
  *   events or alert changes happen; pages subscribe with PortalLive.on("sample" | "events" | "state", fn).

@@ -8,7 +8,7 @@ from queues import broker
 from queues.fleet.supervisor import Supervisor
 from queues.models import WorkerPool
 
-logger = logging.getLogger("queues.fleet.supervisor")
+logger = logging.getLogger("queues.supervisor")
 
 
 class Command(BaseCommand):
