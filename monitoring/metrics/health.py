@@ -12,6 +12,7 @@ from monitoring.metrics.monitors import monitor_components
 from monitoring.metrics.snapshot import Snapshot
 from queues import broker
 from queues.dispatch import PollersState, get_policy
+from queues.models import TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +87,62 @@ def health_report(snapshot: Snapshot) -> dict:
             "fallback_active": snapshot.publishing_fallback, "dispatch": state.as_dict()}
 
 
-def metrics_report(snapshot: Snapshot) -> dict:
-    info = snapshot.redis_info
+def health_answer(report: dict, *, at) -> dict:
+    """``/api/rq/health``: the old system's keys where its documents (seed 000, ``get_rq_health``) put them, with
+    their types (``overall_status``; ``components`` as name -> status strings; ``issues`` as strings;
+    ``worker_count``; ``timestamp``), and the portal's own beside them: ``status``, ``component_details`` (each
+    component's status with the reason and, for the monitors, the age of the last pass), ``fallback_active``,
+    ``dispatch`` and ``checked_at``."""
+    components = report["components"]
+    when = at.isoformat()
     return {
+        "timestamp": when,
+        "overall_status": report["status"],
+        "components": {name: component["status"] for name, component in components.items()},
+        "issues": [f"{name}: {component['reason']}" for name, component in components.items()
+                   if component["status"] != "healthy"],
+        "worker_count": report["worker_count"],
+        "status": report["status"],
+        "component_details": components,
+        "fallback_active": report["fallback_active"],
+        "dispatch": report["dispatch"],
+        "checked_at": when,
+    }
+
+
+def metrics_report(snapshot: Snapshot, *, stats: dict | None = None, at=None) -> dict:
+    """``/api/rq/metrics``: the old system's keys where its documents (seed 000, ``get_rq_metrics``) put them, with
+    their types (``queues.by_priority``/``total_queued``/``failed_jobs``, ``workers.active_count``/``worker_ids``,
+    ``tasks`` by status, ``redis.connected_clients``/``used_memory_human``/``keyspace_hits``/``keyspace_misses``,
+    ``system.fallback_active``/``health_status``, ``timestamp``), and the portal's own beside them:
+    ``redis_reachable``, ``queue_details`` (length and dead letters per queue), ``totals``, ``counters``, the
+    workers' busy ratio and registrations, the Redis memory and client limits, ``fallback_active``. ``stats`` is
+    Redis' INFO stats section (the keyspace hits and misses), read by the view only: a scrape does not need it.
+    ``failed_jobs`` counts the jobs in the queues' failed-job registries (rq 2 keeps no failed list)."""
+    info, stats = snapshot.redis_info, stats or {}
+    alive = snapshot.alive_workers
+    return {
+        "timestamp": (at or timezone.now()).isoformat(),
+        "queues": {"by_priority": {name: snapshot.queue_lengths.get(name) for name in broker.QUEUE_NAMES},
+                   "total_queued": sum(snapshot.queue_lengths.values()),
+                   "failed_jobs": sum(snapshot.dead_letters.values())},
+        "workers": {"active_count": len(alive), "worker_ids": sorted(worker["name"] for worker in alive),
+                    "active": len(alive), "busy_ratio": round(snapshot.busy_ratio, 3),
+                    "registered": len(snapshot.workers)},
+        "tasks": {status.lower(): snapshot.tasks_by_status.get(status, 0) for status in TaskStatus.values},
+        "redis": {"connected_clients": info.get("connected_clients", 0),
+                  "used_memory_human": info.get("used_memory_human", "0B"),
+                  "keyspace_hits": stats.get("keyspace_hits", 0), "keyspace_misses": stats.get("keyspace_misses", 0),
+                  "used_memory": info.get("used_memory"), "maxmemory": info.get("maxmemory"),
+                  "maxclients": snapshot.maxclients},
+        "system": {"fallback_active": snapshot.publishing_fallback,
+                   "health_status": health_report(snapshot)["status"]},
         "redis_reachable": snapshot.redis_ok,
-        "queues": {name: {"length": snapshot.queue_lengths.get(name), "dead_letters": snapshot.dead_letters.get(name)}
-                   for name in broker.QUEUE_NAMES},
+        "queue_details": {name: {"length": snapshot.queue_lengths.get(name),
+                                 "dead_letters": snapshot.dead_letters.get(name)} for name in broker.QUEUE_NAMES},
         "totals": {"queued_jobs": sum(snapshot.queue_lengths.values()),
                    "dead_letters": sum(snapshot.dead_letters.values())},
-        "workers": {"active": len(snapshot.alive_workers), "busy_ratio": round(snapshot.busy_ratio, 3),
-                    "registered": len(snapshot.workers)},
-        "tasks": {status.lower(): count for status, count in snapshot.tasks_by_status.items()},
         "counters": {key.replace(":", "_"): value for key, value in snapshot.counters.items()},
-        "redis": {"used_memory": info.get("used_memory"), "maxmemory": info.get("maxmemory"),
-                  "connected_clients": info.get("connected_clients"), "maxclients": snapshot.maxclients},
         "fallback_active": snapshot.publishing_fallback,
     }
 

@@ -11,9 +11,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from monitoring.metrics.access import get_only, metrics_access
 from monitoring.metrics.collectors import QueueSystemCollector
-from monitoring.metrics.health import health_report, metrics_report, readiness_reasons
+from monitoring.metrics.health import health_answer, health_report, metrics_report, readiness_reasons
 from monitoring.metrics.sampler import performance
 from monitoring.metrics.snapshot import take_snapshot
+from queues import broker
+from queues.errors import BrokerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +54,10 @@ HEALTH_CACHE_KEY = "monitoring:health-report"
 
 
 def cached_health_report() -> dict:
+    """The health API's answer (health_answer), computed at most once per HEALTH_CACHE_SECONDS in this process."""
     report = cache.get(HEALTH_CACHE_KEY)
     if report is None:
-        report = health_report(take_snapshot())
-        report["checked_at"] = timezone.now().isoformat()
+        report = health_answer(health_report(take_snapshot()), at=timezone.now())
         if HEALTH_CACHE_SECONDS > 0:
             cache.set(HEALTH_CACHE_KEY, report, timeout=HEALTH_CACHE_SECONDS)
     return report
@@ -72,7 +74,7 @@ def api_health(request):
 @metrics_access
 def api_metrics(request):
     snapshot = take_snapshot(task_counts=True)
-    report = metrics_report(snapshot)
+    report = metrics_report(snapshot, stats=_redis_stats() if snapshot.redis_ok else None)
     if snapshot.outages:
         return JsonResponse({"error": "; ".join(snapshot.outages.values()), **report}, status=503)
     return JsonResponse(report)
@@ -85,6 +87,15 @@ def api_performance(request):
         return JsonResponse(performance(window=request.GET.get("window", "1h")))
     except ValueError as error:
         return JsonResponse({"error": str(error), "field": "window"}, status=400)
+
+
+def _redis_stats() -> dict:
+    """Redis' INFO stats section (keyspace hits and misses for /api/rq/metrics); empty if Redis stopped answering
+    since the snapshot."""
+    try:
+        return broker.get_connection().info("stats")
+    except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
+        return {}
 
 
 def unavailable(error: str, retry_after: int = 10) -> JsonResponse:

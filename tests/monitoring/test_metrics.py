@@ -190,9 +190,10 @@ def test_health_api_reports_each_component(staff_client, redis):
     response = staff_client.get(reverse("api-health"))
     report = response.json()
     assert response.status_code == 503 and report["status"] == "unhealthy"
-    assert report["components"]["redis"] == {"status": "healthy", "reason": "answers"}
-    assert report["components"]["database"]["status"] == "healthy"
-    assert report["components"]["workers"] == {"status": "unhealthy", "reason": "no worker is alive"}
+    assert report["component_details"]["redis"] == {"status": "healthy", "reason": "answers"}
+    assert report["components"]["database"] == "healthy"
+    assert report["component_details"]["workers"] == {"status": "unhealthy", "reason": "no worker is alive"}
+    assert report["components"]["workers"] == "unhealthy" and "workers: no worker is alive" in report["issues"]
     workers = [CaptionWorker(broker.get_queues(), connection=redis, name=f"health-{index}") for index in range(2)]
     for worker in workers:
         worker.register_birth()
@@ -216,8 +217,8 @@ def test_apis_with_redis_stopped(staff_client, redis_server_factory, media_image
         tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(3)])
     health = staff_client.get(reverse("api-health"))
     assert health.status_code == 503
-    assert health.json()["components"]["redis"]["status"] == "unhealthy"
-    assert "Redis is unreachable" in health.json()["components"]["redis"]["reason"]
+    assert health.json()["components"]["redis"] == "unhealthy"
+    assert "Redis is unreachable" in health.json()["component_details"]["redis"]["reason"]
     assert health.json()["fallback_active"] is True
     ready = staff_client.get(reverse("readyz"))
     assert ready.status_code == 503 and ready.json() == {"status": "unavailable", "reasons": ["redis_unreachable"]}
@@ -240,8 +241,9 @@ def test_metrics_api_shape(staff_client, redis, media_image, django_capture_on_c
     with django_capture_on_commit_callbacks(execute=True):
         tasks_submit_many(specs=[TaskSpec(media_image(), priority="urgent") for _ in range(4)])
     body = staff_client.get(reverse("api-metrics")).json()
-    assert body["queues"]["urgent"] == {"length": 4, "dead_letters": 0}
-    assert body["totals"]["queued_jobs"] == 4 and body["tasks"] == {"queued": 4}
+    assert body["queue_details"]["urgent"] == {"length": 4, "dead_letters": 0}
+    assert body["totals"]["queued_jobs"] == 4 and body["tasks"]["queued"] == 4
+    assert {count for status, count in body["tasks"].items() if status != "queued"} == {0}
     assert body["workers"]["active"] == 0 and body["redis"]["used_memory"] > 0
 
 

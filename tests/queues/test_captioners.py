@@ -138,8 +138,8 @@ def test_missing_ollama_model_holds_the_backlog_instead_of_dead_lettering_it(red
     assert "no model 'llava'" in problem["message"] and "OLLAMA_MODEL" in problem["message"]
     client.force_login(admin_user)
     health = client.get("/api/rq/health").json()
-    assert health["components"]["captioner"]["status"] == "unhealthy"
-    assert "no model 'llava'" in health["components"]["captioner"]["reason"]
+    assert health["components"]["captioner"] == "unhealthy"
+    assert "no model 'llava'" in health["component_details"]["captioner"]["reason"]
     assert "Captioning is held" in client.get("/admin/").content.decode()  # the banner on every admin page
 
     http_server.route("/api/generate", respond(200, b'{"response": "A cat."}', "application/json"))  # pulled

@@ -1,0 +1,116 @@
+"""The old system's JSON shapes (../shared/seeds/000-rq-monitoring-integration.md): every key path the document's
+endpoint answers with is in the portal's live answer, with the same type. The examples below are the documents'
+dicts written out (the seed builds them in Flask views); where the seeds are beside the checkout, a test also
+checks that every key named here is in the document, so the transcription cannot drift."""
+
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.cache import cache
+from django.urls import reverse
+
+from monitoring.metrics.views import HEALTH_CACHE_KEY
+
+SEED_000 = Path(settings.BASE_DIR).parent / "shared" / "seeds" / "000-rq-monitoring-integration.md"
+
+# get_rq_health(): health_status, with one issue and a worker count (both appear in the document's code).
+HEALTH_EXAMPLE = {
+    "timestamp": "2026-12-01T10:00:00",
+    "overall_status": "warning",
+    "components": {"redis": "healthy", "database": "healthy", "workers": "warning"},
+    "issues": ["No active workers found"],
+    "worker_count": 0,
+}
+
+# get_rq_metrics(): metrics, for a fleet with one worker and tasks of each status the document counts.
+METRICS_EXAMPLE = {
+    "timestamp": "2026-12-01T10:00:00",
+    "queues": {"by_priority": {"urgent": 4, "high": 0, "normal": 0, "low": 0}, "total_queued": 4, "failed_jobs": 0},
+    "workers": {"active_count": 1, "worker_ids": ["rq:workers:normal"]},
+    "tasks": {"queued": 4, "processing": 0, "completed": 0, "failed": 0},
+    "redis": {"connected_clients": 3, "used_memory_human": "1.02M", "keyspace_hits": 10, "keyspace_misses": 2},
+    "system": {"fallback_active": False, "health_status": "healthy"},
+}
+
+
+def key_paths(value, prefix: str = "") -> dict[str, type]:
+    """Each key path of a JSON value with the type found there: ``components.redis`` -> str, ``issues[]`` -> str."""
+    found = {}
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            found[path] = dict if isinstance(inner, dict) else type(inner)
+            found.update(key_paths(inner, path))
+    elif isinstance(value, list) and value:
+        found[f"{prefix}[]"] = type(value[0])
+        found.update(key_paths(value[0], f"{prefix}[]"))
+    return found
+
+
+def missing_or_mistyped(example: dict, answer: dict) -> list[str]:
+    answered = key_paths(answer)
+    wrong = []
+    for path, kind in key_paths(example).items():
+        if path not in answered:
+            wrong.append(f"{path}: missing")
+        elif answered[path] is not kind:
+            wrong.append(f"{path}: {answered[path].__name__}, the document has {kind.__name__}")
+    return wrong
+
+
+def test_key_paths_catch_a_missing_key_and_a_changed_type():
+    example = {"components": {"redis": "healthy"}, "issues": ["x"], "worker_count": 1}
+    assert missing_or_mistyped(example, {"components": {"redis": "healthy"}, "issues": ["y"], "worker_count": 3}) == []
+    assert missing_or_mistyped(example, {"components": {"redis": {"status": "healthy"}}, "issues": ["y"],
+                                         "worker_count": 3}) == ["components.redis: dict, the document has str"]
+    assert missing_or_mistyped(example, {"components": {}, "issues": [], "worker_count": 3}) == [
+        "components.redis: missing", "issues[]: missing"]
+
+
+@pytest.mark.django_db
+def test_health_answers_every_key_of_the_documents_health_check(staff_client, redis):
+    """Redis and the database answer and no worker runs: the document's example is the same case (workers
+    'warning' there, 'unhealthy' here: the README says why)."""
+    cache.delete(HEALTH_CACHE_KEY)
+    answer = staff_client.get(reverse("api-health")).json()
+    assert missing_or_mistyped(HEALTH_EXAMPLE, answer) == []
+    assert answer["overall_status"] == answer["status"] == "unhealthy"
+    assert set(answer["components"]) >= {"redis", "database", "workers"}
+    assert answer["components"]["workers"] == answer["component_details"]["workers"]["status"] == "unhealthy"
+    assert answer["issues"] == [f"{name}: {detail['reason']}" for name, detail in answer["component_details"].items()
+                                if detail["status"] != "healthy"]
+
+
+@pytest.mark.django_db
+def test_metrics_answer_every_key_of_the_documents_metrics(staff_client, redis, media_image,
+                                                           django_capture_on_commit_callbacks):
+    from queues import broker
+    from queues.fleet.worker import CaptionWorker
+    from queues.services import TaskSpec, tasks_submit_many
+
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks_submit_many(specs=[TaskSpec(media_image(), priority="urgent") for _ in range(4)])
+    worker = CaptionWorker(broker.get_queues(), connection=redis, name="contract-1")
+    worker.register_birth()
+    try:
+        answer = staff_client.get(reverse("api-metrics")).json()
+    finally:
+        worker.register_death()
+    assert missing_or_mistyped(METRICS_EXAMPLE, answer) == []
+    assert answer["queues"]["by_priority"]["urgent"] == answer["queues"]["total_queued"] == 4
+    assert answer["tasks"]["queued"] == 4 and answer["tasks"]["failed"] == 0
+    assert answer["workers"]["active_count"] == 1 and answer["workers"]["worker_ids"] == ["contract-1"]
+    assert answer["redis"]["keyspace_hits"] + answer["redis"]["keyspace_misses"] > 0
+    assert answer["system"]["health_status"] in ("healthy", "warning", "unhealthy")
+
+
+@pytest.mark.skipif(not SEED_000.exists(), reason="the seed documents are not beside this checkout")
+def test_the_examples_name_only_keys_the_document_names():
+    text = SEED_000.read_text()
+    for path in [*key_paths(HEALTH_EXAMPLE), *key_paths(METRICS_EXAMPLE)]:
+        key = path.replace("[]", "").rsplit(".", 1)[-1]
+        if key in ("urgent", "high", "normal", "low", "queued", "processing", "completed", "failed"):
+            assert key in text.lower(), f"{key!r} is not in {SEED_000.name}"  # a queue or a status, not a literal key
+        else:
+            assert f"'{key}'" in text, f"{key!r} is not in {SEED_000.name}"
