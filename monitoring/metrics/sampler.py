@@ -184,6 +184,7 @@ def _weighted(pairs):
     return sum(value * weight for value, weight in pairs) / total if total else None
 
 
+PERIODS = {"15m": "15 minutes", "1h": "1 hour", "6h": "6 hours", "24h": "24 hours", "7d": "7 days"}
 WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "6h": timedelta(hours=6),
            "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 
@@ -215,22 +216,36 @@ def performance(*, window: str, now: datetime | None = None) -> dict:
         span = sum(row.minutes for row in selected)
         return sum(row.completed for row in selected) / span if span else None
 
+    def error_percent(selected):
+        ended = sum(row.completed + row.failed for row in selected)
+        return 100 * sum(row.failed for row in selected) / ended if ended else None
+
     first, second = [row for row in rows if row.at < half], [row for row in rows if row.at >= half]
     p95s = [row.processing_p95 for row in rows if row.processing_p95 is not None]
+    average = sum(row.processing_sum for row in rows) / timed if timed else None
+    throughput = completed / minutes if minutes else None
+    wait_p50 = _weighted([(row.wait_p50, row.completed) for row in rows])
+    processing_trend = _trend(_mean([row.processing_p95 for row in first]),
+                              _mean([row.processing_p95 for row in second]))
+    throughput_trend = _trend(per_minute(first), per_minute(second))
     return {
+        # The old system's keys (seed 000, get_performance_metrics): error_rate in percent there; queue_wait_time is
+        # the median wait (the samples keep percentiles, not a mean). None where the window has no samples.
+        "timestamp": now.isoformat(), "period": PERIODS[window],
+        "metrics": {"avg_processing_time": average, "throughput": throughput, "error_rate": error_percent(rows),
+                    "queue_wait_time": wait_p50},
         "window": window, "samples": len(rows), "from": start.isoformat(), "to": now.isoformat(),
         "totals": {"completed": completed, "failed": failed, "retried": sum(row.retried for row in rows),
                    "minutes": minutes},
-        "processing_seconds": {"average": sum(row.processing_sum for row in rows) / timed if timed else None,
-                               "p95": max(p95s) if p95s else None},
-        "throughput_per_minute": completed / minutes if minutes else None,
+        "processing_seconds": {"average": average, "p95": max(p95s) if p95s else None},
+        "throughput_per_minute": throughput,
         "error_rate": failed / (completed + failed) if completed + failed else None,
-        "queue_wait_seconds": {"p50": _weighted([(row.wait_p50, row.completed) for row in rows]),
+        "queue_wait_seconds": {"p50": wait_p50,
                                "p95": max((row.wait_p95 for row in rows if row.wait_p95 is not None), default=None)},
         "trends": {
-            "throughput": _trend(per_minute(first), per_minute(second)),
-            "processing_p95": _trend(_mean([row.processing_p95 for row in first]),
-                                     _mean([row.processing_p95 for row in second])),
+            "processing_time_trend": processing_trend, "throughput_trend": throughput_trend,
+            "error_rate_trend": _trend(error_percent(first), error_percent(second)),
+            "throughput": throughput_trend, "processing_p95": processing_trend,
             "queue_depth": _trend(_mean([row.depth for row in first]), _mean([row.depth for row in second])),
         },
     }

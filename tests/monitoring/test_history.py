@@ -81,7 +81,12 @@ def test_performance_comes_from_recorded_samples(client, admin_user):
     assert report["error_rate"] == pytest.approx(60 / 1260)
     assert report["processing_seconds"] == {"average": pytest.approx(0.5), "p95": 2.0}
     assert report["trends"] == {"throughput": "increasing", "processing_p95": "increasing",
-                                "queue_depth": "increasing"}
+                                "queue_depth": "increasing", "throughput_trend": "increasing",
+                                "processing_time_trend": "increasing", "error_rate_trend": "increasing"}
+    # The old system's names and units: error rate in percent, the period in words.
+    assert report["period"] == "1 hour" and report["metrics"] == {
+        "avg_processing_time": pytest.approx(0.5), "throughput": pytest.approx(20.0),
+        "error_rate": pytest.approx(100 * 60 / 1260), "queue_wait_time": report["queue_wait_seconds"]["p50"]}
     client.force_login(admin_user)
     body = client.get(reverse("api-performance"), {"window": "1h"}).json()
     assert body["samples"] in (59, 60)  # the live window starts at a second within the first minute

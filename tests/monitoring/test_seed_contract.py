@@ -33,6 +33,20 @@ METRICS_EXAMPLE = {
     "system": {"fallback_active": False, "health_status": "healthy"},
 }
 
+# get_performance_metrics(): performance_data (the document's figures were constants; ours come from samples).
+PERFORMANCE_EXAMPLE = {
+    "timestamp": "2026-12-01T10:00:00",
+    "period": "1 hour",
+    "metrics": {"avg_processing_time": 45.2, "throughput": 12.5, "error_rate": 2.1, "queue_wait_time": 8.3},
+    "trends": {"processing_time_trend": "stable", "throughput_trend": "increasing", "error_rate_trend": "decreasing"},
+}
+
+
+@pytest.fixture
+def staff_client(client, admin_user):
+    client.force_login(admin_user)
+    return client
+
 
 def key_paths(value, prefix: str = "") -> dict[str, type]:
     """Each key path of a JSON value with the type found there: ``components.redis`` -> str, ``issues[]`` -> str."""
@@ -105,10 +119,26 @@ def test_metrics_answer_every_key_of_the_documents_metrics(staff_client, redis, 
     assert answer["system"]["health_status"] in ("healthy", "warning", "unhealthy")
 
 
+@pytest.mark.django_db
+def test_performance_answers_every_key_of_the_documents_performance(staff_client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tests.monitoring.test_history import fleet_rows
+
+    fleet_rows(timezone.now().replace(second=0, microsecond=0) - timedelta(minutes=60), [(10, 1, 1.0, 5)] * 60)
+    answer = staff_client.get(reverse("api-performance"), {"window": "1h"}).json()
+    assert missing_or_mistyped(PERFORMANCE_EXAMPLE, answer) == []
+    assert answer["period"] == "1 hour"
+    assert answer["metrics"]["error_rate"] == pytest.approx(100 / 11)  # percent, as the document has it
+    assert answer["error_rate"] == pytest.approx(1 / 11)  # the portal's own: a fraction
+
+
 @pytest.mark.skipif(not SEED_000.exists(), reason="the seed documents are not beside this checkout")
 def test_the_examples_name_only_keys_the_document_names():
     text = SEED_000.read_text()
-    for path in [*key_paths(HEALTH_EXAMPLE), *key_paths(METRICS_EXAMPLE)]:
+    for path in [*key_paths(HEALTH_EXAMPLE), *key_paths(METRICS_EXAMPLE), *key_paths(PERFORMANCE_EXAMPLE)]:
         key = path.replace("[]", "").rsplit(".", 1)[-1]
         if key in ("urgent", "high", "normal", "low", "queued", "processing", "completed", "failed"):
             assert key in text.lower(), f"{key!r} is not in {SEED_000.name}"  # a queue or a status, not a literal key
