@@ -11,10 +11,33 @@ from monitoring.models import Alert, Severity
 
 LEVELS = {Severity.CRITICAL: "critical", Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "info"}
 
+# The old endpoint's metric names for the conditions it checked (seed 000, get_rq_alerts), by the signal that
+# watches each here. Its figures were counts: the stuck tasks' is the number of tasks PROCESSING for longer than the
+# rule's threshold (the signal itself is the oldest one's age, kept in ``signal_value``).
+DOCUMENTED_METRICS = {"backlog_total": "queue_backlog", "dead_letters": "failed_jobs",
+                      "oldest_processing_seconds": "stuck_tasks", "workers_alive": "active_workers"}
+
+
+def _documented(signal: str | None, value, threshold, now) -> tuple[str | None, object, object]:
+    """(metric, value, threshold) as the old endpoint gave them, for a signal it had; (None, ...) for the others."""
+    metric = DOCUMENTED_METRICS.get(signal)
+    if metric is None:
+        return None, value, threshold
+    if metric == "stuck_tasks":
+        from datetime import timedelta
+
+        from queues.models import CaptionTask, TaskStatus
+
+        stuck = CaptionTask.objects.filter(status=TaskStatus.PROCESSING,
+                                           started_at__lt=now - timedelta(seconds=threshold or 0)).count()
+        return metric, stuck, 0
+    return metric, None if value is None else round(value), None if threshold is None else round(threshold)
+
 
 def alerts_current() -> dict:
     """The open alerts (pending and firing), newest first, in the old endpoint's shape plus ours: the 500 newest
-    (``shown``); ``alert_count`` counts them all."""
+    (``shown``); ``alert_count`` counts them all. ``metric``, ``value`` and ``threshold`` are the old endpoint's for
+    the conditions it had (DOCUMENTED_METRICS); the portal's own ``signal`` figures are beside them."""
     from django.conf import settings
     from django.urls import reverse
 
@@ -25,12 +48,16 @@ def alerts_current() -> dict:
     by_pk = Alert.objects.select_related("rule", "acknowledged_by").in_bulk([pk for _, pk in keys])
     rows = [by_pk[pk] for _, pk in keys if pk in by_pk]
     alerts = []
+    now = timezone.now()
     for alert in rows:
         rule = alert.rule
+        signal = rule.signal if rule else None
+        metric, value, threshold = _documented(signal, alert.value, alert.threshold, now)
         alerts.append({
             "id": alert.pk, "level": LEVELS.get(alert.severity, alert.severity), "message": alert.summary,
-            "metric": rule.signal if rule else alert.labels.get("alertname", alert.name),
-            "value": alert.value, "threshold": alert.threshold,
+            "metric": metric or signal or alert.labels.get("alertname", alert.name),
+            "value": value, "threshold": threshold,
+            "signal": signal, "signal_value": alert.value, "signal_threshold": alert.threshold,
             "timestamp": (alert.fired_at or alert.started_at).isoformat(),
             "state": alert.state, "since": alert.started_at.isoformat(), "rule": alert.name,
             "source": alert.source, "component": alert.component, "labels": alert.labels,

@@ -41,6 +41,14 @@ PERFORMANCE_EXAMPLE = {
     "trends": {"processing_time_trend": "stable", "throughput_trend": "increasing", "error_rate_trend": "decreasing"},
 }
 
+# get_rq_alerts(): one alert of the four the document checks, as it answers them.
+ALERTS_EXAMPLE = {
+    "alerts": [{"level": "warning", "message": "High queue backlog: 150 tasks", "timestamp": "2026-12-01T10:00:00",
+                "metric": "queue_backlog", "value": 150, "threshold": 100}],
+    "alert_count": 1,
+    "timestamp": "2026-12-01T10:00:00",
+}
+
 
 @pytest.fixture
 def staff_client(client, admin_user):
@@ -135,10 +143,47 @@ def test_performance_answers_every_key_of_the_documents_performance(staff_client
     assert answer["error_rate"] == pytest.approx(1 / 11)  # the portal's own: a fraction
 
 
+@pytest.mark.django_db
+@pytest.mark.usefixtures("seeded_alert_rules")
+def test_alerts_answer_the_documents_metrics_with_its_values(staff_client, redis, media_image,
+                                                             django_capture_on_commit_callbacks):
+    """The four conditions the old endpoint checked, each firing: its metric names, and its figures (counts; the
+    stuck tasks as a number of tasks, not the oldest one's age)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from monitoring.alerts.evaluate import alerts_evaluate
+    from monitoring.alerts.rules import Readings
+    from monitoring.metrics.snapshot import Snapshot
+    from monitoring.models import AlertRule
+    from queues.models import CaptionTask, TaskStatus
+    from queues.services import TaskSpec, tasks_submit_many
+
+    names = ("no-active-workers", "backlog-high", "dead-letters-high", "processing-stuck")
+    AlertRule.objects.exclude(name__in=names).update(enabled=False)
+    AlertRule.objects.update(for_seconds=0)
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks_submit_many(specs=[TaskSpec(media_image()) for _ in range(3)])
+    now = timezone.now()
+    CaptionTask.objects.update(status=TaskStatus.PROCESSING, started_at=now - timedelta(hours=3))
+    state = Snapshot(redis_ok=True, database_ok=True, queue_lengths={"urgent": 0, "high": 0, "normal": 150, "low": 0},
+                     dead_letters={"urgent": 0, "high": 0, "normal": 12, "low": 0}, workers=[],
+                     oldest_processing_started=now - timedelta(hours=3))
+    alerts_evaluate(now=now, readings=Readings(now=now, snapshot=state))
+    answer = staff_client.get(reverse("api-alerts")).json()
+    assert missing_or_mistyped(ALERTS_EXAMPLE, answer) == []
+    by_metric = {alert["metric"]: (alert["value"], alert["threshold"]) for alert in answer["alerts"]}
+    assert by_metric == {"active_workers": (0, 1), "queue_backlog": (150, 100), "failed_jobs": (12, 10),
+                         "stuck_tasks": (3, 0)}
+    assert answer["alert_count"] == 4
+
+
 @pytest.mark.skipif(not SEED_000.exists(), reason="the seed documents are not beside this checkout")
 def test_the_examples_name_only_keys_the_document_names():
     text = SEED_000.read_text()
-    for path in [*key_paths(HEALTH_EXAMPLE), *key_paths(METRICS_EXAMPLE), *key_paths(PERFORMANCE_EXAMPLE)]:
+    for path in [*key_paths(HEALTH_EXAMPLE), *key_paths(METRICS_EXAMPLE), *key_paths(PERFORMANCE_EXAMPLE),
+                 *key_paths(ALERTS_EXAMPLE)]:
         key = path.replace("[]", "").rsplit(".", 1)[-1]
         if key in ("urgent", "high", "normal", "low", "queued", "processing", "completed", "failed"):
             assert key in text.lower(), f"{key!r} is not in {SEED_000.name}"  # a queue or a status, not a literal key
