@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from monitoring.metrics import views as metrics_views
 from queues import api as queues_api
 
 # django-rq's own pages (its dashboard, queue and job views) are not mounted, and its admin link is off
@@ -10,6 +11,11 @@ from queues import api as queues_api
 # of that through role-checked, audited services. tests/portal/test_django_rq_urls.py requests every django-rq URL.
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    # The old system's paths its runbooks call (seeds 000 and 001), served by the portal's own views with the same
+    # access as /api/rq/*; before the admin, whose catch-all would take them.
+    path("health", metrics_views.api_health, name="health"),
+    path("admin/rq/health", metrics_views.admin_rq_health, name="admin-rq-health"),
+    path("admin/rq/stats", metrics_views.api_metrics, name="admin-rq-stats"),
     path("admin/", admin.site.urls),
     path("api/rq/workers/scale", queues_api.workers_scale, name="api-workers-scale"),
     path("api/rq/workers/restart", queues_api.workers_restart, name="api-workers-restart"),

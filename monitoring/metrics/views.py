@@ -72,6 +72,18 @@ def api_health(request):
 
 @get_only
 @metrics_access
+def admin_rq_health(request):
+    """``GET /admin/rq/health``, the old system's second health path (seed 000's exporter reads ``status`` and
+    ``fallback_active`` from it, seed 001's hybrid check ``workers``): the health API's answer, with the workers as
+    /api/rq/metrics gives them (``active_count``, ``worker_ids``, ...)."""
+    snapshot = take_snapshot()
+    answer = health_answer(health_report(snapshot), at=timezone.now())
+    answer["workers"] = metrics_report(snapshot)["workers"]
+    return JsonResponse(answer, status=503 if answer["status"] == "unhealthy" else 200)
+
+
+@get_only
+@metrics_access
 def api_metrics(request):
     snapshot = take_snapshot(task_counts=True)
     report = metrics_report(snapshot, stats=_redis_stats() if snapshot.redis_ok else None)

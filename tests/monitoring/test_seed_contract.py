@@ -189,3 +189,37 @@ def test_the_examples_name_only_keys_the_document_names():
             assert key in text.lower(), f"{key!r} is not in {SEED_000.name}"  # a queue or a status, not a literal key
         else:
             assert f"'{key}'" in text, f"{key!r} is not in {SEED_000.name}"
+
+
+@pytest.mark.django_db
+def test_the_old_health_and_stats_paths_answer_what_the_runbooks_read(staff_client, redis):
+    """Seed 001 reads `/health | jq .status`, `/admin/rq/health | jq .workers` and `/admin/rq/stats | jq .queues`;
+    seed 000's exporter reads `status` and `fallback_active` from /admin/rq/health. The portal's own views answer
+    them (django-rq's pages stay unserved)."""
+    from queues import broker
+    from queues.fleet.worker import CaptionWorker
+
+    worker = CaptionWorker(broker.get_queues(), connection=redis, name="runbook-1")
+    worker.register_birth()
+    try:
+        cache.delete(HEALTH_CACHE_KEY)
+        health = staff_client.get("/health")
+        assert health.json()["status"] == health.json()["overall_status"]
+        assert missing_or_mistyped(HEALTH_EXAMPLE, health.json()) == []
+        admin_health = staff_client.get("/admin/rq/health").json()
+        assert admin_health["workers"]["worker_ids"] == ["runbook-1"] and admin_health["workers"]["active_count"] == 1
+        assert isinstance(admin_health["fallback_active"], bool) and admin_health["status"] == health.json()["status"]
+        stats = staff_client.get("/admin/rq/stats")
+        assert stats.status_code == 200 and missing_or_mistyped(METRICS_EXAMPLE["queues"], stats.json()["queues"]) == []
+    finally:
+        worker.register_death()
+
+
+@pytest.mark.django_db
+def test_the_old_paths_need_the_same_access_as_the_apis(client, outsider_user):
+    for path in ("/health", "/admin/rq/health", "/admin/rq/stats"):
+        anonymous = client.get(path)
+        assert anonymous.status_code == 401 and "error" in anonymous.json(), path
+    client.force_login(outsider_user)
+    for path in ("/health", "/admin/rq/health", "/admin/rq/stats"):
+        assert client.get(path).status_code == 403, path
