@@ -198,18 +198,23 @@ def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: 
     return row
 
 
-DURATION = re.compile(r"^(\d+)\s*([smhd])$")
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION = re.compile(r"^(\d+)\s*([a-z]+)$")
+# 90s, 30m, 2h, 1d as the admin writes them; "2 hours", "30 minutes" as the old system's runbooks do.
+DURATION_UNITS = {**dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+                  **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+                  **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+                  **dict.fromkeys(("d", "day", "days"), 86400)}
 
 
 PAUSE_LONGEST = timedelta(days=365)
 
 
 def duration_parse(text: str) -> timedelta:
-    """A pause's length as operators write it: 90s, 30m, 2h or 1d, at most a year. ValueError for anything else."""
+    """A pause's length as operators write it: 90s, 30m, 2h or 1d (or "2 hours", "30 minutes"), at most a year.
+    ValueError for anything else."""
     match = DURATION.match(text.strip().lower())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"{text!r} is not a positive duration such as 90s, 30m, 2h or 1d")
+    if not match or int(match.group(1)) == 0 or match.group(2) not in DURATION_UNITS:
+        raise ValueError(f"{text!r} is not a positive duration such as 90s, 30m, 2h, 1d or \"2 hours\"")
     seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
     if seconds > PAUSE_LONGEST.total_seconds():
         raise ValueError(f"{text!r} is longer than a year (365d); pause without a length to hold until resumed")

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from migration import api as migration_api
 from monitoring.metrics import views as metrics_views
 from queues import api as queues_api
 
@@ -16,6 +17,12 @@ urlpatterns = [
     path("health", metrics_views.api_health, name="health"),
     path("admin/rq/health", metrics_views.admin_rq_health, name="admin-rq-health"),
     path("admin/rq/stats", metrics_views.api_metrics, name="admin-rq-stats"),
+    path("admin/rq/scale-workers", queues_api.workers_scale_for_queue, name="admin-rq-scale-workers"),
+    path("admin/rq/restart-workers", queues_api.workers_restart_for_queue, name="admin-rq-restart-workers"),
+    path("admin/maintenance/pause-task-submission", migration_api.pause_task_submission,
+         name="maintenance-pause-submission"),
+    path("admin/maintenance/resume-task-submission", migration_api.resume_task_submission,
+         name="maintenance-resume-submission"),
     path("admin/", admin.site.urls),
     path("api/rq/workers/scale", queues_api.workers_scale, name="api-workers-scale"),
     path("api/rq/workers/restart", queues_api.workers_restart, name="api-workers-restart"),
