@@ -96,3 +96,16 @@ def test_pause_names_what_is_wrong_and_pauses_nothing(client, token, mode, body,
     response = post(client, "/admin/maintenance/pause-task-submission", body, token)
     assert response.status_code == 400 and words in response.json()["error"], response.json()
     assert not state.system_mode().paused_now()
+
+
+def test_while_a_migration_run_holds_the_pause_both_are_refused_with_409(client, token, mode):
+    from migration.models import MigrationRun
+    from migration.runs import run_create
+
+    run = run_create(user=None)
+    MigrationRun.objects.filter(pk=run.pk).update(state=MigrationRun.State.STOPPED)
+    for path, body in (("/admin/maintenance/pause-task-submission", {"reason": "disk"}),
+                       ("/admin/maintenance/resume-task-submission", None)):
+        response = post(client, path, body, token)
+        assert response.status_code == 409 and str(run) in response.json()["error"], response.json()
+    assert not state.system_mode().paused_now()
