@@ -13,8 +13,14 @@ from queues.api import token_api
 PAUSE_SUBMISSION = "migration.pause_submission"
 
 
-def _refused_during_run(error: ValidationError):
-    return JsonResponse({"error": " ".join(error.messages)}, status=409) if dispatch.run_in_charge() else None
+def _unless_a_run_holds_the_pause(service, **arguments):
+    """``service(**arguments)``, or 409 when it refused because a migration run holds the pause itself."""
+    try:
+        return service(**arguments)
+    except ValidationError as error:
+        if dispatch.run_in_charge() is None:
+            raise
+        return JsonResponse({"error": " ".join(error.messages)}, status=409)
 
 
 @token_api(PAUSE_SUBMISSION, realm="maintenance")
@@ -31,14 +37,10 @@ def pause_task_submission(request, body, token):
             length = dispatch.duration_parse(duration)
         except ValueError as error:
             raise ValidationError({"duration": [str(error)]}) from None
-    try:
-        row = dispatch.submission_pause(reason=reason, user=token.user, duration=length,
+    row = _unless_a_run_holds_the_pause(dispatch.submission_pause, reason=reason, user=token.user, duration=length,
                                         address=client_address(request))
-    except ValidationError as error:
-        refused = _refused_during_run(error)
-        if refused is not None:
-            return refused
-        raise
+    if isinstance(row, JsonResponse):
+        return row
     return JsonResponse({"submission_paused": True, "reason": row.paused_reason,
                          "until": row.paused_until.isoformat() if row.paused_until else None})
 
@@ -46,12 +48,9 @@ def pause_task_submission(request, body, token):
 @token_api(PAUSE_SUBMISSION, realm="maintenance")
 def resume_task_submission(request, body, token):
     """Submission opens again; the tasks held meanwhile go to the mode's systems."""
-    try:
-        released = dispatch.submission_resume(user=token.user, reason=str(body.get("reason") or "resumed by API"),
-                                              address=client_address(request))
-    except ValidationError as error:
-        refused = _refused_during_run(error)
-        if refused is not None:
-            return refused
-        raise
+    released = _unless_a_run_holds_the_pause(dispatch.submission_resume, user=token.user,
+                                             reason=str(body.get("reason") or "resumed by API"),
+                                             address=client_address(request))
+    if isinstance(released, JsonResponse):
+        return released
     return JsonResponse({"submission_paused": False, "released": released})
