@@ -110,6 +110,14 @@ def health_answer(report: dict, *, at) -> dict:
     }
 
 
+def workers_report(snapshot: Snapshot) -> dict:
+    """The workers as /api/rq/metrics and /admin/rq/health give them: the documents' ``active_count`` and
+    ``worker_ids``, and the portal's busy ratio and registrations."""
+    alive = snapshot.alive_workers
+    return {"active_count": len(alive), "worker_ids": sorted(worker["name"] for worker in alive),
+            "active": len(alive), "busy_ratio": round(snapshot.busy_ratio, 3), "registered": len(snapshot.workers)}
+
+
 def metrics_report(snapshot: Snapshot, *, stats: dict | None = None, at=None) -> dict:
     """``/api/rq/metrics``: the old system's keys where its documents (seed 000, ``get_rq_metrics``) put them, with
     their types (``queues.by_priority``/``total_queued``/``failed_jobs``, ``workers.active_count``/``worker_ids``,
@@ -120,15 +128,12 @@ def metrics_report(snapshot: Snapshot, *, stats: dict | None = None, at=None) ->
     Redis' INFO stats section (the keyspace hits and misses), read by the view only: a scrape does not need it.
     ``failed_jobs`` counts the jobs in the queues' failed-job registries (rq 2 keeps no failed list)."""
     info, stats = snapshot.redis_info, stats or {}
-    alive = snapshot.alive_workers
     return {
         "timestamp": (at or timezone.now()).isoformat(),
         "queues": {"by_priority": {name: snapshot.queue_lengths.get(name) for name in broker.QUEUE_NAMES},
                    "total_queued": sum(snapshot.queue_lengths.values()),
                    "failed_jobs": sum(snapshot.dead_letters.values())},
-        "workers": {"active_count": len(alive), "worker_ids": sorted(worker["name"] for worker in alive),
-                    "active": len(alive), "busy_ratio": round(snapshot.busy_ratio, 3),
-                    "registered": len(snapshot.workers)},
+        "workers": workers_report(snapshot),
         "tasks": {status.lower(): snapshot.tasks_by_status.get(status, 0) for status in TaskStatus.values},
         "redis": {"connected_clients": info.get("connected_clients", 0),
                   "used_memory_human": info.get("used_memory_human", "0B"),

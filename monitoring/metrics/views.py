@@ -11,7 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from monitoring.metrics.access import get_only, metrics_access
 from monitoring.metrics.collectors import QueueSystemCollector
-from monitoring.metrics.health import health_answer, health_report, metrics_report, readiness_reasons
+from monitoring.metrics.health import health_answer, health_report, metrics_report, readiness_reasons, workers_report
 from monitoring.metrics.sampler import performance
 from monitoring.metrics.snapshot import take_snapshot
 from queues import broker
@@ -78,7 +78,7 @@ def admin_rq_health(request):
     /api/rq/metrics gives them (``active_count``, ``worker_ids``, ...)."""
     snapshot = take_snapshot()
     answer = health_answer(health_report(snapshot), at=timezone.now())
-    answer["workers"] = metrics_report(snapshot)["workers"]
+    answer["workers"] = workers_report(snapshot)
     return JsonResponse(answer, status=503 if answer["status"] == "unhealthy" else 200)
 
 
