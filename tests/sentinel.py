@@ -116,8 +116,30 @@ class SentinelCluster:
         port = max(set(ports), key=ports.count)
         return port if ports.count(port) >= 2 else None
 
-    @staticmethod
-    def wait(predicate, message: str, timeout: float = 30.0) -> None:
+    def settled(self) -> bool:
+        """One master as a majority of the sentinels names it and says of itself, the other data server its replica
+        with the link up. Which of the two is master is not asked: on a loaded machine the sentinels may fail over
+        again (down after 1 s) once the old master is back, and that is their call to make."""
+        port = self.master_port()
+        servers = {server.port: server for server in (self.master, self.replica)}
+        if port not in servers:
+            return False
+        (other,) = (server for server in servers.values() if server.port != port)
+        replication = other.client().info("replication")
+        return (servers[port].client().info("replication")["role"] == "master" and replication["role"] == "slave"
+                and int(replication["master_port"]) == port and replication["master_link_status"] == "up")
+
+    def failovers(self) -> list[str]:
+        """The master switches each sentinel logged (``+switch-master``), for a failing drill's message."""
+        lines = []
+        for sentinel in self.sentinels:
+            log = sentinel.directory / "redis.log"
+            if log.exists():
+                lines += [f"sentinel {sentinel.port}: {line.strip()}" for line in log.read_text().splitlines()
+                          if "+switch-master" in line]
+        return lines
+
+    def wait(self, predicate, message: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -126,7 +148,8 @@ class SentinelCluster:
             except (redis.RedisError, OSError):
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        switches = "\n".join(self.failovers()) or "none"
+        raise AssertionError(f"timed out after {timeout} s waiting for {message}; master switches logged:\n{switches}")
 
     def stop(self) -> None:
         for server in (*self.sentinels, self.replica, self.master):

@@ -75,8 +75,8 @@ def test_killing_the_master_loses_no_task_and_runs_none_twice(cluster, pool, med
         wait_for(lambda: completed() == TASKS, 240, "every task to complete")
         assert supervisor.poll() is None  # nobody restarted anything
         wait_for(lambda: len(live_workers()) == 2, 30, "both workers alive")
-        cluster.wait(lambda: cluster.master.client().info("replication")["role"] == "slave",
-                     "the old master to become a replica")
+        # The old master rejoins as a replica (in CI once a second failover under load promoted it back: also fine).
+        cluster.wait(cluster.settled, "one master and its replica, linked, as the sentinels name them")
     finally:
         group.stop_all()
 
