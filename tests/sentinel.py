@@ -140,17 +140,25 @@ class SentinelCluster:
         return lines
 
     def wait(self, predicate, message: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if predicate():
-                    return
-            except (redis.RedisError, OSError):
-                pass
-            time.sleep(0.1)
-        switches = "\n".join(self.failovers()) or "none"
-        raise AssertionError(f"timed out after {timeout} s waiting for {message}; master switches logged:\n{switches}")
+        try:
+            wait_until(predicate, message, timeout)
+        except AssertionError as timed_out:
+            switches = "\n".join(self.failovers()) or "none"
+            raise AssertionError(f"{timed_out}; master switches logged:\n{switches}") from None
 
     def stop(self) -> None:
         for server in (*self.sentinels, self.replica, self.master):
             server.stop()
+
+
+def wait_until(predicate, message: str, timeout: float = 30.0) -> None:
+    """Until ``predicate()`` is true (a Redis or socket error counts as not yet), or AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

@@ -6,7 +6,7 @@ import redis
 
 from portal import redis_pools
 from portal.embedded_redis import free_port
-from tests.sentinel import MASTER_NAME, DataServer, SentinelCluster, SentinelServer
+from tests.sentinel import MASTER_NAME, DataServer, SentinelServer, wait_until
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def guarded(tmp_path):
     master.start()
     try:
         sentinel.start()
-        SentinelCluster.wait(lambda: sentinel.client().execute_command(
+        wait_until(lambda: sentinel.client().execute_command(
             "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)[1] == str(master.port).encode(),
             "the sentinel to name the master")
         yield master, sentinel
