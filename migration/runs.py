@@ -441,7 +441,8 @@ def phase_validate(ctx: PhaseContext) -> dict | None:
         statuses = dict(CaptionTask.objects.filter(pk__in=ids).values_list("pk", "status"))
         completed = sum(1 for status in statuses.values() if status == TaskStatus.COMPLETED)
         ctx.progress(completed, len(ids))
-        failed = [pk for pk, status in statuses.items() if status in (TaskStatus.FAILED, TaskStatus.CANCELLED)]
+        failed = [pk for pk, status in statuses.items() if status in (TaskStatus.FAILED, TaskStatus.CANCELLED,
+                                                                           TaskStatus.DISCARDED)]
         if failed:
             raise PhaseFailed(f"validation task(s) {failed} failed through RQ; see their timelines")
         if completed == len(ids):

@@ -28,7 +28,7 @@ from queues import broker
 from queues.models import POLLED_DISPATCH, CaptionTask, Dispatch, TaskEvent, TaskStatus
 
 ACTIVE = (TaskStatus.QUEUED, TaskStatus.PROCESSING)
-FINISHED = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+FINISHED = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DISCARDED)
 
 
 # Tasks with a start or an end less than this before the baseline, or any time after it, are compared as one group

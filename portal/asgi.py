@@ -1,4 +1,5 @@
 """ASGI entry point: WebSockets for the live dashboards (and, for the local runner, plain HTTP too)."""
+import logging
 import os
 import warnings
 
@@ -19,9 +20,11 @@ from django.urls import reverse  # noqa: E402
 from monitoring.alerts.views import WEBHOOK_MAX_BYTES  # noqa: E402
 from monitoring.live.routing import websocket_urlpatterns  # noqa: E402
 from portal.body_limits import BodyLimit  # noqa: E402
+from portal.legacy_variables import log_not_read  # noqa: E402
 from portal.logs import adopt_server_loggers  # noqa: E402
 
 adopt_server_loggers(settings.LOG_FORMAT)  # uvicorn's or daphne's own lines in the portal's format
+log_not_read(logging.getLogger("portal"))  # the old system's variables that are set but not read
 
 application = ProtocolTypeRouter({
     # The webhook's cap while the body arrives: Django would spool a chunked body of any size before the view.

@@ -3,6 +3,8 @@
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from portal import legacy_variables
+
 
 @register()
 def check_deployment_settings(app_configs, **kwargs):
@@ -49,3 +51,11 @@ def check_deployment_settings(app_configs, **kwargs):
             id="portal.E002",
         ))
     return problems
+
+
+@register()
+def check_old_system_variables(app_configs, **kwargs):
+    """The old system's variables that are set but not read here: said at every start, never silently ignored."""
+    return [Warning(legacy_variables.message(variable, value), hint=f"Unset {variable.name} to silence this.",
+                    id="portal.W010")
+            for variable, value in legacy_variables.not_read()]

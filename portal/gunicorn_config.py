@@ -7,6 +7,7 @@ plain line. Command-line options still apply on top (workers, bind, ``--access-l
 
 from gunicorn import glogging
 
+from portal.legacy_variables import log_not_read
 from portal.logs import log_settings, server_logging
 from queues import correlation
 
@@ -16,6 +17,10 @@ logconfig_dict = server_logging(LOG_FORMAT, LOG_LEVEL) if LOG_FORMAT == "json" e
 access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(L)ss' + \
     ("" if LOG_FORMAT == "json" else " [%({x-correlation-id}o)s]")
 logger_class = "portal.gunicorn_config.Logger"
+
+
+def when_ready(server):
+    log_not_read(server.log)  # the old system's variables that are set but not read, once per start
 
 
 class Logger(glogging.Logger):

@@ -36,7 +36,7 @@ DEBUG = env_bool("DEBUG", False)
 # Local mode: the embedded database and Redis (nothing else configured), as the README's run command uses them.
 # A deployment that names its own database or Redis is production: it must bring its own SECRET_KEY.
 LOCAL_MODE = env_bool("PORTAL_LOCAL", not any(env_str(name) for name in (
-    "DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "REDIS_SENTINELS")))
+    "DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "REDIS_HOST", "REDIS_SENTINELS")))
 
 
 def _secret_key() -> str:
@@ -137,15 +137,29 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# Redis: one server (REDIS_URL; RQ_REDIS_URL is the old system's name for it), or the master that Redis Sentinel
-# names (REDIS_SENTINELS), or neither: the embedded server. portal/redis_pools.py opens every connection from these.
-_redis_variable = "REDIS_URL" if env_str("REDIS_URL") else "RQ_REDIS_URL"
-_configured_redis = env_str(_redis_variable)
+# Redis: one server (REDIS_URL; RQ_REDIS_URL is the old system's name for it, REDIS_HOST and REDIS_PORT the
+# implementation plan's), or the master that Redis Sentinel names (REDIS_SENTINELS), or none of them: the embedded
+# server. portal/redis_pools.py opens every connection from these.
+_redis_variables = [name for name in ("REDIS_URL", "RQ_REDIS_URL", "REDIS_HOST") if env_str(name)]
+if len(_redis_variables) > 1:
+    raise ImproperlyConfigured(f"{', '.join(_redis_variables[:-1])} and {_redis_variables[-1]} are set; set one of "
+                               "them (REDIS_URL, or the old names RQ_REDIS_URL or REDIS_HOST with REDIS_PORT)")
+_redis_variable = _redis_variables[0] if _redis_variables else "REDIS_URL"
 REDIS_SENTINELS = env_host_ports("REDIS_SENTINELS")
 REDIS_SENTINEL_MASTER = env_str("REDIS_SENTINEL_MASTER", "mymaster")
 REDIS_SENTINEL_PASSWORD = env_str("REDIS_SENTINEL_PASSWORD")  # the sentinels' own (requirepass in sentinel.conf)
 REDIS_PASSWORD = env_str("REDIS_PASSWORD")  # the data servers'; a password inside REDIS_URL wins
-REDIS_DB = env_int("REDIS_DB", 0, minimum=0)  # with Sentinel (REDIS_URL names its database itself)
+REDIS_DB = env_int("REDIS_DB", 0, minimum=0)  # with Sentinel or REDIS_HOST (REDIS_URL names its database itself)
+if _redis_variable == "REDIS_HOST":
+    _configured_redis = "redis://{}:{}/{}".format(env_str("REDIS_HOST"), env_int("REDIS_PORT", 6379, minimum=1,
+                                                                                  maximum=65535), REDIS_DB)
+else:
+    _configured_redis = env_str(_redis_variable)
+    if env_str("REDIS_PORT"):
+        raise ImproperlyConfigured("REDIS_PORT is set without REDIS_HOST; set both, or name the server in REDIS_URL")
+# Seconds a pooled Redis connection may sit idle before its next use checks it with PING first (redis-py's
+# health_check_interval on each process' main pool): the old system's Redis health check interval.
+REDIS_HEALTH_CHECK_INTERVAL = env_int("RQ_REDIS_HEALTH_CHECK_INTERVAL", 30, minimum=0)
 # Each process' pool holds at most this many connections; a caller finding them all in use waits up to
 # REDIS_POOL_TIMEOUT seconds, then gets an error that names the setting (redis_pools.PoolExhausted), never a hang.
 REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 50, minimum=2)
@@ -184,9 +198,20 @@ if DEFAULT_POOL_SEED["minimum"] > DEFAULT_POOL_SEED["maximum"]:
                                f"({DEFAULT_POOL_SEED['maximum']})")
 if DEFAULT_POOL_SEED["scale_down_threshold"] >= DEFAULT_POOL_SEED["scale_up_threshold"]:
     raise ImproperlyConfigured("RQ_SCALE_DOWN_THRESHOLD must be below RQ_SCALE_UP_THRESHOLD, or the pool would flap")
+# The old system's worker count: when set, every supervisor start (runworkers, dev.py run) sets the default pool's
+# desired number of workers to it, widening the pool's bounds if needed (seed 000's emergency step: export
+# RQ_WORKER_COUNT=8 and restart). Unset, the pool keeps what the admin or the autoscaler last set.
+RQ_WORKER_COUNT = env_int("RQ_WORKER_COUNT", None, minimum=0, maximum=64)
 RQ_RESULT_TTL = env_int("RQ_RESULT_TTL", 3600, minimum=0)
 RQ_FAILURE_TTL = env_int("RQ_FAILURE_TTL", 30 * 24 * 3600, minimum=60)
-RQ_MAX_RETRIES = env_int("RQ_MAX_RETRIES", 3, minimum=0, maximum=50)
+# RQ_MAX_RETRIES; the implementation plan called it WORKER_RETRY_COUNT and QUEUE_MAX_RETRIES: any of them, as long
+# as those set agree.
+_retries = {name: env_int(name, 3, minimum=0, maximum=50)
+            for name in ("RQ_MAX_RETRIES", "WORKER_RETRY_COUNT", "QUEUE_MAX_RETRIES") if env_str(name)}
+if len(set(_retries.values())) > 1:
+    raise ImproperlyConfigured("Retry counts disagree: " + ", ".join(f"{name}={value}" for name, value in
+                                                                     _retries.items()) + "; set RQ_MAX_RETRIES alone")
+RQ_MAX_RETRIES = next(iter(_retries.values()), 3)
 RQ_RETRY_BACKOFF = env_float("RQ_RETRY_BACKOFF", 2.0, minimum=0.0)  # seconds before the 1st retry; doubles each time
 RQ_RETRY_BACKOFF_MAX = env_float("RQ_RETRY_BACKOFF_MAX", 300.0, minimum=0.0)
 CAPTION_BACKEND = env_choice("CAPTION_BACKEND", "local", ("local", "ollama"))
@@ -205,6 +230,9 @@ RELAY_GRACE_SECONDS = env_float("RELAY_GRACE_SECONDS", 5.0, minimum=0.0)
 RELAY_INTERVAL = env_float("RELAY_INTERVAL", 1.0, minimum=0.05)
 # Completed and cancelled tasks older than this are removed by ``manage.py tasks cleanup`` (failed ones stay).
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 30, minimum=1)
+# Seconds between the fleet's automatic cleanups (what ``tasks cleanup`` does, with TASK_RETENTION_DAYS): one
+# supervisor of the fleet runs it. 0 turns it off.
+RQ_CLEANUP_INTERVAL = env_int("RQ_CLEANUP_INTERVAL", 3600, minimum=0)
 
 # The migration from the database-polling worker (the migration app). These seed the dispatch mode row the first
 # time it is read; from then on the admin (Admins) and ``manage.py migrate_to_rq mode`` change it.

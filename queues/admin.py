@@ -173,9 +173,10 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     @admin.display(description="actions")
     def task_actions(self, task):
         links = []
-        for action, label, allowed in (("requeue", "Requeue", task.status in ("FAILED", "CANCELLED")),
+        for action, label, allowed in (("requeue", "Requeue", task.status in ("FAILED", "CANCELLED", "DISCARDED")),
                                        ("retry_now", "Retry now", task.waiting_to_retry),
-                                       ("cancel", "Cancel", task.status == "QUEUED")):
+                                       ("cancel", "Cancel", task.status == "QUEUED"),
+                                       ("discard", "Discard", task.status == "FAILED")):
             if allowed:
                 links.append(format_html('<a class="button" href="{}">{}</a>',
                                          reverse("admin:queues_captiontask_do", args=[task.pk, action]), label))
@@ -184,7 +185,7 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     @admin.display(description="status", ordering="status")
     def status_badge(self, task):
         colours = {"QUEUED": "#79aec8", "PROCESSING": "#e0a800", "COMPLETED": "#2e7d32", "FAILED": "#c62828",
-                   "CANCELLED": "#777"}
+                   "CANCELLED": "#777", "DISCARDED": "#777"}
         label = "WAITING TO RETRY" if task.waiting_to_retry else task.status
         return format_html('<span style="color:{};font-weight:bold">{}</span>', colours.get(task.status, "#000"), label)
 

@@ -166,7 +166,8 @@ def get_connection() -> redis.Redis:
                     ensure_embedded_running(settings.VAR_DIR, settings.EMBEDDED_REDIS_PORT)
                 except Exception as error:
                     raise BrokerUnavailable(f"the embedded Redis server could not start: {error}") from error
-            _process.client = redis_pools.client(socket_timeout=10, health_check_interval=30)
+            _process.client = redis_pools.client(socket_timeout=10,
+                                                health_check_interval=settings.REDIS_HEALTH_CHECK_INTERVAL)
             _process.pid = os.getpid()
             for hook in CONNECTION_HOOKS:
                 hook()
@@ -494,8 +495,10 @@ def _failed_key(queue_name: str) -> str:
     return FailedJobRegistry(queue_name, connection=get_connection()).key
 
 
-def dead_letters_forget(tasks: Iterable[tuple[int, str]]) -> None:
-    """Takes requeued tasks' jobs out of their queues' failed-job registries (one pipeline)."""
+def dead_letters_forget(tasks: Iterable[tuple[int, str]], *, strict: bool = False) -> None:
+    """Takes tasks' jobs out of their queues' failed-job registries (one pipeline). Best effort (requeued tasks: the
+    entries expire with RQ_FAILURE_TTL and the database already says QUEUED), unless ``strict``: then a Redis error
+    raises BrokerUnavailable."""
     by_queue: dict[str, list[str]] = defaultdict(list)
     for task_id, queue_name in tasks:
         by_queue[queue_name].append(job_id_for(task_id))
@@ -504,8 +507,9 @@ def dead_letters_forget(tasks: Iterable[tuple[int, str]]) -> None:
         for queue_name, job_ids in by_queue.items():
             pipe.zrem(_failed_key(queue_name), *job_ids)
         pipe.execute()
-    except REDIS_ERRORS:
-        pass  # the registry entries expire with RQ_FAILURE_TTL; the database already says QUEUED
+    except REDIS_ERRORS as error:
+        if strict:
+            raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
 
 
 def jobs_delete(task_ids: Iterable[int], *, strict: bool = False) -> None:
@@ -631,9 +635,11 @@ def queue_figures() -> dict[str, dict[str, int]]:
     return figures
 
 
-def finished_jobs_cleanup(*, cutoff, dry_run: bool = False, page: int = 1000, on_batch=None) -> int:
+def finished_jobs_cleanup(*, cutoff, dry_run: bool = False, page: int = 1000, on_batch=None,
+                          deadline: float | None = None) -> int:
     """Deletes finished jobs that ended before ``cutoff`` (their hash, their results, their registry entry), read
-    and deleted in pages of ``page`` per queue. Returns how many (or would be, with ``dry_run``).
+    and deleted in pages of ``page`` per queue. Returns how many (or would be, with ``dry_run``). With a
+    ``deadline`` (``time.monotonic()``), stops between pages once it has passed; a later call goes on.
 
     A job id in the finished registry whose job has been published again (a retry, a requeue: same id, status
     queued or started, no end time) is a live job: only its stale registry entry is removed, never its hash."""
@@ -645,7 +651,7 @@ def finished_jobs_cleanup(*, cutoff, dry_run: bool = False, page: int = 1000, on
     for name in QUEUE_NAMES:
         registry = FinishedJobRegistry(name, connection=connection)
         offset = 0
-        while True:
+        while deadline is None or time.monotonic() < deadline:
             job_ids = [raw.decode() for raw in connection.zrange(registry.key, offset, offset + page - 1)]
             if not job_ids:
                 break

@@ -116,6 +116,9 @@ class TaskStatus(models.TextChoices):
     COMPLETED = "COMPLETED", "Completed"
     FAILED = "FAILED", "Failed"
     CANCELLED = "CANCELLED", "Cancelled"
+    # A dead letter an operator has dealt with: failed for good, out of the failed-job registries and the dead-letter
+    # counts (and so out of the dead-letter alert); kept as history until the cleanup, and requeueable.
+    DISCARDED = "DISCARDED", "Discarded"
 
 
 class Dispatch(models.TextChoices):
@@ -339,6 +342,7 @@ class CaptionTask(models.Model):
             ("change_task_priority", "Can change the priority of queued tasks"),
             ("pause_queue", "Can pause and resume queues, and run queue maintenance"),
             ("empty_queue", "Can empty a queue"),
+            ("discard_task", "Can discard dead letters (failed tasks)"),
         ]
         indexes = [
             # The relay's query: queued, unpublished, due.
@@ -374,7 +378,7 @@ class CaptionTask(models.Model):
 
     @property
     def is_finished(self) -> bool:
-        return self.status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+        return self.status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DISCARDED)
 
     @property
     def waiting_to_retry(self) -> bool:
@@ -410,6 +414,7 @@ class TaskEvent(models.Model):
         PRIORITY_CHANGED = "priority_changed", "Priority changed"
         RETRY_NOW = "retry_now", "Retry brought forward"
         HELD = "held", "Held: the captioner is misconfigured"
+        DISCARDED = "discarded", "Dead letter discarded"
 
     task = models.ForeignKey(CaptionTask, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=20, choices=Kind.choices)
@@ -601,6 +606,7 @@ class BulkOperation(models.Model):
         PRIORITY = "priority", "Change priority"
         RETRY_NOW = "retry_now", "Retry now"
         EMPTY_QUEUE = "empty_queue", "Empty queue"
+        DISCARD = "discard", "Discard dead letters"
 
     class State(models.TextChoices):
         PENDING = "pending", "Pending"

@@ -19,6 +19,7 @@ ROLES = {
     "Admins": None,
     "Operators": VIEW_QUEUES + VIEW_ALERTS + VIEW_MIGRATION + [
         "view_auditentry", "add_captiontask", "requeue_task", "cancel_task", "change_task_priority", "pause_queue",
+        "discard_task",
         "manage_fleet", "acknowledge_alert", "add_silence", "change_silence",
         # thresholds and durations only (monitoring.alerts.admin.rules.AlertRuleAdmin.TUNABLE)
         "change_alertrule", "pause_submission"],

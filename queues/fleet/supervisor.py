@@ -58,15 +58,18 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
+from django.utils import timezone
 
 from queues import broker
 from queues.dispatch import get_policy
 from queues.fleet.reconcile import tasks_reconcile, tasks_recover_from_worker
 from queues.fleet.services import pool_autoscale, pool_backlog
 from queues.models import FleetEvent, WorkerPool
+from queues.operations.services import tasks_cleanup
 from queues.services import tasks_relay_once
 from queues.signals import service_unavailable
 
@@ -74,6 +77,13 @@ logger = logging.getLogger("queues.supervisor")
 
 PREFIX = "portal:fleet:"
 SUPERVISORS_KEY = PREFIX + "supervisors"
+CLEANUP_KEY = PREFIX + "lock:cleanup"
+# Seconds of cleanup per duties pass: the relay and the reconciler share the thread. A cleanup that has more to do
+# goes on at the next pass (about RELAY_INTERVAL later) until it is done.
+CLEANUP_BUDGET = 1.0
+# How often (at most) each supervisor looks whether the fleet's cleanup is due (the key in Redis says when it last
+# ran).
+CLEANUP_CHECK_INTERVAL = 60.0
 # Renews a lease for its holder; a lease that has vanished (Redis restarted or flushed) is taken back by the
 # supervisor still running its worker. Another holder's lease is never touched.
 RENEW_SCRIPT = ("local holder = redis.call('get', KEYS[1]) "
@@ -168,6 +178,9 @@ class Supervisor:
         self._next_reconcile = 0.0
         self._next_autoscale = 0.0
         self._next_fallback_check = 0.0
+        self.cleanup_interval = settings.RQ_CLEANUP_INTERVAL
+        self._next_cleanup = 0.0
+        self._cleanup_done = {"rows": 0, "jobs": 0}  # of the cleanup under way (it may span passes)
         self.pools: dict[str, PoolSettings] | None = None  # None until the duties thread has read them once
         self._outbox: queue.Queue = queue.Queue()  # (kind, payload) for the duties thread to record
         self._pending: list[tuple[str, dict]] = []  # taken from the outbox, not yet recorded (database away)
@@ -545,6 +558,8 @@ class Supervisor:
                 self._next_reconcile = now + self.reconcile_interval
                 self._locked(connection, "reconcile", self.reconcile_interval,
                              lambda budget: tasks_reconcile(budget=budget, interval=self.reconcile_interval))
+            if self.cleanup_interval and now >= self._next_cleanup and not self.stopping:
+                self._cleanup(connection, now)
             if now >= self._next_autoscale and not self.stopping:
                 self._next_autoscale = now + self.autoscale_interval
                 if connection.set(PREFIX + "lock:autoscale", self.id, nx=True,
@@ -558,6 +573,33 @@ class Supervisor:
                 # supervisor does it (the policy's changes are conditional updates: safe from several at once).
                 self._next_fallback_check = now + self.relay_interval
                 get_policy().maintain(redis_up=broker.ping())
+
+    def _cleanup(self, connection, now: float) -> None:
+        """What ``tasks cleanup`` does, once per RQ_CLEANUP_INTERVAL across the fleet: the supervisor that takes the
+        key runs it. A cleanup with more to do than one pass's budget keeps the key and goes on at its next pass."""
+        self._next_cleanup = now + min(CLEANUP_CHECK_INTERVAL, self.cleanup_interval)
+        continuing = connection.get(CLEANUP_KEY) == f"{self.id}:continuing".encode()
+        if not continuing and not connection.set(CLEANUP_KEY, self.id, nx=True,
+                                                 px=int(self.cleanup_interval * 1000)):
+            return
+        if not continuing:
+            self._cleanup_done = {"rows": 0, "jobs": 0}
+        cutoff = timezone.now() - timedelta(days=settings.TASK_RETENTION_DAYS)
+        done = tasks_cleanup(cutoff=cutoff, budget=CLEANUP_BUDGET)
+        self._cleanup_done["rows"] += done["rows"]
+        self._cleanup_done["jobs"] += done["jobs"]
+        if not done["finished"]:
+            # Ours until done (or until we die: then it expires and another supervisor starts afresh).
+            connection.set(CLEANUP_KEY, f"{self.id}:continuing", px=int(self.lease_ttl * 1000))
+            self._next_cleanup = now
+            return
+        connection.set(CLEANUP_KEY, self.id, px=int(self.cleanup_interval * 1000))  # next one an interval from now
+        rows, jobs = self._cleanup_done["rows"], self._cleanup_done["jobs"]
+        self._cleanup_done = {"rows": 0, "jobs": 0}
+        if rows or jobs or done["kept"]:
+            logger.info("cleanup (every %s s): deleted %d task row(s) finished more than %d day(s) ago and %d "
+                        "finished job(s) from Redis%s", self.cleanup_interval, rows, settings.TASK_RETENTION_DAYS,
+                        jobs, f"; kept {done['kept']} older row(s): {done['why_kept']}" if done["kept"] else "")
 
     def _read_extras(self) -> None:
         self.extras_wanted = get_policy().processes(running=self._extras_running)

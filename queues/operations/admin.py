@@ -36,13 +36,15 @@ from queues.operations.services import (
     queues_maintenance,
     tasks_cancel,
     tasks_change_priority,
+    tasks_discard,
     tasks_requeue,
     tasks_retry_now,
 )
 
 SERVICES = {"requeue": tasks_requeue, "cancel": tasks_cancel, "priority": tasks_change_priority,
-            "retry_now": tasks_retry_now}
-LABELS = {"requeue": "Requeue", "cancel": "Cancel", "priority": "Change priority of", "retry_now": "Retry now"}
+            "retry_now": tasks_retry_now, "discard": tasks_discard}
+LABELS = {"requeue": "Requeue", "cancel": "Cancel", "priority": "Change priority of", "retry_now": "Retry now",
+          "discard": "Discard"}
 
 
 class CappedCountPaginator(Paginator):
@@ -96,7 +98,13 @@ def run_task_action(model_admin, request, queryset, action: str, **params):
             LABELS[action], operation.total, url))
         return None
     ids = list(queryset.values_list("pk", flat=True))
-    result = SERVICES[action](task_ids=ids, user=request.user, address=client_address(request), **params)
+    try:
+        result = SERVICES[action](task_ids=ids, user=request.user, address=client_address(request), **params)
+    except BrokerUnavailable:
+        messages.error(request, f"Redis is unreachable: nothing more could be done ({LABELS[action].lower()} "
+                                "needs it). Tasks already changed say so in their history; try again when Redis "
+                                "answers.")
+        return None
     (messages.success if result.changed else messages.warning)(request, result.describe())
     return None
 
@@ -104,7 +112,7 @@ def run_task_action(model_admin, request, queryset, action: str, **params):
 class TaskActionsMixin:
     """Admin actions for CaptionTaskAdmin (mixed in there)."""
 
-    actions = ["requeue_tasks", "cancel_tasks", "change_priority", "retry_tasks_now"]
+    actions = ["requeue_tasks", "cancel_tasks", "change_priority", "retry_tasks_now", "discard_tasks"]
 
     def has_requeue_permission(self, request):
         return request.user.has_perm("queues.requeue_task")
@@ -114,6 +122,9 @@ class TaskActionsMixin:
 
     def has_priority_permission(self, request):
         return request.user.has_perm("queues.change_task_priority")
+
+    def has_discard_permission(self, request):
+        return request.user.has_perm("queues.discard_task")
 
     @admin.action(description="Requeue selected failed/cancelled tasks", permissions=["requeue"])
     def requeue_tasks(self, request, queryset):
@@ -131,13 +142,18 @@ class TaskActionsMixin:
     def retry_tasks_now(self, request, queryset):
         return run_task_action(self, request, queryset, "retry_now")
 
+    @admin.action(description="Discard selected dead letters (failed tasks)", permissions=["discard"])
+    def discard_tasks(self, request, queryset):
+        return run_task_action(self, request, queryset, "discard")
+
     def get_urls(self):
         return [path("<int:task_id>/do/<str:action>/", self.admin_site.admin_view(self.single_task_action),
                      name="queues_captiontask_do")] + super().get_urls()
 
     def single_task_action(self, request, task_id, action):
-        """Requeue, cancel or retry one task from its page (same confirmation and service as the list)."""
-        needed = {"requeue": "queues.requeue_task", "retry_now": "queues.requeue_task", "cancel": "queues.cancel_task"}
+        """Requeue, cancel, retry or discard one task from its page (same confirmation and service as the list)."""
+        needed = {"requeue": "queues.requeue_task", "retry_now": "queues.requeue_task", "cancel": "queues.cancel_task",
+                  "discard": "queues.discard_task"}
         if action not in needed:
             raise PermissionDenied("Unknown action")
         if not request.user.has_perm(needed[action]):
@@ -157,6 +173,8 @@ class QueueOverviewAdmin(ReadOnlyAdmin):
         return [
             path("", wrap(self.overview_view), name="queues_queueoverview_changelist"),
             path("dead-letters/", wrap(self.dead_letters_view), name="queues_queueoverview_dead_letters"),
+            path("dead-letters/discard/", wrap(self.dead_letters_discard_view),
+                 name="queues_queueoverview_dead_letters_discard"),
             path("<str:queue_name>/<str:action>/", wrap(self.queue_action_view), name="queues_queueoverview_act"),
             path("maintenance/", wrap(self.maintenance_view), name="queues_queueoverview_maintenance"),
         ]
@@ -209,8 +227,43 @@ class QueueOverviewAdmin(ReadOnlyAdmin):
         for group in groups:
             group["example"] = examples.get(group["newest"])
         context = {**self.admin_site.each_context(request), "title": "Dead letters", "groups": groups,
-                   "opts": self.model._meta}
+                   "opts": self.model._meta, "can_discard": request.user.has_perm("queues.discard_task")}
         return TemplateResponse(request, "admin/queues/queueoverview/dead_letters.html", context)
+
+    def dead_letters_discard_view(self, request):
+        """Discards every dead letter of one error class (``?error_class=``; empty: those without a class), after a
+        confirmation with the count. More than INLINE_LIMIT run in the background."""
+        if not request.user.has_perm("queues.discard_task"):
+            raise PermissionDenied
+        error_class = request.GET.get("error_class", "")
+        back = reverse("admin:queues_queueoverview_dead_letters")
+        selected = CaptionTask.objects.filter(status=TaskStatus.FAILED, last_error_class=error_class)
+        count = selected.count()
+        shown = error_class or "(none)"
+        if request.method == "POST":
+            try:
+                if count > INLINE_LIMIT:
+                    operation = bulk_operation_start(kind=BulkOperation.Kind.DISCARD, matching=selected,
+                                                     user=request.user, address=client_address(request))
+                    url = reverse("admin:queues_bulkoperation_change", args=[operation.pk])
+                    messages.info(request, format_html(
+                        'Discarding {} dead letters of {} runs in the background: <a href="{}">follow its '
+                        'progress</a>.', operation.total, shown, url))
+                else:
+                    result = tasks_discard(task_ids=list(selected.values_list("pk", flat=True)), user=request.user,
+                                           address=client_address(request))
+                    (messages.success if result.changed else messages.warning)(request, result.describe())
+            except BrokerUnavailable:
+                messages.error(request, "Redis is unreachable: the dead letters could not leave the failed-job "
+                                        "registries, so none was discarded. Try again when Redis answers.")
+            return HttpResponseRedirect(back)
+        background = (f" There are more than {INLINE_LIMIT}: they are discarded in the background (progress under "
+                      "Bulk operations).") if count > INLINE_LIMIT else ""
+        question = (f"Discard the {count} dead letter(s) of error class {shown}? They leave the failed-job registries "
+                    "and the dead-letter counts (so the dead-letter alert stops counting them), and stay in the task "
+                    f"history as discarded until the cleanup; a discarded task can still be requeued.{background}")
+        return confirmation(request, self, title=f"Discard dead letters of {shown}", question=question,
+                            action_label="Discard", cancel_url=back, danger=True)
 
     def queue_action_view(self, request, queue_name, action):
         if action not in ("pause", "resume", "empty") or queue_name not in broker.QUEUE_NAMES:

@@ -18,6 +18,7 @@ Emptying a queue cancels the rows first and drops the Redis list only after all 
 from __future__ import annotations
 
 import datetime
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from django.utils import timezone
 from queues import broker, correlation
 from queues.audit import audit
 from queues.dispatch import get_policy
+from queues.errors import BrokerUnavailable
 from queues import control
 from queues.models import BulkOperation, CaptionTask, Priority, TaskEvent, TaskStatus, UtcNow
 from queues.services import tasks_publish
@@ -41,9 +43,10 @@ BATCH = 1000
 # Selections larger than this run in the background, so no request waits on them.
 INLINE_LIMIT = 2000
 
-REQUEUEABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED)
+REQUEUEABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DISCARDED)
 WHY_NOT = {
-    "requeue": "only failed or cancelled tasks can be requeued",
+    "requeue": "only failed, discarded or cancelled tasks can be requeued",
+    "discard": "only failed tasks (dead letters) can be discarded",
     "cancel": "only queued tasks can be cancelled",
     "priority": "only queued tasks can change priority",
     "retry_now": "only tasks waiting to retry can be brought forward",
@@ -56,6 +59,7 @@ ELIGIBLE = {
     BulkOperation.Kind.PRIORITY: Q(status=TaskStatus.QUEUED),
     BulkOperation.Kind.RETRY_NOW: Q(status=TaskStatus.QUEUED, published_at__isnull=True, attempts__gt=0),
     BulkOperation.Kind.EMPTY_QUEUE: Q(status=TaskStatus.QUEUED),
+    BulkOperation.Kind.DISCARD: Q(status=TaskStatus.FAILED),
 }
 
 
@@ -72,7 +76,8 @@ class BulkResult:
         return sum(self.refused.values())
 
     def describe(self) -> str:
-        verbs = {"requeue": "Requeued", "cancel": "Cancelled", "priority": "Moved", "retry_now": "Brought forward"}
+        verbs = {"requeue": "Requeued", "cancel": "Cancelled", "priority": "Moved", "retry_now": "Brought forward",
+                 "discard": "Discarded"}
         text = f"{verbs[self.action]} {self.changed} task(s)."
         if self.refused:
             parts = ", ".join(f"{count} {status.lower()}" for status, count in sorted(self.refused.items()))
@@ -182,8 +187,30 @@ def _retry_now(rows, result, user):
     return eligible
 
 
+def _discard(rows, result, user):
+    now = timezone.now()
+    rows = _unpinned([row for row in rows if row[1] == TaskStatus.FAILED], result) + \
+        [row for row in rows if row[1] != TaskStatus.FAILED]
+    eligible = [(pk, priority) for pk, status, priority, *_ in rows if status == TaskStatus.FAILED]
+    result.refused.update(status for _, status, *_ in rows if status != TaskStatus.FAILED)
+    if not eligible:
+        return []
+    pks = [pk for pk, _ in eligible]
+    # Redis first, inside the batch's transaction: without Redis nothing is discarded (BrokerUnavailable rolls the
+    # batch back), so no row says DISCARDED while its job still counts as a dead letter (and keeps the dead-letter
+    # alert firing) until RQ_FAILURE_TTL. A database error after this leaves FAILED rows whose jobs are gone from the
+    # registries: discarding them again finishes the work.
+    broker.dead_letters_forget(eligible, strict=True)
+    broker.jobs_delete(pks, strict=True)
+    CaptionTask.objects.filter(pk__in=pks, status=TaskStatus.FAILED).update(status=TaskStatus.DISCARDED,
+                                                                           updated_at=now)
+    _events(pks, TaskEvent.Kind.DISCARDED, user, "dead letter discarded", now)
+    result.changed += len(pks)
+    return []
+
+
 CHANGES: dict[str, Callable] = {"requeue": _requeue, "cancel": _cancel, "priority": _change_priority,
-                                "retry_now": _retry_now}
+                                "retry_now": _retry_now, "discard": _discard}
 
 
 def _apply_batch(action: str, batch: list[int], result: BulkResult, *, user, params: dict,
@@ -209,10 +236,17 @@ def _run(action: str, task_ids: Iterable[int], *, user, address, on_batch, param
          detail: dict | None = None) -> BulkResult:
     ids = sorted(set(int(task_id) for task_id in task_ids))
     result = BulkResult(action)
-    for batch in _chunks(ids):
-        _apply_batch(action, batch, result, user=user, params=params or {})
-        if on_batch:
-            on_batch(len(batch), result)
+    try:
+        for batch in _chunks(ids):
+            _apply_batch(action, batch, result, user=user, params=params or {})
+            if on_batch:
+                on_batch(len(batch), result)
+    except BrokerUnavailable as error:  # the batches before it are done: the audit says how many
+        if result.changed:
+            audit(user=user, action=f"tasks_{action}", target=f"{len(ids)} selected task(s)", count=result.changed,
+                  detail={"refused": dict(result.refused), "stopped": f"Redis unreachable: {error}",
+                          **(detail or {})}, address=address)
+        raise
     audit(user=user, action=f"tasks_{action}", target=f"{len(ids)} selected task(s)", count=result.changed,
           detail={"refused": dict(result.refused), **(detail or {})}, address=address)
     return result
@@ -237,6 +271,12 @@ def tasks_change_priority(*, task_ids: Iterable[int], priority: str, user=None, 
         raise ValueError(f"Unknown priority {priority!r}: choose one of {', '.join(Priority.values)}")
     return _run("priority", task_ids, user=user, address=address, on_batch=on_batch, params={"priority": priority},
                 detail={"priority": priority})
+
+
+def tasks_discard(*, task_ids: Iterable[int], user=None, address=None, on_batch=None) -> BulkResult:
+    """Failed tasks (dead letters) to DISCARDED: their jobs leave the failed-job registries, so they no longer count
+    as dead letters (nor keep the dead-letter alert firing); the rows stay as history until the cleanup."""
+    return _run("discard", task_ids, user=user, address=address, on_batch=on_batch)
 
 
 def tasks_retry_now(*, task_ids: Iterable[int], user=None, address=None, on_batch=None) -> BulkResult:
@@ -544,10 +584,15 @@ def queues_maintenance(*, user=None, address=None) -> dict:
     return cleaned
 
 
-def tasks_cleanup(*, cutoff, dry_run: bool = False, on_batch=None) -> dict:
-    """Deletes completed and cancelled tasks that finished before ``cutoff`` (with their events), 1,000 rows per
-    statement, and the finished jobs in Redis that ended before it. Failed tasks stay: they are dead letters."""
-    old = CaptionTask.objects.filter(status__in=[TaskStatus.COMPLETED, TaskStatus.CANCELLED],
+def tasks_cleanup(*, cutoff, dry_run: bool = False, on_batch=None, budget: float | None = None) -> dict:
+    """Deletes completed, cancelled and discarded tasks that finished before ``cutoff`` (with their events), 1,000
+    rows per statement, and the finished jobs in Redis that ended before it. Failed tasks stay: they are dead letters
+    until someone requeues or discards them.
+
+    With a ``budget`` (seconds) it stops between batches once the budget is spent and says ``finished: False``;
+    calling it again goes on where it stopped (the fleet's periodic cleanup runs it this way, beside the relay)."""
+    deadline = None if budget is None else time.monotonic() + budget
+    old = CaptionTask.objects.filter(status__in=[TaskStatus.COMPLETED, TaskStatus.CANCELLED, TaskStatus.DISCARDED],
                                      finished_at__lt=cutoff)
     upto, reason = get_policy().tasks_pinned()
     kept = {"kept": old.filter(pk__lte=upto).count(), "why_kept": reason} if upto else {"kept": 0, "why_kept": ""}
@@ -557,6 +602,8 @@ def tasks_cleanup(*, cutoff, dry_run: bool = False, on_batch=None) -> dict:
         return {"rows": old.count(), "jobs": broker.finished_jobs_cleanup(cutoff=cutoff, dry_run=True), **kept}
     rows = 0
     while True:
+        if deadline is not None and time.monotonic() >= deadline:
+            return {"rows": rows, "jobs": 0, "finished": False, **kept}
         batch = list(old.order_by("pk").values_list("pk", flat=True)[:BATCH])
         if not batch:
             break
@@ -566,5 +613,6 @@ def tasks_cleanup(*, cutoff, dry_run: bool = False, on_batch=None) -> dict:
         rows += len(batch)
         if on_batch:
             on_batch(len(batch))
-    jobs = broker.finished_jobs_cleanup(cutoff=cutoff, on_batch=on_batch)
-    return {"rows": rows, "jobs": jobs, **kept}
+    jobs = broker.finished_jobs_cleanup(cutoff=cutoff, on_batch=on_batch, deadline=deadline)
+    finished = deadline is None or time.monotonic() < deadline
+    return {"rows": rows, "jobs": jobs, "finished": finished, **kept}

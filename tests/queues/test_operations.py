@@ -54,7 +54,7 @@ def test_requeue_resets_retries_records_history_and_refuses_others(redis, http_s
     result = tasks_requeue(task_ids=[failed.pk, completed.pk, processing.pk], user=admin_user, address="10.1.1.1")
 
     assert result.changed == 1 and dict(result.refused) == {"COMPLETED": 1, "PROCESSING": 1}
-    assert "Refused 2 (1 completed, 1 processing): only failed or cancelled tasks can be requeued" in \
+    assert "Refused 2 (1 completed, 1 processing): only failed, discarded or cancelled tasks can be requeued" in \
         result.describe()
     failed.refresh_from_db()
     assert (failed.status, failed.attempts, failed.published_at is not None) == (TaskStatus.QUEUED, 0, True)

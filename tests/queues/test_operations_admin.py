@@ -57,7 +57,7 @@ def test_requeue_all_matching_filter_shows_counts_then_acts(client, operator_use
 def test_requeue_refuses_completed_with_a_clear_message(client, operator_user, tasks):
     client.force_login(operator_user)
     done = action_post(client, "requeue_tasks", [tasks[7]], confirm=True)
-    assert "Requeued 0 task(s). Refused 1 (1 completed): only failed or cancelled tasks can be requeued." in \
+    assert "Requeued 0 task(s). Refused 1 (1 completed): only failed, discarded or cancelled tasks can be requeued." in \
         done.content.decode()
     assert CaptionTask.objects.get(pk=tasks[7]).status == TaskStatus.COMPLETED
 

@@ -31,11 +31,15 @@ PR_SET_PDEATHSIG = 1
 
 
 def _env_workers() -> int | None:
+    """PORTAL_WORKERS, or the old system's RQ_WORKER_COUNT (settings reads it); both set, they must agree."""
     value = os.environ.get("PORTAL_WORKERS", "").strip()
     if not value:
-        return None
+        return settings.RQ_WORKER_COUNT
     if not value.isdigit():
         raise CommandError(f"PORTAL_WORKERS must be a whole number; got {value!r}")
+    if settings.RQ_WORKER_COUNT is not None and settings.RQ_WORKER_COUNT != int(value):
+        raise CommandError(f"PORTAL_WORKERS={value} and RQ_WORKER_COUNT={settings.RQ_WORKER_COUNT} disagree; "
+                           "set one of them")
     return int(value)
 RESTART_LIMIT = 5
 
@@ -55,9 +59,11 @@ class Child:
     restarts: int = 0
     critical: bool = False
     started_at: float = field(default=0.0)
+    environment: dict | None = None  # None: ours
 
     def start(self):
-        self.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent, start_new_session=True)
+        self.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent, start_new_session=True,
+                                        env=self.environment)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -101,7 +107,8 @@ class Command(BaseCommand):
         login = self._ensure_admin()
         pool = WorkerPool.objects.get(name="default")
         if workers is not None and workers != pool.desired:
-            pool = pool_scale(pool=pool, desired=workers, adjust_bounds=True, reason="runportal --workers")
+            pool = pool_scale(pool=pool, desired=workers, adjust_bounds=True,
+                              reason="runportal --workers (or PORTAL_WORKERS, RQ_WORKER_COUNT)")
         workers = pool.desired
 
         redis_server = None
@@ -121,10 +128,13 @@ class Command(BaseCommand):
                             "--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "5"],
                     critical=True)
         children = [web]
-        children.append(Child("supervisor", [python, manage, "runworkers", "--worker-verbosity", "0"],
-                              critical=True))
-        children.append(Child("sampler", [python, manage, "run_sampler", "--verbosity", "0"]))
-        children.append(Child("alerts", [python, manage, "evaluate_alerts", "--verbosity", "0"]))
+        # The children skip the system checks this command ran (their warnings once, not four times), and the
+        # supervisor does not apply RQ_WORKER_COUNT again: the count is the one set above (--workers wins).
+        supervisor_environment = {name: value for name, value in os.environ.items() if name != "RQ_WORKER_COUNT"}
+        children.append(Child("supervisor", [python, manage, "runworkers", "--worker-verbosity", "0", "--skip-checks"],
+                              critical=True, environment=supervisor_environment))
+        children.append(Child("sampler", [python, manage, "run_sampler", "--verbosity", "0", "--skip-checks"]))
+        children.append(Child("alerts", [python, manage, "evaluate_alerts", "--verbosity", "0", "--skip-checks"]))
         for child in children:
             child.start()
 

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from portal.logs import announce
 from queues import broker
+from queues.fleet.services import pool_scale
 from queues.fleet.supervisor import Supervisor
 from queues.models import WorkerPool
 
@@ -46,6 +47,8 @@ class Command(BaseCommand):
                 raise CommandError(f"Unknown pool(s): {', '.join(unknown)}")
         if not broker.ping():
             raise CommandError(f"Redis is unreachable at {settings.REDIS_URL}; start it (or set REDIS_URL) first")
+        if settings.RQ_WORKER_COUNT is not None:
+            self._apply_worker_count(settings.RQ_WORKER_COUNT)
         supervisor = Supervisor(pool_names=pools, interval=interval, lease_ttl=lease_ttl,
                                 reconcile_interval=reconcile_interval, autoscale_interval=autoscale_interval,
                                 worker_verbosity=worker_verbosity, run_workers=run_workers)
@@ -54,3 +57,15 @@ class Command(BaseCommand):
         announce(self, logger, f"Supervisor {supervisor.id} running ({serving}); Ctrl-C stops it.")
         supervisor.run()
         announce(self, logger, "Supervisor stopped; its workers have exited.")
+
+    def _apply_worker_count(self, count: int) -> None:
+        """RQ_WORKER_COUNT, the old system's worker count: each start sets the default pool to it (the emergency
+        step of its runbook: export RQ_WORKER_COUNT=8, restart), widening the pool's bounds if it must."""
+        pool = WorkerPool.objects.filter(name="default").first()
+        if pool is None:
+            raise CommandError("RQ_WORKER_COUNT is set but there is no pool named 'default'; run migrate first")
+        if pool.desired != count:
+            previous = pool.desired
+            pool_scale(pool=pool, desired=count, adjust_bounds=True, reason="RQ_WORKER_COUNT at supervisor start")
+            announce(self, logger, f"RQ_WORKER_COUNT={count}: pool 'default' set from {previous} to {count} "
+                                   "worker(s) (unset it to leave the count to the admin and the autoscaler)")

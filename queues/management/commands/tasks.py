@@ -11,7 +11,7 @@ from queues import broker
 from queues.errors import BrokerUnavailable
 from queues import control
 from queues.models import CaptionTask, Priority, TaskStatus
-from queues.operations.services import tasks_cancel, tasks_cleanup, tasks_requeue
+from queues.operations.services import tasks_cancel, tasks_cleanup, tasks_discard, tasks_requeue
 
 DURATION = re.compile(r"^(\d+)([smhd])$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -36,15 +36,19 @@ def parse_ids(value: str) -> list[int]:
 
 class Command(BaseCommand):
     help = ("Task operations for operators: stats | requeue (--failed | --ids ...) [--error-class X] [--queue Q] | "
-            "cancel (--ids ... | --queue Q) | cleanup --older-than 7d [--dry-run].")
+            "cancel (--ids ... | --queue Q) | discard (--failed | --ids ...) [--error-class X] [--queue Q] | "
+            "cleanup --older-than 7d [--dry-run].")
 
     def add_arguments(self, parser):
         actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         actions.add_parser("stats", help="Tasks by status and jobs by queue.")
-        for name, text in (("requeue", "Requeue failed or cancelled tasks (retry count reset)."),
-                           ("cancel", "Cancel queued tasks.")):
+        for name, text in (("requeue", "Requeue failed, discarded or cancelled tasks (retry count reset)."),
+                           ("cancel", "Cancel queued tasks."),
+                           ("discard", "Discard dead letters (failed tasks that can never succeed): they leave the "
+                                       "failed-job registries, the dead-letter counts and alert, and stay in the "
+                                       "history as discarded.")):
             sub = actions.add_parser(name, help=text)
-            if name == "requeue":
+            if name in ("requeue", "discard"):
                 sub.add_argument("--failed", action="store_true", help="Every failed task (the dead letters).")
             sub.add_argument("--ids", help="Comma-separated task ids.")
             sub.add_argument("--error-class", help="Only tasks whose last error has this class.")
@@ -116,6 +120,13 @@ class Command(BaseCommand):
             raise CommandError("Say which tasks: --failed (every dead letter) or --ids 1,2,3")
         selected = self._select(statuses=[TaskStatus.FAILED], ids=ids, **options)
         self._bulk("requeue", tasks_requeue, selected, dry_run=dry_run, yes=yes)
+
+    def do_discard(self, *, failed, ids, dry_run, yes, **options):
+        if not failed and not ids:
+            raise CommandError("Say which tasks: --failed (every dead letter, narrowed by --error-class or --queue) "
+                               "or --ids 1,2,3")
+        selected = self._select(statuses=[TaskStatus.FAILED], ids=ids, **options)
+        self._bulk("discard", tasks_discard, selected, dry_run=dry_run, yes=yes)
 
     def do_cancel(self, *, ids, dry_run, yes, **options):
         if not ids and not options.get("queue"):

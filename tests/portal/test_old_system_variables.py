@@ -1,0 +1,159 @@
+"""The variables the old system's documents name (../shared/seeds/): each is read with the documents' meaning, or,
+when set, reported at start-up with what replaces it. None is silently ignored."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from portal import legacy_variables
+from tests.portal.test_settings import load_settings, settings_values
+
+SEEDS = Path(settings.BASE_DIR).parent / "shared" / "seeds"
+# Shell variables of the documents' scripts (a capacity estimate), not settings of the old system.
+SCRIPT_LOCALS = {"CURRENT_USERS", "PROJECTED_USERS", "CURRENT_WORKERS"}
+ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?([A-Z][A-Z0-9]*_[A-Z0-9_]+)=(.*)$")
+
+
+def documented_variables() -> dict[str, str]:
+    """Every NAME=value the documents write in their code blocks, but for script variables computed from a command
+    (``QUEUE_LENGTH=$(redis-cli ...)``) and the script locals above: name -> the document's file."""
+    found = {}
+    for document in sorted(SEEDS.glob("0*.md")):
+        in_code = False
+        for line in document.read_text().splitlines():
+            if line.lstrip().startswith("```"):
+                in_code = not in_code
+                continue
+            match = ASSIGNMENT.match(line) if in_code else None
+            if match and not match.group(2).startswith("$") and match.group(1) not in SCRIPT_LOCALS:
+                found.setdefault(match.group(1), document.name)
+    return found
+
+
+@pytest.mark.skipif(not SEEDS.is_dir(), reason="the old system's documents are not beside this checkout")
+def test_every_documented_variable_is_read_or_reported():
+    variables = documented_variables()
+    assert {"RQ_WORKER_COUNT", "RQ_CLEANUP_INTERVAL", "REDIS_HOST", "WORKER_POOL_SIZE", "QUEUE_POLL_INTERVAL",
+            "RQ_REDIS_HEALTH_CHECK_INTERVAL", "REDIS_MAX_CONNECTIONS"} <= set(variables)  # the scan finds them
+    read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', (Path(settings.BASE_DIR) / "portal" / "settings.py").read_text()))
+    reported = {variable.name for variable in legacy_variables.NOT_READ}
+    assert not read & reported, "a variable is either read or reported, never both"
+    neither = {name: document for name, document in variables.items() if name not in read | reported}
+    assert not neither, f"documented variables neither read nor reported: {neither}"
+
+
+def test_redis_host_and_port_name_the_server(tmp_path):
+    values = settings_values(tmp_path, ["REDIS_URL", "EMBEDDED_REDIS", "LOCAL_MODE"],
+                             REDIS_HOST="redis.internal", REDIS_PORT="6380", REDIS_DB="2")
+    assert values == {"REDIS_URL": "redis://redis.internal:6380/2", "EMBEDDED_REDIS": False, "LOCAL_MODE": False}
+    assert settings_values(tmp_path, ["REDIS_URL"], REDIS_HOST="redis")["REDIS_URL"] == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"REDIS_URL": "redis://a:6379/0", "REDIS_HOST": "b"},
+     "REDIS_URL and REDIS_HOST are set; set one of them"),
+    ({"RQ_REDIS_URL": "redis://a:6379/0", "REDIS_HOST": "b"}, "RQ_REDIS_URL and REDIS_HOST are set"),
+    ({"REDIS_PORT": "6380"}, "REDIS_PORT is set without REDIS_HOST"),
+    ({"REDIS_HOST": "b", "REDIS_PORT": "99999"}, "REDIS_PORT must be at most 65535; got 99999"),
+    ({"REDIS_HOST": "b", "REDIS_SENTINELS": "10.0.0.1:26379"}, "REDIS_HOST and REDIS_SENTINELS are both set"),
+    ({"RQ_MAX_RETRIES": "3", "WORKER_RETRY_COUNT": "5"},
+     "Retry counts disagree: RQ_MAX_RETRIES=3, WORKER_RETRY_COUNT=5; set RQ_MAX_RETRIES alone"),
+    ({"QUEUE_MAX_RETRIES": "many"}, "QUEUE_MAX_RETRIES must be a whole number; got 'many'"),
+    ({"RQ_WORKER_COUNT": "-1"}, "RQ_WORKER_COUNT must be at least 0"),
+    ({"RQ_WORKER_COUNT": "eight"}, "RQ_WORKER_COUNT must be a whole number"),
+    ({"RQ_CLEANUP_INTERVAL": "1h"}, "RQ_CLEANUP_INTERVAL must be a whole number"),
+    ({"RQ_REDIS_HEALTH_CHECK_INTERVAL": "-5"}, "RQ_REDIS_HEALTH_CHECK_INTERVAL must be at least 0"),
+])
+def test_contradictions_and_bad_values_stop_start_up_naming_the_variables(tmp_path, variables, message):
+    ok, output = load_settings(tmp_path, **variables)
+    assert not ok and message in output, output
+
+
+def test_the_documents_names_are_read(tmp_path):
+    names = ["RQ_MAX_RETRIES", "RQ_WORKER_COUNT", "RQ_CLEANUP_INTERVAL", "REDIS_HEALTH_CHECK_INTERVAL"]
+    assert settings_values(tmp_path, names) == {"RQ_MAX_RETRIES": 3, "RQ_WORKER_COUNT": None,
+                                                "RQ_CLEANUP_INTERVAL": 3600, "REDIS_HEALTH_CHECK_INTERVAL": 30}
+    assert settings_values(tmp_path, names, WORKER_RETRY_COUNT="5", QUEUE_MAX_RETRIES="5", RQ_WORKER_COUNT="8",
+                           RQ_CLEANUP_INTERVAL="600", RQ_REDIS_HEALTH_CHECK_INTERVAL="15") == {
+        "RQ_MAX_RETRIES": 5, "RQ_WORKER_COUNT": 8, "RQ_CLEANUP_INTERVAL": 600, "REDIS_HEALTH_CHECK_INTERVAL": 15}
+
+
+def test_the_broker_checks_idle_connections_on_the_documented_interval(redis, settings):
+    from queues import broker
+
+    settings.REDIS_HEALTH_CHECK_INTERVAL = 7
+    broker.reset_connection()
+    try:
+        assert broker.get_connection().connection_pool.connection_kwargs["health_check_interval"] == 7
+    finally:
+        broker.reset_connection()
+
+
+def test_each_variable_not_read_is_reported_with_its_replacement():
+    for variable in legacy_variables.NOT_READ:
+        ((reported, value),) = legacy_variables.not_read({variable.name: "10", "UNRELATED": "1"})
+        text = legacy_variables.message(reported, value)
+        assert text.startswith(f"{variable.name}=10 (from the old system's document {variable.document}) is not "
+                               "read here: ")
+        assert re.search(r"\b[A-Z][A-Z_]{4,}\b|admin|supervisor|pipelines", variable.replacement)
+    # A value that already means what the portal does is not worth a warning; the opposite one is.
+    assert legacy_variables.not_read({"RQ_MONITORING_ENABLED": "true", "RQ_WORKER_MODE": "external"}) == []
+    assert [variable.name for variable, _ in legacy_variables.not_read(
+        {"RQ_MONITORING_ENABLED": "false", "RQ_WORKER_MODE": "integrated", "WORKER_POOL_SIZE": " "})] == [
+        "RQ_MONITORING_ENABLED", "RQ_WORKER_MODE"]
+
+
+def _environment(tmp_path, **variables) -> dict:
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in {"DATABASE_URL", "REDIS_URL", "RQ_REDIS_URL", "PORTAL_LOCAL", "REDIS_SENTINELS"}}
+    return {**environment, "PORTAL_VAR_DIR": str(tmp_path / "var"), "SECRET_KEY": "s" * 40, **variables}
+
+
+def test_manage_py_commands_warn_at_start_up(tmp_path):
+    """Every manage.py command runs the system checks first: the supervisor, the sampler, migrate, check."""
+    result = subprocess.run([sys.executable, "manage.py", "check"], cwd=settings.BASE_DIR, capture_output=True,
+                            text=True, timeout=120,
+                            env=_environment(tmp_path, RQ_WORKER_MODE="integrated", QUEUE_POLL_INTERVAL="1s",
+                                             RQ_MONITORING_ENABLED="true", RQ_WORKER_COUNT="2"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("(portal.W010)") == 2, output
+    assert ("RQ_WORKER_MODE=integrated (from the old system's document 001) is not read here: workers never run "
+            "inside the web process") in output
+    assert "QUEUE_POLL_INTERVAL=1s (from the old system's document 003) is not read here" in output
+    assert "LEGACY_POLL_INTERVAL" in output and "RQ_MONITORING_ENABLED" not in output
+
+    quiet = subprocess.run([sys.executable, "manage.py", "check"], cwd=settings.BASE_DIR, capture_output=True,
+                           text=True, timeout=120, env=_environment(tmp_path))
+    assert quiet.returncode == 0 and "portal.W010" not in quiet.stdout + quiet.stderr
+
+
+def test_a_web_process_logs_them_when_it_starts(tmp_path):
+    result = subprocess.run([sys.executable, "-c", "import portal.asgi"], cwd=settings.BASE_DIR, capture_output=True,
+                            text=True, timeout=120, env=_environment(tmp_path, WORKER_MAX_CONCURRENT_JOBS="5"))
+    assert result.returncode == 0, result.stderr
+    assert ("WORKER_MAX_CONCURRENT_JOBS=5 (from the old system's document 003) is not read here: the captions one "
+            "worker process runs at once are its pool's slots") in result.stdout + result.stderr
+
+
+def test_gunicorn_logs_them_when_it_is_ready(monkeypatch, caplog):
+    from portal import gunicorn_config
+
+    class Server:  # what gunicorn hands its hooks: the arbiter, whose .log is its logger
+        log = logging.getLogger("test.gunicorn")
+
+    monkeypatch.setenv("WORKER_HTTP_TIMEOUT", "90s")
+    with caplog.at_level(logging.WARNING, logger="test.gunicorn"):
+        gunicorn_config.when_ready(Server())
+    assert [record.getMessage() for record in caplog.records] == [
+        "WORKER_HTTP_TIMEOUT=90s (from the old system's document 003) is not read here: RQ_DEFAULT_TIMEOUT (90) "
+        "bounds a whole caption attempt and the captioner's HTTP call gets what is left of it; IMAGE_FETCH_TIMEOUT "
+        "bounds the image download."]
