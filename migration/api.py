@@ -7,10 +7,9 @@ from django.core.exceptions import ValidationError
 from django.http import JsonResponse
 
 from migration import dispatch
+from migration.admin import PAUSE_SUBMISSION
 from portal.admin_pages import client_address
 from queues.api import token_api
-
-PAUSE_SUBMISSION = "migration.pause_submission"
 
 
 def _unless_a_run_holds_the_pause(service, **arguments):
