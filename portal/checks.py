@@ -59,3 +59,68 @@ def check_old_system_variables(app_configs, **kwargs):
     return [Warning(legacy_variables.message(variable, value), hint=f"Unset {variable.name} to silence this.",
                     id="portal.W010")
             for variable, value in legacy_variables.not_read()]
+
+
+# The old system's variables that seed a row once (the default pool at the first migrate, the dispatch mode row the
+# first time it is read); from then on the admin and the commands change the row, and the variable no longer does.
+POOL_SEED_VARIABLES = {"RQ_AUTO_SCALING_ENABLED": "autoscale", "RQ_MIN_WORKERS": "minimum",
+                       "RQ_MAX_WORKERS": "maximum", "RQ_SCALE_UP_THRESHOLD": "scale_up_threshold",
+                       "RQ_SCALE_DOWN_THRESHOLD": "scale_down_threshold", "RQ_SCALE_UP_COOLDOWN": "scale_up_cooldown",
+                       "RQ_SCALE_DOWN_COOLDOWN": "scale_down_cooldown"}
+MODE_SEED_VARIABLES = {"RQ_HYBRID_RQ_PERCENT": ("hybrid_rq_percent", "RQ_HYBRID_RQ_PERCENT"),
+                       "RQ_FALLBACK_ENABLED": ("fallback_enabled", "RQ_FALLBACK_ENABLED"),
+                       "RQ_FALLBACK_TIMEOUT": ("fallback_timeout", "RQ_FALLBACK_TIMEOUT")}
+
+
+@register()
+def check_seeded_rows(app_configs, **kwargs):
+    """A seeding variable set to what its row no longer holds would look like it took effect after a restart (seed
+    001's steps 2.1 and 4.1 edit the environment and restart): say it does not, and what changes the row. Reads two
+    rows, and only when such a variable is set; says nothing when the database cannot answer (before migrate)."""
+    import os
+
+    from django.db import DatabaseError
+
+    def is_set(name: str) -> bool:
+        return bool(os.environ.get(name, "").strip())
+
+    names = [name for name in (*POOL_SEED_VARIABLES, *MODE_SEED_VARIABLES, "RQ_ENABLED", "RQ_HYBRID_MODE")
+             if is_set(name)]
+    if not names:
+        return []
+    from migration.models import Mode, SystemMode
+    from queues.models import WorkerPool
+
+    problems = []
+    try:
+        pool = WorkerPool.objects.filter(name="default").first()
+        row = SystemMode.objects.filter(pk=1).first()
+    except DatabaseError:
+        return []
+    if pool is not None:
+        for name, field in POOL_SEED_VARIABLES.items():
+            wanted = settings.DEFAULT_POOL_SEED[field]
+            if is_set(name) and getattr(pool, field) != wanted:
+                problems.append(Warning(
+                    f"{name}={os.environ[name].strip()} is not what the default pool has ({field} = "
+                    f"{getattr(pool, field)}): the variable set the pool's row when the first migrate created it, "
+                    "and changes nothing since.",
+                    hint="Change the pool in the admin (Worker pools), or unset the variable.", id="portal.W011"))
+    if row is not None:
+        wanted_mode = Mode.LEGACY if not settings.RQ_ENABLED else (
+            Mode.HYBRID if settings.RQ_HYBRID_MODE else Mode.RQ)
+        for name in ("RQ_ENABLED", "RQ_HYBRID_MODE"):
+            if is_set(name) and row.mode != wanted_mode:
+                problems.append(Warning(
+                    f"{name}={os.environ[name].strip()} asks for mode {wanted_mode}, but the dispatch mode is "
+                    f"{row.mode}: the variable set the mode only when its row was first written.",
+                    hint=f"Change it with `manage.py migrate_to_rq mode {wanted_mode}` (or the migration console), "
+                         "or unset the variable.", id="portal.W011"))
+        for name, (field, setting) in MODE_SEED_VARIABLES.items():
+            if is_set(name) and getattr(row, field) != getattr(settings, setting):
+                problems.append(Warning(
+                    f"{name}={os.environ[name].strip()} is not what the dispatch mode row has ({field} = "
+                    f"{getattr(row, field)}): the variable set it only when the row was first written.",
+                    hint="Change it in the admin (Migration: Dispatch mode; the RQ share also with `manage.py "
+                         "migrate_to_rq mode hybrid --rq-percent N`), or unset the variable.", id="portal.W011"))
+    return problems

@@ -228,7 +228,8 @@ NOTIFY_ALLOW_PRIVATE = env_bool("NOTIFY_ALLOW_PRIVATE", False)
 # Seconds a freshly submitted task is left to its submitter to publish before the relay publishes it instead.
 RELAY_GRACE_SECONDS = env_float("RELAY_GRACE_SECONDS", 5.0, minimum=0.0)
 RELAY_INTERVAL = env_float("RELAY_INTERVAL", 1.0, minimum=0.05)
-# Completed and cancelled tasks older than this are removed by ``manage.py tasks cleanup`` (failed ones stay).
+# Completed, cancelled and discarded tasks older than this are removed by the fleet's periodic cleanup and
+# ``manage.py tasks cleanup`` (failed ones, the dead letters, stay).
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 30, minimum=1)
 # Seconds between the fleet's automatic cleanups (what ``tasks cleanup`` does, with TASK_RETENTION_DAYS): one
 # supervisor of the fleet runs it. 0 turns it off.

@@ -512,6 +512,35 @@ def dead_letters_forget(tasks: Iterable[tuple[int, str]], *, strict: bool = Fals
             raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
 
 
+def dead_letters_drop(tasks: Iterable[tuple[int, str]]) -> list[int]:
+    """Takes failed tasks' jobs out of Redis for good (a discard): their failed-job registry entries, hashes and
+    results. Returns the ids it left alone: a job whose hash still says it runs (``started``, ``queued``, ...) is
+    one whose worker has committed the failure but not yet filed the job in the registry; dropping it now would let
+    the filing land after, where it would count as a dead letter for RQ_FAILURE_TTL. Raises BrokerUnavailable."""
+    tasks = list(tasks)
+    if not tasks:
+        return []
+    try:
+        connection = get_connection()
+        pipe = connection.pipeline(transaction=False)
+        for task_id, _ in tasks:
+            pipe.hget(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id), "status")
+        statuses = pipe.execute()
+        filing = [task_id for (task_id, _), status in zip(tasks, statuses)
+                  if status is not None and status.decode() != "failed"]
+        pipe = connection.pipeline(transaction=False)
+        for task_id, queue_name in tasks:
+            if task_id in filing:
+                continue
+            job_id = job_id_for(task_id)
+            pipe.zrem(_failed_key(queue_name), job_id)
+            pipe.unlink(CaptionJob.redis_job_namespace_prefix + job_id, f"rq:results:{job_id}")
+        pipe.execute()
+    except REDIS_ERRORS as error:
+        raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
+    return filing
+
+
 def jobs_delete(task_ids: Iterable[int], *, strict: bool = False) -> None:
     """Deletes the job hashes of cancelled tasks (UNLINK, one pipeline); queue entries pointing at them are
     skipped by workers. Best effort, unless ``strict``: then a Redis error raises BrokerUnavailable."""
@@ -639,7 +668,8 @@ def finished_jobs_cleanup(*, cutoff, dry_run: bool = False, page: int = 1000, on
                           deadline: float | None = None) -> int:
     """Deletes finished jobs that ended before ``cutoff`` (their hash, their results, their registry entry), read
     and deleted in pages of ``page`` per queue. Returns how many (or would be, with ``dry_run``). With a
-    ``deadline`` (``time.monotonic()``), stops between pages once it has passed; a later call goes on.
+    ``deadline`` (``time.monotonic()``), stops between pages once it has passed; a later call reads each registry
+    from its start again (what this one deleted is gone from it).
 
     A job id in the finished registry whose job has been published again (a retry, a requeue: same id, status
     queued or started, no end time) is a live job: only its stale registry entry is removed, never its hash."""

@@ -78,12 +78,19 @@ logger = logging.getLogger("queues.supervisor")
 PREFIX = "portal:fleet:"
 SUPERVISORS_KEY = PREFIX + "supervisors"
 CLEANUP_KEY = PREFIX + "lock:cleanup"
-# Seconds of cleanup per duties pass: the relay and the reconciler share the thread. A cleanup that has more to do
-# goes on at the next pass (about RELAY_INTERVAL later) until it is done.
-CLEANUP_BUDGET = 1.0
+# Seconds of cleanup per duties pass (it stops between batches of 1,000 rows once they are spent): the relay and the
+# reconciler share the thread. A cleanup that has more to do goes on at the next pass until it is done.
+CLEANUP_BUDGET = 0.25
 # How often (at most) each supervisor looks whether the fleet's cleanup is due (the key in Redis says when it last
 # ran).
 CLEANUP_CHECK_INTERVAL = 60.0
+# A cleanup under way keeps its key this long between passes: if its supervisor dies, another starts afresh after it.
+CLEANUP_CONTINUING_TTL = 60.0
+# Sets the cleanup key to ARGV[2] for ARGV[3] ms if this supervisor (ARGV[1]) holds it, as "<id>" or
+# "<id>:continuing"; returns 0 (and changes nothing) when another supervisor holds it or nobody does.
+CLEANUP_HOLD_SCRIPT = ("local holder = redis.call('get', KEYS[1]) "
+                       "if holder == ARGV[1] or holder == ARGV[1] .. ':continuing' then "
+                       "redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0")
 # Renews a lease for its holder; a lease that has vanished (Redis restarted or flushed) is taken back by the
 # supervisor still running its worker. Another holder's lease is never touched.
 RENEW_SCRIPT = ("local holder = redis.call('get', KEYS[1]) "
@@ -576,24 +583,34 @@ class Supervisor:
 
     def _cleanup(self, connection, now: float) -> None:
         """What ``tasks cleanup`` does, once per RQ_CLEANUP_INTERVAL across the fleet: the supervisor that takes the
-        key runs it. A cleanup with more to do than one pass's budget keeps the key and goes on at its next pass."""
+        key runs it. A cleanup with more to do than one pass's budget keeps the key (compare-and-set: never someone
+        else's) and goes on at its next pass. A database error stops it with a log line and gives the key back, so it
+        is tried again within CLEANUP_CHECK_INTERVAL; the other duties report a real outage."""
         self._next_cleanup = now + min(CLEANUP_CHECK_INTERVAL, self.cleanup_interval)
         continuing = connection.get(CLEANUP_KEY) == f"{self.id}:continuing".encode()
-        if not continuing and not connection.set(CLEANUP_KEY, self.id, nx=True,
-                                                 px=int(self.cleanup_interval * 1000)):
-            return
         if not continuing:
+            if not connection.set(CLEANUP_KEY, self.id, nx=True, px=int(self.cleanup_interval * 1000)):
+                return
             self._cleanup_done = {"rows": 0, "jobs": 0}
         cutoff = timezone.now() - timedelta(days=settings.TASK_RETENTION_DAYS)
-        done = tasks_cleanup(cutoff=cutoff, budget=CLEANUP_BUDGET)
+        try:
+            done = tasks_cleanup(cutoff=cutoff, budget=CLEANUP_BUDGET)
+        except DatabaseError as error:
+            logger.warning("cleanup stopped by a database error (tried again within %d s): %s",
+                           CLEANUP_CHECK_INTERVAL, error)
+            for value in (self.id, f"{self.id}:continuing"):
+                connection.eval(RELEASE_SCRIPT, 1, CLEANUP_KEY, value)
+            return
         self._cleanup_done["rows"] += done["rows"]
         self._cleanup_done["jobs"] += done["jobs"]
         if not done["finished"]:
-            # Ours until done (or until we die: then it expires and another supervisor starts afresh).
-            connection.set(CLEANUP_KEY, f"{self.id}:continuing", px=int(self.lease_ttl * 1000))
-            self._next_cleanup = now
+            # Ours until done (if we die, the key expires and another supervisor starts afresh).
+            if connection.eval(CLEANUP_HOLD_SCRIPT, 1, CLEANUP_KEY, self.id, f"{self.id}:continuing",
+                               int(CLEANUP_CONTINUING_TTL * 1000)):
+                self._next_cleanup = now
             return
-        connection.set(CLEANUP_KEY, self.id, px=int(self.cleanup_interval * 1000))  # next one an interval from now
+        # The next one an interval from now, whoever runs it.
+        connection.eval(CLEANUP_HOLD_SCRIPT, 1, CLEANUP_KEY, self.id, self.id, int(self.cleanup_interval * 1000))
         rows, jobs = self._cleanup_done["rows"], self._cleanup_done["jobs"]
         self._cleanup_done = {"rows": 0, "jobs": 0}
         if rows or jobs or done["kept"]:

@@ -244,14 +244,15 @@ class QueueOverviewAdmin(ReadOnlyAdmin):
             try:
                 if count > INLINE_LIMIT:
                     operation = bulk_operation_start(kind=BulkOperation.Kind.DISCARD, matching=selected,
-                                                     user=request.user, address=client_address(request))
+                                                     params={"error_class": error_class}, user=request.user,
+                                                     address=client_address(request))
                     url = reverse("admin:queues_bulkoperation_change", args=[operation.pk])
                     messages.info(request, format_html(
                         'Discarding {} dead letters of {} runs in the background: <a href="{}">follow its '
                         'progress</a>.', operation.total, shown, url))
                 else:
                     result = tasks_discard(task_ids=list(selected.values_list("pk", flat=True)), user=request.user,
-                                           address=client_address(request))
+                                           address=client_address(request), detail={"error_class": error_class})
                     (messages.success if result.changed else messages.warning)(request, result.describe())
             except BrokerUnavailable:
                 messages.error(request, "Redis is unreachable: the dead letters could not leave the failed-job "

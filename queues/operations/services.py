@@ -46,7 +46,8 @@ INLINE_LIMIT = 2000
 REQUEUEABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DISCARDED)
 WHY_NOT = {
     "requeue": "only failed, discarded or cancelled tasks can be requeued",
-    "discard": "only failed tasks (dead letters) can be discarded",
+    "discard": "only failed tasks (dead letters) can be discarded, once their worker has filed them (a moment "
+               "after they fail)",
     "cancel": "only queued tasks can be cancelled",
     "priority": "only queued tasks can change priority",
     "retry_now": "only tasks waiting to retry can be brought forward",
@@ -195,13 +196,17 @@ def _discard(rows, result, user):
     result.refused.update(status for _, status, *_ in rows if status != TaskStatus.FAILED)
     if not eligible:
         return []
-    pks = [pk for pk, _ in eligible]
     # Redis first, inside the batch's transaction: without Redis nothing is discarded (BrokerUnavailable rolls the
     # batch back), so no row says DISCARDED while its job still counts as a dead letter (and keeps the dead-letter
     # alert firing) until RQ_FAILURE_TTL. A database error after this leaves FAILED rows whose jobs are gone from the
-    # registries: discarding them again finishes the work.
-    broker.dead_letters_forget(eligible, strict=True)
-    broker.jobs_delete(pks, strict=True)
+    # registries: discarding them again finishes the work. A job its worker is filing right now is left for later.
+    filing = set(broker.dead_letters_drop(eligible))
+    if filing:
+        result.refused.update({"BEING FILED": len(filing)})
+        eligible = [(pk, priority) for pk, priority in eligible if pk not in filing]
+    pks = [pk for pk, _ in eligible]
+    if not pks:
+        return []
     CaptionTask.objects.filter(pk__in=pks, status=TaskStatus.FAILED).update(status=TaskStatus.DISCARDED,
                                                                            updated_at=now)
     _events(pks, TaskEvent.Kind.DISCARDED, user, "dead letter discarded", now)
@@ -273,10 +278,12 @@ def tasks_change_priority(*, task_ids: Iterable[int], priority: str, user=None, 
                 detail={"priority": priority})
 
 
-def tasks_discard(*, task_ids: Iterable[int], user=None, address=None, on_batch=None) -> BulkResult:
+def tasks_discard(*, task_ids: Iterable[int], user=None, address=None, on_batch=None, detail: dict | None = None
+                  ) -> BulkResult:
     """Failed tasks (dead letters) to DISCARDED: their jobs leave the failed-job registries, so they no longer count
-    as dead letters (nor keep the dead-letter alert firing); the rows stay as history until the cleanup."""
-    return _run("discard", task_ids, user=user, address=address, on_batch=on_batch)
+    as dead letters (nor keep the dead-letter alert firing); the rows stay as history until the cleanup.
+    ``detail``: what the audit entry says of the selection (the dead-letter page's error class)."""
+    return _run("discard", task_ids, user=user, address=address, on_batch=on_batch, detail=detail)
 
 
 def tasks_retry_now(*, task_ids: Iterable[int], user=None, address=None, on_batch=None) -> BulkResult:
@@ -399,6 +406,8 @@ class _Superseded(Exception):
 def _bulk_action(operation: BulkOperation) -> tuple[str, dict]:
     if operation.kind == BulkOperation.Kind.EMPTY_QUEUE:
         return "cancel", {"detail": f"queue {operation.params['queue_name']} emptied"}
+    if operation.kind == BulkOperation.Kind.DISCARD:
+        return "discard", {}  # its params (the dead-letter page's error class) are for the audit entry
     return operation.kind, dict(operation.params)
 
 

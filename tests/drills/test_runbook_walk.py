@@ -11,7 +11,8 @@ API token for the actions). Its steps, in its order:
 - Redis issues: Redis stopped and started again (``systemctl restart redis``), then ``/api/rq/health | jq
   '.components.redis'``.
 - High queue backlog, step 1: ``export RQ_WORKER_COUNT=8``, restart the application: 8 workers.
-- And seed 001's maintenance calls (its steps 3.1 and 4.2): pause task submission for "2 hours", resume.
+- And seed 001's maintenance calls (its steps 3.1 and 4.2): pause task submission for "2 hours" (a submission is
+  held), resume (it runs).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -38,41 +41,48 @@ OPERATOR = ("olive", "Operators")
 
 
 class Portal:
-    """``manage.py runportal`` on a free port; ``start`` waits for its banner, ``stop`` for its exit."""
+    """``manage.py runportal`` on a free port; ``start`` waits for its banner, ``stop`` for its exit. Everything the
+    runner and its children print goes to a file (a pipe nobody reads while Redis is down would fill and block
+    them all)."""
 
-    def __init__(self, environment: dict):
-        self.environment, self.port = environment, free_port()
+    def __init__(self, environment: dict, log: Path):
+        self.environment, self.port, self.log_path = environment, free_port(), log
         self.process: subprocess.Popen | None = None
-        self.output: list[str] = []
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def start(self, **extra) -> "Portal":
-        self.process = subprocess.Popen([sys.executable, "manage.py", "runportal", "--port", str(self.port)],
-                                        cwd=settings.BASE_DIR, env={**self.environment, **extra},
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen([sys.executable, "manage.py", "runportal", "--port", str(self.port)],
+                                            cwd=settings.BASE_DIR, env={**self.environment, **extra},
+                                            stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            self.output.append(line)
-            if "Press Ctrl-C" in line or (not line and self.process.poll() is not None):
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if self.output().count("Press Ctrl-C") > self.starts:
                 break
-        assert "Press Ctrl-C" in "".join(self.output), "".join(self.output)
+            time.sleep(0.2)
+        self.starts += 1
+        assert self.output().count("Press Ctrl-C") == self.starts, self.output()[-20000:]
         return self
+
+    starts = 0
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGINT)
         try:
-            self.output.append(self.process.communicate(timeout=90)[0])
+            self.process.wait(90)
         except subprocess.TimeoutExpired:
             kill_all([*descendants(self.process.pid), self.process.pid])
             raise
         finally:
-            print("".join(self.output)[-20000:])  # pytest shows it for a failing test
+            print(self.output()[-20000:])  # pytest shows it for a failing test
 
 
 def call(portal: Portal, path: str, *, token: str = METRICS_TOKEN, body: dict | None = None,
@@ -116,7 +126,7 @@ def test_the_seed_000_runbook_against_a_live_portal(tmp_path):
                                   "RQ_WORKER_COUNT", "PORTAL_WORKERS")}
     environment.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), "PYTHONUNBUFFERED": "1", "PORTAL_LOCAL": "true",
                         "REDIS_URL": redis_server.url, "METRICS_TOKEN": METRICS_TOKEN})
-    portal = Portal(environment)
+    portal = Portal(environment, tmp_path / "runportal.log")
     try:
         portal.start()
         username, group = OPERATOR
@@ -169,9 +179,22 @@ def test_the_seed_000_runbook_against_a_live_portal(tmp_path):
         status, paused = call(portal, "/admin/maintenance/pause-task-submission", token=operator_token,
                               body={"reason": "RQ migration in progress", "duration": "2 hours"})
         assert status == 200 and paused["submission_paused"] is True, paused
-        status, resumed = call(portal, "/admin/maintenance/resume-task-submission", token=operator_token,
-                               method="POST")
-        assert status == 200 and resumed["submission_paused"] is False, resumed
+        assert "Submitted 2 task(s)" in manage(environment, "submit_tasks", "--count", "2", "--no-progress")
+        database = sqlite3.connect(tmp_path / "var" / "portal.sqlite3")
+        try:
+            held = database.execute("select count(*) from queues_captiontask where dispatch = 'held'").fetchone()
+            assert held == (2,)
+            status, resumed = call(portal, "/admin/maintenance/resume-task-submission", token=operator_token,
+                                   method="POST")
+            assert status == 200 and resumed["submission_paused"] is False, resumed
+            deadline = time.monotonic() + 60  # released at the resume: both run
+            while time.monotonic() < deadline and database.execute(
+                    "select count(*) from queues_captiontask where status = 'COMPLETED'").fetchone() != (2,):
+                time.sleep(0.2)
+            assert database.execute("select count(*) from queues_captiontask where status = 'COMPLETED'"
+                                    ).fetchone() == (2,)
+        finally:
+            database.close()
 
         # High queue backlog, step 1: export RQ_WORKER_COUNT=8 and restart the application.
         portal.stop()

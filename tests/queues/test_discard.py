@@ -5,6 +5,7 @@ first, so the dead letters are where rq files them."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -49,16 +50,19 @@ def dead_letters(redis, media_image, gone):
 
 
 def test_discarded_dead_letters_leave_the_registries_and_the_counts_and_stay_in_the_history(dead_letters,
-                                                                                            operator_user):
+                                                                                            operator_user, redis):
     assert take_snapshot().dead_letters["normal"] == 5  # what the dead-letter alert and /metrics read
+    assert all(redis.exists(f"rq:results:caption-{pk}") for pk in dead_letters["failed"])  # rq keeps the tracebacks
     result = tasks_discard(task_ids=dead_letters["failed"] + dead_letters["completed"] + dead_letters["queued"],
                            user=operator_user, address="10.1.2.3")
     assert result.describe() == ("Discarded 5 task(s). Refused 2 (1 completed, 1 queued): only failed tasks (dead "
-                                 "letters) can be discarded.")
+                                 "letters) can be discarded, once their worker has filed them (a moment after they "
+                                 "fail).")
     assert CaptionTask.objects.filter(pk__in=dead_letters["failed"], status=TaskStatus.DISCARDED).count() == 5
     assert CaptionTask.objects.get(pk=dead_letters["queued"][0]).status == TaskStatus.QUEUED
     assert failed_registry_ids() == set() and take_snapshot().dead_letters["normal"] == 0
     assert all(broker.fetch_job(pk) is None for pk in dead_letters["failed"])
+    assert not any(redis.exists(f"rq:results:caption-{pk}") for pk in dead_letters["failed"])  # nor their tracebacks
     events = TaskEvent.objects.filter(kind=TaskEvent.Kind.DISCARDED)
     assert events.count() == 5 and {event.actor for event in events} == {operator_user}
     entry = AuditEntry.objects.get(action="tasks_discard")
@@ -143,6 +147,7 @@ def test_the_dead_letter_page_discards_a_whole_error_class_after_a_confirmation(
     done = client.post(url, follow=True)
     assert "Discarded 5 task(s)." in done.content.decode() and "No dead letters." in done.content.decode()
     assert failed_registry_ids() == set()
+    assert AuditEntry.objects.get(action="tasks_discard").detail["error_class"] == dead_letters["error_class"]
 
 
 def test_support_cannot_discard_even_by_posting(client, support_user, dead_letters):
@@ -171,3 +176,46 @@ def test_a_single_dead_letter_from_its_page(client, admin_user, dead_letters):
     client.post(single, {"confirm": "yes"})
     assert CaptionTask.objects.get(pk=task_id).status == TaskStatus.DISCARDED
     assert f"caption-{task_id}" not in failed_registry_ids()
+
+
+def test_a_job_its_worker_is_still_filing_is_left_for_later(dead_letters, redis, operator_user):
+    """The worker commits the FAILED row inside the job, then rq files the job in the failed-job registry (its hash
+    says ``started`` until then). A discard in between would remove nothing and let the filing land after it: the job
+    would count as a dead letter for 30 days under a DISCARDED row. It is refused instead, and discarded once filed."""
+    first = dead_letters["failed"][0]
+    job_key = f"rq:job:caption-{first}"
+    redis.zrem(FailedJobRegistry("normal", connection=redis).key, f"caption-{first}")
+    redis.hset(job_key, "status", "started")  # the moment between the row's commit and rq's filing
+    result = tasks_discard(task_ids=dead_letters["failed"], user=operator_user)
+    assert result.changed == 4 and result.refused == {"BEING FILED": 1}
+    assert "Refused 1 (1 being filed)" in result.describe()
+    assert CaptionTask.objects.get(pk=first).status == TaskStatus.FAILED and redis.exists(job_key)
+
+    redis.hset(job_key, "status", "failed")  # rq files it
+    redis.zadd(FailedJobRegistry("normal", connection=redis).key, {f"caption-{first}": time.time() + 3600})
+    assert tasks_discard(task_ids=[first], user=operator_user).changed == 1
+    assert failed_registry_ids() == set() and not redis.exists(job_key)
+
+
+def test_more_dead_letters_than_a_request_handles_are_discarded_in_the_background(client, operator_user, gone,
+                                                                                  redis, monkeypatch):
+    from queues.models import BulkOperation
+    from queues.operations import admin as operations_admin
+    from queues.operations.services import bulk_operation_run
+
+    monkeypatch.setattr(operations_admin, "INLINE_LIMIT", 3)
+    ids = tasks_submit_many(specs=[TaskSpec(gone) for _ in range(5)]).created
+    run_worker()
+    client.force_login(operator_user)
+    url = reverse("admin:queues_queueoverview_dead_letters_discard") + "?error_class=PermanentCaptionError"
+    question = client.get(url).content.decode()
+    assert "Discard the 5 dead letter(s)" in question and "in the background" in question
+    assert "runs in the background" in client.post(url, follow=True).content.decode()
+    operation = BulkOperation.objects.get(kind=BulkOperation.Kind.DISCARD)
+    assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.FAILED).count() == 5  # the worker's job, later
+    operation = bulk_operation_run(operation_id=operation.pk, worker_name="test")
+    assert (operation.state, operation.changed) == (BulkOperation.State.DONE, 5)
+    assert CaptionTask.objects.filter(pk__in=ids, status=TaskStatus.DISCARDED).count() == 5
+    assert failed_registry_ids() == set()
+    entry = AuditEntry.objects.get(action="tasks_discard")
+    assert (entry.user, entry.count, entry.detail["error_class"]) == (operator_user, 5, "PermanentCaptionError")

@@ -88,13 +88,16 @@ class Command(BaseCommand):
                             help="Address to serve on (default 127.0.0.1).")
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORTAL_PORT", "8000")),
                             help="Port to serve on (default 8000, or PORTAL_PORT).")
-        parser.add_argument("--workers", type=int, default=_env_workers(),
-                            help="Workers of the default pool (default: the pool's desired count, 2 after "
-                                 "migrate; or PORTAL_WORKERS). Widens the pool's minimum/maximum if needed.")
+        parser.add_argument("--workers", type=int,
+                            help="Workers of the default pool (default: PORTAL_WORKERS or RQ_WORKER_COUNT, else the "
+                                 "pool's desired count, 2 after migrate). Widens the pool's minimum/maximum if "
+                                 "needed.")
 
     def handle(self, *args, host, port, workers, **options):
-        if workers is not None and not 0 <= workers <= 32:
-            raise CommandError(f"--workers must be between 0 and 32; got {workers}")
+        if workers is None:
+            workers = _env_workers()
+        if workers is not None and not 0 <= workers <= 64:
+            raise CommandError(f"--workers must be between 0 and 64; got {workers}")
         if not 1 <= port <= 65535:
             raise CommandError(f"--port must be between 1 and 65535; got {port}")
         self.stopping = False

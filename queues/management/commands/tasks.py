@@ -55,7 +55,7 @@ class Command(BaseCommand):
             sub.add_argument("--queue", choices=Priority.values, help="Only tasks of this queue.")
             sub.add_argument("--dry-run", action="store_true", help="Say how many would be touched; change nothing.")
             sub.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
-        cleanup = actions.add_parser("cleanup", help="Delete old completed/cancelled rows and old finished jobs.")
+        cleanup = actions.add_parser("cleanup", help="Delete old completed, cancelled and discarded rows and old finished jobs.")
         cleanup.add_argument("--older-than", default=f"{settings.TASK_RETENTION_DAYS}d",
                              help=f"Age to keep (default TASK_RETENTION_DAYS, {settings.TASK_RETENTION_DAYS}d).")
         cleanup.add_argument("--dry-run", action="store_true")
@@ -143,7 +143,7 @@ class Command(BaseCommand):
             if plan["kept"]:
                 self.stdout.write(f"Would keep {plan['kept']} older row(s): {plan['why_kept']}.")
             return
-        self._confirm(f"Delete completed and cancelled tasks finished before {cutoff:%Y-%m-%d %H:%M}?", yes)
+        self._confirm(f"Delete completed, cancelled and discarded tasks finished before {cutoff:%Y-%m-%d %H:%M}?", yes)
         with tqdm(unit="row", desc="Cleaning up", file=self.stderr._out) as bar:
             done = tasks_cleanup(cutoff=cutoff, on_batch=bar.update)
         self.stdout.write(self.style.SUCCESS(f"Deleted {done['rows']} task row(s) and {done['jobs']} finished "
