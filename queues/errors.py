@@ -18,6 +18,11 @@ class TransientCaptionError(CaptionError):
     permanent = False
 
 
+class CaptionTimeout(TransientCaptionError):
+    """A time limit ran out: the image download, the captioning server's answer, or the attempt's own budget. Counted
+    apart (rq_task_timeouts_total) because a run of them says the limits or the servers need looking at."""
+
+
 class PermanentCaptionError(CaptionError):
     """Retrying cannot help: not an image, 404, too large, a scheme or address we refuse."""
 

@@ -242,10 +242,11 @@ def _duration_ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _announce(task: CaptionTask, outcome: str, started: float) -> None:
+def _announce(task: CaptionTask, outcome: str, started: float, *, error_class: str = "") -> None:
     wait = (task.started_at - task.published_at).total_seconds() if task.published_at and task.started_at else None
     attempt_ended.send(sender=CaptionTask, queue=task.priority, outcome=outcome,
-                       processing_seconds=time.monotonic() - started, wait_seconds=max(wait, 0.0) if wait else wait)
+                       processing_seconds=time.monotonic() - started, wait_seconds=max(wait, 0.0) if wait else wait,
+                       error_class=error_class)
 
 
 def _end_attempt(task: CaptionTask, **changes) -> bool:
@@ -347,7 +348,7 @@ def _record_failure(task: CaptionTask, error: BaseException, *, permanent: bool,
             )
     if not updated:
         return Outcome("skipped", "a newer attempt owns the task")
-    _announce(task, "retry" if retry else "failed", started)
+    _announce(task, "retry" if retry else "failed", started, error_class=error_class)
     logger.warning("caption-%s: %s: %s (%s)", task.pk, error_class, message, detail)
     if retry:
         return Outcome("retry", detail)

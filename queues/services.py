@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,7 +26,7 @@ from queues.captioners.fetch import ALLOWED_SCHEMES, is_remote, media_path
 from queues.errors import BrokerUnavailable, PermanentCaptionError
 from queues.dispatch import get_policy
 from queues.models import CaptionTask, Dispatch, Priority, TaskStatus
-from queues.signals import service_unavailable
+from queues.signals import service_unavailable, tasks_submitted
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
             if task.dispatch == Dispatch.RQ:
                 transaction.on_commit(lambda: tasks_publish(tasks=[(task.pk, task.priority)], fresh=True,
                                                             correlation_id=task.correlation_id))
+            transaction.on_commit(lambda: tasks_submitted.send(sender=CaptionTask, counts={task.priority: 1}))
     except IntegrityError:
         # Another submission with the same key committed between our lookup and our insert. Read it with a locking
         # read: under MySQL's REPEATABLE READ a plain SELECT inside the caller's transaction (the admin's add view
@@ -197,6 +199,9 @@ def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
                 correlation_id = correlation.current()
                 transaction.on_commit(lambda: tasks_publish(tasks=to_publish, fresh=True,
                                                             correlation_id=correlation_id))
+            counts = Counter(priority for _, priority, _ in new_rows)
+            if counts:
+                transaction.on_commit(lambda: tasks_submitted.send(sender=CaptionTask, counts=dict(counts)))
     except IntegrityError:
         # A concurrent submission used one of our idempotency keys: fall back to one task at a time.
         for spec in batch:

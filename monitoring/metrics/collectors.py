@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from monitoring.metrics.health import ORDER, health_report
-from monitoring.metrics.recorder import OUTCOME_STATUS, PROCESSING_BUCKETS, WAIT_BUCKETS
+from monitoring.metrics.recorder import ERROR_CLASSES, OUTCOME_STATUS, PROCESSING_BUCKETS, WAIT_BUCKETS
 from monitoring.metrics.snapshot import Snapshot, take_snapshot
 from queues import broker
 
@@ -117,6 +117,30 @@ def families(snapshot: Snapshot):
     yield tasks
     yield CounterMetricFamily("rq_task_retries", "Attempts that will be retried", value=snapshot.counters.get(
         "retries", 0.0))
+    submitted = CounterMetricFamily("rq_tasks_submitted", "Tasks submitted (committed), by queue", labels=["queue"])
+    timeouts = CounterMetricFamily("rq_task_timeouts", "Attempts that ran out of time (the captioner's limits or rq's "
+                                   "hard limit on the job), by queue", labels=["queue"])
+    for queue in broker.QUEUE_NAMES:
+        submitted.add_metric([queue], snapshot.counters.get(f"submitted:{queue}", 0.0))
+        timeouts.add_metric([queue], snapshot.counters.get(f"timeouts:{queue}", 0.0))
+    yield submitted
+    yield timeouts
+    errors = CounterMetricFamily("rq_task_errors", "Attempts that ended in an error (failed, retried or lost with "
+                                 "their worker), by the error's class (a fixed set; any other is 'other')",
+                                 labels=["error_class"])
+    for label in (*ERROR_CLASSES, "other"):
+        errors.add_metric([label], snapshot.counters.get(f"errors:{label}", 0.0))
+    yield errors
+    for kind, name, text in (("worker_crashed", "rq_worker_crashes", "Workers that died (a signal or an exit code "
+                              "other than 0), by pool"),
+                             ("worker_restarted", "rq_worker_restarts", "Workers started again in a slot whose worker "
+                              "had exited (after a crash or a requested restart), by pool")):
+        family = CounterMetricFamily(name, text, labels=["pool"])
+        prefix = f"fleet:{kind}:"
+        for field_name, amount in sorted(snapshot.counters.items()):
+            if field_name.startswith(prefix):
+                family.add_metric([field_name[len(prefix):]], amount)
+        yield family
     last_pass = GaugeMetricFamily("rq_monitor_last_pass_timestamp_seconds", "When the portal's own monitor (the "
                                   "sampler, the active alert evaluator) last did its work, Unix time",
                                   labels=["monitor"])
@@ -149,6 +173,26 @@ def families(snapshot: Snapshot):
         for kind, use in sorted(snapshot.redis_pools.items()):
             in_use.add_metric([kind], use["in_use"])
         yield in_use
+    host_cpu = GaugeMetricFamily("rq_host_cpu_usage_ratio", "CPU in use on a host running portal processes (or in "
+                                 "their container, against its quota), 0..1, as its processes last saw it",
+                                 labels=["host"])
+    host_memory = GaugeMetricFamily("rq_host_memory_usage_ratio", "Memory in use on a host running portal processes "
+                                    "(or in their container, against its limit), 0..1", labels=["host"])
+    for host, figures in sorted(snapshot.hosts.items()):
+        host_cpu.add_metric([host], figures["cpu"])
+        host_memory.add_metric([host], figures["memory"])
+    yield host_cpu
+    yield host_memory
+    process_memory = GaugeMetricFamily("rq_portal_process_memory_bytes", "Resident memory of the portal's processes "
+                                       "of a kind (web, supervisor, worker, sampler, command) on a host",
+                                       labels=["kind", "host"])
+    process_cpu = GaugeMetricFamily("rq_portal_process_cpu_usage_cores", "CPU the portal's processes of a kind on a "
+                                    "host used over their last few seconds, in cores", labels=["kind", "host"])
+    for (kind, host), figures in sorted(snapshot.processes.items()):
+        process_memory.add_metric([kind, host], figures["rss"])
+        process_cpu.add_metric([kind, host], figures["cpu"])
+    yield process_memory
+    yield process_cpu
     yield GaugeMetricFamily("rq_redis_pool_max_connections", "REDIS_MAX_CONNECTIONS: the most Redis connections one "
                             "process' pool opens", value=settings.REDIS_MAX_CONNECTIONS)
     yield CounterMetricFamily("rq_redis_pool_exhausted", "Times a caller found all of its process' Redis "

@@ -27,6 +27,7 @@ from collections import defaultdict
 
 from django.db.backends.signals import connection_created
 
+from monitoring.metrics import hosts
 from portal import redis_pools
 from queues import broker
 from queues.errors import BrokerUnavailable
@@ -162,29 +163,43 @@ def report_pool_use() -> None:
     _, peak, exhausted = pool.take_use()
     if exhausted:
         BUFFER.add(COUNTERS_KEY, "redis_pool_exhausted", exhausted)
-    report = {"kind": redis_pools.process_kind(), "peak": peak, "max": pool.max_connections, "at": time.time()}
+    report = {"kind": redis_pools.process_kind(), "peak": peak, "max": pool.max_connections, "at": time.time(),
+              "host": socket.gethostname()}
+    try:
+        report.update(hosts.figures())  # this process' memory and CPU, its host's (or container's) CPU and memory
+    except Exception:  # psutil cannot read them here: the pool's figures still go
+        logger.debug("host figures unavailable", exc_info=True)
     try:
         connection.hset(POOLS_KEY, process_id(), json.dumps(report))
     except (BrokerUnavailable, *broker.UNAVAILABLE_ERRORS):
         pass  # the next report, once Redis answers
 
 
-def pool_use(raw: dict, now: float) -> tuple[dict[str, dict], list]:
-    """From POOLS_KEY: {kind: {"in_use": the highest peak among its live processes, "processes": how many}}, and
-    the fields of processes that stopped reporting (to delete)."""
-    kinds: dict[str, dict] = {}
-    gone = []
+def process_reports(raw: dict, now: float) -> tuple[list[dict], list]:
+    """From POOLS_KEY: the live processes' reports, and the fields of processes that stopped reporting (to delete)."""
+    reports, gone = [], []
     for field, value in raw.items():
         try:
             report = json.loads(value)
             if now - float(report["at"]) > POOL_REPORT_STALE:
                 gone.append(field)
                 continue
-            kind = kinds.setdefault(str(report["kind"]), {"in_use": 0, "processes": 0})
-            kind["in_use"] = max(kind["in_use"], int(report["peak"]))
-            kind["processes"] += 1
+            report["peak"], report["kind"] = int(report["peak"]), str(report["kind"])
+            reports.append(report)
         except (ValueError, KeyError, TypeError):
             gone.append(field)  # not a report this version writes
+    return reports, gone
+
+
+def pool_use(raw: dict, now: float) -> tuple[dict[str, dict], list]:
+    """From POOLS_KEY: {kind: {"in_use": the highest peak among its live processes, "processes": how many}}, and
+    the fields of processes that stopped reporting (to delete)."""
+    reports, gone = process_reports(raw, now)
+    kinds: dict[str, dict] = {}
+    for report in reports:
+        kind = kinds.setdefault(str(report["kind"]), {"in_use": 0, "processes": 0})
+        kind["in_use"] = max(kind["in_use"], int(report["peak"]))
+        kind["processes"] += 1
     return kinds, gone
 
 
@@ -211,14 +226,31 @@ class Reachability:
 REACHABILITY = Reachability()
 
 
+# The error classes rq_task_errors_total names (a fixed set, so the series stay few); any other is "other".
+ERROR_CLASSES = ("PermanentCaptionError", "TransientCaptionError", "CaptionTimeout", "JobTimeoutException",
+                 "JobStopped", "WorkerLost")
+# Attempts that ran out of time: the captioner's own limits (CaptionTimeout) or rq's hard limit on the job.
+TIMEOUT_CLASSES = ("CaptionTimeout", "JobTimeoutException")
+# Fleet events counted per pool (rq_worker_crashes_total, rq_worker_restarts_total).
+COUNTED_FLEET_EVENTS = ("worker_crashed", "worker_restarted")
+
+
+def error_label(error_class: str) -> str:
+    return error_class if error_class in ERROR_CLASSES else "other"
+
+
 def record_attempt(*, queue: str, outcome: str, processing_seconds: float | None, wait_seconds: float | None,
-                   **kwargs) -> None:
+                   error_class: str = "", **kwargs) -> None:
     """Receiver of queues.signals.attempt_ended."""
     status = OUTCOME_STATUS.get(outcome, outcome)
     BUFFER.add(COUNTERS_KEY, f"tasks:{status}")
     BUFFER.add(COUNTERS_KEY, queue_counter(queue, status))
     if outcome in ("retry", "worker_lost"):
         BUFFER.add(COUNTERS_KEY, "retries")
+    if outcome != "completed":
+        BUFFER.add(COUNTERS_KEY, f"errors:{error_label(error_class)}")
+        if error_class in TIMEOUT_CLASSES:
+            BUFFER.add(COUNTERS_KEY, f"timeouts:{queue}")
     for name, buckets, value in (("processing", PROCESSING_BUCKETS, processing_seconds),
                                  ("wait", WAIT_BUCKETS, wait_seconds)):
         if value is None:
@@ -227,6 +259,19 @@ def record_attempt(*, queue: str, outcome: str, processing_seconds: float | None
         BUFFER.add(key, bucket_field(buckets, value))
         BUFFER.add(key, "sum", value)
         BUFFER.add(key, "count")
+
+
+def record_submitted(*, counts: dict[str, int], **kwargs) -> None:
+    """Receiver of queues.signals.tasks_submitted: rq_tasks_submitted_total{queue}."""
+    for queue, count in counts.items():
+        BUFFER.add(COUNTERS_KEY, f"submitted:{queue}", count)
+
+
+def record_fleet_event(*, kind: str, pool: str, **kwargs) -> None:
+    """Receiver of queues.signals.fleet_event: crashes and restarts of workers, per pool. In memory only (the
+    supervisor's main loop sends it)."""
+    if kind in COUNTED_FLEET_EVENTS:
+        BUFFER.add(COUNTERS_KEY, f"fleet:{kind}:{pool}")
 
 
 def note_unavailable(*, service: str, where: str = "", **kwargs) -> None:

@@ -19,6 +19,7 @@ from django.utils import timezone
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.worker import Worker
 
+from monitoring.metrics.hosts import host_use
 from monitoring.metrics.monitors import monitors_read
 from monitoring.metrics.recorder import (
     BUFFER,
@@ -29,6 +30,7 @@ from monitoring.metrics.recorder import (
     note_available,
     note_unavailable,
     pool_use,
+    process_reports,
 )
 from queues import broker
 from queues.dispatch import DispatchStatus, get_policy
@@ -63,6 +65,8 @@ class Snapshot:
     captioner_problem: dict | None = None  # a captioner misconfiguration reported in the last minutes
     pools: list[dict] = field(default_factory=list)  # name, desired, queue names: the worker pools' rows
     redis_pools: dict[str, dict] = field(default_factory=dict)  # process kind -> Redis pool use (recorder.pool_use)
+    hosts: dict[str, dict] = field(default_factory=dict)  # host -> {"cpu", "memory"} (metrics.hosts.host_use)
+    processes: dict[tuple[str, str], dict] = field(default_factory=dict)  # (kind, host) -> {"rss", "cpu", ...}
     dispatch: DispatchStatus = field(default_factory=DispatchStatus)  # mode, fallback, submission pause
     monitors: dict | None = None  # the sampler's and the evaluator's last passes (metrics.monitors); None: unread
 
@@ -171,7 +175,9 @@ def _fill(snapshot: Snapshot, connection, values: list) -> None:
         snapshot.histograms[("processing", name)] = {k: float(v) for k, v in _decode(processing).items()}
         snapshot.histograms[("wait", name)] = {k: float(v) for k, v in _decode(wait).items()}
     counters, memory, clients, problem, worker_keys, pools = values[-6:]
-    snapshot.redis_pools, gone = pool_use(pools, time.time())
+    now = time.time()
+    snapshot.redis_pools, gone = pool_use(pools, now)
+    snapshot.hosts, snapshot.processes = host_use(process_reports(pools, now)[0])
     if gone:
         connection.hdel(POOLS_KEY, *gone)
     snapshot.captioner_problem = json.loads(problem) if problem else None

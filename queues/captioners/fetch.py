@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from django.conf import settings
 
 from portal.destinations import NotPublic, checked_handlers, resolve_checked
-from queues.errors import PermanentCaptionError, TransientCaptionError
+from queues.errors import CaptionTimeout, PermanentCaptionError, TransientCaptionError
 from queues import cancel
 
 ALLOWED_SCHEMES = ("http", "https")
@@ -144,7 +144,7 @@ def fetch_image(reference: str, *, timeout: float, max_bytes: int | None = None)
             chunks, total = [], 0
             while True:
                 if time.monotonic() > deadline:
-                    raise TransientCaptionError(f"downloading the image took longer than {timeout:g} s")
+                    raise CaptionTimeout(f"downloading the image took longer than {timeout:g} s")
                 chunk = response.read(CHUNK)
                 if not chunk:
                     break
@@ -159,8 +159,10 @@ def fetch_image(reference: str, *, timeout: float, max_bytes: int | None = None)
         reason = error.reason
         if isinstance(reason, (PermanentCaptionError, TransientCaptionError)):
             raise reason from error
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            raise CaptionTimeout(f"the image server did not answer within {timeout:g} s") from error
         raise TransientCaptionError(f"cannot reach the image server: {reason}") from error
     except (TimeoutError, socket.timeout) as error:
-        raise TransientCaptionError(f"the image server did not answer within {timeout:g} s") from error
+        raise CaptionTimeout(f"the image server did not answer within {timeout:g} s") from error
     except OSError as error:
         raise TransientCaptionError(f"connection to the image server failed: {error}") from error

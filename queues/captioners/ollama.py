@@ -14,7 +14,7 @@ from django.conf import settings
 from queues.captioners import Captioner
 from queues.captioners.fetch import StoppableHTTPHandler, StoppableHTTPSHandler, classify_http_status, fetch_image
 from queues.captioners.local import open_image
-from queues.errors import CaptionerMisconfigured, PermanentCaptionError, TransientCaptionError
+from queues.errors import CaptionerMisconfigured, CaptionTimeout, PermanentCaptionError, TransientCaptionError
 
 # urllib's default opener (proxies from the environment, redirects), with connections a caption slot's stop can shut.
 _opener = urllib.request.build_opener(StoppableHTTPHandler, StoppableHTTPSHandler)
@@ -36,7 +36,7 @@ class OllamaCaptioner(Captioner):
         open_image(data)  # refuse non-images before spending model time on them
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TransientCaptionError(f"fetching the image used up the task timeout of {timeout:g} s")
+            raise CaptionTimeout(f"fetching the image used up the task timeout of {timeout:g} s")
         body = json.dumps({
             "model": self.model,
             "prompt": PROMPT,
@@ -60,9 +60,11 @@ class OllamaCaptioner(Captioner):
             exception.args = (f"{exception.args[0]}: {detail}",)
             raise exception from error
         except urllib.error.URLError as error:
+            if isinstance(error.reason, (TimeoutError, socket.timeout)):
+                raise CaptionTimeout(f"Ollama did not answer within {timeout:g} s") from error
             raise TransientCaptionError(f"cannot reach Ollama at {self.url}: {error.reason}") from error
         except (TimeoutError, socket.timeout) as error:
-            raise TransientCaptionError(f"Ollama did not answer within {timeout:g} s") from error
+            raise CaptionTimeout(f"Ollama did not answer within {timeout:g} s") from error
         except json.JSONDecodeError as error:
             raise TransientCaptionError(f"Ollama answered with something that is not JSON: {error}") from error
         except OSError as error:

@@ -140,7 +140,7 @@ def task_redrive(*, task: CaptionTask, reason: str, result: ReconcileResult | No
     except (broker.BrokerUnavailable, *broker.REDIS_ERRORS):
         logger.warning("task %s re-driven, but Redis could not be tidied now", task.pk)
     attempt_ended.send(sender=CaptionTask, queue=task.priority, outcome="failed" if exhausted else "worker_lost",
-                       processing_seconds=None, wait_seconds=None)
+                       processing_seconds=None, wait_seconds=None, error_class="WorkerLost")
     if result is not None:
         (result.dead_lettered if exhausted else result.redriven).append(task.pk)
     logger.warning("task %s: %s", task.pk, detail)

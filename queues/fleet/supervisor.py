@@ -71,7 +71,7 @@ from queues.fleet.services import pool_autoscale, pool_backlog
 from queues.models import FleetEvent, WorkerPool
 from queues.operations.services import tasks_cleanup
 from queues.services import tasks_relay_once
-from queues.signals import service_unavailable
+from queues.signals import fleet_event, service_unavailable
 
 logger = logging.getLogger("queues.supervisor")
 
@@ -544,6 +544,7 @@ class Supervisor:
         self._outbox.put(("event", {
             "kind": kind, "pool": slot.pool, "host": self.host, "pid": pid, "worker_name": slot.worker_name,
             "reason": reason[:500], "figures": {"slot": slot.index, "supervisor": self.id, **(figures or {})}}))
+        fleet_event.send(sender=Supervisor, kind=str(kind), pool=slot.pool)  # counted in memory (no I/O here)
 
     # --- fleet-wide duties (in the duties thread) -------------------------------------------------------------------
     def _locked(self, connection, name: str, interval: float, duty) -> None:

@@ -71,13 +71,20 @@ def test_promtool_accepts_the_whole_scrape(staff_client, redis):
         if os.environ.get("CI") == "true":
             pytest.fail("promtool is missing in CI (Debian: apt-get install prometheus)")
         pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
-    from monitoring.metrics.recorder import BUFFER, record_attempt
+    from monitoring.metrics.recorder import (BUFFER, record_attempt, record_fleet_event, record_submitted,
+                                             report_pool_use)
 
-    # Every family with samples: workers alive, attempts recorded, requests served, the health cache used.
+    # Every family with samples: workers alive, attempts recorded, submissions, errors, timeouts, crashes, the
+    # processes' host figures, requests served, the health cache used.
     workers = [start_worker(redis, f"promtool-{index}", done=3, failed=1) for index in range(2)]
     try:
         record_attempt(queue="normal", outcome="completed", processing_seconds=0.4, wait_seconds=0.05)
-        record_attempt(queue="low", outcome="retry", processing_seconds=1.2, wait_seconds=2.0)
+        record_attempt(queue="low", outcome="retry", processing_seconds=1.2, wait_seconds=2.0,
+                       error_class="CaptionTimeout")
+        record_submitted(counts={"normal": 2})
+        record_fleet_event(kind="worker_crashed", pool="default")
+        record_fleet_event(kind="worker_restarted", pool="default")
+        report_pool_use()
         BUFFER.flush()
         staff_client.get(reverse("api-health"))
         staff_client.get(reverse("api-metrics"))
@@ -86,6 +93,11 @@ def test_promtool_accepts_the_whole_scrape(staff_client, redis):
         for worker in workers:
             worker.register_death()
     assert "rq_worker_tasks{" in text and "rq_task_processing_seconds_bucket" in text
+    for family in ("rq_tasks_submitted_total{", "rq_task_errors_total{", "rq_task_timeouts_total{",
+                   "rq_worker_crashes_total{", "rq_worker_restarts_total{", "rq_host_cpu_usage_ratio{",
+                   "rq_host_memory_usage_ratio{", "rq_portal_process_memory_bytes{",
+                   "rq_portal_process_cpu_usage_cores{", "rq_submission_paused "):
+        assert family in text, family
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
