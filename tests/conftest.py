@@ -311,6 +311,6 @@ def alert_rules_seed() -> None:
 
     from django.apps import apps
 
-    for migration in ("0005_seed_alerts", "0009_seed_monitoring_stale"):
+    for migration in ("0005_seed_alerts", "0009_seed_monitoring_stale", "0013_seed_document_alerts"):
         importlib.import_module(f"monitoring.migrations.{migration}").seed(apps, None)
 

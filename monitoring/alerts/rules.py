@@ -73,14 +73,18 @@ class Readings:
         try:
             rows = list(MetricSample.objects.filter(queue="", resolution=MetricSample.Resolution.MINUTE,
                                                     at__gte=since).order_by()
-                        .values("completed", "failed", "retried", "minutes", "processing_count", "processing_p95",
-                                "wait_p95"))
+                        .values("at", "depth", "completed", "failed", "retried", "minutes", "processing_count",
+                                "processing_p95", "wait_p95"))
         except DatabaseError:
             return None
         if not rows:
             return None
         total = {key: sum(row[key] for row in rows) for key in ("completed", "failed", "retried", "minutes",
                                                                 "processing_count")}
+        # The backlog's change per minute across the window (first and last sample), None with a single sample.
+        rows.sort(key=lambda row: row["at"])
+        span = (rows[-1]["at"] - rows[0]["at"]).total_seconds() / 60
+        total["depth_growth"] = (rows[-1]["depth"] - rows[0]["depth"]) / span if span > 0 else None
         for key in ("processing_p95", "wait_p95"):
             weighted = [(row[key], max(1, row["processing_count"])) for row in rows if row[key] is not None]
             total[key] = sum(value * weight for value, weight in weighted) / sum(w for _, w in weighted) \
@@ -183,6 +187,52 @@ def _success_rate(window: dict) -> Reading:
     return Reading(window["completed"] / ended) if ended else Reading.not_applicable("idle")
 
 
+def _backlog_growth(window: dict) -> Reading:
+    growth = window["depth_growth"]
+    return Reading(round(growth, 3)) if growth is not None else Reading.not_applicable("one sample so far")
+
+
+def _retries_per_task(window: dict) -> Reading:
+    ended = window["completed"] + window["failed"]
+    return Reading(window["retried"] / ended) if ended else Reading.not_applicable("no task ended")
+
+
+def _tasks_per_worker(readings: Readings, rule) -> Reading | None:
+    snapshot = readings.snapshot
+    if not snapshot.redis_ok:
+        return None
+    if not snapshot.alive_workers:
+        return Reading.not_applicable("no worker")  # no-active-workers says so
+    running = sum(int(worker.get("busy_slots") or 0) for worker in snapshot.alive_workers)
+    return Reading((sum(snapshot.queue_lengths.values()) + running) / len(snapshot.alive_workers))
+
+
+def _host_figure(key: str) -> Callable[[Readings, object], Reading | None]:
+    def compute(readings: Readings, rule) -> Reading | None:
+        snapshot = readings.snapshot
+        if not snapshot.redis_ok:
+            return None
+        if not snapshot.hosts:
+            return Reading.not_applicable("no portal process has reported its host yet")
+        host, figures = max(snapshot.hosts.items(), key=lambda item: item[1][key])
+        return Reading(figures[key], detail=f"host {host}")
+
+    return compute
+
+
+def _redis_pool_use(readings: Readings, rule) -> Reading | None:
+    from django.conf import settings
+
+    snapshot = readings.snapshot
+    if not snapshot.redis_ok:
+        return None
+    if not snapshot.redis_pools:
+        return Reading.not_applicable("no process has reported its pool yet")
+    kind, use = max(snapshot.redis_pools.items(), key=lambda item: item[1]["in_use"])
+    return Reading(use["in_use"] / settings.REDIS_MAX_CONNECTIONS,
+                   detail=f"{use['in_use']} of {settings.REDIS_MAX_CONNECTIONS} in a {kind} process")
+
+
 def _percentile(key: str) -> Callable[[dict], Reading]:
     def compute(window: dict) -> Reading:
         value = window[key]
@@ -271,6 +321,20 @@ SIGNALS: dict[str, Signal] = {signal.key: signal for signal in [
            "max((time() - rq_monitor_last_pass_timestamp_seconds) / (rq_monitor_interval_seconds > 0))"),
     Signal("fallback_active", "Tasks wait in the database because Redis does not take them (1) or not (0)", "",
            lambda r, rule: Reading(1.0 if r.snapshot.publishing_fallback else 0.0), "rq_fallback_active"),
+    Signal("backlog_growth", "Change of the jobs waiting, per minute, over 5 minutes (positive: the backlog grows)",
+           "jobs/min", lambda r, rule: _window(r, _backlog_growth), "deriv(sum(rq_queue_length)[5m:30s]) * 60"),
+    Signal("tasks_per_worker", "Jobs waiting or running per alive worker", "jobs", _tasks_per_worker,
+           "(sum(rq_queue_length) + sum(rq_worker_slots_busy)) / sum(rq_workers_active > 0)", about_workers=True),
+    Signal("retries_per_task", "Retries per task that ended (completed or failed), 5 minutes", "retries",
+           lambda r, rule: _window(r, _retries_per_task),
+           f"sum(rate(rq_task_retries_total[5m])) / ({_ENDED} > 0)"),
+    Signal("host_cpu_ratio", "CPU in use on the busiest host running portal processes (or its container's quota)",
+           "ratio", _host_figure("cpu"), "max(rq_host_cpu_usage_ratio)"),
+    Signal("host_memory_ratio", "Memory in use on the fullest host running portal processes (or its container's "
+           "limit)", "ratio", _host_figure("memory"), "max(rq_host_memory_usage_ratio)"),
+    Signal("redis_pool_use_ratio", "Most Redis connections one process had in use at once (last 5 s) / "
+           "REDIS_MAX_CONNECTIONS", "ratio", _redis_pool_use,
+           "max(rq_redis_pool_connections_in_use) / scalar(max(rq_redis_pool_max_connections))"),
 ]}
 
 

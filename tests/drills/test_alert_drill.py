@@ -54,6 +54,9 @@ def test_redis_stopped_pages_once_per_route_and_its_consequences_page_nobody(red
     # answers (60 s by default). The others then wait out their clear time un-inhibited: they must not page.
     AlertRule.objects.update(clear_seconds=20)
     AlertRule.objects.filter(name="redis-unreachable").update(clear_seconds=5)
+    # The test machine's own CPU and memory are not what this drill is about (a loaded CI host keeps host-cpu-high
+    # pending, and so open, for as long as the load lasts).
+    AlertRule.objects.filter(component="hosts").update(enabled=False)
     pager = NotificationChannel.objects.create(name="pager hook", kind="webhook",
                                                config={"url": http_server.route("/pager", respond(200, b"{}"))})
     slack = NotificationChannel.objects.create(name="ops slack", kind="slack",

@@ -20,19 +20,32 @@ REQUIRED_ALERTS = {"RQNoActiveWorkers": None, "RQRedisUnreachable": None, "RQDat
                    "RQFewWorkers": "5m", "RQWorkersSaturated": "5m", "RQSuccessRateLow": "5m", "RQWaitLong": None,
                    "RQRedisClientsHigh": None, "RQFallbackActive": "2m"}
 PROMQL_WORDS = {"sum", "rate", "max", "by", "le", "histogram_quantile", "clamp_min", "deriv", "and", "on", "bool",
-                "queue", "status", "e", "completed", "failed", "retried", "worker_lost"}
+                "queue", "status", "e", "completed", "failed", "retried", "worker_lost", "increase", "scalar"}
 
 
 @pytest.fixture
 def served_metric_names(client, admin_user, redis):
     from monitoring.metrics.monitors import EVALUATOR, SAMPLER, monitor_pass
 
+    from monitoring.metrics.recorder import BUFFER, record_attempt, record_fleet_event, report_pool_use
+    from tests.monitoring.test_metric_series import start_worker
+
     for monitor in (SAMPLER, EVALUATOR):  # their figures are served once they have passed
         monitor_pass(monitor, holder="host-a:1", interval=10)
-    client.force_login(admin_user)
-    names = set()
-    for family in text_string_to_metric_families(client.get(reverse("metrics")).content.decode()):
-        names.update(sample.name for sample in family.samples)
+    # A worker alive, its host reported, an error and a crash counted: every family a panel or rule reads has samples.
+    worker = start_worker(redis, "default-artefacts", done=1)
+    try:
+        record_attempt(queue="normal", outcome="retry", processing_seconds=1.0, wait_seconds=0.1,
+                       error_class="CaptionTimeout")
+        record_fleet_event(kind="worker_crashed", pool="default")
+        report_pool_use()
+        BUFFER.flush()
+        client.force_login(admin_user)
+        names = set()
+        for family in text_string_to_metric_families(client.get(reverse("metrics")).content.decode()):
+            names.update(sample.name for sample in family.samples)
+    finally:
+        worker.register_death()
     return names
 
 
@@ -111,13 +124,33 @@ def test_dashboard_structure_and_metrics(capsys, served_metric_names):
     dashboard = json.loads(capsys.readouterr().out)
     assert dashboard["uid"] and dashboard["title"] == "RQ Ops Portal" and dashboard["schemaVersion"] >= 36
     panels = dashboard["panels"]
-    assert {panel["type"] for panel in panels} == {"timeseries", "stat", "gauge"}  # no deprecated graph/singlestat
-    assert len({panel["id"] for panel in panels}) == len(panels)
+    # Grafana's current panel types (no graph or singlestat, which Grafana 11 no longer draws).
+    assert {panel["type"] for panel in panels} == {"timeseries", "stat", "gauge", "piechart"}
+    assert len({panel["id"] for panel in panels}) == len(panels) and all(isinstance(panel["id"], int)
+                                                                         for panel in panels)
+    assert dashboard["time"] == {"from": "now-1h", "to": "now"}  # the documents' range
+    # Provisioning reads the datasource variable each panel names; panels do not overlap on the 24-column grid.
+    assert [variable["name"] for variable in dashboard["templating"]["list"]] == ["datasource"]
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert len({target["refId"] for target in panel["targets"]}) == len(panel["targets"])
+    by_title = {panel["title"]: panel for panel in panels}
+    steps = by_title["Success rate (5 m)"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [(step["color"], step["value"]) for step in steps] == [("red", None), ("yellow", 0.9), ("green", 0.95)]
+    assert by_title["System health"]["targets"][0]["expr"] == "rq_system_health"
     call_command("export_prometheus_rules")
     recorded = {rule["record"] for rule in yaml.safe_load(capsys.readouterr().out)["groups"][0]["rules"]}
     titles = " ".join(panel["title"] for panel in panels).lower()
     for topic in ("queue length", "processing", "wait", "throughput", "success", "workers", "busy", "dead letters",
-                  "redis memory"):
+                  "redis memory", "system health", "task status distribution", "p99", "worker cpu", "worker memory",
+                  "active tasks"):
         assert topic in titles, topic
     for panel in panels:
         assert set(panel["gridPos"]) == {"x", "y", "w", "h"} and panel["targets"]

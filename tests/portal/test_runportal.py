@@ -72,7 +72,9 @@ def test_run_command_serves_processes_tasks_and_stops_everything(tmp_path):
             time.sleep(0.2)
         assert started and lease is not None, "the local runner starts two workers and the alert evaluator"
         time.sleep(3)
-        alerts = database.execute("select name, state, summary, started_at from monitoring_alert").fetchall()
+        # The host rules judge the machine itself (a loaded CI host has its CPU above 80 %): not a start's doing.
+        alerts = database.execute("select name, state, summary, started_at from monitoring_alert "
+                                  "where name not like 'host-%'").fetchall()
         assert alerts == []
 
         submitted = subprocess.run([sys.executable, "manage.py", "submit_tasks", "--count", "6", "--no-progress"],
