@@ -163,7 +163,7 @@ def test_a_timeout_in_one_slot_ends_only_that_attempt(redis, http_server, png_by
         assert process.wait(60) == 0
         task = CaptionTask.objects.get(pk=late)
         assert task.status == TaskStatus.QUEUED and task.attempts == 1 and task.waiting_to_retry
-        assert task.last_error_class == "TransientCaptionError"
+        assert task.last_error_class == "CaptionTimeout"  # a TransientCaptionError: retried
         assert events(late) == [TaskEvent.Kind.RETRY_SCHEDULED]
         done = CaptionTask.objects.filter(pk__in=ids)
         assert {row.status for row in done} == {TaskStatus.COMPLETED} and {row.attempts for row in done} == {1}

@@ -26,6 +26,13 @@ def amtool_or_skip() -> str:
     return amtool
 
 
+@pytest.fixture(autouse=True)
+def only_the_tests_own_routes(db):
+    """The two routes a fresh install starts with (seed 004's, migration 0014) are left out of these tests; the last
+    test writes them again and checks them."""
+    NotificationRoute.objects.all().delete()
+
+
 @pytest.fixture
 def routes(db, settings):
     settings.ALERTS_WEBHOOK_TOKEN = TOKEN
@@ -71,7 +78,8 @@ def export(tmp_path, *args) -> dict:
 def test_receivers_and_routes_mirror_the_routes_and_channels(routes, tmp_path):
     config = export(tmp_path)
 
-    assert config["global"] == {"smtp_smarthost": "smtp.example.com:587", "smtp_from": "alerts@example.com",
+    assert config["global"] == {"resolve_timeout": "5m",
+                                "smtp_smarthost": "smtp.example.com:587", "smtp_from": "alerts@example.com",
                                 "smtp_require_tls": True, "smtp_auth_username": "mailer",
                                 "smtp_auth_password": "mail-password"}
     root = config["route"]
@@ -123,7 +131,7 @@ def test_receiver_names_stay_unique_and_the_portal_url_can_be_given(db, settings
     config = export(tmp_path, "--portal-url", "http://10.0.0.5:8000/")
     assert [receiver["name"] for receiver in config["receivers"]] == [
         "watchdog", "notified-by-portal", "rq-ops-portal", "ops-team", "ops-team-2", "rq-ops-portal-2"]
-    assert "global" not in config  # no email channel: no SMTP settings (nor password) in the file
+    assert config["global"] == {"resolve_timeout": "5m"}  # no email channel: no SMTP settings (nor password)
     assert config["receivers"][2]["webhook_configs"][0]["url"] == "http://10.0.0.5:8000/api/alerts/alertmanager"
 
 
@@ -131,7 +139,7 @@ def test_drill_options_shorten_the_waits(routes, tmp_path):
     config = export(tmp_path, "--max-group-wait", "0", "--group-interval", "1")
     assert config["route"]["group_interval"] == "1s"
     assert {child["group_wait"] for child in config["route"]["routes"]} == {"0s"}
-    assert export(tmp_path)["route"]["group_interval"] == "5m"
+    assert export(tmp_path)["route"]["group_interval"] == "10s"  # the monitoring guide's
     with pytest.raises(CommandError, match="--group-interval"):
         call_command("export_alertmanager_config", "--group-interval", "0")
     with pytest.raises(CommandError, match="--max-group-wait"):
@@ -256,3 +264,48 @@ def test_each_condition_has_one_notifier_in_amtool(routes, tmp_path, capsys):
     watchdog, down = watcher_rules()
     assert receivers_for({"alertname": watchdog["alert"], **watchdog["labels"]}) == ["watchdog"]
     assert receivers_for({"alertname": down["alert"], **down["labels"]}) == ["rq-ops-portal", "everything-else"]
+
+
+@pytest.mark.django_db
+def test_a_fresh_install_routes_as_the_monitoring_guide_once_its_channels_exist(settings, tmp_path):
+    """Seed 004's Alertmanager routing: critical alerts to PagerDuty and on (continue), everything to Slack, grouped
+    by alertname, cluster and service, 10 s group wait and interval, reminders every 12 h. The routes come with the
+    install (migration 0014); an Admin adds the two channels."""
+    import importlib
+
+    from django.apps import apps
+
+    importlib.import_module("monitoring.migrations.0014_seed_document_routes").seed(apps, None)  # if a test emptied
+    settings.ALERTS_WEBHOOK_TOKEN = TOKEN
+    pager = NotificationChannel.objects.create(name="PagerDuty", kind="pagerduty",
+                                               config={"routing_key": "R0123456789abcdef"})
+    chat = NotificationChannel.objects.create(name="Slack", kind="slack",
+                                              config={"url": "https://hooks.slack.com/services/T0/B0/secret"})
+    NotificationRoute.objects.get(name="critical to PagerDuty").channels.add(pager)
+    NotificationRoute.objects.get(name="everything to Slack").channels.add(chat)
+    config = export(tmp_path)
+
+    assert config["global"] == {"resolve_timeout": "5m"} and config["route"]["group_interval"] == "10s"
+    *_, critical, everything = config["route"]["routes"]
+    timings = {"group_by": ["alertname", "cluster", "service"], "group_wait": "10s", "repeat_interval": "12h"}
+    assert critical == {"receiver": "critical-to-pagerduty", "matchers": ['severity=~"critical"'], **timings,
+                        "continue": True}
+    assert everything == {"receiver": "everything-to-slack",
+                          "matchers": ['severity=~"critical|error|warning|info"'], **timings, "continue": False}
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    assert [entry["routing_key"] for entry in receivers["critical-to-pagerduty"]["pagerduty_configs"]] == [
+        "R0123456789abcdef"]
+    assert [entry["api_url"] for entry in receivers["everything-to-slack"]["slack_configs"]] == [
+        "https://hooks.slack.com/services/T0/B0/secret"]
+    # The portal routes the same way: a critical alert to both, a warning to Slack only.
+    critical_alert = Alert(name="x", labels={"alertname": "x", "severity": "critical"}, severity="critical")
+    warning_alert = Alert(name="y", labels={"alertname": "y", "severity": "warning"}, severity="warning")
+    routes = list(NotificationRoute.objects.filter(enabled=True).order_by("position", "id"))
+    assert [route.name for route in _routes_for(critical_alert, routes)] == ["critical to PagerDuty",
+                                                                             "everything to Slack"]
+    assert [route.name for route in _routes_for(warning_alert, routes)] == ["everything to Slack"]
+
+    amtool = amtool_or_skip()
+    result = subprocess.run([amtool, "check-config", str(tmp_path / "alertmanager.yml")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

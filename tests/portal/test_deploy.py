@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from django.conf import settings
+from django.core.management import call_command
 
 from portal.embedded_redis import free_port
 from queues.models import CaptionTask, TaskStatus
@@ -119,7 +120,13 @@ def unit_value(text: str, key: str) -> str:
 
 def test_the_systemd_units_stop_the_supervisor_gracefully_and_restart_on_failure():
     found = units()
-    assert set(found) == {f"rq-ops-{name}.service" for name in ("web", "ws", "workers", "sampler", "alerts")}
+    long_running = {f"rq-ops-{name}.service" for name in ("web", "ws", "workers", "sampler", "alerts")}
+    assert set(found) == long_running | {"rq-ops-capacity-report.service"}
+    report = found.pop("rq-ops-capacity-report.service")  # a oneshot its timer starts every week
+    assert unit_value(report, "Type") == "oneshot"
+    assert unit_value(report, "ExecStart").endswith("manage.py capacity_report --days 7 --json")
+    timer = (DEPLOY / "systemd" / "rq-ops-capacity-report.timer").read_text()
+    assert unit_value(timer, "OnCalendar") == "Mon *-*-* 06:00:00" and unit_value(timer, "Persistent") == "true"
     for name, text in found.items():
         assert unit_value(text, "KillMode") == "mixed", name
         assert unit_value(text, "Restart") == "on-failure", name
@@ -146,8 +153,10 @@ def test_systemd_analyze_verifies_the_units(tmp_path):
         text = text.replace("/etc/rq-ops-portal/env", str(environment_file))
         text = re.sub(r"^(User|Group)=rqops$", r"\1=root", text, flags=re.M)
         (tmp_path / name).write_text(text)
-    result = subprocess.run([analyze, "verify", "--man=no", *sorted(str(path) for path in tmp_path.glob("*.service"))],
-                            capture_output=True, text=True, timeout=60)
+    timer = DEPLOY / "systemd" / "rq-ops-capacity-report.timer"
+    (tmp_path / timer.name).write_text(timer.read_text())
+    paths = sorted(str(path) for pattern in ("*.service", "*.timer") for path in tmp_path.glob(pattern))
+    result = subprocess.run([analyze, "verify", "--man=no", *paths], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr  # warnings count too
 
 
@@ -262,3 +271,115 @@ def test_the_migrations_backups_live_on_a_volume_that_outlives_the_containers():
                if mount["mountPath"] == config["MIGRATION_BACKUP_DIR"]]
     claim = claims[volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]  # every web replica may start a run
+
+
+def test_prometheus_scrapes_the_web_pods_with_the_metrics_token():
+    found = manifests()
+    monitor = found[("ServiceMonitor", "rq-ops-portal")]
+    service = found[("Service", "rq-ops-web")]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    secret = endpoint["bearerTokenSecret"]
+    assert secret["key"] in found[("Secret", secret["name"])]["stringData"] and secret["key"] == "METRICS_TOKEN"
+
+
+@pytest.mark.django_db
+def test_the_prometheusrule_is_the_export_of_a_fresh_install_and_promtool_accepts_it(tmp_path, settings):
+    from tests.conftest import alert_rules_seed
+
+    alert_rules_seed()  # a transactional test before may have emptied the rows
+    settings.PORTAL_URL = "https://ops.example.org"  # the manifests' address
+    committed = yaml.safe_load((DEPLOY / "kubernetes" / "prometheusrule.yaml").read_text())
+    output = tmp_path / "prometheusrule.yaml"
+    call_command("export_prometheus_rules", "--format", "prometheusrule", "--output", str(output))
+    exported = yaml.safe_load(output.read_text())
+
+    def comparable(resource):  # the runbook links name rule rows by id, which differ from one database to another
+        for group in resource["spec"]["groups"]:
+            for rule in group["rules"]:
+                rule.get("annotations", {}).pop("runbook_url", None)
+        return resource
+
+    assert comparable(committed) == comparable(exported), (
+        "deploy/kubernetes/prometheusrule.yaml is not what a fresh install exports: run `manage.py "
+        "export_prometheus_rules --format prometheusrule --output deploy/kubernetes/prometheusrule.yaml` on a fresh "
+        "database with PORTAL_URL=https://ops.example.org")
+    assert committed["kind"] == "PrometheusRule" and committed["apiVersion"] == "monitoring.coreos.com/v1"
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing in CI (Debian: apt-get install prometheus)")
+        pytest.skip("promtool is not installed here")
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": committed["spec"]["groups"]}))
+    result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.django_db
+def test_the_weekly_report_job_runs_a_real_command(capsys):
+    job = manifests()[("CronJob", "rq-ops-capacity-report")]
+    (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["python", "manage.py"] and job["spec"]["concurrencyPolicy"] == "Forbid"
+    call_command(*container["command"][2:])
+    report = json.loads(capsys.readouterr().out)
+    assert report["days"] == 7 and "advice" in report
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions with In / NotIn) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value = labels.get(expression["key"])
+        if expression["operator"] == "In" and value not in expression["values"]:
+            return False
+        if expression["operator"] == "NotIn" and value in expression["values"]:
+            return False
+    return True
+
+
+def _allowed(policies: list[dict], source: dict, target: dict, port: int) -> bool:
+    """Whether NetworkPolicies let ``source`` (labels, namespace) connect to ``target`` on ``port``: pods no policy
+    selects take everything; selected pods take what one of the policies' ingress rules allows."""
+    selecting = [policy for policy in policies if policy["metadata"].get("namespace", "portal") == target["namespace"]
+                 and _selects(policy["spec"]["podSelector"], target["labels"])]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress") or []:
+            if rule.get("ports") and port not in {entry["port"] for entry in rule["ports"]}:
+                continue
+            for peer in rule.get("from") or []:
+                if "namespaceSelector" in peer:
+                    return True  # {} selects every namespace
+                if "podSelector" in peer and source["namespace"] == target["namespace"] \
+                        and _selects(peer["podSelector"], source["labels"]):
+                    return True
+    return False
+
+
+def test_only_the_portals_pods_reach_the_datastores_and_only_web_and_ws_are_reachable_from_outside():
+    found = manifests()
+    policies = [document for (kind, _), document in found.items() if kind == "NetworkPolicy"]
+    pods = {}  # every pod template of the manifests, by its workload
+    for (kind, name), document in found.items():
+        if kind in ("Deployment", "Job"):
+            pods[name] = document["spec"]["template"]["metadata"]["labels"]
+        elif kind == "CronJob":
+            pods[name] = document["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert {"rq-ops-web", "rq-ops-ws", "rq-ops-workers", "rq-ops-migrate", "rq-ops-capacity-report"} <= set(pods)
+    redis = {"namespace": "portal", "labels": {"app.kubernetes.io/name": "redis"}}
+    mariadb = {"namespace": "portal", "labels": {"app.kubernetes.io/name": "mariadb"}}
+    for name, labels in pods.items():  # every one of them needs the database and Redis (migrate, reports too)
+        pod = {"namespace": "portal", "labels": labels}
+        assert _allowed(policies, pod, redis, 6379) and _allowed(policies, pod, mariadb, 3306), name
+    stranger = {"namespace": "portal", "labels": {"app.kubernetes.io/name": "something-else"}}
+    outside = {"namespace": "ingress-nginx", "labels": {"app.kubernetes.io/name": "ingress-nginx"}}
+    for visitor in (stranger, outside):
+        assert not _allowed(policies, visitor, redis, 6379) and not _allowed(policies, visitor, mariadb, 3306)
+    assert _allowed(policies, outside, {"namespace": "portal", "labels": pods["rq-ops-web"]}, 8000)
+    assert _allowed(policies, outside, {"namespace": "portal", "labels": pods["rq-ops-ws"]}, 8001)
+    for name in ("rq-ops-workers", "rq-ops-duties", "rq-ops-sampler", "rq-ops-alerts", "rq-ops-migrate"):
+        assert not _allowed(policies, outside, {"namespace": "portal", "labels": pods[name]}, 8000), name

@@ -83,6 +83,11 @@ def queue_state(redis, media_image, django_capture_on_commit_callbacks):
     # rq's plain worker registration: our CaptionWorker would also refresh its liveness key from a thread.
     worker = Worker(broker.get_queues(), connection=redis, name="default.testhost.0.rqurls")
     worker.register_birth()
+    # What this process counted while setting up (the submissions) reaches Redis now, not from the metrics flusher's
+    # thread in the middle of the test's before-and-after comparison.
+    from monitoring.metrics.recorder import BUFFER
+
+    BUFFER.flush()
     yield {"job_ids": [job.id for job in jobs.values()], "worker_key": worker.key}
     worker.register_death()
 
