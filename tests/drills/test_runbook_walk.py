@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -119,8 +121,19 @@ def manage(environment: dict, *arguments: str) -> str:
     return result.stdout
 
 
-def test_the_seed_000_runbook_against_a_live_portal(tmp_path):
-    redis_server = RedisServer(tmp_path / "redis", port=free_port(), appendonly=True).start()
+@pytest.fixture
+def own_redis():
+    """A Redis server on a unix socket of this test's own: stopped and started again on the same address, which a
+    TCP port freed meanwhile would not guarantee with other test processes starting servers."""
+    directory = Path(tempfile.mkdtemp(prefix="rq-walk-", dir="/tmp"))  # short: a socket path has a length limit
+    server = RedisServer(directory, port=None, appendonly=True).start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_seed_000_runbook_against_a_live_portal(tmp_path, own_redis):
+    redis_server = own_redis
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("REDIS_URL", "RQ_REDIS_URL", "DATABASE_URL", "MEDIA_ROOT", "PORTAL_ADMIN_USER",
                                   "RQ_WORKER_COUNT", "PORTAL_WORKERS")}
@@ -143,11 +156,15 @@ def test_the_seed_000_runbook_against_a_live_portal(tmp_path):
         assert health["components"] == {**health["components"], "redis": "healthy", "database": "healthy",
                                         "workers": "healthy"}
         status, metrics = call(portal, "/api/rq/metrics")
-        assert status == 200
+        assert status == 200, metrics
+        assert metrics["queues"]["total_queued"] == 0, (metrics, redis_server.client().keys("rq:queue:*"))
         assert metrics["queues"]["by_priority"] == {"urgent": 0, "high": 0, "normal": 0, "low": 0}
         assert (metrics["queues"]["total_queued"], metrics["queues"]["failed_jobs"]) == (0, 0)
         status, alerts = call(portal, "/api/rq/alerts")
-        assert status == 200 and alerts["alerts"] == [] and alerts["alert_count"] == 0
+        assert status == 200 and alerts["alert_count"] == len(alerts["alerts"])
+        # Nothing about the fleet on a fresh start; the host rules judge the test machine itself (its CPU is often
+        # above 80 % here: pending, for 5 minutes).
+        assert [alert for alert in alerts["alerts"] if not alert["metric"].startswith("host_")] == [], alerts
 
         # Worker management: scale up through the queue, then restart every worker.
         status, scaled = call(portal, "/admin/rq/scale-workers", token=operator_token,

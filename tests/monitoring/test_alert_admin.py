@@ -797,7 +797,7 @@ def test_route_form_names_a_wrong_severity_and_matcher(client, admin_user, webho
     errors = response.context["adminform"].form.errors
     assert "Unknown severity urgent" in errors["severities"][0]
     assert "operator '~'" in errors["matchers"][0]
-    assert not NotificationRoute.objects.exists()
+    assert not NotificationRoute.objects.filter(name="ops").exists()  # nothing written
 
 
 def test_escalation_policy_with_steps_is_created_and_audited(client, admin_user, webhook):
