@@ -20,9 +20,11 @@ How it fits together:
   the same text on (``MetricsConsumer.metrics_update``). The last one is also kept in Redis for ``LAST_SAMPLE_TTL``
   seconds, so a dashboard that connects gets a figure at once. Fleet events and alert changes do not wait for a
   sample: ``live.events_announce`` pushes them when their rows are committed.
-- **History.** ``history()`` reads the last hour of per-minute ``MetricSample`` rows (the fleet's and each
-  queue's: at most 300 rows on the (queue, at) index) and the newest fleet events and alert changes (primary-key
-  order), for the page to draw before the first push arrives.
+- **History.** ``history()`` reads the chosen range of ``MetricSample`` rows (the fleet's and each queue's, on
+  the (queue, at) index): the per-minute rows for the last hour (at most 300 rows, the default), 6 h or 24 h, and
+  for 7 days the hourly rows with the last day's minutes folded into hours as the sampler folds them (at most 840
+  points); and the newest fleet events and alert changes (primary-key order), for the page to draw before the first
+  push arrives. A range is one request when it is chosen; the push is not touched.
 """
 
 from __future__ import annotations
@@ -252,18 +254,41 @@ def build_sample(snapshot: Snapshot, *, at: float, ring, slow: dict, alerts: dic
     }
 
 
-def history(*, now: datetime | None = None, minutes: int = 60) -> dict:
-    """The last ``minutes`` of per-minute metric history as columns for the charts, and the ticker's newest rows."""
+# The ranges the dashboard offers from the stored history: the per-minute samples up to a day (they are kept a
+# day), then the hourly ones (with the last day's minutes folded into hours on the fly).
+RANGES = {"1h": timedelta(hours=1), "6h": timedelta(hours=6), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+HOURLY_RANGES = {"7d"}
+SAMPLE_FIELDS = ("at", "queue", "minutes", "depth", "completed", "failed", "retried", "processing_sum",
+                 "processing_count", "processing_p50", "processing_p95", "wait_p50", "wait_p95", "workers",
+                 "busy_ratio")
+
+
+def _history_rows(now: datetime, span: str) -> list[dict]:
+    """The samples of the range, oldest first: minute rows, or for the long ranges one row per hour and queue."""
+    from types import SimpleNamespace
+
+    from monitoring.metrics.sampler import _combined
     from monitoring.models import MetricSample
 
+    since = now - RANGES[span]
+    queues = ["", *broker.QUEUE_NAMES]
+    if span not in HOURLY_RANGES:
+        return list(MetricSample.objects.filter(resolution=MetricSample.Resolution.MINUTE, at__gte=since,
+                                                queue__in=queues).order_by("at").values(*SAMPLE_FIELDS))
+    parts: dict[tuple[datetime, str], list] = {}
+    for row in MetricSample.objects.filter(at__gte=since.replace(minute=0, second=0, microsecond=0),
+                                           queue__in=queues).order_by().values(*SAMPLE_FIELDS):
+        hour = row["at"].replace(minute=0, second=0, microsecond=0)
+        parts.setdefault((hour, row["queue"]), []).append(SimpleNamespace(**row))
+    return [{"at": hour, "queue": queue, **_combined(rows)} for (hour, queue), rows in sorted(parts.items())]
+
+
+def history(*, now: datetime | None = None, span: str = "1h") -> dict:
+    """The ``span`` (a key of RANGES) of metric history as columns for the charts, and the ticker's newest rows."""
     now = now or timezone.now()
-    rows = MetricSample.objects.filter(resolution=MetricSample.Resolution.MINUTE, at__gte=now - timedelta(
-        minutes=minutes), queue__in=["", *broker.QUEUE_NAMES]).order_by("at").values(
-        "at", "queue", "minutes", "depth", "completed", "failed", "retried", "processing_p50", "processing_p95",
-        "wait_p50", "wait_p95", "workers", "busy_ratio")
     times: list[float] = []
     by_minute: dict[datetime, dict[str, dict]] = {}
-    for row in rows:
+    for row in _history_rows(now, span):
         by_minute.setdefault(row["at"], {})[row["queue"]] = row
     series: dict[str, list] = {f"depth:{queue}": [] for queue in broker.QUEUE_NAMES}
     for name in ("completed", "failed", "retried", "processing_p50", "processing_p95", "wait_p50", "wait_p95",
@@ -272,17 +297,17 @@ def history(*, now: datetime | None = None, minutes: int = 60) -> dict:
     for moment in sorted(by_minute):
         period = by_minute[moment]
         fleet = period.get("")
-        span = (fleet or next(iter(period.values())))["minutes"] or 1
-        # A row describes the minute that starts at ``at``; drawn at its end, where the live points continue it.
-        times.append((moment + timedelta(minutes=span)).timestamp())
+        span_minutes = (fleet or next(iter(period.values())))["minutes"] or 1
+        # A row describes the minutes that start at ``at``; drawn at their end, where the live points continue it.
+        times.append((moment + timedelta(minutes=span_minutes)).timestamp())
         for queue in broker.QUEUE_NAMES:
             series[f"depth:{queue}"].append(period[queue]["depth"] if queue in period else None)
-        for name in ("completed", "failed", "retried"):
-            series[name].append(round(fleet[name] / span, 2) if fleet else None)
+        for name in ("completed", "failed", "retried"):  # per minute, whatever the row covers
+            series[name].append(round(fleet[name] / span_minutes, 2) if fleet else None)
         for name in ("processing_p50", "processing_p95", "wait_p50", "wait_p95", "workers", "busy_ratio"):
             series[name].append(fleet[name] if fleet else None)
-    return {"now": now.timestamp(), "times": times, "series": series, "queues": list(broker.QUEUE_NAMES),
-            "events": ticker_rows()}
+    return {"now": now.timestamp(), "range": span, "seconds": RANGES[span].total_seconds(), "times": times,
+            "series": series, "queues": list(broker.QUEUE_NAMES), "events": ticker_rows()}
 
 
 def ticker_rows(limit: int = TICKER_ROWS) -> list[dict]:

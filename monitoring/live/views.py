@@ -1,5 +1,5 @@
 """The live dashboard's pages in the admin (PortalAdminSite.get_urls wraps these in admin_view): the page, and the
-last hour of history it draws first."""
+range of history it draws first (the last hour, or 6 h, 24 h, 7 days)."""
 
 import json
 
@@ -27,11 +27,16 @@ def dashboard(request, admin_site):
 
 
 def dashboard_history(request):
-    """The last hour from the metric history and the ticker's newest lines, for the dashboard's first drawing (and
-    its redrawing after it was away). JSON; the page asks for it with its session."""
-    from monitoring.live.dashboard import history
+    """The chosen range (``?range=1h``, ``6h``, ``24h`` or ``7d``; the last hour by default) of the metric history
+    and the ticker's newest lines, for the dashboard's drawing (and its redrawing after it was away). JSON; the page
+    asks for it with its session."""
+    from monitoring.live.dashboard import RANGES, history
 
     _require_dashboard(request)
     if request.method not in ("GET", "HEAD"):
         return JsonResponse({"error": f"{request.method} is not allowed here; use GET"}, status=405)
-    return JsonResponse(history())
+    span = request.GET.get("range", "1h")
+    if span not in RANGES:
+        return JsonResponse({"error": f"range: must be one of {', '.join(RANGES)}; got {span!r}",
+                             "field": "range"}, status=400)
+    return JsonResponse(history(span=span))

@@ -210,3 +210,38 @@ def test_a_page_without_samples_says_stale_and_a_refused_user_is_told_why(browse
     attempts = page.evaluate("() => PortalLive.connection().attempt")
     time.sleep(2.5)
     assert page.evaluate("() => PortalLive.connection().attempt") == attempts  # a refusal is final: no retrying
+
+
+def test_the_dashboard_shows_six_hours_a_day_and_a_week_from_the_history(browser_page, asgi_server,  # noqa: F811
+                                                                         support_user):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from monitoring.models import MetricSample
+
+    now = timezone.now().replace(second=0, microsecond=0)
+    for at, resolution, minutes, depth in ((now - timedelta(minutes=20), "1m", 1, 3),
+                                           (now - timedelta(hours=3), "1m", 1, 5),
+                                           ((now - timedelta(days=3)).replace(minute=0), "1h", 60, 8)):
+        MetricSample.objects.create(at=at, resolution=resolution, minutes=minutes, queue="", workers=1)
+        MetricSample.objects.create(at=at, resolution=resolution, minutes=minutes, queue="low", depth=depth)
+    page = browser_page
+    log_in(page, asgi_server, support_user)
+    page.goto(f"{asgi_server.url}/admin/dashboard/")
+    page.wait_for_selector("#dashboard[data-range='1h']")
+    page.wait_for_selector("#live-status[data-state=live]")
+    # The low queue's column: the fourth series after the times (urgent, high, normal, low).
+    low = "() => window.portalDashboard.data.depth[4].filter(v => v !== null)"
+    oldest = "() => (Date.now() / 1000 - window.portalDashboard.data.depth[0][0]) / 3600"
+    assert page.evaluate(low)[:1] == [3] and page.evaluate(oldest) < 1
+
+    for label, span, first, at_least_hours in (("6 h", "6h", 5, 2.9), ("7 days", "7d", 8, 70)):
+        samples = page.evaluate("() => window.portalDashboard.samples")
+        page.click(f"#dashboard-range button[data-range='{span}']")
+        page.wait_for_selector(f"#dashboard[data-range='{span}']")
+        assert page.get_attribute(f"#dashboard-range button[data-range='{span}']", "aria-pressed") == "true", label
+        assert page.evaluate(low)[0] == first and page.evaluate(oldest) > at_least_hours, label
+        # The push carries on into the longer range.
+        page.wait_for_function(f"() => window.portalDashboard.samples > {samples} + 1")
+        assert page.evaluate("() => window.portalDashboard.data.depth[0].length") > 2

@@ -368,3 +368,39 @@ def test_writing_a_fleet_event_never_waits_for_a_frozen_redis(redis_server_facto
         os.kill(pid, signal.SIGCONT)
     assert waited < 2, f"writing the event waited {waited:.1f} s for Redis"  # the socket timeout is 10 s
     assert FleetEvent.objects.filter(worker_name="w-frozen").exists()
+
+
+@pytest.mark.django_db
+def test_history_ranges_reach_back_six_hours_a_day_and_a_week(client, redis, support_user):
+    from django.utils import timezone
+
+    from monitoring.models import MetricSample
+
+    now = timezone.now().replace(second=0, microsecond=0)
+    for minutes_ago, depth in ((30, 5), (200, 7), (20 * 60, 9)):
+        MetricSample.objects.create(at=now - timedelta(minutes=minutes_ago), queue="", completed=60, workers=2)
+        MetricSample.objects.create(at=now - timedelta(minutes=minutes_ago), queue="high", depth=depth)
+    # Three days ago: folded into an hourly row (60 minutes, 600 completed: 10 a minute), as the sampler leaves it.
+    three_days = (now - timedelta(days=3)).replace(minute=0)
+    MetricSample.objects.create(at=three_days, resolution=MetricSample.Resolution.HOUR, minutes=60, queue="",
+                                completed=600, workers=3, processing_p95=4.0)
+    MetricSample.objects.create(at=three_days, resolution=MetricSample.Resolution.HOUR, minutes=60, queue="high",
+                                depth=40)
+    client.force_login(support_user)
+
+    def depths(span):
+        response = client.get(reverse("admin:dashboard_history"), {"range": span})
+        assert response.status_code == 200, response.content
+        return response.json()
+
+    assert depths("1h")["series"]["depth:high"] == [5] and depths("1h")["seconds"] == 3600
+    assert depths("6h")["series"]["depth:high"] == [7, 5]
+    assert depths("24h")["series"]["depth:high"] == [9, 7, 5]
+    week = depths("7d")
+    assert week["range"] == "7d" and week["seconds"] == 7 * 86400
+    assert week["series"]["depth:high"] == [40, 9, 7, 5]  # one point per hour
+    assert week["series"]["completed"][0] == 10 and week["series"]["processing_p95"][0] == 4.0
+    assert week["times"][0] == (three_days + timedelta(hours=1)).timestamp()  # drawn at the end of its hour
+    wrong = client.get(reverse("admin:dashboard_history"), {"range": "2w"})
+    assert wrong.status_code == 400 and wrong.json() == {"error": "range: must be one of 1h, 6h, 24h, 7d; got '2w'",
+                                                         "field": "range"}

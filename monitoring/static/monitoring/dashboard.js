@@ -1,16 +1,16 @@
-/* The live dashboard (/admin/dashboard/): draws the last hour from the metric history, then adds every pushed
- * sample (once a second) to the charts and figures, and every pushed fleet event or alert change to the ticker.
+/* The live dashboard (/admin/dashboard/): draws the chosen range (the last hour, 6 h, 24 h or 7 days) from the
+ * metric history, then adds every pushed sample (once a second) to the charts and figures, and every pushed fleet
+ * event or alert change to the ticker. Choosing a range asks the history once; the push goes on as it was.
  * Charts are uPlot (vendored under static/monitoring/vendor/uplot). Needs live.js. */
 (function () {
   "use strict";
 
-  var WINDOW_SECONDS = 3600;
   var TICKER_ROWS = 50;
   var QUEUE_COLOURS = {urgent: "#ba2121", high: "#e5862d", normal: "#417690", low: "#79aec8"};
   var root = document.getElementById("dashboard");
   var historyUrl = root.getAttribute("data-history-url");
   var queues = JSON.parse(root.getAttribute("data-queues"));
-  var state = {charts: {}, data: {}, samples: 0, historyLoads: 0};
+  var state = {charts: {}, data: {}, samples: 0, historyLoads: 0, range: "1h", windowSeconds: 3600};
   window.portalDashboard = state;
 
   // --- formatting -------------------------------------------------------------------------------------------
@@ -99,12 +99,16 @@
   var historyRetry = 1000;
 
   function loadHistory() {
-    return fetch(historyUrl, {credentials: "same-origin", headers: {"Accept": "application/json"}})
+    var range = state.range;
+    return fetch(historyUrl + "?range=" + encodeURIComponent(range),
+                 {credentials: "same-origin", headers: {"Accept": "application/json"}})
       .then(function (response) {
         if (!response.ok) throw new Error("history: HTTP " + response.status);
         return response.json();
       })
       .then(function (history) {
+        if (history.range !== state.range) return; // another range was chosen meanwhile: its answer draws
+        state.windowSeconds = history.seconds;
         var data = fromHistory(history);
         Object.keys(CHARTS).forEach(function (name) { makeChart(name, data[name]); });
         var ticker = document.getElementById("ticker");
@@ -112,6 +116,7 @@
         history.events.slice().reverse().forEach(addTickerLine);
         state.historyLoads += 1;
         root.setAttribute("data-history-loaded", String(state.historyLoads));
+        root.setAttribute("data-range", history.range);
       })
       .then(function () {
         historyRetry = 1000;
@@ -122,7 +127,7 @@
         Object.keys(CHARTS).forEach(function (name) {
           if (!state.charts[name]) makeChart(name, [[]].concat(CHARTS[name].series.map(function () { return []; })));
         });
-        document.getElementById("dashboard-error").textContent = "Could not load the last hour (" + error.message +
+        document.getElementById("dashboard-error").textContent = "Could not load the history (" + error.message +
           "); trying again in " + Math.round(historyRetry / 1000) + " s.";
         setTimeout(loadHistory, historyRetry);
         historyRetry = Math.min(60000, historyRetry * 2);
@@ -136,7 +141,7 @@
     if (lastX !== null && x <= lastX) return; // a sample seen already (re-sent on connect), or out of order
     data[0].push(x);
     values.forEach(function (value, index) { data[index + 1].push(dash(value) ? null : value); });
-    var cutoff = x - WINDOW_SECONDS;
+    var cutoff = x - state.windowSeconds;
     var drop = 0;
     while (drop < data[0].length && data[0][drop] < cutoff) drop += 1;
     if (drop) data.forEach(function (column) { column.splice(0, drop); });
@@ -235,6 +240,17 @@
     ticker.insertBefore(line, ticker.firstChild);
     while (ticker.children.length > TICKER_ROWS) ticker.removeChild(ticker.lastChild);
   }
+
+  // --- the range --------------------------------------------------------------------------------------------
+  Array.prototype.forEach.call(document.querySelectorAll("#dashboard-range button"), function (button) {
+    button.addEventListener("click", function () {
+      state.range = button.getAttribute("data-range");
+      Array.prototype.forEach.call(document.querySelectorAll("#dashboard-range button"), function (other) {
+        other.setAttribute("aria-pressed", other === button ? "true" : "false");
+      });
+      loadHistory();
+    });
+  });
 
   window.addEventListener("resize", function () {
     Object.keys(state.charts).forEach(function (name) {
