@@ -204,7 +204,8 @@ def _tasks_per_worker(readings: Readings, rule) -> Reading | None:
     if not snapshot.alive_workers:
         return Reading.not_applicable("no worker")  # no-active-workers says so
     running = sum(int(worker.get("busy_slots") or 0) for worker in snapshot.alive_workers)
-    return Reading((sum(snapshot.queue_lengths.values()) + running) / len(snapshot.alive_workers))
+    slots = sum(int(worker.get("slots") or 1) for worker in snapshot.alive_workers)
+    return Reading((sum(snapshot.queue_lengths.values()) + running) / slots)
 
 
 def _host_figure(key: str) -> Callable[[Readings, object], Reading | None]:
@@ -212,10 +213,11 @@ def _host_figure(key: str) -> Callable[[Readings, object], Reading | None]:
         snapshot = readings.snapshot
         if not snapshot.redis_ok:
             return None
-        if not snapshot.hosts:
+        measured = {host: figures[key] for host, figures in snapshot.hosts.items() if key in figures}
+        if not measured:
             return Reading.not_applicable("no portal process has reported its host yet")
-        host, figures = max(snapshot.hosts.items(), key=lambda item: item[1][key])
-        return Reading(figures[key], detail=f"host {host}")
+        host = max(measured, key=measured.get)
+        return Reading(measured[host], detail=f"host {host}")
 
     return compute
 
@@ -323,15 +325,16 @@ SIGNALS: dict[str, Signal] = {signal.key: signal for signal in [
            lambda r, rule: Reading(1.0 if r.snapshot.publishing_fallback else 0.0), "rq_fallback_active"),
     Signal("backlog_growth", "Change of the jobs waiting, per minute, over 5 minutes (positive: the backlog grows)",
            "jobs/min", lambda r, rule: _window(r, _backlog_growth), "deriv(sum(rq_queue_length)[5m:30s]) * 60"),
-    Signal("tasks_per_worker", "Jobs waiting or running per alive worker", "jobs", _tasks_per_worker,
-           "(sum(rq_queue_length) + sum(rq_worker_slots_busy)) / sum(rq_workers_active > 0)", about_workers=True),
+    Signal("tasks_per_worker", "Jobs waiting or running per caption slot of the alive workers", "jobs",
+           _tasks_per_worker, "(sum(rq_queue_length) + sum(rq_worker_slots_busy)) / (sum(rq_worker_slots) > 0)",
+           about_workers=True),
     Signal("retries_per_task", "Retries per task that ended (completed or failed), 5 minutes", "retries",
            lambda r, rule: _window(r, _retries_per_task),
            f"sum(rate(rq_task_retries_total[5m])) / ({_ENDED} > 0)"),
     Signal("host_cpu_ratio", "CPU in use on the busiest host running portal processes (or its container's quota)",
-           "ratio", _host_figure("cpu"), "max(rq_host_cpu_usage_ratio)"),
+           "ratio", _host_figure("cpu"), "max by (host) (rq_host_cpu_usage_ratio)"),
     Signal("host_memory_ratio", "Memory in use on the fullest host running portal processes (or its container's "
-           "limit)", "ratio", _host_figure("memory"), "max(rq_host_memory_usage_ratio)"),
+           "limit)", "ratio", _host_figure("memory"), "max by (host) (rq_host_memory_usage_ratio)"),
     Signal("redis_pool_use_ratio", "Most Redis connections one process had in use at once (last 5 s) / "
            "REDIS_MAX_CONNECTIONS", "ratio", _redis_pool_use,
            "max(rq_redis_pool_connections_in_use) / scalar(max(rq_redis_pool_max_connections))"),

@@ -137,9 +137,12 @@ def families(snapshot: Snapshot):
                               "had exited (after a crash or a requested restart), by pool")):
         family = CounterMetricFamily(name, text, labels=["pool"])
         prefix = f"fleet:{kind}:"
-        for field_name, amount in sorted(snapshot.counters.items()):
-            if field_name.startswith(prefix):
-                family.add_metric([field_name[len(prefix):]], amount)
+        counted = {field_name[len(prefix):]: amount for field_name, amount in snapshot.counters.items()
+                   if field_name.startswith(prefix)}
+        for pool in snapshot.pools:  # every pool from zero, so that increase() sees the first crash
+            counted.setdefault(pool["name"], 0.0)
+        for pool, amount in sorted(counted.items()):
+            family.add_metric([pool], amount)
         yield family
     last_pass = GaugeMetricFamily("rq_monitor_last_pass_timestamp_seconds", "When the portal's own monitor (the "
                                   "sampler, the active alert evaluator) last did its work, Unix time",
@@ -179,7 +182,8 @@ def families(snapshot: Snapshot):
     host_memory = GaugeMetricFamily("rq_host_memory_usage_ratio", "Memory in use on a host running portal processes "
                                     "(or in their container, against its limit), 0..1", labels=["host"])
     for host, figures in sorted(snapshot.hosts.items()):
-        host_cpu.add_metric([host], figures["cpu"])
+        if "cpu" in figures:
+            host_cpu.add_metric([host], figures["cpu"])
         host_memory.add_metric([host], figures["memory"])
     yield host_cpu
     yield host_memory

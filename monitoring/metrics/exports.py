@@ -67,7 +67,7 @@ def grafana_dashboard() -> dict:
         _panel(14, "Active tasks", "stat", [("sum(rq_worker_slots_busy)", "running")], 6, 4, w=6, h=4),
         _panel(15, "Submitted (5 m)", "stat", [("sum(increase(rq_tasks_submitted_total[5m]))", "submitted")],
                12, 4, w=6, h=4),
-        _panel(16, "Task status distribution (range)", "piechart",
+        _panel(16, "Task status distribution (attempts by outcome)", "piechart",
                [("sum by (status) (increase(rq_tasks_total[$__range]))", "{{status}}")], 18, 4, w=6, h=4),
         _panel(5, "Queue length by queue", "timeseries", [("rq_queue_length", "{{queue}}")], 0, 8),
         _panel(6, "Throughput (tasks/s)", "timeseries",
@@ -95,6 +95,10 @@ def grafana_dashboard() -> dict:
         _panel(12, "Redis clients", "timeseries",
                [("rq_redis_connected_clients", "connected"), ("rq_redis_maxclients", "max")], 12, 48),
     ]
+    for panel in panels:
+        if panel["type"] == "piechart":  # one figure over the dashboard's range, not a series of them
+            for target in panel["targets"]:
+                target["instant"] = True
     return {
         "uid": "rq-ops-portal", "title": "RQ Ops Portal", "tags": ["rq", "captions"], "timezone": "browser",
         "schemaVersion": 39, "version": 1, "editable": True, "refresh": "30s",

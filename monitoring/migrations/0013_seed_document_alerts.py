@@ -10,8 +10,8 @@ RULES = [
      ["redis-unreachable", "no-active-workers"],
      "Tasks arrive faster than the workers finish them. Scale the pools up (Worker pools, `manage.py workers scale`) "
      "or look for slow or failing captions (the live dashboard, the dead letters)."),
-    ("tasks-per-worker-high", "More than 10 jobs waiting or running per worker", "tasks_per_worker", ">", 10, 0,
-     "warning", "workers", ["redis-unreachable", "no-active-workers"],
+    ("tasks-per-worker-high", "More than 10 jobs waiting or running per caption slot", "tasks_per_worker", ">", 10,
+     600, "warning", "workers", ["redis-unreachable", "no-active-workers"],
      "The load is more than the workers can take soon: scale the pools up, or give them more caption slots."),
     ("retries-high", "More than 2 retries per task", "retries_per_task", ">", 2, 0, "warning", "tasks",
      ["redis-unreachable", "database-unreachable"],
@@ -22,15 +22,15 @@ RULES = [
      "The alert names the host. Workers on it share its CPU: move some (fewer on this host, more elsewhere) or give "
      "the host more CPU. Inside a container, this is its quota."),
     ("host-memory-critical", "A host running the portal uses more than 90 % of its memory", "host_memory_ratio", ">",
-     0.9, 0, "critical", "hosts", [],
+     0.9, 300, "critical", "hosts", [],
      "The host is close to running out of memory: the kernel will kill processes (workers first). Stop workers on it "
      "or give it memory now. Inside a container, this is its limit."),
     ("host-memory-high", "A host running the portal uses more than 85 % of its memory", "host_memory_ratio", ">",
      0.85, 0, "warning", "hosts", ["host-memory-critical"],
      "Memory is getting short on the host the alert names: see rq_portal_process_memory_bytes for which processes "
      "use it, and the workers' memory on the live workers page."),
-    ("redis-pool-busy", "A process uses more than 80 % of its Redis connections", "redis_pool_use_ratio", ">", 0.8, 0,
-     "warning", "redis", ["redis-unreachable"],
+    ("redis-pool-busy", "A process uses more than 80 % of its Redis connections", "redis_pool_use_ratio", ">", 0.8,
+     300, "warning", "redis", ["redis-unreachable"],
      "Beyond the safe range (30-40 of 50 connections): callers will soon wait for a connection and then fail "
      "(rq_redis_pool_exhausted_total). Raise REDIS_MAX_CONNECTIONS within Redis' maxclients, or find the process "
      "kind that holds them (rq_redis_pool_connections_in_use)."),

@@ -19,12 +19,12 @@ from tests.monitoring.test_alert_evaluation import only, snapshot
 pytestmark = pytest.mark.django_db
 
 NEW_RULES = {"queue-growing": ("backlog_growth", 0, 600, "warning"),
-             "tasks-per-worker-high": ("tasks_per_worker", 10, 0, "warning"),
+             "tasks-per-worker-high": ("tasks_per_worker", 10, 600, "warning"),
              "retries-high": ("retries_per_task", 2, 0, "warning"),
              "host-cpu-high": ("host_cpu_ratio", 0.8, 300, "warning"),
              "host-memory-high": ("host_memory_ratio", 0.85, 0, "warning"),
-             "host-memory-critical": ("host_memory_ratio", 0.9, 0, "critical"),
-             "redis-pool-busy": ("redis_pool_use_ratio", 0.8, 0, "warning")}
+             "host-memory-critical": ("host_memory_ratio", 0.9, 300, "critical"),
+             "redis-pool-busy": ("redis_pool_use_ratio", 0.8, 300, "warning")}
 
 
 def test_the_rules_are_seeded_with_the_documents_thresholds():
@@ -64,17 +64,23 @@ def test_a_backlog_that_grows_for_ten_minutes_fires(redis):
     assert Alert.objects.get().state == Alert.State.RESOLVED
 
 
-def test_tasks_per_worker_count_what_waits_and_what_runs(redis):
+def test_tasks_per_worker_count_what_waits_and_what_runs_per_caption_slot(redis):
     only("tasks-per-worker-high")
-    t0 = timezone.now()
-    evaluate(t0, snapshot(lengths={"normal": 18}, workers=2, busy=2))  # (18 + 2) / 2 = 10: not above
-    assert not Alert.objects.exists()
-    evaluate(t0 + timedelta(seconds=10), snapshot(lengths={"normal": 19}, workers=2, busy=2))  # 10.5
-    alert = Alert.objects.get()
-    assert alert.state == Alert.State.FIRING and alert.value == 10.5
-    # No worker alive: does not apply (no-active-workers pages for that).
     AlertRule.objects.filter(name="tasks-per-worker-high").update(clear_seconds=0)
-    evaluate(t0 + timedelta(minutes=5), snapshot(lengths={"normal": 500}, workers=0))
+    t0 = timezone.now()
+    eight_slots = snapshot(lengths={"normal": 19}, workers=2, busy=2)
+    for worker in eight_slots.workers:
+        worker["slots"] = 8
+    evaluate(t0, eight_slots)  # (19 + 2) / 16 slots: 1.3
+    evaluate(t0 + timedelta(seconds=10), snapshot(lengths={"normal": 18}, workers=2, busy=2))  # 20 / 2 = 10
+    assert not Alert.objects.exists()
+    evaluate(t0 + timedelta(seconds=20), snapshot(lengths={"normal": 19}, workers=2, busy=2))  # 10.5
+    alert = Alert.objects.get()
+    assert alert.state == Alert.State.PENDING and alert.value == 10.5  # a burst is no alert: 10 minutes
+    evaluate(t0 + timedelta(minutes=10, seconds=21), snapshot(lengths={"normal": 19}, workers=2, busy=2))
+    assert Alert.objects.get().state == Alert.State.FIRING
+    # No worker alive: does not apply (no-active-workers pages for that).
+    evaluate(t0 + timedelta(minutes=15), snapshot(lengths={"normal": 500}, workers=0))
     assert Alert.objects.get().state == Alert.State.RESOLVED
 
 
@@ -104,12 +110,18 @@ def test_host_cpu_and_memory_name_the_host_and_the_critical_memory_alert_holds_b
     assert not Alert.objects.filter(name="host-memory-critical").exists()
     shot.hosts["worker-1"]["memory"] = 0.93
     evaluate(t0 + timedelta(seconds=10), shot)
+    assert Alert.objects.get(name="host-memory-critical").state == Alert.State.PENDING  # 5 minutes first
+    evaluate(t0 + timedelta(minutes=5, seconds=11), shot)
     critical = Alert.objects.get(name="host-memory-critical")
     assert critical.state == Alert.State.FIRING and critical.value == 0.93
     warning = Alert.objects.get(name="host-memory-high")
     assert warning.inhibited_by_id == critical.pk  # not notified while the critical one fires
-    evaluate(t0 + timedelta(minutes=5, seconds=1), shot)
     assert Alert.objects.get(name="host-cpu-high").state == Alert.State.FIRING  # after its 5 minutes
+    # A host whose processes have not measured CPU yet (their first second) says nothing about CPU.
+    shot.hosts = {"new-host": {"memory": 0.2}}
+    AlertRule.objects.update(clear_seconds=0)
+    evaluate(t0 + timedelta(minutes=6), shot)
+    assert Alert.objects.get(name="host-cpu-high").state == Alert.State.RESOLVED
     # No process has reported its host: does not apply, nothing fires.
     Alert.objects.all().delete()
     shot.hosts = {}
@@ -127,6 +139,8 @@ def test_redis_connections_beyond_the_safe_range(redis, settings):
     assert not Alert.objects.exists()  # 40 of 50: the top of seed 002's safe range
     shot.redis_pools["web"]["in_use"] = 45
     evaluate(t0 + timedelta(seconds=10), shot)
+    assert Alert.objects.get().state == Alert.State.PENDING  # one 5-second peak is no alert
+    evaluate(t0 + timedelta(minutes=5, seconds=11), shot)
     alert = Alert.objects.get()
     assert alert.state == Alert.State.FIRING and alert.value == 0.9
 
@@ -136,7 +150,7 @@ def test_each_new_rule_has_a_prometheus_twin_promtool_accepts(tmp_path, settings
     for name, (signal, threshold, _, _) in NEW_RULES.items():
         assert f"alert: {prometheus_alert_name(name)}" in exported, name
     assert "deriv(sum(rq_queue_length)[5m:30s]) * 60" in exported
-    assert "max(rq_host_memory_usage_ratio)) > 0.9" in exported
+    assert "(max by (host) (rq_host_memory_usage_ratio)) > 0.9" in exported  # one alert per host
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (CI installs it)")

@@ -85,11 +85,18 @@ def test_a_killed_worker_counts_as_a_crash_and_its_replacement_as_a_restart(staf
 
 
 @pytest.mark.django_db
-def test_each_process_reports_its_host_and_itself(staff_client, redis):
+def test_each_process_reports_its_host_and_itself(staff_client, redis, monkeypatch):
     broker.get_connection()
+    monkeypatch.setattr(hosts, "_meter", None)  # as a process that has just started
+    recorder.report_pool_use()
+    first = samples(staff_client)
+    host = socket.gethostname()
+    assert 0 < value(first, "rq_host_memory_usage_ratio", host=host) <= 1
+    # No CPU figure from a meter younger than a second: its first readings would be 0 or 100 %.
+    assert ("rq_host_cpu_usage_ratio", (("host", host),)) not in first
+    time.sleep(hosts.CPU_INTERVAL_MIN)
     recorder.report_pool_use()
     values = samples(staff_client)
-    host = socket.gethostname()
     assert 0 <= value(values, "rq_host_cpu_usage_ratio", host=host) <= 1
     assert 0 < value(values, "rq_host_memory_usage_ratio", host=host) <= 1
     kind = [labels for name, labels in values if name == "rq_portal_process_memory_bytes"]
@@ -101,10 +108,11 @@ def test_each_process_reports_its_host_and_itself(staff_client, redis):
 def test_in_a_container_the_cgroup_limits_are_the_host(tmp_path, monkeypatch):
     monkeypatch.setattr(hosts, "CGROUP", tmp_path)
     (tmp_path / "memory.max").write_text("1073741824\n")
-    (tmp_path / "memory.current").write_text("805306368\n")
+    (tmp_path / "memory.current").write_text("939524096\n")  # 896 MiB, of which 128 MiB inactive page cache
+    (tmp_path / "memory.stat").write_text("anon 600000000\ninactive_file 134217728\nactive_file 1000\n")
     (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a core
     (tmp_path / "cpu.stat").write_text("usage_usec 1000000\nuser_usec 900000\n")
-    assert hosts.host_memory() == 0.75
+    assert hosts.host_memory() == 0.75  # the working set: 768 MiB of 1 GiB
     meter = hosts._CpuMeter()
     assert meter.host() == 0.0  # the first reading starts the interval
     started = time.monotonic()
@@ -115,7 +123,7 @@ def test_in_a_container_the_cgroup_limits_are_the_host(tmp_path, monkeypatch):
     assert used == pytest.approx(0.2 / elapsed / 0.5, rel=0.2) and used <= 1.0
     (tmp_path / "memory.max").write_text("max\n")  # no limit: the machine's figures
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert hosts.host_memory() == pytest.approx(hosts.psutil.virtual_memory().percent / 100)
+    assert hosts.host_memory() == pytest.approx(hosts.psutil.virtual_memory().percent / 100, abs=0.02)
     assert 0 <= meter.host() <= 1
 
 
@@ -126,7 +134,9 @@ def test_host_use_adds_up_processes_and_takes_the_busiest_view_of_a_host():
         {"kind": "web", "peak": 2, "host": "b", "rss": 70, "cpu": 0.1, "host_cpu": 0.2, "host_memory": 0.9},
         {"kind": "web", "peak": 2, "host": "c"},  # a process of an older version: no host figures
     ]
+    reports.append({"kind": "web", "peak": 1, "host": "d", "rss": 10, "host_memory": 0.4})  # in its first second
     machines, processes = hosts.host_use(reports)
-    assert machines == {"a": {"cpu": 0.6, "memory": 0.31}, "b": {"cpu": 0.2, "memory": 0.9}}
+    assert machines == {"a": {"cpu": 0.6, "memory": 0.31}, "b": {"cpu": 0.2, "memory": 0.9}, "d": {"memory": 0.4}}
     assert processes == {("worker", "a"): {"rss": 150, "cpu": 0.75, "processes": 2},
-                         ("web", "b"): {"rss": 70, "cpu": 0.1, "processes": 1}}
+                         ("web", "b"): {"rss": 70, "cpu": 0.1, "processes": 1},
+                         ("web", "d"): {"rss": 10, "cpu": 0.0, "processes": 1}}

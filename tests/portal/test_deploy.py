@@ -198,7 +198,7 @@ def test_the_kubernetes_manifests_give_workers_time_to_finish_and_scale_on_our_m
     found = manifests()
     deployments = {name: document for (kind, name), document in found.items() if kind == "Deployment"}
     assert set(deployments) == {"rq-ops-web", "rq-ops-ws", "rq-ops-workers", "rq-ops-duties", "rq-ops-sampler",
-                                "rq-ops-alerts"}
+                                "rq-ops-alerts", "rq-ops-metrics"}
     for name, deployment in deployments.items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
@@ -273,15 +273,28 @@ def test_the_migrations_backups_live_on_a_volume_that_outlives_the_containers():
     assert "ReadWriteMany" in claim["spec"]["accessModes"]  # every web replica may start a run
 
 
-def test_prometheus_scrapes_the_web_pods_with_the_metrics_token():
+def test_prometheus_scrapes_one_pod_with_the_metrics_token():
     found = manifests()
     monitor = found[("ServiceMonitor", "rq-ops-portal")]
-    service = found[("Service", "rq-ops-web")]
+    service = found[("Service", "rq-ops-metrics")]
+    # One target: every portal process serves the same fleet-wide series, so a second one would double every sum.
+    target = found[("Deployment", "rq-ops-metrics")]
+    assert target["spec"]["replicas"] == 1
+    assert service["spec"]["selector"].items() <= target["spec"]["template"]["metadata"]["labels"].items()
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= found[("Service", "rq-ops-web")][
+        "metadata"]["labels"].items()
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
-    secret = endpoint["bearerTokenSecret"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    secret = endpoint["authorization"]["credentials"]
     assert secret["key"] in found[("Secret", secret["name"])]["stringData"] and secret["key"] == "METRICS_TOKEN"
+    # Prometheus (and the kubelet's probes) reach a pod by its IP: the pods must accept it as a host.
+    for name in ("rq-ops-web", "rq-ops-ws", "rq-ops-metrics"):
+        env = {entry["name"]: entry for entry in containers(found[("Deployment", name)])[0]["env"]}
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", name
+        assert env["ALLOWED_HOSTS"]["value"].split(",")[-1] == "$(POD_IP)", name
+        assert list(env).index("POD_IP") < list(env).index("ALLOWED_HOSTS"), name  # defined before it is used
 
 
 @pytest.mark.django_db
@@ -341,8 +354,11 @@ def _selects(selector: dict, labels: dict) -> bool:
 
 
 def _allowed(policies: list[dict], source: dict, target: dict, port: int) -> bool:
-    """Whether NetworkPolicies let ``source`` (labels, namespace) connect to ``target`` on ``port``: pods no policy
-    selects take everything; selected pods take what one of the policies' ingress rules allows."""
+    """Whether NetworkPolicies let ``source`` connect to ``target`` on ``port``, as Kubernetes reads them: pods no
+    policy selects take everything; a selected pod takes what one of its policies' ingress rules allows. A rule
+    without ``from`` takes every source; a ``podSelector`` peer, pods of the policy's namespace; a
+    ``namespaceSelector`` peer, pods of the namespaces it selects ({} every namespace), never a source outside the
+    cluster (``namespace`` None)."""
     selecting = [policy for policy in policies if policy["metadata"].get("namespace", "portal") == target["namespace"]
                  and _selects(policy["spec"]["podSelector"], target["labels"])]
     if not selecting:
@@ -351,10 +367,15 @@ def _allowed(policies: list[dict], source: dict, target: dict, port: int) -> boo
         for rule in policy["spec"].get("ingress") or []:
             if rule.get("ports") and port not in {entry["port"] for entry in rule["ports"]}:
                 continue
-            for peer in rule.get("from") or []:
+            if "from" not in rule:
+                return True
+            for peer in rule["from"]:
+                if source["namespace"] is None:
+                    continue
                 if "namespaceSelector" in peer:
-                    return True  # {} selects every namespace
-                if "podSelector" in peer and source["namespace"] == target["namespace"] \
+                    if _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source["namespace"]}):
+                        return True
+                elif "podSelector" in peer and source["namespace"] == target["namespace"] \
                         and _selects(peer["podSelector"], source["labels"]):
                     return True
     return False
@@ -377,9 +398,17 @@ def test_only_the_portals_pods_reach_the_datastores_and_only_web_and_ws_are_reac
         assert _allowed(policies, pod, redis, 6379) and _allowed(policies, pod, mariadb, 3306), name
     stranger = {"namespace": "portal", "labels": {"app.kubernetes.io/name": "something-else"}}
     outside = {"namespace": "ingress-nginx", "labels": {"app.kubernetes.io/name": "ingress-nginx"}}
-    for visitor in (stranger, outside):
+    internet = {"namespace": None, "labels": {}}  # a load balancer keeping the client's address
+    for visitor in (stranger, outside, internet):
         assert not _allowed(policies, visitor, redis, 6379) and not _allowed(policies, visitor, mariadb, 3306)
-    assert _allowed(policies, outside, {"namespace": "portal", "labels": pods["rq-ops-web"]}, 8000)
-    assert _allowed(policies, outside, {"namespace": "portal", "labels": pods["rq-ops-ws"]}, 8001)
-    for name in ("rq-ops-workers", "rq-ops-duties", "rq-ops-sampler", "rq-ops-alerts", "rq-ops-migrate"):
-        assert not _allowed(policies, outside, {"namespace": "portal", "labels": pods[name]}, 8000), name
+    # The datastores among themselves: replication, the sentinels.
+    assert _allowed(policies, redis, redis, 6379) and _allowed(policies, redis, redis, 26379)
+    assert _allowed(policies, mariadb, mariadb, 3306)
+    prometheus = {"namespace": "monitoring", "labels": {"app.kubernetes.io/name": "prometheus"}}
+    assert _allowed(policies, prometheus, redis, 9121) and not _allowed(policies, prometheus, redis, 6379)
+    for visitor in (outside, internet, prometheus):
+        assert _allowed(policies, visitor, {"namespace": "portal", "labels": pods["rq-ops-web"]}, 8000)
+        assert _allowed(policies, visitor, {"namespace": "portal", "labels": pods["rq-ops-metrics"]}, 8000)
+        assert _allowed(policies, visitor, {"namespace": "portal", "labels": pods["rq-ops-ws"]}, 8001)
+        for name in ("rq-ops-workers", "rq-ops-duties", "rq-ops-sampler", "rq-ops-alerts", "rq-ops-migrate"):
+            assert not _allowed(policies, visitor, {"namespace": "portal", "labels": pods[name]}, 8000), name

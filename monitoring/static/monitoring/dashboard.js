@@ -10,7 +10,11 @@
   var root = document.getElementById("dashboard");
   var historyUrl = root.getAttribute("data-history-url");
   var queues = JSON.parse(root.getAttribute("data-queues"));
-  var state = {charts: {}, data: {}, samples: 0, historyLoads: 0, range: "1h", windowSeconds: 3600};
+  // Over the long ranges the pushed samples are folded into one point per minute (24 h) or hour (7 days), as the
+  // history there is: one point a second for a day or a week would be redrawn every second.
+  var BUCKET_SECONDS = {"1h": 0, "6h": 0, "24h": 60, "7d": 3600};
+  var state = {charts: {}, data: {}, samples: 0, historyLoads: 0, range: "1h", windowSeconds: 3600,
+               liveBuckets: {}};
   window.portalDashboard = state;
 
   // --- formatting -------------------------------------------------------------------------------------------
@@ -109,6 +113,7 @@
       .then(function (history) {
         if (history.range !== state.range) return; // another range was chosen meanwhile: its answer draws
         state.windowSeconds = history.seconds;
+        state.liveBuckets = {};
         var data = fromHistory(history);
         Object.keys(CHARTS).forEach(function (name) { makeChart(name, data[name]); });
         var ticker = document.getElementById("ticker");
@@ -139,8 +144,17 @@
     if (!data) return;
     var lastX = data[0].length ? data[0][data[0].length - 1] : null;
     if (lastX !== null && x <= lastX) return; // a sample seen already (re-sent on connect), or out of order
-    data[0].push(x);
-    values.forEach(function (value, index) { data[index + 1].push(dash(value) ? null : value); });
+    var bucketSeconds = BUCKET_SECONDS[state.range] || 0;
+    var bucket = bucketSeconds ? Math.floor(x / bucketSeconds) : null;
+    var last = data[0].length - 1;
+    if (bucket !== null && state.liveBuckets[name] === bucket && last >= 0) {
+      data[0][last] = x; // the same minute or hour: the newest sample stands for it
+      values.forEach(function (value, index) { data[index + 1][last] = dash(value) ? null : value; });
+    } else {
+      data[0].push(x);
+      values.forEach(function (value, index) { data[index + 1].push(dash(value) ? null : value); });
+    }
+    if (bucket !== null) state.liveBuckets[name] = bucket;
     var cutoff = x - state.windowSeconds;
     var drop = 0;
     while (drop < data[0].length && data[0][drop] < cutoff) drop += 1;
