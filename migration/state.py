@@ -18,9 +18,13 @@ def system_mode() -> SystemMode:
     row = SystemMode.objects.filter(pk=1).first()
     if row is not None:
         return row
-    mode = Mode.LEGACY if not settings.RQ_ENABLED else (Mode.HYBRID if settings.RQ_HYBRID_MODE else Mode.RQ)
-    return SystemMode(pk=1, mode=mode, hybrid_rq_percent=settings.RQ_HYBRID_RQ_PERCENT,
+    return SystemMode(pk=1, mode=seeded_mode(), hybrid_rq_percent=settings.RQ_HYBRID_RQ_PERCENT,
                       fallback_enabled=settings.RQ_FALLBACK_ENABLED, fallback_timeout=settings.RQ_FALLBACK_TIMEOUT)
+
+
+def seeded_mode() -> str:
+    """The mode the old system's switches (RQ_ENABLED, RQ_HYBRID_MODE) give the row when it is first written."""
+    return Mode.LEGACY if not settings.RQ_ENABLED else (Mode.HYBRID if settings.RQ_HYBRID_MODE else Mode.RQ)
 
 
 def system_mode_ensure() -> None:

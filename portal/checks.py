@@ -67,9 +67,8 @@ POOL_SEED_VARIABLES = {"RQ_AUTO_SCALING_ENABLED": "autoscale", "RQ_MIN_WORKERS":
                        "RQ_MAX_WORKERS": "maximum", "RQ_SCALE_UP_THRESHOLD": "scale_up_threshold",
                        "RQ_SCALE_DOWN_THRESHOLD": "scale_down_threshold", "RQ_SCALE_UP_COOLDOWN": "scale_up_cooldown",
                        "RQ_SCALE_DOWN_COOLDOWN": "scale_down_cooldown"}
-MODE_SEED_VARIABLES = {"RQ_HYBRID_RQ_PERCENT": ("hybrid_rq_percent", "RQ_HYBRID_RQ_PERCENT"),
-                       "RQ_FALLBACK_ENABLED": ("fallback_enabled", "RQ_FALLBACK_ENABLED"),
-                       "RQ_FALLBACK_TIMEOUT": ("fallback_timeout", "RQ_FALLBACK_TIMEOUT")}
+MODE_SEED_VARIABLES = {"RQ_HYBRID_RQ_PERCENT": "hybrid_rq_percent", "RQ_FALLBACK_ENABLED": "fallback_enabled",
+                       "RQ_FALLBACK_TIMEOUT": "fallback_timeout"}  # each read into the setting of its own name
 
 
 @register()
@@ -88,7 +87,8 @@ def check_seeded_rows(app_configs, **kwargs):
              if is_set(name)]
     if not names:
         return []
-    from migration.models import Mode, SystemMode
+    from migration.models import SystemMode
+    from migration.state import seeded_mode
     from queues.models import WorkerPool
 
     problems = []
@@ -107,8 +107,7 @@ def check_seeded_rows(app_configs, **kwargs):
                     "and changes nothing since.",
                     hint="Change the pool in the admin (Worker pools), or unset the variable.", id="portal.W011"))
     if row is not None:
-        wanted_mode = Mode.LEGACY if not settings.RQ_ENABLED else (
-            Mode.HYBRID if settings.RQ_HYBRID_MODE else Mode.RQ)
+        wanted_mode = seeded_mode()
         for name in ("RQ_ENABLED", "RQ_HYBRID_MODE"):
             if is_set(name) and row.mode != wanted_mode:
                 problems.append(Warning(
@@ -116,8 +115,8 @@ def check_seeded_rows(app_configs, **kwargs):
                     f"{row.mode}: the variable set the mode only when its row was first written.",
                     hint=f"Change it with `manage.py migrate_to_rq mode {wanted_mode}` (or the migration console), "
                          "or unset the variable.", id="portal.W011"))
-        for name, (field, setting) in MODE_SEED_VARIABLES.items():
-            if is_set(name) and getattr(row, field) != getattr(settings, setting):
+        for name, field in MODE_SEED_VARIABLES.items():
+            if is_set(name) and getattr(row, field) != getattr(settings, name):
                 problems.append(Warning(
                     f"{name}={os.environ[name].strip()} is not what the dispatch mode row has ({field} = "
                     f"{getattr(row, field)}): the variable set it only when the row was first written.",

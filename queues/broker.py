@@ -495,10 +495,8 @@ def _failed_key(queue_name: str) -> str:
     return FailedJobRegistry(queue_name, connection=get_connection()).key
 
 
-def dead_letters_forget(tasks: Iterable[tuple[int, str]], *, strict: bool = False) -> None:
-    """Takes tasks' jobs out of their queues' failed-job registries (one pipeline). Best effort (requeued tasks: the
-    entries expire with RQ_FAILURE_TTL and the database already says QUEUED), unless ``strict``: then a Redis error
-    raises BrokerUnavailable."""
+def dead_letters_forget(tasks: Iterable[tuple[int, str]]) -> None:
+    """Takes requeued tasks' jobs out of their queues' failed-job registries (one pipeline)."""
     by_queue: dict[str, list[str]] = defaultdict(list)
     for task_id, queue_name in tasks:
         by_queue[queue_name].append(job_id_for(task_id))
@@ -507,9 +505,8 @@ def dead_letters_forget(tasks: Iterable[tuple[int, str]], *, strict: bool = Fals
         for queue_name, job_ids in by_queue.items():
             pipe.zrem(_failed_key(queue_name), *job_ids)
         pipe.execute()
-    except REDIS_ERRORS as error:
-        if strict:
-            raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
+    except REDIS_ERRORS:
+        pass  # the registry entries expire with RQ_FAILURE_TTL; the database already says QUEUED
 
 
 def dead_letters_drop(tasks: Iterable[tuple[int, str]]) -> list[int]:
@@ -526,8 +523,8 @@ def dead_letters_drop(tasks: Iterable[tuple[int, str]]) -> list[int]:
         for task_id, _ in tasks:
             pipe.hget(CaptionJob.redis_job_namespace_prefix + job_id_for(task_id), "status")
         statuses = pipe.execute()
-        filing = [task_id for (task_id, _), status in zip(tasks, statuses)
-                  if status is not None and status.decode() != "failed"]
+        filing = {task_id for (task_id, _), status in zip(tasks, statuses)
+                  if status is not None and status.decode() != "failed"}
         pipe = connection.pipeline(transaction=False)
         for task_id, queue_name in tasks:
             if task_id in filing:
@@ -538,7 +535,7 @@ def dead_letters_drop(tasks: Iterable[tuple[int, str]]) -> list[int]:
         pipe.execute()
     except REDIS_ERRORS as error:
         raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
-    return filing
+    return sorted(filing)
 
 
 def jobs_delete(task_ids: Iterable[int], *, strict: bool = False) -> None:

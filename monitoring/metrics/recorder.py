@@ -191,16 +191,15 @@ def process_reports(raw: dict, now: float) -> tuple[list[dict], list]:
     return reports, gone
 
 
-def pool_use(raw: dict, now: float) -> tuple[dict[str, dict], list]:
-    """From POOLS_KEY: {kind: {"in_use": the highest peak among its live processes, "processes": how many}}, and
-    the fields of processes that stopped reporting (to delete)."""
-    reports, gone = process_reports(raw, now)
+def pool_kinds(reports: list[dict]) -> dict[str, dict]:
+    """{kind: {"in_use": the highest peak among its live processes, "processes": how many}} (``process_reports``)."""
     kinds: dict[str, dict] = {}
     for report in reports:
-        kind = kinds.setdefault(str(report["kind"]), {"in_use": 0, "processes": 0})
-        kind["in_use"] = max(kind["in_use"], int(report["peak"]))
+        kind = kinds.setdefault(report["kind"], {"in_use": 0, "processes": 0})
+        kind["in_use"] = max(kind["in_use"], report["peak"])
         kind["processes"] += 1
-    return kinds, gone
+    return kinds
+
 
 
 class Reachability:

@@ -29,7 +29,7 @@ from monitoring.metrics.recorder import (
     histogram_key,
     note_available,
     note_unavailable,
-    pool_use,
+    pool_kinds,
     process_reports,
 )
 from queues import broker
@@ -64,7 +64,7 @@ class Snapshot:
     oldest_processing_started: datetime | None = None  # the oldest PROCESSING task's start (few rows, indexed)
     captioner_problem: dict | None = None  # a captioner misconfiguration reported in the last minutes
     pools: list[dict] = field(default_factory=list)  # name, desired, queue names: the worker pools' rows
-    redis_pools: dict[str, dict] = field(default_factory=dict)  # process kind -> Redis pool use (recorder.pool_use)
+    redis_pools: dict[str, dict] = field(default_factory=dict)  # process kind -> Redis pool use (recorder.pool_kinds)
     hosts: dict[str, dict] = field(default_factory=dict)  # host -> {"cpu", "memory"} (metrics.hosts.host_use)
     processes: dict[tuple[str, str], dict] = field(default_factory=dict)  # (kind, host) -> {"rss", "cpu", ...}
     dispatch: DispatchStatus = field(default_factory=DispatchStatus)  # mode, fallback, submission pause
@@ -175,9 +175,9 @@ def _fill(snapshot: Snapshot, connection, values: list) -> None:
         snapshot.histograms[("processing", name)] = {k: float(v) for k, v in _decode(processing).items()}
         snapshot.histograms[("wait", name)] = {k: float(v) for k, v in _decode(wait).items()}
     counters, memory, clients, problem, worker_keys, pools = values[-6:]
-    now = time.time()
-    snapshot.redis_pools, gone = pool_use(pools, now)
-    snapshot.hosts, snapshot.processes = host_use(process_reports(pools, now)[0])
+    reports, gone = process_reports(pools, time.time())
+    snapshot.redis_pools = pool_kinds(reports)
+    snapshot.hosts, snapshot.processes = host_use(reports)
     if gone:
         connection.hdel(POOLS_KEY, *gone)
     snapshot.captioner_problem = json.loads(problem) if problem else None

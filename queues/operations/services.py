@@ -241,19 +241,20 @@ def _run(action: str, task_ids: Iterable[int], *, user, address, on_batch, param
          detail: dict | None = None) -> BulkResult:
     ids = sorted(set(int(task_id) for task_id in task_ids))
     result = BulkResult(action)
+    stopped = None
     try:
         for batch in _chunks(ids):
             _apply_batch(action, batch, result, user=user, params=params or {})
             if on_batch:
                 on_batch(len(batch), result)
     except BrokerUnavailable as error:  # the batches before it are done: the audit says how many
-        if result.changed:
-            audit(user=user, action=f"tasks_{action}", target=f"{len(ids)} selected task(s)", count=result.changed,
-                  detail={"refused": dict(result.refused), "stopped": f"Redis unreachable: {error}",
-                          **(detail or {})}, address=address)
-        raise
-    audit(user=user, action=f"tasks_{action}", target=f"{len(ids)} selected task(s)", count=result.changed,
-          detail={"refused": dict(result.refused), **(detail or {})}, address=address)
+        stopped = error
+    if stopped is None or result.changed:
+        audit(user=user, action=f"tasks_{action}", target=f"{len(ids)} selected task(s)", count=result.changed,
+              detail={"refused": dict(result.refused), **({"stopped": f"Redis unreachable: {stopped}"}
+                                                          if stopped else {}), **(detail or {})}, address=address)
+    if stopped is not None:
+        raise stopped
     return result
 
 

@@ -107,8 +107,8 @@ def test_reports_of_processes_that_stopped_are_dropped():
            b"h:2": b'{"kind": "worker", "peak": 9, "max": 50, "at": %f}' % (now - 1),
            b"h:3": b'{"kind": "worker", "peak": 40, "max": 50, "at": %f}' % (now - 60),
            b"h:4": b"not json"}
-    kinds, gone = recorder.pool_use(raw, now)
-    assert kinds == {"worker": {"in_use": 9, "processes": 2}}
+    reports, gone = recorder.process_reports(raw, now)
+    assert recorder.pool_kinds(reports) == {"worker": {"in_use": 9, "processes": 2}}
     assert sorted(gone) == [b"h:3", b"h:4"]
 
 
