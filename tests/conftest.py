@@ -239,6 +239,20 @@ def unreachable_redis(settings):
     broker.reset_connection()
 
 
+def tool_or_skip(name: str, package: str) -> str:
+    """The path of a command-line tool a test checks with (promtool, amtool, systemd-analyze). CI installs them all:
+    there a missing one fails the test; elsewhere the test is skipped."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must have {name} (Debian: apt-get install {package})")
+        pytest.skip(f"{name} is not installed here (Debian: apt-get install {package})")
+    return path
+
+
 def subprocess_env(**extra) -> dict:
     """Environment for a child process (manage.py command, worker) that must use this test's Redis and database."""
     import os

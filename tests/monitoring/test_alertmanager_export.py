@@ -1,8 +1,6 @@
 """The exported Alertmanager configuration: the portal's routes and channels as receivers and routes, every alert
 to the portal's webhook first, and a file Alertmanager's own amtool accepts and routes as the portal does."""
 
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -12,18 +10,13 @@ from django.core.management.base import CommandError
 
 from monitoring.alerts.notify import _routes_for
 from monitoring.models import Alert, AlertRule, NotificationChannel, NotificationRoute
+from tests.conftest import tool_or_skip
 
 TOKEN = "am-webhook-token-0123456789"
 
 
 def amtool_or_skip() -> str:
-    amtool = shutil.which("amtool")
-    if amtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must check the Alertmanager config: amtool (Debian package prometheus-alertmanager) is "
-                        "missing")
-        pytest.skip("amtool is not installed here (apt-get install prometheus-alertmanager)")
-    return amtool
+    return tool_or_skip("amtool", "prometheus-alertmanager")
 
 
 @pytest.fixture(autouse=True)

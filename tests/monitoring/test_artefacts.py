@@ -1,9 +1,7 @@
 """The exported Prometheus rules and Grafana dashboard: valid, and naming only metrics the portal serves."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -11,6 +9,8 @@ import yaml
 from django.core.management import call_command
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import tool_or_skip
 
 # The seeded rule rows as Prometheus sees them: alert name and "for" (None: fires at once).
 REQUIRED_ALERTS = {"RQNoActiveWorkers": None, "RQRedisUnreachable": None, "RQDatabaseUnreachable": None,
@@ -101,11 +101,7 @@ def test_the_exported_rules_follow_the_rule_rows(capsys):
 @pytest.mark.django_db
 @pytest.mark.usefixtures("seeded_alert_rules")  # a transactional test before may have emptied them
 def test_promtool_accepts_the_rules(tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must check the rules: promtool (Debian package prometheus) is missing")
-        pytest.skip("promtool is not installed here (apt-get install prometheus)")
+    promtool = tool_or_skip("promtool", "prometheus")
     output = tmp_path / "rules.yml"
     call_command("export_prometheus_rules", "--output", str(output))
     result = subprocess.run([promtool, "check", "rules", str(output)], capture_output=True, text=True, timeout=60)

@@ -2,8 +2,6 @@
 retries per task (004), host CPU (004) and memory (004 warning, 000 critical), Redis connections beyond seed 002's
 safe range. Each judged by the portal's evaluator on real rows, and exported as a Prometheus twin promtool accepts."""
 
-import shutil
-import subprocess
 from datetime import timedelta
 
 import pytest
@@ -145,16 +143,10 @@ def test_redis_connections_beyond_the_safe_range(redis, settings):
     assert alert.state == Alert.State.FIRING and alert.value == 0.9
 
 
-def test_each_new_rule_has_a_prometheus_twin_promtool_accepts(tmp_path, settings):
+def test_each_new_rule_has_a_prometheus_twin():
+    """Its PromQL; promtool checks the whole export, these rules with the others (test_artefacts)."""
     exported = prometheus_rules()
-    for name, (signal, threshold, _, _) in NEW_RULES.items():
+    for name in NEW_RULES:
         assert f"alert: {prometheus_alert_name(name)}" in exported, name
     assert "deriv(sum(rq_queue_length)[5m:30s]) * 60" in exported
     assert "(max by (host) (rq_host_memory_usage_ratio)) > 0.9" in exported  # one alert per host
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (CI installs it)")
-    path = tmp_path / "rules.yml"
-    path.write_text(exported)
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,8 +1,6 @@
 """What the series of /metrics look like to Prometheus: stable labels across worker restarts, names promtool accepts,
 outages counted once."""
 
-import os
-import shutil
 import socket
 import subprocess
 
@@ -12,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from queues import broker
 from queues.fleet.worker import CaptionWorker
+from tests.conftest import tool_or_skip
 
 
 @pytest.fixture
@@ -66,11 +65,7 @@ def test_a_restarted_worker_keeps_its_pool_and_host_series(staff_client, redis):
 
 @pytest.mark.django_db
 def test_promtool_accepts_the_whole_scrape(staff_client, redis):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing in CI (Debian: apt-get install prometheus)")
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    promtool = tool_or_skip("promtool", "prometheus")
     from monitoring.metrics.recorder import (BUFFER, record_attempt, record_fleet_event, record_submitted,
                                              report_pool_use)
 

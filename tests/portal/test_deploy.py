@@ -21,7 +21,7 @@ from django.core.management import call_command
 from portal.embedded_redis import free_port
 from queues.models import CaptionTask, TaskStatus
 from queues.services import task_submit
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, tool_or_skip
 
 DEPLOY = Path(settings.BASE_DIR) / "deploy"
 # The supervisor's own stop timeout: it waits this long for the tasks in hand before it gives up on them.
@@ -138,11 +138,7 @@ def test_the_systemd_units_stop_the_supervisor_gracefully_and_restart_on_failure
 
 
 def test_systemd_analyze_verifies_the_units(tmp_path):
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must verify the units: systemd-analyze is missing (apt-get install systemd)")
-        pytest.skip("systemd-analyze is not installed here")
+    analyze = tool_or_skip("systemd-analyze", "systemd")
     # The units name the installed layout; here the checkout and its .venv stand in for /opt/rq-ops-portal.
     environment_file = tmp_path / "env"
     environment_file.write_text((DEPLOY / "systemd" / "rq-ops.env.example").read_text())
@@ -319,11 +315,7 @@ def test_the_prometheusrule_is_the_export_of_a_fresh_install_and_promtool_accept
         "export_prometheus_rules --format prometheusrule --output deploy/kubernetes/prometheusrule.yaml` on a fresh "
         "database with PORTAL_URL=https://ops.example.org")
     assert committed["kind"] == "PrometheusRule" and committed["apiVersion"] == "monitoring.coreos.com/v1"
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing in CI (Debian: apt-get install prometheus)")
-        pytest.skip("promtool is not installed here")
+    promtool = tool_or_skip("promtool", "prometheus")
     rules = tmp_path / "rules.yml"
     rules.write_text(yaml.safe_dump({"groups": committed["spec"]["groups"]}))
     result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
