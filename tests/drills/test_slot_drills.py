@@ -17,6 +17,7 @@ from queues import broker
 from queues.fleet.services import worker_runs_job, worker_stop_job
 from queues.fleet.supervisor import SECOND_SIGNAL_AFTER
 from queues.models import CaptionTask, TaskEvent, TaskStatus, WorkerPool
+from queues.operations.services import queue_empty
 from queues.services import TaskSpec, tasks_submit_many
 from tests.conftest import respond, subprocess_env
 from tests.processes import Supervisors, live_workers, slow_ollama, wait_for
@@ -125,6 +126,9 @@ def test_sigterm_lets_all_eight_finish_then_a_second_one_gives_them_back(redis, 
         assert sorted(broker.queued_task_ids("normal")) == sorted(task.pk for task in waiting)
     finally:
         print(stop(process)[-5000:])
+    # Those eight would be the next worker's first eight (and at 20 s a caption, its eight new ones would wait
+    # behind them): the queue is emptied, as an operator would, before the second stop is drilled.
+    assert queue_empty(queue_name="normal", confirm="normal").changed == SLOTS
 
     image = slow_ollama(http_server, png_bytes, delay=20)
     process = slot_worker(http_server)
