@@ -27,7 +27,9 @@ adopt_server_loggers(settings.LOG_FORMAT)  # uvicorn's or daphne's own lines in 
 log_not_read(logging.getLogger("portal"))  # the old system's variables that are set but not read
 
 application = ProtocolTypeRouter({
-    # The webhook's cap while the body arrives: Django would spool a chunked body of any size before the view.
-    "http": BodyLimit(django_application, {reverse("alertmanager-webhook"): WEBHOOK_MAX_BYTES}),
+    # The webhook's and the API's caps while the body arrives: Django would spool a chunked body of any size before
+    # the view (the API's is Django's own limit, which a body with a Content-Length meets in the view).
+    "http": BodyLimit(django_application, {reverse("alertmanager-webhook"): WEBHOOK_MAX_BYTES,
+                                           "/api/v1/": settings.DATA_UPLOAD_MAX_MEMORY_SIZE}),
     "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })

@@ -16,14 +16,21 @@ def too_large_error(limit: int) -> str:
 
 
 class BodyLimit:
-    """``BodyLimit(app, {"/api/alerts/alertmanager": 1048576})``: bodies of those exact paths capped."""
+    """``BodyLimit(app, {"/api/alerts/alertmanager": 1048576, "/api/v1/": 2621440})``: bodies of those exact paths
+    capped, and of every path under a key that ends with "/"."""
 
     def __init__(self, app, limits: dict[str, int]):
         self.app = app
-        self.limits = dict(limits)
+        self.limits = {path: limit for path, limit in limits.items() if not path.endswith("/")}
+        self.prefixes = [(path, limit) for path, limit in limits.items() if path.endswith("/")]
+
+    def _limit(self, path: str) -> int | None:
+        if path in self.limits:
+            return self.limits[path]
+        return next((limit for prefix, limit in self.prefixes if path.startswith(prefix)), None)
 
     async def __call__(self, scope, receive, send):
-        limit = self.limits.get(scope.get("path", "")) if scope["type"] == "http" else None
+        limit = self._limit(scope.get("path", "")) if scope["type"] == "http" else None
         if limit is None:
             return await self.app(scope, receive, send)
         chunks, size = [], 0

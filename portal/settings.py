@@ -93,6 +93,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_rq",
+    "ninja",  # the API's documentation page, from the package's own static files (no CDN)
     "django_prometheus",
     "channels",
 ]
@@ -100,6 +101,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "portal.middleware.CorrelationIdMiddleware",  # early: everything after it (and its log lines) has the id
+    "portal.middleware.MachineErrorsAsJsonMiddleware",  # after it, every error of /api/ and /metrics is JSON
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -269,6 +271,12 @@ if LIVE_WEBSOCKET_URL and not LIVE_WEBSOCKET_URL.startswith(("ws://", "wss://"))
     raise ImproperlyConfigured("LIVE_WEBSOCKET_URL must start with ws:// or wss://")
 if METRICS_TOKEN is not None and len(METRICS_TOKEN) < 16:
     raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters long")
+
+# The HTTP API (/api/v1/, described at /api/schema/): requests a second an API token may make when the token has no
+# rate of its own (manage.py api_token create --rate), with bursts of twice that; beyond, 429 with Retry-After.
+API_RATE_LIMIT = env_int("API_RATE_LIMIT", 20, minimum=1, maximum=10000)
+# Django Ninja's own throttling is not used (api.access keeps the per-token buckets); its pagination cap:
+NINJA_PAGINATION_MAX_LIMIT = 200
 
 # Alerts. POST /api/alerts/alertmanager (Prometheus Alertmanager's webhook) needs
 # "Authorization: Bearer <ALERTS_WEBHOOK_TOKEN>"; without the token set, the webhook is closed.

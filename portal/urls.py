@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from api.site import api
 from migration import api as migration_api
 from monitoring.metrics import views as metrics_views
 from queues import api as queues_api
@@ -24,6 +25,8 @@ urlpatterns = [
     path("admin/maintenance/resume-task-submission", migration_api.resume_task_submission,
          name="maintenance-resume-submission"),
     path("admin/", admin.site.urls),
+    # The HTTP API (api/): /api/v1/..., its OpenAPI description at /api/schema/ and its page at /api/docs/.
+    path("api/", api.urls),
     path("api/rq/workers/scale", queues_api.workers_scale, name="api-workers-scale"),
     path("api/rq/workers/restart", queues_api.workers_restart, name="api-workers-restart"),
     path("", include("monitoring.urls")),

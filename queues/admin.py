@@ -1,14 +1,13 @@
 from django.contrib import admin, messages
-from django.db.models import Q
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
-from queues import broker, correlation
+from queues import broker
 from queues.dispatch import get_policy
 from queues.errors import BrokerUnavailable
 from queues.forms import TaskSubmitForm
-from queues.models import CaptionTask, Dispatch, TaskEvent
+from queues.models import CaptionTask, CaptionTaskQuerySet, Dispatch, TaskEvent
 from queues.operations.admin import CappedCountPaginator, TaskActionsMixin
 from queues.services import task_submit
 
@@ -84,7 +83,7 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     list_filter = ["status", "priority", "dispatch", ErrorClassFilter, ("created_at", admin.DateFieldListFilter),
                    ("finished_at", admin.DateFieldListFilter), WorkerFilter]
     paginator = CappedCountPaginator
-    search_fields = ["image_ref", "last_error_message", "idempotency_key"]
+    search_fields = CaptionTaskQuerySet.SEARCHED  # shows the search box; CaptionTaskQuerySet.search runs it
     date_hierarchy = None
     list_per_page = 50
     show_full_result_count = False
@@ -104,19 +103,8 @@ class CaptionTaskAdmin(TaskActionsMixin, admin.ModelAdmin):
     ]
 
     def get_search_results(self, request, queryset, search_term):
-        # A number is a task id: look it up by primary key instead of scanning text columns for it (or a caller's
-        # all-digit correlation id: both are indexed matches).
-        if search_term.strip().isdigit():
-            term = search_term.strip()
-            match = Q(correlation_id=term)
-            if int(term) < 2 ** 63:  # beyond, no primary key (a signed 64-bit integer) can have it
-                match |= Q(pk=int(term))
-            return queryset.filter(match), False
-        results, duplicates = super().get_search_results(request, queryset, search_term)
-        term = search_term.strip()
-        if correlation.sane(term):  # a request's correlation id finds the tasks it submitted (an indexed match)
-            results = results | queryset.filter(correlation_id=term)
-        return results, duplicates
+        # The API's search too (CaptionTaskQuerySet.search): task ids and correlation ids by index, else substrings.
+        return queryset.search(search_term), False
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         if obj is None:

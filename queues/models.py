@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime
+from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 
 from django.conf import settings
@@ -157,6 +157,34 @@ def _consecutive_ids(connection) -> bool:
 
 class CaptionTaskQuerySet(models.QuerySet):
     INSERT_BATCH = 1000
+    SEARCHED = ("image_ref", "last_error_message", "idempotency_key")
+
+    def search(self, term: str):
+        """The task list's search (the admin's and the API's ``q``). A number is a task id or a caller's all-digit
+        correlation id (both indexed matches, no scan of the text columns); other text is a substring of the image
+        reference, the error message or the idempotency key, each word somewhere (as the admin's search box reads
+        words, quoted phrases kept whole), or a request's correlation id (indexed)."""
+        from django.utils.text import smart_split, unescape_string_literal
+
+        term = term.strip()
+        if not term:
+            return self
+        if term.isdigit():
+            match = models.Q(correlation_id=term)
+            if int(term) < 2 ** 63:  # beyond, no primary key (a signed 64-bit integer) can have it
+                match |= models.Q(pk=int(term))
+            return self.filter(match)
+        words = models.Q()
+        for word in smart_split(term):
+            if word[:1] in "\"'" and word[-1:] == word[:1] and len(word) > 1:
+                word = unescape_string_literal(word)
+            anywhere = models.Q()
+            for name in self.SEARCHED:
+                anywhere |= models.Q(**{f"{name}__icontains": word})
+            words &= anywhere
+        if correlation.sane(term):
+            words |= models.Q(correlation_id=term)
+        return self.filter(words)
 
     def insert_new(self, rows: list[tuple[str, str, str | None]], *, publish_after,
                    dispatch: list[str] | None = None) -> list[int]:
@@ -668,6 +696,9 @@ class QueueOverview(models.Model):
         default_permissions = ("view",)
 
 
+LAST_USED_EVERY = timedelta(minutes=1)
+
+
 class ApiTokenQuerySet(models.QuerySet):
     def authenticate(self, raw: str):
         """The live token ``raw`` is, with its user, or None. Compared by digest: the table holds no token."""
@@ -675,17 +706,20 @@ class ApiTokenQuerySet(models.QuerySet):
             return None
         token = self.select_related("user").filter(digest=ApiToken.digest_of(raw), revoked_at__isnull=True).filter(
             models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=timezone.now())).first()
-        if token is not None:
-            ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        if token is not None and (token.last_used_at is None or now - token.last_used_at > LAST_USED_EVERY):
+            # A minute's precision: a script calling many times a second costs no UPDATE per call.
+            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
         return token
 
 
 class ApiToken(models.Model):
-    """A token for scripts calling the fleet API (``POST /api/rq/workers/scale`` and ``/restart``; queues/api.py).
+    """A token for scripts calling the HTTP API (``/api/v1/``, the fleet calls ``/api/rq/workers/*`` and the old
+    system's maintenance paths).
 
-    It is not the metrics token: it acts as its user, with that user's permissions (the fleet API needs
-    ``queues.manage_fleet``), and every call is audited as that user via the token's name. Only the SHA-256 of the
-    token is stored; the token itself is shown once, when ``manage.py api_token create`` issues it."""
+    It is not the metrics token: it acts as its user, with that user's permissions, and every change is audited as
+    that user via the token's name. Only the SHA-256 of the token is stored; the token itself is shown once, when
+    ``manage.py api_token create`` issues it."""
 
     name = models.CharField(max_length=100, unique=True, help_text="What uses it, e.g. 'runbook cron on ops-1'.")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
@@ -696,6 +730,9 @@ class ApiToken(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True, help_text="Refused from then on; empty: never expires.")
+    rate_limit = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(10000)],
+        help_text="Requests a second this token may make on /api/v1/ (bursts of twice that); empty: API_RATE_LIMIT.")
 
     objects = ApiTokenQuerySet.as_manager()
 
@@ -713,10 +750,10 @@ class ApiToken(models.Model):
         return hashlib.sha256(raw.encode()).hexdigest()
 
     @classmethod
-    def issue(cls, *, name: str, user, expires_at=None) -> tuple["ApiToken", str]:
+    def issue(cls, *, name: str, user, expires_at=None, rate_limit: int | None = None) -> tuple["ApiToken", str]:
         """A new token for ``user``: the row and the token (to show once)."""
         import secrets
 
         raw = "rqo_" + secrets.token_urlsafe(32)
         return cls.objects.create(name=name, user=user, digest=cls.digest_of(raw), prefix=raw[:10],
-                                  expires_at=expires_at), raw
+                                  expires_at=expires_at, rate_limit=rate_limit), raw

@@ -69,9 +69,14 @@ def validate_image_ref(image_ref: str | None) -> str:
         path = media_path(image_ref)
     except PermanentCaptionError as error:
         raise ValidationError({"image_ref": str(error)}) from None
-    if not path.is_file():
-        raise ValidationError({"image_ref": f"No file {image_ref!r} under the media root ({settings.MEDIA_ROOT})."})
-    size = path.stat().st_size
+    try:
+        if not path.is_file():
+            raise ValidationError({"image_ref": f"No file {image_ref!r} under the media root "
+                                                f"({settings.MEDIA_ROOT})."})
+        size = path.stat().st_size
+    except OSError as error:  # a name too long for the file system, a folder it may not read
+        raise ValidationError({"image_ref": f"The file {image_ref[:100]!r} cannot be read: "
+                                            f"{error.strerror or error}."}) from None
     if size > settings.IMAGE_MAX_BYTES:
         raise ValidationError({"image_ref": f"The image is {size} bytes, larger than the limit of "
                                             f"{settings.IMAGE_MAX_BYTES} bytes (IMAGE_MAX_BYTES)."})
@@ -98,9 +103,14 @@ def validate_spec(spec: TaskSpec, *, image_ref: str | None = None) -> TaskSpec:
 
 def task_submit(*, image_ref: str, priority: str = Priority.NORMAL, idempotency_key: str | None = None) -> CaptionTask:
     """Creates one task and publishes it after commit. A known idempotency key returns the existing task."""
-    spec = validate_spec(TaskSpec(image_ref=image_ref, priority=priority, idempotency_key=idempotency_key))
-    task, _created = _submit_one(spec)
-    return task
+    return task_submit_or_find(image_ref=image_ref, priority=priority, idempotency_key=idempotency_key)[0]
+
+
+def task_submit_or_find(*, image_ref: str, priority: str = Priority.NORMAL, idempotency_key: str | None = None
+                        ) -> tuple[CaptionTask, bool]:
+    """``task_submit``, saying whether the task is new (False: the idempotency key's existing task)."""
+    return _submit_one(validate_spec(TaskSpec(image_ref=image_ref, priority=priority,
+                                              idempotency_key=idempotency_key)))
 
 
 def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:

@@ -1,13 +1,15 @@
-"""Reads of the alert history for pages and APIs: the current alerts (``/api/rq/alerts``) and the summary of a
-period (mean times to acknowledge and resolve)."""
+"""Reads of the alert history for pages and APIs: the current alerts (``/api/rq/alerts``), the summary of a
+period (mean times to acknowledge and resolve) and the history's label filter."""
 
 from datetime import datetime
 
-from django.db.models import Avg, Count, F, Q, Sum
+from django.db.models import Avg, Count, F, Q, QuerySet, Sum
+from django.db.models.fields.json import KeyTransform
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from monitoring.models import Alert, Severity
+from monitoring.matchers import LABEL_NAME
+from monitoring.models import Alert, Severity, queue_label
 
 LEVELS = {Severity.CRITICAL: "critical", Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "info"}
 
@@ -100,3 +102,27 @@ def alerts_summary(*, since: datetime, until: datetime) -> dict:
     severities = [(value, by_severity.get(value, 0)) for value, _ in Severity.choices]
     noisiest = sorted(rules, key=lambda row: (-row["noise"], row["name"]))[:5]  # one row per rule, not per alert
     return {"totals": totals, "rules": rules, "severities": severities, "noisiest": noisiest}
+
+
+def label_pairs(text: str) -> list[tuple[str, str]]:
+    """``queue=normal`` or ``queue=normal,instance=web-1`` into pairs; ValueError for anything else."""
+    pairs = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        key, equals, value = part.partition("=")
+        if not equals or not LABEL_NAME.fullmatch(key.strip()):
+            raise ValueError(f"label filter {part!r}: write label=value")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def alerts_labelled(queryset: QuerySet, pairs: list[tuple[str, str]]) -> QuerySet:
+    """The alerts whose labels have every (label, value) of ``pairs``. ``queue`` reads the indexed column the alert
+    copies it to; any other label a JSON key (``labels__team="db"`` as an expression, so that no label name is read
+    as a lookup), which SQLite and MySQL/MariaDB both support; ``labels__contains`` does not work on SQLite."""
+    for index, (key, value) in enumerate(pairs):
+        if key == "queue" and value and queue_label({"queue": value}) == value:
+            queryset = queryset.filter(queue=value)
+            continue
+        alias = f"label_{index}"
+        queryset = queryset.alias(**{alias: KeyTransform(key, "labels")}).filter(**{alias: value})
+    return queryset

@@ -251,10 +251,10 @@ class AuditEntryAdmin(ReadOnlyAdmin):
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(ReadOnlyAdmin):
-    """Tokens of the fleet API. They are issued by ``manage.py api_token create`` (the secret is printed once and
-    never stored); here Admins see them and revoke them."""
+    """Tokens of the HTTP API (/api/v1/ and the fleet calls). They are issued by ``manage.py api_token create`` (the
+    secret is printed once and never stored); here Admins see them and revoke them."""
 
-    list_display = ["name", "user", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_display = ["name", "user", "prefix", "rate_limit", "created_at", "last_used_at", "expires_at", "revoked_at"]
     list_select_related = ["user"]
     actions = ["revoke"]
 

@@ -5,6 +5,7 @@ import json
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
@@ -123,8 +124,11 @@ def test_the_command_issues_lists_and_revokes_tokens(operator_user, support_user
     assert "deploy hook" in capsys.readouterr().out
     with pytest.raises(CommandError, match="exists already"):
         call_command("api_token", "create", "deploy hook", "--user", operator_user.username)
-    with pytest.raises(CommandError, match="lacks the queues.manage_fleet permission"):
-        call_command("api_token", "create", "support", "--user", support_user.username)
+    outsider = get_user_model().objects.create_user("outsider", password="x", is_staff=False)
+    with pytest.raises(CommandError, match="'outsider' is not an active staff member"):
+        call_command("api_token", "create", "outsider", "--user", outsider.username)
+    with pytest.raises(CommandError, match="--rate must be between 1 and 10000"):
+        call_command("api_token", "create", "too fast", "--user", operator_user.username, "--rate", "0")
     with pytest.raises(CommandError, match="no user named 'ghost'"):
         call_command("api_token", "create", "ghost", "--user", "ghost")
     assert ApiToken.objects.get(name="deploy hook").expires_at is not None, "90 days unless told otherwise"
@@ -137,6 +141,11 @@ def test_the_command_issues_lists_and_revokes_tokens(operator_user, support_user
     assert AuditEntry.objects.filter(action__in=["api_token_create", "api_token_revoke"]).count() == 2
     with pytest.raises(CommandError, match="no active token"):
         call_command("api_token", "revoke", "deploy hook")
+    # A Support user's token reads /api/v1/; the fleet API stays closed to it, which the command says.
+    capsys.readouterr()
+    call_command("api_token", "create", "support reader", "--user", support_user.username, "--rate", "5")
+    assert "cannot call the fleet API" in capsys.readouterr().err
+    assert ApiToken.objects.get(name="support reader").rate_limit == 5
 
 
 def test_an_expired_token_is_refused(client, pool, operator_user, capsys):

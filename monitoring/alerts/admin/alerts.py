@@ -12,7 +12,6 @@ from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
 from django.db.models import Prefetch
-from django.db.models.fields.json import KeyTransform
 from django.http import HttpResponseBadRequest, HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -33,7 +32,6 @@ from monitoring.alerts.actions import (
 from monitoring.alerts.admin.base import (
     ACKNOWLEDGE,
     DEAD_LETTER_LEAD,
-    LABEL_NAME,
     SEVERITY_COLOURS,
     STATE_COLOURS,
     TIMELINE_ROWS,
@@ -47,13 +45,12 @@ from monitoring.alerts.admin.base import (
     safe_link,
     selection_hidden,
 )
-from monitoring.alerts.selectors import alerts_summary
+from monitoring.alerts.selectors import alerts_labelled, alerts_summary, label_pairs
 from monitoring.matchers import MatcherError, matchers_parse
 from monitoring.models import (
     Alert,
     AlertRule,
     DeliveryAttempt,
-    queue_label,
 )
 from portal.admin_pages import ReadOnlyAdmin, client_address
 from queues.models import Priority
@@ -99,18 +96,6 @@ class ComponentFilter(admin.SimpleListFilter):
         return queryset.filter(component=self.value()) if self.value() else queryset
 
 
-def label_pairs(text: str) -> list[tuple[str, str]]:
-    """``queue=normal`` or ``queue=normal,instance=web-1`` into pairs; IncorrectLookupParameters for anything
-    else (the changelist then says the filter is invalid instead of failing)."""
-    pairs = []
-    for part in filter(None, (piece.strip() for piece in text.split(","))):
-        key, equals, value = part.partition("=")
-        if not equals or not LABEL_NAME.fullmatch(key.strip()):
-            raise IncorrectLookupParameters(f"label filter {part!r}: write label=value")
-        pairs.append((key.strip(), value.strip()))
-    return pairs
-
-
 class LabelFilter(admin.SimpleListFilter):
     """``?label=queue=normal``: alerts whose label has that value. ``queue`` reads the indexed column the alert
     copies it to; any other label a JSON key (``labels__team="db"`` as an expression, so that no label name is read
@@ -128,13 +113,10 @@ class LabelFilter(admin.SimpleListFilter):
     def queryset(self, request, queryset):
         if not self.value():
             return queryset
-        for index, (key, value) in enumerate(label_pairs(self.value())):
-            if key == "queue" and value and queue_label({"queue": value}) == value:
-                queryset = queryset.filter(queue=value)
-                continue
-            alias = f"label_{index}"
-            queryset = queryset.alias(**{alias: KeyTransform(key, "labels")}).filter(**{alias: value})
-        return queryset
+        try:
+            return alerts_labelled(queryset, label_pairs(self.value()))
+        except ValueError as error:  # the changelist then says the filter is invalid instead of failing
+            raise IncorrectLookupParameters(str(error)) from None
 
 
 def bounded_date_hierarchy(changelist, field: str) -> dict:

@@ -3,7 +3,6 @@ the audit of changes made through a form."""
 
 from __future__ import annotations
 
-import re
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
@@ -28,7 +27,6 @@ STATE_COLOURS = {"pending": "#b26a00", "firing": "#c62828", "resolved": "#2e7d32
 SEVERITY_COLOURS = {"critical": "#8e0000", "error": "#c62828", "warning": "#b26a00", "info": "#1565c0"}
 # Dead letters that belong to an alert: the tasks that failed from a little before it started until it resolved.
 DEAD_LETTER_LEAD = timedelta(minutes=5)
-LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label names
 
 
 def require_acknowledge(request) -> None:

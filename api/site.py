@@ -1,0 +1,26 @@
+"""The API's one NinjaAPI: its routers under ``/api/v1/``, the token check on every operation, the JSON error
+handlers, the OpenAPI description at ``/api/schema/`` and its page at ``/api/docs/`` (Swagger UI from the package's
+own static files, no CDN)."""
+
+from ninja import NinjaAPI
+
+from api import alerts, errors, submission, tasks
+from api.access import TokenAuth
+
+DESCRIPTION = """Tasks, submission, alerts and silences of the RQ Ops Portal.
+
+Every operation needs `Authorization: Bearer <token>`: an API token an Admin issues with
+`manage.py api_token create NAME --user USER`. The token acts as its user, with that user's role: Support reads,
+Operators act, Admins configure. Every change is audited as that user, via the token's name.
+
+Each token may make `rate_limit` requests a second (its own, or `API_RATE_LIMIT`), in bursts of twice that; beyond,
+the answer is 429 with `Retry-After`. Errors are JSON: `{"error": "...", "field": "..."}` (`field` names the input
+at fault, or is null). While Redis or the database is unreachable the answer is 503 with `Retry-After`."""
+
+api = NinjaAPI(
+    title="RQ Ops Portal API", version="1", description=DESCRIPTION, auth=TokenAuth(), urls_namespace="api",
+    openapi_url="/schema/", docs_url="/docs/",
+)
+errors.install(api)
+for module in (tasks, submission, alerts):
+    api.add_router("/v1/", module.router)

@@ -1,0 +1,142 @@
+"""Who may call the API and how often: tokens act as their user's role, a token's rate is held in Redis (and in the
+process while Redis is away), and every refusal or outage is JSON with the status the description lists."""
+
+import json
+import time
+import urllib.error
+import urllib.request
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from api.access import limiter
+from queues.models import ApiToken, AuditEntry, CaptionTask, TaskStatus
+from tests.api.conftest import Caller
+
+pytestmark = pytest.mark.django_db
+
+
+def test_no_token_or_a_bad_one_is_a_401_naming_what_to_send(client, operator_user, redis):
+    response = client.get("/api/v1/tasks")
+    assert response.status_code == 401 and response["WWW-Authenticate"] == 'Bearer realm="api"'
+    assert "Authorization: Bearer <API token>" in response.json()["error"]
+    for header in ("Bearer rqo_unknown", "Basic dXNlcjpwdw==", "Bearer "):
+        response = client.get("/api/v1/tasks", HTTP_AUTHORIZATION=header)
+        assert response.status_code == 401 and response.json()["field"] is None, header
+    row, raw = ApiToken.issue(name="old", user=operator_user, expires_at=timezone.now() - timedelta(seconds=1))
+    response = client.get("/api/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert response.status_code == 401 and "unknown, revoked or expired" in response.json()["error"]
+
+
+def test_support_reads_but_every_action_is_refused_naming_the_permission(as_support, redis, media_image):
+    task = CaptionTask.objects.create(image_ref=media_image(), status=TaskStatus.FAILED)
+    assert as_support.get("/api/v1/tasks").status_code == 200
+    assert as_support.get(f"/api/v1/tasks/{task.pk}").status_code == 200
+    assert as_support.get("/api/v1/alerts").status_code == 200
+    assert as_support.get("/api/v1/silences").status_code == 200
+    assert as_support.get("/api/v1/submission").status_code == 200
+    for path, body, permission in [
+        ("/api/v1/tasks", {"image_ref": "a.png"}, "queues.add_captiontask"),
+        (f"/api/v1/tasks/{task.pk}/requeue", None, "queues.requeue_task"),
+        (f"/api/v1/tasks/{task.pk}/discard", None, "queues.discard_task"),
+        ("/api/v1/submission/pause", {"reason": "x"}, "migration.pause_submission"),
+        ("/api/v1/silences", {"matchers": [{"label": "alertname", "value": "x"}], "reason": "r",
+                              "duration_minutes": 5}, "monitoring.add_silence"),
+    ]:
+        response = as_support.post(path, body)
+        assert response.status_code == 403, path
+        assert response.json()["error"] == f"the token's user 'sam-support' lacks the {permission} permission"
+    assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.FAILED and not AuditEntry.objects.exists()
+
+
+def test_a_token_of_a_user_no_longer_active_staff_is_refused(client, operator_user, redis):
+    raw = ApiToken.issue(name="leaver", user=operator_user)[1]
+    operator_user.is_staff = False
+    operator_user.save()
+    response = client.get("/api/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert response.status_code == 403 and "not an active staff member" in response.json()["error"]
+
+
+def test_a_token_over_its_rate_gets_429_with_retry_after_and_other_tokens_are_not_held(client, operator_user,
+                                                                                      support_user, redis):
+    slow = Caller(client, ApiToken.issue(name="cron", user=operator_user, rate_limit=2)[1])
+    other = Caller(client, ApiToken.issue(name="desk", user=support_user, rate_limit=2)[1])
+    answers = [slow.get("/api/v1/submission").status_code for _ in range(8)]
+    assert answers[:4] == [200] * 4 and 429 in answers, answers  # a burst of twice the rate, then refused
+    refused = slow.get("/api/v1/submission")
+    assert refused.status_code == 429 and 1 <= int(refused["Retry-After"]) <= 2
+    assert "too many requests for this token" in refused.json()["error"]
+    assert other.get("/api/v1/submission").status_code == 200
+    time.sleep(int(refused["Retry-After"]))
+    assert slow.get("/api/v1/submission").status_code == 200
+    # The buckets live in Redis, shared by every web process.
+    assert redis.exists(f"portal:api:rate:{ApiToken.objects.get(name='cron').pk}")
+
+
+def test_with_redis_away_the_rate_is_held_in_the_process_and_reads_still_answer(client, operator_user,
+                                                                                  unreachable_redis, media_image):
+    task = CaptionTask.objects.create(image_ref=media_image())
+    caller = Caller(client, ApiToken.issue(name="cron", user=operator_user, rate_limit=3)[1])
+    limiter._redis_down_until = 0.0
+    answers = [caller.get(f"/api/v1/tasks/{task.pk}").status_code for _ in range(10)]
+    assert answers[:6] == [200] * 6 and answers[-1] == 429, answers
+    time.sleep(1.5)
+    # A requeue needs no Redis: the row is queued and the relay publishes it once Redis answers.
+    CaptionTask.objects.filter(pk=task.pk).update(status=TaskStatus.FAILED)
+    requeued = caller.post(f"/api/v1/tasks/{task.pk}/requeue").json()
+    assert requeued["status"] == "QUEUED" and requeued["published_at"] is None
+    # A discard takes the job out of rq's failed-job registry first: without Redis, a 503 and nothing changed.
+    CaptionTask.objects.filter(pk=task.pk).update(status=TaskStatus.FAILED)
+    response = caller.post(f"/api/v1/tasks/{task.pk}/discard")
+    assert response.status_code == 503 and response["Retry-After"] == "10", response.content
+    assert response.json() == {"error": "Redis is unreachable; try again shortly", "field": None}
+    assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.FAILED
+
+
+def test_unknown_paths_and_methods_answer_json(as_operator, redis):
+    response = as_operator.client.put("/api/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {as_operator.token}")
+    assert response.status_code == 405 and set(response["Allow"].split(", ")) == {"POST", "GET"}
+    assert response.json()["error"] == f"PUT is not allowed on /api/v1/tasks; use {response['Allow']}"
+    response = as_operator.get("/api/v1/no-such-thing")
+    assert response.status_code == 404 and response["Content-Type"] == "application/json"
+
+
+def test_the_description_is_openapi_3_1_valid_and_names_every_operation(client):
+    from openapi_spec_validator import validate
+
+    response = client.get("/api/schema/")
+    assert response.status_code == 200
+    schema = response.json()
+    validate(schema)
+    assert schema["openapi"] == "3.1.0"
+    operations = {(method, path) for path, methods in schema["paths"].items() for method in methods}
+    assert {("post", "/api/v1/tasks"), ("post", "/api/v1/tasks/batch"), ("get", "/api/v1/tasks"),
+            ("get", "/api/v1/tasks/{task_id}"), ("post", "/api/v1/tasks/{task_id}/requeue"),
+            ("post", "/api/v1/tasks/{task_id}/cancel"), ("post", "/api/v1/tasks/{task_id}/priority"),
+            ("post", "/api/v1/tasks/{task_id}/discard"), ("get", "/api/v1/submission"),
+            ("post", "/api/v1/submission/pause"), ("post", "/api/v1/submission/resume"), ("get", "/api/v1/alerts"),
+            ("get", "/api/v1/alerts/{alert_id}"), ("post", "/api/v1/alerts/{alert_id}/acknowledge"),
+            ("post", "/api/v1/alerts/{alert_id}/shelve"), ("get", "/api/v1/silences"), ("post", "/api/v1/silences"),
+            ("post", "/api/v1/silences/{silence_id}/expire")} <= operations
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            assert {"401", "403", "429", "503"} <= set(operation["responses"]), (method, path)
+            assert operation["security"] == [{"TokenAuth": []}], (method, path)
+
+
+def test_the_documentation_page_loads_its_assets_from_the_portal(client):
+    page = client.get("/api/docs/").content.decode()
+    assert "/static/ninja/swagger-ui-bundle.js" in page and "/api/schema/" in page
+    assert "cdn" not in page.lower() and "https://" not in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_outage_is_a_503_with_retry_after_from_a_live_server(web_server, redis):
+    # The web process' database cannot be opened: every query fails (an SQLite file in a folder that is not there).
+    url = web_server(DATABASE_URL="sqlite:////nonexistent-folder/portal.sqlite3")
+    request = urllib.request.Request(f"{url}/api/v1/tasks", headers={"Authorization": "Bearer rqo_anything"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 503 and answer.value.headers["Retry-After"] == "10"
+    assert json.load(answer.value) == {"error": "the database is unreachable; try again shortly", "field": None}
