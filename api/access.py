@@ -82,33 +82,57 @@ limiter = RateLimiter()
 
 
 class TokenAuth(HttpBearer):
-    """The bearer token, its user's standing and the token's rate; the token is ``request.auth``."""
+    """The bearer token's presence; ``needs`` checks the token itself with the operation's permission (one query
+    for both). Without ``Authorization: Bearer ...`` Django Ninja answers 401 before the view."""
 
     def authenticate(self, request, token: str):
-        row = ApiToken.objects.authenticate(token.strip())
-        if row is None:
-            raise ApiError(401, "the API token is not valid (unknown, revoked or expired)",
-                           headers={"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'})
-        user = row.user
-        if not user.is_active or not user.is_staff:
-            # A user who may no longer sign in to the admin may not act through a token either.
-            raise ApiError(403, f"the token's user {user.username!r} is not an active staff member")
-        wait = limiter.wait(str(row.pk), row.rate_limit or settings.API_RATE_LIMIT)
-        if wait:
-            raise Throttled(wait)
-        return row
+        return token.strip() or None
+
+
+# A user's permissions, as Django's ModelBackend lists them (their own and their groups'), are read once per
+# PERMISSIONS_FOR seconds per process: a role changed in the admin applies to that user's tokens within that time
+# (revoking a token, or making its user inactive or not staff, applies at once: the token's row is read every time).
+PERMISSIONS_FOR = 2.0
+_permissions: dict[int, tuple[float, frozenset]] = {}
+
+
+def permitted(user, permission: str) -> bool:
+    if user.is_superuser:
+        return True
+    now = time.monotonic()
+    known = _permissions.get(user.pk)
+    if known is None or known[0] <= now:
+        known = _permissions[user.pk] = (now + PERMISSIONS_FOR, frozenset(user.get_all_permissions()))
+    return permission in known[1]
+
+
+def _token(request, permission: str) -> ApiToken:
+    """The live token the request carries, its user active staff with ``permission``, within its rate."""
+    row = ApiToken.objects.authenticate(request.auth)
+    if row is None:
+        raise ApiError(401, "the API token is not valid (unknown, revoked or expired)",
+                       headers={"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'})
+    user = row.user
+    if not user.is_active or not user.is_staff:
+        # A user who may no longer sign in to the admin may not act through a token either.
+        raise ApiError(403, f"the token's user {user.username!r} is not an active staff member")
+    wait = limiter.wait(str(row.pk), row.rate_limit or settings.API_RATE_LIMIT)
+    if wait:
+        raise Throttled(wait)
+    if not permitted(user, permission):
+        raise ApiError(403, f"the token's user {user.username!r} lacks the {permission} permission")
+    return row
 
 
 def needs(permission: str):
-    """The view runs only for a token whose user has ``permission`` ("app.codename"); what it changes is audited
-    as that user via the token's name."""
+    """The view runs only for a live token, within its rate, whose user is active staff with ``permission``
+    ("app.codename"); ``request.auth`` is then the token, and what the view changes is audited as its user via the
+    token's name."""
 
     def decorate(view):
         @functools.wraps(view)
         def wrapped(request, *args, **kwargs):
-            token = request.auth
-            if not token.user.has_perm(permission):
-                raise ApiError(403, f"the token's user {token.user.username!r} lacks the {permission} permission")
+            token = request.auth = _token(request, permission)
             with audit_via(f"API token {token.name}"):
                 return view(request, *args, **kwargs)
 

@@ -1,15 +1,16 @@
 """Single-task submission through the HTTP API under concurrent clients, against a bare Django view that enqueues
 with raw rq, both behind the same gunicorn in the same run.
 
-    python bench/api.py [--clients 20] [--seconds 20] [--rounds 3] [--web-workers 4]
+    python bench/api.py [--clients 20] [--seconds 20] [--rounds 3] [--web-workers N]
 
-The web server is the deployed one (gunicorn, sync workers, ``--web-workers`` of them as deploy/Procfile's
-WEB_CONCURRENCY) on the benchmark's database and Redis. Each client is a closed loop: one request at a time, a new
-connection each (gunicorn's sync workers close it after the answer), the next as soon as the last is answered.
-Ours: ``POST /api/v1/tasks`` with an Operator's token: token, role and rate checks, the task row and its audit entry
-in one commit, then the job published to Redis. The peer: ``POST /peer/raw-enqueue`` (bench/peer_urls.py), a bare
-view that enqueues one job with raw rq, no token, row or audit. Rounds alternate; the first two seconds of each are
-warm-up and not counted. Afterwards every task answered 201 is checked in the database and in its queue.
+The web server is the deployed one (gunicorn, sync workers: ``--web-workers`` of them, deploy/Procfile's
+WEB_CONCURRENCY; by default 2 on SQLite and 4 on MariaDB) on the benchmark's database and Redis. Each client is a
+closed loop: one request at a time, a new connection each (gunicorn's sync workers close it after the answer), the
+next as soon as the last is answered. Ours: ``POST /api/v1/tasks`` with an Operator's token: token, role and rate
+checks, the task row and its audit entry in one commit, then the job published to Redis. The peer: ``POST
+/peer/raw-enqueue`` (bench/peer_urls.py), a bare view that enqueues one job with raw rq, no token, row or audit.
+Rounds alternate; the first two seconds of each are warm-up and not counted. Afterwards every task answered 201 is
+checked in the database and in its queue.
 
 Last line: JSON with, per side, latency p50/p95/p99 (ms, over every request of every round), successes and
 requests a second (median of the rounds); ``p95_ms`` goal < 100 and ``success`` goal >= 0.99 for ours.
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench.common as common  # noqa: E402  (configures Django, Redis, the database)
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.contrib.auth.models import Group  # noqa: E402
+from django.db import connection  # noqa: E402
 
 from portal.embedded_redis import free_port  # noqa: E402
 from queues import broker  # noqa: E402
@@ -131,8 +133,12 @@ def main():
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--web-workers", type=int, default=4)
+    parser.add_argument("--web-workers", type=int, default=None,
+                        help="gunicorn workers (default: 2 on SQLite, whose one writer at a time leaves more "
+                             "processes queueing for its lock; 4, deploy/Procfile's WEB_CONCURRENCY, on MariaDB)")
     args = parser.parse_args()
+    if args.web_workers is None:
+        args.web_workers = 2 if connection.vendor == "sqlite" else 4
     reference = ensure_samples()[0]
     sync_roles()
     user = get_user_model().objects.create_user("bench-operator", password="x", is_staff=True)

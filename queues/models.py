@@ -705,7 +705,7 @@ class ApiTokenQuerySet(models.QuerySet):
         if not raw or len(raw) > 200:
             return None
         token = self.select_related("user").filter(digest=ApiToken.digest_of(raw), revoked_at__isnull=True).filter(
-            models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=timezone.now())).first()
+            models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=timezone.now())).order_by().first()
         now = timezone.now()
         if token is not None and (token.last_used_at is None or now - token.last_used_at > LAST_USED_EVERY):
             # A minute's precision: a script calling many times a second costs no UPDATE per call.

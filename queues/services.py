@@ -119,7 +119,9 @@ def _submit_one(spec: TaskSpec) -> tuple[CaptionTask, bool]:
         if existing:
             return existing, False
     try:
-        with transaction.atomic():
+        # A savepoint only where an IntegrityError can come (a key another submission took), so that the caller's
+        # transaction stays usable for the lookup below.
+        with transaction.atomic(savepoint=bool(spec.idempotency_key)):
             system = get_policy().assign(1)[0]
             task = CaptionTask.objects.create(
                 image_ref=spec.image_ref, priority=spec.priority, idempotency_key=spec.idempotency_key,
