@@ -93,16 +93,17 @@ class TokenAuth(HttpBearer):
 # PERMISSIONS_FOR seconds per process: a role changed in the admin applies to that user's tokens within that time
 # (revoking a token, or making its user inactive or not staff, applies at once: the token's row is read every time).
 PERMISSIONS_FOR = 2.0
-_permissions: dict[int, tuple[float, frozenset]] = {}
+_permissions: dict[tuple, tuple[float, frozenset]] = {}
 
 
 def permitted(user, permission: str) -> bool:
     if user.is_superuser:
         return True
     now = time.monotonic()
-    known = _permissions.get(user.pk)
+    key = (user.pk, user.date_joined)  # an id SQLite gave again after a user was deleted is another user
+    known = _permissions.get(key)
     if known is None or known[0] <= now:
-        known = _permissions[user.pk] = (now + PERMISSIONS_FOR, frozenset(user.get_all_permissions()))
+        known = _permissions[key] = (now + PERMISSIONS_FOR, frozenset(user.get_all_permissions()))
     return permission in known[1]
 
 

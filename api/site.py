@@ -4,10 +4,10 @@ own static files, no CDN)."""
 
 from ninja import NinjaAPI
 
-from api import alerts, errors, submission, tasks
+from api import alerts, errors, fleet, submission, tasks
 from api.access import TokenAuth
 
-DESCRIPTION = """Tasks, submission, alerts and silences of the RQ Ops Portal.
+DESCRIPTION = """Tasks, submission, alerts, silences and the worker fleet of the RQ Ops Portal.
 
 Every operation needs `Authorization: Bearer <token>`: an API token an Admin issues with
 `manage.py api_token create NAME --user USER`. The token acts as its user, with that user's role: Support reads,
@@ -22,5 +22,5 @@ api = NinjaAPI(
     openapi_url="/schema/", docs_url="/docs/",
 )
 errors.install(api)
-for module in (tasks, submission, alerts):
+for module in (tasks, submission, alerts, fleet):
     api.add_router("/v1/", module.router)

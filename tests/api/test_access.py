@@ -45,7 +45,7 @@ def test_support_reads_but_every_action_is_refused_naming_the_permission(as_supp
                               "duration_minutes": 5}, "monitoring.add_silence"),
     ]:
         response = as_support.post(path, body)
-        assert response.status_code == 403, path
+        assert response.status_code == 403, (path, response.content)
         assert response.json()["error"] == f"the token's user 'sam-support' lacks the {permission} permission"
     assert CaptionTask.objects.get(pk=task.pk).status == TaskStatus.FAILED and not AuditEntry.objects.exists()
 
@@ -118,7 +118,9 @@ def test_the_description_is_openapi_3_1_valid_and_names_every_operation(client):
             ("post", "/api/v1/submission/pause"), ("post", "/api/v1/submission/resume"), ("get", "/api/v1/alerts"),
             ("get", "/api/v1/alerts/{alert_id}"), ("post", "/api/v1/alerts/{alert_id}/acknowledge"),
             ("post", "/api/v1/alerts/{alert_id}/shelve"), ("get", "/api/v1/silences"), ("post", "/api/v1/silences"),
-            ("post", "/api/v1/silences/{silence_id}/expire")} <= operations
+            ("post", "/api/v1/silences/{silence_id}/expire"), ("get", "/api/v1/pools"),
+            ("post", "/api/v1/pools/{pool}/scale"), ("post", "/api/v1/pools/{pool}/restart"),
+            ("post", "/api/v1/workers/{worker}/restart")} <= operations
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             assert {"401", "403", "429", "503"} <= set(operation["responses"]), (method, path)
