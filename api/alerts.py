@@ -7,9 +7,9 @@ from typing import Literal
 from django.db.models import Q
 from django.utils import timezone
 from ninja import Field, Path, Query, Router, Schema, Status
-from pydantic import AwareDatetime
 
 from api.access import needs
+from api.fields import Moment
 from api.errors import ApiError, conflict, documented, not_found
 from api.pages import DEFAULT, MOST, page
 from monitoring.alerts.actions import (
@@ -31,6 +31,7 @@ ID = Path(..., ge=1, le=2 ** 63 - 1)
 PERIODS = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 LONGEST = timedelta(days=365)  # the longest shelving or silence the API sets
 ACKNOWLEDGE = "monitoring.acknowledge_alert"
+TIMELINE_MOST = 300
 
 
 def _user(user) -> str | None:
@@ -97,11 +98,12 @@ class AlertEventOut(Schema):
 
 
 class AlertDetailOut(AlertOut):
-    timeline: list[AlertEventOut]
+    timeline: list[AlertEventOut] = Field(description=f"The newest {TIMELINE_MOST} events, oldest first.")
 
     @staticmethod
     def resolve_timeline(alert) -> list:
-        return list(alert.events.select_related("user").order_by("at", "id"))
+        # The newest TIMELINE_MOST, oldest first, as the alert's page shows them: a flapping alert has no bound.
+        return list(alert.events.select_related("user").order_by("-at", "-id")[:TIMELINE_MOST])[::-1]
 
 
 class AlertPage(Schema):
@@ -116,8 +118,8 @@ class AlertFilters(Schema):
     component: str | None = Field(None, max_length=40)
     source: Alert.Source | None = None
     period: Literal["24h", "7d", "30d"] | None = Field(None, description="Started within the last 24 h, 7 or 30 days.")
-    started_after: AwareDatetime | None = None
-    started_before: AwareDatetime | None = None
+    started_after: Moment | None = None
+    started_before: Moment | None = None
     label: str | None = Field(None, max_length=500, description="label=value, several separated by commas.")
     q: str | None = Field(None, max_length=200, description="Words of the summary, the name or the fingerprint.")
     cursor: str | None = Field(None, max_length=40, description="next_cursor of the previous page.")
@@ -129,7 +131,7 @@ class AcknowledgeIn(Schema):
 
 
 class ShelveIn(Schema):
-    until: AwareDatetime | None = Field(None, description="When notifications resume; or give duration_minutes.")
+    until: Moment | None = Field(None, description="When notifications resume; or give duration_minutes.")
     duration_minutes: int | None = Field(None, ge=1, le=int(LONGEST.total_seconds() // 60))
 
 
@@ -142,8 +144,8 @@ class MatcherIn(Schema):
 class SilenceIn(Schema):
     matchers: list[MatcherIn] = Field(..., min_length=1, max_length=20)
     reason: str = Field(..., min_length=1, max_length=500)
-    starts_at: AwareDatetime | None = Field(None, description="Omitted: now.")
-    ends_at: AwareDatetime | None = Field(None, description="When it ends; or give duration_minutes.")
+    starts_at: Moment | None = Field(None, description="Omitted: now.")
+    ends_at: Moment | None = Field(None, description="When it ends; or give duration_minutes.")
     duration_minutes: int | None = Field(None, ge=1, le=int(LONGEST.total_seconds() // 60))
 
 

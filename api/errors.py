@@ -145,5 +145,5 @@ def install(api) -> None:
 
 def documented(*codes: int) -> dict:
     """The error answers an operation documents, beside its success: every operation may answer 400 (bad input),
-    401, 403, 429 (this token's rate) and 503 (an outage)."""
-    return {code: ErrorOut for code in sorted({400, 401, 403, 429, 503, *codes})}
+    401, 403, 413 (a body over the limit), 429 (this token's rate) and 503 (an outage)."""
+    return {code: ErrorOut for code in sorted({400, 401, 403, 413, 429, 503, *codes})}

@@ -17,7 +17,7 @@ def _decode(cursor: str) -> int:
     except (binascii.Error, UnicodeError, ValueError):
         text = ""
     kind, _, value = text.partition(":")
-    if kind != "before" or not value.isdigit() or not 0 < int(value) < 2 ** 63:
+    if kind != "before" or not (value.isascii() and value.isdigit()) or not 0 < int(value) < 2 ** 63:
         raise ApiError(400, "cursor: not a cursor this API gave (take next_cursor from the previous page)",
                        field="cursor")
     return int(value)

@@ -12,7 +12,7 @@ from migration import dispatch
 from migration.admin import PAUSE_SUBMISSION
 from migration.state import system_mode
 from portal.admin_pages import client_address
-from queues.models import CaptionTask, Dispatch
+from queues.models import CaptionTask, Dispatch, TaskStatus
 
 router = Router(tags=["submission"])
 
@@ -44,7 +44,7 @@ def _state() -> dict:
     paused = row.paused_now()
     return {"paused": paused, "reason": row.paused_reason if paused else "",
             "until": row.paused_until if paused else None, "mode": row.mode,
-            "held": CaptionTask.objects.filter(dispatch=Dispatch.HELD).count()}
+            "held": CaptionTask.objects.filter(dispatch=Dispatch.HELD, status=TaskStatus.QUEUED).count()}
 
 
 def _unless_a_run_holds_it(service, **arguments):

@@ -7,9 +7,9 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.http import HttpResponse
 from ninja import Field, Path, Query, Router, Schema, Status
-from pydantic import AwareDatetime
 
 from api.access import needs
+from api.fields import Moment
 from api.errors import ApiError, conflict, documented, not_found
 from api.pages import DEFAULT, MOST, page
 from portal.admin_pages import client_address
@@ -98,7 +98,8 @@ class TaskDetailOut(TaskOut):
 
 class BatchOut(Schema):
     created: list[int] = Field(description="The new tasks' ids, in the order submitted.")
-    existing: list[int] = Field(description="Tasks that already had an idempotency key given (not submitted again).")
+    existing: list[int] = Field(description="The tasks of items whose idempotency key was known already, or repeated "
+                                            "an earlier item's (not submitted again).")
     held: bool = Field(description="Submission is paused: the new tasks wait until it resumes.")
 
 
@@ -113,10 +114,10 @@ class TaskFilters(Schema):
     dispatch: Dispatch | None = None
     error_class: str | None = Field(None, max_length=200, description="The last error's class (dead letters).")
     worker: str | None = Field(None, max_length=200, description="The worker of the latest attempt.")
-    created_after: AwareDatetime | None = None
-    created_before: AwareDatetime | None = None
-    finished_after: AwareDatetime | None = None
-    finished_before: AwareDatetime | None = None
+    created_after: Moment | None = None
+    created_before: Moment | None = None
+    finished_after: Moment | None = None
+    finished_before: Moment | None = None
     q: str | None = Field(None, max_length=500, description="The admin's search: a task id, a correlation id, or "
                                                              "words of the image reference, error or key.")
     cursor: str | None = Field(None, max_length=40, description="next_cursor of the previous page.")
@@ -145,7 +146,7 @@ def _submission_errors(error: DjangoValidationError, prefix: str = "") -> ApiErr
     return ApiError(400, f"{field}: {' '.join(messages)}", field=field)
 
 
-@router.post("/tasks", response={200: TaskOut, 201: TaskOut, **documented(413)}, operation_id="task_submit",
+@router.post("/tasks", response={200: TaskOut, 201: TaskOut, **documented()}, operation_id="task_submit",
              summary="Submit a task")
 @needs("queues.add_captiontask")
 def submit(request, response: HttpResponse, payload: TaskIn):
@@ -166,12 +167,13 @@ def submit(request, response: HttpResponse, payload: TaskIn):
     return Status(201, task)
 
 
-@router.post("/tasks/batch", response={201: BatchOut, **documented(413)}, operation_id="tasks_submit_many",
+@router.post("/tasks/batch", response={200: BatchOut, 201: BatchOut, **documented()}, operation_id="tasks_submit_many",
              summary="Submit many tasks")
 @needs("queues.add_captiontask")
 def submit_many(request, payload: BatchIn):
     """Up to 1000 tasks in one request. Every item is checked before anything is written: one bad item refuses the
-    whole batch (400, naming ``tasks[i].field``) and nothing is saved."""
+    whole batch (400, naming ``tasks[i].field``) and nothing is saved. An item whose idempotency key is known (or
+    repeats an earlier item's) is not submitted again: its task's id is in ``existing``."""
     try:
         with transaction.atomic():
             result = tasks_submit_many(specs=[TaskSpec(item.image_ref, item.priority, item.idempotency_key)
@@ -184,7 +186,9 @@ def submit_many(request, payload: BatchIn):
         raise _submission_errors(error) from None
     held = bool(result.created) and CaptionTask.objects.filter(pk=result.created[0],
                                                                dispatch=Dispatch.HELD).exists()
-    return Status(201, {"created": result.created, "existing": result.existing, "held": held})
+    # 201 when anything was created; 200 when every item's idempotency key was known (as for one task).
+    return Status(201 if result.created else 200,
+                  {"created": result.created, "existing": result.existing, "held": held})
 
 
 @router.get("/tasks", response={200: TaskPage, **documented()}, operation_id="tasks_list", summary="List tasks")
@@ -218,7 +222,7 @@ def _act(request, task_id: int, service, action: str, **params):
         return _task(task_id)
     if result.pinned:
         raise conflict(f"task {task_id} is left unchanged: {result.pinned_reason}")
-    task.refresh_from_db()
+    task = _task(task_id)  # as it is now (a 404 if the cleanup took it meanwhile)
     raise conflict(f"task {task_id} is {task.status.lower()}: {WHY_NOT[action]}")
 
 
@@ -241,6 +245,10 @@ def cancel(request, task_id: int = ID):
              operation_id="task_change_priority", summary="Move a queued task to another priority")
 @needs("queues.change_task_priority")
 def change_priority(request, payload: PriorityIn, task_id: int = ID):
+    """A queued task that has that priority already is answered as it is (200), nothing changed."""
+    task = _task(task_id)
+    if task.status == TaskStatus.QUEUED and task.priority == payload.priority:
+        return task
     return _act(request, task_id, tasks_change_priority, "priority", priority=payload.priority)
 
 

@@ -5,12 +5,15 @@ Callers authenticate with ``Authorization: Bearer <token>``, an ``ApiToken`` an 
 create NAME --user U``; the token is shown once, only its SHA-256 is stored). It is not the metrics token: a token
 acts as its user and needs that user's ``queues.manage_fleet`` permission, as the admin's buttons do, and every call
 is an audit entry of that user ``via`` the token's name. Errors are JSON ``{"error": ...}`` with 400 (naming the
-field), 401, 403, 404 (unknown pool or worker), 405 or 503 (Redis or the database away).
+field), 401, 403, 404 (unknown pool or worker), 405, 429 (the token's rate, shared with /api/v1/) or 503 (Redis or
+the database away).
 """
 
 import json
 import logging
+import math
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError
 from django.http import JsonResponse
@@ -20,6 +23,7 @@ from queues import broker
 from queues.audit import audit_via
 from queues.errors import BrokerUnavailable
 from portal.admin_pages import client_address
+from portal.rate_limits import limiter
 from queues.fleet.admin import MANAGE_FLEET
 from queues.fleet.services import FleetError, pool_get, pool_restart, pool_scale, worker_restart
 from queues.models import ApiToken
@@ -50,6 +54,10 @@ def token_api(permission: str, *, realm: str = "fleet"):
             token = ApiToken.objects.authenticate(header[7:].strip())
             if token is None:
                 return _error("the API token is not valid (unknown, revoked or expired)", 401)
+            wait = limiter.wait(str(token.pk), token.rate_limit or settings.API_RATE_LIMIT)
+            if wait:  # the token's one bucket, shared with /api/v1/
+                return _error(f"too many requests for this token; try again in {math.ceil(wait)} s", 429,
+                              **{"Retry-After": str(max(1, math.ceil(wait)))})
             if not token.user.is_active or not token.user.is_staff or not token.user.has_perm(permission):
                 # is_staff too: a user who may no longer sign in to the admin may not act through a token either.
                 return _error(f"the token's user {token.user.username!r} is not an active staff member with the "

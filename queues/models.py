@@ -169,7 +169,7 @@ class CaptionTaskQuerySet(models.QuerySet):
         term = term.strip()
         if not term:
             return self
-        if term.isdigit():
+        if term.isascii() and term.isdigit():  # "²" is a digit to isdigit, not to int()
             match = models.Q(correlation_id=term)
             if int(term) < 2 ** 63:  # beyond, no primary key (a signed 64-bit integer) can have it
                 match |= models.Q(pk=int(term))

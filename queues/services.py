@@ -192,10 +192,13 @@ def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
         with transaction.atomic():
             known = dict(CaptionTask.objects.filter(idempotency_key__in=keys).values_list("idempotency_key", "pk")) \
                 if keys else {}
-            new_rows, seen_keys = [], set()
+            new_rows, seen_keys, repeats = [], set(), []
             for spec in batch:
                 if spec.idempotency_key:
-                    if spec.idempotency_key in known or spec.idempotency_key in seen_keys:
+                    if spec.idempotency_key in known:
+                        continue
+                    if spec.idempotency_key in seen_keys:
+                        repeats.append(spec.idempotency_key)  # an earlier item's key: that item's task
                         continue
                     seen_keys.add(spec.idempotency_key)
                 new_rows.append((spec.image_ref, spec.priority, spec.idempotency_key))
@@ -222,6 +225,9 @@ def _submit_batch(batch: list[TaskSpec], result: SubmitResult) -> None:
         return
     result.created.extend(ids)
     result.existing.extend(known[spec.idempotency_key] for spec in batch if spec.idempotency_key in known)
+    if repeats:
+        created_with = {key: task_id for (_, _, key), task_id in zip(new_rows, ids) if key}
+        result.existing.extend(created_with[key] for key in repeats)
 
 
 def tasks_publish(*, tasks: Iterable[tuple[int, str]], fresh: bool = False, correlation_id: str = "") -> int:

@@ -107,11 +107,15 @@ def silence_create(*, matchers: list[dict], ends_at: datetime, reason: str, user
 
 
 def silence_expire(*, silence: Silence, user, address: str | None = None) -> Silence:
+    """Ends the silence now; one that had not started yet ends before it starts (both set to now), so that it is
+    expired, not pending. A silence already ended (or expired by someone else meanwhile) is refused."""
     now = timezone.now()
     if silence.ends_at <= now:
         raise AlertError("This silence has already ended.")
     with transaction.atomic():
-        Silence.objects.filter(pk=silence.pk).update(ends_at=max(now, silence.starts_at), expired_by=user)
+        if not Silence.objects.filter(pk=silence.pk, ends_at__gt=now).update(
+                starts_at=min(silence.starts_at, now), ends_at=now, expired_by=user):
+            raise AlertError("This silence has already ended.")
         _audit(user=user, action="silence_expire", target=f"silence {silence.pk}: {silence}", address=address)
     silence.refresh_from_db()
     return silence

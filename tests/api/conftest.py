@@ -80,3 +80,13 @@ def web_server():
     yield start
     for process in started:
         stop_process(process)
+
+
+@pytest.fixture(autouse=True)
+def _no_roles_remembered():
+    """Each test reads its users' roles afresh (the API keeps a user's permissions for 2 s per process)."""
+    from api.access import _permissions
+
+    _permissions.clear()
+    yield
+    _permissions.clear()

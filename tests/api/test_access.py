@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from api.access import limiter
+from portal.rate_limits import limiter
 from queues.models import ApiToken, AuditEntry, CaptionTask, TaskStatus
 from tests.api.conftest import Caller
 
@@ -142,3 +142,21 @@ def test_a_database_outage_is_a_503_with_retry_after_from_a_live_server(web_serv
         urllib.request.urlopen(request, timeout=30)
     assert answer.value.code == 503 and answer.value.headers["Retry-After"] == "10"
     assert json.load(answer.value) == {"error": "the database is unreachable; try again shortly", "field": None}
+
+
+def test_the_token_is_checked_before_the_body_is_read(client, redis):
+    response = client.post("/api/v1/tasks/batch", data="{not json", content_type="application/json",
+                           HTTP_AUTHORIZATION="Bearer rqo_unknown")
+    assert response.status_code == 401
+
+
+def test_the_older_fleet_calls_count_against_the_same_bucket(client, operator_user, redis):
+    from queues.models import WorkerPool
+
+    WorkerPool.objects.update_or_create(name="default", defaults={"desired": 2, "minimum": 1, "maximum": 6})
+    caller = Caller(client, ApiToken.issue(name="cron", user=operator_user, rate_limit=1)[1])
+    answers = [caller.get("/api/v1/pools").status_code for _ in range(3)]
+    assert answers == [200, 200, 429]
+    response = caller.post("/api/rq/workers/scale", {"pool": "default", "count": 3})
+    assert response.status_code == 429 and int(response["Retry-After"]) >= 1
+    assert WorkerPool.objects.get(name="default").desired == 2

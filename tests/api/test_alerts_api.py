@@ -123,3 +123,25 @@ def test_a_bad_silence_is_refused_naming_the_field_and_nothing_is_written(as_ope
     response = as_operator.post("/api/v1/silences", body)
     assert response.status_code == 400 and response.json()["field"] == field, response.json()
     assert not Silence.objects.exists() and not AuditEntry.objects.exists()
+
+
+def test_a_silence_that_had_not_started_expires_once(as_operator):
+    starts = (timezone.now() + timedelta(hours=1)).isoformat()
+    silence = as_operator.post("/api/v1/silences", {"matchers": [{"label": "alertname", "value": "x"}],
+                                                    "reason": "tonight", "starts_at": starts,
+                                                    "duration_minutes": 60}).json()
+    assert silence["state"] == "pending"
+    expired = as_operator.post(f"/api/v1/silences/{silence['id']}/expire")
+    assert expired.status_code == 200 and expired.json()["state"] == "expired"
+    assert as_operator.get("/api/v1/silences", {"state": "pending"}).json()["results"] == []
+    assert as_operator.post(f"/api/v1/silences/{silence['id']}/expire").status_code == 409
+    assert AuditEntry.objects.filter(action="silence_expire").count() == 1
+
+
+def test_the_timeline_is_the_newest_events_as_on_the_alerts_page(as_support):
+    alert = make_alert()
+    start = timezone.now() - timedelta(days=1)
+    AlertEvent.objects.bulk_create([AlertEvent(alert=alert, kind=AlertEvent.Kind.NOTIFIED, message=str(index),
+                                               at=start + timedelta(seconds=index)) for index in range(305)])
+    timeline = as_support.get(f"/api/v1/alerts/{alert.pk}").json()["timeline"]
+    assert len(timeline) == 300 and timeline[0]["message"] == "5" and timeline[-1]["message"] == "304"

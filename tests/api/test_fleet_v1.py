@@ -41,6 +41,7 @@ def test_a_pool_and_a_worker_restart_gracefully(as_operator, pool, redis):
         assert response.status_code == 202 and response.json() == {"restarting": 1}
         assert FleetEvent.objects.filter(kind=FleetEvent.Kind.RESTART_REQUESTED, worker_name="default.api.1").exists()
         assert as_operator.post("/api/v1/pools/default/restart").status_code == 202
+        assert FleetEvent.objects.filter(kind=FleetEvent.Kind.RESTART_REQUESTED, pool__name="default").exists()
         assert as_operator.post("/api/v1/workers/nobody/restart").status_code == 404
     finally:
         worker.register_death()

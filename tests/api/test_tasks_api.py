@@ -1,6 +1,8 @@
 """Tasks over the HTTP API: submit one or many (validation, idempotency, held while paused), read one with its
 timeline, list with filters and cursors, and the operators' actions; each against a real Redis and database."""
 
+import base64
+
 import pytest
 from django.utils import timezone
 
@@ -169,3 +171,44 @@ def test_requeue_cancel_priority_and_discard_use_the_admins_rules(as_operator, r
     actions = set(AuditEntry.objects.values_list("action", flat=True))
     assert {"task_submit", "tasks_priority", "tasks_cancel", "tasks_requeue", "tasks_discard"} <= actions, actions
     assert all(entry.detail.get("via") == "API token deploy hook" for entry in AuditEntry.objects.all())
+
+
+def test_odd_input_found_by_review_is_a_400_or_an_answer_never_a_500(as_support, db):
+    # "²" is a digit to str.isdigit but not to int(): the search and the cursor took it for a number.
+    assert as_support.get("/api/v1/tasks", {"q": "²"}).status_code == 200
+    cursor = base64.urlsafe_b64encode("before:²".encode()).decode().rstrip("=")
+    assert as_support.get("/api/v1/tasks", {"cursor": cursor}).json()["field"] == "cursor"
+    # A date that overflows once moved to UTC.
+    for name, value in [("created_after", "0001-01-01T00:00:00+01:00"),
+                        ("finished_before", "9999-12-31T23:59:59-01:00")]:
+        response = as_support.get("/api/v1/tasks", {name: value})
+        assert response.status_code == 400 and response.json()["field"] == name, response.content
+
+
+def test_a_batch_answers_200_when_every_key_was_known_and_maps_a_repeated_key(as_operator, redis, image):
+    first = as_operator.post("/api/v1/tasks/batch", {"tasks": [{"image_ref": image, "idempotency_key": "a"},
+                                                               {"image_ref": image, "idempotency_key": "a"}]})
+    assert first.status_code == 201 and len(first.json()["created"]) == 1
+    assert first.json()["existing"] == first.json()["created"]  # the repeat is the first item's task
+    again = as_operator.post("/api/v1/tasks/batch", {"tasks": [{"image_ref": image, "idempotency_key": "a"}]})
+    assert again.status_code == 200 and again.json() == {"created": [], "existing": first.json()["created"],
+                                                         "held": False}
+    assert CaptionTask.objects.count() == 1
+
+
+def test_a_priority_a_task_has_already_is_answered_as_it_is(as_operator, redis, image):
+    task = as_operator.post("/api/v1/tasks", {"image_ref": image, "priority": "high"}).json()
+    response = as_operator.post(f"/api/v1/tasks/{task['id']}/priority", {"priority": "high"})
+    assert response.status_code == 200 and response.json()["priority"] == "high"
+    assert not TaskEvent.objects.filter(task_id=task["id"]).exists()
+
+
+def test_held_counts_only_tasks_still_waiting(as_operator, redis, image, mode, django_capture_on_commit_callbacks):
+    as_operator.post("/api/v1/submission/pause", {"reason": "maintenance"})
+    held = as_operator.post("/api/v1/tasks", {"image_ref": image}).json()["id"]
+    as_operator.post("/api/v1/tasks", {"image_ref": image})
+    assert as_operator.post(f"/api/v1/tasks/{held}/cancel").json()["status"] == "CANCELLED"
+    assert as_operator.get("/api/v1/submission").json()["held"] == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        resumed = as_operator.post("/api/v1/submission/resume").json()
+    assert resumed["released"] == 1 and resumed["held"] == 0
