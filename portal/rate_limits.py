@@ -50,6 +50,12 @@ class RateLimiter:
             self._script, self._where = client.register_script(RATE_SCRIPT), where
         return self._script
 
+    def reset(self) -> None:
+        """Forgets every bucket this process keeps and asks Redis again at the next request (tests)."""
+        with self._lock:
+            self._local.clear()
+            self._redis_down_until = 0.0
+
     def wait(self, key: str, rate: float) -> float:
         """0 when a request under ``key`` may go now; otherwise the seconds until it may."""
         interval, burst = 1.0 / rate, BURST_FACTOR

@@ -294,6 +294,17 @@ def _no_process_left_behind():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    """The API tokens' buckets this process keeps while Redis is away start empty in each test (a token of the next
+    test can have the same id)."""
+    from portal.rate_limits import limiter
+
+    limiter.reset()
+    yield
+    limiter.reset()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_queue_control():
     """Queue pauses are cached for a second per process; each test starts from what its database says."""
     from queues import control

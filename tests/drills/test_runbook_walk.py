@@ -75,7 +75,10 @@ class Portal:
     starts = 0
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
+            return
+        if self.process.poll() is not None:  # it ended by itself: what it printed says why
+            print(f"runportal had exited with {self.process.returncode}:\n{self.output()[-20000:]}")
             return
         self.process.send_signal(signal.SIGINT)
         try:
