@@ -13,7 +13,7 @@ import redis
 from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, DataError
 from django.http import Http404, JsonResponse
 from ninja import Schema
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
@@ -117,7 +117,16 @@ def _redis_down(request, error: Exception) -> JsonResponse:
     return answer(503, "Redis is unreachable; try again shortly", Retry_After=str(RETRY_AFTER_OUTAGE))
 
 
+# MySQL/MariaDB's refusals of a value rather than failures of the server: a string its column's character set
+# cannot hold (1366), collations that cannot be compared (1267, 1270, 1271), a value too long or out of range.
+REFUSED_VALUE_CODES = {1267, 1270, 1271, 1366, 1406, 1264}
+
+
 def _database_down(request, error: DatabaseError) -> JsonResponse:
+    code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+    if isinstance(error, DataError) or code in REFUSED_VALUE_CODES:
+        logger.info("%s: the database refused a value: %s", request.path, error)
+        return answer(400, "the database cannot store or compare a value given (its characters or its size)")
     logger.warning("%s: the database failed", request.path, exc_info=True)
     return answer(503, "the database is unreachable; try again shortly", Retry_After=str(RETRY_AFTER_OUTAGE))
 

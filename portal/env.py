@@ -189,6 +189,9 @@ def parse_database_url(name: str, value: str, *, base_dir: Path) -> dict:
             # connection the server closed is replaced instead of failing the next task.
             "CONN_MAX_AGE": 60,
             "CONN_HEALTH_CHECKS": True,
+            # The test database as the README has the portal's created: a server's own default may be latin1
+            # (mariadbd --no-defaults), which refuses most of Unicode.
+            "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
         }
     raise ImproperlyConfigured(f"{name} must start with sqlite:// or mysql://; got {value!r}")
 

@@ -158,3 +158,22 @@ def test_the_older_fleet_calls_count_against_the_same_bucket(client, operator_us
     response = caller.post("/api/rq/workers/scale", {"pool": "default", "count": 3})
     assert response.status_code == 429 and int(response["Retry-After"]) >= 1
     assert WorkerPool.objects.get(name="default").desired == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_value_the_database_cannot_hold_is_a_400_not_an_outage(as_operator, redis):
+    from django.db import connection
+
+    if connection.vendor != "mysql":
+        pytest.skip("MySQL/MariaDB: a column in a character set that cannot hold the value")
+    # A database created in latin1 (a server's default under --no-defaults): the pool names' column is one.
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE queues_workerpool CONVERT TO CHARACTER SET latin1 COLLATE latin1_swedish_ci")
+    try:
+        response = as_operator.post("/api/v1/pools/%F0%9F%98%80/scale", {"count": 1})
+        assert response.status_code == 400, response.content
+        assert "cannot store or compare a value" in response.json()["error"]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE queues_workerpool CONVERT TO CHARACTER SET utf8mb4 "
+                           "COLLATE utf8mb4_unicode_ci")
