@@ -10,7 +10,7 @@ from ninja import Field, Path, Query, Router, Schema, Status
 
 from api.access import needs
 from api.fields import Moment
-from api.errors import ApiError, conflict, documented, not_found
+from api.errors import ApiError, documented, not_found
 from api.pages import DEFAULT, MOST, page
 from monitoring.alerts.actions import (
     AlertError,
@@ -198,10 +198,6 @@ def _alert(alert_id: int) -> Alert:
     return alert
 
 
-def _refused(error: AlertError) -> ApiError:
-    return conflict(str(error))
-
-
 @router.get("/alerts", response={200: AlertPage, **documented()}, operation_id="alerts_list",
             summary="The alert history")
 @needs("monitoring.view_alert")
@@ -238,22 +234,16 @@ def get_alert(request, alert_id: int = ID):
 @needs(ACKNOWLEDGE)
 def acknowledge(request, payload: AcknowledgeIn | None = None, alert_id: int = ID):
     """Reminders and escalation stop; the alert stays in the history and resolves as usual."""
-    try:
-        alert = alert_acknowledge(alert=_alert(alert_id), user=request.auth.user,
-                                  note=payload.note if payload else "", address=client_address(request))
-    except AlertError as error:
-        raise _refused(error) from None
-    return _alert(alert.pk)
+    alert_acknowledge(alert=_alert(alert_id), user=request.auth.user, note=payload.note if payload else "",
+                      address=client_address(request))
+    return _alert(alert_id)
 
 
 @router.post("/alerts/{alert_id}/unacknowledge", response={200: AlertOut, **documented(404, 409)},
              operation_id="alert_unacknowledge", summary="Remove an acknowledgement")
 @needs(ACKNOWLEDGE)
 def unacknowledge(request, alert_id: int = ID):
-    try:
-        alert_unacknowledge(alert=_alert(alert_id), user=request.auth.user, address=client_address(request))
-    except AlertError as error:
-        raise _refused(error) from None
+    alert_unacknowledge(alert=_alert(alert_id), user=request.auth.user, address=client_address(request))
     return _alert(alert_id)
 
 
@@ -271,11 +261,7 @@ def shelve(request, payload: ShelveIn, alert_id: int = ID):
         raise ApiError(400, "until: must be in the future", field="until")
     if until > now + LONGEST:
         raise ApiError(400, "until: at most a year ahead", field="until")
-    alert = _alert(alert_id)
-    try:
-        alert_shelve(alert=alert, user=request.auth.user, until=until, address=client_address(request))
-    except AlertError as error:
-        raise _refused(error) from None
+    alert_shelve(alert=_alert(alert_id), user=request.auth.user, until=until, address=client_address(request))
     return _alert(alert_id)
 
 
@@ -283,13 +269,8 @@ def shelve(request, payload: ShelveIn, alert_id: int = ID):
              operation_id="alert_unshelve", summary="Unshelve an alert")
 @needs(ACKNOWLEDGE)
 def unshelve(request, alert_id: int = ID):
-    alert = _alert(alert_id)
-    if not alert.is_shelved(timezone.now()):
-        raise conflict("This alert is not shelved.")
-    try:
-        alert_shelve(alert=alert, user=request.auth.user, until=None, address=client_address(request))
-    except AlertError as error:
-        raise _refused(error) from None
+    """An alert that is not shelved is refused (409) by the service itself."""
+    alert_shelve(alert=_alert(alert_id), user=request.auth.user, until=None, address=client_address(request))
     return _alert(alert_id)
 
 
@@ -359,8 +340,5 @@ def create_silence(request, payload: SilenceIn):
              operation_id="silence_expire", summary="Expire a silence now")
 @needs("monitoring.change_silence")
 def expire_silence(request, silence_id: int = ID):
-    try:
-        silence_expire(silence=_silence(silence_id), user=request.auth.user, address=client_address(request))
-    except AlertError as error:
-        raise _refused(error) from None
+    silence_expire(silence=_silence(silence_id), user=request.auth.user, address=client_address(request))
     return _silence(silence_id)

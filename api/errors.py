@@ -19,7 +19,9 @@ from ninja import Schema
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
 from portal.body_limits import too_large_error
+from monitoring.alerts.actions import AlertError
 from queues.errors import BrokerUnavailable
+from queues.fleet.services import FleetError
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,16 @@ def _too_large(request, error: RequestDataTooBig) -> JsonResponse:
     return answer(413, too_large_error(settings.DATA_UPLOAD_MAX_MEMORY_SIZE))
 
 
+def _refused(request, error: Exception) -> JsonResponse:
+    """An alert action the alert's state refuses (already acknowledged, resolved, not shelved...)."""
+    return answer(409, str(error))
+
+
+def _unknown_in_fleet(request, error: Exception) -> JsonResponse:
+    """An unknown pool or worker (the fleet services' FleetError, as the older fleet calls answer it)."""
+    return answer(404, str(error))
+
+
 def _missing(request, error: Http404) -> JsonResponse:
     return answer(404, str(error) or "not found")
 
@@ -145,6 +157,8 @@ def install(api) -> None:
     api.add_exception_handler(AuthenticationError, _authentication)
     api.add_exception_handler(HttpError, _http_error)
     api.add_exception_handler(Http404, _missing)
+    api.add_exception_handler(AlertError, _refused)
+    api.add_exception_handler(FleetError, _unknown_in_fleet)
     api.add_exception_handler(RequestDataTooBig, _too_large)
     api.add_exception_handler(BrokerUnavailable, _redis_down)
     api.add_exception_handler(redis.exceptions.RedisError, _redis_down)

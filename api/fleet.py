@@ -8,7 +8,7 @@ from api.access import needs
 from api.errors import ApiError, documented
 from portal.admin_pages import client_address
 from queues.fleet.admin import MANAGE_FLEET
-from queues.fleet.services import FleetError, pool_get, pool_restart, pool_scale, worker_restart
+from queues.fleet.services import pool_get, pool_restart, pool_scale, worker_restart
 from queues.models import WorkerPool
 
 router = Router(tags=["fleet"])
@@ -44,13 +44,6 @@ class RestartOut(Schema):
                                         "start fresh ones.")
 
 
-def _pool(name: str) -> WorkerPool:
-    try:
-        return pool_get(name)
-    except FleetError as error:
-        raise ApiError(404, str(error)) from None
-
-
 @router.get("/pools", response={200: list[PoolOut], **documented()}, operation_id="pools_list",
             summary="Worker pools")
 @needs("queues.view_workerpool")
@@ -64,7 +57,7 @@ def pools(request):
 def scale(request, payload: ScaleIn, pool: str = POOL):
     """Sets how many workers the pool runs; supervisors follow within about a second. A count outside the pool's
     minimum and maximum is refused (400, ``count``)."""
-    row = _pool(pool)
+    row = pool_get(pool)
     previous = row.desired
     try:
         row = pool_scale(pool=row, desired=payload.count, user=request.auth.user,
@@ -79,7 +72,7 @@ def scale(request, payload: ScaleIn, pool: str = POOL):
              summary="Restart a pool's workers gracefully")
 @needs(MANAGE_FLEET)
 def restart_pool(request, pool: str = POOL):
-    return Status(202, {"restarting": pool_restart(pool=_pool(pool), user=request.auth.user,
+    return Status(202, {"restarting": pool_restart(pool=pool_get(pool), user=request.auth.user,
                                                    address=client_address(request))})
 
 
@@ -87,8 +80,5 @@ def restart_pool(request, pool: str = POOL):
              operation_id="worker_restart", summary="Restart one worker gracefully")
 @needs(MANAGE_FLEET)
 def restart_worker(request, worker: str = WORKER):
-    try:
-        worker_restart(worker_name=worker, user=request.auth.user, address=client_address(request))
-    except FleetError as error:
-        raise ApiError(404, str(error)) from None
+    worker_restart(worker_name=worker, user=request.auth.user, address=client_address(request))
     return Status(202, {"restarting": 1})
