@@ -8,7 +8,8 @@ of 1,000 moved by conditional update with the checkpoint, jobs published in one 
 JSON jobs through ``Queue.enqueue_many`` in pipelines of 1,000 (no database). Rounds alternate; medians compared.
 Poller: ``--tasks`` tasks through ``LegacyPoller`` (burst) against the same number through ``CaptionWorker`` (burst),
 both with the no-op captioner, in this process. Last line: JSON with ``ratio`` (migrated/s ÷ raw jobs/s; goal >=
-0.6, moonshot 1.0) and ``poller_ratio`` (poller tasks/s ÷ RQ worker tasks/s).
+1.0) and ``poller_ratio`` (poller tasks/s ÷ RQ worker tasks/s; goal <= 1.0, the RQ worker at least as fast), and
+each round's own figures (``ratio_rounds``, ``rq_worker_to_poller_rounds``: RQ worker tasks/s ÷ poller tasks/s).
 """
 
 import argparse
@@ -110,6 +111,10 @@ def main():
         "ratio": round(raw_s / ours_s, 3),
         "poller_per_s": round(args.tasks / poller_s), "rq_worker_per_s": round(args.tasks / worker_s),
         "poller_ratio": round(worker_s / poller_s, 3),
+        # Each round's own figures (the two sides back to back): the spread.
+        "ratio_rounds": [round(raw_round / ours_round, 3) for raw_round, ours_round in zip(raw, ours)],
+        "rq_worker_to_poller_rounds": [round(poller_round / worker_round, 3)
+                                       for poller_round, worker_round in zip(poller, worker)],
     })
 
 

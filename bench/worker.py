@@ -34,7 +34,8 @@ raw: ``enqueue_many``), so publishing is inside the measured time on both sides.
 completion: the latest ``finished_at`` of the COMPLETED rows for ours, the latest ``ended_at`` of the jobs (all in
 the finished registry) for raw. Medians over the rounds. Last line: JSON with ``ours_1_per_s``, ``ours_n_per_s``,
 ``raw_n_per_s``, ``raw_1_per_s``, ``scaling`` = ours_n / ours_1 (goal >= 1.8 for N = 2), ``ratio`` =
-ours_n / raw_n (goal >= 0.8), ``raw_scaling`` and the warnings our workers logged (e.g. "database is locked").
+ours_n / raw_n (goal >= 0.8), ``raw_scaling``, each round's own ``scaling_rounds`` and ``ratio_rounds``, and the
+warnings our workers logged (e.g. "database is locked").
 """
 
 import argparse
@@ -353,6 +354,8 @@ def main_procs(args, reference: str) -> None:
         "raw_scaling": round(per_s["raw_n"] / per_s["raw_1"], 3),
         "ours_n_rounds_s": [round(value, 3) for value in timings["ours_n"]],
         "raw_n_rounds_s": [round(value, 3) for value in timings["raw_n"]],
+        "scaling_rounds": [round(one / n, 3) for one, n in zip(timings["ours_1"], timings["ours_n"])],
+        "ratio_rounds": [round(raw / ours, 3) for raw, ours in zip(timings["raw_n"], timings["ours_n"])],
         "ours_warnings": len(logged),
         "ours_database_locked": sum("database is locked" in line for line in logged),
         "ours_warning_sample": logged[:3],

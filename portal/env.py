@@ -151,7 +151,7 @@ def parse_database_url(name: str, value: str, *, base_dir: Path) -> dict:
             raise ImproperlyConfigured(f"{name} must name a database file, e.g. sqlite:///var/portal.sqlite3")
         path = Path(path) if Path(path).is_absolute() else base_dir / path
         return {
-            "ENGINE": "django_prometheus.db.backends.sqlite3",  # Django's, plus query counts and timings
+            "ENGINE": "portal.sqlite3",  # Django's with query counts and timings; writers take turns (portal/sqlite3)
             "NAME": str(path),
             # WAL lets the portal read while workers write; IMMEDIATE makes writers queue instead of failing
             # with "database is locked" when a transaction upgrades from read to write.

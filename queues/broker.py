@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -18,7 +19,7 @@ from django.conf import settings
 from django_rq.queues import DjangoRQ
 from rq import Queue
 from rq.exceptions import NoSuchJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import import_attribute
@@ -98,6 +99,16 @@ def alive_key(worker_name: str) -> str:
     return ALIVE_PREFIX + worker_name
 
 
+# The first id in the queues (KEYS, in order) popped, with its job's hash: {queue key, id, hash as a flat list}.
+POP_AND_READ_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  local id = redis.call('LPOP', key)
+  if id then return {key, id, redis.call('HGETALL', 'rq:job:' .. id)} end
+end
+return nil
+"""
+
+
 class CaptionQueue(DjangoRQ):
     """rq's queue (as django-rq builds it) with pausing: workers do not take jobs from paused queues (the
     database's ``QueueState`` rows, through queues.control); their jobs wait. Jobs are published through
@@ -119,7 +130,11 @@ class CaptionQueue(DjangoRQ):
                 return None
             time.sleep(timeout)
             raise DequeueTimeout(timeout, [queue.key for queue in queues])
-        result = super().dequeue_any(active, timeout, connection=connection, **kwargs)
+        # The next job and its hash in one round trip while there is work; the blocking pop (and rq's HGETALL
+        # after it) only when every active queue is empty.
+        result = cls._pop_and_read(active, connection=connection, **kwargs)
+        if result is None and timeout is not None:
+            result = super().dequeue_any(active, timeout, connection=connection, **kwargs)
         if result is not None and paused:
             control.clear_cache()
             if result[1].name in control.paused_queues_cached():
@@ -129,6 +144,31 @@ class CaptionQueue(DjangoRQ):
                     return None
                 raise DequeueTimeout(timeout, [queue.key for queue in queues])
         return result
+
+    @classmethod
+    def _pop_and_read(cls, queues, *, connection, job_class=None, serializer=None, death_penalty_class=None):
+        """rq's non-blocking dequeue (LPOP from each queue in order, then HGETALL of the job) in one script call. An
+        id whose hash is gone is passed over, as rq does. Returns (job, queue) or None when the queues are empty."""
+        keys = [queue.key for queue in queues]
+        job_class = job_class or CaptionJob
+        while True:
+            popped = connection.eval(POP_AND_READ_SCRIPT, len(keys), *keys)
+            if popped is None:
+                return None
+            queue_key, job_id, fields = popped
+            queue = cls.from_queue_key(queue_key.decode(), connection=connection, job_class=job_class,
+                                       serializer=serializer, death_penalty_class=death_penalty_class)
+            job = job_class(job_id.decode(), connection=connection, serializer=serializer)
+            try:
+                if not fields:
+                    raise NoSuchJobError(f"No such job: {job.key}")
+                job.restore(dict(zip(fields[::2], fields[1::2])))
+            except NoSuchJobError:
+                continue  # deleted since it was pushed, or not a job: rq's dequeue passes over such ids too
+            except Exception as error:
+                error.job_id, error.queue = job.id, queue  # as rq's dequeue reports it
+                raise
+            return job, queue
 
     @classmethod
     def lmove(cls, connection, queue_key, timeout):
@@ -214,15 +254,69 @@ def _correlation_meta(correlation_id: str) -> dict | None:
     return {"correlation_id": correlation_id} if correlation_id else None
 
 
+# One call per queue publishes a batch: each job's hash and one RPUSH of every id (rq's enqueue_many sends an HSET of
+# about twenty fields, an HSET of the status and an RPUSH per job; packing those arguments is most of its cost).
+# KEYS: the queue's list, rq's set of queues, the queue's failed-job registry. ARGV: the queue's key, whether earlier
+# jobs may share these ids (1: clear their expiry and take them out of the failed-job registry), the number of
+# fields every job shares, those fields and values, then per job its id, data, description and meta ("" for none).
+PUBLISH_SCRIPT = """
+local shared = tonumber(ARGV[3])
+local mapping = {}
+for i = 4, 3 + shared * 2 do mapping[#mapping + 1] = ARGV[i] end
+local ids = {}
+for i = 4 + shared * 2, #ARGV, 4 do
+  local key = 'rq:job:' .. ARGV[i]
+  local fields = {'data', ARGV[i + 1], 'description', ARGV[i + 2]}
+  if ARGV[i + 3] ~= '' then fields[5] = 'meta'; fields[6] = ARGV[i + 3] end
+  redis.call('HSET', key, unpack(mapping))
+  redis.call('HSET', key, unpack(fields))
+  if ARGV[2] == '1' then redis.call('PERSIST', key); redis.call('ZREM', KEYS[3], ARGV[i]) end
+  ids[#ids + 1] = ARGV[i]
+end
+redis.call('RPUSH', KEYS[1], unpack(ids))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+# Jobs per script call: one call holds Redis for a few milliseconds at most.
+PUBLISH_CHUNK = 1000
+# Per job: what differs from one caption job to the next; the rest of the hash is the same for a whole batch.
+_PER_JOB_FIELDS = ("data", "description", "meta")
+
+
+def _publish_arguments(queue: Queue, task_ids: list[int], *, republish: bool, correlation_id: str,
+                       correlation_ids: dict[int, str] | None) -> tuple[list, list]:
+    """The script's keys and arguments for one queue. The hash is rq's own: one job built by rq for the batch gives
+    the shared fields (``Job.to_dict``), and each job's data is rq's serialisation of its call, compressed as rq
+    does; ``tests/queues/test_broker.py`` compares the result field by field with ``Queue.enqueue_many``'s."""
+    job = queue.create_job(CAPTION_CALLABLE, args=(task_ids[0],), job_id=job_id_for(task_ids[0]),
+                           timeout=job_timeout(), result_ttl=settings.RQ_RESULT_TTL,
+                           failure_ttl=settings.RQ_FAILURE_TTL, status=JobStatus.QUEUED)
+    job.origin = queue.name
+    job.enqueued_at = job.created_at
+    shared = [item for name, value in job.to_dict().items() if name not in _PER_JOB_FIELDS for item in (name, value)]
+    arguments = [queue.key, "1" if republish else "0", len(shared) // 2, *shared]
+    metas: dict[str, bytes] = {}
+    for task_id in task_ids:
+        job.args = (task_id,)  # rq's setter: the job's data is serialised again from it
+        correlation = (correlation_ids or {}).get(task_id, correlation_id)
+        if correlation and correlation not in metas:
+            metas[correlation] = job.serializer.dumps(_correlation_meta(correlation))
+        arguments += [job_id_for(task_id), zlib.compress(job.data), f"caption task {task_id}",
+                      metas[correlation] if correlation else ""]
+    keys = [queue.key, Queue.redis_queues_keys, FailedJobRegistry(queue.name, connection=queue.connection).key]
+    return keys, arguments
+
+
 def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bool = False,
             correlation_id: str = "", correlation_ids: dict[int, str] | None = None) -> int:
-    """Enqueues ``caption-<id>`` jobs for (task id, priority) pairs in one pipeline round trip.
+    """Enqueues ``caption-<id>`` jobs for (task id, priority) pairs in one round trip: per queue, one script call
+    that writes each job's hash and pushes the ids in order (``PUBLISH_SCRIPT``).
 
     ``correlation_id``: the submitting request's, kept in each job's meta (the worker logs under it from the
     moment it takes the job); ``correlation_ids``: {task id: its own} instead, for tasks published again.
-    ``fresh``: the tasks are new, so no earlier job with their ids exists (saves a command per job).
+    ``fresh``: the tasks are new, so no earlier job with their ids exists (saves two commands per job).
     ``atomic``: in one MULTI/EXEC, so that either every job is enqueued or none (the migration's batches: a
-    process killed while sending leaves nothing half-published).
+    process killed while sending leaves nothing half-published). Each queue's script call is atomic in itself.
 
     Raises BrokerUnavailable when Redis cannot be reached or refuses the writes (out of memory, read-only replica,
     failed snapshot); then nothing is known to be published.
@@ -234,34 +328,19 @@ def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bo
         return 0
     try:
         connection = get_connection()
-        pipe = connection.pipeline(transaction=atomic)
-        count = 0
-        for queue_name, task_ids in by_queue.items():
-            queue = get_queue(queue_name, connection)
-            jobs = queue.enqueue_many(
-                [
-                    Queue.prepare_data(
-                        CAPTION_CALLABLE, args=(task_id,), job_id=job_id_for(task_id),
-                        timeout=job_timeout(), result_ttl=settings.RQ_RESULT_TTL,
-                        failure_ttl=settings.RQ_FAILURE_TTL, description=f"caption task {task_id}",
-                        meta=_correlation_meta((correlation_ids or {}).get(task_id, correlation_id)),
-                    )
-                    for task_id in task_ids
-                ],
-                pipeline=pipe,
-            )
-            if not fresh:
-                # A task published again (a retry, a requeue) reuses its job id; the key may still carry the
-                # expiry rq gave the previous run's result. Clear it so the queued job cannot expire before it runs.
-                # An earlier run that rq filed as failed (a worker that exited in the middle) is not a dead letter
-                # any more either.
-                failed_key = FailedJobRegistry(queue_name, connection=connection).key
-                for job in jobs:
-                    pipe.persist(job.key)
-                pipe.zrem(failed_key, *[job.id for job in jobs])
-            count += len(jobs)
+        calls = [(queue_name, task_ids[start:start + PUBLISH_CHUNK]) for queue_name, task_ids in by_queue.items()
+                 for start in range(0, len(task_ids), PUBLISH_CHUNK)]
+        pipe = connection.pipeline(transaction=atomic and len(calls) > 1)
+        for queue_name, task_ids in calls:
+            # A task published again (a retry, a requeue) reuses its job id; the key may still carry the expiry rq
+            # gave the previous run's result, so it is cleared and the queued job cannot expire before it runs. An
+            # earlier run that rq filed as failed (a worker that exited in the middle) is not a dead letter any more.
+            keys, arguments = _publish_arguments(get_queue(queue_name, connection), task_ids, republish=not fresh,
+                                                 correlation_id=correlation_id, correlation_ids=correlation_ids)
+            # EVAL, not EVALSHA: a pipeline with a registered script asks SCRIPT EXISTS first, one more round trip.
+            pipe.eval(PUBLISH_SCRIPT, len(keys), *keys, *arguments)
         pipe.execute()
-        return count
+        return sum(len(task_ids) for task_ids in by_queue.values())
     except REDIS_ERRORS as error:
         raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
 

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from django.conf import settings
 from django.db import close_old_connections, connection
@@ -218,8 +219,17 @@ def _rows_free(querysets) -> bool:
 
 
 def _sqlite_writable(path) -> bool:
+    """Neither SQLite's write lock nor the writers' lock file (portal/sqlite3) is held."""
+    import fcntl
     import sqlite3
 
+    if Path(f"{path}-writers.lock").exists():
+        with open(f"{path}-writers.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(lock, fcntl.LOCK_UN)
     probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
     try:
         probe.execute("BEGIN IMMEDIATE")

@@ -86,7 +86,7 @@ def test_defaults_are_embedded_sqlite_and_redis_with_old_task_settings(tmp_path)
     ok, output = load_settings(tmp_path, SECRET_KEY="")
     assert ok, output
     engine, redis_url, timeout, retries, backend, queue_url = output.splitlines()[-1].split()
-    assert engine == "django_prometheus.db.backends.sqlite3"
+    assert engine == "portal.sqlite3"
     assert redis_url == f"unix://{tmp_path / 'var' / 'redis' / 'redis.sock'}?db=0" == queue_url
     assert (timeout, retries, backend) == ("90", "3", "local")
     assert (tmp_path / "var" / "secret_key").stat().st_mode & 0o777 == 0o600

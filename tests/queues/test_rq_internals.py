@@ -115,3 +115,59 @@ def test_rqs_work_loop_still_installs_handlers_right_before_its_try_and_reads_th
     assert "if self._stop_requested" in source
     assert "except StopRequested" in source
     assert "result is None" in source
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "published-again"])
+def test_a_published_job_has_the_hash_rqs_enqueue_many_writes(redis, settings, fresh):
+    """broker.publish writes job hashes itself (one script call per queue, PUBLISH_SCRIPT) from a job rq built: every
+    field must be the one rq's own ``Queue.enqueue_many`` writes for the same job, so rq's workers, its tools and
+    django-rq read them as their own. Only the two timestamps of the moment differ."""
+    from queues import broker
+
+    prepared = [Queue.prepare_data(broker.CAPTION_CALLABLE, args=(task_id,), job_id=f"caption-{task_id}",
+                                   timeout=broker.job_timeout(), result_ttl=settings.RQ_RESULT_TTL,
+                                   failure_ttl=settings.RQ_FAILURE_TTL, description=f"caption task {task_id}",
+                                   meta={"correlation_id": "c-7"} if task_id == 7 else None)
+                for task_id in (7, 8)]
+    broker.get_queue("low", redis).enqueue_many(prepared)
+    by_rq = {task_id: redis.hgetall(f"rq:job:caption-{task_id}") for task_id in (7, 8)}
+    redis.flushdb()
+    if not fresh:  # a job left from an earlier run: an expiry and a place in the failed-job registry
+        redis.hset("rq:job:caption-7", mapping={"status": "failed", "exc_info": "x"})
+        redis.expire("rq:job:caption-7", 100)
+        redis.zadd(FailedJobRegistry("low", connection=redis).key, {"caption-7": 1})
+    assert broker.publish([(7, "low"), (8, "low")], fresh=fresh, correlation_ids={7: "c-7"}) == 2
+    for task_id in (7, 8):
+        ours = redis.hgetall(f"rq:job:caption-{task_id}")
+        if not fresh and task_id == 7:
+            assert ours.pop(b"exc_info") == b"x"  # rq's save leaves a field it does not write as it was, too
+        moments = (b"created_at", b"enqueued_at")
+        assert {key: value for key, value in ours.items() if key not in moments} == \
+               {key: value for key, value in by_rq[task_id].items() if key not in moments}
+        assert all(utcparse(ours[moment].decode()) for moment in moments)
+        job = broker.CaptionJob.fetch(f"caption-{task_id}", connection=redis)
+        assert (job.func_name, job.args, job.origin, job.get_status()) == (broker.CAPTION_CALLABLE, [task_id], "low",
+                                                                            "queued")
+    assert redis.lrange("rq:queue:low", 0, -1) == [b"caption-7", b"caption-8"]
+    assert redis.smembers("rq:queues") == {b"rq:queue:low"}
+    assert redis.ttl("rq:job:caption-7") == -1
+    assert redis.zcard(FailedJobRegistry("low", connection=redis).key) == 0
+    assert broker.CaptionJob.fetch("caption-7", connection=redis).meta == {"correlation_id": "c-7"}
+
+
+@pytest.mark.django_db  # the queues' pauses are rows
+def test_the_worker_pops_a_job_with_its_hash_in_one_call_and_passes_over_ids_whose_hash_is_gone(redis):
+    """CaptionQueue.dequeue_any reads the next job and its hash in one script call (rq's LPOP then HGETALL); an id
+    without a hash is dropped as rq's own dequeue drops it, and the queues are taken in the order given."""
+    from queues import broker
+
+    redis.rpush("rq:queue:normal", "caption-404")  # its hash was deleted
+    broker.publish([(5, "normal"), (6, "high")], fresh=True)
+    queues = broker.get_queues(redis)
+    order = []
+    for _ in range(2):
+        job, queue = broker.CaptionQueue.dequeue_any(queues, None, connection=redis, job_class=broker.CaptionJob)
+        order.append((queue.name, job.id, job.args, job.origin))
+    assert order == [("high", "caption-6", [6], "high"), ("normal", "caption-5", [5], "normal")]
+    assert broker.CaptionQueue.dequeue_any(queues, None, connection=redis, job_class=broker.CaptionJob) is None
+    assert redis.llen("rq:queue:normal") == 0
