@@ -160,9 +160,7 @@ class CaptionQueue(DjangoRQ):
                                        serializer=serializer, death_penalty_class=death_penalty_class)
             job = job_class(job_id.decode(), connection=connection, serializer=serializer)
             try:
-                if not fields:
-                    raise NoSuchJobError(f"No such job: {job.key}")
-                job.restore(dict(zip(fields[::2], fields[1::2])))
+                job.restore(dict(zip(fields[::2], fields[1::2])))  # NoSuchJobError for an empty hash
             except NoSuchJobError:
                 continue  # deleted since it was pushed, or not a job: rq's dequeue passes over such ids too
             except Exception as error:
