@@ -42,3 +42,18 @@ def retry_lock_conflicts(statement: Callable[[], T], *, attempts: int = 5, pause
                 raise
             time.sleep(pause * attempt)
     raise AssertionError("unreachable")
+
+
+def insert_statement(instance, *, using: str = "default") -> tuple[str, list]:
+    """The INSERT that ``instance.save()`` would run for a new row (its pk left to the database), compiled now, so a
+    caller can run only the statement inside a transaction: on SQLite a transaction holds the writers' lock
+    (portal/sqlite3) from its BEGIN, and compiling a model's INSERT costs several times running it."""
+    from django.db.models.sql import InsertQuery
+
+    meta = instance._meta
+    fields = [field for field in meta.local_concrete_fields
+              if field is not meta.auto_field and not getattr(field, "generated", False)]
+    query = InsertQuery(type(instance))
+    query.insert_values(fields, [instance])
+    [(sql, params)] = query.get_compiler(using=using).as_sql()
+    return sql, list(params)

@@ -25,10 +25,10 @@ from django.db import connection, transaction
 from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
-from queues import correlation
+from portal.db import insert_statement
+from queues import cancel, correlation
 from queues.captioners import Captioner, get_captioner
 from queues.errors import CaptionerMisconfigured, CaptionError, JobStopped, WorkerInterrupted
-from queues import cancel
 from queues.models import DATABASE_NOW, NOT_NULL, CaptionTask, Dispatch, TaskEvent, TaskStatus
 from queues.signals import attempt_ended
 
@@ -249,24 +249,30 @@ def _announce(task: CaptionTask, outcome: str, started: float, *, error_class: s
                        error_class=error_class)
 
 
-def _end_attempt(task: CaptionTask, **changes) -> bool:
-    """Records the attempt's outcome if the row is still in the state this attempt put it in (a reconciler may
-    have re-driven the task meanwhile, or an operator requeued it and a newer attempt runs)."""
-    return CaptionTask.objects.transition(
+def _record_end(task: CaptionTask, changes: dict, event: TaskEvent) -> bool:
+    """Records the attempt's outcome and its event row in one transaction, if the row is still in the state this
+    attempt put it in (a reconciler may have re-driven the task meanwhile, or an operator requeued it and a newer
+    attempt runs). Both statements are compiled before the transaction begins: on SQLite it holds the writers' lock
+    (portal/sqlite3) from its BEGIN, and other workers wait for it."""
+    update = CaptionTask.objects.transition_statement(
         task.pk, expect={"status": TaskStatus.PROCESSING, "claim_token": task.claim_token},
-        changes={**changes, "updated_at": timezone.now()},
-    )
+        changes={**changes, "updated_at": timezone.now()})
+    insert = insert_statement(event)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(*update)
+        if cursor.rowcount != 1:
+            return False
+        cursor.execute(*insert)
+        return True
 
 
 def _record_success(task: CaptionTask, caption: str, *, started: float) -> Outcome:
     now = timezone.now()
-    with transaction.atomic():
-        updated = _end_attempt(task, status=TaskStatus.COMPLETED, caption=caption, finished_at=now,
-                               last_error_class="", last_error_message="")
-        if updated:
-            TaskEvent.objects.create(task=task, kind=TaskEvent.Kind.COMPLETED, attempt=task.attempts, at=now,
-                                     started_at=task.started_at, worker_name=task.worker_name,
-                                     duration_ms=_duration_ms(started))
+    updated = _record_end(
+        task, {"status": TaskStatus.COMPLETED, "caption": caption, "finished_at": now, "last_error_class": "",
+               "last_error_message": ""},
+        TaskEvent(task=task, kind=TaskEvent.Kind.COMPLETED, attempt=task.attempts, at=now, started_at=task.started_at,
+                  worker_name=task.worker_name, duration_ms=_duration_ms(started)))
     if not updated:
         return Outcome("skipped", "a newer attempt owns the task")
     _announce(task, "completed", started)
@@ -283,15 +289,12 @@ def _give_back(task: CaptionTask, error: BaseException, started: float) -> Outco
     """The worker stopped in the middle of the attempt (not the task's fault): the task goes back to its queue at
     once, without using a retry, so even a task on its last attempt is never dead-lettered by a stop."""
     now = timezone.now()
-    with transaction.atomic():
-        updated = _end_attempt(task, status=TaskStatus.QUEUED, published_at=None, attempts=task.attempts - 1,
-                               publish_after=now)
-        if updated:
-            TaskEvent.objects.create(
-                task=task, kind=TaskEvent.Kind.RETRY_SCHEDULED, attempt=task.attempts, at=now,
-                started_at=task.started_at, worker_name=task.worker_name, duration_ms=_duration_ms(started),
-                error_class=type(error).__name__, error_message=str(error) or type(error).__name__,
-                detail="the worker was stopped during the attempt; given back without using a retry")
+    updated = _record_end(
+        task, {"status": TaskStatus.QUEUED, "published_at": None, "attempts": task.attempts - 1, "publish_after": now},
+        TaskEvent(task=task, kind=TaskEvent.Kind.RETRY_SCHEDULED, attempt=task.attempts, at=now,
+                  started_at=task.started_at, worker_name=task.worker_name, duration_ms=_duration_ms(started),
+                  error_class=type(error).__name__, error_message=str(error) or type(error).__name__,
+                  detail="the worker was stopped during the attempt; given back without using a retry"))
     return Outcome("retry" if updated else "skipped", "given back: the worker was stopped")
 
 
@@ -303,15 +306,13 @@ def _hold(task: CaptionTask, error: CaptionerMisconfigured, started: float) -> O
 
     now = timezone.now()
     message = str(error)
-    with transaction.atomic():
-        updated = _end_attempt(task, status=TaskStatus.QUEUED, published_at=None, attempts=task.attempts - 1,
-                               publish_after=now + timedelta(seconds=HOLD_SECONDS),
-                               last_error_class=type(error).__name__, last_error_message=message)
-        if updated:
-            TaskEvent.objects.create(task=task, kind=TaskEvent.Kind.HELD, attempt=task.attempts, at=now,
-                                     started_at=task.started_at, worker_name=task.worker_name,
-                                     duration_ms=_duration_ms(started), error_class=type(error).__name__,
-                                     error_message=message, detail=f"held; tried again in {HOLD_SECONDS} s")
+    updated = _record_end(
+        task, {"status": TaskStatus.QUEUED, "published_at": None, "attempts": task.attempts - 1,
+               "publish_after": now + timedelta(seconds=HOLD_SECONDS), "last_error_class": type(error).__name__,
+               "last_error_message": message},
+        TaskEvent(task=task, kind=TaskEvent.Kind.HELD, attempt=task.attempts, at=now, started_at=task.started_at,
+                  worker_name=task.worker_name, duration_ms=_duration_ms(started), error_class=type(error).__name__,
+                  error_message=message, detail=f"held; tried again in {HOLD_SECONDS} s"))
     broker.captioner_problem_report(message)
     logger.error("caption-%s held: %s", task.pk, message)
     return Outcome("held" if updated else "skipped", message)
@@ -323,29 +324,23 @@ def _record_failure(task: CaptionTask, error: BaseException, *, permanent: bool,
     message = str(error) or error_class
     trace = "".join(traceback.format_exception(error))
     retry = not permanent and task.attempts <= settings.RQ_MAX_RETRIES
-    with transaction.atomic():
-        if retry:
-            delay = retry_delay(task.attempts)
-            updated = _end_attempt(task, status=TaskStatus.QUEUED, published_at=None,
-                                   publish_after=now + timedelta(seconds=delay),
-                                   last_error_class=error_class, last_error_message=message)
-            detail = f"retry {task.attempts} of {settings.RQ_MAX_RETRIES} in {delay:g} s"
-            kind = TaskEvent.Kind.RETRY_SCHEDULED
+    if retry:
+        delay = retry_delay(task.attempts)
+        changes = {"status": TaskStatus.QUEUED, "published_at": None, "publish_after": now + timedelta(seconds=delay)}
+        detail = f"retry {task.attempts} of {settings.RQ_MAX_RETRIES} in {delay:g} s"
+        kind = TaskEvent.Kind.RETRY_SCHEDULED
+    else:
+        changes = {"status": TaskStatus.FAILED, "finished_at": now}
+        if isinstance(error, JobStopped):
+            detail = "stopped by an operator"
         else:
-            updated = _end_attempt(task, status=TaskStatus.FAILED, finished_at=now, last_error_class=error_class,
-                                   last_error_message=message)
-            if isinstance(error, JobStopped):
-                detail = "stopped by an operator"
-            else:
-                detail = "permanent error" if permanent else f"gave up after {task.attempts} attempts"
-            kind = TaskEvent.Kind.FAILED
-        if updated:
-            TaskEvent.objects.create(
-                task=task, kind=kind, attempt=task.attempts, at=now, started_at=task.started_at,
-                worker_name=task.worker_name,
-                duration_ms=_duration_ms(started), error_class=error_class, error_message=message,
-                traceback=trace, detail=detail,
-            )
+            detail = "permanent error" if permanent else f"gave up after {task.attempts} attempts"
+        kind = TaskEvent.Kind.FAILED
+    updated = _record_end(
+        task, {**changes, "last_error_class": error_class, "last_error_message": message},
+        TaskEvent(task=task, kind=kind, attempt=task.attempts, at=now, started_at=task.started_at,
+                  worker_name=task.worker_name, duration_ms=_duration_ms(started), error_class=error_class,
+                  error_message=message, traceback=trace, detail=detail))
     if not updated:
         return Outcome("skipped", "a newer attempt owns the task")
     _announce(task, "retry" if retry else "failed", started, error_class=error_class)

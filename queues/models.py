@@ -236,22 +236,10 @@ class CaptionTaskQuerySet(models.QuerySet):
                     ids.extend(range(first, first + len(chunk)))
         return ids
 
-    def transition(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False,
-                   returning: tuple[str, ...] = (), database_now_at_most=None):
-        """Sets ``changes`` on one row if it still has the values in ``expect``; returns whether it changed.
-
-        ``expect`` values are compared for equality, or are ``NOT_NULL`` or ``AtMost(value)`` (the value may be a
-        ``DatabaseNow``); a ``changes`` value may be a ``DatabaseNow``. ``database_now_at_most`` (a datetime): change
-        nothing if the database's clock, when the statement runs, is past it (a statement that waited on a lock).
-
-        The conditional update every state change of a task goes through (claim, complete, retry, fail). Written
-        as one parameterised UPDATE instead of ``filter().update()`` because it runs several times per job in
-        every worker, and compiling the ORM query costs about three times the statement itself.
-
-        With ``returning`` (field names) it returns the changed row as a task with only those fields loaded, or
-        None: one ``UPDATE ... RETURNING`` where the database has it (SQLite >= 3.35, PostgreSQL), otherwise the
-        UPDATE and a SELECT of the row in the same transaction.
-        """
+    def transition_statement(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False,
+                             database_now_at_most=None) -> tuple[str, list]:
+        """The UPDATE ``transition`` runs, with its parameters: a caller that must run it inside a transaction
+        compiles it first (``queues.execution._record_end``)."""
         connection = connections[self.db]
         meta, quote = CaptionTask._meta, connection.ops.quote_name
         assignments, params = [], []
@@ -284,6 +272,29 @@ class CaptionTaskQuerySet(models.QuerySet):
             params.append(connection.ops.adapt_datetimefield_value(database_now_at_most))
         sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
                f"WHERE {' AND '.join(conditions)}")
+        return sql, params
+
+    def transition(self, pk: int, *, expect: dict, changes: dict, increment_attempts: bool = False,
+                   returning: tuple[str, ...] = (), database_now_at_most=None):
+        """Sets ``changes`` on one row if it still has the values in ``expect``; returns whether it changed.
+
+        ``expect`` values are compared for equality, or are ``NOT_NULL`` or ``AtMost(value)`` (the value may be a
+        ``DatabaseNow``); a ``changes`` value may be a ``DatabaseNow``. ``database_now_at_most`` (a datetime): change
+        nothing if the database's clock, when the statement runs, is past it (a statement that waited on a lock).
+
+        The conditional update every state change of a task goes through (claim, complete, retry, fail). Written
+        as one parameterised UPDATE instead of ``filter().update()`` because it runs several times per job in
+        every worker, and compiling the ORM query costs about three times the statement itself.
+
+        With ``returning`` (field names) it returns the changed row as a task with only those fields loaded, or
+        None: one ``UPDATE ... RETURNING`` where the database has it (SQLite >= 3.35, PostgreSQL), otherwise the
+        UPDATE and a SELECT of the row in the same transaction.
+        """
+        connection = connections[self.db]
+        meta, quote = CaptionTask._meta, connection.ops.quote_name
+        sql, params = self.transition_statement(pk, expect=expect, changes=changes,
+                                                increment_attempts=increment_attempts,
+                                                database_now_at_most=database_now_at_most)
         if not returning:
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
