@@ -57,9 +57,9 @@ from django.test import Client  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
 import bench.common as common  # noqa: E402
+from bench.common import cpu_seconds, machine_busy_seconds  # noqa: E402
 from portal.embedded_redis import free_port  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 GOAL_STALENESS_P95_MS = 1500
 MOONSHOT_STALENESS_P95_MS = 250
 GOAL_SAMPLER_CPU_PCT = 5.0
@@ -72,16 +72,6 @@ def log(message: str) -> None:
 
 
 # --- processes -------------------------------------------------------------------------------------------------
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15 of stat; [0] here is field 3
-
 
 def process_tree(pid: int) -> list[int]:
     """The process and its descendants (gunicorn's master and workers), from /proc."""
@@ -98,13 +88,6 @@ def process_tree(pid: int) -> list[int]:
         frontier = [child for child, parent in parents.items() if parent in frontier]
         tree += frontier
     return tree
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all cores spent busy (not idle, not waiting for I/O), from /proc/stat."""
-    with open("/proc/stat") as handle:
-        values = [int(value) for value in handle.readline().split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / TICK
 
 
 class CpuWindow:

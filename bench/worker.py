@@ -210,8 +210,28 @@ class Workers:
                 process.kill()
                 process.wait(10)
 
+    def cpu_seconds(self) -> float:
+        return sum(common.cpu_seconds(process.pid) for process in self.processes)
+
     def logged(self) -> list[str]:
         return [line for log in self.logs for line in log.read_text(errors="replace").splitlines() if line.strip()]
+
+
+class CpuWindow:
+    """From the moment the workers are idle to the last completion: the CPU the worker processes used (in cores,
+    per process) and how busy the whole machine was (percent of all its cores)."""
+
+    def __init__(self, workers: Workers):
+        self.workers = workers
+        self.started = time.perf_counter()
+        self.worker_cpu = workers.cpu_seconds()
+        self.machine = common.machine_busy_seconds()
+
+    def end(self) -> dict:
+        wall = time.perf_counter() - self.started
+        each = (self.workers.cpu_seconds() - self.worker_cpu) / wall / len(self.workers.processes)
+        return {"worker_cores_each": each,
+                "machine_busy_pct": (common.machine_busy_seconds() - self.machine) * 100 / wall / os.cpu_count()}
 
 
 def run_ours_procs(n: int, procs: int, reference: str, run: int) -> tuple[float, list[str]]:
@@ -221,16 +241,18 @@ def run_ours_procs(n: int, procs: int, reference: str, run: int) -> tuple[float,
     workers = Workers("ours", procs, run)
     try:
         workers.wait_idle()
+        window = CpuWindow(workers)
         begun = timezone.now()
         for start in range(0, n, PUBLISH_BATCH):
             tasks_publish(tasks=[(task_id, "normal") for task_id in ids[start:start + PUBLISH_BATCH]], fresh=True)
         done = CaptionTask.objects.filter(status=TaskStatus.COMPLETED)
         common.wait_for(lambda: done.count() == n, timeout=600, interval=0.1)
+        cpu = window.end()
         ended = done.aggregate(last=Max("finished_at"))["last"]
     finally:
         workers.stop()
     assert CaptionTask.objects.exclude(status=TaskStatus.COMPLETED).count() == 0
-    return (ended - begun).total_seconds(), workers.logged()
+    return (ended - begun).total_seconds(), workers.logged(), cpu
 
 
 def run_raw_procs(n: int, procs: int, run: int) -> float:
@@ -241,11 +263,13 @@ def run_raw_procs(n: int, procs: int, run: int) -> float:
     workers = Workers("raw", procs, run)
     try:
         workers.wait_idle()
+        window = CpuWindow(workers)
         begun = timezone.now()
         for start in range(0, n, PUBLISH_BATCH):
             queue.enqueue_many(jobs[start:start + PUBLISH_BATCH])
         registry = queue.finished_job_registry
         common.wait_for(lambda: registry.get_job_count(cleanup=False) == n, timeout=600, interval=0.1)
+        cpu = window.end()
     finally:
         workers.stop()
     from rq.utils import utcparse
@@ -254,7 +278,7 @@ def run_raw_procs(n: int, procs: int, run: int) -> float:
     for index in range(n):
         pipe.hget(f"rq:job:raw-{index}", "ended_at")
     ended = max(utcparse(value.decode()) for value in pipe.execute())
-    return (ended - begun.astimezone(dt_timezone.utc)).total_seconds()
+    return (ended - begun.astimezone(dt_timezone.utc)).total_seconds(), cpu
 
 
 def run_slots(n: int, procs: int, slots: int, reference: str, url: str, run: int) -> tuple[float, list[int]]:
@@ -331,16 +355,23 @@ def main_both_redis() -> None:
 def main_procs(args, reference: str) -> None:
     settings.CAPTION_BACKEND = "noop"
     timings = {"raw_n": [], "ours_1": [], "ours_n": [], "raw_1": []}
+    cpu = {key: [] for key in timings}
     logged = []
     for round_index in range(args.rounds):
-        timings["raw_n"].append(run_raw_procs(args.n, args.procs, run=round_index))
-        seconds, lines = run_ours_procs(args.n, 1, reference, run=round_index)
+        seconds, used = run_raw_procs(args.n, args.procs, run=round_index)
+        timings["raw_n"].append(seconds)
+        cpu["raw_n"].append(used)
+        seconds, lines, used = run_ours_procs(args.n, 1, reference, run=round_index)
         timings["ours_1"].append(seconds)
+        cpu["ours_1"].append(used)
         logged += lines
-        seconds, lines = run_ours_procs(args.n, args.procs, reference, run=round_index)
+        seconds, lines, used = run_ours_procs(args.n, args.procs, reference, run=round_index)
         timings["ours_n"].append(seconds)
+        cpu["ours_n"].append(used)
         logged += lines
-        timings["raw_1"].append(run_raw_procs(args.n, 1, run=round_index))
+        seconds, used = run_raw_procs(args.n, 1, run=round_index)
+        timings["raw_1"].append(seconds)
+        cpu["raw_1"].append(used)
     reset()
     slots = slots_figures(args, reference) if args.slots else {}
     per_s = {key: args.n / common.median(values) for key, values in timings.items()}
@@ -356,6 +387,11 @@ def main_procs(args, reference: str) -> None:
         "raw_n_rounds_s": [round(value, 3) for value in timings["raw_n"]],
         "scaling_rounds": [round(one / n, 3) for one, n in zip(timings["ours_1"], timings["ours_n"])],
         "ratio_rounds": [round(raw / ours, 3) for raw, ours in zip(timings["raw_n"], timings["ours_n"])],
+        # Medians over the rounds: CPU of one worker process in cores, and the machine's busy share (all cores).
+        **{f"{key}_worker_cores_each": round(common.median([used["worker_cores_each"] for used in values]), 2)
+           for key, values in cpu.items()},
+        **{f"{key}_machine_busy_pct": round(common.median([used["machine_busy_pct"] for used in values]), 1)
+           for key, values in cpu.items()},
         "ours_warnings": len(logged),
         "ours_database_locked": sum("database is locked" in line for line in logged),
         "ours_warning_sample": logged[:3],
