@@ -155,7 +155,7 @@ def test_a_published_job_has_the_hash_rqs_enqueue_many_writes(redis, settings, f
     assert broker.CaptionJob.fetch("caption-7", connection=redis).meta == {"correlation_id": "c-7"}
 
 
-@pytest.mark.django_db  # the queues' pauses are rows
+@pytest.mark.django_db(transaction=True)  # the pauses are rows, read as a worker does (outside a transaction)
 def test_the_worker_pops_a_job_with_its_hash_in_one_call_and_passes_over_ids_whose_hash_is_gone(redis):
     """CaptionQueue.dequeue_any reads the next job and its hash in one script call (rq's LPOP then HGETALL); an id
     without a hash is dropped as rq's own dequeue drops it, and the queues are taken in the order given."""
