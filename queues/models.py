@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
@@ -13,6 +14,25 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from queues import correlation
+
+
+def _writers_turn(connection):
+    """The SQLite writers' lock (portal/sqlite3) around a statement whose rows are fetched after it runs; nothing
+    on other databases."""
+    turn = getattr(connection, "writers_turn", None)
+    return turn() if turn is not None else contextlib.nullcontext()
+
+
+def _converted(connection, names: tuple[str, ...], row) -> list:
+    """A raw row of CaptionTask columns as model values (the database's converters, as a query would apply)."""
+    values = []
+    for name, value in zip(names, row):
+        column = _ColumnOf(CaptionTask._meta.get_field(name))
+        converters = connection.ops.get_db_converters(column) + column.output_field.get_db_converters(connection)
+        for converter in converters:
+            value = converter(value, column, connection)
+        values.append(value)
+    return values
 
 
 def _update_returning(connection) -> bool:
@@ -222,7 +242,7 @@ class CaptionTaskQuerySet(models.QuerySet):
         head = f"INSERT INTO {quote(CaptionTask._meta.db_table)} ({', '.join(quote(c) for c in columns)}) VALUES "
         constants = tuple(fixed.values())
         ids = []
-        with connection.cursor() as cursor:
+        with _writers_turn(connection), connection.cursor() as cursor:
             for start in range(0, len(rows), self.INSERT_BATCH):  # 13 parameters a row, well under the limits
                 chunk = rows[start:start + self.INSERT_BATCH]
                 values = [value for row, system in zip(chunk, dispatch[start:start + len(chunk)])
@@ -303,21 +323,41 @@ class CaptionTaskQuerySet(models.QuerySet):
         names = tuple(field.attname for field in meta.concrete_fields if field.name in wanted)
         columns = ", ".join(quote(meta.get_field(name).column) for name in names)
         if _update_returning(connection):
-            with connection.cursor() as cursor:
+            # Fetched inside the writers' turn (portal/sqlite3): the statement commits once its row is read.
+            with _writers_turn(connection), connection.cursor() as cursor:
                 cursor.execute(f"{sql} RETURNING {columns}", params)
                 row = cursor.fetchone()
-        elif changes.get("claim_token") and connection.get_autocommit():
-            # A claim (a fresh token): two statements in autocommit instead of a transaction, which on MariaDB costs
-            # three more round trips (autocommit off, COMMIT, autocommit on). The token finds the row this UPDATE
-            # wrote, or nothing if another change (a re-drive, a requeue) has already replaced it.
+        elif changes.get("claim_token") and connection.get_autocommit() and not any(
+                isinstance(changes[name], DatabaseNow) for name in returning if name in changes):
+            # A claim (a fresh token) without a transaction, which on MariaDB costs three more round trips (autocommit
+            # off, COMMIT, autocommit on): the row is read first, and the UPDATE also expects every returned column it
+            # does not set to be as read, so the row it wrote is the row read with its changes. The UPDATE is the
+            # last statement: an error before it (or a refusal) has claimed nothing.
             with connection.cursor() as cursor:
+                cursor.execute(f"SELECT {columns} FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)} = %s",
+                               [pk])
+                before = cursor.fetchone()
+                if before is None:
+                    return None
+                read = dict(zip(names, _converted(connection, names, before)))
+                if any(read[name] is None for name in read if name not in changes):
+                    return None  # the row has a NULL the UPDATE could not compare (a claim expects published_at)
+                # The caller's expectations stand (an UPDATE that finds them unmet refuses); a NOT NULL one becomes
+                # the value read, which is not NULL.
+                combined = dict(expect)
+                for name, value in read.items():
+                    if name not in changes and name != "id" and (name not in combined or combined[name] is NOT_NULL):
+                        combined[name] = value
+                sql, params = self.transition_statement(pk, expect=combined, changes=changes,
+                                                        increment_attempts=increment_attempts,
+                                                        database_now_at_most=database_now_at_most)
                 cursor.execute(sql, params)
-                row = None
-                if cursor.rowcount == 1:
-                    cursor.execute(f"SELECT {columns} FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)} = %s "
-                                   f"AND {quote(meta.get_field('claim_token').column)} = %s",
-                                   [pk, changes["claim_token"]])
-                    row = cursor.fetchone()
+                if cursor.rowcount != 1:
+                    return None
+            read.update({name: value for name, value in changes.items() if name in read})
+            if increment_attempts and "attempts" in read:
+                read["attempts"] += 1
+            return CaptionTask.from_db(self.db, names, [read[name] for name in names])
         else:
             with transaction.atomic(using=self.db), connection.cursor() as cursor:
                 cursor.execute(sql, params)
@@ -328,14 +368,7 @@ class CaptionTaskQuerySet(models.QuerySet):
                     row = cursor.fetchone()
         if row is None:
             return None
-        values = []
-        for name, value in zip(names, row):
-            column = _ColumnOf(meta.get_field(name))
-            converters = connection.ops.get_db_converters(column) + column.output_field.get_db_converters(connection)
-            for converter in converters:
-                value = converter(value, column, connection)
-            values.append(value)
-        return CaptionTask.from_db(self.db, names, values)
+        return CaptionTask.from_db(self.db, names, _converted(connection, names, row))
 
     def due_for_publishing(self, now=None):
         """Queued tasks with no job in Redis whose publish time has come (the relay's work list)."""

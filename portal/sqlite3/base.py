@@ -19,6 +19,7 @@ Databases in memory have no file to lock and get Django's behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -36,7 +37,9 @@ def _writes(sql: str) -> bool:
 class DatabaseWrapper(PrometheusSQLiteWrapper):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._lock_fd: int | None = None
+        # A file object, not a bare descriptor: a wrapper dropped without being closed (Django keeps one per thread,
+        # and an ASGI server may run each request in a new thread) closes it when it is collected.
+        self._lock_file = None
         self._lock_pid: int | None = None
         self._lock_held = False
         self.execute_wrappers.append(self._autocommit_write_in_turn)
@@ -54,14 +57,14 @@ class DatabaseWrapper(PrometheusSQLiteWrapper):
         path = self._lock_path()
         if path is None:
             return
-        if self._lock_fd is None or self._lock_pid != os.getpid():  # opened again in a forked child
-            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        if self._lock_file is None or self._lock_pid != os.getpid():  # opened again in a forked child
+            self._lock_file = open(path, "a+b")  # noqa: SIM115 (kept open with the connection; closed in _close)
             self._lock_pid = os.getpid()
         deadline = time.monotonic() + float(self.settings_dict["OPTIONS"].get("timeout", 5))
         pause = 0.00005
         while True:
             try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self._lock_held = True
                 return
             except BlockingIOError:
@@ -73,12 +76,27 @@ class DatabaseWrapper(PrometheusSQLiteWrapper):
     def _writers_lock_release(self) -> None:
         if self._lock_held:
             self._lock_held = False
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            if self._lock_pid == os.getpid():  # a forked child must not unlock its parent's open file
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def writers_turn(self):
+        """The writers' lock around a write whose statement ends after ``execute`` returns: an ``UPDATE ... RETURNING``
+        or ``INSERT ... RETURNING`` in autocommit mode commits once its rows are fetched, so the caller fetches
+        inside this block. Inside a transaction (which holds the lock already) it does nothing."""
+        if self._lock_held or not self.get_autocommit():
+            yield
+            return
+        try:
+            self._writers_lock_acquire()
+            yield
+        finally:
+            self._writers_lock_release()
 
     # --- where writes begin and end --------------------------------------------------------------------------------
     def _start_transaction_under_autocommit(self):
-        self._writers_lock_acquire()
         try:
+            self._writers_lock_acquire()
             super()._start_transaction_under_autocommit()
         except BaseException:
             self._writers_lock_release()
@@ -106,12 +124,15 @@ class DatabaseWrapper(PrometheusSQLiteWrapper):
             super()._close()
         finally:
             self._writers_lock_release()
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
 
     def _autocommit_write_in_turn(self, execute, sql, params, many, context):
         if self.in_atomic_block or self._lock_held or not self.get_autocommit() or not _writes(sql):
             return execute(sql, params, many, context)
-        self._writers_lock_acquire()
         try:
+            self._writers_lock_acquire()
             return execute(sql, params, many, context)
         finally:
             self._writers_lock_release()
