@@ -3,6 +3,7 @@ its BEGIN to its end, however it ends; a write in autocommit mode for its statem
 never lets go (a stopped process) delays a writer by the database's timeout at most, then SQLite decides."""
 
 import fcntl
+import os
 import subprocess
 import sys
 
@@ -86,3 +87,20 @@ def test_a_holder_that_never_lets_go_delays_a_writer_by_the_timeout_then_sqlite_
         holder.kill()
         holder.wait(10)
     assert not _held_elsewhere()
+
+
+def test_a_closed_connection_keeps_no_descriptor_of_the_lock_file():
+    """Django keeps a connection per thread, and an ASGI server may run each request in a new thread: a connection
+    that is closed (or dropped) must not leave the lock file open, or a long-running web process runs out of files."""
+    task = _task()
+    CaptionTask.objects.filter(pk=task.pk).update(attempts=1)  # opens the lock file
+
+    def open_lock_files() -> int:
+        target = os.path.realpath(_lock_file())
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}") == target)
+
+    assert open_lock_files() == 1
+    connection.close()
+    assert open_lock_files() == 0
+    assert CaptionTask.objects.get(pk=task.pk).attempts == 1  # and the next query opens what it needs again
