@@ -279,6 +279,9 @@ class CaptionTaskQuerySet(models.QuerySet):
             if value is NOT_NULL:
                 conditions.append(f"{quote(field.column)} IS NOT NULL")
                 continue
+            if value is None:
+                conditions.append(f"{quote(field.column)} IS NULL")
+                continue
             operator = "="
             if isinstance(value, AtMost):
                 operator, value = "<=", value.value
@@ -298,9 +301,10 @@ class CaptionTaskQuerySet(models.QuerySet):
                    returning: tuple[str, ...] = (), database_now_at_most=None):
         """Sets ``changes`` on one row if it still has the values in ``expect``; returns whether it changed.
 
-        ``expect`` values are compared for equality, or are ``NOT_NULL`` or ``AtMost(value)`` (the value may be a
-        ``DatabaseNow``); a ``changes`` value may be a ``DatabaseNow``. ``database_now_at_most`` (a datetime): change
-        nothing if the database's clock, when the statement runs, is past it (a statement that waited on a lock).
+        ``expect`` values are compared for equality (``None``: IS NULL), or are ``NOT_NULL`` or ``AtMost(value)``
+        (the value may be a ``DatabaseNow``); a ``changes`` value may be a ``DatabaseNow``. ``database_now_at_most``
+        (a datetime): change nothing if the database's clock, when the statement runs, is past it (a statement that
+        waited on a lock).
 
         The conditional update every state change of a task goes through (claim, complete, retry, fail). Written
         as one parameterised UPDATE instead of ``filter().update()`` because it runs several times per job in
@@ -340,8 +344,6 @@ class CaptionTaskQuerySet(models.QuerySet):
                 if before is None:
                     return None
                 read = dict(zip(names, _converted(connection, names, before)))
-                if any(read[name] is None for name in read if name not in changes):
-                    return None  # the row has a NULL the UPDATE could not compare (a claim expects published_at)
                 # The caller's expectations stand (an UPDATE that finds them unmet refuses); a NOT NULL one becomes
                 # the value read, which is not NULL.
                 combined = dict(expect)
