@@ -285,7 +285,7 @@ def _publish_arguments(queue: Queue, task_ids: list[int], *, republish: bool, co
                        correlation_ids: dict[int, str] | None) -> tuple[list, list]:
     """The script's keys and arguments for one queue. The hash is rq's own: one job built by rq for the batch gives
     the shared fields (``Job.to_dict``), and each job's data is rq's serialisation of its call, compressed as rq
-    does; ``tests/queues/test_broker.py`` compares the result field by field with ``Queue.enqueue_many``'s."""
+    does; ``tests/queues/test_rq_internals.py`` compares the result field by field with ``Queue.enqueue_many``'s."""
     job = queue.create_job(CAPTION_CALLABLE, args=(task_ids[0],), job_id=job_id_for(task_ids[0]),
                            timeout=job_timeout(), result_ttl=settings.RQ_RESULT_TTL,
                            failure_ttl=settings.RQ_FAILURE_TTL, status=JobStatus.QUEUED)
@@ -314,7 +314,8 @@ def publish(tasks: Iterable[tuple[int, str]], *, fresh: bool = False, atomic: bo
     moment it takes the job); ``correlation_ids``: {task id: its own} instead, for tasks published again.
     ``fresh``: the tasks are new, so no earlier job with their ids exists (saves two commands per job).
     ``atomic``: in one MULTI/EXEC, so that either every job is enqueued or none (the migration's batches: a
-    process killed while sending leaves nothing half-published). Each queue's script call is atomic in itself.
+    process killed while sending leaves nothing half-published). Each script call (up to ``PUBLISH_CHUNK`` jobs of
+    one queue) is atomic in itself.
 
     Raises BrokerUnavailable when Redis cannot be reached or refuses the writes (out of memory, read-only replica,
     failed snapshot); then nothing is known to be published.
