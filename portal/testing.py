@@ -14,14 +14,39 @@ Tests marked ``alone`` measure timings under a load they set up themselves (the 
 run afterwards, in a second pytest run of one process, so the rest of the suite is not part of their load. A run
 whose selection holds no test of one of the two halves counts only the other (pytest's "no tests ran" is an error
 only when neither ran any). An explicit ``-m`` runs one pytest as asked.
+
+Everything the run starts carries ``PORTAL_TEST_RUN=<a mark of this run>`` in its environment: pytest, its xdist
+workers and every process a test starts (workers in sessions of their own too). When the run ends, however it ends
+(a SIGTERM or SIGHUP to this command, a terminal's Ctrl-C, a crash of pytest), whatever still carries the mark is
+stopped: SIGTERM, a bounded wait, then SIGKILL; then the Redis servers (redis-server writes its process title over
+its environment, so they are stopped by pid).
 """
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 
 from portal.embedded_redis import RedisServer, free_port
+
+RUN_MARK = "PORTAL_TEST_RUN"
+STOP_GRACE = 10.0  # seconds the run's processes get between SIGTERM and SIGKILL when the run is stopped
+
+
+class Stopped(SystemExit):
+    """This command got SIGTERM or SIGHUP: its exit code is the shell's for a process ended by that signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+
+
+def _stop_on_signal(signum, frame):
+    for each in (signal.SIGTERM, signal.SIGHUP):  # once: a resent signal must not cut the clean-up short
+        signal.signal(each, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def main(argv: list[str]) -> int:
@@ -44,30 +69,98 @@ def main(argv: list[str]) -> int:
         runs = [[*parallel, *argv]]
     else:
         runs = [[*parallel, "-m", "not alone", *argv], ["-p", "no:xdist", "-m", "alone", *argv]]
+    mark = environment[RUN_MARK] = uuid.uuid4().hex
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_on_signal)
     with tempfile.TemporaryDirectory(prefix="portal-test-") as directory:
         environment.setdefault("PORTAL_VAR_DIR", os.path.join(directory, "var"))
         servers = []
-        if environment.get("TEST_REDIS_URL"):
-            base = environment["TEST_REDIS_URL"].rstrip("/")
-            base = base.rsplit("/", 1)[0] if base.rsplit("/", 1)[-1].isdigit() else base
-            urls = [f"{base}/{index}" for index in range(processes)]
-        else:
-            servers = [RedisServer(os.path.join(directory, f"redis-{index}"), port=free_port(),
-                                   appendonly=False).start() for index in range(processes)]
-            urls = [server.url for server in servers]
-            print(f"Test Redis: {', '.join(urls)} ({servers[0].command()[0]})", flush=True)
-        environment["REDIS_URL"] = urls[0]
-        environment["TEST_REDIS_URLS"] = ",".join(urls)
         try:
+            if environment.get("TEST_REDIS_URL"):
+                base = environment["TEST_REDIS_URL"].rstrip("/")
+                base = base.rsplit("/", 1)[0] if base.rsplit("/", 1)[-1].isdigit() else base
+                urls = [f"{base}/{index}" for index in range(processes)]
+            else:
+                for index in range(processes):
+                    servers.append(RedisServer(os.path.join(directory, f"redis-{index}"), port=free_port(),
+                                               appendonly=False).start())
+                urls = [server.url for server in servers]
+                print(f"Test Redis: {', '.join(urls)} ({servers[0].command()[0]})", flush=True)
+            environment["REDIS_URL"] = urls[0]
+            environment["TEST_REDIS_URLS"] = ",".join(urls)
             codes = []
             for arguments in runs:
                 if len(runs) > 1:
                     print(f"=== pytest {' '.join(arguments[:len(arguments) - len(argv)])} ===", flush=True)
-                codes.append(subprocess.call([sys.executable, "-m", "pytest", *arguments], env=environment))
+                codes.append(_pytest(arguments, environment))
             return combined(codes)
         finally:
+            left = stop_marked(RUN_MARK, mark, grace=STOP_GRACE)
+            if left:
+                print("Stopped what the run left running:\n"
+                      + "\n".join(f"  {pid} {command[:200]}" for pid, command in left.items()), flush=True)
             for server in servers:
                 server.stop()
+
+
+def _pytest(arguments: list[str], environment: dict) -> int:
+    child = subprocess.Popen([sys.executable, "-m", "pytest", *arguments], env=environment)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reached pytest too (the whole foreground group): let it run its teardown and report.
+        try:
+            return child.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            raise KeyboardInterrupt from None
+
+
+def marked_processes(variable: str, value: str) -> dict[int, str]:
+    """Live processes (other than this one) whose environment carries ``variable=value``, with their command lines."""
+    wanted = f"{variable}={value}".encode()
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                if wanted not in handle.read().split(b"\0"):
+                    continue
+            found[int(entry.name)] = command_line(int(entry.name))
+        except OSError:  # gone meanwhile, or a zombie (whose environment cannot be read)
+            continue
+    return found
+
+
+def command_line(pid: int) -> str:
+    """The process' command line as it shows it (``""`` once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def stop_marked(variable: str, value: str, *, grace: float) -> dict[int, str]:
+    """SIGTERM to every process carrying ``variable=value``, up to ``grace`` seconds for them to exit, then SIGKILL of
+    what is left. Returns the processes that were found."""
+    found = marked_processes(variable, value)
+    _signal_all(found, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while found and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if not any(pid in found for pid in marked_processes(variable, value)):
+            return found
+    _signal_all(marked_processes(variable, value), signal.SIGKILL)
+    return found
+
+
+def _signal_all(pids, signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 NO_TESTS = 5  # pytest's exit code when the selection held no test

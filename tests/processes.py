@@ -21,6 +21,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+from portal import testing
 from queues.fleet.services import fleet_workers
 from tests.conftest import respond, subprocess_env
 
@@ -41,20 +42,7 @@ MARK = "PORTAL_TEST_PROCESS"
 
 def marked_processes(mark: str) -> dict[int, str]:
     """Live processes whose environment carries ``PORTAL_TEST_PROCESS=mark``, with their command lines."""
-    wanted = f"{MARK}={mark}".encode()
-    found = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as handle:
-                if wanted not in handle.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                found[int(entry.name)] = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:  # gone meanwhile, or a zombie (whose environment cannot be read)
-            continue
-    return found
+    return testing.marked_processes(MARK, mark)
 
 
 def descendants(pid: int) -> list[int]:
