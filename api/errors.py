@@ -10,16 +10,17 @@ import logging
 import math
 
 import redis
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.conf import settings
 from django.db import DatabaseError, DataError
 from django.http import Http404, JsonResponse
 from ninja import Schema
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
-from portal.body_limits import too_large_error
+from migration.dispatch import RunInCharge
 from monitoring.alerts.actions import AlertError
+from portal.body_limits import too_large_error
 from queues.errors import BrokerUnavailable
 from queues.fleet.services import FleetError
 
@@ -115,6 +116,11 @@ def _refused(request, error: Exception) -> JsonResponse:
     return answer(409, str(error))
 
 
+def _held_by_a_run(request, error: RunInCharge) -> JsonResponse:
+    """Pausing, resuming or setting the mode while a migration run does it itself."""
+    return answer(409, " ".join(error.messages))
+
+
 def _unknown_in_fleet(request, error: Exception) -> JsonResponse:
     """An unknown pool or worker (the fleet services' FleetError, as the older fleet calls answer it)."""
     return answer(404, str(error))
@@ -159,6 +165,7 @@ def install(api) -> None:
     api.add_exception_handler(Http404, _missing)
     api.add_exception_handler(AlertError, _refused)
     api.add_exception_handler(FleetError, _unknown_in_fleet)
+    api.add_exception_handler(RunInCharge, _held_by_a_run)
     api.add_exception_handler(RequestDataTooBig, _too_large)
     api.add_exception_handler(BrokerUnavailable, _redis_down)
     api.add_exception_handler(redis.exceptions.RedisError, _redis_down)

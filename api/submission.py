@@ -3,11 +3,10 @@ services: new tasks are accepted and held while paused, and released to the mode
 
 from datetime import datetime
 
-from django.core.exceptions import ValidationError as DjangoValidationError
 from ninja import Field, Router, Schema
 
 from api.access import needs
-from api.errors import ApiError, conflict, documented
+from api.errors import ApiError, documented
 from migration import dispatch
 from migration.admin import PAUSE_SUBMISSION
 from migration.state import system_mode
@@ -47,16 +46,6 @@ def _state() -> dict:
             "held": CaptionTask.objects.filter(dispatch=Dispatch.HELD, status=TaskStatus.QUEUED).count()}
 
 
-def _unless_a_run_holds_it(service, **arguments):
-    """The service, or 409 when a migration run holds the pause itself (its phases pause and resume)."""
-    try:
-        return service(**arguments)
-    except DjangoValidationError as error:
-        if dispatch.run_in_charge() is None:
-            raise
-        raise conflict(" ".join(error.messages)) from None
-
-
 @router.get("/submission", response={200: SubmissionOut, **documented()}, operation_id="submission_get",
             summary="Whether submission is paused")
 @needs("migration.view_systemmode")
@@ -79,8 +68,8 @@ def pause(request, payload: PauseIn):
             length = dispatch.duration_parse(payload.duration)
         except ValueError as error:
             raise ApiError(400, f"duration: {error}", field="duration") from None
-    _unless_a_run_holds_it(dispatch.submission_pause, reason=payload.reason, user=request.auth.user,
-                           duration=length, address=client_address(request))
+    dispatch.submission_pause(reason=payload.reason, user=request.auth.user, duration=length,
+                              address=client_address(request))
     return _state()
 
 
@@ -90,6 +79,5 @@ def pause(request, payload: PauseIn):
 def resume(request, payload: ResumeIn | None = None):
     """Submission opens again; the tasks held meanwhile go to the mode's systems."""
     reason = (payload.reason if payload else "") or "resumed by API"
-    released = _unless_a_run_holds_it(dispatch.submission_resume, user=request.auth.user, reason=reason,
-                                      address=client_address(request))
+    released = dispatch.submission_resume(user=request.auth.user, reason=reason, address=client_address(request))
     return {**_state(), "released": released}

@@ -12,14 +12,8 @@ from portal.admin_pages import client_address
 from queues.api import token_api
 
 
-def _unless_a_run_holds_the_pause(service, **arguments):
-    """``service(**arguments)``, or 409 when it refused because a migration run holds the pause itself."""
-    try:
-        return service(**arguments)
-    except ValidationError as error:
-        if dispatch.run_in_charge() is None:
-            raise
-        return JsonResponse({"error": " ".join(error.messages)}, status=409)
+def _held_by_a_run(error: dispatch.RunInCharge) -> JsonResponse:
+    return JsonResponse({"error": " ".join(error.messages)}, status=409)
 
 
 @token_api(PAUSE_SUBMISSION, realm="maintenance")
@@ -36,10 +30,11 @@ def pause_task_submission(request, body, token):
             length = dispatch.duration_parse(duration)
         except ValueError as error:
             raise ValidationError({"duration": [str(error)]}) from None
-    row = _unless_a_run_holds_the_pause(dispatch.submission_pause, reason=reason, user=token.user, duration=length,
+    try:
+        row = dispatch.submission_pause(reason=reason, user=token.user, duration=length,
                                         address=client_address(request))
-    if isinstance(row, JsonResponse):
-        return row
+    except dispatch.RunInCharge as error:
+        return _held_by_a_run(error)
     return JsonResponse({"submission_paused": True, "reason": row.paused_reason,
                          "until": row.paused_until.isoformat() if row.paused_until else None})
 
@@ -47,9 +42,9 @@ def pause_task_submission(request, body, token):
 @token_api(PAUSE_SUBMISSION, realm="maintenance")
 def resume_task_submission(request, body, token):
     """Submission opens again; the tasks held meanwhile go to the mode's systems."""
-    released = _unless_a_run_holds_the_pause(dispatch.submission_resume, user=token.user,
-                                             reason=str(body.get("reason") or "resumed by API"),
-                                             address=client_address(request))
-    if isinstance(released, JsonResponse):
-        return released
+    try:
+        released = dispatch.submission_resume(user=token.user, reason=str(body.get("reason") or "resumed by API"),
+                                              address=client_address(request))
+    except dispatch.RunInCharge as error:
+        return _held_by_a_run(error)
     return JsonResponse({"submission_paused": False, "released": released})

@@ -163,11 +163,16 @@ def run_in_charge(*, exclude=None):
     return None if run is None or (exclude is not None and run.pk == exclude.pk) else run
 
 
+class RunInCharge(ValidationError):
+    """Refused because a migration run is open and does this itself: a conflict with the run, not bad input (the
+    HTTP calls answer it 409, the forms show it like any other ValidationError)."""
+
+
 def refuse_during_run(what: str, field: str, run=None) -> None:
-    """ValidationError (on ``field``) while a run other than ``run`` is open: it ``what`` itself."""
+    """RunInCharge (on ``field``) while a run other than ``run`` is open: it ``what`` itself."""
     current = run_in_charge(exclude=run)
     if current is not None:
-        raise ValidationError({field: f"{current} is {current.get_state_display().lower()}: it {what} itself. Resume "
+        raise RunInCharge({field: f"{current} is {current.get_state_display().lower()}: it {what} itself. Resume "
                                       "it to its end, or roll it back, first."})
 
 

@@ -109,6 +109,18 @@ def test_while_submission_is_paused_tasks_are_accepted_and_held(as_operator, red
     assert resumed["released"] == 3 and resumed["paused"] is False and resumed["held"] == 0
 
 
+def test_while_a_migration_run_holds_the_pause_pause_and_resume_are_refused_with_409(as_operator, mode):
+    from migration.models import MigrationRun
+    from migration.runs import run_create
+
+    run = run_create(user=None)
+    MigrationRun.objects.filter(pk=run.pk).update(state=MigrationRun.State.STOPPED)
+    for path, body in (("/api/v1/submission/pause", {"reason": "disk"}), ("/api/v1/submission/resume", None)):
+        response = as_operator.post(path, body)
+        assert response.status_code == 409 and str(run) in response.json()["error"], response.json()
+    assert as_operator.get("/api/v1/submission").json()["paused"] is False
+
+
 @pytest.mark.django_db(transaction=True)  # the worker closes the connection when it is done
 def test_a_task_reads_with_its_timeline_after_a_real_worker_ran_it(as_operator, as_support, redis, image,
                                                                    django_capture_on_commit_callbacks):
