@@ -13,16 +13,19 @@ from monitoring.models import Alert, Severity, queue_label
 
 LEVELS = {Severity.CRITICAL: "critical", Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "info"}
 
-# The old endpoint's metric names for the conditions it checked (seed 000, get_rq_alerts), by the signal that
-# watches each here. Its figures were counts: the stuck tasks' is the number of tasks PROCESSING for longer than the
-# rule's threshold (the signal itself is the oldest one's age, kept in ``signal_value``).
-DOCUMENTED_METRICS = {"backlog_total": "queue_backlog", "dead_letters": "failed_jobs",
-                      "oldest_processing_seconds": "stuck_tasks", "workers_alive": "active_workers"}
+# The old endpoint's metric names for the four conditions it checked (seed 000, get_rq_alerts), by the seeded rule
+# that is each condition here. Only those rules answer with them: a rule on the same signal is another condition
+# (few-workers is not "no active RQ workers") and answers with its own name, as does every other alert. Its figures
+# were counts: the stuck tasks' is the number of tasks PROCESSING for longer than the rule's threshold (the signal
+# itself is the oldest one's age, kept in ``signal_value``).
+DOCUMENTED_METRICS = {"backlog-high": "queue_backlog", "dead-letters-high": "failed_jobs",
+                      "processing-stuck": "stuck_tasks", "no-active-workers": "active_workers"}
 
 
-def _documented(signal: str | None, value, threshold, now) -> tuple[str | None, object, object]:
-    """(metric, value, threshold) as the old endpoint gave them, for a signal it had; (None, ...) for the others."""
-    metric = DOCUMENTED_METRICS.get(signal)
+def _documented(rule: str | None, value, threshold, now) -> tuple[str | None, object, object]:
+    """(metric, value, threshold) as the old endpoint gave them, for a condition it had; (None, ...) for the
+    others."""
+    metric = DOCUMENTED_METRICS.get(rule)
     if metric is None:
         return None, value, threshold
     if metric == "stuck_tasks":
@@ -39,7 +42,8 @@ def _documented(signal: str | None, value, threshold, now) -> tuple[str | None, 
 def alerts_current() -> dict:
     """The open alerts (pending and firing), newest first, in the old endpoint's shape plus ours: the 500 newest
     (``shown``); ``alert_count`` counts them all. ``metric``, ``value`` and ``threshold`` are the old endpoint's for
-    the conditions it had (DOCUMENTED_METRICS); the portal's own ``signal`` figures are beside them."""
+    the conditions it had (DOCUMENTED_METRICS), every other alert's ``metric`` is its rule's (or Alertmanager's
+    alert's) name; the portal's own ``signal`` figures are beside them."""
     from django.conf import settings
     from django.urls import reverse
 
@@ -54,10 +58,10 @@ def alerts_current() -> dict:
     for alert in rows:
         rule = alert.rule
         signal = rule.signal if rule else None
-        metric, value, threshold = _documented(signal, alert.value, alert.threshold, now)
+        metric, value, threshold = _documented(rule.name if rule else None, alert.value, alert.threshold, now)
         alerts.append({
             "id": alert.pk, "level": LEVELS.get(alert.severity, alert.severity), "message": alert.summary,
-            "metric": metric or signal or alert.labels.get("alertname", alert.name),
+            "metric": metric or alert.name,
             "value": value, "threshold": threshold,
             "signal": signal, "signal_value": alert.value, "signal_threshold": alert.threshold,
             "timestamp": (alert.fired_at or alert.started_at).isoformat(),

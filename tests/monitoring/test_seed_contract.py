@@ -173,10 +173,35 @@ def test_alerts_answer_the_documents_metrics_with_its_values(staff_client, redis
     alerts_evaluate(now=now, readings=Readings(now=now, snapshot=state))
     answer = staff_client.get(reverse("api-alerts")).json()
     assert missing_or_mistyped(ALERTS_EXAMPLE, answer) == []
-    by_metric = {alert["metric"]: (alert["value"], alert["threshold"]) for alert in answer["alerts"]}
-    assert by_metric == {"active_workers": (0, 1), "queue_backlog": (150, 100), "failed_jobs": (12, 10),
-                         "stuck_tasks": (3, 0)}
+    by_metric = {alert["metric"]: (alert["level"], alert["value"], alert["threshold"]) for alert in answer["alerts"]}
+    assert by_metric == {"active_workers": ("critical", 0, 1), "queue_backlog": ("warning", 150, 100),
+                         "failed_jobs": ("error", 12, 10), "stuck_tasks": ("warning", 3, 0)}
     assert answer["alert_count"] == 4
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("seeded_alert_rules")
+def test_the_documents_metric_names_belong_to_their_four_conditions_only(staff_client):
+    """Every seeded rule on: one worker alive fires few-workers, not the document's "no active RQ workers"
+    (active_workers), and 250 jobs in normal fire normal-backlog-high besides the document's backlog condition; a
+    script that pages on ``metric == "active_workers"`` must not be woken by a fleet that still runs."""
+    from django.utils import timezone
+
+    from monitoring.alerts.evaluate import alerts_evaluate
+    from monitoring.alerts.rules import Readings
+    from monitoring.metrics.snapshot import Snapshot
+    from monitoring.models import AlertRule
+
+    AlertRule.objects.update(for_seconds=0)
+    now = timezone.now()
+    worker = {"name": "w-1", "state": "idle", "alive": True, "successful": 0, "failed": 0, "host": "h",
+              "pool": "default", "rss": None, "slots": 1, "busy_slots": 0}
+    state = Snapshot(redis_ok=True, database_ok=True, queue_lengths={"urgent": 0, "high": 0, "normal": 250, "low": 0},
+                     dead_letters={"urgent": 0, "high": 0, "normal": 0, "low": 0}, workers=[worker])
+    alerts_evaluate(now=now, readings=Readings(now=now, snapshot=state))
+    metrics = sorted(alert["metric"] for alert in staff_client.get(reverse("api-alerts")).json()["alerts"])
+    assert {"few-workers", "normal-backlog-high", "queue_backlog"} <= set(metrics), metrics
+    assert "active_workers" not in metrics and metrics.count("queue_backlog") == 1, metrics
 
 
 @pytest.mark.skipif(not SEED_000.exists(), reason="the seed documents are not beside this checkout")
