@@ -67,13 +67,8 @@ def test_a_restarted_worker_keeps_its_pool_and_host_series(staff_client, redis):
 def test_promtool_accepts_the_whole_scrape(staff_client, redis, monkeypatch):
     promtool = tool_or_skip("promtool", "prometheus")
     from monitoring.metrics import hosts
-    from monitoring.metrics.recorder import (
-        BUFFER,
-        record_attempt,
-        record_fleet_event,
-        record_submitted,
-        report_pool_use,
-    )
+    from monitoring.metrics.recorder import (BUFFER, record_attempt, record_fleet_event, record_submitted,
+                                             report_pool_use)
 
     # Every family with samples: workers alive, attempts recorded, submissions, errors, timeouts, crashes, the
     # processes' host figures, requests served, the health cache used.
