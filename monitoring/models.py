@@ -74,7 +74,7 @@ class AlertRule(models.Model):
 
     name = models.SlugField(max_length=60, unique=True, help_text="Stable identifier; the alert's 'alertname'.")
     title = models.CharField(max_length=200, help_text="What the alert says, e.g. 'Redis is unreachable'.")
-    signal = models.CharField(max_length=40, help_text="The figure the rule watches (see monitoring/alert_rules.py).")
+    signal = models.CharField(max_length=40, help_text="The figure the rule watches (see monitoring/alerts/rules.py).")
     comparison = models.CharField(max_length=2, choices=Comparison.choices, default=Comparison.ABOVE)
     threshold = models.FloatField()
     for_seconds = models.PositiveIntegerField(

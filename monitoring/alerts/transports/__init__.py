@@ -21,7 +21,7 @@ The contract of ``send``:
 - Sending the same message twice is harmless for PagerDuty (deduplicated by fingerprint) and shows twice in the
   other channels: the caller retries only failed attempts.
 
-HTTP goes through urllib (monitoring/transports/http.py) with the User-Agent "rq-ops-portal", honouring proxies
+HTTP goes through urllib (monitoring/alerts/transports/http.py) with the User-Agent "rq-ops-portal", honouring proxies
 from the environment and following no redirects. One module per kind: email.py, slack.py, webhook.py, pagerduty.py.
 """
 
