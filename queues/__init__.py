@@ -3,4 +3,8 @@
 ``captioners``), pauses and suspension (``control``), the RQ job callables (``jobs``), the audit trail (``audit``),
 the fleet that runs the work (``fleet``), bulk operations (``operations``), the roles, the fleet API and the admin
 pages of tasks.
+
+The tasks' own modules stay at this level rather than in a ``tasks`` package: they are what ``fleet``,
+``operations`` and the other apps build on (``models`` must stay here for Django anyway), and ``cancel`` and
+``control`` are among them because the broker and an attempt's execution read them, not only the fleet.
 """
