@@ -10,7 +10,7 @@ import time
 import pytest
 from django.core import mail
 
-from monitoring.alerts.transports import TRANSPORTS, Message, TransportError, pagerduty, transport_for
+from monitoring.alerts.transports import TRANSPORTS, Message, TransportError, http, pagerduty, transport_for
 from portal.embedded_redis import free_port
 from tests.conftest import respond
 
@@ -43,6 +43,12 @@ def config_for(kind: str, url: str) -> dict:
 
 SERVICE_NAMES = {"slack": "Slack", "webhook": "webhook at 127.0.0.1", "pagerduty": "PagerDuty"}
 HTTP_KINDS = list(SERVICE_NAMES)
+
+
+@pytest.fixture
+def local_server_quoted(monkeypatch):
+    """The local server stands in for Slack's and PagerDuty's hosts, whose answers are quoted."""
+    monkeypatch.setattr(http, "QUOTED_HOSTS", (*http.QUOTED_HOSTS, "127.0.0.1"))
 
 
 # --- the registry ---------------------------------------------------------------------------------------------
@@ -296,6 +302,7 @@ def test_pagerduty_refuses_an_alert_without_fingerprint_before_sending_anything(
     assert http_server.requests == []
 
 
+@pytest.mark.usefixtures("local_server_quoted")
 def test_pagerduty_failure_on_a_later_event_names_that_event(http_server):
     answers = iter([PAGERDUTY_OK, respond(503, b"Service Unavailable")])
     url = http_server.route("/v2/enqueue", lambda request, body: next(answers)(request, body))
@@ -330,6 +337,7 @@ def test_pagerduty_goes_to_the_events_api_unless_told_otherwise(http_server, mon
     ("slack", 200, b"ok"), ("webhook", 200, b""), ("webhook", 201, b"created"), ("webhook", 204, b""),
     ("pagerduty", 202, b'{"status":"success"}'),
 ])
+@pytest.mark.usefixtures("local_server_quoted")
 def test_2xx_answers_are_deliveries(http_server, kind, status, answer):
     url = http_server.route("/hook", respond(status, answer))
     delivery = transport_for(kind, config_for(kind, url)).send(make_message(alerts=[make_alert()]))
@@ -360,6 +368,7 @@ def test_2xx_answers_are_deliveries(http_server, kind, status, answer):
     ("pagerduty", 500, b"internal", False),
     ("pagerduty", 503, b"unavailable", False),
 ])
+@pytest.mark.usefixtures("local_server_quoted")
 def test_error_answers_are_permanent_or_transient_by_status(http_server, kind, status, answer, permanent):
     url = http_server.route("/hook", respond(status, answer, "text/plain"))
     with pytest.raises(TransportError) as caught:
@@ -369,6 +378,7 @@ def test_error_answers_are_permanent_or_transient_by_status(http_server, kind, s
     assert caught.value.message == f"{SERVICE_NAMES[kind]} answered {status}{quoted}"
 
 
+@pytest.mark.usefixtures("local_server_quoted")
 def test_error_message_keeps_200_characters_of_the_answer_and_not_the_secret_url(http_server):
     url = http_server.route("/services/T0/B0/very-secret", respond(404, b"channel_not_found " * 50))
     with pytest.raises(TransportError) as caught:
@@ -378,6 +388,7 @@ def test_error_message_keeps_200_characters_of_the_answer_and_not_the_secret_url
     assert "very-secret" not in caught.value.message
 
 
+@pytest.mark.usefixtures("local_server_quoted")
 def test_rate_limit_error_tells_when_to_come_back(http_server):
     url = http_server.route("/hook", respond(429, b"rate_limited", headers={"Retry-After": "30"}))
     with pytest.raises(TransportError) as caught:
@@ -416,6 +427,39 @@ def test_server_dropping_the_connection_is_transient(http_server, kind):
     assert not caught.value.permanent and SERVICE_NAMES[kind] in caught.value.message
 
 
+def dripping(answer: bytes, *, every: float):
+    """A route handler that sends ``answer`` one byte every ``every`` seconds, until the client hangs up."""
+
+    def handler(request, _body):
+        try:
+            for byte in answer:
+                request.wfile.write(bytes([byte]))
+                time.sleep(every)
+        except OSError:
+            pass  # cut off by the client
+
+    return handler
+
+
+# 119 bytes: about 6 s at a byte every 0.05 s.
+SLOW_ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Padding: " + b"." * 40
+               + b"\r\n\r\nok")
+
+
+@pytest.mark.parametrize("kind", HTTP_KINDS)
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_deadline(http_server, kind):
+    """urllib's timeout bounds each network wait: a byte every 0.05 s never trips a 0.5 s one, and the whole
+    answer takes 6 s. The send must end by its deadline all the same, or it outlasts its sending lease and is
+    sent again."""
+    url = http_server.route("/hook", dripping(SLOW_ANSWER, every=0.05))
+    started = time.monotonic()
+    with pytest.raises(TransportError) as caught:
+        transport_for(kind, config_for(kind, url)).send(make_message(), timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    assert not caught.value.permanent
+    assert caught.value.message == f"{SERVICE_NAMES[kind]} did not answer within 0.5 s"
+
+
 # --- email ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -443,9 +487,12 @@ class SMTPStandIn:
     """A real SMTP server on 127.0.0.1 that speaks just enough of the protocol for Django's SMTP backend.
 
     ``replies`` overrides the answer to a command ("MAIL", "RCPT", ...); the answer "HANG UP" closes the connection
-    instead; ``greeting=None`` accepts connections and never says anything."""
+    instead; ``greeting=None`` accepts connections and never says anything; ``drip`` sends the greeting one byte
+    every ``drip`` seconds."""
 
-    def __init__(self, replies: dict[str, str] | None = None, greeting: str | None = "220 127.0.0.1 ESMTP stand-in"):
+    def __init__(self, replies: dict[str, str] | None = None, greeting: str | None = "220 127.0.0.1 ESMTP stand-in",
+                 drip: float = 0):
+        self.drip = drip
         self.replies = {"EHLO": "250 127.0.0.1", "HELO": "250 127.0.0.1", "MAIL": "250 OK", "RCPT": "250 OK",
                         "DATA": "354 end with <CRLF>.<CRLF>", "RSET": "250 OK", "NOOP": "250 OK", "QUIT": "221 bye",
                         **(replies or {})}
@@ -471,7 +518,10 @@ class SMTPStandIn:
             if self.greeting is None:
                 lines.read()  # until the client gives up
                 return
-            connection.sendall(self.greeting.encode() + b"\r\n")
+            try:
+                self._greet(connection)
+            except OSError:
+                return  # the client hung up
             for line in lines:
                 command = line.decode().strip()
                 self.commands.append(command)
@@ -490,6 +540,15 @@ class SMTPStandIn:
                     connection.sendall(b"250 queued\r\n")
                 if verb == "QUIT":
                     return
+
+    def _greet(self, connection: socket.socket):
+        greeting = self.greeting.encode() + b"\r\n"
+        if not self.drip:
+            connection.sendall(greeting)
+            return
+        for byte in greeting:
+            connection.sendall(bytes([byte]))
+            time.sleep(self.drip)
 
     def stop(self):
         self.listener.close()
@@ -577,6 +636,18 @@ def test_email_server_that_never_greets_is_transient_within_the_timeout(smtp_ser
     assert not caught.value.permanent
 
 
+def test_email_server_trickling_its_greeting_is_cut_off_at_the_deadline(smtp_server):
+    """smtplib's timeout bounds each network wait too: a greeting of a byte every 0.05 s never trips it."""
+    server = smtp_server(greeting="220 " + "slow " * 20, drip=0.05)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as caught:
+        transport_for("email", {"to": ["ops@example.com"]}).send(make_message(), timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    assert not caught.value.permanent
+    assert caught.value.message == f"mail server 127.0.0.1:{server.port} did not finish within 0.5 s"
+    assert server.messages == []
+
+
 def test_email_closed_port_is_transient(settings):
     settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
     settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", free_port()
@@ -610,3 +681,32 @@ def test_a_webhooks_answer_is_never_quoted(http_server):
     assert caught.value.message == "webhook at 127.0.0.1 answered 500" and not caught.value.permanent
     fine = http_server.route("/fine", respond(200, secret))
     assert "hunter2" not in transport_for("webhook", {"url": fine}).send(make_message()).detail
+
+
+@pytest.mark.parametrize("kind", ["slack", "pagerduty"])
+def test_a_slack_or_pagerduty_channel_aimed_elsewhere_gives_only_the_status(http_server, kind):
+    """A Slack or PagerDuty channel may point at any URL (an internal service, with NOTIFY_ALLOW_PRIVATE): only
+    Slack's and PagerDuty's own answers are quoted in the errors and details that Support reads."""
+    secret = b"internal-only: db_password=hunter2; build 4.2.1"
+    failing = http_server.route("/fails", respond(500, secret))
+    with pytest.raises(TransportError) as caught:
+        transport_for(kind, config_for(kind, failing)).send(make_message())
+    assert caught.value.message == f"{SERVICE_NAMES[kind]} answered 500" and not caught.value.permanent
+    fine = http_server.route("/fine", respond(200, secret))
+    delivery = transport_for(kind, config_for(kind, fine)).send(make_message())
+    assert delivery.http_status == 200 and "hunter2" not in delivery.detail
+
+
+@pytest.mark.parametrize("url, quoted", [
+    ("https://hooks.slack.com/services/T0/B0/X", True),
+    ("https://HOOKS.SLACK.COM./services/T0/B0/X", True),
+    ("https://events.pagerduty.com/v2/enqueue", True),
+    ("https://events.eu.pagerduty.com/v2/enqueue", True),
+    ("https://hooks.slack.com.example.net/services/T0/B0/X", False),
+    ("https://notpagerduty.com/v2/enqueue", False),
+    ("https://events.pagerduty.com.example.net/v2/enqueue", False),
+    ("http://127.0.0.1:8080/services/T0/B0/X", False),
+    ("http://slack.internal/hook", False),
+])
+def test_only_slacks_and_pagerdutys_hosts_have_their_answers_quoted(url, quoted):
+    assert http.answer_may_be_quoted(url) is quoted

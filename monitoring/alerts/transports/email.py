@@ -1,4 +1,8 @@
-"""Email through Django's mail backend (settings.EMAIL_*): SMTP in production, the console locally."""
+"""Email through Django's mail backend (settings.EMAIL_*): SMTP in production, the console locally.
+
+With Django's SMTP backend the send ends within its timeout, also when the mail server trickles its replies: its
+connection is shut down at the deadline (monitoring.alerts.transports.deadline). Another backend is used as it is.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,41 @@ import smtplib
 from django.conf import settings
 from django.core import mail
 from django.core.exceptions import ValidationError
+from django.core.mail.backends import smtp
 from django.core.validators import validate_email
 
 from monitoring.alerts.transports.base import Delivery, Message, Transport, TransportError, one_line
+from monitoring.alerts.transports.deadline import Deadline, watch_socket
+
+
+class _WatchedConnection:
+    """An SMTP connection whose sockets (the plain one, then the TLS one) its send's deadline shuts down."""
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        watch_socket(sock)
+        return sock
+
+    def starttls(self, *args, **kwargs):
+        reply = super().starttls(*args, **kwargs)
+        watch_socket(self.sock)
+        return reply
+
+
+class _WatchedSMTP(_WatchedConnection, smtplib.SMTP):
+    pass
+
+
+class _WatchedSMTPSSL(_WatchedConnection, smtplib.SMTP_SSL):
+    pass
+
+
+class _WatchedSMTPBackend(smtp.EmailBackend):
+    """Django's SMTP backend, its settings unchanged, with connections that the deadline can cut."""
+
+    @property
+    def connection_class(self):
+        return _WatchedSMTPSSL if self.use_ssl else _WatchedSMTP
 
 
 class EmailTransport(Transport):
@@ -42,11 +78,19 @@ class EmailTransport(Transport):
             body=body, from_email=settings.DEFAULT_FROM_EMAIL, to=recipients,
             # Auto-Submitted (RFC 3834) keeps out-of-office replies from answering an alert.
             headers={"Auto-Submitted": "auto-generated", "X-RQ-Ops-Portal-Group": one_line(message.group_key, 300)},
-            connection=mail.get_connection(timeout=min(timeout, settings.EMAIL_TIMEOUT)),
+            connection=_connection(timeout=min(timeout, settings.EMAIL_TIMEOUT)),
         )
         server = f"{settings.EMAIL_HOST}:{settings.EMAIL_PORT}"
+        deadline = Deadline(timeout)
         try:
-            sent = email.send()
+            try:
+                with deadline:
+                    sent = email.send()
+            except (smtplib.SMTPException, OSError) as error:
+                if deadline.passed:  # cut at the deadline, or a network wait ran out with it
+                    raise TransportError(f"mail server {server} did not finish within {timeout:.3g} s",
+                                         permanent=False) from error
+                raise
         except smtplib.SMTPRecipientsRefused as error:
             # Only raised when every recipient was refused (a partly refused list is delivered to the others).
             # A 4xx refusal (greylisting, a full mailbox) passes; a 5xx one (no such user) does not.
@@ -82,3 +126,9 @@ class EmailTransport(Transport):
 
 def _decode(reply) -> str:
     return reply.decode("utf-8", errors="replace") if isinstance(reply, bytes) else str(reply)
+
+
+def _connection(*, timeout: float):
+    """The configured mail backend; Django's SMTP backend as one whose connections the deadline can cut."""
+    connection = mail.get_connection(timeout=timeout)
+    return _WatchedSMTPBackend(timeout=timeout) if type(connection) is smtp.EmailBackend else connection

@@ -8,9 +8,9 @@ the same dedup_key, and a resolve of a resolved incident does nothing.
 from __future__ import annotations
 
 import hashlib
-import time
 
 from monitoring.alerts.transports.base import Delivery, Message, Transport, TransportError, one_line, url_error
+from monitoring.alerts.transports.deadline import Deadline
 from monitoring.alerts.transports.http import post_json
 
 DEFAULT_URL = "https://events.pagerduty.com/v2/enqueue"
@@ -42,10 +42,10 @@ class PagerDutyTransport(Transport):
     def deliver(self, message: Message, *, timeout: float) -> Delivery:
         events = pagerduty_events(message, routing_key=self.config["routing_key"])
         url = self.config.get("url") or DEFAULT_URL
-        deadline = time.monotonic() + timeout  # the timeout bounds the whole send, not each event
+        deadline = Deadline(timeout)  # the timeout bounds the whole send, not each event
         for number, event in enumerate(events, start=1):
             try:
-                status, answer = post_json(url, event, service="PagerDuty", timeout=deadline - time.monotonic())
+                status, answer = post_json(url, event, service="PagerDuty", timeout=deadline.remaining())
             except TransportError as error:
                 if len(events) == 1:
                     raise
@@ -53,7 +53,8 @@ class PagerDutyTransport(Transport):
                     f"{error.message} (event {number} of {len(events)}: {event['event_action']} "
                     f"{event['dedup_key']})", permanent=error.permanent, http_status=error.http_status) from error
         plural = "s" if len(events) > 1 else ""
-        return Delivery(http_status=status, detail=one_line(f"{len(events)} event{plural} accepted: {answer}"))
+        accepted = f"{len(events)} event{plural} accepted"
+        return Delivery(http_status=status, detail=one_line(f"{accepted}: {answer}" if answer else accepted))
 
 
 def pagerduty_events(message: Message, *, routing_key: str) -> list[dict]:
