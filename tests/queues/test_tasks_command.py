@@ -1,3 +1,4 @@
+import getpass
 from datetime import timedelta
 
 import pytest
@@ -8,7 +9,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from queues import broker
-from queues.models import CaptionTask, TaskEvent, TaskStatus
+from queues.models import AuditEntry, CaptionTask, TaskEvent, TaskStatus
 from queues.services import TaskSpec, tasks_submit_many
 from tests.conftest import run_worker
 
@@ -23,6 +24,11 @@ def mixed(redis, media_image):
     return ids
 
 
+def command_via(action: str) -> str:
+    """What an audit entry of ``manage.py tasks ACTION`` says of how it came: the command and the OS account."""
+    return f"manage.py tasks {action} (account {getpass.getuser()})"
+
+
 def test_stats(mixed, capsys):
     call_command("tasks", "stats")
     out = capsys.readouterr().out
@@ -34,6 +40,8 @@ def test_requeue_failed_by_error_class_with_progress(mixed, capsys):
     captured = capsys.readouterr()
     assert "Requeued 4 task(s)." in captured.out and "Requeue: 100%" in captured.err
     assert CaptionTask.objects.filter(status=TaskStatus.FAILED).count() == 2
+    entry = AuditEntry.objects.get(action="tasks_requeue")
+    assert (entry.user, entry.count, entry.detail["via"]) == (None, 4, command_via("requeue"))
 
 
 def test_requeue_ids_reports_refusals_and_dry_run_changes_nothing(mixed, capsys):
@@ -50,6 +58,8 @@ def test_cancel_by_queue_needs_confirmation_when_not_interactive(mixed):
     assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == 0
     call_command("tasks", "cancel", "--queue", "normal", "--yes")
     assert CaptionTask.objects.filter(status=TaskStatus.CANCELLED).count() == 4
+    entry = AuditEntry.objects.get(action="tasks_cancel")
+    assert (entry.user, entry.count, entry.detail["via"]) == (None, 4, command_via("cancel"))
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -98,8 +108,11 @@ def test_cleanup_deletes_old_finished_rows_and_jobs_in_batches(redis, media_imag
         redis.hset(f"rq:job:caption-{task_id}", "ended_at", long_ago)
     call_command("tasks", "cleanup", "--older-than", "7d", "--dry-run")
     assert "Would delete 3 task row(s)" in capsys.readouterr().out and CaptionTask.objects.count() == 5
+    assert not AuditEntry.objects.filter(action="tasks_cleanup").exists()  # a dry run changes nothing
     call_command("tasks", "cleanup", "--older-than", "7d", "--yes")
     assert "Deleted 3 task row(s) and 3 finished job(s)" in capsys.readouterr().out
+    entry = AuditEntry.objects.get(action="tasks_cleanup")
+    assert (entry.user, entry.count, entry.detail) == (None, 3, {"jobs": 3, "kept": 0, "via": command_via("cleanup")})
     assert sorted(CaptionTask.objects.values_list("pk", flat=True)) == sorted(recent)
     assert not TaskEvent.objects.filter(task_id__in=old).exists()
     assert all(broker.fetch_job(task_id) is None for task_id in old)

@@ -7,9 +7,9 @@ from django.db.models import Count
 from django.utils import timezone
 from tqdm import tqdm
 
-from queues import broker
+from queues import broker, control
+from queues.audit import audit, audit_via, command_account
 from queues.errors import BrokerUnavailable
-from queues import control
 from queues.models import CaptionTask, Priority, TaskStatus
 from queues.operations.services import tasks_cancel, tasks_cleanup, tasks_discard, tasks_requeue
 
@@ -63,7 +63,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, action, **options):
         try:
-            getattr(self, f"do_{action}")(**options)
+            # Audited as coming from this command and the account running it: no portal user runs it.
+            with audit_via(f"manage.py tasks {action} (account {command_account()})"):
+                getattr(self, f"do_{action}")(**options)
         except BrokerUnavailable as error:
             raise CommandError(f"Redis is unreachable: {error}") from None
 
@@ -146,6 +148,8 @@ class Command(BaseCommand):
         self._confirm(f"Delete completed, cancelled and discarded tasks finished before {cutoff:%Y-%m-%d %H:%M}?", yes)
         with tqdm(unit="row", desc="Cleaning up", file=self.stderr._out) as bar:
             done = tasks_cleanup(cutoff=cutoff, on_batch=bar.update)
+        audit(user=None, action="tasks_cleanup", target=f"finished before {cutoff:%Y-%m-%d %H:%M}", count=done["rows"],
+              detail={"jobs": done["jobs"], "kept": done["kept"]})
         self.stdout.write(self.style.SUCCESS(f"Deleted {done['rows']} task row(s) and {done['jobs']} finished "
                                              "job(s) from Redis."))
         if done["kept"]:
