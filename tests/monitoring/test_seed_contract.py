@@ -105,7 +105,7 @@ def missing_or_mistyped(expected: dict[str, type | None], answer: dict) -> list[
 
 # --- the document's views, read with ast ----------------------------------------------------------------------------
 
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```[ \t]*$", re.S | re.M)  # only a bare fence closes (CommonMark)
 PYTHON_HEREDOC = re.compile(r"cat\s*>\s*\S+\.py\s*<<\s*['\"]?(\w+)['\"]?\n(.*?)\n\1(?:\n|$)", re.S)
 
 
