@@ -569,6 +569,8 @@ class MonitorPass(models.Model):
     name = models.CharField(max_length=20, unique=True)
     holder = models.CharField(max_length=200, blank=True)
     at = models.DateTimeField()
+    since = models.DateTimeField(null=True, help_text="When its present run of passes began (the first pass after it "
+                                                      "had been silent): a monitor that never ran is judged by it.")
     interval_seconds = models.FloatField(help_text="How often it passes when it runs.")
 
     class Meta:

@@ -26,6 +26,8 @@ from functools import cached_property
 from django.db import DatabaseError
 from django.utils import timezone
 
+from monitoring.metrics.monitors import MONITORS, expected_interval, monitor_silent_intervals
+
 WINDOW_MINUTES = 5
 CRASH_LOOP_STARTS, CRASH_LOOP_GRACES = 5, 5  # see Readings.fleet_starting
 
@@ -165,16 +167,23 @@ def _throughput_while_waiting(readings: Readings, rule) -> Reading | None:
 
 def _monitoring_silent(readings: Readings, rule) -> Reading | None:
     """How many of its intervals the sampler or the evaluator (the more silent) has been quiet; None when the
-    database does not answer, "does not apply" before either has ever run."""
+    database does not answer, "does not apply" before either has ever run. One that never ran has no pass to age:
+    it counts as silent since the other began its present run of passes (a deployment without a sampler read only
+    the evaluator's age, about 0, and never fired)."""
     monitors = readings.snapshot.monitors
     if monitors is None or not readings.snapshot.database_ok:
         return None
     if not monitors:
         return Reading.not_applicable("neither the sampler nor the evaluator has run yet")
-    worst = max(monitors.values(), key=lambda state: state.silent_intervals(readings.now))
-    silent = worst.silent_intervals(readings.now)
-    return Reading(round(silent, 2), detail=f"the {worst.name} last passed {worst.age(readings.now):.0f} s ago "
-                                            f"(every {worst.interval:g} s when it runs)")
+    silent, worst = max((monitor_silent_intervals(monitors, name, readings.now), name) for name in MONITORS)
+    state = monitors.get(worst)
+    if state is None:
+        other = next(monitors[name] for name in MONITORS if name in monitors)
+        return Reading(round(silent, 2), detail=f"the {worst} has never run; the {other.name} has passed for "
+                                                f"{other.passing_for(readings.now):.0f} s (the {worst} passes every "
+                                                f"{expected_interval(worst):g} s when it runs)")
+    return Reading(round(silent, 2), detail=f"the {worst} last passed {state.age(readings.now):.0f} s ago "
+                                            f"(every {state.interval:g} s when it runs)")
 
 
 def _error_rate(window: dict) -> Reading:

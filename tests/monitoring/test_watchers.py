@@ -9,7 +9,14 @@ from django.urls import reverse
 from django.utils import timezone
 
 from monitoring.metrics.health import health_report
-from monitoring.metrics.monitors import EVALUATOR, SAMPLER, monitor_components, monitor_pass, monitors_read
+from monitoring.metrics.monitors import (
+    EVALUATOR,
+    SAMPLER,
+    SAMPLER_INTERVAL,
+    monitor_components,
+    monitor_pass,
+    monitors_read,
+)
 from monitoring.metrics.snapshot import take_snapshot
 from monitoring.models import Alert, AlertRule, MonitorPass, Notification
 from tests.monitoring.test_alert_evaluation import only
@@ -23,6 +30,11 @@ def silent_since(name: str, seconds: float, interval: float) -> None:
     """``name`` last passed ``seconds`` ago: it stopped then."""
     monitor_pass(name, holder="host-x:1", interval=interval)
     MonitorPass.objects.filter(name=name).update(at=timezone.now() - timedelta(seconds=seconds))
+
+
+def running_since(name: str, seconds: float) -> None:
+    """``name`` began its present run of passes ``seconds`` ago (and has passed at every interval since)."""
+    MonitorPass.objects.filter(name=name).update(since=timezone.now() - timedelta(seconds=seconds))
 
 
 def test_health_shows_each_monitor_with_the_age_of_its_last_pass(redis):
@@ -135,3 +147,58 @@ def test_an_evaluator_back_after_a_downtime_does_not_judge_itself_silent(redis):
     report = alerts_cycle(state=EvaluatorState(holder="host-b:2"))
     assert report["lease"] is True and "monitoring-stale" not in report["evaluation"]["unknown"]
     assert not Alert.objects.filter(name="monitoring-stale").exists()
+
+
+def test_a_pass_after_a_silence_begins_a_new_run_of_passes():
+    monitor_pass(EVALUATOR, holder="host-b:2", interval=10)
+    MonitorPass.objects.filter(name=EVALUATOR).update(since=None)  # a row written before runs were recorded
+    monitor_pass(EVALUATOR, holder="host-b:2", interval=10)
+    assert (timezone.now() - MonitorPass.objects.get(name=EVALUATOR).since).total_seconds() < 5
+    began = timezone.now() - timedelta(minutes=10)
+    MonitorPass.objects.filter(name=EVALUATOR).update(since=began, at=timezone.now() - timedelta(seconds=20))
+    monitor_pass(EVALUATOR, holder="host-b:2", interval=10)  # two intervals late: still the same run
+    assert MonitorPass.objects.get(name=EVALUATOR).since == began
+    MonitorPass.objects.filter(name=EVALUATOR).update(at=timezone.now() - timedelta(seconds=40))
+    monitor_pass(EVALUATOR, holder="host-b:2", interval=10)  # four intervals late: it had stopped
+    assert (timezone.now() - MonitorPass.objects.get(name=EVALUATOR).since).total_seconds() < 5
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("seeded_alert_rules")
+def test_a_sampler_that_never_ran_fires_monitoring_stale_three_sampler_intervals_after_the_evaluator_began(redis):
+    """With no sampler row at all, the reading was the evaluator's own age (about 0): the rule stayed quiet while
+    every window rule read unknown. A sampler that never ran is silent from the evaluator's first pass."""
+    from monitoring.alerts.evaluate import EvaluatorState, alerts_cycle
+
+    only("monitoring-stale")
+    state = EvaluatorState(holder="host-b:2")
+    assert alerts_cycle(state=state)["lease"] is True
+    assert not MonitorPass.objects.filter(name=SAMPLER).exists()
+    running_since(EVALUATOR, 2.5 * SAMPLER_INTERVAL)
+    report = alerts_cycle(state=state)
+    assert "monitoring-stale" not in report["evaluation"]["unknown"]
+    assert not Alert.objects.filter(name="monitoring-stale").exists(), "not before three of the sampler's minutes"
+    running_since(EVALUATOR, 3 * SAMPLER_INTERVAL + 5)
+    alerts_cycle(state=state)
+    alert = Alert.objects.get(name="monitoring-stale", state=Alert.State.FIRING)
+    assert 3 <= alert.value < 3.5
+    assert "the sampler has never run; the evaluator has passed for 18" in alert.annotations["detail"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("seeded_alert_rules")
+def test_an_evaluator_that_never_ran_is_judged_by_the_sampler_three_evaluator_intervals_after_it_began(redis,
+                                                                                                     settings):
+    from monitoring.alerts.watch import evaluator_watch
+
+    only("monitoring-stale")
+    settings.ALERTS_EVALUATION_INTERVAL = 10
+    monitor_pass(SAMPLER, holder="host-a:1", interval=SAMPLER_INTERVAL)
+    running_since(SAMPLER, 25)
+    assert evaluator_watch() is None
+    assert not Alert.objects.filter(name="monitoring-stale").exists()
+    running_since(SAMPLER, 35)
+    report = evaluator_watch()
+    assert report is not None and report["evaluation"]["unknown"] == []
+    alert = Alert.objects.get(name="monitoring-stale", state=Alert.State.FIRING)
+    assert alert.value >= 3 and "the evaluator has never run" in alert.annotations["detail"]
