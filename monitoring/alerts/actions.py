@@ -8,6 +8,7 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
+from monitoring.alerts.notify import notified_by_alertmanager
 from monitoring.matchers import MatcherError, matchers_validate
 from monitoring.models import Alert, AlertEvent, Silence
 
@@ -65,7 +66,7 @@ def alert_unacknowledge(*, alert: Alert, user, address: str | None = None) -> Al
 def alert_shelve(*, alert: Alert, user, until: datetime | None, address: str | None = None) -> Alert:
     """Shelving hides nothing: it stops notifications until ``until`` (None unshelves)."""
     now = timezone.now()
-    if until is not None and alert.source == Alert.Source.ALERTMANAGER:
+    if until is not None and notified_by_alertmanager(alert):
         raise AlertError(ALERTMANAGER_NOTIFIES)
     if until is not None and until <= now:
         raise AlertError("'until' must be in the future.")

@@ -8,9 +8,15 @@ check-config``, and both end to end with Prometheus and Alertmanager running.
 
 from __future__ import annotations
 
+import math
+import re
+
 import yaml
 
+from monitoring.alerts.notify import PAGED_BY_ALERTMANAGER
+from monitoring.matchers import matchers_match
 from monitoring.metrics.exports import RECORDING_RULES
+from monitoring.metrics.monitors import EVALUATOR, SAMPLER, expected_interval
 
 
 def prometheus_alert_name(rule_name: str) -> str:
@@ -44,6 +50,8 @@ def prometheus_alerting_rules(*, max_for_seconds: int | None = None) -> list[dic
         runbook_url = rule.runbook_url or settings.PORTAL_URL + reverse("admin:monitoring_alertrule_change",
                                                                         args=[rule.pk])
         entry = {"alert": prometheus_alert_name(rule.name), "expr": signal.condition(rule)}
+        if rule.signal == "monitoring_silent" and rule.comparison in (">", ">="):
+            entry["expr"] = f"({entry['expr']}) or on() {monitor_never_ran(rule)}"
         if seconds:
             entry["for"] = _duration(seconds)
         # The portal's clear time: a firing alert resolves only after its condition has stayed away this long.
@@ -53,7 +61,7 @@ def prometheus_alerting_rules(*, max_for_seconds: int | None = None) -> list[dic
         # notified_by: the portal's evaluator pages for its rules and the exported Alertmanager configuration sends
         # these twins nowhere, so one condition is never paged twice (alertmanager_config). Except where the portal
         # cannot page while the condition holds: with the database down it writes nothing (it records the outage
-        # once the database answers), so Prometheus' twin is the live page.
+        # once the database answers, and notifies nothing about it), so Prometheus' twin is the live page.
         notifier = "alertmanager" if rule.signal in PAGED_BY_ALERTMANAGER else "portal"
         entry["labels"] = {**{str(key): str(value) for key, value in (rule.labels or {}).items()},
                            "severity": rule.severity, "component": rule.component, "rule": rule.name,
@@ -65,10 +73,24 @@ def prometheus_alerting_rules(*, max_for_seconds: int | None = None) -> list[dic
 
 
 NOTIFIED_BY = "notified_by"  # the label saying who pages for an exported alert: "portal" or "alertmanager"
-# Signals whose alerts the portal cannot send while they hold (the database is where its notifications are written).
-PAGED_BY_ALERTMANAGER = {"database_up"}
 WATCHDOG = "RQWatchdog"
 MONITORING_DOWN = "RQPortalMonitoringDown"
+MONITOR_LAST_PASS = "rq_monitor_last_pass_timestamp_seconds"
+
+
+def monitor_never_ran(rule) -> str:
+    """PromQL for the monitoring-stale twin's other case: one monitor never passed, so its series is absent and the
+    signal's ratio has nothing to say about it, while the other's series was already there as many of the first
+    one's intervals ago as the rule's threshold: it had its chance (as the portal's rule counts a monitor that never
+    ran from the other's start). A start whose sampler has not finished its first minute, or a Prometheus that
+    scrapes no portal at all, does not fire it. A monitor that ran once keeps its series (its last pass only ages,
+    and the ratio judges it)."""
+    cases = []
+    for silent, other in ((SAMPLER, EVALUATOR), (EVALUATOR, SAMPLER)):
+        grace = _duration(math.ceil(max(rule.threshold, 1) * expected_interval(silent)))
+        cases.append(f'(absent({MONITOR_LAST_PASS}{{monitor="{silent}"}}) '
+                     f'and on() {MONITOR_LAST_PASS}{{monitor="{other}"}} offset {grace})')
+    return " or on() ".join(cases)
 
 
 def watcher_rules(*, max_for_seconds: int | None = None) -> list[dict]:
@@ -135,15 +157,54 @@ def _am_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _am_matchers(route) -> list[str]:
-    import re
+def _am_regex_literal(value: str) -> str:
+    """``value`` as a pattern matching itself only, in RE2's syntax (Alertmanager's): its metacharacters escaped."""
+    return re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", value)
 
-    matchers = [f"severity=~{_am_quote('|'.join(route.severities))}"]
+
+def _am_alertname(route, op: str, value: str, twins: dict[str, str], warn) -> tuple[str, str]:
+    """An ``alertname`` matcher's operator and value for Alertmanager, meaning what it means to the portal.
+
+    The portal's alert of a rule is named for the rule ("database-unreachable"); Prometheus' twin of it is
+    "RQDatabaseUnreachable". For the rules whose twin Alertmanager pages (``twins``: rule name to twin name) the
+    matcher also takes, or also refuses, the twin when it takes, or refuses, the rule's name in the portal (the
+    portal's own matching decides: RE2, anchored): ``alertname=database-unreachable`` becomes
+    ``alertname=~"database-unreachable|RQDatabaseUnreachable"``, ``alertname!=database-unreachable`` becomes
+    ``alertname!~...``, and a pattern gets the twins of the rule names it matches as alternatives. Any other alert
+    carries its own name in both, so the matcher is kept as it is when no such rule name matches. A matcher that
+    names a twin itself but not its rule (``alertname!~"RQ.*"``) is kept as written, with a warning: Alertmanager
+    reads it by the twin's name, the portal by the rule's."""
+    positive = {"=": "=", "!=": "=", "=~": "=~", "!~": "=~"}[op]
+
+    def takes(name: str) -> bool:
+        return matchers_match([{"label": "alertname", "op": positive, "value": value}], {"alertname": name})
+
+    taken = [twin for name, twin in sorted(twins.items()) if takes(name)]
+    for name, twin in sorted(twins.items()):
+        if twin not in taken and takes(twin):
+            warn(f"Route {route.name!r}: alertname{op}{value} names Prometheus' {twin} but not the portal's rule "
+                 f"{name}: Alertmanager reads it by the first name, the portal by the second.")
+    if not taken:
+        return op, value
+    pattern = f"(?:{value})" if positive == "=~" else _am_regex_literal(value)
+    return ("=~" if positive == op else "!~"), "|".join([pattern, *map(_am_regex_literal, taken)])
+
+
+def _am_matchers(route, twins: dict[str, str], warn) -> list[str]:
+    """The route's severities and label matchers as Alertmanager matchers. A route that takes every severity has no
+    severity matcher: every portal alert has one of the four, but an alert only Prometheus raises may have none or
+    another ("everything to Slack" must take it too). ``twins``: see _am_alertname."""
+    from monitoring.models import Severity
+
+    matchers = [] if set(route.severities) >= set(Severity.values) else \
+        [f"severity=~{_am_quote('|'.join(route.severities))}"]
     for matcher in route.matchers or []:
         label, op, value = str(matcher.get("label", "")), matcher.get("op", "="), str(matcher.get("value", ""))
         if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", label) or op not in ("=", "!=", "=~", "!~"):
             raise ValueError(f"route {route.name!r}: the matcher {label}{op}{value} is not one Alertmanager takes "
                              f"(a label name of letters, digits and _, and one of =, !=, =~, !~)")
+        if label == "alertname":
+            op, value = _am_alertname(route, op, value, twins, warn)
         matchers.append(f"{label}{op}{_am_quote(value)}")
     return matchers
 
@@ -202,12 +263,14 @@ def alertmanager_config(*, portal_url: str | None = None, max_group_wait_seconds
     3. Every other alert goes to the portal's webhook (receiver "rq-ops-portal", grouped by all labels since the
        portal records each alert itself) and continues, so the history holds every alert Prometheus raises and the
        portal does not judge itself.
-    Then come the enabled NotificationRoutes in position order, each its own receiver with its
-    enabled channels, matching on its severities and label matchers, with its group_by, group_wait,
-    repeat_interval and "continue". A route that takes no severity is left out (it takes nothing). A route
-    without enabled channels stays, with a receiver that sends nothing: as in the portal, the alerts it takes do
-    not reach the routes after it unless it continues. An empty group_by means one group for everything (Alertmanager 0.25 reads an empty list as "inherit
-    the parent's", and the root groups by nothing).
+    Then come the enabled NotificationRoutes in position order, each its own receiver with its enabled channels,
+    matching on its severities (none when it takes all four: then also alerts with no severity or another one) and
+    label matchers (an ``alertname`` one also takes the twins Alertmanager pages for the rule names it takes:
+    _am_alertname), with its group_by, group_wait, repeat_interval and "continue". A route that takes no severity
+    is left out (it takes nothing). A route without enabled channels stays, with a receiver that sends nothing: as
+    in the portal, the alerts it takes do not reach the routes after it unless it continues. An empty group_by
+    means one group for everything (Alertmanager 0.25 reads an empty list as "inherit the parent's", and the root
+    groups by nothing).
 
     The rules' inhibitions (AlertRule.inhibited_by) are not exported: Alertmanager's inhibition mutes an alert
     for every receiver, the portal's webhook included, and the history must hold it.
@@ -219,7 +282,7 @@ def alertmanager_config(*, portal_url: str | None = None, max_group_wait_seconds
     from django.urls import reverse
     from django.utils.text import slugify
 
-    from monitoring.models import NotificationRoute
+    from monitoring.models import AlertRule, NotificationRoute
 
     portal_url = (portal_url or settings.PORTAL_URL).rstrip("/")
     token = settings.ALERTS_WEBHOOK_TOKEN
@@ -247,6 +310,8 @@ def alertmanager_config(*, portal_url: str | None = None, max_group_wait_seconds
               {"receiver": ALERTMANAGER_PORTAL_RECEIVER, "group_by": ["..."], "group_wait": "0s", "continue": True}]
 
     names = {ALERTMANAGER_PORTAL_RECEIVER, WATCHDOG_RECEIVER, PORTAL_NOTIFIES_RECEIVER}
+    twins = {rule.name: prometheus_alert_name(rule.name)
+             for rule in AlertRule.objects.filter(enabled=True, signal__in=PAGED_BY_ALERTMANAGER)}
     enabled_routes = NotificationRoute.objects.filter(enabled=True).order_by("position", "id")
     for route in enabled_routes.prefetch_related("channels"):
         if not route.severities:
@@ -262,7 +327,8 @@ def alertmanager_config(*, portal_url: str | None = None, max_group_wait_seconds
         receivers.append({"name": name, **configs})
         group_wait = route.group_wait_seconds if max_group_wait_seconds is None else \
             min(route.group_wait_seconds, max_group_wait_seconds)
-        routes.append({"receiver": name, "matchers": _am_matchers(route), "group_by": list(route.group_by or []),
+        routes.append({"receiver": name, "matchers": _am_matchers(route, twins, warn),
+                       "group_by": list(route.group_by or []),
                        "group_wait": _duration(group_wait),
                        # Alertmanager refuses 0; the portal reminds at every pass then, the nearest is 1 s.
                        "repeat_interval": _duration(max(route.repeat_interval_seconds, 1)),

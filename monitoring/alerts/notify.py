@@ -16,6 +16,10 @@ two plans that overlap only the first is written).
 - Escalation: a firing alert of a policy's severity still unacknowledged ``after_minutes`` after it fired goes to
   the next level's channels. Each level is a timeline row, even one without channels.
 
+One notifier per condition (``notified_by_alertmanager``): alerts Alertmanager sent, and the portal's alerts of the
+rules whose Prometheus twin Alertmanager pages (``PAGED_BY_ALERTMANAGER``), are recorded here and never notified:
+Alertmanager pages them, and sends their resolution, itself.
+
 Delivery (``notification_deliver``) is a job on the existing RQ workers (``monitoring.jobs``) when Redis answers,
 and runs in the evaluator's process when it does not, so a Redis outage is still reported. A notification is
 claimed by a conditional update on its attempt count, so a job that runs twice sends once. Transient failures
@@ -60,6 +64,19 @@ SENDING_LEASE_SECONDS = NOTIFY_JOB_TIMEOUT + 30
 # Notifications the evaluator sends itself per pass while Redis does not answer (each can take a timeout).
 INLINE_BUDGET = 20
 SEND_TIMEOUT = 10.0
+# Signals whose alerts the portal cannot send while they hold: the database is where its notifications are written.
+# Their Prometheus twins are paged by Alertmanager (monitoring.alerts.exports labels them notified_by="alertmanager");
+# the portal records such an outage once the database answers, and sends nothing about it.
+PAGED_BY_ALERTMANAGER = {"database_up"}
+
+
+def notified_by_alertmanager(alert: Alert) -> bool:
+    """Whether Alertmanager pages for this alert rather than the portal: it came from Alertmanager, or its rule's
+    Prometheus twin is the live page. A portal silence, shelving or notification would then stop or add nothing but
+    a second page; the alert page, the shelve and silence actions and the planner ask this."""
+    if alert.source == Alert.Source.ALERTMANAGER:
+        return True
+    return alert.rule_id is not None and alert.rule is not None and alert.rule.signal in PAGED_BY_ALERTMANAGER
 
 
 def _alert_url(alert: Alert) -> str:
@@ -160,9 +177,9 @@ def planner_candidates():
 
 
 def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
-    """Writes the messages that are due (see the module docstring); returns them. Alerts that came from
-    Alertmanager are not notified here: Alertmanager notifies its own receivers (the exported configuration), so
-    they are recorded only."""
+    """Writes the messages that are due (see the module docstring); returns them. Alerts Alertmanager pages for
+    (``notified_by_alertmanager``) are not notified here: Alertmanager notifies its own receivers (the exported
+    configuration), so they are recorded only."""
     from queues.models import database_now
 
     now = now or timezone.now()
@@ -171,13 +188,20 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     candidates = [alert for alert in planner_candidates() if alert.state != Alert.State.PENDING]
     # What this plan read of each candidate: its writes are fenced on it (below).
     read = {alert.pk: (alert.notified_at, alert.resolved_notified, alert.escalated_at) for alert in candidates}
+    touched: dict[int, Alert] = {}
+    for alert in candidates:
+        if notified_by_alertmanager(alert) and alert.state == Alert.State.RESOLVED:
+            # Alertmanager paged it and resolved it (the database outage the portal recorded afterwards): in the
+            # history only, nobody is told twice.
+            alert.resolved_notified = True
+            touched[alert.pk] = alert
+    candidates = [alert for alert in candidates if not notified_by_alertmanager(alert)]
     told, escalated = _told([alert.pk for alert in candidates])
     # (in_bulk of nothing asks the database nothing)
     escalation_channels = NotificationChannel.objects.filter(enabled=True).in_bulk(set().union(*escalated.values()))
     policies = list(EscalationPolicy.objects.filter(enabled=True).prefetch_related("steps__channels"))
     planned: list[tuple[Notification, list[Alert]]] = []
     events: list[AlertEvent] = []
-    touched: dict[int, Alert] = {}
     first: dict[tuple[int, str], list[Alert]] = defaultdict(list)
     repeat: dict[tuple[int, str], list[Alert]] = defaultdict(list)
     resolved: dict[tuple[int, str], list[Alert]] = defaultdict(list)
@@ -196,14 +220,12 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
             touched[alert.pk] = alert
         if alert.state == Alert.State.RESOLVED:
             # Whoever was told it fires is told it is over, even if it was silenced or shelved since (an open
-            # PagerDuty incident would stay open otherwise). A database outage recorded afterwards goes to every
-            # route that takes it, as one resolved message.
+            # PagerDuty incident would stay open otherwise).
             alert.resolved_notified = True
             touched[alert.pk] = alert
-            recorded = "recorded" in (alert.annotations or {})
             covered: set[int] = set()
             for route in _routes_for(alert, routes):
-                if route.send_resolved and (recorded or (alert.pk, route.pk) in told):
+                if route.send_resolved and (alert.pk, route.pk) in told:
                     resolved[(route.pk, _group_key(route, alert))].append(alert)
                     covered.update(channel.pk for channel in route.channels.all() if channel.enabled)
             # The escalation levels' channels were told it fires: they are told it ended (a PagerDuty incident an

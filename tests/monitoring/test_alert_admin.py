@@ -896,6 +896,25 @@ def test_an_alertmanager_alerts_page_offers_no_silence_and_names_its_notifier(cl
     assert alert_url("silence", portal) in html and "the portal (its routes" in html
 
 
+def test_the_database_alerts_page_names_alertmanager_and_refuses_a_portal_silence_or_shelving(client,
+                                                                                            operator_user):
+    """Prometheus' twin of database-unreachable is paged by Alertmanager (the portal cannot write while its database
+    is down). Its page said the portal notified it and offered a silence and a shelving that stopped nothing."""
+    alert = make_alert("database-unreachable")
+    client.force_login(operator_user)
+    html = page(client, reverse("admin:monitoring_alert_change", args=[alert.pk]))
+    assert "Prometheus Alertmanager, not the portal" in html and "the portal (its routes" not in html
+    assert 'amtool silence add alertname="RQDatabaseUnreachable"' in html and "is the live page" in html
+    assert alert_url("acknowledge", alert) in html
+    assert alert_url("silence", alert) not in html and alert_url("shelve", alert) not in html
+    for name, data in {"shelve": {"shelve_for": "4h"},
+                       "silence": {"matchers": "alertname=database-unreachable", "hours": "2", "reason": "r"}}.items():
+        refused = client.post(alert_url(name, alert), data, follow=True).content.decode()
+        assert "Alertmanager notifies this alert" in refused and "amtool silence add" in refused, name
+    alert.refresh_from_db()
+    assert alert.shelved_until is None and not Silence.objects.exists()
+
+
 def test_the_history_keeps_alert_retention_days_and_never_what_is_still_needed(settings):
     """Alerts, their timelines, notifications and delivery attempts grew without end."""
     from monitoring.alerts.retention import alert_history_prune

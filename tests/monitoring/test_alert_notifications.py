@@ -396,6 +396,36 @@ def test_alerts_from_alertmanager_are_recorded_but_not_notified_again(redis, web
     assert notifications_plan(now=timezone.now() + timedelta(minutes=5)) == []
 
 
+def test_the_database_rule_is_paged_by_alertmanager_so_the_portal_records_it_and_tells_nobody(
+        redis, webhook, http_server):
+    """While the database is down the portal writes nothing, so Prometheus' twin of database-unreachable is the live
+    page (Alertmanager sends its resolution too). The portal recorded the outage once the database answered and sent
+    a resolved message to every route: a second page about an incident Alertmanager had already closed. It records
+    the outage, and the database alert it judges itself, in the history only: no route, reminder or escalation."""
+    from monitoring.alerts.evaluate import database_outage_record
+
+    only("database-unreachable")
+    AlertRule.objects.update(for_seconds=0, clear_seconds=0)
+    dba = NotificationChannel.objects.create(name="dba", kind="slack",
+                                             config={"url": http_server.route("/slack", respond(200, b"ok"))})
+    EscalationPolicy.objects.get(name="Default escalation").steps.get(level=1).channels.add(dba)
+    t0 = timezone.now()
+    recorded = database_outage_record(started_at=t0 - timedelta(minutes=3), ended_at=t0 - timedelta(minutes=1),
+                                      error="Lost connection to server")
+    assert evaluate(t0) == []
+    # The portal's own figure says the database is down while it can write (a failing check, not an outage).
+    for minutes in (1, 6, 20):
+        assert evaluate(t0 + timedelta(minutes=minutes), database=False) == []
+    assert evaluate(t0 + timedelta(minutes=30)) == []
+    deliver_due(t0 + timedelta(minutes=30))
+    assert http_server.requests == [] and not Notification.objects.exists()
+    recorded.refresh_from_db()
+    assert recorded.state == Alert.State.RESOLVED and recorded.resolved_notified, "owes nobody a resolution"
+    live = Alert.objects.exclude(pk=recorded.pk).get()
+    assert live.state == Alert.State.RESOLVED and live.resolved_notified and live.escalation_level == 0
+    assert "notified" not in live.events.values_list("kind", flat=True)
+
+
 def test_disabling_a_rule_resolves_its_open_alert(redis):
     only("few-workers")
     AlertRule.objects.update(for_seconds=0)

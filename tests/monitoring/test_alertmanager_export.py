@@ -283,8 +283,8 @@ def test_a_fresh_install_routes_as_the_monitoring_guide_once_its_channels_exist(
     timings = {"group_by": ["alertname", "cluster", "service"], "group_wait": "10s", "repeat_interval": "12h"}
     assert critical == {"receiver": "critical-to-pagerduty", "matchers": ['severity=~"critical"'], **timings,
                         "continue": True}
-    assert everything == {"receiver": "everything-to-slack",
-                          "matchers": ['severity=~"critical|error|warning|info"'], **timings, "continue": False}
+    # Every severity: no severity matcher, so an alert with none or another one reaches Slack too (seed 004).
+    assert everything == {"receiver": "everything-to-slack", "matchers": [], **timings, "continue": False}
     receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
     assert [entry["routing_key"] for entry in receivers["critical-to-pagerduty"]["pagerduty_configs"]] == [
         "R0123456789abcdef"]
@@ -302,3 +302,76 @@ def test_a_fresh_install_routes_as_the_monitoring_guide_once_its_channels_exist(
     result = subprocess.run([amtool, "check-config", str(tmp_path / "alertmanager.yml")], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+    def receivers_for(*labels: str) -> str:
+        result = subprocess.run([amtool, "config", "routes", "test",
+                                 f"--config.file={tmp_path / 'alertmanager.yml'}", *labels],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.strip()
+
+    # What only Prometheus raises may carry no severity, or one of its own: Slack hears of it all the same.
+    assert receivers_for("alertname=NoSeverity") == "rq-ops-portal,everything-to-slack"
+    assert receivers_for("alertname=OwnSeverity", "severity=page") == "rq-ops-portal,everything-to-slack"
+    assert receivers_for("alertname=Critical", "severity=critical") == \
+        "rq-ops-portal,critical-to-pagerduty,everything-to-slack"
+
+
+@pytest.mark.usefixtures("db", "seeded_alert_rules")  # a transactional test before may have emptied them
+@pytest.mark.parametrize("op, value", [
+    ("=", "database-unreachable"), ("!=", "database-unreachable"), ("=~", "database-.*|redis-.*"),
+    ("!~", "database-.*"), ("=", "redis-unreachable"), ("!=", "redis-unreachable"), ("=~", "redis-.*"),
+    ("!~", "redis-.*")])
+def test_a_route_on_alertname_takes_the_twin_alertmanager_pages_as_the_portal_takes_its_alert(
+        routes, tmp_path, op, value):
+    """database-unreachable's twin is paged by Alertmanager (the portal cannot write while its database is down);
+    a portal route on alertname=database-unreachable let it through to the catch-all routes, because Prometheus
+    names it RQDatabaseUnreachable. Alertmanager now routes the twin where the portal routes its own alert, for
+    equality, regex and negative matchers alike."""
+    from django.utils.text import slugify
+
+    from monitoring.alerts.exports import prometheus_alerting_rules
+
+    amtool = amtool_or_skip()
+    by_name = NotificationRoute.objects.create(name="By name", position=5, severities=["critical"],
+                                               matchers=[{"label": "alertname", "op": op, "value": value}])
+    by_name.channels.set(NotificationChannel.objects.filter(name="On call"))
+    output = tmp_path / "alertmanager.yml"
+    call_command("export_alertmanager_config", "--output", str(output))
+    result = subprocess.run([amtool, "check-config", str(output)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    rule = AlertRule.objects.get(name="database-unreachable")
+    [twin] = [entry for entry in prometheus_alerting_rules() if entry["labels"]["rule"] == rule.name]
+    assert twin["alert"] == "RQDatabaseUnreachable" and twin["labels"]["notified_by"] == "alertmanager"
+    portal_alert = Alert(name=rule.name, severity=rule.severity, labels=rule.all_labels())
+    enabled = list(NotificationRoute.objects.filter(enabled=True).order_by("position", "id"))
+    expected = ["rq-ops-portal"] + [slugify(route.name) for route in _routes_for(portal_alert, enabled)]
+    labels = {"alertname": twin["alert"], **twin["labels"]}
+    quoted = [label + '="' + text.replace('"', '\\"') + '"' for label, text in labels.items()]
+    result = subprocess.run([amtool, "config", "routes", "test", f"--config.file={output}", *quoted],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().split(",") == expected
+    # An alert only Prometheus raises keeps its own name: the route reads it as written.
+    other = subprocess.run([amtool, "config", "routes", "test", f"--config.file={output}",
+                            "alertname=redis-unreachable", "severity=critical"],
+                           capture_output=True, text=True, timeout=60)
+    takes_other = _routes_for(Alert(name="redis-unreachable", severity="critical",
+                                    labels={"alertname": "redis-unreachable", "severity": "critical"}), enabled)
+    assert other.stdout.strip().split(",") == ["rq-ops-portal"] + [slugify(route.name) for route in takes_other]
+
+
+@pytest.mark.usefixtures("db", "seeded_alert_rules")
+def test_an_alertname_matcher_that_names_a_twin_but_not_its_rule_is_kept_with_a_warning(settings, tmp_path, capsys):
+    settings.ALERTS_WEBHOOK_TOKEN = TOKEN
+    NotificationRoute.objects.create(name="Not Prometheus", severities=["critical"],
+                                     matchers=[{"label": "alertname", "op": "!~", "value": "RQ.*"}])
+    NotificationRoute.objects.create(name="Database", severities=["critical"],
+                                     matchers=[{"label": "alertname", "op": "=", "value": "database-unreachable"}])
+    config = export(tmp_path)
+    not_prometheus, database = config["route"]["routes"][3:]
+    assert not_prometheus["matchers"] == ['severity=~"critical"', 'alertname!~"RQ.*"']
+    assert database["matchers"] == ['severity=~"critical"', 'alertname=~"database-unreachable|RQDatabaseUnreachable"']
+    err = capsys.readouterr().err
+    assert "'Not Prometheus': alertname!~RQ.* names Prometheus' RQDatabaseUnreachable" in err

@@ -45,6 +45,8 @@ from monitoring.alerts.admin.base import (
     safe_link,
     selection_hidden,
 )
+from monitoring.alerts.exports import prometheus_alert_name
+from monitoring.alerts.notify import notified_by_alertmanager
 from monitoring.alerts.selectors import alerts_labelled, alerts_summary, label_pairs
 from monitoring.matchers import MatcherError, matchers_parse
 from monitoring.models import (
@@ -329,22 +331,27 @@ class AlertAdmin(ReadOnlyAdmin):
         events, notifications = events[-TIMELINE_ROWS:], notifications[-TIMELINE_ROWS:]
         now = timezone.now()
         actions = []
-        # Alertmanager pages for its alerts: a silence or a shelving here would stop nothing. Acknowledging still
-        # records who handles it (the history's time to acknowledge).
+        # Alertmanager pages for its alerts, and for the portal's alerts of rules whose twin it pages: a silence or
+        # a shelving here would stop nothing. Acknowledging still records who handles it (the history's time to
+        # acknowledge).
+        alertmanager_pages = notified_by_alertmanager(alert)
         from_alertmanager = alert.source == Alert.Source.ALERTMANAGER
         if request.user.has_perm(ACKNOWLEDGE):
             possible = [("acknowledge", "Acknowledge", alert.is_open and not alert.acknowledged_at),
                         ("unacknowledge", "Remove acknowledgement", bool(alert.acknowledged_at)),
-                        ("shelve", "Shelve", alert.is_open and not from_alertmanager),
+                        ("shelve", "Shelve", alert.is_open and not alertmanager_pages),
                         ("unshelve", "Unshelve", alert.is_shelved(now)),
-                        ("silence", "Silence alerts like this", not from_alertmanager)]
+                        ("silence", "Silence alerts like this", not alertmanager_pages)]
             actions = [(reverse(f"admin:monitoring_alert_{name}", args=[alert.pk]), label)
                        for name, label, shown in possible if shown]
         rule = alert.rule if alert.rule_id else None
         return {
             "timeline": events, "alert_notifications": notifications, "alert_actions": actions, "older": older,
             "timeline_rows": TIMELINE_ROWS,
-            "notified_by": "alertmanager" if from_alertmanager else "portal",
+            "notified_by": "alertmanager" if alertmanager_pages else "portal",
+            # The name Alertmanager knows the alert by: its own, or the Prometheus twin's of the portal's rule.
+            "alertmanager_alertname": alert.name if from_alertmanager else prometheus_alert_name(alert.name),
+            "twin_paged": alertmanager_pages and not from_alertmanager,
             "related_links": self.related_links(alert),
             "runbook": (rule.runbook if rule else "") or alert.annotations.get("runbook", ""),
             "runbook_url": safe_link(alert.runbook_url), "cause": alert.inhibited_by if alert.inhibited_by_id else None,
@@ -461,7 +468,7 @@ class AlertAdmin(ReadOnlyAdmin):
         alert = get_object_or_404(Alert, pk=alert_id)
 
         def create(alert, data):
-            if alert.source == Alert.Source.ALERTMANAGER:
+            if notified_by_alertmanager(alert):
                 raise AlertError(ALERTMANAGER_NOTIFIES)
             return silence_create(matchers=data["matchers"], ends_at=timezone.now() + timedelta(hours=data["hours"]),
                                   reason=data["reason"], user=request.user, address=client_address(request))
