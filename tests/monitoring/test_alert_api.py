@@ -12,7 +12,7 @@ from monitoring.alerts.actions import alert_acknowledge
 from monitoring.alerts.evaluate import alerts_evaluate
 from monitoring.alerts.rules import Readings
 from monitoring.models import Alert, AlertEvent, AlertRule
-from tests.monitoring.test_alert_evaluation import only, snapshot
+from tests.monitoring.test_alert_evaluation import database_unreachable, only, snapshot
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("seeded_alert_rules")]
 
@@ -145,6 +145,21 @@ def test_current_alerts_have_the_same_access_as_the_other_apis(client, outsider_
     client.force_login(outsider_user)
     assert client.get(reverse("api-alerts")).status_code == 403
     assert client.post(reverse("api-alerts")).status_code in (403, 405)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_error_is_a_json_503_with_retry_after_not_an_html_500(post, client, settings):
+    """Alertmanager retries a 5xx and a scraper reads JSON: on a database error both endpoints answer a JSON 503
+    with Retry-After, and the driver's text (a file path, a host) stays in the log."""
+    settings.METRICS_TOKEN = "metrics-token-0123456789"
+    with database_unreachable():
+        answers = {"webhook": post(PAYLOAD),
+                   "alerts": client.get(reverse("api-alerts"), HTTP_AUTHORIZATION="Bearer metrics-token-0123456789")}
+    for name, response in answers.items():
+        assert response.status_code == 503, name
+        assert response["Content-Type"] == "application/json" and int(response["Retry-After"]) > 0, name
+        assert response.json() == {"error": "the database does not answer; try again shortly"}, name
+    assert not Alert.objects.exists()
 
 
 def test_an_alertmanager_alert_no_longer_reported_expires(post):

@@ -307,6 +307,22 @@ def test_a_database_outage_is_recorded_once_when_it_ends_whoever_holds_the_lease
     assert Alert.objects.filter(name="database-unreachable").count() == 1
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("seeded_alert_rules")
+def test_evaluate_alerts_once_names_the_unreachable_database_not_another_evaluator(redis):
+    """A pass that failed because the database does not answer must say so: "Another evaluator () is active" sent
+    whoever ran it looking for a second evaluator that does not exist."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    only("no-active-workers")
+    with database_unreachable(), pytest.raises(CommandError) as caught:
+        call_command("evaluate_alerts", "--once")
+    assert str(caught.value).startswith("The database is unreachable: ")
+    assert "Another evaluator" not in str(caught.value)
+    assert not Lease.objects.exists() and not Alert.objects.exists(), "the pass did nothing"
+
+
 def test_rules_about_workers_wait_while_a_supervisor_starts_its_workers(redis, settings):
     """A supervisor's start (a deploy, a restart) leaves no alert about workers while they come up; once the grace is
     over, or the workers are up, the rules judge them as always."""

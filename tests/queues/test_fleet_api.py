@@ -115,6 +115,21 @@ def test_restart_answers_503_while_redis_is_unreachable(client, pool, token, unr
     assert response.json() == {"error": "Redis is unreachable; try again shortly"}, "no host or port of the driver's"
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("path, body", [("/api/rq/workers/scale", {"pool": "default", "count": 3}),
+                                        ("/api/rq/workers/restart", {"pool": "default"})])
+def test_a_database_outage_answers_503_without_the_drivers_text(client, pool, token, path, body):
+    """Token holders are scripts and their logs: the driver's message (a file path, a host and port) stays in the
+    portal's log."""
+    from tests.monitoring.test_alert_evaluation import database_unreachable
+
+    with database_unreachable():
+        response = post(client, path, body, token)
+    assert response.status_code == 503 and response["Retry-After"] == "10"
+    assert response.json()["error"] == "the database is unreachable; try again shortly"
+    assert "unable to open" not in response.content.decode() and "nonexistent" not in response.content.decode()
+
+
 def test_the_command_issues_lists_and_revokes_tokens(operator_user, support_user, capsys):
     call_command("api_token", "create", "deploy hook", "--user", operator_user.username)
     raw = capsys.readouterr().out.strip()
