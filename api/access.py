@@ -6,7 +6,7 @@ Admins configure); every change is audited as that user ``via`` the token's name
 
 Each token has a rate: ``rate_limit`` requests a second (the token's own, or ``API_RATE_LIMIT``), with bursts of
 twice that (portal.rate_limits: buckets in Redis, shared by every web process, and in the process while Redis does
-not answer). The fleet calls of queues/api.py and the maintenance paths count against the same bucket.
+not answer). The older calls of api/runbook.py count against the same bucket.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Redis or the database answer 503 with ``Retry-After`` (the driver's text goes to
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -75,8 +76,18 @@ def _validation(request, error: ValidationError) -> JsonResponse:
                                                                       "filters", "header")]
     if first.get("type") == "json_invalid" or not location and "body" in first.get("loc", ()):
         return answer(400, "the body must be a JSON object: " + first.get("msg", "it could not be parsed"))
+    if "body" in first.get("loc", ()) and not _json_object(request):
+        # A list or a number where an object belongs: pydantic would name a field it tried to read off it.
+        return answer(400, "the body must be a JSON object")
     message = first.get("msg", "invalid input")
     return answer(400, f"{_location(location) or 'input'}: {message}", _location(location) or None)
+
+
+def _json_object(request) -> bool:
+    try:
+        return isinstance(json.loads(request.body), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def _django_validation(request, error: DjangoValidationError) -> JsonResponse:
@@ -93,7 +104,7 @@ def _api_error(request, error: ApiError) -> JsonResponse:
 
 def _http_error(request, error: HttpError) -> JsonResponse:
     if error.status_code == 400 and str(error) == "Cannot parse request body":
-        return answer(400, "the body must be JSON (Content-Type: application/json)")
+        return answer(400, "the body must be a JSON object (Content-Type: application/json)")
     return answer(error.status_code, str(error))
 
 

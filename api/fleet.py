@@ -1,5 +1,6 @@
 """The worker fleet over HTTP: the pools, scaling one, restarting a pool's workers or one worker. The fleet
-services the admin's buttons and the older ``/api/rq/workers/*`` calls use, with the same permission."""
+services the admin's buttons use, with the same permission (the older calls of api/runbook.py scale through
+``pool_scaled`` too)."""
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from ninja import Field, Path, Router, Schema, Status
@@ -57,11 +58,17 @@ def pools(request):
 def scale(request, payload: ScaleIn, pool: str = POOL):
     """Sets how many workers the pool runs; supervisors follow within about a second. A count outside the pool's
     minimum and maximum is refused (400, ``count``)."""
-    row = pool_get(pool)
+    return pool_scaled(request, pool, payload.count)
+
+
+def pool_scaled(request, name: str, count: int) -> WorkerPool:
+    """The pool ``name`` scaled to ``count`` as the token's user, with ``previous`` (its count before) set; a count
+    outside its bounds is a 400 on ``count``, an unknown pool a 404."""
+    row = pool_get(name)
     previous = row.desired
     try:
-        row = pool_scale(pool=row, desired=payload.count, user=request.auth.user,
-                         reason=f"API token {request.auth.name}", address=client_address(request))
+        row = pool_scale(pool=row, desired=count, user=request.auth.user, reason=f"API token {request.auth.name}",
+                         address=client_address(request))
     except DjangoValidationError as error:
         raise ApiError(400, f"count: {' '.join(error.messages)}", field="count") from None
     row.previous = previous

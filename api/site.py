@@ -1,10 +1,10 @@
-"""The API's one NinjaAPI: its routers under ``/api/v1/``, the token check on every operation, the JSON error
-handlers, the OpenAPI description at ``/api/schema/`` and its page at ``/api/docs/`` (Swagger UI from the package's
-own static files, no CDN)."""
+"""The API's one NinjaAPI: its routers under ``/api/v1/`` and the older calls at their own paths (api/runbook.py),
+the token check on every operation, the JSON error handlers, the OpenAPI description at ``/api/schema/`` and its
+page at ``/api/docs/`` (Swagger UI from the package's own static files, no CDN)."""
 
 from ninja import NinjaAPI
 
-from api import alerts, errors, fleet, submission, tasks
+from api import alerts, errors, fleet, runbook, submission, tasks
 from api.access import TokenAuth
 
 DESCRIPTION = """Tasks, submission, alerts, silences and the worker fleet of the RQ Ops Portal.
@@ -19,8 +19,12 @@ at fault, or is null). While Redis or the database is unreachable the answer is 
 
 api = NinjaAPI(
     title="RQ Ops Portal API", version="1", description=DESCRIPTION, auth=TokenAuth(), urls_namespace="api",
-    openapi_url="/schema/", docs_url="/docs/",
+    openapi_url="/api/schema/", docs_url="/api/docs/",
 )
 errors.install(api)
 for module in (tasks, submission, alerts, fleet):
-    api.add_router("/v1/", module.router)
+    api.add_router("/api/v1/", module.router)
+# The older calls, at the paths scripts and the old system's runbooks use (mounted at the site's root, portal/urls.py).
+api.add_router("/api/rq/workers/", runbook.fleet)
+api.add_router("/admin/rq/", runbook.old_fleet)
+api.add_router("/admin/maintenance/", runbook.maintenance)

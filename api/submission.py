@@ -59,18 +59,24 @@ def state(request):
 def pause(request, payload: PauseIn):
     """New tasks are accepted and held until resumed, or until ``duration`` has passed. Refused (409) while a
     migration run holds the pause."""
-    if not payload.reason.strip():
+    submission_paused(request, payload.reason, payload.duration)
+    return _state()
+
+
+def submission_paused(request, reason: str, duration: str | None):
+    """Pauses submission as the token's user (the SystemMode row after it): a blank reason or a duration that does
+    not parse is a 400 naming its field, a run that holds the pause a 409."""
+    if not reason.strip():
         raise ApiError(400, "reason: say why submission is paused (it is shown in the admin and in health)",
                        field="reason")
     length = None
-    if payload.duration is not None:
+    if duration is not None:
         try:
-            length = dispatch.duration_parse(payload.duration)
+            length = dispatch.duration_parse(duration)
         except ValueError as error:
             raise ApiError(400, f"duration: {error}", field="duration") from None
-    dispatch.submission_pause(reason=payload.reason, user=request.auth.user, duration=length,
-                              address=client_address(request))
-    return _state()
+    return dispatch.submission_pause(reason=reason, user=request.auth.user, duration=length,
+                                     address=client_address(request))
 
 
 @router.post("/submission/resume", response={200: ResumeOut, **documented(409)}, operation_id="submission_resume",

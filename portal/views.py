@@ -3,7 +3,7 @@
 from django.http import JsonResponse
 from django.views import defaults
 
-MACHINE_PREFIXES = ("/api/", "/metrics", "/healthz", "/readyz")
+MACHINE_PREFIXES = ("/api/", "/metrics", "/health", "/readyz", "/admin/rq/", "/admin/maintenance/")
 
 
 def _is_machine(request) -> bool:
@@ -12,11 +12,11 @@ def _is_machine(request) -> bool:
 
 def not_found(request, exception=None):
     if _is_machine(request):
-        return JsonResponse({"error": f"no such endpoint: {request.path}"}, status=404)
+        return JsonResponse({"error": f"no such endpoint: {request.path}", "field": None}, status=404)
     return defaults.page_not_found(request, exception)
 
 
 def server_error(request):
     if _is_machine(request):
-        return JsonResponse({"error": "internal error; the portal's log has the details"}, status=500)
+        return JsonResponse({"error": "internal error; the portal's log has the details", "field": None}, status=500)
     return defaults.server_error(request)

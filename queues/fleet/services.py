@@ -37,6 +37,15 @@ def pool_get(name: str) -> WorkerPool:
         raise FleetError(f"Unknown pool {name!r} (pools: {known})") from None
 
 
+def pools_draining(queue: str) -> list[WorkerPool]:
+    """The pools whose workers drain ``queue``, by name (the old system scaled workers per queue; the portal scales
+    pools). None is a FleetError."""
+    pools = [pool for pool in WorkerPool.objects.order_by("name") if queue in pool.queue_names]
+    if not pools:
+        raise FleetError(f"no worker pool drains the {queue} queue")
+    return pools
+
+
 def pool_scale(*, pool: WorkerPool, desired: int, user=None, reason: str = "", address: str | None = None,
                adjust_bounds: bool = False) -> WorkerPool:
     """Sets how many workers a pool should run. Supervisors follow within about a second.

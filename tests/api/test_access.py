@@ -135,11 +135,18 @@ def test_the_documentation_page_loads_its_assets_from_the_portal(client):
 def test_a_database_outage_is_a_503_with_retry_after_from_a_live_server(web_server, redis):
     # The web process' database cannot be opened: every query fails (an SQLite file in a folder that is not there).
     url = web_server(DATABASE_URL="sqlite:////nonexistent-folder/portal.sqlite3")
-    request = urllib.request.Request(f"{url}/api/v1/tasks", headers={"Authorization": "Bearer rqo_anything"})
-    with pytest.raises(urllib.error.HTTPError) as answer:
-        urllib.request.urlopen(request, timeout=30)
-    assert answer.value.code == 503 and answer.value.headers["Retry-After"] == "10"
-    assert json.load(answer.value) == {"error": "the database is unreachable; try again shortly", "field": None}
+    # The API's own paths and the older calls at the old system's paths (before, those answered 500, some in HTML).
+    for method, path in (("GET", "/api/v1/tasks"), ("POST", "/api/rq/workers/scale"),
+                         ("POST", "/api/rq/workers/restart"), ("POST", "/admin/rq/scale-workers"),
+                         ("POST", "/admin/rq/restart-workers"), ("POST", "/admin/maintenance/pause-task-submission"),
+                         ("POST", "/admin/maintenance/resume-task-submission")):
+        request = urllib.request.Request(f"{url}{path}", method=method, data=b"{}" if method == "POST" else None,
+                                         headers={"Authorization": "Bearer rqo_anything",
+                                                  "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=30)
+        assert (path, answer.value.code, answer.value.headers["Retry-After"]) == (path, 503, "10")
+        assert json.load(answer.value) == {"error": "the database is unreachable; try again shortly", "field": None}
 
 
 def test_the_token_is_checked_before_the_body_is_read(client, redis):

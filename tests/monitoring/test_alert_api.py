@@ -129,8 +129,8 @@ def test_current_alerts_keep_the_old_fields_and_add_ours(client, support_user, o
     by_rule = {alert["rule"]: alert for alert in body["alerts"]}
     few = by_rule["few-workers"]
     assert {key: few[key] for key in ("level", "metric", "value", "threshold", "state", "acknowledged_by")} == {
-        "level": "warning", "metric": "active_workers", "value": 1, "threshold": 2, "state": "firing",
-        "acknowledged_by": "otto-operator"}  # the old endpoint's name for the figure, and its integer counts
+        "level": "warning", "metric": "few-workers", "value": 1, "threshold": 2, "state": "firing",
+        "acknowledged_by": "otto-operator"}  # not the old endpoint's active_workers: that was "no workers at all"
     assert (few["signal"], few["signal_value"], few["signal_threshold"]) == ("workers_alive", 1.0, 2.0)
     assert few["message"].startswith("Fewer than 2 workers") and few["since"] and few["timestamp"]
     assert few["runbook_url"].endswith(f"/admin/monitoring/alertrule/{AlertRule.objects.get(name='few-workers').pk}"

@@ -52,19 +52,20 @@ def test_a_token_scales_a_pool_and_the_change_is_audited_as_its_user_via_the_tok
     assert ApiToken.objects.get(name="runbook").last_used_at is not None
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"pool": "default", "count": 9}, 400, "count: Pool 'default' runs between 1 and 6 workers; 9 is outside that range."),
-    ({"pool": "default", "count": "3"}, 400, "count: must be a whole number of workers"),
-    ({"pool": "default"}, 400, "count: must be a whole number of workers"),
-    ({"pool": "nightly", "count": 3}, 404, "Unknown pool 'nightly' (pools: default)"),
-    ({"pool": 7, "count": 3}, 400, "pool: must be a pool's name"),
-    ("[1, 2]", 400, "the body must be a JSON object"),
-    ("{not json", 400, "the body must be a JSON object"),
+@pytest.mark.parametrize("body, status, message, field", [
+    ({"pool": "default", "count": 9}, 400,
+     "count: Pool 'default' runs between 1 and 6 workers; 9 is outside that range.", "count"),
+    ({"pool": "default", "count": "3"}, 400, "count: Input should be a valid integer", "count"),
+    ({"pool": "default"}, 400, "count: Field required", "count"),
+    ({"pool": "nightly", "count": 3}, 404, "Unknown pool 'nightly' (pools: default)", None),
+    ({"pool": 7, "count": 3}, 400, "pool: Input should be a valid string", "pool"),
+    ("[1, 2]", 400, "the body must be a JSON object", None),
+    ("{not json", 400, "the body must be a JSON object (Content-Type: application/json)", None),
 ])
 def test_bad_scale_requests_are_refused_naming_the_field_and_change_nothing(client, pool, token, body, status,
-                                                                            message):
+                                                                            message, field):
     response = post(client, "/api/rq/workers/scale", body, token)
-    assert (response.status_code, response.json()) == (status, {"error": message})
+    assert (response.status_code, response.json()) == (status, {"error": message, "field": field})
     assert WorkerPool.objects.get(name="default").desired == 2
     assert not AuditEntry.objects.filter(action="pool_scale").exists()
 
@@ -73,15 +74,15 @@ def test_only_a_live_token_of_a_user_who_may_manage_the_fleet_is_accepted(client
                                                                           support_user):
     settings.METRICS_TOKEN = METRICS_TOKEN
     anonymous = post(client, "/api/rq/workers/scale", {"count": 3})
-    assert anonymous.status_code == 401 and anonymous["WWW-Authenticate"] == 'Bearer realm="fleet"'
+    assert anonymous.status_code == 401 and anonymous["WWW-Authenticate"] == 'Bearer realm="api"'
     assert post(client, "/api/rq/workers/scale", {"count": 3}, "rqo_made-up").status_code == 401
     metrics = post(client, "/api/rq/workers/scale", {"count": 3}, METRICS_TOKEN)  # the scrape's token scales nothing
     assert metrics.status_code == 401 and "not valid" in metrics.json()["error"]
     support_token = ApiToken.issue(name="support script", user=support_user)[1]
     refused = post(client, "/api/rq/workers/scale", {"count": 3}, support_token)
     assert refused.status_code == 403
-    assert refused.json() == {"error": "the token's user 'sam-support' is not an active staff member with the "
-                                       "queues.manage_fleet permission"}
+    assert refused.json() == {"error": "the token's user 'sam-support' lacks the queues.manage_fleet permission",
+                              "field": None}
     owner = ApiToken.objects.get(name="runbook").user
     type(owner).objects.filter(pk=owner.pk).update(is_staff=False)  # may no longer sign in to the admin
     assert post(client, "/api/rq/workers/scale", {"count": 3}, token).status_code == 403
@@ -104,7 +105,7 @@ def test_restart_asks_the_pools_live_workers_to_finish_and_exit(client, pool, to
     finally:
         worker.register_death()
     assert post(client, "/api/rq/workers/restart", {"worker": "nobody"}, token).json() == {
-        "error": "No worker named 'nobody' is registered"}
+        "error": "No worker named 'nobody' is registered", "field": None}
     assert [entry.detail.get("via") for entry in AuditEntry.objects.filter(
         action__in=["pool_restart", "worker_restart"])] == ["API token runbook"] * 2
 
@@ -112,7 +113,8 @@ def test_restart_asks_the_pools_live_workers_to_finish_and_exit(client, pool, to
 def test_restart_answers_503_while_redis_is_unreachable(client, pool, token, unreachable_redis):
     response = post(client, "/api/rq/workers/restart", {"pool": "default"}, token)
     assert response.status_code == 503 and response["Retry-After"] == "10"
-    assert response.json() == {"error": "Redis is unreachable; try again shortly"}, "no host or port of the driver's"
+    assert response.json() == {"error": "Redis is unreachable; try again shortly", "field": None}, \
+        "no host or port of the driver's"
 
 
 @pytest.mark.django_db(transaction=True)
