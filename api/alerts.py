@@ -5,6 +5,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from django.db.models import Q
+from django.http import HttpResponse
 from django.utils import timezone
 from ninja import Field, Path, Query, Router, Schema, Status
 
@@ -307,7 +308,7 @@ def get_silence(request, silence_id: int = ID):
 @router.post("/silences", response={201: SilenceOut, **documented()}, operation_id="silence_create",
              summary="Create a silence")
 @needs("monitoring.add_silence")
-def create_silence(request, payload: SilenceIn):
+def create_silence(request, payload: SilenceIn, response: HttpResponse):
     """Stops notifications of every alert its matchers match (``alertname`` is the rule's name; ops ``=``, ``!=``,
     ``=~``, ``!~`` in Alertmanager's syntax) from ``starts_at`` to ``ends_at`` (or for ``duration_minutes``).
     Matching alerts still show in the history."""
@@ -333,6 +334,7 @@ def create_silence(request, payload: SilenceIn):
                                  user=request.auth.user, address=client_address(request))
     except AlertError as error:
         raise ApiError(400, str(error)) from None
+    response["Location"] = f"/api/v1/silences/{silence.pk}"
     return Status(201, _silence(silence.pk))
 
 

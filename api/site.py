@@ -17,7 +17,33 @@ Each token may make `rate_limit` requests a second (its own, or `API_RATE_LIMIT`
 the answer is 429 with `Retry-After`. Errors are JSON: `{"error": "...", "field": "..."}` (`field` names the input
 at fault, or is null). While Redis or the database is unreachable the answer is 503 with `Retry-After`."""
 
-api = NinjaAPI(
+# Headers the answers carry that Django Ninja does not describe by itself: clients generated from the description
+# see them, and the contract test checks that every answer of those codes sends them.
+RESPONSE_HEADERS = {
+    429: {"Retry-After": "Seconds to wait before this token's next request."},
+    503: {"Retry-After": "Seconds to wait before trying again (Redis or the database is unreachable)."},
+}
+LOCATION = {"task_submit": "/api/v1/tasks/{id}", "silence_create": "/api/v1/silences/{id}"}
+
+
+class PortalApi(NinjaAPI):
+    def get_openapi_schema(self, *args, **kwargs):
+        schema = super().get_openapi_schema(*args, **kwargs)  # its response codes are ints until rendered
+        for methods in schema["paths"].values():
+            for operation in methods.values():
+                answers = operation.get("responses", {})
+                for code, headers in RESPONSE_HEADERS.items():
+                    if code in answers:
+                        answers[code]["headers"] = {name: {"description": text, "schema": {"type": "integer"}}
+                                                    for name, text in headers.items()}
+                if operation.get("operationId") in LOCATION and 201 in answers:
+                    answers[201]["headers"] = {"Location": {
+                        "description": f"The new resource: {LOCATION[operation['operationId']]}.",
+                        "schema": {"type": "string"}}}
+        return schema
+
+
+api = PortalApi(
     title="RQ Ops Portal API", version="1", description=DESCRIPTION, auth=TokenAuth(), urls_namespace="api",
     openapi_url="/api/schema/", docs_url="/api/docs/",
 )

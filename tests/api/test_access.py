@@ -98,6 +98,7 @@ def test_unknown_paths_and_methods_answer_json(as_operator, redis):
     assert response.json()["error"] == f"PUT is not allowed on /api/v1/tasks; use {response['Allow']}"
     response = as_operator.get("/api/v1/no-such-thing")
     assert response.status_code == 404 and response["Content-Type"] == "application/json"
+    assert response.json() == {"error": "no such endpoint: /api/v1/no-such-thing", "field": None}
 
 
 def test_the_description_is_openapi_3_1_valid_and_names_every_operation(client):
@@ -122,7 +123,38 @@ def test_the_description_is_openapi_3_1_valid_and_names_every_operation(client):
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             assert {"401", "403", "429", "503"} <= set(operation["responses"]), (method, path)
+            for code in ("429", "503"):
+                assert "Retry-After" in operation["responses"][code]["headers"], (method, path, code)
             assert operation["security"] == [{"TokenAuth": []}], (method, path)
+    for path in ("/api/v1/tasks", "/api/v1/silences"):
+        assert "Location" in schema["paths"][path]["post"]["responses"]["201"]["headers"], path
+
+
+def test_every_route_outside_the_admin_is_described_or_known_to_be_no_api_tokens(client):
+    """Every operation a token calls is in /api/schema/ (the older calls at the old system's paths too); what is not
+    an operation is one of the read-only and ingest paths with their own access (the metrics token or a session,
+    the webhook's token), the probes, or the description itself. A view added outside the API fails here."""
+    import re
+
+    from django.urls import URLResolver, get_resolver
+
+    def routes(patterns, prefix=""):
+        for pattern in patterns:
+            if isinstance(pattern, URLResolver):
+                if pattern.namespace != "admin":
+                    yield from routes(pattern.url_patterns, prefix + str(pattern.pattern))
+            else:
+                yield prefix + str(pattern.pattern), pattern.callback
+
+    described = set(client.get("/api/schema/").json()["paths"])
+    operations, others = set(), set()
+    for route, callback in routes(get_resolver().url_patterns):
+        (operations if callback.__module__ == "ninja.operation" else others).add(route)
+    assert {"/" + re.sub(r"<(\w+)>", r"{\1}", route) for route in operations} == described
+    assert {"api/rq/workers/scale", "admin/rq/scale-workers", "admin/maintenance/pause-task-submission"} <= operations
+    assert others == {"", "api/schema/", "api/docs/", "health", "healthz", "readyz", "metrics", "admin/rq/health",
+                      "admin/rq/stats", "api/rq/health", "api/rq/metrics", "api/rq/performance", "api/rq/alerts",
+                      "api/alerts/alertmanager"}
 
 
 def test_the_documentation_page_loads_its_assets_from_the_portal(client):
