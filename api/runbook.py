@@ -9,12 +9,12 @@ path (api/site.py)."""
 from typing import Literal
 
 from ninja import Field, Router, Schema, Status
-from pydantic import StrictInt, StrictStr
+from pydantic import StrictInt
 
 from api.access import needs
 from api.errors import ApiError, documented
 from api.fleet import pool_scaled
-from api.submission import submission_paused
+from api.submission import PauseIn, ResumeIn, submission_paused
 from migration import dispatch
 from migration.admin import PAUSE_SUBMISSION
 from portal.admin_pages import client_address
@@ -31,7 +31,7 @@ POOL = Field(None, min_length=1, max_length=50, description="A pool's name.")
 QUEUE = Literal[QUEUE_NAMES]
 
 
-class ScaleIn(Schema):
+class WorkersScaleIn(Schema):
     pool: str = Field("default", min_length=1, max_length=50, description="The pool's name.")
     count: StrictInt = Field(..., ge=0, le=10000, description="Workers the pool should run, within its bounds.")
 
@@ -43,7 +43,7 @@ class QueueScaleIn(Schema):
     count: StrictInt = Field(..., ge=0, le=10000, description="Workers the pool should run, within its bounds.")
 
 
-class ScaledOut(Schema):
+class WorkersScaledOut(Schema):
     pool: str
     desired: int
     previous: int
@@ -51,19 +51,19 @@ class ScaledOut(Schema):
     maximum: int
 
 
-class RestartIn(Schema):
+class WorkersRestartIn(Schema):
     pool: str | None = Field(None, min_length=1, max_length=50, description="The pool whose workers restart "
                                                                              "(default: default).")
     worker: str | None = Field(None, min_length=1, max_length=200, description="One worker, by its name.")
 
 
-class RestartOut(Schema):
+class WorkersRestartOut(Schema):
     pool: str | None = Field(None, description="The pool asked (absent when one worker was).")
     restarting: int | None = Field(None, description="Live workers asked to finish their task and exit.")
     restarted: list[str] | None = Field(None, description="The worker asked (absent when a pool was).")
 
 
-class QueueRestartIn(RestartIn):
+class QueueRestartIn(WorkersRestartIn):
     queue: QUEUE | None = Field(None, description="The pools that drain this queue restart.")
 
 
@@ -72,20 +72,10 @@ class PoolsRestartOut(Schema):
     restarting: int
 
 
-class PauseIn(Schema):
-    reason: StrictStr = Field(..., min_length=1, max_length=300, description="Shown in the admin and in health.")
-    duration: StrictStr | None = Field(None, max_length=40, description='How long: "2 hours", 90s, 30m, 2h, 1d; '
-                                                                        "omitted: until resumed.")
-
-
 class PausedOut(Schema):
     submission_paused: bool
     reason: str
     until: str | None = Field(description="When the pause ends by itself (ISO 8601); null: until resumed.")
-
-
-class ResumeIn(Schema):
-    reason: StrictStr = Field("", max_length=300)
 
 
 class ResumedOut(Schema):
@@ -99,7 +89,7 @@ def _scale(request, *, pool: str, count: int) -> dict:
             "maximum": row.maximum}
 
 
-def _restart(request, payload: RestartIn) -> Status:
+def _restart(request, payload: WorkersRestartIn) -> Status:
     if payload.worker is not None:
         worker_restart(worker_name=payload.worker, user=request.auth.user, address=client_address(request))
         return Status(202, {"restarted": [payload.worker]})
@@ -116,25 +106,25 @@ def _one_pool_draining(queue: str) -> str:
     return pools[0].name
 
 
-@fleet.post("/scale", response={200: ScaledOut, **documented(404)}, operation_id="workers_scale",
+@fleet.post("/scale", response={200: WorkersScaledOut, **documented(404)}, operation_id="workers_scale",
             summary="Scale a pool (the first fleet call)")
 @needs(MANAGE_FLEET)
-def workers_scale(request, payload: ScaleIn):
+def workers_scale(request, payload: WorkersScaleIn):
     """``{"pool": "default", "count": 6}``: the pool's new desired count; supervisors follow within about a
     second. ``/api/v1/pools/{pool}/scale`` does the same."""
     return _scale(request, pool=payload.pool, count=payload.count)
 
 
-@fleet.post("/restart", response={202: RestartOut, **documented(404)}, operation_id="workers_restart",
+@fleet.post("/restart", response={202: WorkersRestartOut, **documented(404)}, operation_id="workers_restart",
             summary="Restart a pool's workers, or one worker (the first fleet call)", exclude_none=True)
 @needs(MANAGE_FLEET)
-def workers_restart(request, payload: RestartIn | None = None):
+def workers_restart(request, payload: WorkersRestartIn | None = None):
     """``{"pool": NAME}`` (default: default) restarts the pool's workers gracefully; ``{"worker": NAME}`` one
     worker."""
-    return _restart(request, payload or RestartIn())
+    return _restart(request, payload or WorkersRestartIn())
 
 
-@old_fleet.post("/scale-workers", response={200: ScaledOut, **documented(404)}, operation_id="scale_workers",
+@old_fleet.post("/scale-workers", response={200: WorkersScaledOut, **documented(404)}, operation_id="scale_workers",
                 summary="Scale the workers of a queue (seed 000)")
 @needs(MANAGE_FLEET)
 def scale_workers(request, payload: QueueScaleIn):
@@ -144,7 +134,7 @@ def scale_workers(request, payload: QueueScaleIn):
     return _scale(request, pool=pool, count=payload.count)
 
 
-@old_fleet.post("/restart-workers", response={202: RestartOut | PoolsRestartOut, **documented(404)},
+@old_fleet.post("/restart-workers", response={202: WorkersRestartOut | PoolsRestartOut, **documented(404)},
                 operation_id="restart_workers", summary="Restart workers gracefully (seed 000)", exclude_none=True)
 @needs(MANAGE_FLEET)
 def restart_workers(request, payload: QueueRestartIn | None = None):
