@@ -88,12 +88,16 @@ class TaskEventOut(Schema):
         return event.actor.username if event.actor_id else None
 
 
+TIMELINE_MOST = 300
+
+
 class TaskDetailOut(TaskOut):
-    timeline: list[TaskEventOut]
+    timeline: list[TaskEventOut] = Field(description=f"The newest {TIMELINE_MOST} events, oldest first.")
 
     @staticmethod
     def resolve_timeline(task) -> list:
-        return list(task.events.select_related("actor").order_by("at", "id"))
+        # A task requeued over and over has no bound on its events; the answer keeps the newest, as an alert's does.
+        return list(task.events.select_related("actor").order_by("-at", "-id")[:TIMELINE_MOST])[::-1]
 
 
 class BatchOut(Schema):

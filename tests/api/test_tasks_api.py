@@ -121,6 +121,19 @@ def test_while_a_migration_run_holds_the_pause_pause_and_resume_are_refused_with
     assert as_operator.get("/api/v1/submission").json()["paused"] is False
 
 
+def test_a_task_requeued_over_and_over_answers_with_its_newest_events(as_support, media_image):
+    from datetime import timedelta
+
+    from api.tasks import TIMELINE_MOST
+
+    task = CaptionTask.objects.create(image_ref=media_image(), status=TaskStatus.QUEUED)
+    start = timezone.now() - timedelta(days=1)
+    TaskEvent.objects.bulk_create(TaskEvent(task=task, kind=TaskEvent.Kind.REQUEUED, at=start + timedelta(seconds=n),
+                                            detail=str(n)) for n in range(TIMELINE_MOST + 20))
+    timeline = as_support.get(f"/api/v1/tasks/{task.pk}").json()["timeline"]
+    assert [event["detail"] for event in timeline] == [str(n) for n in range(20, TIMELINE_MOST + 20)]
+
+
 @pytest.mark.django_db(transaction=True)  # the worker closes the connection when it is done
 def test_a_task_reads_with_its_timeline_after_a_real_worker_ran_it(as_operator, as_support, redis, image,
                                                                    django_capture_on_commit_callbacks):
