@@ -13,11 +13,13 @@ The contract of ``send``:
   webhook, an invalid PagerDuty event, a wrong URL that redirects, a config edited into something invalid), so the
   caller stops retrying and counts the failure against the channel; ``permanent=False`` for what passes (a
   timeout, a refused or dropped connection, HTTP 408, 429 and 5xx, an SMTP 4xx reply), so the caller retries
-  with backoff. The message names the channel kind and what happened ("Slack answered 404: channel_not_found")
-  with at most 200 characters of the answer, and never a URL (Slack's and many webhooks' URLs are secrets).
-- ``timeout`` bounds the whole send, also when PagerDuty gets one event per alert. Email uses the smaller of it
-  and EMAIL_TIMEOUT. (urllib's timeout applies to each network wait, so a server that trickles its answer can take
-  longer.)
+  with backoff. The message names the channel kind and what happened, and never a URL (Slack's and many webhooks'
+  URLs are secrets). An answer's text (at most 200 characters: "Slack answered 404: channel_not_found") is quoted
+  only from Slack's and PagerDuty's own hosts; any other host gets its status code alone, as it may be an internal
+  service whose answers Support should not read.
+- ``timeout`` bounds the whole send (deadline.py: the connections a send opened are shut when it runs out, so a
+  server that trickles its answer cannot hold it longer), also when PagerDuty gets one event per alert. Email uses
+  the smaller of it and EMAIL_TIMEOUT.
 - Sending the same message twice is harmless for PagerDuty (deduplicated by fingerprint) and shows twice in the
   other channels: the caller retries only failed attempts.
 
