@@ -212,8 +212,8 @@ def test_a_page_without_samples_says_stale_and_a_refused_user_is_told_why(browse
     assert page.evaluate("() => PortalLive.connection().attempt") == attempts  # a refusal is final: no retrying
 
 
-def test_the_dashboard_shows_six_hours_a_day_and_a_week_from_the_history(browser_page, asgi_server,  # noqa: F811
-                                                                         support_user):
+def test_the_dashboard_shows_six_hours_a_day_and_a_week_from_the_history_then_the_hour_again(
+        browser_page, asgi_server, support_user):  # noqa: F811
     from datetime import timedelta
 
     from django.utils import timezone
@@ -236,8 +236,8 @@ def test_the_dashboard_shows_six_hours_a_day_and_a_week_from_the_history(browser
     oldest = "() => (Date.now() / 1000 - window.portalDashboard.data.depth[0][0]) / 3600"
     assert page.evaluate(low)[:1] == [3] and page.evaluate(oldest) < 1
 
-    for label, span, first, at_least_hours in (("6 h", "6h", 5, 2.9), ("7 days", "7d", 8, 70)):
-        samples = page.evaluate("() => window.portalDashboard.samples")
+    for label, span, first, at_least_hours in (("6 h", "6h", 5, 2.9), ("24 h", "24h", 5, 2.9),
+                                               ("7 days", "7d", 8, 70)):
         page.click(f"#dashboard-range button[data-range='{span}']")
         page.wait_for_selector(f"#dashboard[data-range='{span}']")
         assert page.get_attribute(f"#dashboard-range button[data-range='{span}']", "aria-pressed") == "true", label
@@ -245,8 +245,15 @@ def test_the_dashboard_shows_six_hours_a_day_and_a_week_from_the_history(browser
         # The push carries on into the longer range: its newest point is now, and over the week the samples of one
         # hour are one point (the history's own resolution there).
         points = page.evaluate("() => window.portalDashboard.data.depth[0].length")
-        page.wait_for_function(f"() => window.portalDashboard.samples > {samples} + 2")
+        pushes = page.evaluate("() => window.portalDashboard.samples")
+        page.wait_for_function(f"() => window.portalDashboard.samples > {pushes} + 2")
         newest = page.evaluate("() => Date.now() / 1000 - window.portalDashboard.data.depth[0].slice(-1)[0]")
         assert newest < 5, label
         grown = page.evaluate("() => window.portalDashboard.data.depth[0].length") - points
-        assert (grown >= 2) if span == "6h" else (grown <= 1), (label, grown)
+        pushes = page.evaluate("() => window.portalDashboard.samples") - pushes
+        # Up to 6 h every push is a point; over a day the pushes of one minute are one point, over a week of one hour.
+        assert (grown >= pushes) if span == "6h" else (grown < pushes), (label, grown, pushes)
+
+    page.click("#dashboard-range button[data-range='1h']")  # and back: the last hour only, its newest figures
+    page.wait_for_selector("#dashboard[data-range='1h']")
+    assert page.evaluate(low)[:1] == [3] and page.evaluate(oldest) < 1
