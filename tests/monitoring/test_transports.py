@@ -455,7 +455,7 @@ def test_a_receiver_trickling_its_answer_is_cut_off_at_the_deadline(http_server,
     started = time.monotonic()
     with pytest.raises(TransportError) as caught:
         transport_for(kind, config_for(kind, url)).send(make_message(), timeout=0.5)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3  # the whole answer takes about 6 s; 3 s leaves room on a loaded machine
     assert not caught.value.permanent
     assert caught.value.message == f"{SERVICE_NAMES[kind]} did not answer within 0.5 s"
 
@@ -642,7 +642,7 @@ def test_email_server_trickling_its_greeting_is_cut_off_at_the_deadline(smtp_ser
     started = time.monotonic()
     with pytest.raises(TransportError) as caught:
         transport_for("email", {"to": ["ops@example.com"]}).send(make_message(), timeout=0.5)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3  # the whole greeting takes about 5 s
     assert not caught.value.permanent
     assert caught.value.message == f"mail server 127.0.0.1:{server.port} did not finish within 0.5 s"
     assert server.messages == []
