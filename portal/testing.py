@@ -95,7 +95,15 @@ def main(argv: list[str]) -> int:
                 codes.append(_pytest(arguments, environment))
             return combined(codes)
         finally:
-            left = stop_marked(RUN_MARK, mark, grace=STOP_GRACE)
+            for signum in (signal.SIGTERM, signal.SIGHUP):  # a signal now must not cut the clean-up short
+                signal.signal(signum, signal.SIG_IGN)
+            # What carries the run's mark, and what descends from this command: pytest and everything under it while
+            # it still runs (the Redis servers tests start write over their environment, so only their parents
+            # name them), but not this command's own Redis servers, stopped gracefully below.
+            own = {server.running_pid() for server in servers}
+            found = {**marked_processes(RUN_MARK, mark),
+                     **{pid: command_line(pid) for pid in descendants(os.getpid()) if pid not in own}}
+            left = stop_processes(found, grace=STOP_GRACE)
             if left:
                 print("Stopped what the run left running:\n"
                       + "\n".join(f"  {pid} {command[:200]}" for pid, command in left.items()), flush=True)
@@ -108,11 +116,13 @@ def _pytest(arguments: list[str], environment: dict) -> int:
     try:
         return child.wait()
     except KeyboardInterrupt:
-        # A terminal's Ctrl-C reached pytest too (the whole foreground group): let it run its teardown and report.
+        # A terminal's Ctrl-C reached pytest too (the whole foreground group): let it run its teardown and report,
+        # then end the command (no second run).
         try:
-            return child.wait(STOP_GRACE)
+            child.wait(STOP_GRACE)
         except subprocess.TimeoutExpired:
-            raise KeyboardInterrupt from None
+            pass
+        raise
 
 
 def marked_processes(variable: str, value: str) -> dict[int, str]:
@@ -141,18 +151,49 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def stop_marked(variable: str, value: str, *, grace: float) -> dict[int, str]:
-    """SIGTERM to every process carrying ``variable=value``, up to ``grace`` seconds for them to exit, then SIGKILL of
-    what is left. Returns the processes that were found."""
-    found = marked_processes(variable, value)
+def stop_processes(found: dict[int, str], *, grace: float) -> dict[int, str]:
+    """SIGTERM to each of ``found`` ({pid: command line}), up to ``grace`` seconds for them to exit, then SIGKILL of
+    what is left. Returns ``found``."""
     _signal_all(found, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while found and time.monotonic() < deadline:
+    while time.monotonic() < deadline and any(_alive(pid) for pid in found):
         time.sleep(0.1)
-        if not any(pid in found for pid in marked_processes(variable, value)):
-            return found
-    _signal_all(marked_processes(variable, value), signal.SIGKILL)
+    _signal_all([pid for pid in found if _alive(pid)], signal.SIGKILL)
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children, their children...), read from /proc: processes in sessions of
+    their own too, as long as their parents live."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            parent = parent_pid(int(entry.name))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for its parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _signal_all(pids, signum: int) -> None:

@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 
 from portal import testing
+from portal.testing import descendants, parent_pid  # noqa: F401 (the tests' helpers too)
 from queues.fleet.services import fleet_workers
 from tests.conftest import respond, subprocess_env
 
@@ -43,22 +44,6 @@ MARK = "PORTAL_TEST_PROCESS"
 def marked_processes(mark: str) -> dict[int, str]:
     """Live processes whose environment carries ``PORTAL_TEST_PROCESS=mark``, with their command lines."""
     return testing.marked_processes(MARK, mark)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children, their children...), read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            parent = parent_pid(int(entry.name))
-            if parent is not None:
-                children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def kill_all(pids: Iterable[int]) -> None:
@@ -105,14 +90,6 @@ def stop_process(process: subprocess.Popen, *, grace: float = 10.0,
         print(log.read().decode(errors="replace")[-20000:])
         log.close()
     return exited
-
-
-def parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def live_workers(pool: str = "default") -> list:

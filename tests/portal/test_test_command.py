@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from portal.testing import NO_TESTS, combined
 
 
@@ -28,23 +30,33 @@ import subprocess
 import sys
 import time
 
+import pytest
 
-def test_waits_to_be_stopped():
+from portal.embedded_redis import RedisServer, free_port
+
+
+def test_waits_to_be_stopped(tmp_path):
     # A child that ignores SIGTERM, in a session of its own as workers are: only the SIGKILL after the grace ends it.
     subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                       "time.sleep(600)"], start_new_session=True)
+    server = RedisServer(tmp_path / "redis", port=free_port(), appendonly=False).start()  # as the drills start theirs
     with open(os.environ["PROBE_READY"], "w") as handle:
-        handle.write(str(os.getpid()))
+        handle.write(str(server.process.pid))
     time.sleep(600)
+
+
+@pytest.mark.alone
+def test_alone():
+    with open(os.environ["PROBE_READY"] + ".alone", "w") as handle:
+        handle.write("ran")
 '''
 
 
-def test_a_test_run_stopped_by_sigterm_leaves_nothing_running(tmp_path, settings):
-    """SIGTERM to the test command (a CI timeout, a closed terminal) stops pytest, its xdist workers, every process a
-    test started and the Redis servers, and exits 143; before, all of them outlived the command."""
-    from portal import testing
+def run_probe(tmp_path, settings):
+    """The test command on PROBE with two xdist workers, in a session of its own (as a terminal's foreground job),
+    once the probe test runs: (runner, the probe's Redis server's pid, the runner's own Redis servers' pids)."""
     from portal.testing import command_line
-    from tests.processes import MARK, descendants, kill_all, marked_processes, stop_process, wait_for
+    from tests.processes import MARK, descendants, marked_processes, wait_for
 
     (tmp_path / "test_probe.py").write_text(PROBE)
     ready = tmp_path / "ready"
@@ -55,20 +67,45 @@ def test_a_test_run_stopped_by_sigterm_leaves_nothing_running(tmp_path, settings
         [sys.executable, "-m", "portal.testing", str(tmp_path / "test_probe.py"), "-c", "pytest.ini",
          "--rootdir", str(settings.BASE_DIR), "-p", "no:cacheprovider", "-q"],
         cwd=settings.BASE_DIR, env={**environment, "TEST_PROCESSES": "2", "PROBE_READY": str(ready)},
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     runner.log = log
-    servers = []
+    wait_for(lambda: ready.exists() and ready.read_text(), 120, "the probe test started under the test command")
+    time.sleep(0.5)  # the probe's child is past its signal() call
+    assert len(marked_processes(os.environ[MARK])) >= 4  # pytest, two xdist workers, the probe's child
+    own = [pid for pid in descendants(runner.pid) if "redis-server" in command_line(pid)]
+    probes = int(ready.read_text())
+    return runner, probes, [pid for pid in own if pid != probes]
+
+
+def left_running(servers) -> list:
+    from portal.testing import command_line
+    from tests.processes import MARK, marked_processes
+
+    return [*marked_processes(os.environ[MARK]),
+            *(pid for pid in servers if "redis-server" in command_line(pid))]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the command", "Ctrl-C in its terminal"])
+def test_a_stopped_test_run_leaves_nothing_running_and_runs_nothing_more(tmp_path, settings, how):
+    """A SIGTERM to the test command (a CI timeout, timeout(1)) stops pytest, its xdist workers, every process a
+    test started (the Redis servers tests start too, which write over their environment) and the command's own Redis
+    servers, and exits 143; a Ctrl-C (SIGINT to the terminal's whole group) ends it without the second run. Before,
+    a SIGTERM left all of them running."""
+    from portal import testing
+    from tests.processes import kill_all, stop_process
+
+    runner, probe_server, own_servers = run_probe(tmp_path, settings)
     try:
-        wait_for(ready.exists, 120, "the probe test started under the test command")
-        time.sleep(0.5)  # the probe's child is past its signal() call
-        started = marked_processes(os.environ[MARK])  # pytest, two xdist workers, the probe's child
-        assert len(started) >= 4, started
-        servers = [pid for pid in descendants(runner.pid) if "redis-server" in command_line(pid)]
-        assert len(servers) == 2, descendants(runner.pid)  # one per xdist worker (they rewrite their environment)
-        runner.send_signal(signal.SIGTERM)
-        assert runner.wait(testing.STOP_GRACE + 30) == 128 + signal.SIGTERM
-        assert marked_processes(os.environ[MARK]) == {}
-        assert [pid for pid in servers if os.path.exists(f"/proc/{pid}")] == []
+        assert len(own_servers) == 2  # one per xdist worker
+        if how == "SIGTERM to the command":
+            runner.send_signal(signal.SIGTERM)
+            assert runner.wait(testing.STOP_GRACE + 30) == 128 + signal.SIGTERM
+        else:
+            os.killpg(runner.pid, signal.SIGINT)
+            assert runner.wait(testing.STOP_GRACE + 30) != 0
+            assert not (tmp_path / "ready.alone").exists(), "the tests marked alone ran after a Ctrl-C"
+        time.sleep(0.2)  # the killed servers' parents reap them
+        assert left_running([probe_server, *own_servers]) == []
     finally:
         stop_process(runner)
-        kill_all(pid for pid in servers if "redis-server" in command_line(pid))
+        kill_all(left_running([probe_server, *own_servers]))
