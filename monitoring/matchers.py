@@ -68,6 +68,9 @@ def pattern_compile(pattern: str):
     if len(pattern) > MAX_PATTERN_CHARS:
         raise MatcherError(f"is longer than {MAX_PATTERN_CHARS} characters")
     try:
+        # The pattern on its own first: wrapped, an unbalanced one such as "a)|(b" would compile as "a|b", which
+        # Alertmanager, anchoring it as "^(?:a)|(b)$", reads otherwise.
+        re2.compile(pattern, _options())
         compiled = re2.compile(f"(?:{pattern})", _options())
     except re2.error as error:
         reason = error.args[0].decode(errors="replace") if error.args and isinstance(error.args[0], bytes) \

@@ -63,6 +63,14 @@ def test_a_route_refuses_a_regex_alertmanagers_go_regexp_refuses_and_names_the_c
         "one saved before the check matches nothing, as Alertmanager would take nothing"
 
 
+@pytest.mark.parametrize("pattern", ["a)|(b", "x)(y", "(a)|b)|(c"])
+def test_an_unbalanced_pattern_is_refused_though_its_wrapped_form_compiles(pattern):
+    """Matched as ``(?:a)|(b)`` it would be a|b; Alertmanager anchors it as ``^(?:a)|(b)$``, which matches other
+    values: the two would route differently."""
+    with pytest.raises(MatcherError, match="is not a regular expression"):
+        pattern_compile(pattern)
+
+
 def test_the_named_group_message_says_what_to_write():
     with pytest.raises(MatcherError, match=r"write \(\?P<c>\.\.\.\)"):
         pattern_compile("(?<c>redis)")
