@@ -331,7 +331,8 @@ def test_other_methods_get_a_json_405(staff_client, url):
 @pytest.mark.django_db
 def test_unknown_api_path_is_a_json_404_and_pages_keep_html(staff_client):
     response = staff_client.get("/api/rq/queues")
-    assert response.status_code == 404 and response.json() == {"error": "no such endpoint: /api/rq/queues"}
+    assert response.status_code == 404 and response.json() == {"error": "no such endpoint: /api/rq/queues",
+                                                               "field": None}
     page = staff_client.get("/no-such-page/")
     assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
 
@@ -341,7 +342,7 @@ def test_server_error_answer_is_json_on_machine_paths(rf):
 
     response = server_error(rf.get("/api/rq/metrics"))
     assert response.status_code == 500 and response["Content-Type"] == "application/json"
-    assert json.loads(response.content) == {"error": "internal error; the portal's log has the details"}
+    assert json.loads(response.content) == {"error": "internal error; the portal's log has the details", "field": None}
     assert server_error(rf.get("/admin/")).status_code == 500
 
 
