@@ -52,29 +52,35 @@ def test_alone():
 '''
 
 
-def run_probe(tmp_path, settings):
-    """The test command on PROBE with two xdist workers, in a session of its own (as a terminal's foreground job),
-    once the probe test runs: (runner, the probe's Redis server's pid, the runner's own Redis servers' pids)."""
-    from portal.testing import command_line
-    from tests.processes import MARK, descendants, marked_processes, wait_for
-
+def start_probe(tmp_path, settings) -> subprocess.Popen:
+    """The test command on PROBE with two xdist workers, in a session of its own (as a terminal's foreground job)."""
     (tmp_path / "test_probe.py").write_text(PROBE)
-    ready = tmp_path / "ready"
     log = open(tmp_path / "run.log", "w+b")
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("TEST_REDIS_URL", "TEST_PROCESSES", "PYTEST_XDIST_WORKER")}
     runner = subprocess.Popen(
         [sys.executable, "-m", "portal.testing", str(tmp_path / "test_probe.py"), "-c", "pytest.ini",
          "--rootdir", str(settings.BASE_DIR), "-p", "no:cacheprovider", "-q"],
-        cwd=settings.BASE_DIR, env={**environment, "TEST_PROCESSES": "2", "PROBE_READY": str(ready)},
+        cwd=settings.BASE_DIR, env={**environment, "TEST_PROCESSES": "2", "PROBE_READY": str(tmp_path / "ready")},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     runner.log = log
-    wait_for(lambda: ready.exists() and ready.read_text(), 120, "the probe test started under the test command")
+    return runner
+
+
+def probe_running(runner, tmp_path) -> tuple[int, list[int]]:
+    """Once the probe test runs: (the Redis server it started, the command's own Redis servers)."""
+    from portal.testing import command_line
+    from tests.processes import MARK, descendants, marked_processes
+
+    ready = tmp_path / "ready"
+    deadline = time.monotonic() + 120  # a plain wait: this test has no database (tests.processes.wait_for uses it)
+    while not (ready.exists() and ready.read_text()):
+        assert time.monotonic() < deadline and runner.poll() is None, "the probe test never started"
+        time.sleep(0.1)
     time.sleep(0.5)  # the probe's child is past its signal() call
     assert len(marked_processes(os.environ[MARK])) >= 4  # pytest, two xdist workers, the probe's child
-    own = [pid for pid in descendants(runner.pid) if "redis-server" in command_line(pid)]
     probes = int(ready.read_text())
-    return runner, probes, [pid for pid in own if pid != probes]
+    return probes, [pid for pid in descendants(runner.pid) if "redis-server" in command_line(pid) and pid != probes]
 
 
 def left_running(servers) -> list:
@@ -94,8 +100,9 @@ def test_a_stopped_test_run_leaves_nothing_running_and_runs_nothing_more(tmp_pat
     from portal import testing
     from tests.processes import kill_all, stop_process
 
-    runner, probe_server, own_servers = run_probe(tmp_path, settings)
+    runner, probe_server, own_servers = start_probe(tmp_path, settings), None, []
     try:
+        probe_server, own_servers = probe_running(runner, tmp_path)
         assert len(own_servers) == 2  # one per xdist worker
         if how == "SIGTERM to the command":
             runner.send_signal(signal.SIGTERM)
@@ -108,4 +115,4 @@ def test_a_stopped_test_run_leaves_nothing_running_and_runs_nothing_more(tmp_pat
         assert left_running([probe_server, *own_servers]) == []
     finally:
         stop_process(runner)
-        kill_all(left_running([probe_server, *own_servers]))
+        kill_all(left_running([pid for pid in (probe_server, *own_servers) if pid]))
