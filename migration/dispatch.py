@@ -177,9 +177,10 @@ def refuse_during_run(what: str, field: str, run=None) -> None:
 
 
 def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: str | None = None,
-             run=None) -> SystemMode:
+             run=None, executing: bool = False) -> SystemMode:
     """Sets where new tasks go. Tasks already dispatched stay where they are (the migration run moves them).
-    Refused while a run other than ``run`` is open (``run_in_charge``)."""
+    Refused while a run other than ``run`` is open (``run_in_charge``). ``executing``: this process executes ``run``
+    (a phase of it), which must still be so when the row is locked (``state.run_fenced``)."""
     refuse_during_run("sets the mode", "mode", run)
     if mode not in Mode.values:
         raise ValidationError({"mode": f"Unknown mode {mode!r}: choose one of {', '.join(Mode.values)}."})
@@ -188,7 +189,7 @@ def mode_set(*, mode: str, user, hybrid_rq_percent: int | None = None, address: 
     if errors := polling_errors(mode=mode):
         raise ValidationError(errors)
     with transaction.atomic():
-        row = mode_locked()
+        row = mode_locked(run if executing else None)
         previous = row.mode, row.hybrid_rq_percent
         row.mode = mode
         if hybrid_rq_percent is not None:
@@ -251,12 +252,13 @@ def submission_pause(*, reason: str, user, duration: timedelta | None = None,
     return row
 
 
-def submission_resume(*, user, reason: str = "", address: str | None = None, run=None) -> int:
+def submission_resume(*, user, reason: str = "", address: str | None = None, run=None,
+                      executing: bool = False) -> int:
     """Ends a pause and releases the held tasks to the mode's systems. Returns how many were released. Refused
-    while a run other than ``run`` is open (``run_in_charge``)."""
+    while a run other than ``run`` is open (``run_in_charge``); ``executing`` as for ``mode_set``."""
     refuse_during_run("pauses and resumes submission", "submission", run)
     with transaction.atomic():
-        row = mode_locked()
+        row = mode_locked(run if executing else None)
         was_paused = row.submission_paused
         row.submission_paused, row.paused_until = False, None
         row.changed_at, row.changed_by = timezone.now(), person(user)
@@ -271,10 +273,11 @@ def submission_resume(*, user, reason: str = "", address: str | None = None, run
 
 
 def submission_take_over(*, run, user) -> str:
-    """The run's own pause: submission paused (or a pause already in force kept, its end time removed so that it
-    cannot lapse mid-run, its reason recorded). Returns what was done, for the run's log."""
+    """The run's own pause, by the process that executes it (fenced: ``state.run_fenced``): submission paused (or a
+    pause already in force kept, its end time removed so that it cannot lapse mid-run, its reason recorded). Returns
+    what was done, for the run's log."""
     with transaction.atomic():
-        row = mode_locked()
+        row = mode_locked(run)
         if not row.paused_now():
             was = ""
         else:

@@ -59,7 +59,7 @@ from migration.dispatch import person
 from migration.legacy import FORCE_GRACE_SECONDS
 from migration.models import POLLING_DISABLED, LegacyWorker, MigrationLogLine, MigrationPhase, MigrationRun, Mode
 from migration.preflight import preflight_report
-from migration.state import mode_locked, open_run
+from migration.state import LeaseLost, mode_locked, open_run
 from migration.verify import baseline_take, verification
 from queues import broker
 from queues.audit import audit_channel
@@ -88,10 +88,6 @@ class RunError(Exception):
 
 class PhaseFailed(Exception):
     """A phase found a reason to stop the run (the message is the reason shown to the operator)."""
-
-
-class LeaseLost(Exception):
-    """Another process took the run over (this one was presumed dead): stop without writing."""
 
 
 @dataclass
@@ -162,7 +158,7 @@ def phase_hybrid(ctx: PhaseContext) -> dict | None:
     soak = int(ctx.options["soak_seconds"])
     if soak <= 0:
         return None  # skipped
-    dispatch.mode_set(mode=Mode.HYBRID, user=ctx.actor, run=ctx.run)
+    dispatch.mode_set(mode=Mode.HYBRID, user=ctx.actor, run=ctx.run, executing=True)
     started = timezone.now()
     ctx.log(f"hybrid mode for {soak} s: new tasks split between RQ and the database poller")
     for elapsed in range(soak):
@@ -408,13 +404,13 @@ def phase_verify(ctx: PhaseContext) -> dict:
 
 
 def phase_cutover(ctx: PhaseContext) -> dict:
-    dispatch.mode_set(mode=Mode.RQ, user=ctx.actor, run=ctx.run)
+    dispatch.mode_set(mode=Mode.RQ, user=ctx.actor, run=ctx.run, executing=True)
     ctx.log("mode is rq: new tasks go to RQ only")
     return {"mode": Mode.RQ}
 
 
 def phase_resume_submission(ctx: PhaseContext) -> dict:
-    released = dispatch.submission_resume(user=ctx.actor, reason=f"{ctx.run}", run=ctx.run)
+    released = dispatch.submission_resume(user=ctx.actor, reason=f"{ctx.run}", run=ctx.run, executing=True)
     ctx.log(f"submission resumed; {released} held task(s) released")
     return {"released": released}
 
@@ -466,7 +462,7 @@ def phase_cleanup(ctx: PhaseContext) -> dict:
 # --- phases of a rollback ------------------------------------------------------------------------------------------
 
 def phase_switch_to_legacy(ctx: PhaseContext) -> dict:
-    dispatch.mode_set(mode=Mode.LEGACY, user=ctx.actor, run=ctx.run)
+    dispatch.mode_set(mode=Mode.LEGACY, user=ctx.actor, run=ctx.run, executing=True)
     ctx.log("mode is legacy: new tasks go to the database poller")
     return {"mode": Mode.LEGACY}
 

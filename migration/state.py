@@ -36,10 +36,29 @@ def system_mode_ensure() -> None:
             if field.attname != "id"})
 
 
-def mode_locked() -> SystemMode:
-    """The row, locked for the caller's transaction."""
+def mode_locked(run: MigrationRun | None = None) -> SystemMode:
+    """The row, locked for the caller's transaction. With ``run`` (a change a migration run's phase makes), the run
+    must still be this process's: see ``run_fenced``."""
     system_mode_ensure()
-    return SystemMode.objects.select_for_update().get(pk=1)
+    row = SystemMode.objects.select_for_update().get(pk=1)
+    if run is not None:
+        run_fenced(run)
+    return row
+
+
+class LeaseLost(Exception):
+    """Another process took the run over, or a rollback of it was created (this one was presumed dead): stop without
+    writing."""
+
+
+def run_fenced(run: MigrationRun) -> None:
+    """LeaseLost unless ``run`` is still executed by this process (``run.executor``, as its lease was taken). Called
+    under the row's lock: a rollback's creation takes that lock and clears the run's executor in the same
+    transaction, so a phase frozen past its lease (a VM pause, a long GC) cannot write after the rollback, however
+    late it wakes."""
+    if not run.executor or not MigrationRun.objects.filter(pk=run.pk, executor=run.executor).exists():
+        raise LeaseLost(f"{run} is no longer executed by this process: a rollback of it was created, or another "
+                        "process took it over, while it was not heard from")
 
 
 def blocking_run() -> MigrationRun | None:

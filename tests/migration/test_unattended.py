@@ -67,6 +67,37 @@ def test_a_live_pollers_long_task_is_not_taken_from_it(redis, mode, slow_poller,
     assert not TaskEvent.objects.filter(task_id=task_id, kind=TaskEvent.Kind.WORKER_LOST).exists()
 
 
+def test_a_phase_that_wakes_after_its_run_was_fenced_writes_nothing(mode):
+    """The hybrid phase frozen between marking itself running and setting the mode (the stalled drill below lost
+    that race on a loaded machine: the mode was hybrid after the rollback). The rollback's creation takes the run's
+    lease away; the phase's writes are fenced under the mode row's lock, so it wakes to LeaseLost and changes
+    nothing."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from migration import dispatch
+    from migration.runs import run_create
+    from migration.state import LeaseLost
+
+    mode(mode=Mode.LEGACY)
+    run = run_create(user=None)
+    MigrationRun.objects.filter(pk=run.pk).update(state=MigrationRun.State.RUNNING, executor="host:1:abc",
+                                                  heartbeat_at=timezone.now() - timedelta(hours=1))
+    run.refresh_from_db()  # as the phase holds it: its executor is this process's
+    rollback = rollback_create(user=None, of=run)  # allowed: the lease is stale; it takes the lease away
+    # The rollback runs to its end while the phase sleeps (the drill below runs it for real).
+    MigrationRun.objects.filter(pk=rollback.pk).update(state=MigrationRun.State.SUCCEEDED)
+    MigrationRun.objects.filter(pk=run.pk).update(state=MigrationRun.State.ROLLED_BACK)
+    before = SystemMode.objects.values().get(pk=1)
+    for write in (lambda: dispatch.mode_set(mode=Mode.HYBRID, user=None, run=run, executing=True),
+                  lambda: dispatch.submission_take_over(run=run, user=None),
+                  lambda: dispatch.submission_resume(user=None, run=run, executing=True)):
+        with pytest.raises(LeaseLost):
+            write()
+    assert SystemMode.objects.values().get(pk=1) == before
+
+
 def test_a_stalled_migration_process_that_wakes_after_the_rollback_leaves_it_rolled_back(
         redis, mode, database_tasks, registered_worker, settings, tmp_path):
     settings.MIGRATION_RUN_LEASE_SECONDS = 2
