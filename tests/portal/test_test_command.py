@@ -62,7 +62,10 @@ def start_probe(tmp_path, settings) -> subprocess.Popen:
         [sys.executable, "-m", "portal.testing", str(tmp_path / "test_probe.py"), "-c", "pytest.ini",
          "--rootdir", str(settings.BASE_DIR), "-p", "no:cacheprovider", "-q"],
         cwd=settings.BASE_DIR, env={**environment, "TEST_PROCESSES": "2", "PROBE_READY": str(tmp_path / "ready")},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # As a terminal's foreground job has it: a shell that started this suite in the background (`cmd &` in a
+        # script) left SIGINT ignored, and an ignored signal stays ignored through exec.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runner.log = log
     return runner
 
