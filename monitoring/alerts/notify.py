@@ -189,13 +189,16 @@ def notifications_plan(*, now: datetime | None = None) -> list[Notification]:
     # What this plan read of each candidate: its writes are fenced on it (below).
     read = {alert.pk: (alert.notified_at, alert.resolved_notified, alert.escalated_at) for alert in candidates}
     touched: dict[int, Alert] = {}
+    ours = []
     for alert in candidates:
-        if notified_by_alertmanager(alert) and alert.state == Alert.State.RESOLVED:
+        if not notified_by_alertmanager(alert):
+            ours.append(alert)
+        elif alert.state == Alert.State.RESOLVED:
             # Alertmanager paged it and resolved it (the database outage the portal recorded afterwards): in the
             # history only, nobody is told twice.
             alert.resolved_notified = True
             touched[alert.pk] = alert
-    candidates = [alert for alert in candidates if not notified_by_alertmanager(alert)]
+    candidates = ours
     told, escalated = _told([alert.pk for alert in candidates])
     # (in_bulk of nothing asks the database nothing)
     escalation_channels = NotificationChannel.objects.filter(enabled=True).in_bulk(set().union(*escalated.values()))
