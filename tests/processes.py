@@ -46,6 +46,20 @@ def marked_processes(mark: str) -> dict[int, str]:
     return testing.marked_processes(MARK, mark)
 
 
+def dump_stacks(pids: Iterable[int]) -> None:
+    """Asks each manage.py process in ``pids`` for the stacks of its threads (SIGUSR2, manage.py), before it is
+    killed for not exiting: its output then shows where it was stuck."""
+    asked = False
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGUSR2)
+            asked = True
+        except ProcessLookupError:
+            pass
+    if asked:
+        time.sleep(1)  # the dump is written by the process' own faulthandler thread
+
+
 def kill_all(pids: Iterable[int]) -> None:
     for pid in pids:
         try:
@@ -79,7 +93,9 @@ def stop_process(process: subprocess.Popen, *, grace: float = 10.0,
                 process.send_signal(sig)
             process.wait(grace)
         except subprocess.TimeoutExpired:
-            kill_all([*descendants(process.pid), process.pid])
+            stuck = [*descendants(process.pid), process.pid]
+            dump_stacks(stuck)
+            kill_all(stuck)
             process.wait(10)
             exited = False
     log = getattr(process, "log", None)

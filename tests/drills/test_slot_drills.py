@@ -20,7 +20,7 @@ from queues.models import CaptionTask, TaskEvent, TaskStatus, WorkerPool
 from queues.operations.services import queue_empty
 from queues.services import TaskSpec, tasks_submit_many
 from tests.conftest import respond, subprocess_env
-from tests.processes import Supervisors, live_workers, slow_ollama, wait_for
+from tests.processes import Supervisors, dump_stacks, live_workers, slow_ollama, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -51,6 +51,7 @@ def slot_worker(http_server, *extra, **environment) -> subprocess.Popen:
 
 def stop(process: subprocess.Popen) -> str:
     if process.poll() is None:
+        dump_stacks([process.pid])  # where it was, if it failed to exit
         process.kill()
     return process.communicate(timeout=30)[0].decode(errors="replace")
 
