@@ -88,6 +88,11 @@ COMMAND_POLL = 0.5
 SLOTS_POP = 0.5
 # Seconds a worker keeps sending the end of a successful job to a Redis that does not answer (a restart, a failover).
 END_RETRY_SECONDS = 60
+# Seconds after a stop at once (the second stop signal) after which a worker that is still running logs where its
+# threads are: before its supervisor's SIGKILL (queues.fleet.supervisor.FORCED_GRACE, 10 s) ends it unexplained.
+FORCED_REPORT_AFTER = 5.0
+# The innermost frames of each thread that report shows.
+FORCED_REPORT_FRAMES = 20
 
 
 def resident_memory_bytes(pid: int | None = None) -> int | None:
@@ -145,6 +150,7 @@ class CaptionWorker(SimpleWorker):
         self._captioning: str | None = None  # one slot: the job whose caption the main thread runs
         self._registration_lock = threading.Lock()  # _register_again against register_death
         self._death_registered = False
+        self._forced_report: threading.Timer | None = None  # started by the first stop at once
         # With slots: the worker hash's state and current job are computed from the slots and written under this
         # lock, so two slots starting or ending at once never leave it naming a finished job or "idle" while one runs.
         self._state_lock = threading.Lock() if slots > 1 else contextlib.nullcontext()
@@ -376,6 +382,10 @@ class CaptionWorker(SimpleWorker):
         if self._starting:  # nothing in hand yet; raising here would skip teardown (outside rq's try)
             self.log.warning("Worker %s: told again to stop; stopping as soon as start-up ends", self.name)
             return
+        if self._forced_report is None:
+            self._forced_report = threading.Timer(FORCED_REPORT_AFTER, self._report_threads)
+            self._forced_report.daemon = True  # a worker that exits in time never reports
+            self._forced_report.start()
         if self.slot_count > 1:
             # Every slot's caption, in progress or about to start (claimed, not begun), ends at once and its task
             # goes back to its queue; what is being recorded is recorded.
@@ -394,6 +404,22 @@ class CaptionWorker(SimpleWorker):
                              self.name)
         if self._main_waiting or self._popping:
             raise StopRequested()  # a Redis that does not answer the pop must not hold the worker
+
+    def _report_threads(self) -> None:
+        """FORCED_REPORT_AFTER seconds after the first stop at once, in a worker still running: where its main thread
+        and each slot that still holds a job are. A stop that hangs (on a database or a Redis that does not answer)
+        is then explained in the worker's log before its supervisor kills it."""
+        frames = sys._current_frames()
+        threads = [("main thread", threading.main_thread(), None)]
+        threads += [(f"slot {slot.index}", slot.thread, slot.job_id) for slot in self._slots
+                    if slot.job_id and slot.thread.is_alive()]
+        parts = []
+        for label, thread, job_id in threads:
+            frame = frames.get(thread.ident)
+            stack = "".join(traceback.format_stack(frame, limit=FORCED_REPORT_FRAMES)) if frame else "  (ended)\n"
+            parts.append(f"{label}{f' with {job_id}' if job_id else ''}:\n{stack}")
+        self.log.warning("Worker %s: still running %g s after it was told to stop at once; where its threads are:\n%s",
+                         self.name, FORCED_REPORT_AFTER, "".join(parts).rstrip())
 
     def check_for_suspension(self, burst: bool):
         """Suspension lives in the database (queues.control), so a Redis flush cannot resume processing."""

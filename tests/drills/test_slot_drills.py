@@ -16,11 +16,20 @@ from django.conf import settings
 from queues import broker
 from queues.fleet.services import worker_runs_job, worker_stop_job
 from queues.fleet.supervisor import SECOND_SIGNAL_AFTER
+from queues.fleet.worker import FORCED_REPORT_AFTER
 from queues.models import CaptionTask, TaskEvent, TaskStatus, WorkerPool
 from queues.operations.services import queue_empty
 from queues.services import TaskSpec, tasks_submit_many
 from tests.conftest import respond, subprocess_env
-from tests.processes import Supervisors, dump_stacks, live_workers, slow_ollama, wait_for
+from tests.processes import (
+    Supervisors,
+    dump_stacks,
+    live_workers,
+    slow_ollama,
+    start_command,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -154,6 +163,51 @@ def test_sigterm_lets_all_eight_finish_then_a_second_one_gives_them_back(redis, 
             assert events(task.pk) == [TaskEvent.Kind.RETRY_SCHEDULED]
     finally:
         print(stop(process)[-5000:])
+
+
+def written(process: subprocess.Popen) -> str:
+    """What a process of ``start_command`` has written so far (read without moving the offset it writes at)."""
+    return os.pread(process.log.fileno(), 1 << 20, 0).decode(errors="replace")
+
+
+def test_a_stop_at_once_held_up_by_a_frozen_redis_is_explained_in_the_log_then_ends(redis_server_factory, http_server,
+                                                                                     png_bytes):
+    server = redis_server_factory("frozen")
+    image = slow_ollama(http_server, png_bytes, delay=20)
+    process = start_command("rqworker", "--slots", "2", "--verbosity", "0", CAPTION_BACKEND="ollama",
+                            OLLAMA_URL=http_server.url)
+    redis_pid = server.running_pid()
+    try:
+        ids = submit(image, 2)
+        all_processing(ids)
+        # Both jobs started in Redis too (a slot writes that after its claim): what waits on Redis is their ends.
+        wait_for(lambda: all(broker.fetch_job(task_id).get_status() == "started" for task_id in ids), 10,
+                 "both jobs started")
+        process.send_signal(signal.SIGTERM)  # the first stop: the captions would be let finish
+        time.sleep(1.5)
+        os.kill(redis_pid, signal.SIGSTOP)  # from here each slot's end of job waits for Redis
+        try:
+            # The stop at once, resent until the worker has taken it (a first handler run late under load takes a
+            # resend within its second for the same signal): the captions end, their tasks are given back in the
+            # database, and the ends of their jobs wait on the frozen Redis.
+            started = time.monotonic()
+            while "stopping at once" not in written(process) and time.monotonic() - started < 10:
+                process.send_signal(signal.SIGTERM)
+                time.sleep(SECOND_SIGNAL_AFTER)
+            report = wait_for(lambda: "still running" in (text := written(process)) and text,
+                              FORCED_REPORT_AFTER + 10, "the worker's report of where its threads are")
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        report = report[report.index("still running"):]
+        assert "main thread:" in report and "in teardown" in report  # waiting for its slots
+        assert "slot 0 with caption-" in report and "slot 1 with caption-" in report
+        assert report.count("in _send_job_end") == 2  # each slot's end of job, waiting on Redis
+        assert process.wait(30) == 0  # Redis answers again: the ends are written and the worker exits
+        for task in CaptionTask.objects.filter(pk__in=ids):
+            assert task.status == TaskStatus.QUEUED and task.attempts == 0
+            assert events(task.pk) == [TaskEvent.Kind.RETRY_SCHEDULED]
+    finally:
+        stop_process(process)
 
 
 def test_a_timeout_in_one_slot_ends_only_that_attempt(redis, http_server, png_bytes):
