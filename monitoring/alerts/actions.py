@@ -8,9 +8,9 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
-from monitoring.alerts.notify import notified_by_alertmanager
+from monitoring.alerts.notify import PAGED_BY_ALERTMANAGER, notified_by_alertmanager
 from monitoring.matchers import MatcherError, matchers_validate
-from monitoring.models import Alert, AlertEvent, Silence
+from monitoring.models import Alert, AlertEvent, AlertRule, Silence
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,19 @@ def alert_shelve(*, alert: Alert, user, until: datetime | None, address: str | N
     return alert
 
 
+def silence_stops_nothing(matchers: list[dict]) -> str | None:
+    """Why a silence of these (valid) matchers would stop nothing, or None. An ``alertname=`` matcher that names a
+    rule whose alerts Alertmanager pages (its Prometheus twin is the live page: ``PAGED_BY_ALERTMANAGER``) limits
+    the silence to alerts the portal never notifies; the alert's own page refuses that silence already."""
+    names = {matcher["value"] for matcher in matchers if matcher["label"] == "alertname" and matcher["op"] == "="}
+    rule = AlertRule.objects.filter(name__in=names, signal__in=PAGED_BY_ALERTMANAGER).values_list(
+        "name", flat=True).first() if names else None
+    if rule is None:
+        return None
+    return (f"alertname={rule} is paged by Prometheus Alertmanager (its twin is the live page), not the portal: "
+            f"silence it in Alertmanager (amtool silence add); a silence here would stop nothing.")
+
+
 def silence_create(*, matchers: list[dict], ends_at: datetime, reason: str, user, starts_at: datetime | None = None,
                    address: str | None = None) -> Silence:
     now = timezone.now()
@@ -93,6 +106,9 @@ def silence_create(*, matchers: list[dict], ends_at: datetime, reason: str, user
         matchers = matchers_validate(matchers)
     except MatcherError as error:
         raise AlertError(str(error)) from None
+    refused = silence_stops_nothing(matchers)
+    if refused:
+        raise AlertError(f"matchers: {refused}")
     if not reason.strip():
         raise AlertError("reason: say why notifications are silenced.")
     if ends_at <= starts_at:

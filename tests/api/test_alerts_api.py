@@ -113,6 +113,7 @@ def test_a_silence_is_created_listed_and_expired(as_operator, operator_user):
     ({"matchers": [{"label": "9lives", "value": "x"}]}, "matchers"),
     ({"matchers": [{"label": "alertname", "op": "=~", "value": "(unclosed"}]}, "matchers"),
     ({"matchers": [{"label": "alertname", "op": "~", "value": "x"}]}, "matchers[0].op"),
+    ({"matchers": [{"label": "alertname", "value": "database-unreachable"}]}, "matchers"),  # Alertmanager pages it
     ({"reason": "  "}, "reason"),
     ({"duration_minutes": None}, "ends_at"),
     ({"duration_minutes": None, "ends_at": "2020-01-01T00:00:00Z"}, "ends_at"),

@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from monitoring.alerts.actions import alert_acknowledge
+from monitoring.alerts.actions import AlertError, alert_acknowledge, silence_create
 from monitoring.alerts.timeline import fingerprint_of
 from monitoring.models import (
     Alert,
@@ -913,6 +913,29 @@ def test_the_database_alerts_page_names_alertmanager_and_refuses_a_portal_silenc
         assert "Alertmanager notifies this alert" in refused and "amtool silence add" in refused, name
     alert.refresh_from_db()
     assert alert.shelved_until is None and not Silence.objects.exists()
+
+
+def test_the_silences_page_refuses_a_silence_of_the_database_alert_naming_alertmanager(client, operator_user):
+    """The database alert's own page refused a portal silence, but the Silences page took alertname=database-unreachable
+    and saved a silence that stopped nothing: Alertmanager pages that alert through its twin."""
+    client.force_login(operator_user)
+    now = timezone.localtime()
+    later = now + timedelta(hours=2)
+    form = {"matchers": "alertname=database-unreachable, severity=critical", "reason": "database maintenance",
+            "starts_at_0": now.strftime("%Y-%m-%d"), "starts_at_1": now.strftime("%H:%M:%S"),
+            "ends_at_0": later.strftime("%Y-%m-%d"), "ends_at_1": later.strftime("%H:%M:%S")}
+    refused = client.post(reverse("admin:monitoring_silence_add"), form)
+    assert refused.status_code == 200
+    assert "paged by Prometheus Alertmanager" in refused.content.decode()
+    assert "amtool silence add" in refused.content.decode()
+    assert not Silence.objects.exists()
+    with pytest.raises(AlertError, match="paged by Prometheus Alertmanager"):  # the service refuses it too
+        silence_create(matchers=[{"label": "alertname", "op": "=", "value": "database-unreachable"}], ends_at=later,
+                       reason="database maintenance", user=operator_user)
+    # A silence that also takes the portal's own alerts (a severity, a pattern) is the portal's to keep.
+    assert client.post(reverse("admin:monitoring_silence_add"), {**form, "matchers": "severity=critical"}
+                       ).status_code == 302
+    assert Silence.objects.count() == 1
 
 
 def test_the_history_keeps_alert_retention_days_and_never_what_is_still_needed(settings):

@@ -17,6 +17,7 @@ from monitoring.alerts.actions import (
     AlertError,
     silence_create,
     silence_expire,
+    silence_stops_nothing,
 )
 from monitoring.alerts.admin.alerts import MatchersField
 from monitoring.alerts.admin.base import EXPIRE_SILENCE, NoInput, badge, form_page, selection_hidden
@@ -52,6 +53,9 @@ class SilenceForm(forms.ModelForm):
         data = super().clean()
         if data.get("starts_at") and data.get("ends_at") and data["ends_at"] <= data["starts_at"]:
             self.add_error("ends_at", "The end must be after the start.")
+        refused = silence_stops_nothing(data["matchers"]) if data.get("matchers") else None
+        if refused:
+            self.add_error("matchers", refused)
         return data
 
 
