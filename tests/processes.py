@@ -28,6 +28,9 @@ from tests.conftest import respond, subprocess_env
 
 
 def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
+    """``predicate()``'s first true value, polled every ``interval`` seconds. After ``timeout`` it fails, once the
+    manage.py processes this test started have printed their threads' stacks into their output (which the test's
+    report shows): where a supervisor or worker was when what the test waited for did not happen."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         close_old_connections()
@@ -35,7 +38,21 @@ def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
         if value:
             return value
         time.sleep(interval)
+    mark = os.environ.get(MARK)
+    if mark:
+        dump_stacks(pid for pid, command in marked_processes(mark).items()
+                    if "manage.py" in command and _running_for(pid) > 2)  # its SIGUSR2 handler is set by then
     raise AssertionError(f"timed out after {timeout} s: {message}")
+
+
+def _running_for(pid: int) -> float:
+    """Seconds since ``pid`` started (0 if it is gone)."""
+    try:
+        started = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return uptime - started / os.sysconf("SC_CLK_TCK")
 
 
 MARK = "PORTAL_TEST_PROCESS"
