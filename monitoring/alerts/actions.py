@@ -9,7 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from monitoring.alerts.notify import PAGED_BY_ALERTMANAGER, notified_by_alertmanager
-from monitoring.matchers import MatcherError, matchers_validate
+from monitoring.matchers import MatcherError, matchers_validate, pattern_compile
 from monitoring.models import Alert, AlertEvent, AlertRule, Silence
 
 logger = logging.getLogger(__name__)
@@ -86,16 +86,25 @@ def alert_shelve(*, alert: Alert, user, until: datetime | None, address: str | N
 
 
 def silence_stops_nothing(matchers: list[dict]) -> str | None:
-    """Why a silence of these (valid) matchers would stop nothing, or None. An ``alertname=`` matcher that names a
-    rule whose alerts Alertmanager pages (its Prometheus twin is the live page: ``PAGED_BY_ALERTMANAGER``) limits
-    the silence to alerts the portal never notifies; the alert's own page refuses that silence already."""
-    names = {matcher["value"] for matcher in matchers if matcher["label"] == "alertname" and matcher["op"] == "="}
-    rule = AlertRule.objects.filter(name__in=names, signal__in=PAGED_BY_ALERTMANAGER).values_list(
-        "name", flat=True).first() if names else None
-    if rule is None:
-        return None
-    return (f"alertname={rule} is paged by Prometheus Alertmanager (its twin is the live page), not the portal: "
-            f"silence it in Alertmanager (amtool silence add); a silence here would stop nothing.")
+    """Why a silence of these (valid) matchers would stop nothing, or None. An ``alertname`` matcher that takes only
+    rules whose alerts Alertmanager pages (their Prometheus twin is the live page: ``PAGED_BY_ALERTMANAGER``), by
+    name (``=``) or by a pattern that matches no other rule's name (``=~``), limits the silence to alerts the portal
+    never notifies; the alert's own page refuses that silence already."""
+    rules = dict(AlertRule.objects.values_list("name", "signal"))
+    paged = {name for name, signal in rules.items() if signal in PAGED_BY_ALERTMANAGER}
+    for matcher in matchers:
+        if not paged or matcher["label"] != "alertname" or matcher["op"] not in ("=", "=~"):
+            continue
+        if matcher["op"] == "=":
+            taken = {matcher["value"]} & rules.keys()
+        else:
+            pattern = pattern_compile(matcher["value"])
+            taken = {name for name in rules if pattern.fullmatch(name)}
+        if taken and taken <= paged:
+            return (f"alertname{matcher['op']}{matcher['value']} takes only {', '.join(sorted(taken))}, which "
+                    f"Prometheus Alertmanager pages (its twin is the live page), not the portal: silence it in "
+                    f"Alertmanager (amtool silence add); a silence here would stop nothing.")
+    return None
 
 
 def silence_create(*, matchers: list[dict], ends_at: datetime, reason: str, user, starts_at: datetime | None = None,

@@ -926,16 +926,20 @@ def test_the_silences_page_refuses_a_silence_of_the_database_alert_naming_alertm
             "ends_at_0": later.strftime("%Y-%m-%d"), "ends_at_1": later.strftime("%H:%M:%S")}
     refused = client.post(reverse("admin:monitoring_silence_add"), form)
     assert refused.status_code == 200
-    assert "paged by Prometheus Alertmanager" in refused.content.decode()
+    assert "takes only database-unreachable, which Prometheus Alertmanager pages" in refused.content.decode()
     assert "amtool silence add" in refused.content.decode()
     assert not Silence.objects.exists()
-    with pytest.raises(AlertError, match="paged by Prometheus Alertmanager"):  # the service refuses it too
+    for pattern in ("database-unreachable", "(database-unreachable)", "database-unreach.*"):
+        refused = client.post(reverse("admin:monitoring_silence_add"), {**form, "matchers": f"alertname=~{pattern}"})
+        assert "Prometheus Alertmanager pages" in refused.content.decode(), pattern
+    with pytest.raises(AlertError, match="Prometheus Alertmanager pages"):  # the service refuses it too
         silence_create(matchers=[{"label": "alertname", "op": "=", "value": "database-unreachable"}], ends_at=later,
                        reason="database maintenance", user=operator_user)
-    # A silence that also takes the portal's own alerts (a severity, a pattern) is the portal's to keep.
-    assert client.post(reverse("admin:monitoring_silence_add"), {**form, "matchers": "severity=critical"}
-                       ).status_code == 302
-    assert Silence.objects.count() == 1
+    # A silence that also takes the portal's own alerts (a severity, a wider pattern) is the portal's to keep.
+    for matchers in ("severity=critical", "alertname=~(database|redis)-unreachable"):
+        assert client.post(reverse("admin:monitoring_silence_add"), {**form, "matchers": matchers}
+                           ).status_code == 302, matchers
+    assert Silence.objects.count() == 2
 
 
 def test_the_history_keeps_alert_retention_days_and_never_what_is_still_needed(settings):
