@@ -74,7 +74,7 @@ def dump_stacks(pids: Iterable[int]) -> None:
         except ProcessLookupError:
             pass
     if asked:
-        time.sleep(1)  # the dump is written by the process' own faulthandler thread
+        time.sleep(1)  # faulthandler writes the dump from its signal handler, as soon as the process is scheduled
 
 
 def kill_all(pids: Iterable[int]) -> None:

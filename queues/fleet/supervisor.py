@@ -105,6 +105,8 @@ MAX_RESTART_DELAY = 60.0
 FORCED_GRACE = 10.0
 # A worker takes a second SIGTERM within a second of the first for the same one delivered twice (rq's rule).
 SECOND_SIGNAL_AFTER = 1.1
+# Seconds between the SIGUSR2 that asks a worker being killed for its threads' stacks and the SIGKILL.
+KILL_REPORT_WAIT = 0.2
 
 
 def slot_key(pool: str, index: int) -> str:
@@ -504,6 +506,12 @@ class Supervisor:
                 slot.process.send_signal(signal.SIGTERM)
                 slot.signalled_at = now
             elif now >= slot.kill_at:
+                # Where it was, in its output before it goes: manage.py prints its threads' stacks on SIGUSR2 (also
+                # when its main thread is held in a C call, where its own report cannot run).
+                logger.warning("%s: still running %g s after its stop signal; its threads' stacks follow in its "
+                               "output, then it is killed", slot.worker_name, now - slot.signalled_at)
+                slot.process.send_signal(signal.SIGUSR2)
+                time.sleep(KILL_REPORT_WAIT)
                 slot.process.kill()
                 slot.process.wait(10)
                 self.retiring.remove(slot)

@@ -150,7 +150,7 @@ class CaptionWorker(SimpleWorker):
         self._captioning: str | None = None  # one slot: the job whose caption the main thread runs
         self._registration_lock = threading.Lock()  # _register_again against register_death
         self._death_registered = False
-        self._forced_report: threading.Timer | None = None  # started by the first stop at once
+        self._forced = threading.Event()  # set by the first stop at once: the report thread's cue
         # With slots: the worker hash's state and current job are computed from the slots and written under this
         # lock, so two slots starting or ending at once never leave it naming a finished job or "idle" while one runs.
         self._state_lock = threading.Lock() if slots > 1 else contextlib.nullcontext()
@@ -247,7 +247,8 @@ class CaptionWorker(SimpleWorker):
         if self.slot_count > 1 and not self._slots:
             self._slots = [CaptionSlot(self, index) for index in range(self.slot_count)]
         self._refresh_alive()
-        for target, name in ((self._alive_loop, "liveness"), (self._lease_loop, "task-lease")):
+        for target, name in ((self._alive_loop, "liveness"), (self._lease_loop, "task-lease"),
+                             (self._report_loop, "stop-report")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def teardown(self):
@@ -382,10 +383,7 @@ class CaptionWorker(SimpleWorker):
         if self._starting:  # nothing in hand yet; raising here would skip teardown (outside rq's try)
             self.log.warning("Worker %s: told again to stop; stopping as soon as start-up ends", self.name)
             return
-        if self._forced_report is None:
-            self._forced_report = threading.Timer(FORCED_REPORT_AFTER, self._report_threads)
-            self._forced_report.daemon = True  # a worker that exits in time never reports
-            self._forced_report.start()
+        self._forced.set()  # no thread is started here: the handler may have interrupted the main thread anywhere
         if self.slot_count > 1:
             # Every slot's caption, in progress or about to start (claimed, not begun), ends at once and its task
             # goes back to its queue; what is being recorded is recorded.
@@ -405,10 +403,16 @@ class CaptionWorker(SimpleWorker):
         if self._main_waiting or self._popping:
             raise StopRequested()  # a Redis that does not answer the pop must not hold the worker
 
-    def _report_threads(self) -> None:
+    def _report_loop(self) -> None:
         """FORCED_REPORT_AFTER seconds after the first stop at once, in a worker still running: where its main thread
-        and each slot that still holds a job are. A stop that hangs (on a database or a Redis that does not answer)
-        is then explained in the worker's log before its supervisor kills it."""
+        and each slot that still holds a job are. A stop held up (a slot's end of job on a database or a Redis that
+        does not answer) is then explained in the worker's log before its supervisor kills it. A thread of its own,
+        started with the worker, that the stop only wakes (the liveness thread may itself wait on that Redis)."""
+        self._forced.wait()
+        if not self._alive_stop.wait(FORCED_REPORT_AFTER):  # set as the worker registers its death
+            self._report_threads()
+
+    def _report_threads(self) -> None:
         frames = sys._current_frames()
         threads = [("main thread", threading.main_thread(), None)]
         threads += [(f"slot {slot.index}", slot.thread, slot.job_id) for slot in self._slots

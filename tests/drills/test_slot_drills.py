@@ -58,9 +58,12 @@ def slot_worker(http_server, *extra, **environment) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def stop(process: subprocess.Popen) -> str:
+def stop(process: subprocess.Popen, *, running: bool = False) -> str:
+    """Kills ``process`` if it is still running and returns its output; first, unless the test expects it to be
+    ``running``, with its threads' stacks (where it was when it did not exit)."""
     if process.poll() is None:
-        dump_stacks([process.pid])  # where it was, if it failed to exit
+        if not running:
+            dump_stacks([process.pid])
         process.kill()
     return process.communicate(timeout=30)[0].decode(errors="replace")
 
@@ -116,7 +119,7 @@ def test_stop_job_of_one_slot_leaves_the_other_seven_running(redis, http_server,
         assert all(events(task_id) == [TaskEvent.Kind.COMPLETED] for task_id in ids if task_id != stopped)
         assert process.poll() is None  # the worker runs on
     finally:
-        print(stop(process)[-5000:])
+        print(stop(process, running=True)[-5000:])
 
 
 def test_sigterm_lets_all_eight_finish_then_a_second_one_gives_them_back(redis, http_server, png_bytes):
