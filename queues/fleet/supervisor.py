@@ -484,6 +484,7 @@ class Supervisor:
             if slot.process is None and now >= slot.restart_at and not self.stopping:
                 self._start(slot, reason="restarted after a crash" if slot.restarting_after_crash else
                             ("slot acquired" if not slot.worker_name else "restarted on request"))
+        overdue: list[Slot] = []
         for slot in list(self.retiring):
             if slot.process.poll() is not None:
                 self.retiring.remove(slot)
@@ -506,22 +507,26 @@ class Supervisor:
                 slot.process.send_signal(signal.SIGTERM)
                 slot.signalled_at = now
             elif now >= slot.kill_at:
-                # Where it was, in its output before it goes: manage.py prints its threads' stacks on SIGUSR2 (also
-                # when its main thread is held in a C call, where its own report cannot run).
-                logger.warning("%s: still running %g s after its stop signal; its threads' stacks follow in its "
-                               "output, then it is killed", slot.worker_name, now - slot.signalled_at)
+                overdue.append(slot)
+        if overdue:
+            # Where they were, in their output before they go: manage.py prints its threads' stacks on SIGUSR2 (also
+            # when its main thread is held in a C call, where a worker's own report cannot run). One wait for all.
+            for slot in overdue:
+                logger.warning("%s: not stopped in time; its threads' stacks follow in its output, then it is killed",
+                               slot.worker_name)
                 slot.process.send_signal(signal.SIGUSR2)
-                time.sleep(KILL_REPORT_WAIT)
-                slot.process.kill()
-                slot.process.wait(10)
-                self.retiring.remove(slot)
-                self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=f"{slot.retire_reason}; killed after "
-                                                                         "not stopping in time")
-                # Told to stop at once (the operator's second stop) and still running: its task was not its fault,
-                # so it goes back without using a retry, as the worker itself would have given it back.
-                self._recover(slot, "killed by its supervisor", give_back=slot.forced)
-                if slot.handoff and not self.stopping:
-                    self._release_slot(slot)
+            time.sleep(KILL_REPORT_WAIT)
+        for slot in overdue:
+            slot.process.kill()
+            slot.process.wait(10)
+            self.retiring.remove(slot)
+            self._event(FleetEvent.Kind.WORKER_STOPPED, slot, reason=f"{slot.retire_reason}; killed after "
+                                                                     "not stopping in time")
+            # Told to stop at once (the operator's second stop) and still running: its task was not its fault,
+            # so it goes back without using a retry, as the worker itself would have given it back.
+            self._recover(slot, "killed by its supervisor", give_back=slot.forced)
+            if slot.handoff and not self.stopping:
+                self._release_slot(slot)
 
     def _on_exit(self, slot: Slot, code: int, now: float) -> None:
         if code == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from rq.registry import FailedJobRegistry
 
 from queues.fleet.services import worker_restart
-from queues.fleet.supervisor import Slot, Supervisor
+from queues.fleet.supervisor import FORCED_GRACE, Slot, Supervisor
 from queues.models import CaptionTask, TaskEvent, TaskStatus
 from queues.services import task_submit
 from tests.processes import Supervisors, live_workers, slow_ollama, start_command, stop_process, wait_for
@@ -93,7 +94,6 @@ def test_a_pool_change_while_the_slots_worker_waits_for_its_restart_lets_the_slo
 
 def test_a_worker_signalled_twice_on_the_last_attempt_gives_the_task_back(redis, pool, http_server, png_bytes,
                                                                           settings):
-    import os
 
     from queues import broker
 
@@ -203,7 +203,6 @@ def test_a_second_stop_to_the_supervisor_gives_the_task_in_flight_back_on_its_la
     the workers' second stop (the attempt given back, never a dead letter), not a SIGKILL of them. A worker that
     cannot answer (frozen here) is killed FORCED_GRACE seconds later, and its task still goes back without using a
     retry."""
-    import os
 
     from queues import broker
 
@@ -268,6 +267,45 @@ def test_a_second_stop_to_the_supervisor_reaches_a_worker_whose_handlers_ran_lat
         assert list(task.events.values_list("kind", flat=True)) == [TaskEvent.Kind.RETRY_SCHEDULED]
         assert redis.zcard(FailedJobRegistry("normal", connection=redis).key) == 0
         assert "killed after not stopping in time" not in group.output()
+    finally:
+        group.stop_all()
+
+
+def test_a_worker_killed_for_not_stopping_in_time_shows_where_its_main_thread_was(redis, pool, http_server,
+                                                                                   png_bytes):
+    """A worker whose main thread is held in a C call (here a claim waiting on the database for longer than the
+    supervisor's FORCED_GRACE) runs no signal handler, so neither its stop at once nor its own report can run, and
+    its supervisor kills it. Before the kill the supervisor asks it for its threads' stacks (SIGUSR2, which
+    manage.py's faulthandler answers even then): the log says where it was instead of nothing."""
+    from django.utils import timezone
+
+    from queues import broker
+
+    image = slow_ollama(http_server, png_bytes, delay=30)
+    group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
+
+    def written() -> str:  # the supervisor's log (its workers write there too), read without moving its offset
+        return os.pread(group.logs[0].fileno(), 1 << 22, 0).decode(errors="replace")
+
+    try:
+        supervisor = group.start()
+        wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
+        task_id = CaptionTask.objects.insert_new([(image, "normal", None)], publish_after=timezone.now())[0]
+        CaptionTask.objects.filter(pk=task_id).update(published_at=timezone.now())
+        with row_held(task_id):
+            broker.publish([(task_id, "normal")], fresh=True)
+            wait_for(lambda: redis.llen("rq:queue:normal") == 0, 20, "the worker to pop the job")
+            time.sleep(0.5)  # in its claim
+            supervisor.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            supervisor.send_signal(signal.SIGTERM)  # the stop at once: killed FORCED_GRACE seconds later
+            wait_for(lambda: "killed after not stopping in time" in written(), FORCED_GRACE + 15,
+                     "the supervisor to kill its worker")
+        assert supervisor.wait(20) == 0
+        output = written()
+        assert "not stopped in time; its threads' stacks follow in its output" in output
+        report = output[output.index("not stopped in time"):]
+        assert "most recent call first" in report and " in _claim" in report  # where its main thread was held
     finally:
         group.stop_all()
 
