@@ -93,6 +93,8 @@ END_RETRY_SECONDS = 60
 FORCED_REPORT_AFTER = 5.0
 # The innermost frames of each thread that report shows.
 FORCED_REPORT_FRAMES = 20
+# Seconds between the report thread's looks at whether a stop at once came.
+REPORT_POLL = 0.5
 
 
 def resident_memory_bytes(pid: int | None = None) -> int | None:
@@ -150,7 +152,7 @@ class CaptionWorker(SimpleWorker):
         self._captioning: str | None = None  # one slot: the job whose caption the main thread runs
         self._registration_lock = threading.Lock()  # _register_again against register_death
         self._death_registered = False
-        self._forced = threading.Event()  # set by the first stop at once: the report thread's cue
+        self._forced_at: float | None = None  # monotonic time of the first stop at once: the report thread's cue
         # With slots: the worker hash's state and current job are computed from the slots and written under this
         # lock, so two slots starting or ending at once never leave it naming a finished job or "idle" while one runs.
         self._state_lock = threading.Lock() if slots > 1 else contextlib.nullcontext()
@@ -383,7 +385,8 @@ class CaptionWorker(SimpleWorker):
         if self._starting:  # nothing in hand yet; raising here would skip teardown (outside rq's try)
             self.log.warning("Worker %s: told again to stop; stopping as soon as start-up ends", self.name)
             return
-        self._forced.set()  # no thread is started here: the handler may have interrupted the main thread anywhere
+        if self._forced_at is None:  # no lock taken and no thread started: this handler may interrupt anything,
+            self._forced_at = time.monotonic()  # even itself (a signal storm)
         if self.slot_count > 1:
             # Every slot's caption, in progress or about to start (claimed, not begun), ends at once and its task
             # goes back to its queue; what is being recorded is recorded.
@@ -407,10 +410,11 @@ class CaptionWorker(SimpleWorker):
         """FORCED_REPORT_AFTER seconds after the first stop at once, in a worker still running: where its main thread
         and each slot that still holds a job are. A stop held up (a slot's end of job on a database or a Redis that
         does not answer) is then explained in the worker's log before its supervisor kills it. A thread of its own,
-        started with the worker, that the stop only wakes (the liveness thread may itself wait on that Redis)."""
-        self._forced.wait()
-        if not self._alive_stop.wait(FORCED_REPORT_AFTER):  # set as the worker registers its death
-            self._report_threads()
+        started with the worker, that reads when the stop came (the liveness thread may itself wait on that Redis)."""
+        while not self._alive_stop.wait(REPORT_POLL):  # set as the worker registers its death
+            if self._forced_at is not None and time.monotonic() - self._forced_at >= FORCED_REPORT_AFTER:
+                self._report_threads()
+                return
 
     def _report_threads(self) -> None:
         frames = sys._current_frames()
