@@ -94,6 +94,11 @@ class CaptionJob(Job):
 ALIVE_PREFIX = "portal:fleet:alive:"
 
 
+# A restart asked of a worker that had not read it within this many seconds (it died meanwhile) is forgotten.
+RESTART_PREFIX = "portal:worker:restart:"
+RESTART_REQUEST_TTL = 600
+
+
 def alive_key(worker_name: str) -> str:
     """The key a worker's liveness thread refreshes (for display: pid, host, pool, rss, current job)."""
     return ALIVE_PREFIX + worker_name
@@ -532,10 +537,21 @@ def captioner_problem() -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def restart_key(worker_name: str) -> str:
+    """Where a restart asked of a worker waits for it (``send_worker_shutdown``)."""
+    return RESTART_PREFIX + worker_name
+
+
 def send_worker_shutdown(worker_name: str) -> None:
+    """Asks the worker to finish its job and exit. rq's shutdown command is a PUBLISH, which a worker not listening
+    at that moment never gets (one that has just started and registered but not yet subscribed, or whose command
+    connection is being re-established): the request is also left in a key that the worker's liveness thread reads
+    every ALIVE_INTERVAL seconds (queues.fleet.worker), so it is carried out either way, once."""
     from rq.command import send_shutdown_command
 
-    send_shutdown_command(get_connection(), worker_name)
+    connection = get_connection()
+    connection.set(restart_key(worker_name), "1", ex=RESTART_REQUEST_TTL)
+    send_shutdown_command(connection, worker_name)
 
 
 def send_stop_job(worker_name: str, job_id: str) -> None:

@@ -153,6 +153,7 @@ class CaptionWorker(SimpleWorker):
         self._registration_lock = threading.Lock()  # _register_again against register_death
         self._death_registered = False
         self._forced_at: float | None = None  # monotonic time of the first stop at once: the report thread's cue
+        self._shutdown_asked = False  # a shutdown command or key was acted on (_shutdown_commanded)
         # With slots: the worker hash's state and current job are computed from the slots and written under this
         # lock, so two slots starting or ending at once never leave it naming a finished job or "idle" while one runs.
         self._state_lock = threading.Lock() if slots > 1 else contextlib.nullcontext()
@@ -201,14 +202,17 @@ class CaptionWorker(SimpleWorker):
             pipe.sismember(worker_registration.REDIS_WORKER_KEYS, self.key)
             pipe.hexists(self.key, "birth")
             pipe.set(alive_key(self.name), self._alive_payload(), ex=ALIVE_TTL)
+            pipe.exists(broker.restart_key(self.name))
             requested = getattr(self, "_shutdown_requested_date", None)
             if requested is not None and not self._shutdown_date_written:
                 # rq's signal handler writes it; ours does no I/O (``_shutdown``)
                 pipe.hset(self.key, "shutdown_requested_date", utcformat(requested))
-            listed, born = pipe.execute()[:2]
+            listed, born, _, restart = pipe.execute()[:4]
             self._shutdown_date_written = requested is not None
             if not (listed and born):
                 self._register_again()
+            if restart:
+                self._shutdown_commanded("read from its key: the command came while it was not listening")
         except Exception:  # Redis briefly unreachable: the next refresh tries again
             self.log.debug("could not refresh liveness key", exc_info=True)
 
@@ -452,8 +456,8 @@ class CaptionWorker(SimpleWorker):
         payload = parse_payload(message)
         if payload.get("command") == "stop-job" and self.slot_count == 1:
             self._stop_target = payload.get("job_id")  # read by the SIGUSR1 handler rq's kill_horse leads to
-        if payload.get("command") == "shutdown" and self._stop_requested:
-            self.log.info("Worker %s: already stopping after its job; shutdown request ignored", self.name)
+        if payload.get("command") == "shutdown":
+            self._shutdown_commanded("rq's shutdown command")
             return
         if payload.get("command") == "stop-job" and self.slot_count > 1:
             job_id = payload.get("job_id")
@@ -470,6 +474,20 @@ class CaptionWorker(SimpleWorker):
             self.log.info("Worker %s: stop-job for %s, which no slot runs; ignored", self.name, job_id)
             return
         return super().handle_payload(message)
+
+    def _shutdown_commanded(self, how: str) -> None:
+        """A restart or shutdown asked through rq's command or its key (broker.send_worker_shutdown), whichever the
+        command listener or the liveness thread sees first: one SIGINT, the first stop, as rq's own command sends. A
+        shutdown asked for twice (a double click on "restart", or the command and its key) must not become the
+        stop at once: a second SIGINT would interrupt the task in hand."""
+        with self._registration_lock:
+            if self._stop_requested or self._shutdown_asked or self._death_registered:
+                self.log.info("Worker %s: already stopping after its job; shutdown request (%s) ignored", self.name,
+                              how)
+                return
+            self._shutdown_asked = True
+        self.log.info("Worker %s: shutdown requested (%s); stopping after its job", self.name, how)
+        os.kill(os.getpid(), signal.SIGINT)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         """rq's loop, with pops of at most SLOTS_POP seconds and the stop flag read between them: a first stop signal

@@ -206,6 +206,33 @@ def test_pool_restart_replaces_every_worker(supervisors, pool, admin_user):
     assert not FleetEvent.objects.filter(kind=FleetEvent.Kind.WORKER_CRASHED).exists()
 
 
+def test_a_restart_published_while_the_worker_was_not_listening_is_still_carried_out(supervisors, pool, admin_user,
+                                                                                       redis):
+    """rq's shutdown command is a PUBLISH, lost for a worker not subscribed at that moment: one that has registered
+    but not yet subscribed (a pool restart right after a start: in CI one worker of two never restarted), or whose
+    command connection is being re-established. Here the worker is frozen, its command connection cut, the restart
+    sent to nobody, and the worker thawed: it subscribes again after the message went by, and restarts anyway."""
+    from rq.command import PUBSUB_CHANNEL_TEMPLATE
+
+    from queues.fleet.services import pool_restart
+
+    supervisors.start()
+    rows = wait_for(lambda: len(live_workers()) == 1 and live_workers(), 20, "one worker")
+    name = rows[0].name
+    pid = broker.alive_states([name])[name]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert redis.client_kill_filter(_type="pubsub") >= 1
+        assert pool_restart(pool=pool, user=admin_user) == 1
+        assert redis.pubsub_numsub(PUBSUB_CHANNEL_TEMPLATE % name)[0][1] == 0  # nobody heard it
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    fresh = wait_for(lambda: (names := {row.name for row in live_workers()}) and name not in names and names, 20,
+                     "a fresh worker in its place")
+    assert len(fresh) == 1
+    assert FleetEvent.objects.filter(kind=FleetEvent.Kind.WORKER_RESTARTED).count() == 1
+
+
 def test_supervisor_autoscales_up_with_a_backlog_and_back_down(supervisors, pool, media_image, settings):
     from queues.fleet.services import processing_set_suspended
     from queues.services import TaskSpec, tasks_submit_many
