@@ -85,6 +85,12 @@ def kill_all(pids: Iterable[int]) -> None:
             pass
 
 
+def log_text(log) -> str:
+    """All a process has written so far to its log file (``start_command``, ``Supervisors``), read without moving
+    the file offset it shares with that process, which may still be writing."""
+    return os.pread(log.fileno(), os.fstat(log.fileno()).st_size, 0).decode(errors="replace")
+
+
 def start_command(*arguments: str, **environment: str) -> subprocess.Popen:
     """``manage.py ARGUMENTS`` with this test's Redis and database (and ``environment``), its output kept in a file
     that ``stop_process`` prints (pytest shows it for a failing test)."""
@@ -117,10 +123,9 @@ def stop_process(process: subprocess.Popen, *, grace: float = 10.0,
             exited = False
     log = getattr(process, "log", None)
     if log is not None and not log.closed:
-        log.seek(0)
         print(f"--- {' '.join(map(str, process.args))[:200]} (exit code {process.returncode}"
               f"{'' if exited else f', killed {grace} s after its stop signal'}):")
-        print(log.read().decode(errors="replace")[-20000:])
+        print(log_text(log)[-20000:])
         log.close()
     return exited
 
@@ -150,11 +155,7 @@ class Supervisors:
 
     def output(self) -> str:
         """What the supervisors and their workers printed (for a failing test's report)."""
-        texts = []
-        for log in self.logs:
-            log.seek(0)
-            texts.append(log.read().decode(errors="replace"))
-        return "\n---\n".join(texts)
+        return "\n---\n".join(log_text(log) for log in self.logs)
 
     def stop_all(self, grace: float = 30.0):
         """SIGTERM to every supervisor, ``grace`` seconds for them all to exit (an idle fleet leaves in about a

@@ -25,6 +25,7 @@ from tests.processes import (
     Supervisors,
     dump_stacks,
     live_workers,
+    log_text,
     slow_ollama,
     start_command,
     stop_process,
@@ -168,11 +169,6 @@ def test_sigterm_lets_all_eight_finish_then_a_second_one_gives_them_back(redis, 
         print(stop(process)[-5000:])
 
 
-def written(process: subprocess.Popen) -> str:
-    """What a process of ``start_command`` has written so far (read without moving the offset it writes at)."""
-    return os.pread(process.log.fileno(), 1 << 20, 0).decode(errors="replace")
-
-
 def test_a_stop_at_once_held_up_by_a_frozen_redis_is_explained_in_the_log_then_ends(redis_server_factory, http_server,
                                                                                      png_bytes):
     server = redis_server_factory("frozen")
@@ -194,10 +190,10 @@ def test_a_stop_at_once_held_up_by_a_frozen_redis_is_explained_in_the_log_then_e
             # resend within its second for the same signal): the captions end, their tasks are given back in the
             # database, and the ends of their jobs wait on the frozen Redis.
             started = time.monotonic()
-            while "stopping at once" not in written(process) and time.monotonic() - started < 10:
+            while "stopping at once" not in log_text(process.log) and time.monotonic() - started < 10:
                 process.send_signal(signal.SIGTERM)
                 time.sleep(SECOND_SIGNAL_AFTER)
-            report = wait_for(lambda: "still running" in (text := written(process)) and text,
+            report = wait_for(lambda: "still running" in (text := log_text(process.log)) and text,
                               FORCED_REPORT_AFTER + 10, "the worker's report of where its threads are")
         finally:
             os.kill(redis_pid, signal.SIGCONT)

@@ -150,6 +150,26 @@ def row_held(task_id: int):
         holder.close()
 
 
+@contextlib.contextmanager
+def both_stops_during_a_claim(redis, supervisor: subprocess.Popen, image: str):
+    """A task whose row another connection holds (``row_held``), so the one worker's claim of it waits; the
+    supervisor's two stops (1.5 s apart) sent while it does. Yields the task's id, the row still held."""
+    from django.utils import timezone
+
+    from queues import broker
+
+    task_id = CaptionTask.objects.insert_new([(image, "normal", None)], publish_after=timezone.now())[0]
+    CaptionTask.objects.filter(pk=task_id).update(published_at=timezone.now())
+    with row_held(task_id):
+        broker.publish([(task_id, "normal")], fresh=True)
+        wait_for(lambda: redis.llen("rq:queue:normal") == 0, 20, "the worker to pop the job")
+        time.sleep(0.5)  # in its claim
+        supervisor.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        supervisor.send_signal(signal.SIGTERM)
+        yield task_id
+
+
 def test_a_first_sigterm_while_a_one_slot_worker_claims_lets_it_run_the_task_once(redis, media_image):
     """A first stop lets the task in hand run to its end, also when it lands between the pop and the caption (the
     default one-slot worker used to raise there: the popped job was dropped, or the claimed task abandoned and
@@ -241,25 +261,13 @@ def test_a_second_stop_to_the_supervisor_reaches_a_worker_whose_handlers_ran_lat
     arrive: its handlers run only when the claim returns, both at once, and it takes the second for the first one
     delivered twice. The supervisor sends its second stop again until the worker exits, so the attempt is still
     given back (and were the worker killed after all, its task would go back without using a retry)."""
-    from django.utils import timezone
-
-    from queues import broker
-
     image = slow_ollama(http_server, png_bytes, delay=30)
     group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url, RQ_MAX_RETRIES="0")
     settings.RQ_MAX_RETRIES = 0
     try:
         supervisor = group.start()
         wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
-        task_id = CaptionTask.objects.insert_new([(image, "normal", None)], publish_after=timezone.now())[0]
-        CaptionTask.objects.filter(pk=task_id).update(published_at=timezone.now())
-        with row_held(task_id):
-            broker.publish([(task_id, "normal")], fresh=True)
-            wait_for(lambda: redis.llen("rq:queue:normal") == 0, 20, "the worker to pop the job")
-            time.sleep(0.5)  # in its claim
-            supervisor.send_signal(signal.SIGTERM)
-            time.sleep(1.5)
-            supervisor.send_signal(signal.SIGTERM)
+        with both_stops_during_a_claim(redis, supervisor, image) as task_id:
             time.sleep(1.0)
         assert supervisor.wait(20) == 0
         task = CaptionTask.objects.get(pk=task_id)
@@ -277,32 +285,17 @@ def test_a_worker_killed_for_not_stopping_in_time_shows_where_its_main_thread_wa
     supervisor's FORCED_GRACE) runs no signal handler, so neither its stop at once nor its own report can run, and
     its supervisor kills it. Before the kill the supervisor asks it for its threads' stacks (SIGUSR2, which
     manage.py's faulthandler answers even then): the log says where it was instead of nothing."""
-    from django.utils import timezone
-
-    from queues import broker
-
     image = slow_ollama(http_server, png_bytes, delay=30)
     group = Supervisors(CAPTION_BACKEND="ollama", OLLAMA_URL=http_server.url)
-
-    def written() -> str:  # the supervisor's log (its workers write there too), read without moving its offset
-        return os.pread(group.logs[0].fileno(), 1 << 22, 0).decode(errors="replace")
 
     try:
         supervisor = group.start()
         wait_for(lambda: len(live_workers()) == 1, 20, "one worker")
-        task_id = CaptionTask.objects.insert_new([(image, "normal", None)], publish_after=timezone.now())[0]
-        CaptionTask.objects.filter(pk=task_id).update(published_at=timezone.now())
-        with row_held(task_id):
-            broker.publish([(task_id, "normal")], fresh=True)
-            wait_for(lambda: redis.llen("rq:queue:normal") == 0, 20, "the worker to pop the job")
-            time.sleep(0.5)  # in its claim
-            supervisor.send_signal(signal.SIGTERM)
-            time.sleep(1.5)
-            supervisor.send_signal(signal.SIGTERM)  # the stop at once: killed FORCED_GRACE seconds later
-            wait_for(lambda: "killed after not stopping in time" in written(), FORCED_GRACE + 15,
+        with both_stops_during_a_claim(redis, supervisor, image):  # the second: killed FORCED_GRACE seconds later
+            wait_for(lambda: "killed after not stopping in time" in group.output(), FORCED_GRACE + 15,
                      "the supervisor to kill its worker")
         assert supervisor.wait(20) == 0
-        output = written()
+        output = group.output()
         assert "not stopped in time; its threads' stacks follow in its output" in output
         report = output[output.index("not stopped in time"):]
         assert "most recent call first" in report and " in _claim" in report  # where its main thread was held
