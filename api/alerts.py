@@ -20,7 +20,6 @@ from monitoring.alerts.actions import (
     alert_unacknowledge,
     silence_create,
     silence_expire,
-    silence_stops_nothing,
 )
 from monitoring.alerts.selectors import alerts_labelled, label_pairs
 from monitoring.matchers import MATCHER_OPS, MatcherError, matchers_validate
@@ -330,14 +329,11 @@ def create_silence(request, payload: SilenceIn, response: HttpResponse):
         matchers = matchers_validate([matcher.dict() for matcher in payload.matchers])
     except MatcherError as error:
         raise ApiError(400, str(error), field="matchers") from None
-    refused = silence_stops_nothing(matchers)
-    if refused:
-        raise ApiError(400, f"matchers: {refused}", field="matchers")
     try:
         silence = silence_create(matchers=matchers, starts_at=starts_at, ends_at=ends_at, reason=payload.reason,
                                  user=request.auth.user, address=client_address(request))
     except AlertError as error:
-        raise ApiError(400, str(error)) from None
+        raise ApiError(400, str(error), field=error.field) from None
     response["Location"] = f"/api/v1/silences/{silence.pk}"
     return Status(201, _silence(silence.pk))
 

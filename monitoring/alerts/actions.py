@@ -17,7 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 class AlertError(Exception):
-    """An alert action that cannot be done (the message says why, for the admin or the command line)."""
+    """An alert action that cannot be done (the message says why, for the admin or the command line; ``field`` names
+    the input at fault, for the API)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 # Why an Alertmanager alert is not silenced or shelved here.
@@ -92,8 +97,10 @@ def silence_stops_nothing(matchers: list[dict]) -> str | None:
     never notifies; the alert's own page refuses that silence already."""
     rules = dict(AlertRule.objects.values_list("name", "signal"))
     paged = {name for name, signal in rules.items() if signal in PAGED_BY_ALERTMANAGER}
+    if not paged:
+        return None
     for matcher in matchers:
-        if not paged or matcher["label"] != "alertname" or matcher["op"] not in ("=", "=~"):
+        if matcher["label"] != "alertname" or matcher["op"] not in ("=", "=~"):
             continue
         if matcher["op"] == "=":
             taken = {matcher["value"]} & rules.keys()
@@ -117,7 +124,7 @@ def silence_create(*, matchers: list[dict], ends_at: datetime, reason: str, user
         raise AlertError(str(error)) from None
     refused = silence_stops_nothing(matchers)
     if refused:
-        raise AlertError(f"matchers: {refused}")
+        raise AlertError(f"matchers: {refused}", field="matchers")
     if not reason.strip():
         raise AlertError("reason: say why notifications are silenced.")
     if ends_at <= starts_at:
